@@ -1,0 +1,24 @@
+"""Guest code as text: capstone disassembly in the guest's current mode."""
+from __future__ import annotations
+
+
+def disassemble(code: bytes, addr: int, bits: int, count: int = 6) -> str:
+    """Up to ``count`` instructions of ``code`` (at guest address ``addr``), one per line.
+
+    The first line is marked with ``=>``. Undecodable bytes are shown as hex.
+    """
+    try:
+        import capstone
+    except ImportError:     # capstone is a dependency; keep errors readable without it
+        return f"=> {addr:#x}: {code[:16].hex(' ')}  (install capstone to disassemble)"
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    lines = []
+    for insn in md.disasm(code, addr):
+        mark = "=>" if not lines else "  "
+        lines.append(f"{mark} {insn.address:#x}: {insn.bytes.hex(' '):<24} {insn.mnemonic} {insn.op_str}".rstrip())
+        if len(lines) >= count:
+            break
+    if not lines:
+        lines.append(f"=> {addr:#x}: {code[:16].hex(' ')}  (not a valid {bits}-bit instruction)")
+    return "\n".join(lines)

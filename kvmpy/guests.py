@@ -1,0 +1,176 @@
+"""The bundled guest images and what each one is expected to do.
+
+Sources live in ``guests/`` (assembly and freestanding C, see
+``guests/README.md``); ``make -C guests`` builds them into the package
+``kvmpy._guests``, where :func:`path` finds them through
+:mod:`importlib.resources`.
+
+Every guest follows the ABI in ``docs/CONTRACTS.md``: it prints on COM1
+(0x3f8) and ends by writing a byte ``v`` to the isa-debug-exit port 0xf4,
+which ends the run with exit status ``(v << 1) | 1``, holding RAX == ``v``
+at that write.  Tests assert those values (:attr:`Guest.expect_output`,
+:attr:`Guest.expect_status`, :attr:`Guest.expect_rax`), not log prose.
+
+Pure Python: importing this module never touches ``/dev/kvm``.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import os
+import pathlib
+from dataclasses import dataclass
+
+__all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV"]
+
+#: Environment variable naming a directory of built images to use instead
+#: of the package's (e.g. after ``make -C guests O=/tmp/g``).
+GUEST_DIR_ENV = "KVMPY_GUEST_DIR"
+
+#: Where guests/Makefile puts images by default, and the package holding them.
+_PACKAGE = "kvmpy._guests"
+_SOURCE_TREE_DIR = pathlib.Path(__file__).resolve().parent / "_guests"
+
+#: Base address of raw real-mode images (the BIOS boot-sector address).
+_BOOT_SECTOR = 0x7C00
+
+
+def _status(v: int) -> int:
+    """The run's exit status after the guest writes ``v`` to port 0xf4."""
+    return (v << 1) | 1
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One bundled guest image and its contract.
+
+    ``file`` is the image's file name inside ``kvmpy._guests``; ``format``,
+    ``mode``, ``load_addr`` and ``entry`` are what to pass to the loader
+    (None: the loader's default or the ELF header's).  ``user`` asks the host
+    to start the guest at CPL 3.  ``stdin`` is the serial input a
+    non-interactive demo run feeds it.  ``expect_status`` is the run's exit
+    status (``(v << 1) | 1``), ``expect_rax`` RAX at the exit write; None
+    means the guest never exits that way.  ``demo`` guests are listed as
+    demos; the others exist for tests and benchmarks.
+    """
+
+    name: str
+    file: str
+    description: str
+    format: str = "auto"
+    mode: str | None = None
+    load_addr: int | None = None
+    entry: int | None = None
+    user: bool = False
+    stdin: bytes | None = None
+    expect_output: bytes = b""
+    expect_status: int | None = None
+    expect_rax: int | None = None
+    demo: bool = True
+
+    @property
+    def path(self) -> pathlib.Path:
+        """The built image on disk (see :func:`path`)."""
+        return path(self.name)
+
+
+def _real(name: str, description: str, **kw) -> Guest:
+    return Guest(name, f"{name}.bin", description, format="raw", mode="real",
+                 load_addr=_BOOT_SECTOR, entry=_BOOT_SECTOR, **kw)
+
+
+_GUESTS: tuple[Guest, ...] = (
+    _real("hello-real",
+          "16-bit real mode at 0x7c00: prints a line, exits",
+          expect_output=b"Hello from real mode\n",
+          expect_status=_status(0x10), expect_rax=0x10),
+    Guest("hello-protected", "hello-protected.elf",
+          "ELF32 in 32-bit protected mode (flat, paging off): prints a line, exits",
+          format="elf", mode="protected",
+          expect_output=b"Hello from protected mode\n",
+          expect_status=_status(0x20), expect_rax=0x20),
+    Guest("hello-long", "hello-long.elf",
+          "ELF64 in 64-bit long mode (CPL 0): prints a line, exits with RAX=42",
+          format="elf", mode="long",
+          expect_output=b"Hello from long mode\n",
+          expect_status=_status(42), expect_rax=42),
+    Guest("hello-user", "hello-user.elf",
+          "ELF64 started in ring 3: checks CPL 3, sums 1..10^7 natively, exits",
+          format="elf", mode="long", user=True,
+          expect_output=b"Hello from ring 3 (CPL 3)\nsum(1..10000000) = 0x2d7988896b40\n",
+          expect_status=_status(0x30), expect_rax=0x30),
+    Guest("echo", "echo.elf",
+          "ELF64: echoes serial input until the line 'quit'",
+          format="elf", mode="long", stdin=b"hello\nquit\n",
+          expect_output=b"echo: type lines, 'quit' ends\nhello\nquit\nbye\n",
+          expect_status=_status(0x38), expect_rax=0x38),
+    Guest("stringio", "stringio.elf",
+          "ELF64: one 'rep outsb' line to COM1, 'rep insb' from an unclaimed port",
+          format="elf", mode="long",
+          expect_output=b"Hello from rep outsb\nrep insb ok\n",
+          expect_status=_status(0x3C), expect_rax=0x3C),
+    _real("spin",
+          "real mode 'jmp .' forever: for timeout tests",
+          demo=False),
+    Guest("triple-fault", "triple-fault.elf",
+          "ELF64: prints a line, ud2 with a zero-limit IDT -> triple fault (shutdown)",
+          format="elf", mode="long",
+          expect_output=b"triple-fault: ud2 with an empty IDT\n",
+          demo=False),
+    _real("pio-loop",
+          "real mode endless 'out %al, $0x80; inc %al': one PIO exit per iteration",
+          demo=False),
+)
+
+_BY_NAME = {g.name: g for g in _GUESTS}
+
+
+def all() -> list[Guest]:  # noqa: A001 - the brief's name; shadows the builtin here only
+    """Every bundled guest, demos first in a stable order."""
+    return list(_GUESTS)
+
+
+def names() -> list[str]:
+    """The names of every bundled guest."""
+    return [g.name for g in _GUESTS]
+
+
+def get(name: str) -> Guest:
+    """The guest called ``name``; KeyError listing the known names otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no bundled guest {name!r}; known guests: "
+                       f"{', '.join(_BY_NAME)}") from None
+
+
+def _candidates(file: str):
+    override = os.environ.get(GUEST_DIR_ENV)
+    if override:
+        yield pathlib.Path(override) / file
+    try:
+        resource = importlib.resources.files(_PACKAGE) / file
+    except (ModuleNotFoundError, TypeError):
+        resource = None
+    if isinstance(resource, pathlib.Path):  # an unpacked install or the source tree
+        yield resource
+    yield _SOURCE_TREE_DIR / file
+
+
+def path(name: str) -> pathlib.Path:
+    """The built image of guest ``name`` as a file on disk.
+
+    Looks in ``$KVMPY_GUEST_DIR`` if set, then in the package
+    ``kvmpy._guests`` (via importlib.resources), then next to this module.
+    Raises KeyError for an unknown name and FileNotFoundError, saying how to
+    build the images, when the image was never built.
+    """
+    guest = get(name)
+    tried = []
+    for candidate in _candidates(guest.file):
+        if candidate.is_file():
+            return candidate
+        tried.append(str(candidate))
+    raise FileNotFoundError(
+        f"guest image {guest.file!r} not found (looked in: {', '.join(dict.fromkeys(tried))}); "
+        f"build the images with `make -C guests` in the kvmpy source tree, "
+        f"or reinstall kvmpy")

@@ -1,0 +1,63 @@
+"""What a loader hands back: where an image landed and how to enter it.
+
+Loaders only load (rust-vmm linux-loader's habit): they write guest memory and
+return a :class:`LoadedImage` describing what they placed where. Setting up the
+vCPU for ``mode`` at ``entry`` is a separate, pure step in ``kvmpy.x86``.
+
+This module also holds the placement check every loader shares: a range must
+lie in guest RAM and stay clear of the ranges the host reserved for itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LoaderError
+
+#: CPU modes an image can be entered in.
+MODES = ("real", "protected", "long")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image placed in guest RAM.
+
+    ``entry`` is the guest-physical address to start at, ``mode`` one of
+    :data:`MODES`, ``format`` the loader that placed it ("raw", "elf"), and
+    ``segments`` the ``(gpa, size)`` ranges written, in file order.
+    """
+
+    entry: int
+    mode: str
+    format: str
+    segments: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest-physical byte the image occupies."""
+        return max((gpa + size for gpa, size in self.segments), default=0)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise LoaderError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def check_placement(mem, gpa: int, size: int, reserved, what: str) -> None:
+    """Raise LoaderError unless ``[gpa, gpa+size)`` is in RAM and clear of ``reserved``.
+
+    ``reserved`` is an iterable of ``(start, end)`` guest-physical ranges, end
+    exclusive. ``what`` names the range in the message ("image", "segment 2").
+    """
+    end = gpa + size
+    if gpa < 0 or not mem.contains(gpa, size):
+        raise LoaderError(f"{what} at {gpa:#x}..{end:#x} (size {size:#x}) does not fit in "
+                          f"guest RAM (ends at {mem.end:#x})")
+    for start, stop in reserved:
+        if gpa < stop and start < end:
+            raise LoaderError(f"{what} at {gpa:#x}..{end:#x} overlaps the reserved range "
+                              f"{start:#x}..{stop:#x}")

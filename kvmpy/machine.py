@@ -1,0 +1,431 @@
+"""Machine: the one place that wires memory, vCPUs, devices and a loaded image together.
+
+A Machine is a small PC-like computer: RAM from address 0, a 16550 UART at COM1,
+QEMU's isa-debug-exit at port 0xf4, an i8042 whose reset line ends the run, and
+buses on which a user can attach devices written in Python. ``run()`` drives the
+vCPUs: each exit is decoded once (``kvmpy.exits``) and dispatched in one ``match``.
+
+    with Machine(mem_size=64 << 20) as m:
+        m.load("hello.elf")
+        result = m.run(timeout=5)
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import exits
+from .abi import Cap, SystemEventType
+from .devices import Bus, DebugExit, I8042, NullTrigger, Serial16550
+from .disasm import disassemble
+from .errors import GuestError, GuestMemoryError, LoaderError
+from .kvm import Kvm, Vcpu, Vm
+from .loader import LoadedImage, load
+from .loader.elf import ELFMAG
+from .stats import Stats
+from .x86 import cpuid, layout, modes, paging
+from .x86.regs import CR0_PG, Regs, Sregs
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Why a run stopped.
+
+    ``reason`` is one of "exit" (isa-debug-exit), "halt", "reset", "timeout",
+    "interrupted" or "debug"; ``status`` is the guest's exit status ((v << 1) | 1
+    for isa-debug-exit, 0 for a halt) or None; ``regs`` are the stopping vCPU's.
+    """
+
+    reason: str
+    status: int | None
+    regs: Regs
+    vcpu: int = 0
+    exit: object = None
+
+
+class _IrqLine:
+    """A device's interrupt line wired to a GSI of the in-kernel irqchip."""
+
+    def __init__(self, vm: Vm, gsi: int):
+        self.vm, self.gsi = vm, gsi
+
+    def set_level(self, level: bool) -> None:
+        self.vm.irq_line(self.gsi, 1 if level else 0)
+
+
+class _Locked:
+    """A device whose accesses are serialised with host-side input (the UART's FIFO)."""
+
+    def __init__(self, device, lock: threading.Lock):
+        self.device, self.lock = device, lock
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            self.device.write(offset, size, value)
+
+
+class _Stop:
+    """The first stop request of a run wins; later ones are ignored."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reason: str | None = None
+        self.status: int | None = None
+        self.vcpu: int | None = None
+        self.exit = None
+        self.error: BaseException | None = None
+
+    def set(self, reason, status=None, vcpu=None, exit=None, error=None) -> bool:
+        with self.lock:
+            if self.reason is not None:
+                return False
+            self.reason, self.status, self.vcpu, self.exit, self.error = reason, status, vcpu, exit, error
+            return True
+
+
+class Machine:
+    """A virtual machine with RAM, vCPUs, a serial port and the legacy bits guests need.
+
+    ``serial`` is a binary file-like for the guest's COM1 output; by default it is
+    collected in memory and readable as ``machine.serial_output``. ``irqchip``
+    creates the in-kernel PIC/IOAPIC/LAPIC and PIT (then HLT no longer exits to
+    the VMM, so teaching guests that end with HLT want it off).
+    """
+
+    def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
+                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm"):
+        if mem_size < 64 * 1024 or mem_size % PAGE:
+            raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
+        if not 1 <= cpus <= 255:
+            raise ValueError(f"cpus must be between 1 and 255, got {cpus}")
+        self.mem_size = mem_size
+        self.stats = Stats()
+        self.image: LoadedImage | None = None
+        self._own_kvm = not isinstance(kvm, Kvm)
+        self.kvm = Kvm(kvm) if self._own_kvm else kvm
+        self.vm: Vm | None = None
+        try:
+            self.vm = self.kvm.create_vm()
+            self._create_platform(irqchip)
+            self._add_ram(mem_size)
+            self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
+            self._create_devices(serial, irqchip)
+        except BaseException:
+            self.close()
+            raise
+        self._stop = _Stop()
+
+    # --- construction ----------------------------------------------------------------
+    def _create_platform(self, irqchip: bool) -> None:
+        vm = self.vm
+        if vm.check_extension(Cap.SET_TSS_ADDR):
+            vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        if vm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.irqchip = irqchip
+        if irqchip:
+            vm.create_irqchip()
+            vm.create_pit2()
+
+    def _add_ram(self, size: int) -> None:
+        """RAM from 0; beyond 3 GiB it continues at 4 GiB, leaving the hole below 4 GiB for MMIO."""
+        low = min(size, 3 * layout.GiB)
+        self.vm.add_memory(0, low)
+        if size > low:
+            self.vm.add_memory(4 * layout.GiB, size - low)
+
+    def _create_vcpu(self, i: int, n: int) -> Vcpu:
+        vcpu = self.vm.create_vcpu(i)
+        vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
+        return vcpu
+
+    def _supported_cpuid(self):
+        if not hasattr(self, "_cpuid_cache"):
+            self._cpuid_cache = self.kvm.supported_cpuid()
+        return self._cpuid_cache
+
+    def _create_devices(self, serial: BinaryIO | None, irqchip: bool) -> None:
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._serial_buffer = io.BytesIO() if serial is None else None
+        self.serial_out = serial if serial is not None else self._serial_buffer
+        self._serial_lock = threading.Lock()
+        trigger = _IrqLine(self.vm, layout.COM1_IRQ) if irqchip else NullTrigger()
+        self.serial = Serial16550(output=self.serial_out, trigger=trigger)
+        self.pio.attach(layout.COM1_PORT, layout.COM_PORT_COUNT, _Locked(self.serial, self._serial_lock), "com1")
+        self.pio.attach(layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT,
+                        DebugExit(on_exit=self._on_debug_exit), "isa-debug-exit")
+        self.pio.attach(layout.I8042_PORT, layout.I8042_PORT_COUNT, I8042(on_reset=self._on_reset), "i8042")
+
+    @property
+    def memory(self):
+        """Guest RAM (``kvmpy.memory.GuestMemory``): bounds-checked read/write by physical address."""
+        return self.vm.memory
+
+    @property
+    def serial_output(self) -> bytes:
+        """Everything the guest wrote to COM1, when no ``serial`` stream was given."""
+        if self._serial_buffer is None:
+            raise AttributeError("serial output went to the stream given as serial=")
+        return self._serial_buffer.getvalue()
+
+    def feed_serial(self, data: bytes) -> int:
+        """Give bytes to the guest's COM1 receiver; returns how many fit in its FIFO."""
+        with self._serial_lock:
+            return self.serial.feed(data)
+
+    # --- loading ---------------------------------------------------------------------
+    def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
+             load_addr: int | None = None, user: bool = False) -> LoadedImage:
+        """Load a guest image (path or bytes) and point vCPU 0 at its entry.
+
+        ``format`` is "auto" (ELF by magic, else raw), "raw" or "elf". Raw images take
+        ``load_addr``, ``entry`` and ``mode`` ("real", "protected", "long"); ELF32 enters
+        in protected mode, ELF64 in long mode. ``user`` starts a long-mode guest in ring 3.
+        """
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data, name = bytes(image), "image"
+        else:
+            name = os.fspath(image)
+            try:
+                with open(name, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from None
+        is_elf = format == "elf" or (format == "auto" and data[:4] == ELFMAG)
+        reserved = [layout.LOW_RESERVED] if is_elf or (mode or "real") != "real" else []
+        try:
+            img = load(self.memory, data, format, load_addr=load_addr, entry=entry, mode=mode, reserved=reserved)
+        except LoaderError as e:
+            raise LoaderError(f"{name}: {e}") from None
+        vcpu = self.vcpus[0]
+        setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user)
+        try:
+            for gpa, blob in setup.writes:
+                self.memory.write(gpa, blob)
+        except GuestMemoryError:
+            raise LoaderError(f"{self.mem_size:#x} bytes of RAM is too small for the {img.mode}-mode "
+                              "boot tables (they live in the first 1 MiB)") from None
+        vcpu.set_sregs(setup.sregs)
+        vcpu.set_regs(setup.regs)
+        self.image = img
+        return img
+
+    # --- running ---------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run the guest until it stops; see RunResult. Failures raise GuestError.
+
+        With several vCPUs, vCPU 0 runs in this thread and the others in their own
+        threads; the first vCPU to stop the machine stops them all.
+        """
+        self._stop = _Stop()
+        for v in self.vcpus:
+            v.immediate_exit = False
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.request_stop, args=("timeout",))
+            timer.daemon = True
+            timer.start()
+        threads = [threading.Thread(target=self._vcpu_thread, args=(v,), daemon=True,
+                                    name=f"vcpu{v.id}") for v in self.vcpus[1:]]
+        try:
+            for t in threads:
+                t.start()
+            self._vcpu_thread(self.vcpus[0])
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.request_stop("stopped")        # wake the other vCPUs if vCPU 0 ended first
+            for t in threads:
+                t.join()
+            self._flush_serial()
+        stop = self._stop
+        if stop.error is not None:
+            raise stop.error
+        vcpu = self.vcpus[stop.vcpu if stop.vcpu is not None else 0]
+        return RunResult(stop.reason, stop.status, vcpu.get_regs(), vcpu.id, stop.exit)
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop a run from any thread (timeout, Ctrl-C, a controlling program)."""
+        self._stop.set(reason)
+        for v in self.vcpus:
+            v.kick()
+
+    def _on_debug_exit(self, status: int) -> None:
+        self._stop.set("exit", status, self._current_vcpu())
+
+    def _on_reset(self) -> None:
+        self._stop.set("reset", None, self._current_vcpu())
+
+    def _current_vcpu(self) -> int | None:
+        return getattr(self._tls, "vcpu", None)
+
+    _tls = threading.local()
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        self._tls.vcpu = vcpu.id
+        vcpu.thread_id = threading.get_ident()
+        try:
+            self._loop(vcpu)
+        except GuestError as e:
+            self._stop.set(e.reason, vcpu=vcpu.id, exit=e.exit, error=e)
+        except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
+            self._stop.set("error", vcpu=vcpu.id, error=e)
+        finally:
+            vcpu.thread_id = None
+            for v in self.vcpus:
+                if v is not vcpu:
+                    v.kick()
+
+    def _loop(self, vcpu: Vcpu) -> None:
+        """The Python run loop: KVM_RUN, decode, dispatch, repeat until a stop is requested."""
+        stats, stop, pio, mmio = self.stats, self._stop, self.pio, self.mmio
+        clock = time.perf_counter_ns
+        t_out = clock()
+        while stop.reason is None:
+            t_in = clock()
+            stats.vmm_ns += t_in - t_out
+            ex = vcpu.run()
+            t_out = clock()
+            stats.kvm_ns += t_out - t_in
+            match ex:
+                case exits.IoOut(port=port, size=size, count=count, data=data):
+                    stats.exits["io-out"] += 1
+                    self._pio_out(port, size, count, data)
+                case exits.IoIn(port=port, size=size, count=count):
+                    stats.exits["io-in"] += 1
+                    vcpu.complete_io_in(ex, self._pio_in(port, size, count))
+                case exits.MmioWrite(addr=addr, size=size, data=data):
+                    stats.exits["mmio-write"] += 1
+                    self._mmio(addr, size, int.from_bytes(data, "little"))
+                case exits.MmioRead(addr=addr, size=size):
+                    stats.exits["mmio-read"] += 1
+                    vcpu.complete_mmio_read(self._mmio(addr, size).to_bytes(size, "little"))
+                case exits.Interrupted():
+                    stats.exits["interrupted"] += 1
+                    vcpu.immediate_exit = stop.reason is not None
+                case exits.Hlt():
+                    stats.exits["hlt"] += 1
+                    stop.set("halt", 0, vcpu.id, ex)
+                case exits.Debug():
+                    stats.exits["debug"] += 1
+                    stop.set("debug", None, vcpu.id, ex)
+                case exits.SystemEvent(type=t) if t == SystemEventType.RESET:
+                    stats.exits["system-event"] += 1
+                    stop.set("reset", None, vcpu.id, ex)
+                case exits.Shutdown():
+                    stats.exits["shutdown"] += 1
+                    raise self._guest_error(vcpu, ex, "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+                case exits.FailEntry(hardware_entry_failure_reason=hw):
+                    stats.exits["fail-entry"] += 1
+                    raise self._guest_error(vcpu, ex, "entry-failure",
+                                            f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state")
+                case exits.InternalError():
+                    stats.exits["internal-error"] += 1
+                    raise self._guest_error(vcpu, ex, "internal-error",
+                                            f"KVM internal error ({ex.kind}); on hosts without hardware "
+                                            "virtualisation int3/int $n at CPL0 are not emulated (HOST-NOTES)")
+                case _:
+                    stats.exits["other"] += 1
+                    raise self._guest_error(vcpu, ex, "unsupported-exit", f"unsupported exit: {ex}")
+
+    # --- dispatch --------------------------------------------------------------------
+    def _pio_out(self, port: int, size: int, count: int, data: bytes) -> None:
+        hit = self.pio.lookup(port)
+        if hit is None:
+            self.stats.devices["unclaimed-pio"] += count
+            self.stats.unclaimed_writes += count
+            return
+        dev, off, name = hit
+        self.stats.devices[name] += count
+        for i in range(0, size * count, size):              # string I/O: `rep outs` sends count items
+            dev.write(off, size, int.from_bytes(data[i:i + size], "little"))
+
+    def _pio_in(self, port: int, size: int, count: int) -> bytes:
+        hit = self.pio.lookup(port)
+        if hit is None:
+            self.stats.devices["unclaimed-pio"] += count
+            return b"\xff" * (size * count)                # an empty ISA bus floats high
+        dev, off, name = hit
+        self.stats.devices[name] += count
+        mask = (1 << (8 * size)) - 1
+        return b"".join((dev.read(off, size) & mask).to_bytes(size, "little") for _ in range(count))
+
+    def _mmio(self, addr: int, size: int, value: int | None = None) -> int:
+        hit = self.mmio.lookup(addr)
+        if hit is None:
+            self.stats.devices["unclaimed-mmio"] += 1
+            if value is not None:
+                self.stats.unclaimed_writes += 1
+            return 0
+        dev, off, name = hit
+        self.stats.devices[name] += 1
+        if value is not None:
+            dev.write(off, size, value)
+            return 0
+        return dev.read(off, size) & ((1 << (8 * size)) - 1)
+
+    def _flush_serial(self) -> None:
+        flush = getattr(self.serial_out, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except (OSError, ValueError):
+                pass
+
+    # --- failure reports -------------------------------------------------------------
+    def _guest_error(self, vcpu: Vcpu, ex, reason: str, message: str) -> GuestError:
+        regs = sregs = None
+        code = ""
+        try:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            code = self.disassemble_at(regs, sregs)
+        except Exception as e:          # the report must not hide the original failure
+            code = f"(cannot read guest code: {e})"
+        err = GuestError(f"vCPU {vcpu.id}: {message}", exit=ex, regs=regs, sregs=sregs, disassembly=code)
+        err.reason = reason
+        return err
+
+    def guest_physical(self, sregs: Sregs, vaddr: int) -> int:
+        """Translate a guest-virtual (linear) address with the guest's page tables."""
+        if not sregs.cr0 & CR0_PG:
+            return vaddr
+        if not sregs.cr4 & (1 << 5):
+            raise ValueError("32-bit non-PAE paging is not walked")
+        gpa, _ = paging.translate(self.memory.read_u64, sregs.cr3, vaddr)
+        return gpa
+
+    def disassemble_at(self, regs: Regs, sregs: Sregs, count: int = 6) -> str:
+        """The instructions at the vCPU's RIP, decoded in its current mode."""
+        bits = modes.code_bits(sregs)
+        linear = regs.rip if bits == 64 else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
+        gpa = self.guest_physical(sregs, linear)
+        region = self.memory.region_for(gpa)
+        code = self.memory.read(gpa, min(16 * count, region.end - gpa))
+        return disassemble(code, regs.rip, bits, count)
+
+    # --- lifetime --------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the vCPUs, the VM, guest memory and (if ours) /dev/kvm. Idempotent."""
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+            self.vm = None
+        if getattr(self, "_own_kvm", False) and getattr(self, "kvm", None) is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

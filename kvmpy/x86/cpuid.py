@@ -1,0 +1,38 @@
+"""Guest CPUID: what KVM supports, adjusted per vCPU (Intel SDM vol. 2A, CPUID).
+
+KVM_GET_SUPPORTED_CPUID lists what the host can virtualise; a VMM passes it on
+with the per-vCPU fields filled in (initial APIC ID) and the hypervisor bit set,
+so guests know they run virtualised. Without KVM_SET_CPUID2 the default guest
+CPUID lacks long mode (HOST-NOTES.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+HYPERVISOR_BIT = 1 << 31          # leaf 1 ECX bit 31: "running under a hypervisor"
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+
+def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int, ncpus: int = 1) -> list[CpuidEntry]:
+    """Supported CPUID with the APIC ID of ``vcpu_id`` and the hypervisor bit set."""
+    out = []
+    for e in supported:
+        if e.function == 1:
+            ebx = (e.ebx & 0x0000FFFF) | (vcpu_id & 0xFF) << 24 | (max(ncpus, 1) & 0xFF) << 16
+            e = replace(e, ebx=ebx, ecx=e.ecx | HYPERVISOR_BIT)
+        elif e.function in (0xB, 0x1F):
+            e = replace(e, edx=vcpu_id)          # x2APIC ID of this logical processor
+        out.append(e)
+    return out

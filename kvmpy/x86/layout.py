@@ -1,0 +1,50 @@
+"""Every fixed guest-physical address, port and IRQ kvmpy uses, each with its reason.
+
+Guest-physical 0x0-0xFFFFF (the first MiB) belongs to the VMM for boot structures;
+ELF guests are linked at 1 MiB (``KERNEL_START``), the traditional x86 kernel
+address, and raw real-mode images sit at 0x7C00 like a boot sector.
+"""
+from __future__ import annotations
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# --- boot structures in low memory (host-written, read by the CPU) ---------------
+BOOT_GDT = 0x1000          # flat GDT: code/data for rings 0 and 3, plus the TSS descriptor
+BOOT_TSS = 0x2000          # 64-bit TSS; RSP0 is the stack for ring-3 -> ring-0 transitions
+TSS_IOMAP_OFFSET = 0x68    # the I/O permission bitmap follows the 104-byte TSS proper
+# 65536 ports / 8 = 8 KiB of bitmap, plus the all-ones byte the SDM requires after it (SDM 20.5.2).
+# Ring-3 guests get every port through this bitmap: on some hosts (kvm_pvm) IOPL=3 does
+# not survive into user mode, but the bitmap is honoured everywhere.
+BOOT_TSS_SIZE = TSS_IOMAP_OFFSET + 8192 + 1
+RING0_STACK_TOP = 0x7000   # RSP0 in the TSS; 0x6000-0x6FFF is reserved for it
+PML4 = 0x9000              # 4-level paging: PML4 -> PDPT -> PD with 2 MiB pages
+PDPT = 0xA000
+PD_BASE = 0x10000          # one page directory (1 GiB of 2 MiB pages) per GiB mapped
+PD_MAX = (0x80000 - PD_BASE) // 0x1000   # page directories that fit below 0x80000
+IDENTITY_MAP_MIN = 4 * GiB  # always map the first 4 GiB (RAM and the MMIO hole below 4 GiB)
+
+REAL_MODE_LOAD = 0x7C00    # where BIOSes load a boot sector; raw real-mode images go here
+KERNEL_START = MiB         # ELF and raw protected/long-mode images are linked at 1 MiB
+LOW_RESERVED = (0, MiB)    # images other than real-mode ones must keep out of the first MiB
+
+# --- KVM-internal pages (needed on Intel VMX for real-mode emulation) -------------
+# Placed in the 4 GiB hole where RAM never lives, as QEMU does.
+KVM_TSS_ADDR = 0xFFFB_D000          # three pages
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000  # one page, just below the TSS pages
+
+# --- I/O ports and IRQs -----------------------------------------------------------
+COM1_PORT, COM1_IRQ = 0x3F8, 4     # PC standard: first serial port, ISA IRQ 4
+COM_PORT_COUNT = 8                 # 16550 registers occupy 8 consecutive ports
+I8042_PORT = 0x60                  # PS/2 controller: data 0x60, command/status 0x64
+I8042_PORT_COUNT = 5
+DEBUG_EXIT_PORT = 0xF4             # QEMU's isa-debug-exit default iobase
+DEBUG_EXIT_PORT_COUNT = 1
+
+# --- GDT selectors (index << 3 | RPL), matching gdt.boot_gdt() ----------------------
+SEL_CODE64 = 0x08
+SEL_DATA = 0x10
+SEL_CODE32 = 0x18
+SEL_USER_CODE64 = 0x20 | 3
+SEL_USER_DATA = 0x28 | 3
+SEL_TSS = 0x30
