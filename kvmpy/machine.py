@@ -108,6 +108,9 @@ class Machine:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
         if not 1 <= cpus <= 255:
             raise ValueError(f"cpus must be between 1 and 255, got {cpus}")
+        if cpus > 1 and not irqchip:
+            raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
+                             "in-kernel local APIC for the INIT/SIPI that starts them")
         self.mem_size = mem_size
         self.stats = Stats()
         self.image: LoadedImage | None = None

@@ -21,6 +21,11 @@ TYPE_TSS64_BUSY = 0xB     # system descriptor (S=0): 64-bit (or 32-bit) busy TSS
 def descriptor(base: int, limit: int, type_: int, *, s: int = 1, dpl: int = 0, present: int = 1,
                l: int = 0, db: int = 0, g: int = 1) -> int:  # noqa: E741
     """Pack an 8-byte segment descriptor; ``limit`` is the 20-bit raw limit."""
+    for name, value, bits in (("base", base, 32), ("limit", limit, 20), ("type", type_, 4), ("s", s, 1),
+                              ("dpl", dpl, 2), ("present", present, 1), ("l", l, 1), ("db", db, 1),
+                              ("g", g, 1)):
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"descriptor field {name}={value:#x} does not fit in {bits} bit(s)")
     d = limit & 0xFFFF
     d |= (base & 0xFFFFFF) << 16
     d |= (type_ & 0xF) << 40
@@ -48,6 +53,8 @@ def segment_for(selector: int) -> Segment:
     if selector == layout.SEL_TSS:
         return Segment(base=layout.BOOT_TSS, limit=layout.BOOT_TSS_SIZE - 1, selector=layout.SEL_TSS,
                        type=TYPE_TSS64_BUSY, present=1, dpl=0, db=0, s=0, l=0, g=0)
+    if selector not in table:
+        raise ValueError(f"selector {selector:#x} is not in the boot GDT")
     return table[selector]
 
 

@@ -1,0 +1,288 @@
+"""The ``kvmpy`` command: inspect KVM, list and run the bundled micro-VMs, run your own images.
+
+Exit status of ``run`` and ``demo`` (documented in ``kvmpy run --help``): the guest's
+isa-debug-exit status when it used that device (always odd), 0 for a clean HLT, and
+even codes of our own otherwise, so the two never collide.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import signal
+import sys
+import threading
+import time
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_VMM_ERROR = 4          # bad image, KVM unavailable, bad option value
+EXIT_RESET = 120
+EXIT_TRIPLE_FAULT = 122
+EXIT_TIMEOUT = 124
+EXIT_INTERNAL_ERROR = 126   # KVM internal error, entry failure, unsupported exit
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""exit status:
+  odd N      the guest wrote v to isa-debug-exit (port 0xf4): N = ((v << 1) | 1) & 0xff
+  {EXIT_OK:<10} the guest halted (HLT)
+  {EXIT_USAGE:<10} bad command line
+  {EXIT_VMM_ERROR:<10} kvmpy could not start the guest (bad image, KVM unavailable)
+  {EXIT_RESET:<10} the guest reset the machine (i8042 0xFE)
+  {EXIT_TRIPLE_FAULT:<10} the guest triple-faulted (register dump and code on stderr)
+  {EXIT_TIMEOUT:<10} --timeout expired
+  {EXIT_INTERNAL_ERROR:<10} KVM internal error, entry failure or unsupported exit
+  {EXIT_INTERRUPTED:<10} interrupted with Ctrl-C"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 64M, 1G, 2097152)")
+    return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r} (examples: 0x100000, 4096)") from None
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("machine")
+    g.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
+                   help="guest RAM, e.g. 64M or 1G (default 64M)")
+    g.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    g.add_argument("--irqchip", action="store_true",
+                   help="create the in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts)")
+    g = p.add_argument_group("image")
+    g.add_argument("--format", choices=("auto", "raw", "elf"), default=None,
+                   help="image format (default auto: ELF by its magic, else raw)")
+    g.add_argument("--mode", choices=("real", "protected", "long"), default=None,
+                   help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long)")
+    g.add_argument("--load-addr", type=parse_int, default=None, metavar="ADDR",
+                   help="where a raw image goes (default 0x7c00 in real mode, else 0x100000)")
+    g.add_argument("--entry", type=parse_int, default=None, metavar="ADDR",
+                   help="entry point of a raw image (default: its load address)")
+    g.add_argument("--user", action="store_true",
+                   help="start a long-mode guest in ring 3 (user segments and pages, all I/O ports allowed)")
+    g = p.add_argument_group("run")
+    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the guest after this many seconds (exit status 124)")
+    g.add_argument("--stats", action="store_true",
+                   help="print exits by reason and device and the time split on stderr at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmpy",
+        description="kvmpy: a minimal KVM hypervisor in Python. Boots tiny guests on /dev/kvm; "
+                    "the guest's serial port (COM1) is your terminal.",
+        epilog="examples:\n  kvmpy info\n  kvmpy demos\n  kvmpy demo hello-long --stats\n"
+               "  kvmpy run guest.elf --mem 128M --timeout 10\n"
+               "  kvmpy run boot.bin --format raw --mode real --load-addr 0x7c00\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("info", help="is KVM usable here? API version, capabilities, CPUID, backend")
+    sub.add_parser("demos", help="list the bundled micro-VM demos")
+    d = sub.add_parser("demo", help="run a bundled demo guest", epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a bundled guest (see 'kvmpy demos'). Works without a terminal: "
+                                   "a demo that reads input gets its sample input when stdin has none.")
+    d.add_argument("name", help="demo name, e.g. hello-long")
+    _run_options(d)
+    r = sub.add_parser("run", help="run a guest image (raw or ELF)", epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a guest image. Its COM1 output goes to stdout and stdin feeds "
+                                   "its COM1 input. It ends when the guest writes to isa-debug-exit "
+                                   "(port 0xf4), halts, resets, faults, or the timeout expires.")
+    r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
+    _run_options(r)
+    return p
+
+
+# --- commands -----------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from .abi import Cap
+    from .kvm import Kvm
+    with Kvm() as kvm:
+        print("KVM: usable (/dev/kvm)")
+        print(f"API version: {kvm.api_version()}")
+        print(f"backend module: {_kvm_backend()}")
+        print(f"vCPU mmap size: {kvm.vcpu_mmap_size()} bytes")
+        print(f"supported CPUID leaves: {len(kvm.supported_cpuid())}; MSRs to save: {len(kvm.msr_index_list())}")
+        print("capabilities:")
+        for cap in Cap:
+            print(f"  {cap.name:<28} {kvm.check_extension(cap)}")
+    return EXIT_OK
+
+
+def _kvm_backend() -> str:
+    try:
+        with open("/proc/modules") as f:
+            mods = [line.split()[0] for line in f]
+    except OSError:
+        return "unknown"
+    found = [m for m in mods if m.startswith("kvm_")]
+    return ", ".join(found) or ("kvm (built in)" if os.path.exists("/dev/kvm") else "none")
+
+
+def cmd_demos(args) -> int:
+    from . import guests
+    width = max(len(g.name) for g in guests.all() if g.demo)
+    for g in guests.all():
+        if g.demo:
+            print(f"  {g.name:<{width}}  {g.description}")
+    print("\nrun one with: kvmpy demo NAME   (options: kvmpy demo --help)")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from . import guests
+    try:
+        g = guests.get(args.name)
+    except KeyError:
+        names = ", ".join(x.name for x in guests.all() if x.demo)
+        print(f"kvmpy: no demo named {args.name!r}; demos: {names}", file=sys.stderr)
+        return EXIT_USAGE
+    load = dict(format=args.format or g.format, mode=args.mode or g.mode,
+                load_addr=args.load_addr if args.load_addr is not None else g.load_addr,
+                entry=args.entry if args.entry is not None else g.entry, user=args.user or g.user)
+    return _run(args, g.path, load, sample_input=g.stdin)
+
+
+def cmd_run(args) -> int:
+    load = dict(format=args.format or "auto", mode=args.mode, load_addr=args.load_addr,
+                entry=args.entry, user=args.user)
+    return _run(args, args.image, load, sample_input=None)
+
+
+class _Console:
+    """Guest serial output to our stdout, flushed at each newline so prompts appear."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        if b"\n" in data:
+            self.out.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _stdin_has_data(timeout: float = 0.05) -> bool:
+    try:
+        return bool(select.select([0], [], [], timeout)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
+    """Copy stdin to the guest's UART, waiting while its FIFO is full."""
+    data = first
+    while not done.is_set():
+        if not data:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+        n = machine.feed_serial(data)
+        data = data[n:]
+        if data:
+            time.sleep(0.005)
+
+
+def _run(args, image, load: dict, sample_input: bytes | None) -> int:
+    from .errors import GuestError, KvmpyError
+    from .machine import Machine
+    try:
+        machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus, irqchip=args.irqchip,
+                          serial=_Console(sys.stdout.buffer))
+    except (KvmpyError, ValueError) as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    done = threading.Event()
+    with machine:
+        try:
+            machine.load(image, **load)
+        except (KvmpyError, ValueError) as e:
+            print(f"kvmpy: {e}", file=sys.stderr)
+            return EXIT_VMM_ERROR
+        _start_input(machine, done, sample_input)
+        old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            result = machine.run(timeout=args.timeout)
+        except GuestError as e:
+            print(f"kvmpy: {e}", file=sys.stderr)
+            _print_stats(args, machine)
+            return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+        finally:
+            done.set()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        _print_stats(args, machine)
+        return _exit_code(result, args)
+
+
+def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:
+    first = b""
+    if sample_input is not None and not sys.stdin.isatty():
+        first = os.read(0, 4096) if _stdin_has_data() else b""
+        if not first:                       # no input of our own: the demo's sample input
+            machine.feed_serial(sample_input)
+            return
+    threading.Thread(target=_feed_stdin, args=(machine, done, first), daemon=True, name="stdin").start()
+
+
+def _print_stats(args, machine) -> None:
+    if args.stats:
+        print(f"--- kvmpy stats ---\n{machine.stats}", file=sys.stderr)
+
+
+def _exit_code(result, args) -> int:
+    reason = result.reason
+    if reason == "exit":
+        return result.status & 0xFF
+    if reason == "halt":
+        return EXIT_OK
+    if reason == "reset":
+        print("kvmpy: the guest reset the machine", file=sys.stderr)
+        return EXIT_RESET
+    if reason == "timeout":
+        print(f"kvmpy: timeout: stopped the guest after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if reason == "interrupted":
+        print("kvmpy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"kvmpy: the guest stopped: {reason}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
+COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .errors import KvmpyError
+    try:
+        return COMMANDS[args.command](args)
+    except KvmpyError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    except BrokenPipeError:
+        return EXIT_OK

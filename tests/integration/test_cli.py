@@ -1,0 +1,112 @@
+"""The kvmpy command: demos, run, exit statuses, errors without tracebacks, Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvmpy import guests
+from kvmpy.cli import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
+
+
+def kvmpy(*args, input=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "kvmpy", *args], input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def test_info_reports_kvm():
+    """kvmpy info says KVM is usable and lists the API version and capabilities."""
+    r = kvmpy("info")
+    assert r.returncode == 0
+    assert b"API version: 12" in r.stdout and b"IMMEDIATE_EXIT" in r.stdout
+
+
+def test_demos_lists_every_demo():
+    """kvmpy demos lists each demo guest with its description."""
+    r = kvmpy("demos")
+    for g in guests.all():
+        assert (g.name.encode() in r.stdout) == g.demo
+
+
+@pytest.mark.parametrize("name", [g.name for g in guests.all() if g.demo])
+def test_demo_output_and_exit_status(name):
+    """kvmpy demo NAME prints the guest's output and exits with its isa-debug-exit status."""
+    g = guests.get(name)
+    r = kvmpy("demo", name, input=b"")
+    assert r.stdout == g.expect_output
+    assert r.returncode == g.expect_status & 0xFF
+
+
+def test_echo_demo_reads_piped_stdin():
+    """Piped stdin feeds the guest's UART."""
+    r = kvmpy("demo", "echo", input=b"piped\nquit\n")
+    assert b"piped\n" in r.stdout and r.stdout.endswith(b"bye\n")
+
+
+def test_run_raw_image_with_options(tmp_path):
+    """kvmpy run takes a raw image with --format/--mode/--load-addr and returns the guest's status."""
+    img = tmp_path / "boot.bin"
+    img.write_bytes(bytes.fromhex("b0 09 e6 f4"))
+    r = kvmpy("run", str(img), "--format", "raw", "--mode", "real", "--load-addr", "0x8000",
+              "--mem", "1M", "--stats")
+    assert r.returncode == (9 << 1) | 1
+    assert b"isa-debug-exit" in r.stderr            # --stats table
+
+
+def test_timeout_exit_status():
+    """--timeout stops a guest that never stops, with exit status 124."""
+    g = guests.get("spin")
+    r = kvmpy("run", str(g.path), "--format", "raw", "--timeout", "0.3")
+    assert r.returncode == EXIT_TIMEOUT == 124
+    assert b"timeout" in r.stderr
+
+
+def test_triple_fault_exit_status_and_report():
+    """A triple fault exits 122 with a register dump and the code at RIP, not a traceback."""
+    r = kvmpy("demo", "triple-fault")
+    assert r.returncode == EXIT_TRIPLE_FAULT
+    assert b"ud2" in r.stderr and b"rip=" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x7fELF\x02\x01\x01" + b"\0" * 60, b"\x7fELF" + b"\xff" * 100])
+def test_bad_images_give_a_clear_error(tmp_path, content):
+    """Missing, empty or malformed images exit 4 with a one-line reason and no traceback."""
+    img = tmp_path / "bad.img"
+    img.write_bytes(content)
+    for path in (str(img), str(tmp_path / "missing")):
+        r = kvmpy("run", path)
+        assert r.returncode == EXIT_VMM_ERROR
+        assert r.stderr.startswith(b"kvmpy: ") and b"Traceback" not in r.stderr
+
+
+def test_unknown_demo_lists_the_demos():
+    """An unknown demo name is a usage error that lists the real ones."""
+    r = kvmpy("demo", "nope")
+    assert r.returncode == 2 and b"hello-long" in r.stderr
+
+
+def test_help_documents_exit_statuses():
+    """kvmpy run --help explains the exit statuses."""
+    r = kvmpy("run", "--help")
+    assert b"124" in r.stdout and b"isa-debug-exit" in r.stdout
+
+
+def test_ctrl_c_stops_a_run_cleanly():
+    """SIGINT stops a running guest with exit status 130 and no traceback."""
+    g = guests.get("spin")
+    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", str(g.path), "--format", "raw"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == EXIT_INTERRUPTED, err
+    assert b"Traceback" not in err
+
+
+def test_console_script_is_installed_or_module_runs():
+    """python -m kvmpy with no command prints help and exits 2."""
+    r = kvmpy()
+    assert r.returncode == 2 and b"usage: kvmpy" in r.stdout

@@ -1,0 +1,238 @@
+"""GuestMemory: bounds-checked access to guest-physical RAM across one or more regions."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvmpy.errors import GuestMemoryError, KvmpyError
+from kvmpy.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+
+LOW = (0, 0x10000)                  # [0, 64 KiB)
+HIGH = (0x100000, 0x20000)          # [1 MiB, 1 MiB + 128 KiB); a gap in between
+
+
+@pytest.fixture
+def mem():
+    with GuestMemory([MemoryRegion.anonymous(*HIGH), MemoryRegion.anonymous(*LOW)]) as m:
+        yield m
+
+
+def inside_one_region(gpa: int, length: int) -> bool:
+    """The test's own oracle: [gpa, gpa+length) lies within LOW or HIGH."""
+    return length >= 0 and any(base <= gpa and gpa + length <= base + size for base, size in (LOW, HIGH))
+
+
+# --- bounds -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpa,length", [
+    (-1, 1), (-0x1000, 0x2000),                          # negative address
+    (0x10000 - 4, 8), (HIGH[0] + HIGH[1] - 1, 2),        # straddles a region's end
+    (0x10000, 1), (0x80000, 4), (HIGH[0] - 1, 1),        # in the gap between regions
+    (HIGH[0] - 4, 8),                                    # straddles the gap into HIGH
+    (0, 1 << 64), (8, (1 << 64) - 8), (0x1000, (1 << 64) - 1),   # lengths that wrap 64-bit arithmetic
+    ((1 << 64) - 4, 8), ((1 << 64) - 1, 1),              # addresses near 2**64
+    (0, -1), (0x100, -0x100),                            # negative length
+])
+def test_out_of_bounds_access_raises_guest_memory_error(mem, gpa, length):
+    """read, view, fill and contains all refuse a range not wholly inside one region."""
+    with pytest.raises(GuestMemoryError):
+        mem.read(gpa, length)
+    with pytest.raises(GuestMemoryError):
+        mem.view(gpa, length)
+    with pytest.raises(GuestMemoryError):
+        mem.fill(gpa, length, 0xAA)
+    with pytest.raises(GuestMemoryError):
+        mem.region_for(gpa, length)
+    assert not mem.contains(gpa, length)
+
+
+@pytest.mark.parametrize("gpa,size", [(0x10000 - 4, 8), (HIGH[0] - 1, 2), (-1, 1), (0x20000, 1)])
+def test_out_of_bounds_write_raises_and_changes_nothing(mem, gpa, size):
+    """A refused write leaves every in-bounds byte it would have touched unchanged."""
+    with pytest.raises(GuestMemoryError):
+        mem.write(gpa, b"\xEE" * size)
+    for a in range(gpa, gpa + size):
+        if mem.contains(a):
+            assert mem.read(a, 1) == b"\x00"
+
+
+def test_guest_memory_error_is_a_kvmpy_error_and_names_the_range(mem):
+    """The error is catchable as KvmpyError and says which range was refused."""
+    with pytest.raises(KvmpyError, match="0x10000"):
+        mem.read(0x10000, 4)
+
+
+def test_write_u64_out_of_bounds_raises(mem):
+    """The u64 helpers are bounds-checked too (7 bytes left is not enough)."""
+    with pytest.raises(GuestMemoryError):
+        mem.write_u64(0x10000 - 7, 1)
+    with pytest.raises(GuestMemoryError):
+        mem.read_u64(0x10000 - 7)
+
+
+@given(gpa=st.one_of(st.integers(-0x20000, 0x140000), st.integers(-(1 << 66), 1 << 66)),
+       length=st.one_of(st.integers(-16, 0x21000), st.integers(-(1 << 66), 1 << 66)))
+@settings(max_examples=300, deadline=None)
+def test_random_ranges_are_inside_one_region_or_refused(gpa, length):
+    """Every (gpa, length) either lies inside one region and works, or raises GuestMemoryError."""
+    with GuestMemory([MemoryRegion.anonymous(*LOW), MemoryRegion.anonymous(*HIGH)]) as m:
+        if inside_one_region(gpa, length):
+            assert m.contains(gpa, length)
+            data = bytes((gpa + i) & 0xFF for i in range(length))
+            m.write(gpa, data)
+            assert m.read(gpa, length) == data
+            v = m.view(gpa, length)
+            assert len(v) == length and bytes(v) == data
+            v.release()
+        else:
+            assert not m.contains(gpa, length)
+            for op in (lambda: m.read(gpa, length), lambda: m.fill(gpa, length),
+                       lambda: m.view(gpa, length)):
+                with pytest.raises(GuestMemoryError):
+                    op()
+
+
+# --- regions ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpa,size", [
+    (0x100000, 0x1000), (0x0F_F000, 0x2000), (0x11_F000, 0x1000), (0x0F_0000, 0x40000),
+    (0x108000, 0x1000), (0x100000, 0x20000),
+])
+def test_overlapping_region_is_rejected(mem, gpa, size):
+    """Any region sharing a byte with an existing one is refused and the set is unchanged."""
+    before = [(r.gpa, r.size) for r in mem.regions]
+    new = MemoryRegion.anonymous(gpa, size)
+    try:
+        with pytest.raises(ValueError, match="overlaps"):
+            mem.add(new)
+        assert [(r.gpa, r.size) for r in mem.regions] == before
+    finally:
+        new.close()
+
+
+def test_overlapping_regions_in_constructor_are_rejected():
+    """GuestMemory([...]) with two overlapping regions raises ValueError."""
+    a, b = MemoryRegion.anonymous(0, 0x2000), MemoryRegion.anonymous(0x1000, 0x2000)
+    try:
+        with pytest.raises(ValueError):
+            GuestMemory([a, b])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_adjacent_regions_are_allowed_but_accesses_do_not_span_them(mem):
+    """A region touching another is accepted; a single access across the seam is refused."""
+    mem.add(MemoryRegion.anonymous(0x10000, 0x1000))
+    assert [r.gpa for r in mem.regions] == [0, 0x10000, 0x100000]
+    mem.write(0x10000, b"ok")
+    assert mem.read(0x10000, 2) == b"ok"
+    with pytest.raises(GuestMemoryError):
+        mem.read(0x10000 - 2, 4)
+
+
+@pytest.mark.parametrize("gpa,size", [(0, 0), (0, -4096), (0x800, 0x1000), (0, 0x1001)])
+def test_region_must_be_page_aligned_and_non_empty(gpa, size):
+    """MemoryRegion.anonymous refuses empty or unaligned regions."""
+    with pytest.raises(ValueError):
+        MemoryRegion.anonymous(gpa, size)
+
+
+@pytest.mark.parametrize("gpa,length,inside", [
+    (0x2000, 0, True), (0x2000, 0x1000, True), (0x2FFF, 1, True), (0x3000, 0, True),
+    (0x3000, 1, False), (0x1FFF, 1, False), (0x2000, 0x1001, False), (0x2800, -1, False), (0x2800, -0x800, False),
+])
+def test_region_contains_is_exact_at_its_edges(gpa, length, inside):
+    """MemoryRegion.contains() accepts exactly the ranges within [gpa, end) and no negative length."""
+    r = MemoryRegion.anonymous(0x2000, 0x1000)
+    try:
+        assert r.end == 0x3000
+        assert r.contains(gpa, length) is inside
+    finally:
+        r.close()
+
+
+def test_size_and_end_cover_all_regions(mem):
+    """size sums the regions; end is one past the highest RAM byte; regions are sorted by gpa."""
+    assert mem.size == LOW[1] + HIGH[1]
+    assert mem.end == HIGH[0] + HIGH[1]
+    assert [r.gpa for r in mem.regions] == [LOW[0], HIGH[0]]
+    assert GuestMemory().end == 0 and GuestMemory().size == 0
+
+
+def test_region_for_names_the_right_region(mem):
+    """region_for() returns the region holding the range, at both edges of each region."""
+    low, high = mem.regions
+    assert mem.region_for(0) is low and mem.region_for(LOW[1] - 1) is low
+    assert mem.region_for(HIGH[0]) is high and mem.region_for(HIGH[0] + HIGH[1] - 8, 8) is high
+
+
+# --- data -------------------------------------------------------------------------
+
+def test_two_regions_are_addressed_independently(mem):
+    """The same offset in two regions holds different bytes; each lands in its own mmap."""
+    mem.write(0x10, b"low!")
+    mem.write(HIGH[0] + 0x10, b"HIGH")
+    assert mem.read(0x10, 4) == b"low!"
+    assert mem.read(HIGH[0] + 0x10, 4) == b"HIGH"
+    low, high = mem.regions
+    assert low.mm[0x10:0x14] == b"low!" and high.mm[0x10:0x14] == b"HIGH"
+
+
+def test_region_at_nonzero_gpa_is_offset_correctly():
+    """A single region at 1 MiB: guest 1 MiB + n is byte n of the mapping; below it is unmapped."""
+    with GuestMemory.anonymous(0x2000, gpa=0x100000) as m:
+        m.write(0x100FFF, b"\x5A")
+        assert m.regions[0].mm[0xFFF] == 0x5A
+        with pytest.raises(GuestMemoryError):
+            m.read(0xFFFFF, 1)
+
+
+@given(offset=st.integers(0, LOW[1] - 1), data=st.binary(min_size=0, max_size=512))
+def test_write_read_round_trip(offset, data):
+    """What write() stores, read() returns, and the neighbours are untouched."""
+    offset = min(offset, LOW[1] - len(data))
+    with GuestMemory.anonymous(LOW[1]) as m:
+        m.fill(0, LOW[1], 0x11)
+        m.write(offset, data)
+        assert m.read(offset, len(data)) == data
+        if offset:
+            assert m.read(offset - 1, 1) == b"\x11"
+        if offset + len(data) < LOW[1]:
+            assert m.read(offset + len(data), 1) == b"\x11"
+
+
+def test_fill_sets_exactly_the_range(mem):
+    """fill() writes the byte over [gpa, gpa+length) and nothing else."""
+    mem.fill(HIGH[0] + 0x100, 0x20, 0xCC)
+    assert mem.read(HIGH[0] + 0xFF, 0x22) == b"\x00" + b"\xCC" * 0x20 + b"\x00"
+
+
+def test_view_is_a_live_writable_window(mem):
+    """Writing through view() is visible to read(), and write() is visible through the view."""
+    v = mem.view(HIGH[0] + 0x40, 8)
+    try:
+        v[:] = b"ABCDEFGH"
+        assert mem.read(HIGH[0] + 0x40, 8) == b"ABCDEFGH"
+        mem.write(HIGH[0] + 0x44, b"xy")
+        assert bytes(v) == b"ABCDxyGH"
+        assert len(v) == 8
+    finally:
+        v.release()
+
+
+@given(value=st.integers(0, (1 << 64) - 1))
+def test_u64_is_little_endian(value):
+    """write_u64/read_u64 round-trip and store the least significant byte first."""
+    with GuestMemory.anonymous(PAGE_SIZE) as m:
+        m.write_u64(8, value)
+        assert m.read_u64(8) == value
+        assert m.read(8, 8) == value.to_bytes(8, "little")
+
+
+def test_close_is_idempotent_and_leaves_no_ram():
+    """After close() every access is refused, and closing again is harmless."""
+    m = GuestMemory.anonymous(PAGE_SIZE)
+    m.close()
+    m.close()
+    assert m.size == 0
+    with pytest.raises(GuestMemoryError):
+        m.read(0, 1)
