@@ -165,16 +165,18 @@ def native_cdef() -> str:
     return m.group(1)
 
 
-def make_ffibuilder() -> cffi.FFI:
+def make_ffibuilder(absolute_paths: bool = False) -> cffi.FFI:
+    """The builder; setuptools wants source paths relative to setup.py, a direct build absolute ones."""
     ffi = cffi.FFI()
     consts = "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
     ffi.cdef(ABI_CDEF + consts + native_cdef())
-    sources = sorted(str(p) for p in HERE.glob("*.c"))
+    root = HERE.parent
+    sources = sorted(str(p if absolute_paths else p.relative_to(root)) for p in HERE.glob("*.c"))
     ffi.set_source(
         "kvmpy._native",
         PREAMBLE,
         sources=sources,
-        include_dirs=[str(HERE)],
+        include_dirs=[str(HERE if absolute_paths else HERE.relative_to(root))],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     )
     return ffi
@@ -184,4 +186,4 @@ ffibuilder = make_ffibuilder()
 
 if __name__ == "__main__":
     # Development build in place: python csrc/build.py (pip install . does this for you).
-    ffibuilder.compile(tmpdir=str(HERE.parent / "build" / "cffi"), target=str(HERE.parent / "kvmpy" / "_native.*"), verbose=False)
+    make_ffibuilder(absolute_paths=True).compile(tmpdir=str(HERE.parent / "build" / "cffi"), target=str(HERE.parent / "kvmpy" / "_native.*"), verbose=False)
