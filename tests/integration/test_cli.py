@@ -11,9 +11,17 @@ from kvmpy import guests
 from kvmpy.cli import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
 
 
+import kvmpy as _kvmpy
+
+# Run the same kvmpy the tests imported (installed or built in place), from a neutral cwd.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_kvmpy.__file__)))
+ENV = {**os.environ, "PYTHONPATH": PKG_PARENT}
+CMD = [sys.executable, "-m", "kvmpy"]
+
+
 def kvmpy(*args, input=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "kvmpy", *args], input=input, capture_output=True,
-                          timeout=timeout)
+    return subprocess.run([*CMD, *args], input=input, capture_output=True, timeout=timeout,
+                          env=ENV, cwd="/")
 
 
 def test_info_reports_kvm():
@@ -97,7 +105,7 @@ def test_help_documents_exit_statuses():
 def test_ctrl_c_stops_a_run_cleanly():
     """SIGINT stops a running guest with exit status 130 and no traceback."""
     g = guests.get("spin")
-    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", str(g.path), "--format", "raw"],
+    p = subprocess.Popen([*CMD, "run", str(g.path), "--format", "raw"], env=ENV, cwd="/",
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
