@@ -48,3 +48,16 @@ SEL_CODE32 = 0x18
 SEL_USER_CODE64 = 0x20 | 3
 SEL_USER_DATA = 0x28 | 3
 SEL_TSS = 0x30
+
+# --- virtio-mmio devices (virtio 1.2, section 4.2) ------------------------------------
+# In the hole below 4 GiB, away from RAM (which stops at 3 GiB) and the LAPIC/IOAPIC at
+# 0xFEC00000/0xFEE00000; the same place Firecracker puts them. One 4 KiB page each.
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_SIZE = 0x1000
+# ISA lines nobody else uses on a PC (3/4 serial, 8 RTC, 12 PS/2 mouse, 14/15 IDE).
+VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11)
+MAX_VIRTIO_DEVICES = len(VIRTIO_MMIO_IRQS)
+
+# --- benchmark marker port -------------------------------------------------------------
+# Guests that measure themselves write a phase number here; the host timestamps each write.
+BENCH_MARK_PORT = 0x5E0
