@@ -23,8 +23,9 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 
 def use_source_tree() -> None:
-    """Import kvmpy from this checkout (not an installed copy) when run from it."""
-    if (ROOT / "kvmpy" / "__init__.py").is_file() and str(ROOT) not in sys.path:
+    """Import kvmpy from this checkout (not an installed copy) when it is built in place."""
+    built = any((ROOT / "kvmpy").glob("_native*.so"))
+    if built and (ROOT / "kvmpy" / "__init__.py").is_file() and str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 def disassemble(code: bytes, addr: int, bits: int, count: int = 6) -> str:
     """Up to ``count`` instructions of ``code`` (at guest address ``addr``), one per line.
 
-    The first line is marked with ``=>``. Undecodable bytes are shown as hex.
+    The first line is marked with ``=>``. If the first instruction cannot be decoded
+    its bytes are shown as hex; decoding stops quietly at a later undecodable or
+    truncated instruction (the caller reads a fixed-size window).
     """
     try:
         import capstone

@@ -97,6 +97,10 @@ class Kvm(_Fd):
                 f"permission denied opening '{path}'. Add your user to the 'kvm' group "
                 "(usermod -aG kvm $USER, then log in again) or run as root.") from None
         except OSError as e:
+            if e.errno in (errno.ENXIO, errno.ENODEV):
+                raise KvmUnavailable(
+                    f"'{path}' exists but no KVM module serves it: load kvm_intel or kvm_amd "
+                    "(modprobe), and check that virtualisation is enabled in the firmware.") from None
             raise KvmUnavailable(f"cannot open '{path}': {e.strerror}") from None
         version = self.api_version()
         if version != lib.KVM_API_VERSION:

@@ -45,7 +45,11 @@ class MemoryRegion:
 
     def close(self) -> None:
         if self.mm is not None and not self.mm.closed:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                # A caller still holds a view(); the mapping goes when the last view does.
+                pass
 
 
 class GuestMemory:

@@ -102,7 +102,7 @@ def setup(mode: str, entry: int, sregs: Sregs, mem_end: int, user: bool = False)
 
 
 def describe(sregs: Sregs) -> str:
-    """Name the CPU mode: 'real', 'protected (CPL n, paging on/off)', 'long (CPL n)'."""
+    """Name the CPU mode: 'real', 'protected, CPL n, paging on|off', 'long, CPL n'."""
     if not sregs.cr0 & CR0_PE:
         return "real"
     cpl = sregs.ss.dpl
