@@ -186,4 +186,9 @@ ffibuilder = make_ffibuilder()
 
 if __name__ == "__main__":
     # Development build in place: python csrc/build.py (pip install . does this for you).
-    make_ffibuilder(absolute_paths=True).compile(tmpdir=str(HERE.parent / "build" / "cffi"), target=str(HERE.parent / "kvmpy" / "_native.*"), verbose=False)
+    # Always from scratch: distutils would otherwise keep objects of edited .c files.
+    import shutil
+    tmp = HERE.parent / "build" / "cffi"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_ffibuilder(absolute_paths=True).compile(tmpdir=str(tmp), target=str(HERE.parent / "kvmpy" / "_native.*"),
+                                                 verbose=False)

@@ -8,6 +8,9 @@
 #ifndef KVMPY_NATIVE_H
 #define KVMPY_NATIVE_H
 
+#include <stdint.h>
+#include <linux/kvm.h>
+
 /* CDEF-BEGIN */
 /* ioctl(2) with a pointer or an integer argument; returns the result or -errno. */
 int kvmpy_ioctl_ptr(int fd, unsigned long request, void *arg);
@@ -17,6 +20,57 @@ int kvmpy_ioctl_int(int fd, unsigned long request, unsigned long arg);
  * SA_RESTART, so a kick makes a blocked KVM_RUN return -EINTR. Returns the signal
  * number to send with pthread_kill. */
 int kvmpy_kick_signal(void);
+
+/* ---- uart.c: the 16550A (same semantics as kvmpy/devices/serial.py) ---- */
+struct kvmpy_uart;
+struct kvmpy_uart_state {
+	uint8_t ier, fcr, lcr, mcr, scr, dll, dlm;
+	uint8_t lsr_errors, msr_delta, modem, thr_pending, level;
+	uint32_t rx_head, rx_count, rx_cap;
+	uint32_t tx_len;
+	uint64_t irq_changes, tx_dropped;
+};
+/* gsi < 0: no interrupt line (level is tracked only). NULL on bad sizes/ENOMEM. */
+struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, int gsi);
+void kvmpy_uart_free(struct kvmpy_uart *u);
+uint32_t kvmpy_uart_read(struct kvmpy_uart *u, uint32_t off);
+void kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value);
+uint32_t kvmpy_uart_peek(struct kvmpy_uart *u, uint32_t off);
+uint32_t kvmpy_uart_feed(struct kvmpy_uart *u, const uint8_t *data, uint32_t len);
+uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
+uint32_t kvmpy_uart_tx_space(struct kvmpy_uart *u);
+void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out);
+int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data,
+		   uint32_t size, uint32_t count);
+
+/* ---- runloop.c: the native vCPU loop ---- */
+#define KVMPY_OWNER_NONE 0	/* unclaimed: writes dropped, reads all ones */
+#define KVMPY_OWNER_PYTHON 1	/* a Python device: return to Python */
+#define KVMPY_OWNER_UART 2	/* the native UART */
+#define KVMPY_MAX_MMIO_RANGES 16
+#define KVMPY_RUN_EXIT 1	/* an exit for Python is in kvm_run */
+#define KVMPY_RUN_DRAIN 2	/* UART output buffer nearly full: drain and call again */
+
+struct kvmpy_range { uint64_t base, size; };
+struct kvmpy_counters {
+	uint64_t io_out, io_in, mmio_read, mmio_write;
+	uint64_t uart, unclaimed_pio, unclaimed_mmio, unclaimed_writes;
+	uint64_t kvm_ns, vmm_ns;
+};
+struct kvmpy_loop {
+	int vcpu_fd;
+	struct kvm_run *run;
+	uint64_t run_size;
+	uint8_t pio_owner[65536];		/* KVMPY_OWNER_* per port */
+	struct kvmpy_range mmio_ranges[KVMPY_MAX_MMIO_RANGES];	/* claimed by Python */
+	uint32_t n_mmio_ranges;
+	struct kvmpy_uart *uart;
+	uint16_t uart_base;
+	uint32_t tx_low_water;
+	struct kvmpy_counters c;		/* Python reads and zeroes these */
+};
+/* Returns KVMPY_RUN_EXIT, KVMPY_RUN_DRAIN, or -errno (-EINTR after a kick). */
+int kvmpy_run(struct kvmpy_loop *l);
 /* CDEF-END */
 
 #endif

@@ -58,6 +58,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
     g.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    g.add_argument("--python", action="store_true",
+                   help="serve every exit and the UART in Python (the readable path) instead of the C loop")
     g.add_argument("--irqchip", action="store_true",
                    help="create the in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts)")
     g = p.add_argument_group("image")
@@ -206,7 +208,7 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     from .machine import Machine
     try:
         machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus, irqchip=args.irqchip,
-                          serial=_Console(sys.stdout.buffer))
+                          serial=_Console(sys.stdout.buffer), native=not args.python)
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

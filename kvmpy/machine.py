@@ -11,6 +11,7 @@ vCPUs: each exit is decoded once (``kvmpy.exits``) and dispatched in one ``match
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import threading
@@ -22,10 +23,11 @@ from . import exits
 from .abi import Cap, SystemEventType
 from .devices import Bus, DebugExit, I8042, NullTrigger, Serial16550
 from .disasm import disassemble
-from .errors import GuestError, GuestMemoryError, LoaderError
+from .errors import GuestError, GuestMemoryError, KvmError, LoaderError
 from .kvm import Kvm, Vcpu, Vm
 from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
+from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeUart
 from .stats import Stats
 from .x86 import cpuid, layout, modes, paging
 from .x86.regs import CR0_PG, Regs, Sregs
@@ -99,11 +101,13 @@ class Machine:
     ``serial`` is a binary file-like for the guest's COM1 output; by default it is
     collected in memory and readable as ``machine.serial_output``. ``irqchip``
     creates the in-kernel PIC/IOAPIC/LAPIC and PIT (then HLT no longer exits to
-    the VMM, so teaching guests that end with HLT want it off).
+    the VMM, so teaching guests that end with HLT want it off). ``native`` runs the
+    vCPUs in the C loop with the C UART (the fast path); ``native=False`` keeps every
+    exit and the UART in Python, for teaching and differential tests.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
-                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm"):
+                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm", native: bool = True):
         if mem_size < 64 * 1024 or mem_size % PAGE:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
         if not 1 <= cpus <= 255:
@@ -112,6 +116,7 @@ class Machine:
             raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                              "in-kernel local APIC for the INIT/SIPI that starts them")
         self.mem_size = mem_size
+        self.native = native
         self.stats = Stats()
         self.image: LoadedImage | None = None
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -163,9 +168,16 @@ class Machine:
         self._serial_buffer = io.BytesIO() if serial is None else None
         self.serial_out = serial if serial is not None else self._serial_buffer
         self._serial_lock = threading.Lock()
-        trigger = _IrqLine(self.vm, layout.COM1_IRQ) if irqchip else NullTrigger()
-        self.serial = Serial16550(output=self.serial_out, trigger=trigger)
-        self.pio.attach(layout.COM1_PORT, layout.COM_PORT_COUNT, _Locked(self.serial, self._serial_lock), "com1")
+        if self.native:
+            # The C UART: thread-safe by its own mutex; output is drained to serial_out.
+            self.serial = NativeUart(vm_fd=self.vm.fd if irqchip else -1,
+                                     gsi=layout.COM1_IRQ if irqchip else -1)
+            com1 = self.serial
+        else:
+            trigger = _IrqLine(self.vm, layout.COM1_IRQ) if irqchip else NullTrigger()
+            self.serial = Serial16550(output=self.serial_out, trigger=trigger)
+            com1 = _Locked(self.serial, self._serial_lock)
+        self.pio.attach(layout.COM1_PORT, layout.COM_PORT_COUNT, com1, "com1")
         self.pio.attach(layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT,
                         DebugExit(on_exit=self._on_debug_exit), "isa-debug-exit")
         self.pio.attach(layout.I8042_PORT, layout.I8042_PORT_COUNT, I8042(on_reset=self._on_reset), "i8042")
@@ -186,6 +198,14 @@ class Machine:
         """Give bytes to the guest's COM1 receiver; returns how many fit in its FIFO."""
         with self._serial_lock:
             return self.serial.feed(data)
+
+    def _drain_serial(self) -> None:
+        """Write the native UART's collected output to serial_out, in one write."""
+        if self.native:
+            with self._serial_lock:
+                data = self.serial.take_output()
+                if data:
+                    self.serial_out.write(data)
 
     # --- loading ---------------------------------------------------------------------
     def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
@@ -241,6 +261,11 @@ class Machine:
             timer.start()
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), daemon=True,
                                     name=f"vcpu{v.id}") for v in self.vcpus[1:]]
+        running = threading.Event()
+        if self.native:
+            self._loops = {v.id: self._native_loop(v) for v in self.vcpus}
+            threads.append(threading.Thread(target=self._flusher, args=(running,), daemon=True,
+                                            name="serial-flush"))
         try:
             for t in threads:
                 t.start()
@@ -249,8 +274,10 @@ class Machine:
             if timer is not None:
                 timer.cancel()
             self.request_stop("stopped")        # wake the other vCPUs if vCPU 0 ended first
+            running.set()
             for t in threads:
                 t.join()
+            self._drain_serial()
             self._flush_serial()
         stop = self._stop
         if stop.error is not None:
@@ -279,7 +306,10 @@ class Machine:
         self._tls.vcpu = vcpu.id
         vcpu.thread_id = threading.get_ident()
         try:
-            self._loop(vcpu)
+            if self.native:
+                self._run_native(vcpu)
+            else:
+                self._loop(vcpu)
         except GuestError as e:
             self._stop.set(e.reason, vcpu=vcpu.id, exit=e.exit, error=e)
         except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
@@ -292,7 +322,7 @@ class Machine:
 
     def _loop(self, vcpu: Vcpu) -> None:
         """The Python run loop: KVM_RUN, decode, dispatch, repeat until a stop is requested."""
-        stats, stop, pio, mmio = self.stats, self._stop, self.pio, self.mmio
+        stats, stop = self.stats, self._stop
         clock = time.perf_counter_ns
         t_out = clock()
         while stop.reason is None:
@@ -301,46 +331,98 @@ class Machine:
             ex = vcpu.run()
             t_out = clock()
             stats.kvm_ns += t_out - t_in
-            match ex:
-                case exits.IoOut(port=port, size=size, count=count, data=data):
-                    stats.exits["io-out"] += 1
-                    self._pio_out(port, size, count, data)
-                case exits.IoIn(port=port, size=size, count=count):
-                    stats.exits["io-in"] += 1
-                    vcpu.complete_io_in(ex, self._pio_in(port, size, count))
-                case exits.MmioWrite(addr=addr, size=size, data=data):
-                    stats.exits["mmio-write"] += 1
-                    self._mmio(addr, size, int.from_bytes(data, "little"))
-                case exits.MmioRead(addr=addr, size=size):
-                    stats.exits["mmio-read"] += 1
-                    vcpu.complete_mmio_read(self._mmio(addr, size).to_bytes(size, "little"))
-                case exits.Interrupted():
-                    stats.exits["interrupted"] += 1
-                    vcpu.immediate_exit = stop.reason is not None
-                case exits.Hlt():
-                    stats.exits["hlt"] += 1
-                    stop.set("halt", 0, vcpu.id, ex)
-                case exits.Debug():
-                    stats.exits["debug"] += 1
-                    stop.set("debug", None, vcpu.id, ex)
-                case exits.SystemEvent(type=t) if t == SystemEventType.RESET:
-                    stats.exits["system-event"] += 1
-                    stop.set("reset", None, vcpu.id, ex)
-                case exits.Shutdown():
-                    stats.exits["shutdown"] += 1
-                    raise self._guest_error(vcpu, ex, "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
-                case exits.FailEntry(hardware_entry_failure_reason=hw):
-                    stats.exits["fail-entry"] += 1
-                    raise self._guest_error(vcpu, ex, "entry-failure",
-                                            f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state")
-                case exits.InternalError():
-                    stats.exits["internal-error"] += 1
-                    raise self._guest_error(vcpu, ex, "internal-error",
-                                            f"KVM internal error ({ex.kind}); on hosts without hardware "
-                                            "virtualisation int3/int $n at CPL0 are not emulated (HOST-NOTES)")
-                case _:
-                    stats.exits["other"] += 1
-                    raise self._guest_error(vcpu, ex, "unsupported-exit", f"unsupported exit: {ex}")
+            self._dispatch(vcpu, ex)
+
+    def _native_loop(self, vcpu: Vcpu) -> NativeLoop:
+        loop = NativeLoop(vcpu, self.serial, layout.COM1_PORT)
+        claims = [(a.base, a.length) for a in self.pio.devices if a.name != "com1"]
+        loop.set_tables(claims, range(layout.COM1_PORT, layout.COM1_PORT + layout.COM_PORT_COUNT),
+                        [(a.base, a.length) for a in self.mmio.devices])
+        return loop
+
+    def _run_native(self, vcpu: Vcpu) -> None:
+        """The native loop: C serves the fast-path exits; Python dispatches the rest."""
+        loop, stats, stop = self._loops[vcpu.id], self.stats, self._stop
+        clock = time.perf_counter_ns
+        while stop.reason is None:
+            rc = loop.run()                             # GIL released inside
+            t0 = clock()
+            self._add_counters(loop.take_counters())
+            if rc == RUN_DRAIN:
+                self._drain_serial()
+            elif rc == RUN_EXIT:
+                self._dispatch(vcpu, exits.decode(vcpu.run_page, vcpu.run_size))
+                if self.serial.tx_space < self.serial.tx_buffer:
+                    self._drain_serial()
+            elif rc == -errno.EINTR or rc == -errno.EAGAIN:
+                self._dispatch(vcpu, exits.Interrupted())
+            else:
+                raise KvmError(-rc, "KVM_RUN")
+            stats.vmm_ns += clock() - t0
+
+    def _add_counters(self, c: dict[str, int]) -> None:
+        s = self.stats
+        for key, name in (("io_out", "io-out"), ("io_in", "io-in"), ("mmio_read", "mmio-read"),
+                          ("mmio_write", "mmio-write")):
+            if c[key]:
+                s.exits[name] += c[key]
+        for key, name in (("uart", "com1"), ("unclaimed_pio", "unclaimed-pio"),
+                          ("unclaimed_mmio", "unclaimed-mmio")):
+            if c[key]:
+                s.devices[name] += c[key]
+        s.unclaimed_writes += c["unclaimed_writes"]
+        s.kvm_ns += c["kvm_ns"]
+        s.vmm_ns += c["vmm_ns"]
+
+    def _flusher(self, done: threading.Event) -> None:
+        """While the guest runs, write out its serial output at least every 20 ms."""
+        while not done.wait(0.02):
+            self._drain_serial()
+            self._flush_serial()
+
+    def _dispatch(self, vcpu: Vcpu, ex) -> None:
+        """Handle one exit: the single ``match`` over exit values."""
+        stats, stop = self.stats, self._stop
+        match ex:
+            case exits.IoOut(port=port, size=size, count=count, data=data):
+                stats.exits["io-out"] += 1
+                self._pio_out(port, size, count, data)
+            case exits.IoIn(port=port, size=size, count=count):
+                stats.exits["io-in"] += 1
+                vcpu.complete_io_in(ex, self._pio_in(port, size, count))
+            case exits.MmioWrite(addr=addr, size=size, data=data):
+                stats.exits["mmio-write"] += 1
+                self._mmio(addr, size, int.from_bytes(data, "little"))
+            case exits.MmioRead(addr=addr, size=size):
+                stats.exits["mmio-read"] += 1
+                vcpu.complete_mmio_read(self._mmio(addr, size).to_bytes(size, "little"))
+            case exits.Interrupted():
+                stats.exits["interrupted"] += 1
+                vcpu.immediate_exit = stop.reason is not None
+            case exits.Hlt():
+                stats.exits["hlt"] += 1
+                stop.set("halt", 0, vcpu.id, ex)
+            case exits.Debug():
+                stats.exits["debug"] += 1
+                stop.set("debug", None, vcpu.id, ex)
+            case exits.SystemEvent(type=t) if t == SystemEventType.RESET:
+                stats.exits["system-event"] += 1
+                stop.set("reset", None, vcpu.id, ex)
+            case exits.Shutdown():
+                stats.exits["shutdown"] += 1
+                raise self._guest_error(vcpu, ex, "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+            case exits.FailEntry(hardware_entry_failure_reason=hw):
+                stats.exits["fail-entry"] += 1
+                raise self._guest_error(vcpu, ex, "entry-failure",
+                                        f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state")
+            case exits.InternalError():
+                stats.exits["internal-error"] += 1
+                raise self._guest_error(vcpu, ex, "internal-error",
+                                        f"KVM internal error ({ex.kind}); on hosts without hardware "
+                                        "virtualisation int3/int $n at CPL0 are not emulated (HOST-NOTES)")
+            case _:
+                stats.exits["other"] += 1
+                raise self._guest_error(vcpu, ex, "unsupported-exit", f"unsupported exit: {ex}")
 
     # --- dispatch --------------------------------------------------------------------
     def _pio_out(self, port: int, size: int, count: int, data: bytes) -> None:

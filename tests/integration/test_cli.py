@@ -47,9 +47,10 @@ def test_demo_output_and_exit_status(name):
     assert r.returncode == g.expect_status & 0xFF
 
 
-def test_echo_demo_reads_piped_stdin():
-    """Piped stdin feeds the guest's UART."""
-    r = kvmpy("demo", "echo", input=b"piped\nquit\n")
+@pytest.mark.parametrize("loop", [[], ["--python"]], ids=["native", "python"])
+def test_echo_demo_reads_piped_stdin(loop):
+    """Piped stdin feeds the guest's UART, on the C and the Python run loop."""
+    r = kvmpy("demo", "echo", *loop, input=b"piped\nquit\n")
     assert b"piped\n" in r.stdout and r.stdout.endswith(b"bye\n")
 
 

@@ -16,10 +16,11 @@ def run_guest(g, **machine_kw):
         return result, m.serial_output, m.stats
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("g", EXITING, ids=lambda g: g.name)
-def test_guest_prints_and_exits_with_known_values(g):
-    """Each bundled guest prints its fixed output and exits with its status and RAX."""
-    result, out, stats = run_guest(g)
+def test_guest_prints_and_exits_with_known_values(g, native):
+    """Each bundled guest prints its fixed output and exits with its status and RAX, on both run loops."""
+    result, out, stats = run_guest(g, native=native)
     assert result.reason == "exit"
     assert out == g.expect_output
     assert result.status == g.expect_status

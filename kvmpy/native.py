@@ -1,0 +1,114 @@
+"""Facade over the C hot path (csrc/uart.c, csrc/runloop.c).
+
+``NativeUart`` is the C 16550 behind the same interface as the Python model
+``kvmpy.devices.serial.Serial16550`` (read/write/feed/rx_space/...), so the Machine,
+the buses and the differential tests treat both alike. ``NativeLoop`` holds one
+vCPU's fast-path table and counters for ``kvmpy_run()``.
+"""
+from __future__ import annotations
+
+from ._native import ffi, lib
+
+TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
+TX_LOW_WATER = 4 * 1024          # return to Python when less than this is free
+RUN_EXIT, RUN_DRAIN = lib.KVMPY_RUN_EXIT, lib.KVMPY_RUN_DRAIN
+COUNTERS = ("io_out", "io_in", "mmio_read", "mmio_write", "uart", "unclaimed_pio",
+            "unclaimed_mmio", "unclaimed_writes", "kvm_ns", "vmm_ns")
+
+
+class NativeUart:
+    """The C 16550A. ``vm_fd``/``gsi`` wire its interrupt line to KVM_IRQ_LINE (gsi < 0: none)."""
+
+    def __init__(self, rx_fifo_size: int = 4096, tx_buffer: int = TX_BUFFER, vm_fd: int = -1, gsi: int = -1):
+        p = lib.kvmpy_uart_new(rx_fifo_size, tx_buffer, vm_fd, gsi)
+        if p == ffi.NULL:
+            raise ValueError("cannot create the native UART (bad sizes or out of memory)")
+        self._p = ffi.gc(p, lib.kvmpy_uart_free)
+        self._out = ffi.new("uint8_t[]", tx_buffer)
+        self.tx_buffer = tx_buffer
+
+    @property
+    def ptr(self):
+        return self._p
+
+    def read(self, offset: int, size: int) -> int:
+        return lib.kvmpy_uart_read(self._p, offset)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        lib.kvmpy_uart_write(self._p, offset, value & 0xFF)
+
+    def peek(self, offset: int) -> int:
+        return lib.kvmpy_uart_peek(self._p, offset)
+
+    def feed(self, data: bytes) -> int:
+        return lib.kvmpy_uart_feed(self._p, data, len(data)) if data else 0
+
+    def take_output(self) -> bytes:
+        """Guest output collected since the last call (the UART's transmit side)."""
+        n = lib.kvmpy_uart_take(self._p, self._out, self.tx_buffer)
+        return bytes(ffi.buffer(self._out, n)) if n else b""
+
+    @property
+    def tx_space(self) -> int:
+        return lib.kvmpy_uart_tx_space(self._p)
+
+    def state(self) -> dict:
+        s = ffi.new("struct kvmpy_uart_state *")
+        lib.kvmpy_uart_get_state(self._p, s)
+        return {name: getattr(s, name) for name, _ in ffi.typeof("struct kvmpy_uart_state").fields}
+
+    @property
+    def rx_space(self) -> int:
+        s = self.state()
+        return 0 if s["mcr"] & 0x10 else s["rx_cap"] - s["rx_count"]
+
+    @property
+    def rx_pending(self) -> int:
+        return self.state()["rx_count"]
+
+    @property
+    def irq_level(self) -> bool:
+        return bool(self.state()["level"])
+
+
+class NativeLoop:
+    """One vCPU's ``struct kvmpy_loop``: fd, kvm_run page, fast-path table, counters."""
+
+    def __init__(self, vcpu, uart: NativeUart | None, uart_base: int):
+        self._l = ffi.new("struct kvmpy_loop *")
+        self.vcpu = vcpu
+        self._l.vcpu_fd = vcpu.fd
+        self._l.run = vcpu.run_page
+        self._l.run_size = vcpu.run_size
+        self._l.tx_low_water = TX_LOW_WATER
+        self.uart = uart
+        if uart is not None:
+            self._l.uart = uart.ptr
+            self._l.uart_base = uart_base
+
+    def set_tables(self, pio_claims, uart_ports: range, mmio_claims) -> None:
+        """Fast-path table: ports claimed by Python devices, the UART's ports, MMIO claimed by Python."""
+        owner = self._l.pio_owner
+        ffi.memmove(owner, b"\x00" * 65536, 65536)
+        for base, length in pio_claims:
+            for port in range(base, min(base + length, 65536)):
+                owner[port] = lib.KVMPY_OWNER_PYTHON
+        for port in uart_ports:
+            owner[port] = lib.KVMPY_OWNER_UART if self.uart is not None else lib.KVMPY_OWNER_PYTHON
+        claims = list(mmio_claims)
+        if len(claims) > lib.KVMPY_MAX_MMIO_RANGES:
+            raise ValueError(f"at most {lib.KVMPY_MAX_MMIO_RANGES} MMIO ranges for the native loop")
+        for i, (base, size) in enumerate(claims):
+            self._l.mmio_ranges[i].base, self._l.mmio_ranges[i].size = base, size
+        self._l.n_mmio_ranges = len(claims)
+
+    def run(self) -> int:
+        """kvmpy_run() with the GIL released: RUN_EXIT, RUN_DRAIN or -errno."""
+        return lib.kvmpy_run(self._l)
+
+    def take_counters(self) -> dict[str, int]:
+        """The counters since the last call (and zero them)."""
+        c = self._l.c
+        out = {name: getattr(c, name) for name in COUNTERS}
+        ffi.memmove(ffi.addressof(c), b"\x00" * ffi.sizeof(c), ffi.sizeof(c))
+        return out
