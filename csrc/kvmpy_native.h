@@ -67,6 +67,7 @@ struct kvmpy_loop {
 	struct kvmpy_uart *uart;
 	uint16_t uart_base;
 	uint32_t tx_low_water;
+	uint64_t last_exit_ns;			/* CLOCK_MONOTONIC of the last exit, 0 before the first */
 	struct kvmpy_counters c;		/* Python reads and zeroes these */
 };
 /* Returns KVMPY_RUN_EXIT, KVMPY_RUN_DRAIN, or -errno (-EINTR after a kick). */

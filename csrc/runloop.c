@@ -97,15 +97,17 @@ static int serve_mmio(struct kvmpy_loop *l, struct kvm_run *run)
 int kvmpy_run(struct kvmpy_loop *l)
 {
 	struct kvm_run *run = l->run;
-	uint64_t t_out = now_ns(), t_in;
+	uint64_t t_out = l->last_exit_ns ? l->last_exit_ns : now_ns(), t_in;
 	int r, served;
 
+	/* VMM time runs from the last exit to the next entry, including Python's share */
 	for (;;) {
 		t_in = now_ns();
 		l->c.vmm_ns += t_in - t_out;
 		r = ioctl(l->vcpu_fd, KVM_RUN, 0);
 		t_out = now_ns();
 		l->c.kvm_ns += t_out - t_in;
+		l->last_exit_ns = t_out;
 		if (r < 0)
 			return -errno;		/* EINTR: a kick (stop request, timeout) */
 		switch (run->exit_reason) {

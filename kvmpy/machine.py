@@ -341,24 +341,25 @@ class Machine:
         return loop
 
     def _run_native(self, vcpu: Vcpu) -> None:
-        """The native loop: C serves the fast-path exits; Python dispatches the rest."""
-        loop, stats, stop = self._loops[vcpu.id], self.stats, self._stop
-        clock = time.perf_counter_ns
-        while stop.reason is None:
-            rc = loop.run()                             # GIL released inside
-            t0 = clock()
-            self._add_counters(loop.take_counters())
-            if rc == RUN_DRAIN:
-                self._drain_serial()
-            elif rc == RUN_EXIT:
-                self._dispatch(vcpu, exits.decode(vcpu.run_page, vcpu.run_size))
-                if self.serial.tx_space < self.serial.tx_buffer:
+        """The native loop: C serves the fast-path exits; Python dispatches the rest.
+
+        C counts the exits it serves and all the time (its own and Python's share);
+        the counters are added to ``stats`` when this vCPU's run ends.
+        """
+        loop, stop = self._loops[vcpu.id], self._stop
+        try:
+            while stop.reason is None:
+                rc = loop.run()                             # GIL released inside
+                if rc == RUN_EXIT:
+                    self._dispatch(vcpu, exits.decode(vcpu.run_page, vcpu.run_size))
+                elif rc == RUN_DRAIN:
                     self._drain_serial()
-            elif rc == -errno.EINTR or rc == -errno.EAGAIN:
-                self._dispatch(vcpu, exits.Interrupted())
-            else:
-                raise KvmError(-rc, "KVM_RUN")
-            stats.vmm_ns += clock() - t0
+                elif rc == -errno.EINTR or rc == -errno.EAGAIN:
+                    self._dispatch(vcpu, exits.Interrupted())
+                else:
+                    raise KvmError(-rc, "KVM_RUN")
+        finally:
+            self._add_counters(loop.take_counters())
 
     def _add_counters(self, c: dict[str, int]) -> None:
         s = self.stats
@@ -433,7 +434,10 @@ class Machine:
             return
         dev, off, name = hit
         self.stats.devices[name] += count
+        native_uart = dev is self.serial and self.native
         for i in range(0, size * count, size):              # string I/O: `rep outs` sends count items
+            if native_uart and not self.serial.tx_space:
+                self._drain_serial()                        # the C loop left a burst too big for its buffer
             dev.write(off, size, int.from_bytes(data[i:i + size], "little"))
 
     def _pio_in(self, port: int, size: int, count: int) -> bytes:
