@@ -43,6 +43,34 @@ void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out);
 int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data,
 		   uint32_t size, uint32_t count);
 
+/* ---- virtio_blk.c: virtio-blk over virtio-mmio (same semantics as kvmpy/devices/virtio/) ---- */
+#define KVMPY_MAX_REGIONS 8
+#define KVMPY_BLK_QUEUE_NUM_MAX 256
+struct kvmpy_mem_region { uint64_t gpa, size; uint8_t *hva; };
+struct kvmpy_guest_mem { uint32_t n; struct kvmpy_mem_region r[KVMPY_MAX_REGIONS]; };
+struct kvmpy_vq_state {
+	uint64_t num, ready, desc, driver, device;
+	uint16_t last_avail_idx, used_idx;
+	uint64_t used_count;
+};
+struct kvmpy_blk_state {
+	uint32_t status, device_features_sel, driver_features_sel, queue_sel;
+	uint32_t interrupt_status, level, readonly;
+	uint64_t driver_features, device_features, capacity, irq_changes;
+	struct kvmpy_vq_state q;
+	char last_error[96];
+};
+struct kvmpy_blk;
+/* fd stays owned by the caller; id is 20 bytes. NULL on bad arguments or ENOMEM. */
+struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const uint8_t *id,
+				const struct kvmpy_guest_mem *mem, int vm_fd, int gsi);
+void kvmpy_blk_free(struct kvmpy_blk *b);
+uint64_t kvmpy_blk_read(struct kvmpy_blk *b, uint64_t off, uint32_t size);
+void kvmpy_blk_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t value);
+void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd);
+void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
+void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len);
+
 /* ---- runloop.c: the native vCPU loop ---- */
 #define KVMPY_OWNER_NONE 0	/* unclaimed: writes dropped, reads all ones */
 #define KVMPY_OWNER_PYTHON 1	/* a Python device: return to Python */
@@ -52,9 +80,12 @@ int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data
 #define KVMPY_RUN_DRAIN 2	/* UART output buffer nearly full: drain and call again */
 
 struct kvmpy_range { uint64_t base, size; };
+#define KVMPY_MAX_NATIVE_MMIO 8
+struct kvmpy_native_mmio { uint64_t base, size; struct kvmpy_blk *blk; };
 struct kvmpy_counters {
 	uint64_t io_out, io_in, mmio_read, mmio_write;
 	uint64_t uart, unclaimed_pio, unclaimed_mmio, unclaimed_writes;
+	uint64_t native_mmio[KVMPY_MAX_NATIVE_MMIO];
 	uint64_t kvm_ns, vmm_ns;
 };
 struct kvmpy_loop {
@@ -64,6 +95,8 @@ struct kvmpy_loop {
 	uint8_t pio_owner[65536];		/* KVMPY_OWNER_* per port */
 	struct kvmpy_range mmio_ranges[KVMPY_MAX_MMIO_RANGES];	/* claimed by Python */
 	uint32_t n_mmio_ranges;
+	struct kvmpy_native_mmio native_mmio[KVMPY_MAX_NATIVE_MMIO];	/* served in C */
+	uint32_t n_native_mmio;
 	struct kvmpy_uart *uart;
 	uint16_t uart_base;
 	uint32_t tx_low_water;

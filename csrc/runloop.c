@@ -79,9 +79,25 @@ static int serve_io(struct kvmpy_loop *l, struct kvm_run *run)
 
 static int serve_mmio(struct kvmpy_loop *l, struct kvm_run *run)
 {
-	uint32_t len = run->mmio.len;
+	uint32_t len = run->mmio.len, i;
+	uint64_t addr = run->mmio.phys_addr;
 
-	if (len == 0 || len > 8 || mmio_claimed(l, run->mmio.phys_addr, len))
+	if (len == 0 || len > 8)
+		return 0;
+	for (i = 0; i < l->n_native_mmio && i < KVMPY_MAX_NATIVE_MMIO; i++) {
+		struct kvmpy_native_mmio *d = &l->native_mmio[i];
+
+		if (addr >= d->base && addr - d->base < d->size && len <= d->size - (addr - d->base)) {
+			kvmpy_blk_mmio(d->blk, addr - d->base, run->mmio.is_write, run->mmio.data, len);
+			l->c.native_mmio[i]++;
+			if (run->mmio.is_write)
+				l->c.mmio_write++;
+			else
+				l->c.mmio_read++;
+			return 1;
+		}
+	}
+	if (mmio_claimed(l, addr, len))
 		return 0;
 	if (run->mmio.is_write) {
 		l->c.mmio_write++;

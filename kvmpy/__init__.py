@@ -8,7 +8,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Machine": "machine", "RunResult": "machine", "Stats": "stats",
+    "Machine": "machine", "RunResult": "machine", "Disk": "machine", "Stats": "stats",
     "Kvm": "kvm", "Vm": "kvm", "Vcpu": "kvm",
     "GuestMemory": "memory", "MemoryRegion": "memory",
     "KvmpyError": "errors", "KvmError": "errors", "KvmUnavailable": "errors", "GuestError": "errors",

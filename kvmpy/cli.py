@@ -58,6 +58,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
     g.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                   help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
     g.add_argument("--python", action="store_true",
                    help="serve every exit and the UART in Python (the readable path) instead of the C loop")
     g.add_argument("--irqchip", action="store_true",
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(port 0xf4), halts, resets, faults, or the timeout expires.")
     r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
     _run_options(r)
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk); 'kvmpy bench NAME --help'",
+                       add_help=False)
+    b.add_argument("name", nargs="?", help="benchmark name")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     return p
 
 
@@ -208,7 +214,7 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     from .machine import Machine
     try:
         machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus, irqchip=args.irqchip,
-                          serial=_Console(sys.stdout.buffer), native=not args.python)
+                          serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk)
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -270,7 +276,21 @@ def _exit_code(result, args) -> int:
     return EXIT_INTERNAL_ERROR
 
 
-COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run}
+def cmd_bench(args) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        print(f"kvmpy: benchmarks are not available in this installation ({e})", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    if args.name in (None, "-h", "--help") or args.name not in bench.BENCHMARKS:
+        print("usage: kvmpy bench NAME [options]   (kvmpy bench NAME --help)\n\nbenchmarks:")
+        for name, mod in bench.BENCHMARKS.items():
+            print(f"  {name:<8} {mod.DESCRIPTION}")
+        return EXIT_OK if args.name in (None, "-h", "--help") else EXIT_USAGE
+    return bench.BENCHMARKS[args.name].main(args.bench_args)
+
+
+COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,12 @@ class Guest:
     status (``(v << 1) | 1``), ``expect_rax`` RAX at the exit write; None
     means the guest never exits that way.  ``demo`` guests are listed as
     demos; the others exist for tests and benchmarks.
+
+    ``needs_disk`` guests drive virtio-blk disk 0 (virtio-mmio at
+    ``layout.VIRTIO_MMIO_BASE``).  What they print depends on the disk, so
+    their ``expect_*`` fields describe a run *without* one (the fixed first
+    line, then ``no virtio-blk device``); ``disk_status`` is the exit status
+    with a suitable disk attached, and the description says what they print.
     """
 
     name: str
@@ -66,6 +72,8 @@ class Guest:
     expect_status: int | None = None
     expect_rax: int | None = None
     demo: bool = True
+    needs_disk: bool = False
+    disk_status: int | None = None
 
     @property
     def path(self) -> pathlib.Path:
@@ -76,6 +84,22 @@ class Guest:
 def _real(name: str, description: str, **kw) -> Guest:
     return Guest(name, f"{name}.bin", description, format="raw", mode="real",
                  load_addr=_BOOT_SECTOR, entry=_BOOT_SECTOR, **kw)
+
+
+#: Exit values the virtio-blk guests share: no device found, and any driver or
+#: I/O error (it prints "<guest>: <op> error at sector <s>: <reason>").
+_BLK_NO_DEVICE = 0x4E
+_BLK_IO_ERROR = 0x4D
+#: blk-write and blk-bench: a write request came back VIRTIO_BLK_S_IOERR.
+_BLK_READ_ONLY = 0x45
+
+
+def _blk(name: str, description: str, first_line: bytes, disk_status: int, **kw) -> Guest:
+    """A ring-3 guest of disk 0; without a disk it prints ``first_line`` and exits 0x4E."""
+    return Guest(name, f"{name}.elf", description, format="elf", mode="long", user=True,
+                 expect_output=first_line + b"no virtio-blk device\n",
+                 expect_status=_status(_BLK_NO_DEVICE), expect_rax=_BLK_NO_DEVICE,
+                 needs_disk=True, disk_status=disk_status, **kw)
 
 
 _GUESTS: tuple[Guest, ...] = (
@@ -108,6 +132,22 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long",
           expect_output=b"Hello from rep outsb\nrep insb ok\n",
           expect_status=_status(0x3C), expect_rax=0x3C),
+    _blk("blk-read",
+         "virtio-blk: reads all of disk 0 and prints 'blk-read: <n> sectors, checksum 0x<h>' "
+         "(h = FNV-1a 64 of the disk's bytes); exits 0x40",
+         b"blk-read: reading the whole disk\n", _status(0x40)),
+    _blk("blk-write",
+         "virtio-blk: writes a pattern over the first min(capacity, 256) sectors of disk 0 "
+         "(u64 at offset 8k = (k+1) * 0x9e3779b97f4a7c15), flushes, reads back; "
+         "'blk-write: <n> sectors ok', exits 0x44 (0x45 'write failed (read-only?)')",
+         b"blk-write: pattern, flush, read back\n", _status(0x44)),
+    _blk("blk-bench",
+         "virtio-blk benchmark, OVERWRITES the first 16 MiB of disk 0: phases 1-10 sequential "
+         "read (odd) / write (even) of min(16 MiB, disk) in 4K/16K/64K/256K/1M requests, "
+         "phase 11 random 4 KiB reads (LCG); outl P to port 0x5e0 before a phase, "
+         "P | 0x80000000 after it; exits 0x48 (0x45 read-only)",
+         b"blk-bench: sequential and random I/O, phases marked on port 0x5e0\n", _status(0x48),
+         demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),

@@ -23,16 +23,40 @@ from . import exits
 from .abi import Cap, SystemEventType
 from .devices import Bus, DebugExit, I8042, NullTrigger, Serial16550
 from .disasm import disassemble
-from .errors import GuestError, GuestMemoryError, KvmError, LoaderError
+from .devices.virtio.blk import VirtioBlk
+from .devices.virtio.mmio import VirtioMmioTransport
+from .errors import DeviceError, GuestError, GuestMemoryError, KvmError, LoaderError
 from .kvm import Kvm, Vcpu, Vm
 from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
-from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeUart
+from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeUart, NativeVirtioBlk
 from .stats import Stats
 from .x86 import cpuid, layout, modes, paging
 from .x86.regs import CR0_PG, Regs, Sregs
 
 PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk for the guest: a host file (or block device) exposed as virtio-blk.
+
+    ``Disk.parse("PATH[,ro]")`` reads the CLI form. The file is never created,
+    truncated or grown; ``readonly`` opens it O_RDONLY and offers VIRTIO_BLK_F_RO.
+    """
+
+    path: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Disk":
+        path, _, opts = spec.partition(",")
+        flags = {o.strip() for o in opts.split(",") if o.strip()}
+        unknown = flags - {"ro", "rw"}
+        if not path or unknown:
+            raise ValueError(f"bad disk {spec!r}: expected PATH or PATH,ro"
+                             + (f" (unknown option {', '.join(sorted(unknown))})" if unknown else ""))
+        return cls(path, readonly="ro" in flags)
 
 
 @dataclass(frozen=True)
@@ -107,7 +131,8 @@ class Machine:
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
-                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm", native: bool = True):
+                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm", native: bool = True,
+                 disks: list[str | Disk] = ()):
         if mem_size < 64 * 1024 or mem_size % PAGE:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
         if not 1 <= cpus <= 255:
@@ -115,8 +140,11 @@ class Machine:
         if cpus > 1 and not irqchip:
             raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                              "in-kernel local APIC for the INIT/SIPI that starts them")
+        if len(disks) > layout.MAX_VIRTIO_DEVICES:
+            raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} disks, got {len(disks)}")
         self.mem_size = mem_size
         self.native = native
+        self.disks: list = []
         self.stats = Stats()
         self.image: LoadedImage | None = None
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -128,6 +156,8 @@ class Machine:
             self._add_ram(mem_size)
             self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
             self._create_devices(serial, irqchip)
+            for d in disks:
+                self._add_disk(d if isinstance(d, Disk) else Disk.parse(d))
         except BaseException:
             self.close()
             raise
@@ -181,6 +211,32 @@ class Machine:
         self.pio.attach(layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT,
                         DebugExit(on_exit=self._on_debug_exit), "isa-debug-exit")
         self.pio.attach(layout.I8042_PORT, layout.I8042_PORT_COUNT, I8042(on_reset=self._on_reset), "i8042")
+
+    def _add_disk(self, disk: Disk) -> None:
+        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
+        i = len(self.disks)
+        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
+        irq = layout.VIRTIO_MMIO_IRQS[i]
+        name = f"virtio-blk{i}"
+        try:
+            if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
+                dev = NativeVirtioBlk(disk.path, self.memory, readonly=disk.readonly,
+                                      vm_fd=self.vm.fd if self.irqchip else -1, gsi=irq if self.irqchip else -1)
+                self.disks.append(dev)
+            else:
+                blk = VirtioBlk(disk.path, readonly=disk.readonly)
+                self.disks.append(blk)
+                trigger = _IrqLine(self.vm, irq) if self.irqchip else NullTrigger()
+                dev = _Locked(VirtioMmioTransport(blk, self.memory, trigger), threading.Lock())
+        except DeviceError as e:
+            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
+        self.mmio.attach(base, layout.VIRTIO_MMIO_SIZE, dev, name)
+
+    def virtio_mmio_cmdline(self) -> str:
+        """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
+        return " ".join(
+            f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE // 1024}K@{layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE:#x}:"
+            f"{layout.VIRTIO_MMIO_IRQS[i]}" for i in range(len(self.disks)))
 
     @property
     def memory(self):
@@ -336,8 +392,11 @@ class Machine:
     def _native_loop(self, vcpu: Vcpu) -> NativeLoop:
         loop = NativeLoop(vcpu, self.serial, layout.COM1_PORT)
         claims = [(a.base, a.length) for a in self.pio.devices if a.name != "com1"]
+        native = [a for a in self.mmio.devices if isinstance(a.device, NativeVirtioBlk)]
+        self._native_mmio_names = [a.name for a in native]
         loop.set_tables(claims, range(layout.COM1_PORT, layout.COM1_PORT + layout.COM_PORT_COUNT),
-                        [(a.base, a.length) for a in self.mmio.devices])
+                        [(a.base, a.length) for a in self.mmio.devices if a not in native],
+                        [(a.base, a.length, a.device) for a in native])
         return loop
 
     def _run_native(self, vcpu: Vcpu) -> None:
@@ -371,6 +430,9 @@ class Machine:
                           ("unclaimed_mmio", "unclaimed-mmio")):
             if c[key]:
                 s.devices[name] += c[key]
+        for name, n in zip(self._native_mmio_names, c["native_mmio"]):
+            if n:
+                s.devices[name] += n
         s.unclaimed_writes += c["unclaimed_writes"]
         s.kvm_ns += c["kvm_ns"]
         s.vmm_ns += c["vmm_ns"]
@@ -505,7 +567,9 @@ class Machine:
 
     # --- lifetime --------------------------------------------------------------------
     def close(self) -> None:
-        """Release the vCPUs, the VM, guest memory and (if ours) /dev/kvm. Idempotent."""
+        """Release the vCPUs, the VM, guest memory, disks and (if ours) /dev/kvm. Idempotent."""
+        for blk in getattr(self, "disks", ()):
+            blk.close()
         if getattr(self, "vm", None) is not None:
             self.vm.close()
             self.vm = None

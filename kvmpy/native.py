@@ -7,7 +7,11 @@ vCPU's fast-path table and counters for ``kvmpy_run()``.
 """
 from __future__ import annotations
 
+import os
+
 from ._native import ffi, lib
+from .devices.virtio.blk import VirtioBlk
+from .memory import GuestMemory
 
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
 TX_LOW_WATER = 4 * 1024          # return to Python when less than this is free
@@ -71,6 +75,78 @@ class NativeUart:
         return bool(self.state()["level"])
 
 
+def guest_mem_table(mem: GuestMemory):
+    """``struct kvmpy_guest_mem`` describing ``mem``'s regions (gpa, size, host address) for C."""
+    if len(mem.regions) > lib.KVMPY_MAX_REGIONS:
+        raise ValueError(f"at most {lib.KVMPY_MAX_REGIONS} RAM regions for native devices")
+    table = ffi.new("struct kvmpy_guest_mem *")
+    table.n = len(mem.regions)
+    for i, r in enumerate(mem.regions):
+        buf = ffi.from_buffer(r.mm)
+        table.r[i].gpa, table.r[i].size = r.gpa, r.size
+        table.r[i].hva = ffi.cast("uint8_t *", buf)   # valid while the mapping is; GuestMemory outlives us
+        ffi.release(buf)
+    return table
+
+
+class NativeVirtioBlk:
+    """virtio-blk over virtio-mmio in C, behind the Device protocol (read/write by offset).
+
+    The Python ``VirtioBlk`` opens and checks the backing file and owns its fd; C
+    serves the registers, the virtqueue and the I/O (preadv/pwritev on that fd).
+    """
+
+    def __init__(self, path: str | os.PathLike, mem: GuestMemory, readonly: bool = False,
+                 serial_id: str | bytes | None = None, vm_fd: int = -1, gsi: int = -1):
+        self.disk = VirtioBlk(path, readonly=readonly, serial_id=serial_id)
+        self.mem = mem
+        p = lib.kvmpy_blk_new(self.disk.fd, int(self.disk.readonly), self.disk.file_size,
+                              self.disk.serial_id, guest_mem_table(mem), vm_fd, gsi)
+        if p == ffi.NULL:
+            self.disk.close()
+            raise ValueError("cannot create the native virtio-blk device")
+        self._p = ffi.gc(p, lib.kvmpy_blk_free)
+
+    @property
+    def ptr(self):
+        return self._p
+
+    def read(self, offset: int, size: int) -> int:
+        return lib.kvmpy_blk_read(self._p, offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        lib.kvmpy_blk_write(self._p, offset, size, value & ((1 << (8 * size)) - 1) if size <= 8 else 0)
+
+    def raw_state(self) -> dict:
+        s = ffi.new("struct kvmpy_blk_state *")
+        lib.kvmpy_blk_get_state(self._p, s)
+        return s
+
+    def state(self) -> dict:
+        """The same keys as ``VirtioMmioTransport.state()`` (the reference)."""
+        s = self.raw_state()
+        q = s.q
+        return {
+            "device_id": 2, "status": s.status, "device_features": s.device_features,
+            "device_features_sel": s.device_features_sel, "driver_features": s.driver_features,
+            "driver_features_sel": s.driver_features_sel, "queue_sel": s.queue_sel,
+            "interrupt_status": s.interrupt_status, "irq_level": bool(s.level), "config_generation": 0,
+            "last_error": ffi.string(s.last_error).decode() or None,
+            "queues": [{"num": q.num, "ready": bool(q.ready), "desc": q.desc, "driver": q.driver,
+                        "device": q.device, "last_avail_idx": q.last_avail_idx if q.ready else 0,
+                        "used_idx": q.used_idx if q.ready else 0}],
+        }
+
+    @property
+    def irq_level(self) -> bool:
+        return bool(self.raw_state().level)
+
+    def close(self) -> None:
+        """Stop I/O (later requests get IOERR) and close the backing file; idempotent."""
+        lib.kvmpy_blk_set_fd(self._p, -1)
+        self.disk.close()
+
+
 class NativeLoop:
     """One vCPU's ``struct kvmpy_loop``: fd, kvm_run page, fast-path table, counters."""
 
@@ -86,8 +162,9 @@ class NativeLoop:
             self._l.uart = uart.ptr
             self._l.uart_base = uart_base
 
-    def set_tables(self, pio_claims, uart_ports: range, mmio_claims) -> None:
-        """Fast-path table: ports claimed by Python devices, the UART's ports, MMIO claimed by Python."""
+    def set_tables(self, pio_claims, uart_ports: range, mmio_claims, native_mmio=()) -> None:
+        """Fast-path table: ports claimed by Python devices, the UART's ports, MMIO claimed by
+        Python, and MMIO windows of native devices ((base, size, NativeVirtioBlk))."""
         owner = self._l.pio_owner
         ffi.memmove(owner, b"\x00" * 65536, 65536)
         for base, length in pio_claims:
@@ -101,6 +178,14 @@ class NativeLoop:
         for i, (base, size) in enumerate(claims):
             self._l.mmio_ranges[i].base, self._l.mmio_ranges[i].size = base, size
         self._l.n_mmio_ranges = len(claims)
+        native = list(native_mmio)
+        if len(native) > lib.KVMPY_MAX_NATIVE_MMIO:
+            raise ValueError(f"at most {lib.KVMPY_MAX_NATIVE_MMIO} native MMIO devices")
+        self._native_devices = native          # keep the C objects alive while C points at them
+        for i, (base, size, dev) in enumerate(native):
+            d = self._l.native_mmio[i]
+            d.base, d.size, d.blk = base, size, dev.ptr
+        self._l.n_native_mmio = len(native)
 
     def run(self) -> int:
         """kvmpy_run() with the GIL released: RUN_EXIT, RUN_DRAIN or -errno."""
@@ -110,5 +195,6 @@ class NativeLoop:
         """The counters since the last call (and zero them)."""
         c = self._l.c
         out = {name: getattr(c, name) for name in COUNTERS}
+        out["native_mmio"] = list(c.native_mmio)
         ffi.memmove(ffi.addressof(c), b"\x00" * ffi.sizeof(c), ffi.sizeof(c))
         return out

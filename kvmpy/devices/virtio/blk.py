@@ -1,0 +1,283 @@
+"""virtio-blk (virtio 1.2, section 5.2) backed by a host file or block device.
+
+One request queue (no VIRTIO_BLK_F_MQ) of up to ``QUEUE_NUM_MAX`` entries. A request
+is a descriptor chain ``struct virtio_blk_req { le32 type; le32 reserved; le64
+sector; u8 data[]; u8 status; }``: the 16-byte header is the first 16 bytes of the
+device-readable buffers, ``status`` is the very last byte of the device-writable
+buffers, and ``data`` is what lies between (the readable bytes after the header for
+OUT, the writable bytes before the status byte for IN and GET_ID). Buffers may be
+split or merged across descriptors in any way.
+
+Features offered: VIRTIO_F_VERSION_1, VIRTIO_BLK_F_SEG_MAX (seg_max =
+QUEUE_NUM_MAX - 2: one descriptor each for the header and the status byte),
+VIRTIO_BLK_F_FLUSH, and VIRTIO_BLK_F_RO for a read-only disk. Request types:
+IN (0), OUT (1), FLUSH (4), GET_ID (8); anything else completes with UNSUPP.
+
+The disk is ``capacity = file size // 512`` sectors. A trailing partial sector is
+never read or written, and nothing outside ``[0, capacity * 512)`` is ever touched:
+the file is opened without O_CREAT/O_TRUNC and never grown or shrunk. Data moves
+with ``os.preadv``/``os.pwritev`` straight between the file and guest RAM views,
+looping on short transfers; hitting end of file (someone shrank it under us) or an
+OSError completes the request with IOERR.
+
+Request checks, in order (docs/virtio.md has the table):
+1. no device-writable byte -> no status byte can be written: VirtqueueError
+   (the transport sets DEVICE_NEEDS_RESET, no used entry);
+2. fewer than 16 readable bytes -> IOERR;
+3. by type: IN/GET_ID need exactly the 16 header bytes readable; OUT needs
+   exactly the status byte writable, and a writable disk; IN/OUT data length a
+   multiple of 512 and ``sector + len/512 <= capacity`` -> else IOERR.
+   FLUSH ignores ``sector`` and any data. GET_ID writes min(len, 20) bytes of the
+   NUL-padded ID. Unknown type -> UNSUPP.
+``used.len`` is 1 (the status byte) plus the data bytes written: the data length
+for a successful IN, min(len, 20) for GET_ID, 0 otherwise.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+
+from ...errors import DeviceError
+from ...memory import GuestMemory
+from .queue import DescriptorChain, VirtQueue, VirtqueueError
+from .mmio import VIRTIO_F_VERSION_1
+
+VIRTIO_ID_BLOCK = 2
+SECTOR_SIZE = 512
+QUEUE_NUM_MAX = 256
+
+# Feature bits (5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+
+# Request types (5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+
+# Status byte values
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_ID_BYTES = 20
+REQ_HEADER = struct.Struct("<IIQ")      # type, reserved, sector
+
+# struct virtio_blk_config up to and including num_queues (5.2.4); fields of
+# features we do not offer read as 0. Offsets:
+#   0 capacity u64, 8 size_max u32, 12 seg_max u32, 16 geometry (u16 cylinders,
+#   u8 heads, u8 sectors), 20 blk_size u32, 24 topology (u8, u8, u16, u32),
+#   32 writeback u8, 33 unused0 u8, 34 num_queues u16.
+CONFIG = struct.Struct("<QII4xI8xBBH")
+CONFIG_SIZE = CONFIG.size                # 36
+SEG_MAX = QUEUE_NUM_MAX - 2
+
+
+class VirtioBlk:
+    """A virtio block device over the file at ``path`` (see module docstring)."""
+
+    device_id = VIRTIO_ID_BLOCK
+    num_queues = 1
+    queue_num_max = QUEUE_NUM_MAX
+    config_size = CONFIG_SIZE
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False,
+                 serial_id: str | bytes | None = None):
+        ident = serial_id.encode("ascii") if isinstance(serial_id, str) else bytes(serial_id or b"")
+        if len(ident) > VIRTIO_BLK_ID_BYTES:
+            raise DeviceError(f"virtio-blk: serial_id {serial_id!r} is longer than "
+                              f"{VIRTIO_BLK_ID_BYTES} bytes")
+        self.path = os.fspath(path)
+        self.readonly = bool(readonly)
+        self.serial_id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as e:
+            hint = ("; pass readonly=True for a read-only image"
+                    if not readonly and e.errno in (errno.EACCES, errno.EROFS) else "")
+            raise DeviceError(f"virtio-blk: cannot open {self.path!r}: {e.strerror}{hint}") from e
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise DeviceError(f"virtio-blk: {self.path!r} is not a regular file or block device")
+            self.file_size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.capacity = self.file_size // SECTOR_SIZE
+        self.device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
+                                | (1 << VIRTIO_BLK_F_FLUSH)
+                                | ((1 << VIRTIO_BLK_F_RO) if self.readonly else 0))
+        self._config = CONFIG.pack(self.capacity, 0, SEG_MAX, 0, 0, 0, 0)
+
+    # --- VirtioDevice ------------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> int:
+        return int.from_bytes(self._config[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Every field we expose is read-only (no VIRTIO_BLK_F_CONFIG_WCE): ignored."""
+
+    def reset(self) -> None:
+        """Requests complete synchronously, so there is nothing in flight to drop."""
+
+    def notify(self, queue_index: int, queue: VirtQueue) -> None:
+        """Serve every available request of ``queue``, in ring order."""
+        while (chain := queue.pop()) is not None:
+            written = self.handle(queue.mem, chain)
+            queue.push_used(chain.head, written)
+
+    # --- requests --------------------------------------------------------------------
+
+    def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int:
+        """Execute one request; write its status byte; return used.len."""
+        wlen = chain.writable_len
+        if wlen == 0:
+            raise VirtqueueError(f"virtio-blk request at descriptor {chain.head} has no "
+                                 "device-writable status byte")
+        status_addr = chain.writable[-1][0] + chain.writable[-1][1] - 1
+        status, data_written = self._execute(mem, chain, wlen)
+        mem.write(status_addr, bytes([status]))
+        return data_written + 1
+
+    def _execute(self, mem: GuestMemory, chain: DescriptorChain, wlen: int) -> tuple[int, int]:
+        """(status, data bytes written to the guest) for a chain with a status byte."""
+        rlen = chain.readable_len
+        if rlen < REQ_HEADER.size:
+            return VIRTIO_BLK_S_IOERR, 0
+        rtype, _reserved, sector = REQ_HEADER.unpack(_gather(mem, chain.readable, REQ_HEADER.size))
+        if rtype == VIRTIO_BLK_T_IN:
+            n = wlen - 1
+            if rlen != REQ_HEADER.size or not self._in_range(sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            ok = self._transfer(mem, _slice(chain.writable, 0, n), sector, write=False)
+            return (VIRTIO_BLK_S_OK, n) if ok else (VIRTIO_BLK_S_IOERR, 0)
+        if rtype == VIRTIO_BLK_T_OUT:
+            n = rlen - REQ_HEADER.size
+            if wlen != 1 or self.readonly or not self._in_range(sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            ok = self._transfer(mem, _slice(chain.readable, REQ_HEADER.size, n), sector, write=True)
+            return (VIRTIO_BLK_S_OK if ok else VIRTIO_BLK_S_IOERR), 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            return (VIRTIO_BLK_S_OK if self._flush() else VIRTIO_BLK_S_IOERR), 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            if rlen != REQ_HEADER.size:
+                return VIRTIO_BLK_S_IOERR, 0
+            n = min(wlen - 1, VIRTIO_BLK_ID_BYTES)
+            _scatter(mem, chain.writable, self.serial_id[:n])
+            return VIRTIO_BLK_S_OK, n
+        return VIRTIO_BLK_S_UNSUPP, 0
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        """``nbytes`` is whole sectors and ``[sector, sector + nbytes/512)`` is on the disk."""
+        if nbytes % SECTOR_SIZE:
+            return False
+        return sector <= self.capacity and nbytes // SECTOR_SIZE <= self.capacity - sector
+
+    def _transfer(self, mem: GuestMemory, segments: list[tuple[int, int]], sector: int,
+                  write: bool) -> bool:
+        """Move the segments' bytes to/from the disk at ``sector``; False on any failure."""
+        if self.fd < 0:
+            return False
+        views = [mem.view(addr, n) for addr, n in segments]
+        made = list(views)                 # every view we create, released below
+        try:
+            pos = sector * SECTOR_SIZE
+            pending = views
+            while pending:
+                n = (os.pwritev if write else os.preadv)(self.fd, pending, pos)
+                if n <= 0:
+                    return False           # end of file: the file shrank under us
+                pos += n
+                pending = _advance(pending, n)
+                if pending and all(pending[0] is not v for v in made):
+                    made.append(pending[0])    # a partial view _advance cut
+            return True
+        except OSError:
+            return False
+        finally:
+            for v in reversed(made):       # sub-views before the views they slice
+                v.release()
+
+    def _flush(self) -> bool:
+        if self.fd < 0:
+            return False
+        if self.readonly:
+            return True                    # we never write, so there is nothing to flush
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            return False
+        return True
+
+    # --- lifetime -------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Static facts about the disk, for snapshots and debugging."""
+        return {"path": self.path, "readonly": self.readonly, "capacity": self.capacity,
+                "file_size": self.file_size, "device_features": self.device_features,
+                "serial_id": self.serial_id, "closed": self.fd < 0}
+
+    def close(self) -> None:
+        """Close the backing file; idempotent. Later requests complete with IOERR."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "VirtioBlk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        ro = ", readonly" if self.readonly else ""
+        return f"VirtioBlk({self.path!r}, {self.capacity} sectors{ro})"
+
+
+# --- scatter/gather over (gpa, len) segment lists ---------------------------------------
+
+def _slice(segments: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The sub-list of segments covering bytes ``[start, start + length)`` of their concatenation."""
+    out, pos, end = [], 0, start + length
+    for addr, n in segments:
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append((addr + lo - pos, hi - lo))
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _gather(mem: GuestMemory, segments: list[tuple[int, int]], length: int) -> bytes:
+    """The first ``length`` bytes of the segments' concatenation."""
+    return b"".join(mem.read(addr, n) for addr, n in _slice(segments, 0, length))
+
+
+def _scatter(mem: GuestMemory, segments: list[tuple[int, int]], data: bytes) -> None:
+    """Write ``data`` over the start of the segments' concatenation."""
+    pos = 0
+    for addr, n in _slice(segments, 0, len(data)):
+        mem.write(addr, data[pos:pos + n])
+        pos += n
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views left after the first ``n`` bytes were transferred."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest

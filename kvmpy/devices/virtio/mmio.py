@@ -1,0 +1,372 @@
+"""The virtio-mmio transport, version 2 register layout (virtio 1.2, section 4.2).
+
+One 4 KiB window per device: control registers at 0x000-0x0ff, the device-specific
+configuration space from 0x100. The transport owns everything generic: device
+status and its state machine, feature negotiation, the per-queue registers, the
+interrupt status and the interrupt line. The device model behind it
+(:class:`VirtioDevice`, e.g. ``VirtioBlk``) only supplies its ID, features,
+configuration space and what to do when a queue is notified.
+
+Decisions where the spec leaves room (each also in docs/virtio.md):
+
+- Control registers answer only 32-bit accesses at 4-byte-aligned offsets (the
+  driver MUST use those). Any other width or offset, a read of a write-only
+  register and an offset no register lives at read 0; such writes, and writes to
+  read-only registers, are ignored. The configuration space accepts widths 1, 2,
+  4 and 8 at any alignment when the access lies inside it; otherwise reads are 0
+  and writes ignored.
+- Status: writing 0 resets the device. Any other value is masked to 8 bits and
+  ORed in: the driver cannot clear a bit (only reset can) and cannot set or clear
+  DEVICE_NEEDS_RESET. FEATURES_OK is refused (left clear) if the driver accepted
+  a feature that is not offered or did not accept VIRTIO_F_VERSION_1 (we are not
+  a legacy device). DriverFeatures writes are ignored once FEATURES_OK is set;
+  feature words with a select value >= 2 do not exist (read 0, writes ignored).
+- The device is live while Status has FEATURES_OK and DRIVER_OK and neither
+  DEVICE_NEEDS_RESET nor FAILED. QueueNotify is ignored unless the device is live
+  and the notified queue is ready; the value is the queue index (no
+  VIRTIO_F_NOTIFICATION_DATA), an index >= the number of queues is ignored.
+- QueueReady: a non-zero write makes the queue live, checking QueueNum (a power
+  of two, 1..QueueNumMax) and the three ring addresses (see queue.py); failure is
+  a device error and the queue stays not ready. Reads give 1 or 0. Writing 0
+  drops the queue; making it ready again starts from avail/used index 0. While a
+  queue is ready, writes to its QueueNum and ring address registers are ignored.
+  QueueNum starts at QueueNumMax after reset.
+- A device error (VirtqueueError from the queue or the device) sets
+  DEVICE_NEEDS_RESET once; if DRIVER_OK is set it also raises a configuration
+  change interrupt (InterruptStatus bit 1). Nothing is processed until reset.
+- Notification: ``QueueNotify`` runs ``device.notify(index, queue)`` synchronously.
+  If that added used buffers (even if it then failed) and the driver did not set
+  VIRTQ_AVAIL_F_NO_INTERRUPT (read once, after processing), InterruptStatus bit 0
+  is set. The line level is always ``InterruptStatus != 0``; ``trigger.set_level``
+  is called only when it changes.
+- ConfigGeneration is always 0: nothing in the configuration changes at run time.
+  VendorID is 0x706d766b ("kvmp"). The shared-memory registers report "no such
+  region" (length and base all ones); QueueReset is absent (VIRTIO_F_RING_RESET is
+  never offered).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ...memory import GuestMemory
+from ..irq import NullTrigger, Trigger
+from .queue import VirtQueue, VirtqueueError
+
+# --- register offsets (spec names) -----------------------------------------------
+MagicValue = 0x000
+Version = 0x004
+DeviceID = 0x008
+VendorID = 0x00C
+DeviceFeatures = 0x010
+DeviceFeaturesSel = 0x014
+DriverFeatures = 0x020
+DriverFeaturesSel = 0x024
+QueueSel = 0x030
+QueueNumMax = 0x034
+QueueNum = 0x038
+QueueReady = 0x044
+QueueNotify = 0x050
+InterruptStatus = 0x060
+InterruptACK = 0x064
+Status = 0x070
+QueueDescLow = 0x080
+QueueDescHigh = 0x084
+QueueDriverLow = 0x090
+QueueDriverHigh = 0x094
+QueueDeviceLow = 0x0A0
+QueueDeviceHigh = 0x0A4
+SHMSel = 0x0AC
+SHMLenLow = 0x0B0
+SHMLenHigh = 0x0B4
+SHMBaseLow = 0x0B8
+SHMBaseHigh = 0x0BC
+QueueReset = 0x0C0
+ConfigGeneration = 0x0FC
+Config = 0x100
+
+VIRTIO_MMIO_MAGIC = 0x74726976      # "virt" little-endian
+VIRTIO_MMIO_VERSION = 2             # non-legacy layout
+VIRTIO_MMIO_VENDOR = 0x706D766B     # "kvmp" little-endian; the spec leaves it to us
+
+# --- device status bits (section 2.1) ---------------------------------------------
+ACKNOWLEDGE = 1
+DRIVER = 2
+DRIVER_OK = 4
+FEATURES_OK = 8
+DEVICE_NEEDS_RESET = 0x40
+FAILED = 0x80
+
+# --- InterruptStatus bits ---------------------------------------------------------------
+VIRTIO_MMIO_INT_VRING = 1           # used buffer notification
+VIRTIO_MMIO_INT_CONFIG = 2          # configuration change notification
+
+# --- device-independent feature bits (section 6) ---------------------------------------
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+_U32 = 0xFFFF_FFFF
+_CONFIG_WIDTHS = (1, 2, 4, 8)
+
+
+@runtime_checkable
+class VirtioDevice(Protocol):
+    """What the transport needs from a device model."""
+
+    device_id: int          # DeviceID (virtio 1.2 section 5: 2 = block)
+    device_features: int    # the 64 feature bits offered
+    num_queues: int
+    queue_num_max: int      # QueueNumMax of every queue
+    config_size: int        # bytes of device-specific configuration space
+
+    def read_config(self, offset: int, size: int) -> int: ...
+
+    def write_config(self, offset: int, size: int, value: int) -> None: ...
+
+    def notify(self, queue_index: int, queue: VirtQueue) -> None:
+        """Process available buffers of ``queue``; may raise VirtqueueError."""
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class QueueRegisters:
+    """The per-queue registers as the driver wrote them, and the live queue if ready."""
+
+    num: int
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+    live: VirtQueue | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.live is not None
+
+
+class VirtioMmioTransport:
+    """virtio-mmio v2 register machine in front of a :class:`VirtioDevice`."""
+
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, trigger: Trigger | None = None):
+        self.device = device
+        self.mem = mem
+        self.trigger = trigger if trigger is not None else NullTrigger()
+        self._level = False
+        self.last_error: str | None = None
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.interrupt_status = 0
+        self.queues = [QueueRegisters(num=device.queue_num_max) for _ in range(device.num_queues)]
+
+    # --- Device protocol ---------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        if offset >= Config:
+            return self._read_config(offset - Config, size)
+        if size != 4 or offset % 4:
+            return 0
+        if offset == MagicValue:
+            return VIRTIO_MMIO_MAGIC
+        if offset == Version:
+            return VIRTIO_MMIO_VERSION
+        if offset == DeviceID:
+            return self.device.device_id
+        if offset == VendorID:
+            return VIRTIO_MMIO_VENDOR
+        if offset == DeviceFeatures:
+            return self._feature_word(self.device.device_features, self.device_features_sel)
+        if offset == QueueNumMax:
+            return self.device.queue_num_max if self._selected() else 0
+        if offset == QueueReady:
+            q = self._selected()
+            return int(q is not None and q.ready)
+        if offset == InterruptStatus:
+            return self.interrupt_status
+        if offset == Status:
+            return self.status
+        if offset in (SHMLenLow, SHMLenHigh, SHMBaseLow, SHMBaseHigh):
+            return _U32           # "no such region": length -1, base all ones
+        if offset == ConfigGeneration:
+            return 0
+        return 0                  # write-only or unassigned
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= Config:
+            self._write_config(offset - Config, size, value)
+            return
+        if size != 4 or offset % 4:
+            return
+        value &= _U32
+        if offset == DeviceFeaturesSel:
+            self.device_features_sel = value
+        elif offset == DriverFeatures:
+            self._write_driver_features(value)
+        elif offset == DriverFeaturesSel:
+            self.driver_features_sel = value
+        elif offset == QueueSel:
+            self.queue_sel = value
+        elif offset == QueueNotify:
+            self._notify(value)
+        elif offset == InterruptACK:
+            self.interrupt_status &= ~value
+            self._update_irq()
+        elif offset == Status:
+            self._write_status(value)
+        elif offset in _QUEUE_FIELDS or offset in (QueueNum, QueueReady):
+            self._write_queue(offset, value)
+        # everything else: read-only, reserved or unassigned -> ignored
+
+    # --- state -----------------------------------------------------------------
+
+    @property
+    def irq_level(self) -> bool:
+        """The level last driven on the interrupt line."""
+        return self._level
+
+    @property
+    def live(self) -> bool:
+        """FEATURES_OK and DRIVER_OK set, DEVICE_NEEDS_RESET and FAILED clear."""
+        want = FEATURES_OK | DRIVER_OK
+        return self.status & (want | DEVICE_NEEDS_RESET | FAILED) == want
+
+    def state(self) -> dict:
+        """Every register and queue index, for snapshots and debugging."""
+        return {
+            "device_id": self.device.device_id,
+            "status": self.status,
+            "device_features": self.device.device_features,
+            "device_features_sel": self.device_features_sel,
+            "driver_features": self.driver_features,
+            "driver_features_sel": self.driver_features_sel,
+            "queue_sel": self.queue_sel,
+            "interrupt_status": self.interrupt_status,
+            "irq_level": self._level,
+            "config_generation": 0,
+            "last_error": self.last_error,
+            "queues": [{
+                "num": q.num, "ready": q.ready, "desc": q.desc, "driver": q.driver,
+                "device": q.device,
+                "last_avail_idx": q.live.last_avail_idx if q.live else 0,
+                "used_idx": q.live.used_idx if q.live else 0,
+            } for q in self.queues],
+        }
+
+    def reset(self) -> None:
+        """What writing 0 to Status does: back to the power-on state."""
+        self.status = 0
+        self.device_features_sel = self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.last_error = None
+        self.queues = [QueueRegisters(num=self.device.queue_num_max) for _ in self.queues]
+        self.interrupt_status = 0
+        self.device.reset()
+        self._update_irq()
+
+    # --- internals ---------------------------------------------------------------
+
+    def _selected(self) -> QueueRegisters | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    @staticmethod
+    def _feature_word(features: int, sel: int) -> int:
+        return (features >> (32 * sel)) & _U32 if sel < 2 else 0
+
+    def _write_driver_features(self, value: int) -> None:
+        if self.status & FEATURES_OK or self.driver_features_sel >= 2:
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(_U32 << shift)) | (value << shift)
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        new = value & 0xFF & ~DEVICE_NEEDS_RESET
+        if new & FEATURES_OK and not self.status & FEATURES_OK and not self._features_acceptable():
+            new &= ~FEATURES_OK
+        self.status |= new
+
+    def _features_acceptable(self) -> bool:
+        feats = self.driver_features
+        return not feats & ~self.device.device_features and bool(feats >> VIRTIO_F_VERSION_1 & 1)
+
+    def _write_queue(self, offset: int, value: int) -> None:
+        q = self._selected()
+        if q is None:
+            return
+        if offset == QueueReady:
+            if not value:
+                q.live = None
+            elif not q.ready:
+                self._enable(q)
+            return
+        if q.ready:
+            return                            # the driver MUST NOT touch these while ready
+        if offset == QueueNum:
+            q.num = value
+            return
+        name, high = _QUEUE_FIELDS[offset]
+        shift = 32 if high else 0
+        setattr(q, name, (getattr(q, name) & ~(_U32 << shift)) | (value << shift))
+
+    def _enable(self, q: QueueRegisters) -> None:
+        if not 1 <= q.num <= self.device.queue_num_max:
+            self._device_error(f"QueueNum {q.num} is not in 1..{self.device.queue_num_max}")
+            return
+        try:
+            q.live = VirtQueue(self.mem, q.num, q.desc, q.driver, q.device)
+        except VirtqueueError as e:
+            self._device_error(str(e))
+
+    def _notify(self, index: int) -> None:
+        if not self.live or index >= len(self.queues):
+            return
+        vq = self.queues[index].live
+        if vq is None:
+            return
+        before = vq.used_count
+        try:
+            self.device.notify(index, vq)
+        except VirtqueueError as e:
+            self._device_error(str(e))
+        if vq.used_count != before and not vq.interrupts_suppressed():
+            self.interrupt_status |= VIRTIO_MMIO_INT_VRING
+        self._update_irq()
+
+    def _device_error(self, reason: str) -> None:
+        if self.status & DEVICE_NEEDS_RESET:
+            return
+        self.last_error = reason
+        self.status |= DEVICE_NEEDS_RESET
+        if self.status & DRIVER_OK:
+            self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
+        self._update_irq()
+
+    def _read_config(self, offset: int, size: int) -> int:
+        if size not in _CONFIG_WIDTHS or offset + size > self.device.config_size:
+            return 0
+        return self.device.read_config(offset, size)
+
+    def _write_config(self, offset: int, size: int, value: int) -> None:
+        if size not in _CONFIG_WIDTHS or offset + size > self.device.config_size:
+            return
+        self.device.write_config(offset, size, value & ((1 << (8 * size)) - 1))
+
+    def _update_irq(self) -> None:
+        level = self.interrupt_status != 0
+        if level != self._level:
+            self._level = level
+            self.trigger.set_level(level)
+
+
+# Ring address registers: offset -> (QueueRegisters field, is the high word)
+_QUEUE_FIELDS = {
+    QueueDescLow: ("desc", False), QueueDescHigh: ("desc", True),
+    QueueDriverLow: ("driver", False), QueueDriverHigh: ("driver", True),
+    QueueDeviceLow: ("device", False), QueueDeviceHigh: ("device", True),
+}
