@@ -148,6 +148,10 @@ _GUESTS: tuple[Guest, ...] = (
          "P | 0x80000000 after it; exits 0x48 (0x45 read-only)",
          b"blk-bench: sequential and random I/O, phases marked on port 0x5e0\n", _status(0x48),
          demo=False),
+    _blk("blk-durable",
+         "virtio-blk: writes the blk-write pattern over min(capacity, 64) sectors of disk 0, "
+         "flushes, prints 'blk-durable: <n> sectors flushed', then waits forever (kill -9 test)",
+         b"blk-durable: writing\n", None, demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),
