@@ -57,14 +57,7 @@ static int fail(const char *what, u64 sector, int err)
 		puts("blk-bench: write failed (read-only?)\n");
 		return EXIT_READ_ONLY;
 	}
-	puts("blk-bench: ");
-	puts(what);
-	puts(" error at sector ");
-	print_dec(sector);
-	puts(": ");
-	puts(blk_strerror(err));
-	putc('\n');
-	return EXIT_IO_ERROR;
+	return blk_fail("blk-bench", what, sector, err);
 }
 
 static void report(u32 phase, const char *kind, unsigned long size, u64 bytes)
@@ -134,13 +127,9 @@ int main(void)
 	int err;
 
 	puts("blk-bench: sequential and random I/O, phases marked on port 0x5e0\n");
-	err = blk_init(VIRTIO_MMIO_BASE);
-	if (err == BLK_ENODEV) {
-		puts("no virtio-blk device\n");
-		return EXIT_NO_DEVICE;
-	}
+	err = blk_start("blk-bench");
 	if (err)
-		return fail("init", 0, err);
+		return err;
 	cap = blk_capacity();
 	disk_bytes = cap * BLK_SECTOR_SIZE;
 	amount = disk_bytes < AMOUNT ? disk_bytes : AMOUNT;

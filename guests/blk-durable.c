@@ -25,13 +25,9 @@ int main(void)
 	int err;
 
 	puts("blk-durable: writing\n");
-	err = blk_init(VIRTIO_MMIO_BASE);
-	if (err == BLK_ENODEV) {
-		puts("no virtio-blk device\n");
-		return EXIT_NO_DEVICE;
-	}
+	err = blk_start("blk-durable");
 	if (err)
-		return EXIT_IO_ERROR;
+		return err;
 	n = blk_capacity() < MAX_SECTORS ? blk_capacity() : MAX_SECTORS;
 	for (u64 k = 0; k < n * BLK_SECTOR_SIZE / 8; k++)
 		wbuf[k] = (k + 1) * PATTERN_MUL;

@@ -28,14 +28,7 @@ static u8 buf[CHUNK] __attribute__((aligned(4096)));
 
 static int io_error(const char *what, u64 sector, int err)
 {
-	puts("blk-read: ");
-	puts(what);
-	puts(" error at sector ");
-	print_dec(sector);
-	puts(": ");
-	puts(blk_strerror(err));
-	putc('\n');
-	return EXIT_IO_ERROR;
+	return blk_fail("blk-read", what, sector, err);
 }
 
 int main(void)
@@ -44,13 +37,9 @@ int main(void)
 	int err;
 
 	puts("blk-read: reading the whole disk\n");
-	err = blk_init(VIRTIO_MMIO_BASE);
-	if (err == BLK_ENODEV) {
-		puts("no virtio-blk device\n");
-		return EXIT_NO_DEVICE;
-	}
+	err = blk_start("blk-read");
 	if (err)
-		return io_error("init", 0, err);
+		return err;
 
 	cap = blk_capacity();
 	for (u64 s = 0; s < cap;) {

@@ -33,14 +33,7 @@ static u64 rbuf[MAX_SECTORS * BLK_SECTOR_SIZE / 8] __attribute__((aligned(4096))
 
 static int io_error(const char *what, u64 sector, int err)
 {
-	puts("blk-write: ");
-	puts(what);
-	puts(" error at sector ");
-	print_dec(sector);
-	puts(": ");
-	puts(blk_strerror(err));
-	putc('\n');
-	return EXIT_IO_ERROR;
+	return blk_fail("blk-write", what, sector, err);
 }
 
 int main(void)
@@ -49,13 +42,9 @@ int main(void)
 	int err;
 
 	puts("blk-write: pattern, flush, read back\n");
-	err = blk_init(VIRTIO_MMIO_BASE);
-	if (err == BLK_ENODEV) {
-		puts("no virtio-blk device\n");
-		return EXIT_NO_DEVICE;
-	}
+	err = blk_start("blk-write");
 	if (err)
-		return io_error("init", 0, err);
+		return err;
 
 	n = blk_capacity() < MAX_SECTORS ? blk_capacity() : MAX_SECTORS;
 	words = n * BLK_SECTOR_SIZE / 8;

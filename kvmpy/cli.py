@@ -294,6 +294,10 @@ COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_r
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:           # the benchmark parses its own options (and --help)
+        name = argv[1] if len(argv) > 1 else None
+        return cmd_bench(argparse.Namespace(name=name, bench_args=argv[2:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

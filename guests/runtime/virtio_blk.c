@@ -403,3 +403,27 @@ void print_dec(u64 v)
 	while (n)
 		putc(buf[--n]);
 }
+
+int blk_fail(const char *prog, const char *what, u64 sector, int err)
+{
+	puts(prog);
+	puts(": ");
+	puts(what);
+	puts(" error at sector ");
+	print_dec(sector);
+	puts(": ");
+	puts(blk_strerror(err));
+	putc('\n');
+	return BLK_EXIT_IO_ERROR;
+}
+
+int blk_start(const char *prog)
+{
+	int err = blk_init(VIRTIO_MMIO_BASE);
+
+	if (err == BLK_ENODEV) {
+		puts("no virtio-blk device\n");
+		return BLK_EXIT_NO_DEVICE;
+	}
+	return err ? blk_fail(prog, "init", 0, err) : 0;
+}

@@ -44,6 +44,16 @@
  */
 int blk_init(unsigned long base);
 
+/* Exit values every disk guest shares. */
+#define BLK_EXIT_IO_ERROR  0x4D
+#define BLK_EXIT_NO_DEVICE 0x4E
+/* blk_init(VIRTIO_MMIO_BASE) for the guest called prog: 0 when the disk is ready,
+ * otherwise prints why ("no virtio-blk device", or an init error) and returns the
+ * exit value the guest should end with. */
+int blk_start(const char *prog);
+/* Prints "<prog>: <what> error at sector <s>: <reason>", returns BLK_EXIT_IO_ERROR. */
+int blk_fail(const char *prog, const char *what, u64 sector, int err);
+
 u64 blk_capacity(void);   /* disk size in 512-byte sectors (config offset 0) */
 int blk_read_only(void);  /* the device offered VIRTIO_BLK_F_RO */
 int blk_has_flush(void);  /* VIRTIO_BLK_F_FLUSH was negotiated */

@@ -1,24 +1,100 @@
-"""The benchmark scripts run end to end and write the JSON they promise (no speed asserted)."""
+"""The benchmarks run end to end at tiny sizes and print the JSON they promise (no speed asserted)."""
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import kvmpy
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Run the same kvmpy the tests imported (installed or built in place).
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 
 
-def test_exit_roundtrip_benchmark_smoke():
-    """exit_roundtrip builds its C reference, runs every variant, and prints results and ratios as JSON."""
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exit_roundtrip.py"), "--exits", "300",
-                        "--rounds", "1", "--warmup", "50", "--json"],
-                       capture_output=True, timeout=300, env=ENV, cwd=ROOT)
+def run(argv, **kw):
+    return subprocess.run([sys.executable, *argv], capture_output=True, timeout=300, env=ENV, **kw)
+
+
+def check_shape(data: dict, name: str, variants: set, ratios: set) -> None:
+    assert data["benchmark"] == name
+    assert data["host"]["kvm_backends"] is not None
+    assert {r["variant"] for r in data["results"]} == variants
+    for r in data["results"]:
+        assert set(r) == {"variant", "metric", "value", "unit"}
+        assert r["value"] > 0
+    assert set(data["ratios"]) >= ratios
+    assert all(v > 0 for v in data["ratios"].values())
+
+
+def test_exits_via_cli(tmp_path):
+    """`kvmpy bench exits --json` prints only the JSON object: raw, native and python, with their ratios."""
+    out = tmp_path / "exits.json"
+    r = run(["-m", "kvmpy", "bench", "exits", "--exits", "200", "--rounds", "1", "--warmup", "20",
+             "--json", "--out", str(out)], cwd="/")
     assert r.returncode == 0, r.stderr.decode()
     data = json.loads(r.stdout)
-    variants = {x["variant"] for x in data["results"]}
-    assert {"c", "vcpu.run", "machine"} <= variants
-    assert all(x["value"] > 0 and x["unit"] == "ns" for x in data["results"])
-    assert data["ratios"]["machine/c"] > 0
+    check_shape(data, "exits", {"raw", "native", "python", "cffi-ioctl", "vcpu.run", "python-device"},
+                {"native/raw", "python/raw"})
+    assert {r["unit"] for r in data["results"]} == {"ns"}
+    assert json.loads(out.read_text()) == data
+
+
+def test_serial_via_cli(tmp_path):
+    """`kvmpy bench serial` checks that every byte arrived and reports bytes/s and write() calls for both loops."""
+    r = run(["-m", "kvmpy", "bench", "serial", "--bytes", "3000", "--rounds", "1", "--json",
+             "--out", str(tmp_path / "serial.json")], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "serial", {"native", "python"}, {"native/python"})
+    calls = {x["variant"]: x["value"] for x in data["results"] if x["metric"] == "write_calls_per_mib"}
+    assert calls["python"] == 1 << 20          # the Python UART writes each byte on its own
+
+
+@pytest.mark.parametrize("script", ["exit_roundtrip.py", "exits.py"])
+def test_exits_runner_scripts(script, tmp_path):
+    """The thin runners in benchmarks/ take the benchmark's options and print its table."""
+    r = run([str(ROOT / "benchmarks" / script), "--exits", "100", "--rounds", "1", "--warmup", "10",
+             "--no-extras", "--out", str(tmp_path / "r.json")], cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"native/raw" in r.stdout
+    assert {x["variant"] for x in json.loads((tmp_path / "r.json").read_text())["results"]} == \
+        {"raw", "native", "python"}
+
+
+def test_bench_lists_benchmarks_and_rejects_unknown_names():
+    """`kvmpy bench` lists every benchmark; an unknown name is a usage error (2) with the list."""
+    from kvmpy.bench import BENCHMARKS
+    r = run(["-m", "kvmpy", "bench"], cwd="/")
+    assert r.returncode == 0
+    for name, mod in BENCHMARKS.items():
+        assert name.encode() in r.stdout and mod.DESCRIPTION.encode() in r.stdout
+    r = run(["-m", "kvmpy", "bench", "no-such-benchmark"], cwd="/")
+    assert r.returncode == 2
+    assert b"exits" in r.stdout + r.stderr
+
+
+def test_bench_help_lists_benchmarks():
+    """`kvmpy bench --help` lists every benchmark and exits 0."""
+    from kvmpy.bench import BENCHMARKS
+    r = run(["-m", "kvmpy", "bench", "--help"], cwd="/")
+    assert r.returncode == 0
+    assert all(mod.DESCRIPTION.encode() in r.stdout for mod in BENCHMARKS.values())
+
+
+def test_bench_option_help():
+    """`kvmpy bench serial --help` shows the benchmark's own options and exits 0."""
+    r = run(["-m", "kvmpy", "bench", "serial", "--help"], cwd="/")
+    assert r.returncode == 0
+    assert b"--bytes" in r.stdout and b"--json" in r.stdout
+
+
+def test_missing_compiler_is_exit_2(tmp_path):
+    """Without the C compiler the exits benchmark stops with status 2 and says what is missing."""
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "exits", "--out", str(tmp_path / "x.json")],
+                       capture_output=True, timeout=120, env={**ENV, "CC": "no-such-cc"}, cwd="/")
+    assert r.returncode == 2
+    assert b"no-such-cc" in r.stderr and b"not found" in r.stderr
+    assert not (tmp_path / "x.json").exists()

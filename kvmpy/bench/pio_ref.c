@@ -1,5 +1,6 @@
 /*
- * pio_ref.c - the C reference for benchmarks/exit_roundtrip.py.
+ * pio_ref.c - the C reference (variant `raw`) of kvmpy's `exits` benchmark
+ * (kvmpy/bench/exits.py; `kvmpy bench exits`, benchmarks/exit_roundtrip.py).
  *
  * The least a VMM can do per PIO exit: KVM_RUN, look at exit_reason in the
  * mmap'ed kvm_run page, KVM_RUN again.  It runs the same image as kvmpy
@@ -8,6 +9,7 @@
  * of the Python layers, and the ratio is comparable across hosts.
  *
  *   pio_ref IMAGE [EXITS_PER_BATCH [BATCHES [WARMUP]]]
+ *   pio_ref IMAGE serve [WARMUP]
  *
  * Set-up: /dev/kvm, one VM, 2 MiB of anonymous RAM at guest-physical 0, the
  * image copied to 0x7c00, one vCPU in real mode with CS=0 IP=0x7c00.  It then
@@ -16,6 +18,11 @@
  *
  *   {"exits_per_batch": N, "batches": B, "warmup": W,
  *    "batch_ns_per_exit": [...], "median_ns": m, "mean_ns": a, "min_ns": lo}
+ *
+ * With `serve` (what the benchmark uses: one warm VM for all its rounds, like
+ * kvmpy's side) it prints "ready" after the warm-up, then reads one exit count
+ * per line on stdin and answers each with one line, the batch's ns per exit,
+ * until end of input.
  *
  * Every request number and struct layout comes from <linux/kvm.h>.
  * Errors go to stderr with the failing call; the exit status is then 1.
@@ -174,16 +181,50 @@ static unsigned long arg_ulong(const char *s, const char *name, unsigned long lo
 	return v;
 }
 
+/* One batch of n exits, timed; ns per exit. */
+static int timed_batch(struct vm *v, unsigned long n, double *ns)
+{
+	uint64_t t0 = now_ns();
+
+	if (run_exits(v, n) < 0)
+		return -1;
+	*ns = (double)(now_ns() - t0) / (double)n;
+	return 0;
+}
+
+/* `serve`: one warm VM, a batch per line of stdin, its ns per exit per line of stdout. */
+static int serve(struct vm *v, const char *image, unsigned long warmup)
+{
+	char line[64];
+	double ns;
+
+	if (vm_setup(v, image) < 0 || run_exits(v, warmup) < 0)
+		return 1;
+	printf("ready\n");
+	fflush(stdout);
+	while (fgets(line, sizeof(line), stdin)) {
+		line[strcspn(line, "\n")] = 0;
+		if (timed_batch(v, arg_ulong(line, "EXITS_PER_BATCH", 1, 1UL << 40), &ns) < 0)
+			return 1;
+		printf("%.1f\n", ns);
+		fflush(stdout);
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	unsigned long exits = 20000, batches = 5, warmup = 2000, i;
 	double ns[MAX_BATCHES], sorted[MAX_BATCHES], sum = 0, median;
 	struct vm v = { -1, -1, -1, NULL, NULL, 0 };
 
-	if (argc < 2 || argc > 5) {
-		fprintf(stderr, "usage: %s IMAGE [EXITS_PER_BATCH [BATCHES [WARMUP]]]\n", argv[0]);
+	if (argc < 2 || argc > 5 || (argc > 2 && !strcmp(argv[2], "serve") && argc > 4)) {
+		fprintf(stderr, "usage: %s IMAGE [EXITS_PER_BATCH [BATCHES [WARMUP]]]\n"
+			"       %s IMAGE serve [WARMUP]\n", argv[0], argv[0]);
 		return 2;
 	}
+	if (argc > 2 && !strcmp(argv[2], "serve"))
+		return serve(&v, argv[1], argc > 3 ? arg_ulong(argv[3], "WARMUP", 0, 1UL << 40) : warmup);
 	if (argc > 2)
 		exits = arg_ulong(argv[2], "EXITS_PER_BATCH", 1, 1UL << 40);
 	if (argc > 3)
@@ -194,11 +235,8 @@ int main(int argc, char **argv)
 	if (vm_setup(&v, argv[1]) < 0 || run_exits(&v, warmup) < 0)
 		return 1;
 	for (i = 0; i < batches; i++) {
-		uint64_t t0 = now_ns();
-
-		if (run_exits(&v, exits) < 0)
+		if (timed_batch(&v, exits, &ns[i]) < 0)
 			return 1;
-		ns[i] = (double)(now_ns() - t0) / (double)exits;
 		sum += ns[i];
 	}
 	memcpy(sorted, ns, batches * sizeof(ns[0]));

@@ -1,0 +1,10 @@
+"""kvmpy's benchmarks, runnable as ``kvmpy bench NAME`` or ``python benchmarks/NAME.py``.
+
+Each module in :data:`BENCHMARKS` has ``DESCRIPTION`` and ``main(argv) -> int``;
+it measures kvmpy against a reference in the same run, prints a table, and with
+``--json`` prints one JSON object ``{"benchmark", "host", "params", "results":
+[{variant, metric, value, unit}], "ratios": {...}}``. See benchmarks/README.md.
+"""
+from . import exits, serial
+
+BENCHMARKS = {"exits": exits, "serial": serial}
