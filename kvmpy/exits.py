@@ -5,16 +5,22 @@ the kernel filled in (Documentation/virt/kvm/api.rst, "The kvm_run structure").
 ``decode()`` turns that into one of the classes below; everything else in kvmpy
 dispatches on these values with a single ``match``. Reasons kvmpy does not handle
 become ``Unsupported(reason)`` rather than being silently ignored.
+
+The four exits a VMM sees most (port I/O and MMIO) are ``NamedTuple``s: immutable
+values like the rest, but built in about half the time of a frozen dataclass, which
+matters at one exit every few microseconds. Their fixed-size headers are read with
+``struct`` formats built from the compiler's offsets (``layout()``), never typed in.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .abi import IO_OUT, ExitReason, InternalErrorKind, ffi
 
 
-@dataclass(frozen=True, slots=True)
-class IoOut:
+class IoOut(NamedTuple):
     """The guest executed OUT/OUTS: ``count`` items of ``size`` bytes to ``port``."""
     port: int
     size: int
@@ -22,8 +28,7 @@ class IoOut:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class IoIn:
+class IoIn(NamedTuple):
     """The guest executed IN/INS: the VMM must supply ``count * size`` bytes."""
     port: int
     size: int
@@ -31,16 +36,14 @@ class IoIn:
     data_offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class MmioWrite:
+class MmioWrite(NamedTuple):
     """A guest store to an address with no RAM behind it (or a read-only slot)."""
     addr: int
     size: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class MmioRead:
+class MmioRead(NamedTuple):
     """A guest load from an address with no RAM behind it: the VMM supplies ``size`` bytes."""
     addr: int
     size: int
@@ -116,26 +119,51 @@ Exit = (IoOut | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | Inter
 
 _HLT, _SHUTDOWN, _INTERRUPTED = Hlt(), Shutdown(), Interrupted()
 _IO, _MMIO, _HLT_R = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.HLT)
+_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
-def decode(run, run_size: int) -> Exit:
-    """Decode the exit in ``run`` (a ``struct kvm_run *`` over a mapping of ``run_size`` bytes)."""
-    reason = run.exit_reason
+def layout(ctype: str, base: int, fields: list[str]) -> struct.Struct:
+    """A little-endian ``struct`` reading ``fields`` of C type ``ctype`` placed at ``base``
+    bytes into a buffer; offsets and sizes come from the compiler via cffi."""
+    members = dict(ffi.typeof(ctype).fields)
+    fmt, pos = "<", 0
+    for name in sorted(fields, key=lambda f: members[f].offset):
+        off, size = base + members[name].offset, ffi.sizeof(members[name].type)
+        fmt += "x" * (off - pos) + _FORMATS[size]
+        pos = off + size
+    return struct.Struct(fmt)
+
+
+_IO_FIELDS = ["direction", "size", "port", "count", "data_offset"]
+_MMIO_FIELDS = ["phys_addr", "len", "is_write"]
+_REASON = layout("struct kvm_run", 0, ["exit_reason"])
+_IO_HDR = layout("kvmpy_run_io_t", ffi.offsetof("struct kvm_run", "io"), _IO_FIELDS)
+_MMIO_HDR = layout("kvmpy_run_mmio_t", ffi.offsetof("struct kvm_run", "mmio"), _MMIO_FIELDS)
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + ffi.offsetof("kvmpy_run_mmio_t", "data")
+
+
+def decode(run, run_size: int, page=None) -> Exit:
+    """Decode the exit in ``run`` (a ``struct kvm_run *`` over a mapping of ``run_size`` bytes).
+
+    ``page`` is that mapping as a buffer (the vCPU's mmap); with it the hot exits are
+    read with ``struct`` instead of field by field through cffi.
+    """
+    if page is None:
+        page = ffi.buffer(run, run_size)
+    reason = _REASON.unpack_from(page)[0]
     if reason == _IO:
-        io = run.io
-        size, count, off = io.size, io.count, io.data_offset
+        direction, size, port, count, off = _IO_HDR.unpack_from(page)
         if off + size * count > run_size:       # kernel-provided, but never trust an offset
             return Unsupported(reason)
-        if io.direction == IO_OUT:
-            data = ffi.buffer(ffi.cast("char *", run) + off, size * count)[:]
-            return IoOut(io.port, size, count, data)
-        return IoIn(io.port, size, count, off)
+        if direction == IO_OUT:
+            return IoOut(port, size, count, page[off:off + size * count])
+        return IoIn(port, size, count, off)
     if reason == _MMIO:
-        m = run.mmio
-        n = min(m.len, 8)
-        if m.is_write:
-            return MmioWrite(m.phys_addr, n, bytes(m.data[0:n]))
-        return MmioRead(m.phys_addr, n)
+        addr, n, is_write = _MMIO_HDR.unpack_from(page)
+        n = min(n, 8)
+        if is_write:
+            return MmioWrite(addr, n, page[_MMIO_DATA:_MMIO_DATA + n])
+        return MmioRead(addr, n)
     if reason == _HLT_R:
         return _HLT
     if reason == ExitReason.SHUTDOWN:

@@ -26,6 +26,7 @@ from .x86.cpuid import CpuidEntry
 from .x86.regs import REGS_FIELDS, SEGMENT_FIELDS, DTable, Regs, Segment, Sregs
 
 MAX_CPUID_ENTRIES = 256
+_KVM_RUN = lib.KVM_RUN
 
 _REQUEST_NAMES = {getattr(lib, n): n for n in dir(lib) if n.startswith("KVM_") and n[4:8] in
                   ("GET_", "SET_", "CREA", "RUN", "CHEC", "IRQ_", "IOEV", "IRQF", "INTE", "NMI")}
@@ -302,12 +303,19 @@ class Vcpu(_Fd):
     # --- running ---------------------------------------------------------------------
     def run(self) -> exits.Exit:
         """KVM_RUN until the next exit; returns the decoded exit."""
-        r = lib.kvmpy_ioctl_int(self.fd, lib.KVM_RUN, 0)
-        if r < 0:
-            if r == -errno.EINTR or r == -errno.EAGAIN:
+        return self.exit_value(self.enter())
+
+    def enter(self) -> int:
+        """KVM_RUN alone: 0, or -errno (-EINTR after a kick). Decode with exit_value()."""
+        return lib.kvmpy_ioctl_int(self.fd, _KVM_RUN, 0)
+
+    def exit_value(self, rc: int = 0) -> exits.Exit:
+        """The exit KVM_RUN (which returned ``rc``) left in the kvm_run page, decoded."""
+        if rc < 0:
+            if rc == -errno.EINTR or rc == -errno.EAGAIN:
                 return exits.Interrupted()
-            raise KvmError(-r, "KVM_RUN")
-        return exits.decode(self.run_page, self.run_size)
+            raise KvmError(-rc, "KVM_RUN")
+        return exits.decode(self.run_page, self.run_size, self._run_mm)
 
     @property
     def immediate_exit(self) -> bool:

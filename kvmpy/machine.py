@@ -381,13 +381,14 @@ class Machine:
         stats, stop = self.stats, self._stop
         clock = time.perf_counter_ns
         t_out = clock()
+        enter, exit_value, dispatch = vcpu.enter, vcpu.exit_value, self._dispatch
         while stop.reason is None:
             t_in = clock()
             stats.vmm_ns += t_in - t_out
-            ex = vcpu.run()
+            rc = enter()
             t_out = clock()
             stats.kvm_ns += t_out - t_in
-            self._dispatch(vcpu, ex)
+            dispatch(vcpu, exit_value(rc))
 
     def _native_loop(self, vcpu: Vcpu) -> NativeLoop:
         loop = NativeLoop(vcpu, self.serial, layout.COM1_PORT)
@@ -410,7 +411,7 @@ class Machine:
             while stop.reason is None:
                 rc = loop.run()                             # GIL released inside
                 if rc == RUN_EXIT:
-                    self._dispatch(vcpu, exits.decode(vcpu.run_page, vcpu.run_size))
+                    self._dispatch(vcpu, vcpu.exit_value())
                 elif rc == RUN_DRAIN:
                     self._drain_serial()
                 elif rc == -errno.EINTR or rc == -errno.EAGAIN:
