@@ -1,6 +1,6 @@
 /*
  * virtio_blk.c - virtio-blk over virtio-mmio (version 2) in C: the transport
- * registers, the split virtqueue and the block requests.
+ * registers and the block requests (the split virtqueue is in virtqueue.c).
  *
  * The specification is the Python reference in kvmpy/devices/virtio/ (mmio.py,
  * queue.py, blk.py) and docs/virtio.md; this file follows it check for check, in
@@ -13,262 +13,7 @@
  * nothing. One mutex serialises MMIO from several vCPU threads.
  */
 #include <errno.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/uio.h>
-#include <unistd.h>
-#include <linux/kvm.h>
-
-#include "kvmpy_native.h"
-
-/* Register offsets (virtio 1.2, 4.2.2), spec names. */
-enum {
-	MagicValue = 0x000, Version = 0x004, DeviceID = 0x008, VendorID = 0x00c,
-	DeviceFeatures = 0x010, DeviceFeaturesSel = 0x014, DriverFeatures = 0x020,
-	DriverFeaturesSel = 0x024, QueueSel = 0x030, QueueNumMax = 0x034, QueueNum = 0x038,
-	QueueReady = 0x044, QueueNotify = 0x050, InterruptStatus = 0x060, InterruptACK = 0x064,
-	Status = 0x070, QueueDescLow = 0x080, QueueDescHigh = 0x084, QueueDriverLow = 0x090,
-	QueueDriverHigh = 0x094, QueueDeviceLow = 0x0a0, QueueDeviceHigh = 0x0a4,
-	SHMLenLow = 0x0b0, SHMLenHigh = 0x0b4, SHMBaseLow = 0x0b8, SHMBaseHigh = 0x0bc,
-	ConfigGeneration = 0x0fc, Config = 0x100,
-};
-#define VIRTIO_MMIO_MAGIC 0x74726976u
-#define VIRTIO_MMIO_VENDOR 0x706d766bu
-#define DRIVER_OK 4
-#define FEATURES_OK 8
-#define DEVICE_NEEDS_RESET 0x40
-#define FAILED 0x80
-#define INT_VRING 1
-#define INT_CONFIG 2
-#define VIRTIO_F_VERSION_1 32
-#define VIRTIO_BLK_F_SEG_MAX 2
-#define VIRTIO_BLK_F_RO 5
-#define VIRTIO_BLK_F_FLUSH 9
-#define VIRTIO_ID_BLOCK 2
-#define VIRTQ_DESC_F_NEXT 1
-#define VIRTQ_DESC_F_WRITE 2
-#define VIRTQ_DESC_F_INDIRECT 4
-#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
-#define T_IN 0
-#define T_OUT 1
-#define T_FLUSH 4
-#define T_GET_ID 8
-#define S_OK 0
-#define S_IOERR 1
-#define S_UNSUPP 2
-#define SECTOR 512u
-#define HEADER 16u
-#define CONFIG_SIZE 36u
-#define ID_BYTES 20u
-
-struct seg { uint64_t gpa; uint32_t len; };
-
-struct kvmpy_blk {
-	pthread_mutex_t lock;
-	struct kvmpy_blk_state s;
-	struct kvmpy_guest_mem mem;
-	int fd, vm_fd, gsi;
-	uint8_t id[ID_BYTES];
-	uint8_t config[CONFIG_SIZE];
-	/* one chain at a time: at most QUEUE_NUM_MAX segments of each kind */
-	struct seg rd[KVMPY_BLK_QUEUE_NUM_MAX], wr[KVMPY_BLK_QUEUE_NUM_MAX];
-	uint32_t nrd, nwr;
-	struct iovec iov[KVMPY_BLK_QUEUE_NUM_MAX];
-};
-
-/* The host pointer for guest [gpa, gpa+len), or NULL unless it lies inside one RAM
- * region (overflow-safe). Every guest access below goes through this. */
-static uint8_t *hva(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
-{
-	uint32_t i;
-
-	for (i = 0; i < b->mem.n && i < KVMPY_MAX_REGIONS; i++) {
-		const struct kvmpy_mem_region *r = &b->mem.r[i];
-
-		if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
-			return r->hva + (gpa - r->gpa);
-	}
-	return NULL;
-}
-
-static int rd16(const struct kvmpy_blk *b, uint64_t gpa, uint16_t *v)
-{
-	uint8_t *p = hva(b, gpa, 2);
-
-	if (!p)
-		return -1;
-	*v = (uint16_t)(p[0] | p[1] << 8);
-	return 0;
-}
-
-static void put_le(uint8_t *p, uint64_t v, unsigned n)
-{
-	unsigned i;
-
-	for (i = 0; i < n; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le(const uint8_t *p, unsigned n)
-{
-	uint64_t v = 0;
-	unsigned i;
-
-	for (i = 0; i < n; i++)
-		v |= (uint64_t)p[i] << (8 * i);
-	return v;
-}
-
-/* --- interrupts and errors (mmio.py: _update_irq, _device_error) --------------- */
-
-static void update_irq(struct kvmpy_blk *b)
-{
-	uint32_t level = b->s.interrupt_status != 0;
-
-	if (level == b->s.level)
-		return;
-	b->s.level = level;
-	b->s.irq_changes++;
-	if (b->gsi >= 0) {
-		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
-
-		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
-	}
-}
-
-static void device_error(struct kvmpy_blk *b, const char *reason)
-{
-	if (b->s.status & DEVICE_NEEDS_RESET)
-		return;
-	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s", reason);
-	b->s.status |= DEVICE_NEEDS_RESET;
-	if (b->s.status & DRIVER_OK)
-		b->s.interrupt_status |= INT_CONFIG;
-	update_irq(b);
-}
-
-/* --- the split virtqueue (queue.py) -------------------------------------------- */
-
-static int enable_queue(struct kvmpy_blk *b)
-{
-	struct kvmpy_vq_state *q = &b->s.q;
-	uint64_t n = q->num;
-
-	if (n < 1 || n > KVMPY_BLK_QUEUE_NUM_MAX) {
-		device_error(b, "QueueNum is not in 1..QueueNumMax");
-		return -1;
-	}
-	if (n & (n - 1)) {
-		device_error(b, "queue size is not a power of two");
-		return -1;
-	}
-	if (q->desc % 16 || q->driver % 2 || q->device % 4) {
-		device_error(b, "ring address is not aligned");
-		return -1;
-	}
-	if (!hva(b, q->desc, 16 * n) || !hva(b, q->driver, 6 + 2 * n) || !hva(b, q->device, 6 + 8 * n)) {
-		device_error(b, "ring is outside guest RAM");
-		return -1;
-	}
-	q->ready = 1;
-	q->last_avail_idx = q->used_idx = 0;
-	q->used_count = 0;
-	return 0;
-}
-
-/* Walk the chain at head into b->rd/b->wr: 1 = a chain, 0 = none, -1 = driver error. */
-static int walk(struct kvmpy_blk *b, uint16_t head, const char **why)
-{
-	const struct kvmpy_vq_state *q = &b->s.q;
-	uint32_t index = head, count = 0;
-	uint64_t total = 0;
-
-	b->nrd = b->nwr = 0;
-	for (;;) {
-		uint8_t *d;
-		uint64_t addr;
-		uint32_t len;
-		uint16_t flags, next;
-
-		if (index >= q->num)
-			return *why = "descriptor index >= queue size", -1;
-		if (++count > q->num)
-			return *why = "descriptor chain longer than the queue size (a loop?)", -1;
-		d = hva(b, q->desc + 16ull * index, 16);	/* table checked at enable: non-NULL */
-		if (!d)
-			return *why = "descriptor outside guest RAM", -1;
-		addr = get_le(d, 8);
-		len = (uint32_t)get_le(d + 8, 4);
-		flags = (uint16_t)get_le(d + 12, 2);
-		next = (uint16_t)get_le(d + 14, 2);
-		if (flags & VIRTQ_DESC_F_INDIRECT)
-			return *why = "indirect descriptor (VIRTIO_F_INDIRECT_DESC not offered)", -1;
-		if (len) {
-			if (addr > UINT64_MAX - len + 1)	/* addr + len > 2^64 (len >= 1) */
-				return *why = "buffer overflows 64 bits", -1;
-			if (!hva(b, addr, len))
-				return *why = "buffer is outside guest RAM", -1;
-			if (flags & VIRTQ_DESC_F_WRITE) {
-				b->wr[b->nwr].gpa = addr;
-				b->wr[b->nwr++].len = len;
-			} else if (b->nwr) {
-				return *why = "device-readable descriptor after a device-writable one", -1;
-			} else {
-				b->rd[b->nrd].gpa = addr;
-				b->rd[b->nrd++].len = len;
-			}
-			total += len;
-			if (total > (1ull << 32))
-				return *why = "descriptor chain longer than 2^32 bytes", -1;
-		}
-		if (!(flags & VIRTQ_DESC_F_NEXT))
-			return 1;
-		index = next;
-	}
-}
-
-/* queue.py VirtQueue.pop: 1 = chain in rd/wr with *head set, 0 = none, -1 = error */
-static int pop(struct kvmpy_blk *b, uint16_t *head, const char **why)
-{
-	struct kvmpy_vq_state *q = &b->s.q;
-	uint16_t idx, pending;
-	int r;
-
-	if (rd16(b, q->driver + 2, &idx))
-		return *why = "available ring outside guest RAM", -1;
-	pending = (uint16_t)(idx - q->last_avail_idx);
-	if (pending == 0)
-		return 0;
-	if (pending > q->num)
-		return *why = "available idx too far ahead", -1;
-	if (rd16(b, q->driver + 4 + 2ull * (q->last_avail_idx % q->num), head))
-		return *why = "available ring outside guest RAM", -1;
-	r = walk(b, *head, why);
-	if (r < 0)
-		return r;
-	q->last_avail_idx++;
-	return 1;
-}
-
-static void push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written)
-{
-	struct kvmpy_vq_state *q = &b->s.q;
-	/* used ring bounds checked at enable; slot index < num */
-	uint8_t *elem = hva(b, q->device + 4 + 8ull * (q->used_idx % q->num), 8);
-	uint8_t *idx = hva(b, q->device + 2, 2);
-
-	if (!elem || !idx)
-		return;
-	put_le(elem, head, 4);
-	put_le(elem + 4, written, 4);
-	__atomic_thread_fence(__ATOMIC_RELEASE);	/* element before idx, as the driver reads them */
-	q->used_idx++;
-	put_le(idx, q->used_idx, 2);
-	q->used_count++;
-}
+#include "virtio.h"
 
 /* --- block requests (blk.py: handle, _execute) ----------------------------------- */
 
@@ -290,7 +35,7 @@ static void gather(struct kvmpy_blk *b, const struct seg *s, uint32_t n, uint8_t
 	for (i = 0; i < n && len; i++) {
 		uint64_t k = s[i].len < len ? s[i].len : len;
 
-		memcpy(out, hva(b, s[i].gpa, k), k);	/* segments checked by walk() */
+		memcpy(out, kvmpy_vio_hva(b, s[i].gpa, k), k);	/* segments checked by walk() */
 		out += k;
 		len -= k;
 	}
@@ -303,7 +48,7 @@ static void scatter(struct kvmpy_blk *b, const struct seg *s, uint32_t n, const 
 	for (i = 0; i < n && len; i++) {
 		uint64_t k = s[i].len < len ? s[i].len : len;
 
-		memcpy(hva(b, s[i].gpa, k), in, k);	/* segments checked by walk() */
+		memcpy(kvmpy_vio_hva(b, s[i].gpa, k), in, k);	/* segments checked by walk() */
 		in += k;
 		len -= k;
 	}
@@ -338,7 +83,7 @@ static int transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint6
 		if (len > n)
 			len = n;
 		/* inside a segment walk() checked, so inside guest RAM */
-		b->iov[niov].iov_base = hva(b, s[i].gpa + off, len);
+		b->iov[niov].iov_base = kvmpy_vio_hva(b, s[i].gpa + off, len);
 		b->iov[niov++].iov_len = len;
 		n -= len;
 	}
@@ -411,7 +156,7 @@ static int serve_queue(struct kvmpy_blk *b, const char **why)
 	uint16_t head;
 	int r;
 
-	while ((r = pop(b, &head, why)) > 0) {
+	while ((r = kvmpy_vq_pop(b, &head, why)) > 0) {
 		uint64_t wlen = seg_total(b->wr, b->nwr);
 		const struct seg *last;
 		uint32_t written;
@@ -421,8 +166,8 @@ static int serve_queue(struct kvmpy_blk *b, const char **why)
 			return *why = "virtio-blk request has no device-writable status byte", -1;
 		last = &b->wr[b->nwr - 1];
 		status = execute(b, wlen, &written);
-		*hva(b, last->gpa + last->len - 1, 1) = status;	/* inside the last writable segment */
-		push_used(b, head, written + 1);
+		*kvmpy_vio_hva(b, last->gpa + last->len - 1, 1) = status;	/* inside the last writable segment */
+		kvmpy_vq_push_used(b, head, written + 1);
 	}
 	return r;
 }
@@ -440,11 +185,11 @@ static void notify(struct kvmpy_blk *b, uint32_t index)
 		return;
 	before = b->s.q.used_count;
 	if (serve_queue(b, &why) < 0)
-		device_error(b, why);
-	if (b->s.q.used_count != before && !(rd16(b, b->s.q.driver, &flags) == 0 &&
+		kvmpy_vio_device_error(b, why);
+	if (b->s.q.used_count != before && !(kvmpy_vio_rd16(b, b->s.q.driver, &flags) == 0 &&
 					      (flags & VIRTQ_AVAIL_F_NO_INTERRUPT)))
 		b->s.interrupt_status |= INT_VRING;
-	update_irq(b);
+	kvmpy_vio_update_irq(b);
 }
 
 /* --- the transport registers (mmio.py: read, write) ------------------------------- */
@@ -459,7 +204,7 @@ static void reset(struct kvmpy_blk *b)
 	memset(&b->s.q, 0, sizeof(b->s.q));
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	b->s.interrupt_status = 0;
-	update_irq(b);
+	kvmpy_vio_update_irq(b);
 }
 
 static uint32_t feature_word(uint64_t features, uint32_t sel)
@@ -519,7 +264,7 @@ static void write_queue(struct kvmpy_blk *b, uint64_t off, uint32_t value)
 		if (!value)
 			q->ready = 0;
 		else if (!q->ready)
-			enable_queue(b);
+			kvmpy_vq_enable(b);
 		return;
 	}
 	if (q->ready)
@@ -578,7 +323,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 		break;
 	case InterruptACK:
 		b->s.interrupt_status &= ~value;
-		update_irq(b);
+		kvmpy_vio_update_irq(b);
 		break;
 	case Status:
 		write_status(b, value);
