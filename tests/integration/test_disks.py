@@ -27,21 +27,22 @@ def pattern(nbytes: int) -> bytes:
     return b"".join(struct.pack("<Q", ((k + 1) * PATTERN_MUL) & 0xFFFFFFFFFFFFFFFF) for k in range(nbytes // 8))
 
 
-def run(name, disks, native=True):
+def run(name, disks, native=True, irqchip=False):
     g = guests.get(name)
-    with kvmpy.Machine(disks=disks, native=native) as m:
+    with kvmpy.Machine(disks=disks, native=native, irqchip=irqchip) as m:
         m.load(g.path, user=g.user)
         result = m.run(timeout=60)
         return g, result, m.serial_output
 
 
+@pytest.mark.parametrize("irqchip", [False, True], ids=["no-irqchip", "irqchip"])
 @pytest.mark.parametrize("native", LOOPS, ids=LOOP_IDS)
-def test_guest_reads_the_whole_disk(tmp_path, native):
+def test_guest_reads_the_whole_disk(tmp_path, native, irqchip):
     """blk-read's checksum equals FNV-1a of the file's whole sectors; the partial tail is ignored."""
     data = os.urandom(300 * 512 + 100)
     path = tmp_path / "disk.img"
     path.write_bytes(data)
-    g, result, out = run("blk-read", [str(path)], native)
+    g, result, out = run("blk-read", [str(path)], native, irqchip)
     assert result.status == g.disk_status
     assert f"blk-read: 300 sectors, checksum {fnv1a64(data[:300 * 512]):#x}\n".encode() in out
 
