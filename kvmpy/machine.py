@@ -295,6 +295,8 @@ class Machine:
         except GuestMemoryError:
             raise LoaderError(f"{self.mem_size:#x} bytes of RAM is too small for the {img.mode}-mode "
                               "boot tables (they live in the first 1 MiB)") from None
+        for name, value in img.registers:          # what the boot protocol passes in registers
+            setattr(setup.regs, name, value)
         vcpu.set_sregs(setup.sregs)
         vcpu.set_regs(setup.regs)
         self.image = img

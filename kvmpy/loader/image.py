@@ -24,12 +24,15 @@ class LoadedImage:
     ``entry`` is the guest-physical address to start at, ``mode`` one of
     :data:`MODES`, ``format`` the loader that placed it ("raw", "elf"), and
     ``segments`` the ``(gpa, size)`` ranges written, in file order.
+    ``registers`` are general-purpose register values the boot protocol hands the
+    image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot.
     """
 
     entry: int
     mode: str
     format: str
     segments: tuple[tuple[int, int], ...]
+    registers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
