@@ -62,8 +62,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
     g.add_argument("--python", action="store_true",
                    help="serve every exit and the UART in Python (the readable path) instead of the C loop")
-    g.add_argument("--irqchip", action="store_true",
-                   help="create the in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for interrupts)")
+    g.add_argument("--no-irqchip", dest="irqchip", action="store_false",
+                   help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
+                        "by default the machine is PC-like and HLT waits for interrupts")
     g = p.add_argument_group("image")
     g.add_argument("--format", choices=("auto", "raw", "elf"), default=None,
                    help="image format (default auto: ELF by its magic, else raw)")

@@ -31,7 +31,7 @@ from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeUart, NativeVirtioBlk
 from .stats import Stats
-from .x86 import cpuid, layout, modes, paging
+from .x86 import cpuid, layout, modes, msrs, paging
 from .x86.regs import CR0_PG, Regs, Sregs
 
 PAGE = 4096
@@ -123,15 +123,17 @@ class Machine:
     """A virtual machine with RAM, vCPUs, a serial port and the legacy bits guests need.
 
     ``serial`` is a binary file-like for the guest's COM1 output; by default it is
-    collected in memory and readable as ``machine.serial_output``. ``irqchip``
-    creates the in-kernel PIC/IOAPIC/LAPIC and PIT (then HLT no longer exits to
-    the VMM, so teaching guests that end with HLT want it off). ``native`` runs the
+    collected in memory and readable as ``machine.serial_output``. By default the
+    machine is PC-like: the in-kernel PIC/IOAPIC/LAPIC and PIT (``irqchip=True``),
+    CPUID from KVM's supported list and MSRs as firmware leaves them. With the
+    irqchip, HLT waits for an interrupt inside KVM instead of exiting to the VMM,
+    so teaching guests that want to see raw HLT exits pass ``irqchip=False``. ``native`` runs the
     vCPUs in the C loop with the C UART (the fast path); ``native=False`` keeps every
     exit and the UART in Python, for teaching and differential tests.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
-                 irqchip: bool = False, kvm: str | Kvm = "/dev/kvm", native: bool = True,
+                 irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = ()):
         if mem_size < 64 * 1024 or mem_size % PAGE:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
@@ -185,7 +187,15 @@ class Machine:
     def _create_vcpu(self, i: int, n: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(i)
         vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
+        wanted = msrs.boot_msrs()
+        supported = self._supported_msrs()
+        vcpu.set_msrs({k: v for k, v in wanted.items() if k in supported})
         return vcpu
+
+    def _supported_msrs(self) -> set[int]:
+        if not hasattr(self, "_msr_cache"):
+            self._msr_cache = set(self.kvm.msr_index_list()) | set(self.kvm.feature_msr_index_list())
+        return self._msr_cache
 
     def _supported_cpuid(self):
         if not hasattr(self, "_cpuid_cache"):

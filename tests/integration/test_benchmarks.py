@@ -53,6 +53,27 @@ def test_serial_via_cli(tmp_path):
     assert calls["python"] == 1 << 20          # the Python UART writes each byte on its own
 
 
+def test_blk_via_runner(tmp_path):
+    """benchmarks/blk.py on a 2 MiB disk: MB/s for host, native and python in every phase, and the 1 MiB-read ratios."""
+    out = tmp_path / "blk.json"
+    r = run([str(ROOT / "benchmarks" / "blk.py"), "--disk-size", "2M", "--rounds", "1", "--dir", str(tmp_path),
+             "--json", "--out", str(out)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "blk", {"host", "native", "python"}, {"native/host", "python/host", "native/python"})
+    assert {x["unit"] for x in data["results"]} == {"MB/s"}
+    metrics = {"seq-read-4K", "seq-write-4K", "seq-read-16K", "seq-write-16K", "seq-read-64K", "seq-write-64K",
+               "seq-read-256K", "seq-write-256K", "seq-read-1M", "seq-write-1M", "rand-read-4K"}
+    for v in ("host", "native", "python"):
+        assert {x["metric"] for x in data["results"] if x["variant"] == v} == metrics
+    assert data["params"]["phase_bytes"] == dict.fromkeys(metrics, 2 << 20)
+    assert {f"native/host {m}" for m in metrics} <= set(data["ratios"])
+    requests = 3 * 512 + 2 * 128 + 2 * 32 + 2 * 8 + 2 * 2       # one queue notify (MMIO write) each
+    assert all(data["guest_runs"][v]["mmio_writes"] >= requests for v in ("native", "python"))
+    assert json.loads(out.read_text()) == data
+    assert list(tmp_path.iterdir()) == [out]           # the scratch disk is gone
+
+
 @pytest.mark.parametrize("script", ["exit_roundtrip.py", "exits.py"])
 def test_exits_runner_scripts(script, tmp_path):
     """The thin runners in benchmarks/ take the benchmark's options and print its table."""

@@ -42,7 +42,7 @@ def test_python_device_on_the_pio_bus():
 
 def test_python_device_on_the_mmio_bus_and_unclaimed_mmio():
     """A device on m.mmio handles loads and stores; unclaimed MMIO reads return zero."""
-    with kvmpy.Machine(mem_size=4 << 20) as m:
+    with kvmpy.Machine(mem_size=4 << 20, irqchip=False) as m:     # HLT exits without the irqchip
         dev = Scratch()
         m.mmio.attach(0xD000_0000, 0x1000, dev, "mmio-scratch")
         code = ("b8 000000d0"            # mov eax,0xd0000000
@@ -131,7 +131,7 @@ def test_stats_count_exits_and_split_time():
 def test_several_vcpus_need_the_irqchip_and_aps_wait():
     """With cpus=2 the APs wait for INIT/SIPI, so a single-CPU guest runs unchanged on vCPU 0."""
     with pytest.raises(ValueError, match="irqchip"):
-        kvmpy.Machine(cpus=2)
+        kvmpy.Machine(cpus=2, irqchip=False)
     g = guests.get("hello-long")
     with kvmpy.Machine(cpus=2, irqchip=True) as m:
         m.load(g.path)
@@ -175,3 +175,14 @@ def test_a_thousand_machines_leak_no_fds_or_memory():
     gc.collect()
     assert _fds() == fds
     assert _rss_kib() - rss < 16 * 1024, f"RSS grew by {_rss_kib() - rss} KiB"
+
+
+def test_pc_platform_by_default():
+    """A default Machine has the in-kernel irqchip and PIT, and MSRs as firmware leaves them."""
+    from kvmpy.x86 import msrs
+    with kvmpy.Machine(mem_size=1 << 20) as m:
+        assert m.irqchip
+        assert len(m.vm.get_pit2()) > 0                       # KVM_GET_PIT2 needs the PIT
+        assert len(m.vcpus[0].get_lapic()) == 1024            # KVM_GET_LAPIC needs the irqchip
+        got = m.vcpus[0].get_msrs([msrs.IA32_MISC_ENABLE])
+    assert got[msrs.IA32_MISC_ENABLE] & msrs.MISC_ENABLE_FAST_STRING
