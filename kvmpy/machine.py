@@ -393,14 +393,19 @@ class Machine:
         stats, stop = self.stats, self._stop
         clock = time.perf_counter_ns
         t_out = clock()
+        kvm_ns = vmm_ns = 0
         enter, exit_value, dispatch = vcpu.enter, vcpu.exit_value, self._dispatch
-        while stop.reason is None:
-            t_in = clock()
-            stats.vmm_ns += t_in - t_out
-            rc = enter()
-            t_out = clock()
-            stats.kvm_ns += t_out - t_in
-            dispatch(vcpu, exit_value(rc))
+        try:
+            while stop.reason is None:
+                t_in = clock()
+                vmm_ns += t_in - t_out
+                rc = enter()
+                t_out = clock()
+                kvm_ns += t_out - t_in
+                dispatch(vcpu, exit_value(rc))
+        finally:
+            stats.kvm_ns += kvm_ns
+            stats.vmm_ns += vmm_ns
 
     def _native_loop(self, vcpu: Vcpu) -> NativeLoop:
         loop = NativeLoop(vcpu, self.serial, layout.COM1_PORT)
@@ -459,18 +464,21 @@ class Machine:
     def _dispatch(self, vcpu: Vcpu, ex) -> None:
         """Handle one exit: the single ``match`` over exit values."""
         stats, stop = self.stats, self._stop
-        match ex:
-            case exits.IoOut(port=port, size=size, count=count, data=data):
+        match ex:                       # the hot exits are NamedTuples: unpack, don't getattr
+            case exits.IoOut():
                 stats.exits["io-out"] += 1
-                self._pio_out(port, size, count, data)
-            case exits.IoIn(port=port, size=size, count=count):
+                self._pio_out(*ex)
+            case exits.IoIn():
                 stats.exits["io-in"] += 1
+                port, size, count, _ = ex
                 vcpu.complete_io_in(ex, self._pio_in(port, size, count))
-            case exits.MmioWrite(addr=addr, size=size, data=data):
+            case exits.MmioWrite():
                 stats.exits["mmio-write"] += 1
+                addr, size, data = ex
                 self._mmio(addr, size, int.from_bytes(data, "little"))
-            case exits.MmioRead(addr=addr, size=size):
+            case exits.MmioRead():
                 stats.exits["mmio-read"] += 1
+                addr, size = ex
                 vcpu.complete_mmio_read(self._mmio(addr, size).to_bytes(size, "little"))
             case exits.Interrupted():
                 stats.exits["interrupted"] += 1

@@ -40,10 +40,13 @@ class Attachment(NamedTuple):
 class Bus:
     """Sorted, non-overlapping address ranges; ``lookup(addr)`` by bisection."""
 
+    CACHE_LIMIT = 4096        # remembered lookups; a guest probing many addresses only evicts
+
     def __init__(self, name: str):
         self.name = name
         self._starts: list[int] = []          # sorted bases, parallel to _entries
         self._entries: list[Attachment] = []
+        self._cache: dict[int, tuple[Device, int, str] | None] = {}
 
     def attach(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         """Claim ``[base, base + length)`` for ``device``; overlap -> DeviceError."""
@@ -65,9 +68,25 @@ class Bus:
                         f"{old.name} at [{old.base:#x}, {old.end:#x})")
         self._starts.insert(i, base)
         self._entries.insert(i, new)
+        self._cache.clear()
 
     def lookup(self, addr: int) -> tuple[Device, int, str] | None:
-        """``(device, offset, name)`` of the range holding ``addr``, or None."""
+        """``(device, offset, name)`` of the range holding ``addr``, or None.
+
+        Answers are remembered per address (the run loop asks about the same few
+        ports and registers over and over); the memo is bounded and reset on attach.
+        """
+        try:
+            return self._cache[addr]
+        except KeyError:
+            pass
+        hit = self._find(addr)
+        if len(self._cache) >= self.CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[addr] = hit
+        return hit
+
+    def _find(self, addr: int) -> tuple[Device, int, str] | None:
         i = bisect_right(self._starts, addr) - 1
         if i < 0:
             return None
