@@ -57,7 +57,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("machine")
     g.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
-    g.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    g.add_argument("--cpus", type=int, default=None, metavar="N",
+                   help="number of vCPUs (default 1; a demo may ask for more); the others wait for INIT/SIPI")
     g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                    help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
     g.add_argument("--python", action="store_true",
@@ -66,14 +67,20 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
                         "by default the machine is PC-like and HLT waits for interrupts")
     g = p.add_argument_group("image")
-    g.add_argument("--format", choices=("auto", "raw", "elf"), default=None,
-                   help="image format (default auto: ELF by its magic, else raw)")
+    g.add_argument("--format", choices=("auto", "multiboot", "elf", "raw"), default=None,
+                   help="image format (default auto: multiboot if it has the header, ELF by its magic, else raw)")
     g.add_argument("--mode", choices=("real", "protected", "long"), default=None,
                    help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long)")
     g.add_argument("--load-addr", type=parse_int, default=None, metavar="ADDR",
                    help="where a raw image goes (default 0x7c00 in real mode, else 0x100000)")
     g.add_argument("--entry", type=parse_int, default=None, metavar="ADDR",
                    help="entry point of a raw image (default: its load address)")
+    g.add_argument("--cmdline", default="", metavar="TEXT",
+                   help="command line for a multiboot kernel (and fw_cfg's FW_CFG_CMDLINE)")
+    g.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
+                   help="a multiboot module, with an optional argument string (repeatable)")
+    g.add_argument("--fw-cfg", action="append", default=[], metavar="NAME=FILE",
+                   help="expose FILE to the guest as fw_cfg file NAME, e.g. opt/my/config (repeatable)")
     g.add_argument("--user", action="store_true",
                    help="start a long-mode guest in ring 3 (user segments and pages, all I/O ports allowed)")
     g = p.add_argument_group("run")
@@ -160,14 +167,27 @@ def cmd_demo(args) -> int:
         return EXIT_USAGE
     load = dict(format=args.format or g.format, mode=args.mode or g.mode,
                 load_addr=args.load_addr if args.load_addr is not None else g.load_addr,
-                entry=args.entry if args.entry is not None else g.entry, user=args.user or g.user)
+                entry=args.entry if args.entry is not None else g.entry, user=args.user or g.user,
+                cmdline=args.cmdline, modules=_modules(args.module))
+    if args.cpus is None:
+        args.cpus = g.cpus
     return _run(args, g.path, load, sample_input=g.stdin)
 
 
 def cmd_run(args) -> int:
     load = dict(format=args.format or "auto", mode=args.mode, load_addr=args.load_addr,
-                entry=args.entry, user=args.user)
+                entry=args.entry, user=args.user, cmdline=args.cmdline, modules=_modules(args.module))
     return _run(args, args.image, load, sample_input=None)
+
+
+def _modules(specs: list[str]) -> list[tuple[str, str]]:
+    """--module FILE[,ARGS]: the module's file and its argument string."""
+    return [tuple(s.split(",", 1)) if "," in s else (s, "") for s in specs]
+
+
+def _fw_cfg_files(specs: list[str]) -> dict[str, str]:
+    from .devices.fwcfg import parse_file_spec
+    return dict(parse_file_spec(s) for s in specs)
 
 
 class _Console:
@@ -214,8 +234,9 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     from .errors import GuestError, KvmpyError
     from .machine import Machine
     try:
-        machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus, irqchip=args.irqchip,
-                          serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk)
+        machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus or 1, irqchip=args.irqchip,
+                          serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk,
+                          fw_cfg=_fw_cfg_files(args.fw_cfg))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

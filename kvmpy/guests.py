@@ -57,6 +57,10 @@ class Guest:
     their ``expect_*`` fields describe a run *without* one (the fixed first
     line, then ``no virtio-blk device``); ``disk_status`` is the exit status
     with a suitable disk attached, and the description says what they print.
+
+    ``cpus`` is how many vCPUs to run the guest with (its ``expect_*`` values are
+    for that count); ``needs_irqchip`` guests need the in-kernel PIC/IOAPIC/LAPIC,
+    e.g. to send INIT/SIPI, and the MP table the Machine writes when ``cpus > 1``.
     """
 
     name: str
@@ -74,6 +78,8 @@ class Guest:
     demo: bool = True
     needs_disk: bool = False
     disk_status: int | None = None
+    cpus: int = 1
+    needs_irqchip: bool = False
 
     @property
     def path(self) -> pathlib.Path:
@@ -112,6 +118,13 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="protected",
           expect_output=b"Hello from protected mode\n",
           expect_status=_status(0x20), expect_rax=0x20),
+    Guest("smp", "smp.elf",
+          "ELF32 on 4 vCPUs: finds the MP table, starts each AP with INIT-SIPI-SIPI "
+          "(trampoline at 0x8000); each prints 'AP <apic id> up'; exits 0x58",
+          format="elf", mode="protected", cpus=4, needs_irqchip=True,
+          expect_output=(b"smp: MP table lists 4 CPUs\nAP 1 up\nAP 2 up\nAP 3 up\n"
+                         b"smp: 4 CPUs up\n"),
+          expect_status=_status(0x58), expect_rax=0x58),
     Guest("hello-long", "hello-long.elf",
           "ELF64 in 64-bit long mode (CPL 0): prints a line, exits with RAX=42",
           format="elf", mode="long",
@@ -132,6 +145,28 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long",
           expect_output=b"Hello from rep outsb\nrep insb ok\n",
           expect_status=_status(0x3C), expect_rax=0x3C),
+    Guest("fwcfg", "fwcfg.elf",
+          "ELF64 in ring 3: reads fw_cfg (ports 0x510/0x511): signature, id, RAM size, CPUs, "
+          "command line, file directory, and prints the file opt/kvmpy/greeting if present; "
+          "exits 0x50 (0x51 'fw_cfg: no device')",
+          format="elf", mode="long", user=True,
+          expect_output=(b"fw_cfg: signature QEMU, id 0x1\nfw_cfg: ram 0x4000000\n"
+                         b"fw_cfg: cpus 1\nfw_cfg: cmdline \"\"\nfw_cfg: files 0\n"
+                         b"fw_cfg: done\n"),                # 64 MiB, 1 CPU, no cmdline, no files
+          expect_status=_status(0x50), expect_rax=0x50),
+    Guest("multiboot-hello", "multiboot-hello.elf",
+          "multiboot v1 kernel (ELF32, as for qemu -kernel): checks EAX=0x2BADB002, prints its "
+          "command line, mem_lower/mem_upper, the memory map and each module's string and first "
+          "bytes; exits 0x2B",
+          format="multiboot", mode="protected",
+          expect_output=(b"multiboot-hello: magic 0x2badb002, flags 0x24f\n"
+                         b"cmdline: 'multiboot-hello.elf '\n"
+                         b"mem_lower 639K, mem_upper 64512K\n"
+                         b"mmap 0x0 +0x9fc00 type 1\nmmap 0x9fc00 +0x400 type 2\n"
+                         b"mmap 0xf0000 +0x10000 type 2\nmmap 0x100000 +0x3f00000 type 1\n"
+                         b"mods 0\nboot loader: kvmpy\nmultiboot-hello: done\n"),
+          # 64 MiB, no arguments, no modules; the kernel's path is cut to its file name
+          expect_status=_status(0x2B), expect_rax=0x2B),
     _blk("blk-read",
          "virtio-blk: reads all of disk 0 and prints 'blk-read: <n> sectors, checksum 0x<h>' "
          "(h = FNV-1a 64 of the disk's bytes); exits 0x40",

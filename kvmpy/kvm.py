@@ -291,7 +291,8 @@ class Vcpu(_Fd):
         self._run_buf = ffi.from_buffer(self._run_mm)
         self.run_page = ffi.cast("struct kvm_run *", self._run_buf)
         self.run_size = run_size
-        self.thread_id: int | None = None     # set while a thread is inside run()
+        self.thread_id: int | None = None     # the thread running this vCPU, see set_thread()
+        self._thread_lock = threading.Lock()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -325,17 +326,28 @@ class Vcpu(_Fd):
     def immediate_exit(self, value: bool) -> None:
         self.run_page.immediate_exit = 1 if value else 0
 
+    def set_thread(self, ident: int | None) -> None:
+        """Record (or clear, with None) the thread that runs this vCPU, for kick()."""
+        with self._thread_lock:
+            self.thread_id = ident
+
     def kick(self) -> None:
-        """Make a running (or about to run) KVM_RUN return: immediate_exit plus a signal."""
+        """Make a running (or about to run) KVM_RUN return: immediate_exit plus a signal.
+
+        The signal goes out under the same lock the vCPU thread takes to clear its
+        ident on the way out, so it never targets a thread that has already exited
+        (pthread_kill on a finished, detached thread is undefined: it can crash).
+        """
         if self.run_page is None:
             return
         self.immediate_exit = True
-        tid = self.thread_id
-        if tid is not None and tid != threading.get_ident():
-            try:
-                signal.pthread_kill(tid, lib.kvmpy_kick_signal())
-            except ProcessLookupError:
-                pass
+        with self._thread_lock:
+            tid = self.thread_id
+            if tid is not None and tid != threading.get_ident():
+                try:
+                    signal.pthread_kill(tid, lib.kvmpy_kick_signal())
+                except ProcessLookupError:
+                    pass
 
     def complete_io_in(self, exit: exits.IoIn, data: bytes) -> None:
         """Supply the bytes an IN/INS exit asked for; KVM hands them to the guest on re-entry."""

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from . import exits
 from .abi import Cap, SystemEventType
-from .devices import Bus, DebugExit, I8042, NullTrigger, Serial16550
+from .devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
 from .disasm import disassemble
 from .devices.virtio.blk import VirtioBlk
 from .devices.virtio.mmio import VirtioMmioTransport
@@ -29,9 +29,10 @@ from .errors import DeviceError, GuestError, GuestMemoryError, KvmError, LoaderE
 from .kvm import Kvm, Vcpu, Vm
 from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
+from .loader.multiboot import is_multiboot, load_multiboot, module_string
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeUart, NativeVirtioBlk
 from .stats import Stats
-from .x86 import cpuid, layout, modes, msrs, paging
+from .x86 import cpuid, layout, modes, mptable, msrs, paging
 from .x86.regs import CR0_PG, Regs, Sregs
 
 PAGE = 4096
@@ -134,7 +135,7 @@ class Machine:
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
-                 disks: list[str | Disk] = ()):
+                 disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None):
         if mem_size < 64 * 1024 or mem_size % PAGE:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
         if not 1 <= cpus <= 255:
@@ -157,7 +158,11 @@ class Machine:
             self._create_platform(irqchip)
             self._add_ram(mem_size)
             self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
+            if cpus > 1:            # tell guests that look where the other CPUs are (MP spec 1.4)
+                for gpa, blob in mptable.mp_table(cpus):
+                    self.memory.write(gpa, blob)
             self._create_devices(serial, irqchip)
+            self._create_fw_cfg(mem_size, cpus, fw_cfg or {})
             for d in disks:
                 self._add_disk(d if isinstance(d, Disk) else Disk.parse(d))
         except BaseException:
@@ -222,6 +227,20 @@ class Machine:
                         DebugExit(on_exit=self._on_debug_exit), "isa-debug-exit")
         self.pio.attach(layout.I8042_PORT, layout.I8042_PORT_COUNT, I8042(on_reset=self._on_reset), "i8042")
 
+    def _create_fw_cfg(self, mem_size: int, cpus: int, files: dict) -> None:
+        """QEMU's fw_cfg at 0x510: RAM size, CPU count, the command line and named files."""
+        self.fw_cfg = FwCfg(mem_size, cpus)
+        for name, content in files.items():
+            if not isinstance(content, (bytes, bytearray)):
+                try:
+                    with open(content, "rb") as f:
+                        content = f.read()
+                except OSError as e:
+                    raise DeviceError(f"fw_cfg file {name!r}: cannot read {os.fspath(content)!r}: "
+                                      f"{e.strerror}") from None
+            self.fw_cfg.add_file(name, bytes(content))
+        self.pio.attach(layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
+
     def _add_disk(self, disk: Disk) -> None:
         """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
         i = len(self.disks)
@@ -275,28 +294,32 @@ class Machine:
 
     # --- loading ---------------------------------------------------------------------
     def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
-             load_addr: int | None = None, user: bool = False) -> LoadedImage:
+             load_addr: int | None = None, user: bool = False, cmdline: str = "",
+             modules=(), initrd=None) -> LoadedImage:
         """Load a guest image (path or bytes) and point vCPU 0 at its entry.
 
-        ``format`` is "auto" (ELF by magic, else raw), "raw" or "elf". Raw images take
-        ``load_addr``, ``entry`` and ``mode`` ("real", "protected", "long"); ELF32 enters
-        in protected mode, ELF64 in long mode. ``user`` starts a long-mode guest in ring 3.
+        ``format``: "auto" (multiboot if the image has a multiboot header, as QEMU's
+        -kernel decides; else ELF by magic; else raw), "multiboot", "elf" or "raw".
+        Raw images take ``load_addr``, ``entry`` and ``mode`` ("real", "protected",
+        "long"); ELF32 enters in protected mode, ELF64 in long mode. ``user`` starts a
+        long-mode guest in ring 3. ``cmdline`` goes to multiboot kernels and to fw_cfg;
+        ``modules`` are multiboot modules: paths, or (path, args) pairs.
         """
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            data, name = bytes(image), "image"
-        else:
-            name = os.fspath(image)
-            try:
-                with open(name, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from None
-        is_elf = format == "elf" or (format == "auto" and data[:4] == ELFMAG)
-        reserved = [layout.LOW_RESERVED] if is_elf or (mode or "real") != "real" else []
+        data, name = self._read_image(image)
+        reserved = [layout.LOW_RESERVED]
         try:
-            img = load(self.memory, data, format, load_addr=load_addr, entry=entry, mode=mode, reserved=reserved)
+            if format == "multiboot" or (format == "auto" and is_multiboot(data)):
+                img = load_multiboot(self.memory, data, cmdline=cmdline, reserved=reserved,
+                                     modules=self._read_modules(modules), image_name=name)
+            else:
+                is_elf = format == "elf" or (format == "auto" and data[:4] == ELFMAG)
+                if not is_elf and (mode or "real") == "real":
+                    reserved = []                   # a boot sector lives in the first MiB
+                img = load(self.memory, data, format, load_addr=load_addr, entry=entry, mode=mode,
+                           reserved=reserved)
         except LoaderError as e:
             raise LoaderError(f"{name}: {e}") from None
+        self.fw_cfg.set_cmdline(cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user)
         try:
@@ -311,6 +334,30 @@ class Machine:
         vcpu.set_regs(setup.regs)
         self.image = img
         return img
+
+    @staticmethod
+    def _read_image(image) -> tuple[bytes, str]:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return bytes(image), "image"
+        name = os.fspath(image)
+        try:
+            with open(name, "rb") as f:
+                return f.read(), name
+        except OSError as e:
+            raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _read_modules(modules) -> list[tuple[bytes, str]]:
+        """Multiboot modules as (bytes, string): the string is "FILE ARGS", as QEMU passes it."""
+        out = []
+        for m in modules:
+            path, args = (m, "") if isinstance(m, (str, os.PathLike)) else m
+            try:
+                with open(path, "rb") as f:
+                    out.append((f.read(), module_string(os.fspath(path), args)))
+            except OSError as e:
+                raise LoaderError(f"cannot read module {os.fspath(path)!r}: {e.strerror or e}") from None
+        return out
 
     # --- running ---------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
@@ -372,7 +419,7 @@ class Machine:
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         self._tls.vcpu = vcpu.id
-        vcpu.thread_id = threading.get_ident()
+        vcpu.set_thread(threading.get_ident())
         try:
             if self.native:
                 self._run_native(vcpu)
@@ -383,7 +430,7 @@ class Machine:
         except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
             self._stop.set("error", vcpu=vcpu.id, error=e)
         finally:
-            vcpu.thread_id = None
+            vcpu.set_thread(None)
             for v in self.vcpus:
                 if v is not vcpu:
                     v.kick()

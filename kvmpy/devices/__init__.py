@@ -8,11 +8,12 @@ the KVM layer, so every model is testable with a ``BytesIO`` and a recording tri
 """
 from .bus import Attachment, Bus, Device
 from .debugexit import DebugExit
+from .fwcfg import FwCfg
 from .i8042 import I8042
 from .irq import NullTrigger, RecordingTrigger, Trigger
 from .serial import Serial16550
 
 __all__ = [
-    "Attachment", "Bus", "Device", "DebugExit", "I8042",
+    "Attachment", "Bus", "Device", "DebugExit", "FwCfg", "I8042",
     "NullTrigger", "RecordingTrigger", "Trigger", "Serial16550",
 ]

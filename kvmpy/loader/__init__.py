@@ -14,9 +14,11 @@ import os
 from ..errors import LoaderError
 from .elf import ELFMAG, load_elf
 from .image import MODES, LoadedImage
+from .multiboot import is_multiboot, load_multiboot
 from .raw import load_raw
 
-__all__ = ["FORMATS", "MODES", "LoadedImage", "load", "load_elf", "load_path", "load_raw"]
+__all__ = ["FORMATS", "MODES", "LoadedImage", "is_multiboot", "load", "load_elf", "load_multiboot",
+           "load_path", "load_raw"]
 
 FORMATS = ("auto", "raw", "elf")
 

@@ -40,6 +40,12 @@ I8042_PORT = 0x60                  # PS/2 controller: data 0x60, command/status 
 I8042_PORT_COUNT = 5
 DEBUG_EXIT_PORT = 0xF4             # QEMU's isa-debug-exit default iobase
 DEBUG_EXIT_PORT_COUNT = 1
+# QEMU's fw_cfg on x86 (docs/specs/fw_cfg.rst, "Register Locations"): the 16-bit selector
+# at 0x510 and the 8-bit data port at 0x511, one 2-port range. Firmware (SeaBIOS, OVMF) and
+# Linux's qemu_fw_cfg driver look there. The DMA address register QEMU puts at 0x514 is not
+# implemented (FW_CFG_ID says so), so those ports stay unclaimed.
+FW_CFG_PORT = 0x510
+FW_CFG_PORT_COUNT = 2
 
 # --- GDT selectors (index << 3 | RPL), matching gdt.boot_gdt() ----------------------
 SEL_CODE64 = 0x08
@@ -57,6 +63,20 @@ VIRTIO_MMIO_SIZE = 0x1000
 # ISA lines nobody else uses on a PC (3/4 serial, 8 RTC, 12 PS/2 mouse, 14/15 IDE).
 VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11)
 MAX_VIRTIO_DEVICES = len(VIRTIO_MMIO_IRQS)
+
+# --- several CPUs: APICs and the MP table (Intel MultiProcessor Specification 1.4) -------
+LAPIC_ADDR = 0xFEE0_0000   # each CPU's local APIC at its power-on default (IA32_APIC_BASE, SDM 10.4.4)
+IOAPIC_ADDR = 0xFEC0_0000  # the in-kernel IOAPIC of KVM_CREATE_IRQCHIP, at the PC default
+# An OS looks for the MP floating pointer in the first KiB of the EBDA, in the last KiB of
+# base memory, or in the BIOS ROM at 0xF0000-0xFFFFF (MP spec 4.0). kvmpy has no BIOS and no
+# EBDA, so the pointer goes in the last KiB of 640 KiB base memory, as in Firecracker; the
+# configuration table follows it (past 0xA0000 with many CPUs: plain RAM here, no VGA hole).
+MP_TABLE_BASE = 0x9FC00
+MP_TABLE_MAX_SIZE = 0x1800  # 6 KiB: mptable.mp_table_size(255) is 5320 bytes
+# Free page below 1 MiB for a guest's application-processor start-up code: a SIPI starts an
+# AP in real mode at vector << 12 (SDM 10.4.4.1), so it must be a page below 1 MiB. The
+# smp demo guest copies its trampoline here (SIPI vector 0x08).
+AP_TRAMPOLINE = 0x8000
 
 # --- benchmark marker port -------------------------------------------------------------
 # Guests that measure themselves write a phase number here; the host timestamps each write.

@@ -186,3 +186,25 @@ def test_pc_platform_by_default():
         assert len(m.vcpus[0].get_lapic()) == 1024            # KVM_GET_LAPIC needs the irqchip
         got = m.vcpus[0].get_msrs([msrs.IA32_MISC_ENABLE])
     assert got[msrs.IA32_MISC_ENABLE] & msrs.MISC_ENABLE_FAST_STRING
+
+
+@pytest.mark.parametrize("ncpus", [2, 4, 8])
+def test_application_processors_come_up(ncpus):
+    """The smp guest finds every CPU in the MP table, starts each AP with INIT/SIPI, and each prints."""
+    g = guests.get("smp")
+    with kvmpy.Machine(cpus=ncpus) as m:
+        m.load(g.path)
+        result = m.run(timeout=60)
+    out = m.serial_output.decode()
+    assert (result.reason, result.vcpu, result.status) == ("exit", 0, g.expect_status)
+    assert f"smp: MP table lists {ncpus} CPUs" in out and f"smp: {ncpus} CPUs up" in out
+    assert [line for line in out.splitlines() if line.startswith("AP ")] == [f"AP {i} up" for i in range(1, ncpus)]
+
+
+def test_stopping_many_vcpus_repeatedly_is_safe():
+    """Ending runs with many vCPU threads never signals a thread that has gone (no crash, clean stop)."""
+    g = guests.get("smp")
+    for _ in range(10):
+        with kvmpy.Machine(cpus=7) as m:
+            m.load(g.path)
+            assert m.run(timeout=60).status == g.expect_status

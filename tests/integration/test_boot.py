@@ -1,0 +1,73 @@
+"""Booting other people's kernels: multiboot as QEMU's -kernel does it, and fw_cfg."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kvmpy
+from kvmpy import guests
+
+ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+
+
+def kvmpy_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "kvmpy", *args], capture_output=True, timeout=timeout,
+                          env=ENV, cwd="/", stdin=subprocess.DEVNULL)
+
+
+def test_multiboot_kernel_gets_cmdline_modules_and_memory_map(tmp_path):
+    """A multiboot kernel is entered with EAX=0x2BADB002 and sees QEMU's cmdline form, modules and mmap."""
+    m1, m2 = tmp_path / "m1.bin", tmp_path / "m2.bin"
+    m1.write_bytes(b"module one")
+    m2.write_bytes(bytes(range(256)) * 8)
+    g = guests.get("multiboot-hello")
+    with kvmpy.Machine(mem_size=64 << 20) as m:
+        img = m.load(g.path, cmdline="hello=world", modules=[str(m1), (str(m2), "two args")])
+        result = m.run(timeout=30)
+    out = m.serial_output.decode()
+    assert img.format == "multiboot" and result.status == g.expect_status
+    assert "magic 0x2badb002" in out
+    assert "cmdline: 'multiboot-hello.elf hello=world'" in out
+    assert "mem_lower 639K, mem_upper 64512K" in out
+    assert "mmap 0x100000 +0x3f00000 type 1" in out
+    assert f"mod 0: '{m1}' 10 bytes: 6d 6f 64 75 6c 65 20 6f" in out
+    assert f"mod 1: '{m2} two args' 2048 bytes: 00 01 02 03 04 05 06 07" in out
+
+
+def test_multiboot_from_the_cli(tmp_path):
+    """kvmpy run takes --cmdline and --module FILE,ARGS for multiboot kernels."""
+    mod = tmp_path / "initrd.img"
+    mod.write_bytes(b"\x7fdata")
+    g = guests.get("multiboot-hello")
+    r = kvmpy_cli("run", str(g.path), "--cmdline", "quiet", "--module", f"{mod},root=/dev/ram0")
+    assert r.returncode == g.expect_status & 0xFF, r.stderr
+    assert b"cmdline: 'multiboot-hello.elf quiet'" in r.stdout
+    assert f"mod 0: '{mod} root=/dev/ram0' 5 bytes".encode() in r.stdout
+
+
+def test_bad_multiboot_header_is_a_loader_error():
+    """A kernel asked to load as multiboot without a valid header is refused with a clear error."""
+    with kvmpy.Machine(mem_size=4 << 20) as m:
+        with pytest.raises(kvmpy.LoaderError, match="multiboot"):
+            m.load(b"\x02\xb0\xad\x1b" + b"\0" * 60, format="multiboot")
+
+
+def test_fw_cfg_items_and_files_reach_the_guest(tmp_path):
+    """The fwcfg guest reads the signature, RAM size, CPU count, command line and a file via fw_cfg."""
+    greeting = tmp_path / "greeting.txt"
+    greeting.write_bytes(b"Hello from the host via fw_cfg")
+    r = kvmpy_cli("demo", "fwcfg", "--mem", "128M", "--cpus", "2", "--cmdline", "console=ttyS0",
+                  "--fw-cfg", f"opt/kvmpy/greeting={greeting}")
+    out = r.stdout.decode()
+    assert r.returncode == guests.get("fwcfg").expect_status & 0xFF, r.stderr
+    assert "fw_cfg: signature QEMU, id 0x1" in out
+    assert "fw_cfg: ram 0x8000000" in out and "fw_cfg: cpus 2" in out
+    assert 'fw_cfg: cmdline "console=ttyS0"' in out
+    assert "greeting: Hello from the host via fw_cfg" in out
+
+
+def test_bad_fw_cfg_option_is_a_clear_error():
+    """--fw-cfg without NAME=FILE is refused with a message, not a traceback."""
+    r = kvmpy_cli("demo", "fwcfg", "--fw-cfg", "justaname")
+    assert r.returncode == 4 and b"NAME=FILE" in r.stderr and b"Traceback" not in r.stderr
