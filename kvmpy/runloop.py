@@ -1,0 +1,336 @@
+"""The running half of Machine: vCPU threads, the Python and native run loops, exit dispatch.
+
+``Machine`` (machine.py) builds the computer; this mixin runs it. Each vCPU runs in its
+own thread (vCPU 0 in the caller's). On the native path C serves the fast-path exits
+(csrc/runloop.c) and returns the rest; on the Python path every exit comes here. Either
+way an exit is decoded once into a value (``kvmpy.exits``) and handled in one ``match``.
+"""
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from dataclasses import dataclass
+
+from . import exits
+from .abi import SystemEventType
+from .disasm import disassemble
+from .errors import GuestError, KvmError
+from .kvm import Vcpu
+from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
+from .x86 import layout, modes, paging
+from .x86.regs import CR0_PG, CR4_PAE, Regs, Sregs
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Why a run stopped.
+
+    ``reason`` is one of "exit" (isa-debug-exit), "halt", "reset", "timeout",
+    "interrupted" or "debug"; ``status`` is the guest's exit status ((v << 1) | 1
+    for isa-debug-exit, 0 for a halt) or None; ``regs`` are the stopping vCPU's.
+    """
+
+    reason: str
+    status: int | None
+    regs: Regs
+    vcpu: int = 0
+    exit: object = None
+
+
+class _Stop:
+    """The first stop request of a run wins; later ones are ignored."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reason: str | None = None
+        self.status: int | None = None
+        self.vcpu: int | None = None
+        self.exit = None
+        self.error: BaseException | None = None
+
+    def set(self, reason, status=None, vcpu=None, exit=None, error=None) -> bool:
+        with self.lock:
+            if self.reason is not None:
+                return False
+            self.reason, self.status, self.vcpu, self.exit, self.error = reason, status, vcpu, exit, error
+            return True
+
+
+class RunLoop:
+    """Mixin for Machine: ``run()``, ``request_stop()`` and everything they drive."""
+
+    # --- running ---------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run the guest until it stops; see RunResult. Failures raise GuestError.
+
+        With several vCPUs, vCPU 0 runs in this thread and the others in their own
+        threads; the first vCPU to stop the machine stops them all.
+        """
+        self._stop = _Stop()
+        for v in self.vcpus:
+            v.immediate_exit = False
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.request_stop, args=("timeout",))
+            timer.daemon = True
+            timer.start()
+        threads = [threading.Thread(target=self._vcpu_thread, args=(v,), daemon=True,
+                                    name=f"vcpu{v.id}") for v in self.vcpus[1:]]
+        running = threading.Event()
+        if self.native:
+            self._loops = {v.id: self._native_loop(v) for v in self.vcpus}
+            threads.append(threading.Thread(target=self._flusher, args=(running,), daemon=True,
+                                            name="serial-flush"))
+        try:
+            for t in threads:
+                t.start()
+            self._vcpu_thread(self.vcpus[0])
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.request_stop("stopped")        # wake the other vCPUs if vCPU 0 ended first
+            running.set()
+            for t in threads:
+                t.join()
+            self._drain_serial()
+            self._flush_serial()
+        stop = self._stop
+        if stop.error is not None:
+            raise stop.error
+        vcpu = self.vcpus[stop.vcpu if stop.vcpu is not None else 0]
+        return RunResult(stop.reason, stop.status, vcpu.get_regs(), vcpu.id, stop.exit)
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop a run from any thread (timeout, Ctrl-C, a controlling program)."""
+        self._stop.set(reason)
+        for v in self.vcpus:
+            v.kick()
+
+    def _on_debug_exit(self, status: int) -> None:
+        self._stop.set("exit", status, self._current_vcpu())
+
+    def _on_reset(self) -> None:
+        self._stop.set("reset", None, self._current_vcpu())
+
+    def _current_vcpu(self) -> int | None:
+        return getattr(self._tls, "vcpu", None)
+
+    _tls = threading.local()
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        self._tls.vcpu = vcpu.id
+        vcpu.set_thread(threading.get_ident())
+        try:
+            if self.native:
+                self._run_native(vcpu)
+            else:
+                self._loop(vcpu)
+        except GuestError as e:
+            self._stop.set(e.reason, vcpu=vcpu.id, exit=e.exit, error=e)
+        except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
+            self._stop.set("error", vcpu=vcpu.id, error=e)
+        finally:
+            vcpu.set_thread(None)
+            for v in self.vcpus:
+                if v is not vcpu:
+                    v.kick()
+
+    def _loop(self, vcpu: Vcpu) -> None:
+        """The Python run loop: KVM_RUN, decode, dispatch, repeat until a stop is requested."""
+        stats, stop = self.stats, self._stop
+        clock = time.perf_counter_ns
+        t_out = clock()
+        kvm_ns = vmm_ns = 0
+        enter, exit_value, dispatch = vcpu.enter, vcpu.exit_value, self._dispatch
+        try:
+            while stop.reason is None:
+                t_in = clock()
+                vmm_ns += t_in - t_out
+                rc = enter()
+                t_out = clock()
+                kvm_ns += t_out - t_in
+                dispatch(vcpu, exit_value(rc))
+        finally:
+            stats.kvm_ns += kvm_ns
+            stats.vmm_ns += vmm_ns
+
+    def _native_loop(self, vcpu: Vcpu) -> NativeLoop:
+        loop = NativeLoop(vcpu, self.serial, layout.COM1_PORT)
+        claims = [(a.base, a.length) for a in self.pio.devices if a.name != "com1"]
+        native = [a for a in self.mmio.devices if isinstance(a.device, NativeVirtioBlk)]
+        self._native_mmio_names = [a.name for a in native]
+        loop.set_tables(claims, range(layout.COM1_PORT, layout.COM1_PORT + layout.COM_PORT_COUNT),
+                        [(a.base, a.length) for a in self.mmio.devices if a not in native],
+                        [(a.base, a.length, a.device) for a in native])
+        return loop
+
+    def _run_native(self, vcpu: Vcpu) -> None:
+        """The native loop: C serves the fast-path exits; Python dispatches the rest.
+
+        C counts the exits it serves and all the time (its own and Python's share);
+        the counters are added to ``stats`` when this vCPU's run ends.
+        """
+        loop, stop = self._loops[vcpu.id], self._stop
+        try:
+            while stop.reason is None:
+                rc = loop.run()                             # GIL released inside
+                if rc == RUN_EXIT:
+                    self._dispatch(vcpu, vcpu.exit_value())
+                elif rc == RUN_DRAIN:
+                    self._drain_serial()
+                elif rc == -errno.EINTR or rc == -errno.EAGAIN:
+                    self._dispatch(vcpu, exits.Interrupted())
+                else:
+                    raise KvmError(-rc, "KVM_RUN")
+        finally:
+            self._add_counters(loop.take_counters())
+
+    def _add_counters(self, c: dict[str, int]) -> None:
+        s = self.stats
+        for key, name in (("io_out", "io-out"), ("io_in", "io-in"), ("mmio_read", "mmio-read"),
+                          ("mmio_write", "mmio-write")):
+            if c[key]:
+                s.exits[name] += c[key]
+        for key, name in (("uart", "com1"), ("unclaimed_pio", "unclaimed-pio"),
+                          ("unclaimed_mmio", "unclaimed-mmio")):
+            if c[key]:
+                s.devices[name] += c[key]
+        for name, n in zip(self._native_mmio_names, c["native_mmio"]):
+            if n:
+                s.devices[name] += n
+        s.unclaimed_writes += c["unclaimed_writes"]
+        s.kvm_ns += c["kvm_ns"]
+        s.vmm_ns += c["vmm_ns"]
+
+    def _flusher(self, done: threading.Event) -> None:
+        """While the guest runs, write out its serial output at least every 20 ms."""
+        while not done.wait(0.02):
+            self._drain_serial()
+            self._flush_serial()
+
+    def _dispatch(self, vcpu: Vcpu, ex) -> None:
+        """Handle one exit: the single ``match`` over exit values."""
+        stats, stop = self.stats, self._stop
+        match ex:                       # the hot exits are NamedTuples: unpack, don't getattr
+            case exits.IoOut():
+                stats.exits["io-out"] += 1
+                self._pio_out(*ex)
+            case exits.IoIn():
+                stats.exits["io-in"] += 1
+                port, size, count, _ = ex
+                vcpu.complete_io_in(ex, self._pio_in(port, size, count))
+            case exits.MmioWrite():
+                stats.exits["mmio-write"] += 1
+                addr, size, data = ex
+                self._mmio(addr, size, int.from_bytes(data, "little"))
+            case exits.MmioRead():
+                stats.exits["mmio-read"] += 1
+                addr, size = ex
+                vcpu.complete_mmio_read(self._mmio(addr, size).to_bytes(size, "little"))
+            case exits.Interrupted():
+                stats.exits["interrupted"] += 1
+                vcpu.immediate_exit = stop.reason is not None
+            case exits.Hlt():
+                stats.exits["hlt"] += 1
+                stop.set("halt", 0, vcpu.id, ex)
+            case exits.Debug():
+                stats.exits["debug"] += 1
+                stop.set("debug", None, vcpu.id, ex)
+            case exits.SystemEvent(type=t) if t == SystemEventType.RESET:
+                stats.exits["system-event"] += 1
+                stop.set("reset", None, vcpu.id, ex)
+            case exits.Shutdown():
+                stats.exits["shutdown"] += 1
+                raise self._guest_error(vcpu, ex, "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+            case exits.FailEntry(hardware_entry_failure_reason=hw):
+                stats.exits["fail-entry"] += 1
+                raise self._guest_error(vcpu, ex, "entry-failure",
+                                        f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state")
+            case exits.InternalError():
+                stats.exits["internal-error"] += 1
+                raise self._guest_error(vcpu, ex, "internal-error",
+                                        f"KVM internal error ({ex.kind}); on hosts without hardware "
+                                        "virtualisation int3/int $n at CPL0 are not emulated (HOST-NOTES)")
+            case _:
+                stats.exits["other"] += 1
+                raise self._guest_error(vcpu, ex, "unsupported-exit", f"unsupported exit: {ex}")
+
+    # --- dispatch --------------------------------------------------------------------
+    def _pio_out(self, port: int, size: int, count: int, data: bytes) -> None:
+        hit = self.pio.lookup(port)
+        if hit is None:
+            self.stats.devices["unclaimed-pio"] += count
+            self.stats.unclaimed_writes += count
+            return
+        dev, off, name = hit
+        self.stats.devices[name] += count
+        native_uart = dev is self.serial and self.native
+        for i in range(0, size * count, size):              # string I/O: `rep outs` sends count items
+            if native_uart and not self.serial.tx_space:
+                self._drain_serial()                        # the C loop left a burst too big for its buffer
+            dev.write(off, size, int.from_bytes(data[i:i + size], "little"))
+
+    def _pio_in(self, port: int, size: int, count: int) -> bytes:
+        hit = self.pio.lookup(port)
+        if hit is None:
+            self.stats.devices["unclaimed-pio"] += count
+            return b"\xff" * (size * count)                # an empty ISA bus floats high
+        dev, off, name = hit
+        self.stats.devices[name] += count
+        mask = (1 << (8 * size)) - 1
+        return b"".join((dev.read(off, size) & mask).to_bytes(size, "little") for _ in range(count))
+
+    def _mmio(self, addr: int, size: int, value: int | None = None) -> int:
+        hit = self.mmio.lookup(addr)
+        if hit is None:
+            self.stats.devices["unclaimed-mmio"] += 1
+            if value is not None:
+                self.stats.unclaimed_writes += 1
+            return 0
+        dev, off, name = hit
+        self.stats.devices[name] += 1
+        if value is not None:
+            dev.write(off, size, value)
+            return 0
+        return dev.read(off, size) & ((1 << (8 * size)) - 1)
+
+    def _flush_serial(self) -> None:
+        flush = getattr(self.serial_out, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except (OSError, ValueError):
+                pass
+
+    # --- failure reports -------------------------------------------------------------
+    def _guest_error(self, vcpu: Vcpu, ex, reason: str, message: str) -> GuestError:
+        regs = sregs = None
+        code = ""
+        try:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            code = self.disassemble_at(regs, sregs)
+        except Exception as e:          # the report must not hide the original failure
+            code = f"(cannot read guest code: {e})"
+        err = GuestError(f"vCPU {vcpu.id}: {message}", exit=ex, regs=regs, sregs=sregs, disassembly=code)
+        err.reason = reason
+        return err
+
+    def guest_physical(self, sregs: Sregs, vaddr: int) -> int:
+        """Translate a guest-virtual (linear) address with the guest's page tables."""
+        if not sregs.cr0 & CR0_PG:
+            return vaddr
+        if not sregs.cr4 & CR4_PAE:
+            raise ValueError("32-bit non-PAE paging is not walked")
+        gpa, _ = paging.translate(self.memory.read_u64, sregs.cr3, vaddr)
+        return gpa
+
+    def disassemble_at(self, regs: Regs, sregs: Sregs, count: int = 6) -> str:
+        """The instructions at the vCPU's RIP, decoded in its current mode."""
+        bits = modes.code_bits(sregs)
+        linear = regs.rip if bits == 64 else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
+        gpa = self.guest_physical(sregs, linear)
+        region = self.memory.region_for(gpa)
+        code = self.memory.read(gpa, min(16 * count, region.end - gpa))
+        return disassemble(code, regs.rip, bits, count)
+
