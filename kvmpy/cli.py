@@ -67,8 +67,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
                         "by default the machine is PC-like and HLT waits for interrupts")
     g = p.add_argument_group("image")
-    g.add_argument("--format", choices=("auto", "multiboot", "elf", "raw"), default=None,
-                   help="image format (default auto: multiboot if it has the header, ELF by its magic, else raw)")
+    g.add_argument("--format", choices=("auto", "linux", "bzimage", "pvh", "multiboot", "elf", "raw"),
+                   default=None, help="image format (default auto: multiboot if it has the header, Linux "
+                                      "bzImage or PVH vmlinux, ELF by its magic, else raw)")
     g.add_argument("--mode", choices=("real", "protected", "long"), default=None,
                    help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long)")
     g.add_argument("--load-addr", type=parse_int, default=None, metavar="ADDR",
@@ -76,7 +77,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entry", type=parse_int, default=None, metavar="ADDR",
                    help="entry point of a raw image (default: its load address)")
     g.add_argument("--cmdline", default="", metavar="TEXT",
-                   help="command line for a multiboot kernel (and fw_cfg's FW_CFG_CMDLINE)")
+                   help="kernel command line for Linux or multiboot (also fw_cfg's), e.g. "
+                        "'console=ttyS0 earlyprintk=serial'")
+    g.add_argument("--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel")
     g.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
                    help="a multiboot module, with an optional argument string (repeatable)")
     g.add_argument("--fw-cfg", action="append", default=[], metavar="NAME=FILE",
@@ -168,7 +171,7 @@ def cmd_demo(args) -> int:
     load = dict(format=args.format or g.format, mode=args.mode or g.mode,
                 load_addr=args.load_addr if args.load_addr is not None else g.load_addr,
                 entry=args.entry if args.entry is not None else g.entry, user=args.user or g.user,
-                cmdline=args.cmdline, modules=_modules(args.module))
+                cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
     if args.cpus is None:
         args.cpus = g.cpus
     return _run(args, g.path, load, sample_input=g.stdin)
@@ -176,7 +179,8 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     load = dict(format=args.format or "auto", mode=args.mode, load_addr=args.load_addr,
-                entry=args.entry, user=args.user, cmdline=args.cmdline, modules=_modules(args.module))
+                entry=args.entry, user=args.user, cmdline=args.cmdline, modules=_modules(args.module),
+                initrd=args.initrd)
     return _run(args, args.image, load, sample_input=None)
 
 

@@ -25,6 +25,7 @@ from .errors import DeviceError, GuestMemoryError, LoaderError
 from .kvm import Kvm, Vcpu, Vm
 from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
+from .loader.linux import linux_format, load_linux
 from .loader.multiboot import is_multiboot, load_multiboot, module_string
 from .native import NativeUart, NativeVirtioBlk
 from .runloop import RunLoop, RunResult, _Stop
@@ -118,8 +119,8 @@ class Machine(RunLoop):
         self.vm: Vm | None = None
         try:
             self.vm = self.kvm.create_vm()
+            self._add_ram(mem_size)         # before the irqchip: a slot added after it costs ~7 ms here
             self._create_platform(irqchip)
-            self._add_ram(mem_size)
             self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
             if cpus > 1:            # tell guests that look where the other CPUs are (MP spec 1.4)
                 for gpa, blob in mptable.mp_table(cpus):
@@ -261,19 +262,28 @@ class Machine(RunLoop):
              modules=(), initrd=None) -> LoadedImage:
         """Load a guest image (path or bytes) and point vCPU 0 at its entry.
 
-        ``format``: "auto" (multiboot if the image has a multiboot header, as QEMU's
-        -kernel decides; else ELF by magic; else raw), "multiboot", "elf" or "raw".
-        Raw images take ``load_addr``, ``entry`` and ``mode`` ("real", "protected",
-        "long"); ELF32 enters in protected mode, ELF64 in long mode. ``user`` starts a
-        long-mode guest in ring 3. ``cmdline`` goes to multiboot kernels and to fw_cfg;
-        ``modules`` are multiboot modules: paths, or (path, args) pairs.
+        ``format``: "auto" decides as QEMU's -kernel does: multiboot if the image has a
+        multiboot header, Linux if it is a bzImage or a vmlinux with a PVH entry note,
+        else ELF by magic, else raw. Or name it: "multiboot", "linux" ("bzimage",
+        "pvh"), "elf", "raw". Raw images take ``load_addr``, ``entry`` and ``mode``
+        ("real", "protected", "long"); ELF32 enters in protected mode, ELF64 in long
+        mode. ``user`` starts a long-mode guest in ring 3. ``cmdline`` goes to Linux and
+        multiboot kernels and to fw_cfg; Linux also gets a ``virtio_mmio.device=`` entry
+        per disk. ``initrd`` (path or bytes) is Linux's; ``modules`` are multiboot's:
+        paths, or (path, args) pairs.
         """
         data, name = self._read_image(image)
         reserved = [layout.LOW_RESERVED]
+        linux = {"linux": "auto", "bzimage": "bzimage", "pvh": "pvh"}.get(format)
         try:
             if format == "multiboot" or (format == "auto" and is_multiboot(data)):
                 img = load_multiboot(self.memory, data, cmdline=cmdline, reserved=reserved,
                                      modules=self._read_modules(modules), image_name=name)
+            elif linux or (format == "auto" and linux_format(data)):
+                if self.disks:
+                    cmdline = f"{cmdline} {self.virtio_mmio_cmdline()}".strip()
+                img = load_linux(self.memory, data, cmdline=cmdline, initrd=self._read_initrd(initrd),
+                                 reserved=reserved, format=linux or "auto")
             else:
                 is_elf = format == "elf" or (format == "auto" and data[:4] == ELFMAG)
                 if not is_elf and (mode or "real") == "real":
@@ -308,6 +318,16 @@ class Machine(RunLoop):
                 return f.read(), name
         except OSError as e:
             raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _read_initrd(initrd) -> bytes | None:
+        if initrd is None or isinstance(initrd, (bytes, bytearray, memoryview)):
+            return initrd
+        try:
+            with open(initrd, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise LoaderError(f"cannot read initrd {os.fspath(initrd)!r}: {e.strerror or e}") from None
 
     @staticmethod
     def _read_modules(modules) -> list[tuple[bytes, str]]:

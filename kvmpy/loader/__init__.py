@@ -6,6 +6,9 @@ Loaders only load: they write guest memory and return a :class:`LoadedImage`
 * ``"raw"``: a flat binary at one address (:mod:`.raw`);
 * ``"elf"``: an ELF32/ELF64 x86 executable (:mod:`.elf`);
 * ``"auto"``: ELF if the data starts with ``\\x7fELF``, else raw.
+
+Linux kernels (a bzImage, or a vmlinux through PVH) take a command line and an
+initrd and go through :func:`load_linux` (:mod:`.linux`).
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import os
 from ..errors import LoaderError
 from .elf import ELFMAG, load_elf
 from .image import MODES, LoadedImage
+from .linux import load_linux
 from .multiboot import is_multiboot, load_multiboot
 from .raw import load_raw
 
-__all__ = ["FORMATS", "MODES", "LoadedImage", "is_multiboot", "load", "load_elf", "load_multiboot",
-           "load_path", "load_raw"]
+__all__ = ["FORMATS", "MODES", "LoadedImage", "is_multiboot", "load", "load_elf", "load_linux",
+           "load_multiboot", "load_path", "load_raw"]
 
 FORMATS = ("auto", "raw", "elf")
 

@@ -119,3 +119,40 @@ def test_missing_compiler_is_exit_2(tmp_path):
     assert r.returncode == 2
     assert b"no-such-cc" in r.stderr and b"not found" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_boot_via_cli(tmp_path):
+    """`kvmpy bench boot` times the multiboot kernel to its exit in-process and as a CLI process, and QEMU where installed."""
+    import shutil
+    out = tmp_path / "boot.json"
+    r = run(["-m", "kvmpy", "bench", "boot", "--rounds", "1", "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    ran = {x["variant"] for x in data["results"]}
+    qemu = {"qemu", "qemu-microvm"}
+    if shutil.which("qemu-system-x86_64") is None:
+        assert ran == {"kvmpy-lib", "kvmpy-cli"} and set(data["skipped"]) == qemu
+        assert b"QEMU not used" in r.stderr
+    else:                           # each QEMU variant ran, or says why not
+        assert ran - qemu == {"kvmpy-lib", "kvmpy-cli"}
+        assert all(data["skipped"][v] for v in qemu - ran)
+    check_shape(data, "boot", ran, {"kvmpy-cli/kvmpy-lib"} | {f"{k}/{q}" for q in ran & qemu
+                                                             for k in ("kvmpy-lib", "kvmpy-cli")})
+    assert {(x["metric"], x["unit"]) for x in data["results"]} == {("to_exit", "ms")}
+    assert set(data["split"]["kvmpy-lib"]) == {"machine_ms", "load_ms", "run_ms", "close_ms"}
+    assert data["split"]["kvmpy-cli"]["python_startup_ms"] > 0
+    assert data["outputs"]["kvmpy-lib"] == kvmpy.guests.get("multiboot-hello").expect_output.decode()
+    assert json.loads(out.read_text()) == data
+
+
+def test_boot_runner_without_qemu(tmp_path):
+    """benchmarks/boot.py with no QEMU to be found says so on stderr and reports kvmpy alone (exit 0)."""
+    out = tmp_path / "boot.json"
+    r = run([str(ROOT / "benchmarks" / "boot.py"), "--qemu", "no-such-qemu", "--rounds", "1", "--no-extras",
+             "--out", str(out)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"no-such-qemu not found" in r.stderr
+    assert b"kvmpy-cli" in r.stdout and b"kvmpy-lib" in r.stdout
+    data = json.loads(out.read_text())
+    check_shape(data, "boot", {"kvmpy-lib", "kvmpy-cli"}, {"kvmpy-cli/kvmpy-lib"})
+    assert set(data["ratios"]) == {"kvmpy-cli/kvmpy-lib"} and "kvmpy-cli" not in data["split"]
