@@ -217,7 +217,10 @@ def run_process(argv: list[str], env: dict | None, timeout: float, banner: bytes
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter_ns()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+            # cwd "/": `python -m` puts the working directory first on sys.path, and a
+            # checkout's unbuilt kvmpy/ there must not shadow the kvmpy under test
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    env=env, cwd="/")
         except OSError as e:
             raise BenchError(f"cannot start {argv[0]}: {e.strerror or e}") from None
         out, banner_ns, killed = bytearray(), None, None
