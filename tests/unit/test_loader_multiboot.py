@@ -1,6 +1,5 @@
 """Multiboot v1 loader: header search, a.out kludge and ELF kernels, the information structure, modules."""
 import os
-import pathlib
 import struct
 
 import pytest
