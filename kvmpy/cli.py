@@ -89,6 +89,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
+    g.add_argument("--trace", choices=("exits",), default=None,
+                   help="print every VM exit on stderr: time, vCPU, kind, port/address, data, RIP and the "
+                        "guest instruction (the run takes the Python loop so no exit is hidden)")
+    g.add_argument("--trace-json", metavar="FILE", default=None, help="write the exit trace as JSON lines to FILE")
+    g.add_argument("--trace-kinds", metavar="K[,K]", default=None,
+                   help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
+    g.add_argument("--trace-ports", metavar="LO[-HI]", default=None, help="only I/O exits on these ports")
+    g.add_argument("--trace-addrs", metavar="LO[-HI]", default=None, help="only MMIO exits at these addresses")
     g.add_argument("--stats", action="store_true",
                    help="print exits by reason and device and the time split on stderr at the end")
 
@@ -238,6 +246,11 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     from .errors import GuestError, KvmpyError
     from .machine import Machine
     try:
+        tracer = _tracer(args)
+    except (ValueError, OSError) as e:
+        print(f"kvmpy: bad trace option: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus or 1, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg))
@@ -255,7 +268,7 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
             if threading.current_thread() is threading.main_thread() else None
         try:
-            result = machine.run(timeout=args.timeout)
+            result = machine.run(timeout=args.timeout, trace=tracer)
         except GuestError as e:
             print(f"kvmpy: {e}", file=sys.stderr)
             _print_stats(args, machine)
@@ -266,6 +279,19 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
                 signal.signal(signal.SIGINT, old)
         _print_stats(args, machine)
         return _exit_code(result, args)
+
+
+def _tracer(args):
+    """The Tracer the --trace options ask for, or None."""
+    if not args.trace and not args.trace_json:
+        return None
+    from .trace import Tracer, parse_filter
+    filters = dict(kinds=args.trace_kinds.split(",") if args.trace_kinds else None,
+                   ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs))
+    if args.trace_json:
+        stream = open(args.trace_json, "w")     # closed at exit; lines are flushed by the OS then
+        return Tracer.to_stream(stream, json_lines=True, **filters)
+    return Tracer.to_stream(sys.stderr, **filters)
 
 
 def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:

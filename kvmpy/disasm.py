@@ -2,6 +2,21 @@
 from __future__ import annotations
 
 
+def decode(code: bytes, addr: int, bits: int, count: int = 1) -> list[tuple[int, int, str]]:
+    """Up to ``count`` instructions as (address, length, "mnemonic operands")."""
+    try:
+        import capstone
+    except ImportError:
+        return []
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    out = []
+    for insn in capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(code, addr):
+        out.append((insn.address, insn.size, f"{insn.mnemonic} {insn.op_str}".strip()))
+        if len(out) >= count:
+            break
+    return out
+
+
 def disassemble(code: bytes, addr: int, bits: int, count: int = 6) -> str:
     """Up to ``count`` instructions of ``code`` (at guest address ``addr``), one per line.
 

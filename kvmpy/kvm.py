@@ -356,6 +356,18 @@ class Vcpu(_Fd):
             raise ValueError(f"IoIn needs {n} bytes at offset {exit.data_offset}, got {len(data)}")
         ffi.buffer(ffi.cast("char *", self.run_page) + exit.data_offset, n)[:] = data
 
+    def io_data(self, exit: exits.IoIn | exits.IoOut) -> bytes:
+        """The bytes of an I/O exit as they are in the kvm_run page now (after complete_io_in)."""
+        off = exit.data_offset if isinstance(exit, exits.IoIn) else None
+        if off is None:
+            return exit.data
+        n = exit.size * exit.count
+        return self._run_mm[off:off + n] if off + n <= self.run_size else b""
+
+    def mmio_data(self, size: int) -> bytes:
+        """The MMIO data bytes in the kvm_run page (what a completed read returned)."""
+        return bytes(self.run_page.mmio.data[0:min(size, 8)])
+
     def complete_mmio_read(self, data: bytes) -> None:
         """Supply the bytes an MMIO read exit asked for."""
         ffi.memmove(self.run_page.mmio.data, data[:8], min(len(data), 8))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from . import exits
 from .abi import SystemEventType
-from .disasm import disassemble
-from .errors import GuestError, KvmError
+from .disasm import decode, disassemble
+from .errors import GuestError, GuestMemoryError, KvmError
 from .kvm import Vcpu
+from .trace import KINDS, exiting_instruction
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
 from .x86 import layout, modes, paging
 from .x86.regs import CR0_PG, CR4_PAE, Regs, Sregs
@@ -61,13 +62,15 @@ class RunLoop:
     """Mixin for Machine: ``run()``, ``request_stop()`` and everything they drive."""
 
     # --- running ---------------------------------------------------------------------
-    def run(self, timeout: float | None = None) -> RunResult:
+    def run(self, timeout: float | None = None, trace=None) -> RunResult:
         """Run the guest until it stops; see RunResult. Failures raise GuestError.
 
         With several vCPUs, vCPU 0 runs in this thread and the others in their own
-        threads; the first vCPU to stop the machine stops them all.
+        threads; the first vCPU to stop the machine stops them all. ``trace`` (a
+        ``kvmpy.trace.Tracer``) sees every exit; a traced run takes the Python loop.
         """
         self._stop = _Stop()
+        self._tracer = trace
         for v in self.vcpus:
             v.immediate_exit = False
         timer = None
@@ -122,7 +125,7 @@ class RunLoop:
         self._tls.vcpu = vcpu.id
         vcpu.set_thread(threading.get_ident())
         try:
-            if self.native:
+            if self.native and self._tracer is None:
                 self._run_native(vcpu)
             else:
                 self._loop(vcpu)
@@ -143,6 +146,8 @@ class RunLoop:
         t_out = clock()
         kvm_ns = vmm_ns = 0
         enter, exit_value, dispatch = vcpu.enter, vcpu.exit_value, self._dispatch
+        if self._tracer is not None:
+            dispatch = self._traced_dispatch
         try:
             while stop.reason is None:
                 t_in = clock()
@@ -208,6 +213,36 @@ class RunLoop:
         while not done.wait(0.02):
             self._drain_serial()
             self._flush_serial()
+
+    def _traced_dispatch(self, vcpu: Vcpu, ex) -> None:
+        """_dispatch, then tell the tracer (after, so an IN shows what the guest got)."""
+        tracer = self._tracer
+        wanted = tracer.wants(vcpu.id, ex)
+        try:
+            self._dispatch(vcpu, ex)
+        finally:
+            if wanted:
+                tracer.emit(self._trace_event(vcpu, ex))
+
+    def _trace_event(self, vcpu: Vcpu, ex):
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        bits = modes.code_bits(sregs)
+        data_in = None
+        if isinstance(ex, exits.IoIn):
+            data_in = vcpu.io_data(ex)
+        elif isinstance(ex, exits.MmioRead):
+            data_in = vcpu.mmio_data(ex.size)
+
+        def decode_at(rip: int):
+            try:
+                linear = rip if bits == 64 else (sregs.cs.base + rip) & 0xFFFFFFFF
+                gpa = self.guest_physical(sregs, linear)
+                code = self.memory.read(gpa, min(16, self.memory.region_for(gpa).end - gpa))
+            except (ValueError, GuestMemoryError):
+                return []
+            return decode(code, rip, bits)
+        kind = KINDS.get(type(ex), "other")
+        return self._tracer.event(vcpu.id, ex, data_in, regs.rip, exiting_instruction(decode_at, regs.rip, kind))
 
     def _dispatch(self, vcpu: Vcpu, ex) -> None:
         """Handle one exit: the single ``match`` over exit values."""

@@ -119,3 +119,27 @@ def test_console_script_is_installed_or_module_runs():
     """python -m kvmpy with no command prints help and exits 2."""
     r = kvmpy()
     assert r.returncode == 2 and b"usage: kvmpy" in r.stdout
+
+
+def test_trace_shows_each_exit_with_its_instruction():
+    """--trace exits prints one line per exit on stderr with the port, data and the guest instruction."""
+    r = kvmpy("demo", "hello-real", "--trace", "exits", "--trace-kinds", "io-out", "--trace-ports", "0x3f8")
+    lines = r.stderr.decode().splitlines()
+    g = guests.get("hello-real")
+    assert r.stdout == g.expect_output
+    assert len(lines) == len(g.expect_output)                 # one OUT per character
+    first = lines[0].split()
+    assert first[1:5] == ["cpu0", "io-out", "port=0x3f8", "size=1"]
+    assert "data=48" in lines[0] and "out dx, al" in lines[0]     # 'H'
+
+
+def test_trace_json_lines(tmp_path):
+    """--trace-json writes every exit as a JSON object, IN exits with the value the guest received."""
+    import json
+    path = tmp_path / "trace.jsonl"
+    r = kvmpy("demo", "stringio", "--trace-json", str(path))
+    assert r.returncode == guests.get("stringio").expect_status & 0xFF
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    ins = [e for e in events if e["kind"] == "io-in" and e["addr"] != 0x3FD]
+    assert ins and all(set(bytes.fromhex(e["data"])) == {0xFF} for e in ins)   # unclaimed port reads
+    assert {e["kind"] for e in events} >= {"io-out", "io-in"}

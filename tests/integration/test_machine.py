@@ -208,3 +208,17 @@ def test_stopping_many_vcpus_repeatedly_is_safe():
         with kvmpy.Machine(cpus=7) as m:
             m.load(g.path)
             assert m.run(timeout=60).status == g.expect_status
+
+
+def test_library_trace_with_filters():
+    """A Tracer passed to run() sees every exit that passes its filters, with the instruction that caused it."""
+    from kvmpy.trace import Tracer
+    seen = []
+    g = guests.get("hello-long")
+    with kvmpy.Machine() as m:                      # native by default: tracing takes the Python loop
+        m.load(g.path)
+        result = m.run(timeout=20, trace=Tracer(seen.append, kinds={"io-out"}, ports=(0x3F8, 0x3F8)))
+    assert result.status == g.expect_status
+    assert bytes(int(e.data, 16) for e in seen) == g.expect_output
+    assert all(e.kind == "io-out" and e.addr == 0x3F8 and e.insn.startswith("out") for e in seen)
+    assert m.serial_output == g.expect_output      # the guest's output is unchanged by tracing

@@ -1,0 +1,120 @@
+"""Exit traces: one line (or one JSON object) per VM exit, with the guest instruction.
+
+A ``Tracer`` is handed to ``Machine.run(trace=...)``; the run loop calls it after it has
+handled each exit, so an IN or an MMIO read shows the value the guest received. While
+tracing, every exit goes through Python (the C fast path would serve UART and disk
+exits without the tracer seeing them), so a traced run is slower but complete.
+
+Each event names the instruction that caused the exit, disassembled with capstone in
+the guest's current mode. KVM leaves RIP *after* an OUT it has handed to user space,
+but *at* an IN or an MMIO access (it finishes those on re-entry), so for OUT the tracer
+finds the instruction that ends at RIP.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, TextIO
+
+from . import exits
+
+KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
+         exits.MmioWrite: "mmio-write", exits.Hlt: "hlt", exits.Shutdown: "shutdown",
+         exits.Debug: "debug", exits.Interrupted: "interrupted", exits.InternalError: "internal-error",
+         exits.FailEntry: "fail-entry", exits.SystemEvent: "system-event"}
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One exit as a tracer sees it. ``addr`` is the port for I/O, the address for MMIO."""
+
+    t: float                 # seconds since the run started
+    vcpu: int
+    kind: str
+    addr: int | None
+    size: int | None
+    count: int | None
+    data: str | None         # hex of the bytes written or read
+    rip: int
+    insn: str                # "mnemonic operands", or "" if the code could not be read
+
+    def text(self) -> str:
+        where = ""
+        if self.addr is not None:
+            where = f" {'port' if self.kind.startswith('io') else 'addr'}={self.addr:#x} size={self.size}"
+            if self.count and self.count > 1:
+                where += f" count={self.count}"
+        data = f" data={self.data}" if self.data else ""
+        return f"{self.t:10.6f} cpu{self.vcpu} {self.kind:<12}{where}{data}  rip={self.rip:#x}  {self.insn}"
+
+
+def parse_filter(spec: str | None) -> tuple[int, int] | None:
+    """'0x3f8-0x3ff' or '0x3f8' -> inclusive (lo, hi)."""
+    if not spec:
+        return None
+    lo, _, hi = spec.partition("-")
+    return int(lo, 0), int(hi or lo, 0)
+
+
+class Tracer:
+    """Collects exits that pass the filters and hands them to ``sink`` (a callable).
+
+    Filters: ``kinds`` (e.g. {"io-out", "mmio-write"}), ``ports`` / ``addrs`` inclusive
+    ranges, ``vcpus``. ``Tracer.to_stream(f, json_lines=...)`` writes text or JSON lines.
+    """
+
+    def __init__(self, sink: Callable[[TraceEvent], None], kinds=None, ports=None, addrs=None, vcpus=None):
+        self.sink, self.kinds, self.ports, self.addrs = sink, set(kinds) if kinds else None, ports, addrs
+        self.vcpus = set(vcpus) if vcpus is not None else None
+        self.start = time.perf_counter()
+        self.count = 0
+
+    @classmethod
+    def to_stream(cls, stream: TextIO, json_lines: bool = False, **filters) -> "Tracer":
+        def write(ev: TraceEvent) -> None:
+            stream.write((json.dumps(asdict(ev)) if json_lines else ev.text()) + "\n")
+        return cls(write, **filters)
+
+    def wants(self, vcpu: int, ex) -> bool:
+        kind = KINDS.get(type(ex), "other")
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        if self.vcpus is not None and vcpu not in self.vcpus:
+            return False
+        if self.ports is not None:
+            if not isinstance(ex, (exits.IoIn, exits.IoOut)) or not self.ports[0] <= ex.port <= self.ports[1]:
+                return False
+        if self.addrs is not None:
+            if not isinstance(ex, (exits.MmioRead, exits.MmioWrite)) or not self.addrs[0] <= ex.addr <= self.addrs[1]:
+                return False
+        return True
+
+    def event(self, vcpu_id: int, ex, data_in: bytes | None, rip: int, insn: str) -> TraceEvent:
+        kind = KINDS.get(type(ex), "other")
+        addr = size = count = data = None
+        if isinstance(ex, (exits.IoIn, exits.IoOut)):
+            addr, size, count = ex.port, ex.size, ex.count
+            data = (ex.data if isinstance(ex, exits.IoOut) else data_in or b"").hex()
+        elif isinstance(ex, (exits.MmioRead, exits.MmioWrite)):
+            addr, size = ex.addr, ex.size
+            data = (ex.data if isinstance(ex, exits.MmioWrite) else data_in or b"").hex()
+        return TraceEvent(round(time.perf_counter() - self.start, 6), vcpu_id, kind, addr, size, count,
+                          data, rip, insn)
+
+    def emit(self, ev: TraceEvent) -> None:
+        self.count += 1
+        self.sink(ev)
+
+
+def exiting_instruction(decode_at: Callable[[int], list[tuple[int, int, str]]], rip: int, kind: str) -> str:
+    """The instruction that caused an exit: at RIP, or (for OUT, which KVM has already
+    stepped over) the one ending exactly at RIP. ``decode_at(addr)`` returns
+    [(address, length, text), ...] decoded from ``addr``."""
+    if kind == "io-out":
+        for back in range(1, 5):               # OUT encodings are 1 to 4 bytes long
+            insns = decode_at(rip - back)
+            if insns and insns[0][1] == back and insns[0][2].startswith(("out", "rep out")):
+                return f"{insns[0][2]}  (at {rip - back:#x})"
+    insns = decode_at(rip)
+    return insns[0][2] if insns else ""
