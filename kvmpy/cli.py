@@ -97,6 +97,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
     g.add_argument("--trace-ports", metavar="LO[-HI]", default=None, help="only I/O exits on these ports")
     g.add_argument("--trace-addrs", metavar="LO[-HI]", default=None, help="only MMIO exits at these addresses")
+    g.add_argument("--stats-svg", metavar="FILE", default=None,
+                   help="also draw the statistics as an SVG chart in FILE")
     g.add_argument("--stats", action="store_true",
                    help="print exits by reason and device and the time split on stderr at the end")
 
@@ -307,6 +309,12 @@ def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> 
 def _print_stats(args, machine) -> None:
     if args.stats:
         print(f"--- kvmpy stats ---\n{machine.stats}", file=sys.stderr)
+    if args.stats_svg:
+        try:
+            with open(args.stats_svg, "w") as f:
+                f.write(machine.stats.to_svg(title=f"kvmpy: {getattr(args, 'name', None) or args.image}"))
+        except OSError as e:
+            print(f"kvmpy: cannot write {args.stats_svg}: {e.strerror}", file=sys.stderr)
 
 
 def _exit_code(result, args) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from html import escape
 
 
 @dataclass
@@ -46,3 +47,40 @@ class Stats:
                          f"{100 * self.vmm_ns / t:.1f}% in the VMM"
                          + (f"; {self.vmm_ns / total / 1000:.2f} us VMM per exit" if total else ""))
         return "\n".join(lines)
+
+    def to_svg(self, title: str = "kvmpy run") -> str:
+        """The same numbers as a small self-contained SVG chart: a bar per exit reason and
+        per device, and one bar splitting the time between KVM_RUN and the VMM."""
+        rows = [("exits by reason", self.exits.most_common()), ("exits by device", self.devices.most_common())]
+        width, left, bar_w, line = 640, 170, 380, 22
+        y, parts = 40, []
+        parts.append(f'<text x="10" y="24" font-size="16" font-weight="bold">{escape(title)}</text>')
+        for heading, items in rows:
+            parts.append(f'<text x="10" y="{y + 14}" font-size="13" font-weight="bold">{heading}</text>')
+            y += line
+            top = max((n for _, n in items), default=1) or 1
+            for name, n in items:
+                w = max(1, round(bar_w * n / top))
+                parts.append(f'<text x="{left - 8}" y="{y + 14}" font-size="12" text-anchor="end">{escape(str(name))}</text>')
+                parts.append(f'<rect x="{left}" y="{y + 3}" width="{w}" height="14" fill="#4a7fb5"/>')
+                parts.append(f'<text x="{left + w + 6}" y="{y + 14}" font-size="12">{n}</text>')
+                y += line
+            y += 8
+        total = self.kvm_ns + self.vmm_ns
+        if total:
+            k = round(bar_w * self.kvm_ns / total)
+            parts.append(f'<text x="10" y="{y + 14}" font-size="13" font-weight="bold">time</text>')
+            y += line
+            parts.append(f'<rect x="{left}" y="{y + 3}" width="{k}" height="14" fill="#5a9e5a"/>')
+            parts.append(f'<rect x="{left + k}" y="{y + 3}" width="{bar_w - k}" height="14" fill="#d08c3a"/>')
+            parts.append(f'<text x="{left - 8}" y="{y + 14}" font-size="12" text-anchor="end">'
+                         f'{total / 1e9:.3f} s</text>')
+            y += line
+            parts.append(f'<text x="{left}" y="{y + 12}" font-size="12" fill="#5a9e5a">'
+                         f'KVM_RUN (guest + kernel) {100 * self.kvm_ns / total:.1f}%</text>')
+            parts.append(f'<text x="{left + 230}" y="{y + 12}" font-size="12" fill="#d08c3a">'
+                         f'VMM {100 * self.vmm_ns / total:.1f}%</text>')
+            y += line
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" '
+                f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'
+                + "\n".join(parts) + "\n</svg>\n")

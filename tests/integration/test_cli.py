@@ -143,3 +143,13 @@ def test_trace_json_lines(tmp_path):
     ins = [e for e in events if e["kind"] == "io-in" and e["addr"] != 0x3FD]
     assert ins and all(set(bytes.fromhex(e["data"])) == {0xFF} for e in ins)   # unclaimed port reads
     assert {e["kind"] for e in events} >= {"io-out", "io-in"}
+
+
+def test_stats_svg_file(tmp_path):
+    """--stats-svg writes the run's statistics as an SVG chart naming the devices used."""
+    import xml.etree.ElementTree as ET
+    out = tmp_path / "stats.svg"
+    r = kvmpy("demo", "hello-long", "--stats-svg", str(out))
+    assert r.returncode == guests.get("hello-long").expect_status & 0xFF
+    texts = {e.text for e in ET.parse(out).getroot().iter("{http://www.w3.org/2000/svg}text")}
+    assert "com1" in texts and "isa-debug-exit" in texts

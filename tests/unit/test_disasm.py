@@ -139,3 +139,18 @@ def test_stats_as_dict_round_trips_and_is_json():
                     unclaimed_writes=d["unclaimed_writes"], kvm_ns=d["kvm_ns"], vmm_ns=d["vmm_ns"])
     assert rebuilt == s
     assert rebuilt.as_dict() == s.as_dict()
+
+
+def test_stats_svg_draws_every_reason_and_device():
+    """Stats.to_svg is well-formed SVG with a labelled bar for each exit reason and device and the time split."""
+    import xml.etree.ElementTree as ET
+    from collections import Counter
+    from kvmpy.stats import Stats
+    s = Stats(exits=Counter({"io-out": 40, "mmio-write": 3}), devices=Counter({"com1": 40, "virtio-blk0": 3}),
+              kvm_ns=900, vmm_ns=100)
+    root = ET.fromstring(s.to_svg("t <&>"))
+    texts = [e.text for e in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"io-out", "mmio-write", "com1", "virtio-blk0", "40", "3", "t <&>"} <= set(texts)
+    assert any(t and t.startswith("KVM_RUN (guest + kernel) 90.0%") for t in texts)
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("fill") == "#4a7fb5"]
+    assert len(bars) == 4 and max(int(b.get("width")) for b in bars) == 380
