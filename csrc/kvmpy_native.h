@@ -34,7 +34,8 @@ struct kvmpy_uart_state {
 struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, int gsi);
 void kvmpy_uart_free(struct kvmpy_uart *u);
 uint32_t kvmpy_uart_read(struct kvmpy_uart *u, uint32_t off);
-void kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value);
+/* 1 = done; 0 = a THR byte refused because the output buffer is full (drain, retry) */
+int kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value);
 uint32_t kvmpy_uart_peek(struct kvmpy_uart *u, uint32_t off);
 uint32_t kvmpy_uart_feed(struct kvmpy_uart *u, const uint8_t *data, uint32_t len);
 uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);

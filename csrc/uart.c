@@ -299,11 +299,18 @@ uint32_t kvmpy_uart_read(struct kvmpy_uart *u, uint32_t off)
 	return v;
 }
 
-void kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value)
+int kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value)
 {
+	int full;
+
 	pthread_mutex_lock(&u->lock);
-	uart_write(u, off, (uint8_t)value);
+	/* A THR byte with no room to keep it: refuse it whole, so the caller drains and retries
+	 * (another vCPU's C loop may have filled the buffer since the caller looked). */
+	full = off == THR && !(u->s.lcr & LCR_DLAB) && !(u->s.mcr & MCR_LOOP) && u->s.tx_len >= u->tx_cap;
+	if (!full)
+		uart_write(u, off, (uint8_t)value);
 	pthread_mutex_unlock(&u->lock);
+	return !full;
 }
 
 uint32_t kvmpy_uart_peek(struct kvmpy_uart *u, uint32_t off)

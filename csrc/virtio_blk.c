@@ -405,6 +405,8 @@ void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out)
 /* The run loop's MMIO fast path: serve one access to the device window. */
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len)
 {
+	if (len > 8)		/* data is kvm_run's 8-byte mmio.data */
+		return;
 	if (is_write) {
 		kvmpy_blk_write(b, off, len, get_le(data, len));
 	} else {

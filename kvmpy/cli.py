@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = f"""exit status:
   odd N      the guest wrote v to isa-debug-exit (port 0xf4): N = ((v << 1) | 1) & 0xff
-  {EXIT_OK:<10} the guest halted (HLT)
+  {EXIT_OK:<10} the guest halted (HLT; only with --no-irqchip: by default HLT waits for interrupts)
   {EXIT_USAGE:<10} bad command line
   {EXIT_VMM_ERROR:<10} kvmpy could not start the guest (bad image, KVM unavailable)
   {EXIT_RESET:<10} the guest reset the machine (i8042 0xFE)
@@ -46,6 +46,33 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
+def positive_size(text: str) -> int:
+    n = parse_size(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return n
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return n
+
+
+def seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = float("nan")
+    if not (s > 0 and s != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return s
+
+
 def parse_int(text: str) -> int:
     try:
         return int(text, 0)
@@ -55,9 +82,9 @@ def parse_int(text: str) -> int:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("machine")
-    g.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
+    g.add_argument("--mem", type=positive_size, default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
-    g.add_argument("--cpus", type=int, default=None, metavar="N",
+    g.add_argument("--cpus", type=positive_int, default=None, metavar="N",
                    help="number of vCPUs (default 1; a demo may ask for more); the others wait for INIT/SIPI")
     g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                    help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
@@ -87,7 +114,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--user", action="store_true",
                    help="start a long-mode guest in ring 3 (user segments and pages, all I/O ports allowed)")
     g = p.add_argument_group("run")
-    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
     g.add_argument("--trace", choices=("exits",), default=None,
                    help="print every VM exit on stderr: time, vCPU, kind, port/address, data, RIP and the "
@@ -101,6 +128,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="also draw the statistics as an SVG chart in FILE")
     g.add_argument("--stats", action="store_true",
                    help="print exits by reason and device and the time split on stderr at the end")
+    g.add_argument("--inspect", action="store_true",
+                   help="when the run stops, print the stopping vCPU's mode, registers, segments, GDT, "
+                        "IDT, page walks of RIP and RSP and the code at RIP on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run a guest image. Its COM1 output goes to stdout and stdin feeds "
                                    "its COM1 input. It ends when the guest writes to isa-debug-exit "
-                                   "(port 0xf4), halts, resets, faults, or the timeout expires.")
+                                   "(port 0xf4), resets, faults, halts (with --no-irqchip), or the timeout expires.")
     r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
     _run_options(r)
     b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk); 'kvmpy bench NAME --help'",
@@ -253,7 +283,8 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         print(f"kvmpy: bad trace option: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        machine = Machine(mem_size=args.mem or (64 << 20), cpus=args.cpus or 1, irqchip=args.irqchip,
+        machine = Machine(mem_size=64 << 20 if args.mem is None else args.mem,
+                          cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg))
     except (KvmpyError, ValueError) as e:
@@ -272,13 +303,17 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         try:
             result = machine.run(timeout=args.timeout, trace=tracer)
         except GuestError as e:
-            print(f"kvmpy: {e}", file=sys.stderr)
+            print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
+            _print_inspect(args, machine)
             _print_stats(args, machine)
             return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
         finally:
             done.set()
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+            if args.trace_json:
+                tracer.stream.close()
+        _print_inspect(args, machine)
         _print_stats(args, machine)
         return _exit_code(result, args)
 
@@ -291,7 +326,7 @@ def _tracer(args):
     filters = dict(kinds=args.trace_kinds.split(",") if args.trace_kinds else None,
                    ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs))
     if args.trace_json:
-        stream = open(args.trace_json, "w")     # closed at exit; lines are flushed by the OS then
+        stream = open(args.trace_json, "w")     # closed in _run when the run ends
         return Tracer.to_stream(stream, json_lines=True, **filters)
     return Tracer.to_stream(sys.stderr, **filters)
 
@@ -304,6 +339,11 @@ def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> 
             machine.feed_serial(sample_input)
             return
     threading.Thread(target=_feed_stdin, args=(machine, done, first), daemon=True, name="stdin").start()
+
+
+def _print_inspect(args, machine) -> None:
+    if args.inspect:
+        print(machine.inspect(), file=sys.stderr)
 
 
 def _print_stats(args, machine) -> None:
@@ -369,5 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvmpyError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
-    except BrokenPipeError:
+    except KeyboardInterrupt:            # before the run installed its own handler
+        print("kvmpy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:              # our stdout's reader went away (kvmpy ... | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

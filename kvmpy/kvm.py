@@ -295,10 +295,11 @@ class Vcpu(_Fd):
         self._thread_lock = threading.Lock()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            self.run_page = None
-            ffi.release(self._run_buf)
-            self._run_mm.close()
+        with self._thread_lock:             # kick() writes through run_page under this lock
+            if self.fd >= 0 and self.run_page is not None:
+                self.run_page = None
+                ffi.release(self._run_buf)
+                self._run_mm.close()
         super().close()
 
     # --- running ---------------------------------------------------------------------
@@ -338,10 +339,10 @@ class Vcpu(_Fd):
         ident on the way out, so it never targets a thread that has already exited
         (pthread_kill on a finished, detached thread is undefined: it can crash).
         """
-        if self.run_page is None:
-            return
-        self.immediate_exit = True
         with self._thread_lock:
+            if self.run_page is None:
+                return                      # closed: nothing runs any more
+            self.run_page.immediate_exit = 1
             tid = self.thread_id
             if tid is not None and tid != threading.get_ident():
                 try:

@@ -21,7 +21,7 @@ from .abi import Cap
 from .devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
 from .devices.virtio.blk import VirtioBlk
 from .devices.virtio.mmio import VirtioMmioTransport
-from .errors import DeviceError, GuestMemoryError, LoaderError
+from .errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError
 from .kvm import Kvm, Vcpu, Vm
 from .loader import LoadedImage, load
 from .loader.elf import ELFMAG
@@ -31,6 +31,7 @@ from .native import NativeUart, NativeVirtioBlk
 from .runloop import RunLoop, RunResult, _Stop
 from .stats import Stats
 from .x86 import cpuid, layout, modes, mptable, msrs
+from .x86.inspect import report as inspect_report
 
 PAGE = 4096
 
@@ -133,6 +134,9 @@ class Machine(RunLoop):
             self.close()
             raise
         self._stop = _Stop()
+        self._run_active, self._run_idle = threading.Event(), threading.Event()
+        self._run_idle.set()
+        self._serial_error: BaseException | None = None
 
     # --- construction ----------------------------------------------------------------
     def _create_platform(self, irqchip: bool) -> None:
@@ -181,6 +185,7 @@ class Machine(RunLoop):
             # The C UART: thread-safe by its own mutex; output is drained to serial_out.
             self.serial = NativeUart(vm_fd=self.vm.fd if irqchip else -1,
                                      gsi=layout.COM1_IRQ if irqchip else -1)
+            self.serial.on_full = self._drain_serial
             com1 = self.serial
         else:
             trigger = _IrqLine(self.vm, layout.COM1_IRQ) if irqchip else NullTrigger()
@@ -248,13 +253,44 @@ class Machine(RunLoop):
         with self._serial_lock:
             return self.serial.feed(data)
 
-    def _drain_serial(self) -> None:
-        """Write the native UART's collected output to serial_out, in one write."""
-        if self.native:
-            with self._serial_lock:
+    def _drain_serial(self) -> bool:
+        """Write the native UART's collected output to serial_out, in one write, and flush.
+
+        If the stream fails (a closed pipe, a full disk) the run stops with that error,
+        which run() raises; returns False then.
+        """
+        if not self.native:
+            return True
+        with self._serial_lock:
+            try:
                 data = self.serial.take_output()
                 if data:
                     self.serial_out.write(data)
+                    flush = getattr(self.serial_out, "flush", None)
+                    if flush is not None:
+                        flush()
+            except (OSError, ValueError) as e:
+                self._serial_error = self._serial_error or e
+                if self._stop.set("error", error=e):
+                    for v in self.vcpus:
+                        v.kick()
+                return False
+        return True
+
+    def inspect(self, vcpu: int | None = None) -> str:
+        """A readable report of a vCPU: CPU mode, registers, segments, GDT and IDT, the page
+        walks of RIP and RSP, the stack and the code at RIP (``kvmpy.x86.inspect.report``).
+
+        ``vcpu`` defaults to the one that stopped the last run. Call it while the machine
+        is not running: before or between runs, or after ``run()`` returned or raised.
+        """
+        if self._run_active.is_set():
+            raise KvmpyError("inspect() needs a stopped machine: call it after run() returns")
+        n = vcpu if vcpu is not None else (self._stop.vcpu or 0)
+        if not 0 <= n < len(self.vcpus):
+            raise ValueError(f"no vCPU {n}: the machine has {len(self.vcpus)}")
+        v = self.vcpus[n]
+        return inspect_report(v.get_regs(), v.get_sregs(), self.memory, title=f"vCPU {n}")
 
     # --- loading ---------------------------------------------------------------------
     def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
@@ -344,7 +380,12 @@ class Machine(RunLoop):
 
     # --- lifetime --------------------------------------------------------------------
     def close(self) -> None:
-        """Release the vCPUs, the VM, guest memory, disks and (if ours) /dev/kvm. Idempotent."""
+        """Release the vCPUs, the VM, guest memory, disks and (if ours) /dev/kvm. Idempotent.
+
+        A run in progress (in another thread) is stopped and waited for first: the C loop
+        and the devices hold pointers into the memory this frees.
+        """
+        self._wait_for_run_to_end()
         for blk in getattr(self, "disks", ()):
             blk.close()
         if getattr(self, "vm", None) is not None:

@@ -32,8 +32,12 @@ class MemoryRegion:
     def anonymous(cls, gpa: int, size: int, readonly: bool = False, slot: int = -1) -> "MemoryRegion":
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise ValueError(f"region gpa={gpa:#x} size={size:#x} must be page-aligned and non-empty")
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, OverflowError) as e:
+            raise GuestMemoryError(f"cannot map {size:#x} bytes of guest RAM: "
+                                   f"{getattr(e, 'strerror', None) or e}") from None
         return cls(gpa=gpa, size=size, readonly=readonly, slot=slot, mm=mm)
 
     @property

@@ -30,6 +30,7 @@ class NativeUart:
         self._p = ffi.gc(p, lib.kvmpy_uart_free)
         self._out = ffi.new("uint8_t[]", tx_buffer)
         self.tx_buffer = tx_buffer
+        self.on_full = None             # called when the output buffer is full: should drain it
 
     @property
     def ptr(self):
@@ -39,7 +40,10 @@ class NativeUart:
         return lib.kvmpy_uart_read(self._p, offset)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        lib.kvmpy_uart_write(self._p, offset, value & 0xFF)
+        while not lib.kvmpy_uart_write(self._p, offset, value & 0xFF):
+            if self.on_full is None:
+                raise RuntimeError("native UART output buffer is full and nobody drains it")
+            self.on_full()
 
     def peek(self, offset: int) -> int:
         return lib.kvmpy_uart_peek(self._p, offset)

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 from . import exits
 from .abi import SystemEventType
-from .disasm import decode, disassemble
+from .disasm import decode
 from .errors import GuestError, GuestMemoryError, KvmError
 from .kvm import Vcpu
 from .trace import KINDS, exiting_instruction
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
-from .x86 import layout, modes, paging
-from .x86.regs import CR0_PG, CR4_PAE, Regs, Sregs
+from .x86 import inspect, layout, modes
+from .x86.regs import Regs, Sregs
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,27 @@ class RunLoop:
         threads; the first vCPU to stop the machine stops them all. ``trace`` (a
         ``kvmpy.trace.Tracer``) sees every exit; a traced run takes the Python loop.
         """
+        if self._run_active.is_set():
+            raise RuntimeError("this Machine is already running")
+        self._run_active.set()
+        self._run_idle.clear()
+        try:
+            return self._run(timeout, trace)
+        finally:
+            self._run_active.clear()
+            self._run_idle.set()
+
+    def _wait_for_run_to_end(self) -> None:
+        """For close(): stop a run going on in another thread and wait until it has ended."""
+        active = getattr(self, "_run_active", None)
+        if active is None or not active.is_set():
+            return
+        if getattr(self._tls, "vcpu", None) is not None:
+            raise RuntimeError("close() called from inside run() (a device callback?)")
+        self.request_stop("closed")
+        self._run_idle.wait()
+
+    def _run(self, timeout, trace) -> RunResult:
         self._stop = _Stop()
         self._tracer = trace
         for v in self.vcpus:
@@ -92,6 +113,7 @@ class RunLoop:
         finally:
             if timer is not None:
                 timer.cancel()
+                timer.join()                    # a callback already under way must finish first
             self.request_stop("stopped")        # wake the other vCPUs if vCPU 0 ended first
             running.set()
             for t in threads:
@@ -100,7 +122,11 @@ class RunLoop:
             self._flush_serial()
         stop = self._stop
         if stop.error is not None:
+            self._serial_error = None
             raise stop.error
+        if self._serial_error is not None:      # the output stream failed after the guest stopped
+            err, self._serial_error = self._serial_error, None
+            raise err
         vcpu = self.vcpus[stop.vcpu if stop.vcpu is not None else 0]
         return RunResult(stop.reason, stop.status, vcpu.get_regs(), vcpu.id, stop.exit)
 
@@ -134,6 +160,7 @@ class RunLoop:
         except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
             self._stop.set("error", vcpu=vcpu.id, error=e)
         finally:
+            self._tls.vcpu = None
             vcpu.set_thread(None)
             for v in self.vcpus:
                 if v is not vcpu:
@@ -211,8 +238,8 @@ class RunLoop:
     def _flusher(self, done: threading.Event) -> None:
         """While the guest runs, write out its serial output at least every 20 ms."""
         while not done.wait(0.02):
-            self._drain_serial()
-            self._flush_serial()
+            if not self._drain_serial():
+                return
 
     def _traced_dispatch(self, vcpu: Vcpu, ex) -> None:
         """_dispatch, then tell the tracer (after, so an IN shows what the guest got)."""
@@ -222,7 +249,11 @@ class RunLoop:
             self._dispatch(vcpu, ex)
         finally:
             if wanted:
-                tracer.emit(self._trace_event(vcpu, ex))
+                try:
+                    tracer.emit(self._trace_event(vcpu, ex))
+                except Exception:           # a trace must never hide the guest's own error
+                    if not isinstance(ex, (exits.Shutdown, exits.InternalError, exits.FailEntry)):
+                        raise
 
     def _trace_event(self, vcpu: Vcpu, ex):
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
@@ -300,10 +331,7 @@ class RunLoop:
             return
         dev, off, name = hit
         self.stats.devices[name] += count
-        native_uart = dev is self.serial and self.native
         for i in range(0, size * count, size):              # string I/O: `rep outs` sends count items
-            if native_uart and not self.serial.tx_space:
-                self._drain_serial()                        # the C loop left a burst too big for its buffer
             dev.write(off, size, int.from_bytes(data[i:i + size], "little"))
 
     def _pio_in(self, port: int, size: int, count: int) -> bytes:
@@ -352,20 +380,12 @@ class RunLoop:
         return err
 
     def guest_physical(self, sregs: Sregs, vaddr: int) -> int:
-        """Translate a guest-virtual (linear) address with the guest's page tables."""
-        if not sregs.cr0 & CR0_PG:
-            return vaddr
-        if not sregs.cr4 & CR4_PAE:
-            raise ValueError("32-bit non-PAE paging is not walked")
-        gpa, _ = paging.translate(self.memory.read_u64, sregs.cr3, vaddr)
-        return gpa
+        """Translate a guest-virtual (linear) address with the guest's page tables, in any
+        paging mode; raises inspect.TranslationError (a ValueError) when it does not map."""
+        return inspect.translate(self.memory.read_u64, sregs, vaddr).phys
 
     def disassemble_at(self, regs: Regs, sregs: Sregs, count: int = 6) -> str:
-        """The instructions at the vCPU's RIP, decoded in its current mode."""
-        bits = modes.code_bits(sregs)
-        linear = regs.rip if bits == 64 else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
-        gpa = self.guest_physical(sregs, linear)
-        region = self.memory.region_for(gpa)
-        code = self.memory.read(gpa, min(16 * count, region.end - gpa))
-        return disassemble(code, regs.rip, bits, count)
+        """The instructions at the vCPU's RIP, decoded in its current mode (read through
+        the page tables, across page boundaries)."""
+        return inspect.code_at(regs, sregs, self.memory, count)
 

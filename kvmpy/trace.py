@@ -74,7 +74,9 @@ class Tracer:
     def to_stream(cls, stream: TextIO, json_lines: bool = False, **filters) -> "Tracer":
         def write(ev: TraceEvent) -> None:
             stream.write((json.dumps(asdict(ev)) if json_lines else ev.text()) + "\n")
-        return cls(write, **filters)
+        tracer = cls(write, **filters)
+        tracer.stream = stream
+        return tracer
 
     def wants(self, vcpu: int, ex) -> bool:
         kind = KINDS.get(type(ex), "other")

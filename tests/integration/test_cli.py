@@ -153,3 +153,19 @@ def test_stats_svg_file(tmp_path):
     assert r.returncode == guests.get("hello-long").expect_status & 0xFF
     texts = {e.text for e in ET.parse(out).getroot().iter("{http://www.w3.org/2000/svg}text")}
     assert "com1" in texts and "isa-debug-exit" in texts
+
+
+def test_inspect_prints_the_report_when_a_run_stops():
+    """--inspect ends a run with the stopping vCPU's mode, page walks and code on stderr."""
+    r = kvmpy("demo", "hello-long", "--inspect", input=b"")
+    assert r.returncode == guests.get("hello-long").expect_status & 0xFF
+    for needle in (b"long mode (64-bit), CPL 0, paging on (4-level)", b"== page walks ==",
+                   b"PML4[0]", b"=> physical 0x", b"== code at "):
+        assert needle in r.stderr, needle
+
+
+def test_inspect_after_a_triple_fault():
+    """A triple fault with --inspect: the one-line error, then the report, whose code is the ud2."""
+    r = kvmpy("demo", "triple-fault", "--inspect", input=b"")
+    assert r.returncode == EXIT_TRIPLE_FAULT
+    assert b"triple-faulted" in r.stderr and b"no complete entry" in r.stderr and b"ud2" in r.stderr

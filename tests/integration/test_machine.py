@@ -222,3 +222,50 @@ def test_library_trace_with_filters():
     assert bytes(int(e.data, 16) for e in seen) == g.expect_output
     assert all(e.kind == "io-out" and e.addr == 0x3F8 and e.insn.startswith("out") for e in seen)
     assert m.serial_output == g.expect_output      # the guest's output is unchanged by tracing
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_close_during_a_run_stops_it_first(native):
+    """close() from another thread while a guest runs stops the run and waits for it (no crash)."""
+    g = guests.get("pio-loop")
+    m = kvmpy.Machine(mem_size=2 << 20, native=native)
+    m.load(g.path, g.format, mode=g.mode, load_addr=g.load_addr, entry=g.entry)
+    results = []
+    t = threading.Thread(target=lambda: results.append(m.run(timeout=30)))
+    t.start()
+    time.sleep(0.3)
+    m.close()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert results and results[0].reason == "closed"
+    m.close()
+
+
+def test_a_failing_serial_stream_stops_the_run_with_its_error():
+    """If the serial output stream fails, run() raises that error instead of losing output silently."""
+    class Broken:
+        def write(self, data):
+            raise BrokenPipeError("reader went away")
+
+        def flush(self):
+            pass
+    g = guests.get("hello-long")
+    with kvmpy.Machine(serial=Broken()) as m:
+        m.load(g.path)
+        with pytest.raises(BrokenPipeError):
+            m.run(timeout=20)
+
+
+@pytest.mark.parametrize("name,mode", [("hello-real", "real mode (16-bit)"),
+                                       ("hello-protected", "protected mode (32-bit code), CPL 0, paging off"),
+                                       ("hello-user", "long mode (64-bit), CPL 3, paging on (4-level)")])
+def test_inspect_names_the_mode_and_walks_rip(name, mode):
+    """Machine.inspect() after a run reports the guest's mode and where RIP is in RAM."""
+    g = guests.get(name)
+    with kvmpy.Machine(mem_size=64 << 20) as m:
+        m.load(g.path, format=g.format, mode=g.mode, load_addr=g.load_addr, entry=g.entry, user=g.user)
+        r = m.run(timeout=30)
+        text = m.inspect()
+    assert text.startswith("=== vCPU 0 ===") and mode in text
+    assert "RIP linear" in text and "== code at " in text and "cannot read" not in text
+    assert f"rip={r.regs.rip:016x}" in text
