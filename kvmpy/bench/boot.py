@@ -1,47 +1,66 @@
 """boot: time to boot a kernel with kvmpy, against QEMU with KVM on the same image, same run.
 
-Subject ``multiboot`` (the only one so far; ``--subject``): the bundled
-multiboot v1 kernel ``multiboot-hello`` (guests/multiboot-hello.c), which
-prints the information its boot loader passed and exits through
-isa-debug-exit with 0x2B (exit status 87). The time is from start to that
-exit. Variants:
+Two subjects (``--subject``; the default is ``multiboot``):
+
+``multiboot``: the bundled multiboot v1 kernel ``multiboot-hello``
+(guests/multiboot-hello.c), which prints the information its boot loader
+passed and exits through isa-debug-exit with 0x2B (exit status 87). The time
+is from start to that exit. 64 MiB, 10 rounds by default.
+
+``linux``: Debian's cloud kernel (kvmpy.linuxkernel.fetch(): downloaded with
+apt on first use, then cached), its uncompressed vmlinux booted through the
+PVH entry with 512 MiB and ``console=ttyS0 earlyprintk=serial``. The time is
+from start to the first appearance of ``Linux version `` on the serial port,
+and the run is then stopped (killed, for a process). 3 rounds by default: on
+a host without hardware virtualisation each run takes ~13-16 s (HOST-NOTES.md).
+Without the kernel (empty cache and no apt or network) the subject cannot run
+(exit 2, saying so).
+
+Variants:
 
   kvmpy-lib     in this process: Machine(mem_size=--mem) construction, load()
-                and run() until it returns with the guest's exit. kvmpy is
-                already imported (the table splits the time into the three).
+                and run() until it returns with the guest's exit (or until the
+                banner). kvmpy is already imported (the table splits the time).
   kvmpy-cli     a fresh `python -m kvmpy run IMAGE` process: wall time from
-                spawn to its exit, interpreter start-up and imports included.
+                spawn to its exit (or to the banner on its stdout), interpreter
+                start-up and imports included.
   qemu          a fresh `qemu-system-x86_64 -M pc -enable-kvm -nodefaults
-                -kernel IMAGE ...` process, spawn to exit. QEMU boots a
-                multiboot -kernel through an option ROM (multiboot_dma.bin)
-                that the firmware runs: on pc, SeaBIOS after its POST.
+                -kernel IMAGE ...` process, spawn to exit (or banner). QEMU boots
+                a multiboot -kernel through an option ROM (multiboot_dma.bin)
+                that the firmware runs: on pc, SeaBIOS after its POST; a vmlinux
+                with the PVH note through pvh.bin the same way.
   qemu-microvm  the same with -M microvm, whose firmware is bios-microvm.bin
-                (qboot on Debian): it runs the same option ROM (QEMU 7.2).
+                (qboot on Debian): it runs the same option ROMs (QEMU 7.2).
+                microvm has its ISA serial port (COM1) by default.
 
 Every QEMU command has -device isa-debug-exit,iobase=0xf4,iosize=0x01, so the
 guest's exit ends QEMU the way it ends kvmpy, with the same status (checked).
 Each run's output is checked too: it must match the guest's expected output
 except where the machines differ (for multiboot-hello: mem_upper, which also
-follows --mem, the memory map and the boot loader's name).
+follows --mem, the memory map and the boot loader's name); a run that ends at
+the banner must have printed it.
 QEMU variants run only when QEMU is on PATH (or --qemu PATH); each is skipped,
-with the reason on stderr and in the JSON, if its untimed warm-up run fails.
+with the reason on stderr and in the JSON, if its first run (the untimed
+warm-up, or with --warmup 0 the first timed one) fails.
 
 Informative extras (the "split" in the JSON): python-startup (a fresh
 `python -c pass`) and python-import (`python -c "import kvmpy.cli,
 kvmpy.machine"`, what `kvmpy run` imports) split kvmpy-cli's time.
 
-Rounds (--rounds, default 10) run every variant once in an order that rotates
-each round; the table shows medians and minimums. Ratios are of medians:
-kvmpy-cli/qemu is the fair one (both fresh processes); kvmpy-lib/qemu is what
-a program that imports kvmpy gets.
+Rounds (--rounds, default the subject's) run every variant once in an order
+that rotates each round; the table shows medians and minimums. Ratios are of
+medians: kvmpy-cli/qemu is the fair one (both fresh processes); kvmpy-lib/qemu
+is what a program that imports kvmpy gets.
 
 A subject is a function (see SUBJECTS) returning a Subject: the image, how
 kvmpy loads it, QEMU's arguments per machine type, the expected status and
 output, and where the timing ends: at the guest's exit (``end="exit"``), or
 at the first appearance of its banner on the serial port (``end="banner"``:
-the run is then stopped), as a Linux subject will do ("Linux version"). With
-the native UART kvmpy's output reaches the host up to 20 ms late (its flusher),
-so a banner time carries that much; QEMU writes each byte as it comes.
+the run is then stopped), as ``linux`` does ("Linux version "). With the
+native UART kvmpy's output reaches the host up to 20 ms late (its flusher),
+so a banner time carries that much (kvmpy-cli's also waits for the end of the
+line: `kvmpy run` flushes its stdout at newlines); QEMU writes each byte as it
+comes. SUBJECTS also gives each subject its default --mem and --rounds.
 """
 from __future__ import annotations
 
@@ -56,13 +75,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import _common
 from ._common import BenchError
 
 NAME = "boot"
-DESCRIPTION = "boot a multiboot kernel to its exit: kvmpy in-process and CLI vs qemu-system-x86_64 -enable-kvm"
+DESCRIPTION = ("boot a multiboot kernel to its exit (or Linux to its banner): kvmpy in-process and CLI "
+               "vs qemu-system-x86_64 -enable-kvm")
 KVMPY_VARIANTS = ("kvmpy-lib", "kvmpy-cli")
 QEMU_VARIANTS = ("qemu", "qemu-microvm")
 EXTRAS = ("python-startup", "python-import")
@@ -128,26 +148,69 @@ def multiboot(args) -> Subject:
                     "anything before the banner")
 
 
-#: --subject NAME -> a function of the parsed arguments returning its Subject.
-#: (A Linux subject comes with the Linux loader: Machine to "Linux version", -M microvm.)
-SUBJECTS: dict[str, Callable[..., Subject]] = {"multiboot": multiboot}
+LINUX_CMDLINE = "console=ttyS0 earlyprintk=serial"   # earlyprintk: without it nothing shows before the host dies
+LINUX_BANNER = b"Linux version "
+
+
+def _linux_files():
+    """Debian's kernel from kvmpy.linuxkernel: fetched (apt) or, failing that, whatever is cached."""
+    from kvmpy import linuxkernel
+    from kvmpy.errors import KvmpyError
+    try:
+        return linuxkernel.fetch()
+    except (KvmpyError, OSError) as e:
+        found = linuxkernel.cached()
+        if found is not None and found.vmlinux.is_file():
+            return found
+        raise BenchError(f"subject linux skipped: no kernel in the cache {linuxkernel.cache_dir()} and "
+                         f"fetching one failed ({e}); run 'python -m kvmpy.linuxkernel' once online") from None
+
+
+def linux(args) -> Subject:
+    """Debian's cloud kernel, the uncompressed vmlinux through its PVH entry, to "Linux version "."""
+    files = _linux_files()
+    image = str(files.vmlinux)
+    kernel = ("-kernel", image, "-append", LINUX_CMDLINE)
+    return Subject(
+        name="linux", title=f"Debian {files.kernel_package} vmlinux (PVH entry), {args.mem // MiB} MiB, "
+                            f"cmdline {LINUX_CMDLINE!r}",
+        image=files.vmlinux, load={"format": "pvh", "cmdline": LINUX_CMDLINE},
+        cli=("--format", "pvh", "--cmdline", LINUX_CMDLINE),
+        qemu={"qemu": ("-M", "pc", *kernel), "qemu-microvm": ("-M", "microvm", *kernel)},
+        banner=LINUX_BANNER, end="banner",
+        differences="only the banner's presence is checked (the run is stopped there)")
+
+
+class SubjectSpec(NamedTuple):
+    make: Callable[..., Subject]            # the parsed arguments (--mem resolved) -> Subject
+    mem: int                                # default --mem
+    rounds: int                             # default --rounds
+
+
+#: --subject NAME -> how to make its Subject, and its defaults.
+SUBJECTS: dict[str, SubjectSpec] = {
+    "multiboot": SubjectSpec(multiboot, mem=64 * MiB, rounds=10),
+    "linux": SubjectSpec(linux, mem=512 * MiB, rounds=3),   # ~15 s a run without VMX/SVM, < 1 s with
+}
 
 
 # --- command line ----------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("--subject", choices=sorted(SUBJECTS), default="multiboot",
-                   help="what to boot (default multiboot: the bundled multiboot-hello kernel)")
-    p.add_argument("--rounds", type=_common.positive, default=10, metavar="R",
-                   help="interleaved rounds, each runs every variant once (default 10)")
-    p.add_argument("--warmup", type=_common.positive, default=1, metavar="N",
+                   help="what to boot: multiboot (default), the bundled multiboot-hello kernel to its "
+                        "exit; linux, Debian's kernel (PVH vmlinux) to its 'Linux version' banner")
+    p.add_argument("--rounds", type=_common.positive, default=None, metavar="R",
+                   help="interleaved rounds, each runs every variant once (default: multiboot 10, linux 3)")
+    p.add_argument("--warmup", type=_common.nonnegative, default=1, metavar="N",
                    help="untimed runs per variant first; the first also decides whether a QEMU "
-                        "variant can run here (default 1)")
-    p.add_argument("--mem", type=_common.positive, default=64 * MiB, metavar="SIZE",
-                   help="guest RAM for every variant (default 64M)")
+                        "variant can run here (default 1; with 0 the first timed run decides)")
+    p.add_argument("--mem", type=_common.positive, default=None, metavar="SIZE",
+                   help="guest RAM for every variant (default: multiboot 64M, linux 512M)")
     p.add_argument("--qemu", default=QEMU, metavar="PATH",
                    help=f"the QEMU to compare against (default {QEMU} on PATH)")
     p.add_argument("--no-qemu", action="store_true", help="only kvmpy's variants")
     p.add_argument("--no-microvm", action="store_true", help="skip the qemu-microvm variant")
+    p.add_argument("--no-pc", action="store_true", help="skip the qemu (-M pc) variant")
     p.add_argument("--no-extras", action="store_true",
                    help="skip python-startup and python-import (the kvmpy-cli split)")
     p.add_argument("--inherit-pycache", action="store_true",
@@ -179,7 +242,10 @@ class _Sink:
 
 
 def run_lib(subject: Subject, mem: int, timeout: float) -> dict:
-    """kvmpy-lib: Machine() + load() + run() in this process; ms for each and in all."""
+    """kvmpy-lib: Machine() + load() + run() in this process; ms for each and in all.
+
+    ``run_ms`` is run()'s share of the timed part: to its return, or to the banner."""
+    from kvmpy.errors import GuestError
     from kvmpy.machine import Machine
     machine = None
 
@@ -193,22 +259,26 @@ def run_lib(subject: Subject, mem: int, timeout: float) -> dict:
     try:
         machine.load(subject.image, **subject.load)
         t2 = time.perf_counter_ns()
-        result = machine.run(timeout=timeout)
+        try:
+            result = machine.run(timeout=timeout)
+            why = f"stopped with {result.reason!r}, status {result.status}"
+        except GuestError as e:             # e.g. a kernel that dies before its banner
+            result, why = None, f"guest error: {str(e).splitlines()[0]}"
         t3 = time.perf_counter_ns()
     finally:
         machine.close()
     t4 = time.perf_counter_ns()
     if subject.end == "exit":
-        status = result.status & 0xFF if result.reason == "exit" else None
+        status = result.status & 0xFF if result is not None and result.reason == "exit" else None
         ok = status == subject.expect_status
     else:
         status, ok = None, sink.banner_ns is not None
+        why = "" if ok else f"{why} before printing {subject.banner!r}"
     end = t3 if subject.end == "exit" else sink.banner_ns
     ms = lambda a, b: (b - a) / 1e6 if a is not None and b is not None else None  # noqa: E731
-    return {"ok": ok, "why": f"stopped with {result.reason!r}, status {result.status}",
-            "status": status, "output": bytes(sink.buf), "ms": ms(t0, end),
+    return {"ok": ok, "why": why, "status": status, "output": bytes(sink.buf), "ms": ms(t0, end),
             "banner_ms": ms(t0, sink.banner_ns), "machine_ms": ms(t0, t1), "load_ms": ms(t1, t2),
-            "run_ms": ms(t2, t3), "close_ms": ms(t3, t4)}
+            "run_ms": ms(t2, end), "close_ms": ms(t3, t4)}
 
 
 def run_process(argv: list[str], env: dict | None, timeout: float, banner: bytes | None = None,
@@ -345,47 +415,63 @@ def _pycache_note(pycache: str | None) -> str:
 
 
 def _measure(args, progress, pycache: str | None) -> dict:
-    subject = SUBJECTS[args.subject](args)
+    spec = SUBJECTS[args.subject]
+    args.mem = spec.mem if args.mem is None else args.mem
+    args.rounds = spec.rounds if args.rounds is None else args.rounds
     from kvmpy.kvm import Kvm
     Kvm().close()                                   # KvmUnavailable (exit 2) before anything long
+    progress(f"preparing subject {args.subject}")
+    subject = spec.make(args)                       # linux: may download Debian's kernel (once)
     qemu, no_qemu = find_qemu(args)
     if no_qemu:
+        progress.done()
         print(f"{NAME}: QEMU not used ({no_qemu}): reporting kvmpy only", file=sys.stderr)
     runner = Runner(subject, args, qemu, pycache)
-    variants = list(KVMPY_VARIANTS)
-    if qemu is not None:
-        variants += [v for v in QEMU_VARIANTS if v in subject.qemu and not (args.no_microvm and v == "qemu-microvm")]
-    extras = [] if args.no_extras else list(EXTRAS)
+    unwanted = {"qemu-microvm": args.no_microvm and "--no-microvm", "qemu": args.no_pc and "--no-pc"}
     skipped: dict[str, str] = {}
     if no_qemu:
         skipped.update(dict.fromkeys(QEMU_VARIANTS, no_qemu))
-    elif args.no_microvm:
-        skipped["qemu-microvm"] = "--no-microvm"
+    else:
+        skipped.update({v: why for v, why in unwanted.items() if why})
+    variants = list(KVMPY_VARIANTS) + [v for v in QEMU_VARIANTS if v in runner.argv and v not in skipped]
+    extras = [] if args.no_extras else list(EXTRAS)
     outputs: dict[str, str] = {}
+
+    def untimed(v: str, r: dict) -> bool:
+        """A warm-up run (or with --warmup 0 the first timed one) decides whether a variant
+        runs: a QEMU variant that fails is skipped, kvmpy's failing is an error."""
+        if not r["ok"]:
+            msg = f"{v}: {' '.join(runner.argv.get(v, ['Machine()']))}: {r['why']}"
+            if v not in QEMU_VARIANTS:
+                raise BenchError(msg)
+            progress.done()
+            print(f"{NAME}: skipping {msg}", file=sys.stderr)
+            skipped[v] = r["why"]
+            return False
+        if v not in EXTRAS:
+            outputs.setdefault(v, r["output"].decode(errors="replace"))
+        return True
+
     for v in variants + extras:
         for i in range(args.warmup):
             progress(f"warm-up {i + 1}/{args.warmup}: {v}")
-            r = runner.run(v)
-            if not r["ok"]:
-                msg = f"{v}: {' '.join(runner.argv.get(v, ['Machine()']))}: {r['why']}"
-                if v not in QEMU_VARIANTS:
-                    raise BenchError(msg)
-                progress.done()
-                print(f"{NAME}: skipping {msg}", file=sys.stderr)
-                skipped[v] = r["why"]
+            if not untimed(v, runner.run(v)):
                 break
-            if i == 0 and v not in EXTRAS:
-                outputs[v] = r["output"].decode(errors="replace")
     variants = [v for v in variants if v not in skipped]
     timed = tuple(variants + extras)
     samples: dict[str, list[dict]] = {v: [] for v in timed}
     for rnd in range(args.rounds):
         for v in _common.rotate(timed, rnd):
+            if v in skipped:                        # failed its first run (--warmup 0)
+                continue
             progress(f"round {rnd + 1}/{args.rounds}: {v}")
             r = runner.run(v)
+            if rnd == 0 and args.warmup == 0 and not untimed(v, r):
+                continue
             if not r["ok"]:
                 raise BenchError(f"{v}: {' '.join(runner.argv.get(v, ['Machine()']))}: {r['why']}")
             samples[v].append({k: x for k, x in r.items() if k.endswith("_ms") or k == "ms"})
+    variants = [v for v in variants if v not in skipped]
     return _result(args, subject, runner, variants, extras, samples, skipped, outputs, qemu)
 
 
@@ -443,8 +529,9 @@ def table(result: dict) -> str:
         lines.append(f"reference: {result['host']['qemu']}")
     lines.append(_common.format_table(["variant", "ms median", "min", *(f"x {q}" for q in refs)], rows))
     lib = result["split"]["kvmpy-lib"]
+    run = "run()" if p["end"] == "exit" else "run() to the banner"
     lines.append(f"kvmpy-lib: Machine() {lib['machine_ms']:.1f} ms + load() {lib['load_ms']:.1f} ms + "
-                 f"run() {lib['run_ms']:.1f} ms (then close() {lib['close_ms']:.1f} ms, not counted)")
+                 f"{run} {lib['run_ms']:.1f} ms (then close() {lib['close_ms']:.1f} ms, not counted)")
     if "kvmpy-cli" in result["split"]:
         cli = result["split"]["kvmpy-cli"]
         lines.append(f"kvmpy-cli: python start-up {cli['python_startup_ms']:.1f} ms + import kvmpy.cli, "

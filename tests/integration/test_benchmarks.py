@@ -156,3 +156,76 @@ def test_boot_runner_without_qemu(tmp_path):
     data = json.loads(out.read_text())
     check_shape(data, "boot", {"kvmpy-lib", "kvmpy-cli"}, {"kvmpy-cli/kvmpy-lib"})
     assert set(data["ratios"]) == {"kvmpy-cli/kvmpy-lib"} and "kvmpy-cli" not in data["split"]
+
+
+def test_boot_no_pc_skips_only_the_pc_variant(tmp_path):
+    """`--no-pc` leaves out the qemu (-M pc) variant and says so in `skipped`."""
+    import shutil
+    out = tmp_path / "boot.json"
+    r = run(["-m", "kvmpy", "bench", "boot", "--rounds", "1", "--no-pc", "--no-extras", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(out.read_text())
+    assert "qemu" not in {x["variant"] for x in data["results"]}
+    if shutil.which("qemu-system-x86_64") is not None:
+        assert data["skipped"]["qemu"] == "--no-pc"
+
+
+def test_boot_linux_without_a_kernel_is_exit_2(tmp_path):
+    """`--subject linux` with an empty kernel cache and no apt says it cannot fetch the kernel (exit 2)."""
+    env = {**ENV, "KVMPY_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path)}     # no apt-cache on PATH
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "boot", "--subject", "linux",
+                        "--out", str(tmp_path / "x.json")], capture_output=True, timeout=120, env=env, cwd="/")
+    assert r.returncode == 2, r.stderr.decode()
+    assert b"subject linux skipped" in r.stderr and b"python -m kvmpy.linuxkernel" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_boot_linux_to_the_banner(tmp_path):
+    """`--subject linux` boots Debian's PVH vmlinux to "Linux version " in-process and via the CLI
+    (one round, no warm-up, no QEMU: ~30 s without hardware virtualisation, about 2 s with)."""
+    from kvmpy import linuxkernel
+    from kvmpy.bench import boot
+    try:
+        files = linuxkernel.fetch()
+    except linuxkernel.FetchError as e:
+        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
+            pytest.fail(f"cannot fetch Debian's kernel: {e}")
+        pytest.skip(f"cannot fetch Debian's kernel: {e}")
+    out = tmp_path / "boot.json"
+    r = run(["-m", "kvmpy", "bench", "boot", "--subject", "linux", "--rounds", "1", "--warmup", "0",
+             "--no-qemu", "--no-extras", "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "boot", {"kvmpy-lib", "kvmpy-cli"}, {"kvmpy-cli/kvmpy-lib"})
+    assert {(x["metric"], x["unit"]) for x in data["results"]} == {("to_banner", "ms")}
+    p = data["params"]
+    assert (p["subject"], p["end"], p["mem"], p["rounds"], p["image"]) == \
+        ("linux", "banner", 512 << 20, 1, str(files.vmlinux))
+    assert p["commands"]["kvmpy-cli"][-5:] == ["--format", "pvh", "--cmdline", "console=ttyS0 earlyprintk=serial",
+                                               str(files.vmlinux)]
+    for v in ("kvmpy-lib", "kvmpy-cli"):
+        assert "Linux version " in data["outputs"][v]
+        assert data["banner_ms"][v] == data["results"][[x["variant"] for x in data["results"]].index(v)]["value"]
+    # QEMU gets the same kernel and command line (not run here: another ~15 s a variant)
+    args = boot._common.build_parser(boot, None).parse_args(["--subject", "linux"])
+    args.mem = boot.SUBJECTS["linux"].mem
+    runner = boot.Runner(boot.linux(args), args, "qemu-system-x86_64", None)
+    assert runner.argv["qemu-microvm"][-8:] == ["-m", "512M", "-M", "microvm", "-kernel", str(files.vmlinux),
+                                                "-append", "console=ttyS0 earlyprintk=serial"]
+    assert runner.argv["qemu"][-6:-4] == ["-M", "pc"]
+
+
+def test_boot_without_warmup_skips_a_failing_qemu(tmp_path):
+    """With --warmup 0 a QEMU that fails its first (timed) run is skipped with the reason, not an error."""
+    import shutil
+    false = shutil.which("false")
+    out = tmp_path / "boot.json"
+    r = run(["-m", "kvmpy", "bench", "boot", "--qemu", false, "--rounds", "2", "--warmup", "0", "--no-extras",
+             "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stderr.count(b"skipping qemu") == 2                  # qemu and qemu-microvm, once each
+    data = json.loads(out.read_text())
+    check_shape(data, "boot", {"kvmpy-lib", "kvmpy-cli"}, {"kvmpy-cli/kvmpy-lib"})
+    assert set(data["skipped"]) == {"qemu", "qemu-microvm"}
+    assert all("exit status 1" in why for why in data["skipped"].values())
+    assert all(len(xs) == 2 for xs in data["samples"].values())
