@@ -116,9 +116,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
-    g.add_argument("--trace", choices=("exits",), default=None,
-                   help="print every VM exit on stderr: time, vCPU, kind, port/address, data, RIP and the "
-                        "guest instruction (the run takes the Python loop so no exit is hidden)")
+    g.add_argument("--trace", choices=("exits", "steps"), default=None,
+                   help="exits: print every VM exit on stderr (time, vCPU, kind, port/address, data, RIP, "
+                        "the guest instruction; the run takes the Python loop so no exit is hidden). "
+                        "steps: single-step the guest and print each instruction with the registers it "
+                        "changed (slow: one exit per instruction)")
     g.add_argument("--trace-json", metavar="FILE", default=None, help="write the exit trace as JSON lines to FILE")
     g.add_argument("--trace-kinds", metavar="K[,K]", default=None,
                    help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
@@ -324,7 +326,8 @@ def _tracer(args):
         return None
     from .trace import Tracer, parse_filter
     filters = dict(kinds=args.trace_kinds.split(",") if args.trace_kinds else None,
-                   ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs))
+                   ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs),
+                   steps=args.trace == "steps")
     if args.trace_json:
         stream = open(args.trace_json, "w")     # closed in _run when the run ends
         return Tracer.to_stream(stream, json_lines=True, **filters)

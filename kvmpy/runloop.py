@@ -92,6 +92,19 @@ class RunLoop:
     def _run(self, timeout, trace) -> RunResult:
         self._stop = _Stop()
         self._tracer = trace
+        stepping = trace is not None and trace.steps
+        if stepping:
+            for v in self.vcpus:
+                trace.start_steps(v.id, v.get_regs())
+                v.single_step(True)
+        try:
+            return self._run_vcpus(timeout)
+        finally:
+            if stepping:
+                for v in self.vcpus:
+                    v.single_step(False)
+
+    def _run_vcpus(self, timeout) -> RunResult:
         for v in self.vcpus:
             v.immediate_exit = False
         timer = None
@@ -242,8 +255,13 @@ class RunLoop:
                 return
 
     def _traced_dispatch(self, vcpu: Vcpu, ex) -> None:
-        """_dispatch, then tell the tracer (after, so an IN shows what the guest got)."""
+        """_dispatch, then tell the tracer (after, so an IN shows what the guest got).
+        When single-stepping, a debug exit is a step: report it and carry on."""
         tracer = self._tracer
+        if tracer.steps and isinstance(ex, exits.Debug):
+            if tracer.vcpus is None or vcpu.id in tracer.vcpus:
+                tracer.emit(tracer.step_event(vcpu.id, vcpu.get_regs(), self._insn_reader(vcpu)))
+            return
         wanted = tracer.wants(vcpu.id, ex)
         try:
             self._dispatch(vcpu, ex)
@@ -255,14 +273,13 @@ class RunLoop:
                     if not isinstance(ex, (exits.Shutdown, exits.InternalError, exits.FailEntry)):
                         raise
 
-    def _trace_event(self, vcpu: Vcpu, ex):
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    def _insn_reader(self, vcpu: Vcpu):
+        """insn_at(rip) -> the instruction text at rip in the vCPU's current mode."""
+        decode_at = self._decoder(vcpu.get_sregs())
+        return lambda rip: (decode_at(rip) or [(0, 0, "")])[0][2]
+
+    def _decoder(self, sregs: Sregs):
         bits = modes.code_bits(sregs)
-        data_in = None
-        if isinstance(ex, exits.IoIn):
-            data_in = vcpu.io_data(ex)
-        elif isinstance(ex, exits.MmioRead):
-            data_in = vcpu.mmio_data(ex.size)
 
         def decode_at(rip: int):
             try:
@@ -272,6 +289,16 @@ class RunLoop:
             except (ValueError, GuestMemoryError):
                 return []
             return decode(code, rip, bits)
+        return decode_at
+
+    def _trace_event(self, vcpu: Vcpu, ex):
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        decode_at = self._decoder(sregs)
+        data_in = None
+        if isinstance(ex, exits.IoIn):
+            data_in = vcpu.io_data(ex)
+        elif isinstance(ex, exits.MmioRead):
+            data_in = vcpu.mmio_data(ex.size)
         kind = KINDS.get(type(ex), "other")
         return self._tracer.event(vcpu.id, ex, data_in, regs.rip, exiting_instruction(decode_at, regs.rip, kind))
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, TextIO
 
 from . import exits
+from .x86.regs import REGS_FIELDS as REG_NAMES
 
 KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
          exits.MmioWrite: "mmio-write", exits.Hlt: "hlt", exits.Shutdown: "shutdown",
@@ -38,8 +39,12 @@ class TraceEvent:
     data: str | None         # hex of the bytes written or read
     rip: int
     insn: str                # "mnemonic operands", or "" if the code could not be read
+    changed: tuple = ()      # single steps: (register, old, new) for each register the step changed
 
     def text(self) -> str:
+        if self.kind == "step":
+            regs = "  ".join(f"{n}={old:#x}->{new:#x}" for n, old, new in self.changed)
+            return f"{self.t:10.6f} cpu{self.vcpu} step  {self.rip:#x}: {self.insn:<32} {regs}".rstrip()
         where = ""
         if self.addr is not None:
             where = f" {'port' if self.kind.startswith('io') else 'addr'}={self.addr:#x} size={self.size}"
@@ -64,8 +69,11 @@ class Tracer:
     ranges, ``vcpus``. ``Tracer.to_stream(f, json_lines=...)`` writes text or JSON lines.
     """
 
-    def __init__(self, sink: Callable[[TraceEvent], None], kinds=None, ports=None, addrs=None, vcpus=None):
+    def __init__(self, sink: Callable[[TraceEvent], None], kinds=None, ports=None, addrs=None, vcpus=None,
+                 steps: bool = False):
         self.sink, self.kinds, self.ports, self.addrs = sink, set(kinds) if kinds else None, ports, addrs
+        self.steps = steps           # single-step the guest and report every instruction
+        self._last_regs: dict[int, object] = {}
         self.vcpus = set(vcpus) if vcpus is not None else None
         self.start = time.perf_counter()
         self.count = 0
@@ -103,6 +111,21 @@ class Tracer:
             data = (ex.data if isinstance(ex, exits.MmioWrite) else data_in or b"").hex()
         return TraceEvent(round(time.perf_counter() - self.start, 6), vcpu_id, kind, addr, size, count,
                           data, rip, insn)
+
+    def step_event(self, vcpu_id: int, regs, insn_at, rip_before: int | None = None) -> TraceEvent:
+        """A single step: the instruction that ran (at the previous RIP) and what it changed."""
+        before = self._last_regs.get(vcpu_id)
+        self._last_regs[vcpu_id] = regs
+        changed = ()
+        if before is not None:
+            changed = tuple((n, getattr(before, n), getattr(regs, n)) for n in REG_NAMES
+                            if getattr(before, n) != getattr(regs, n) and n != "rip")
+        rip = before.rip if before is not None else regs.rip
+        return TraceEvent(round(time.perf_counter() - self.start, 6), vcpu_id, "step", None, None, None,
+                          None, rip, insn_at(rip), changed)
+
+    def start_steps(self, vcpu_id: int, regs) -> None:
+        self._last_regs[vcpu_id] = regs
 
     def emit(self, ev: TraceEvent) -> None:
         self.count += 1

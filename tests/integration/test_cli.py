@@ -169,3 +169,15 @@ def test_inspect_after_a_triple_fault():
     r = kvmpy("demo", "triple-fault", "--inspect", input=b"")
     assert r.returncode == EXIT_TRIPLE_FAULT
     assert b"triple-faulted" in r.stderr and b"no complete entry" in r.stderr and b"ud2" in r.stderr
+
+
+def test_trace_steps_shows_instructions_and_register_changes():
+    """--trace steps single-steps the guest: each instruction in order with the registers it changed."""
+    r = kvmpy("demo", "hello-real", "--trace", "steps", "--trace-kinds", "step")
+    g = guests.get("hello-real")
+    assert r.stdout == g.expect_output and r.returncode == g.expect_status & 0xFF
+    steps = [line for line in r.stderr.decode().splitlines() if " step " in line]
+    assert steps[0].split()[3:] == ["0x7c00:", "cli"]
+    lods = next(s for s in steps if "lodsb" in s)
+    assert "rax=0x0->0x48" in lods                        # 'H', the first character of the message
+    assert len(steps) > 10 * len(g.expect_output)         # every instruction, not just the exits
