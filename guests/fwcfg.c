@@ -71,18 +71,6 @@ static u64 fw_be(int n)
 	return v;
 }
 
-static void print_dec(u64 v)
-{
-	char buf[20];
-	int n = 0;
-
-	do {
-		buf[n++] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	while (n)
-		putc(buf[--n]);
-}
 
 /* Print up to `size` bytes of the selected item, stopping at a NUL; returns the last byte. */
 static int print_item(u64 size)

@@ -35,18 +35,6 @@ struct mb_mmap_entry {
 	u32 type;
 } __attribute__((packed));
 
-static void print_dec(u32 v)
-{
-	char buf[10];
-	int n = 0;
-
-	do {
-		buf[n++] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	while (n)
-		putc(buf[--n]);
-}
 
 static void print_byte(u8 b)
 {

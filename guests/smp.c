@@ -110,18 +110,6 @@ static void unlock(void)
 	print_lock = 0;
 }
 
-static void put_dec(u32 v)
-{
-	char buf[10];
-	int n = 0;
-
-	do {
-		buf[n++] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	while (n)
-		putc(buf[--n]);
-}
 
 static int fail(const char *what)
 {
@@ -261,7 +249,7 @@ void ap_main(u32 apic_id)
 {
 	lock();
 	puts("AP ");
-	put_dec(apic_id);
+	print_dec(apic_id);
 	puts(" up\n");
 	ap_last_id = apic_id;
 	unlock();
@@ -278,7 +266,7 @@ int main(void)
 	if (self != bsp_id)
 		return fail("the MP table's bootstrap processor is not this CPU");
 	puts("smp: MP table lists ");
-	put_dec(ncpus);
+	print_dec(ncpus);
 	puts(" CPUs\n");
 
 	for (const char *s = ap_trampoline; s < ap_trampoline_end; s++)
@@ -300,7 +288,7 @@ int main(void)
 
 	lock();
 	puts("smp: ");
-	put_dec(ap_count + 1);
+	print_dec(ap_count + 1);
 	puts(" CPUs up\n");
 	unlock();
 	return EXIT_OK;

@@ -56,6 +56,7 @@ static inline unsigned cpl(void)
 void putc(int c);                  /* one byte to COM1, polling THRE */
 void puts(const char *s);          /* the string as is: no newline added */
 void print_hex(u64 v);             /* "0x" and lowercase hex digits, no leading zeros */
+void print_dec(unsigned long v);   /* decimal, no leading zeros (unsigned long: 32-bit code has no 64-bit division) */
 int getc(void);                    /* blocks (polling DR) until COM1 has a byte */
 __attribute__((noreturn)) void exit(int v);
 

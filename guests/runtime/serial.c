@@ -58,3 +58,16 @@ void exit(int v)
 	for (;;)
 		__asm__ volatile("pause");
 }
+
+void print_dec(unsigned long v)
+{
+	char buf[20];
+	int n = 0;
+
+	do {
+		buf[n++] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	while (n)
+		putc(buf[--n]);
+}

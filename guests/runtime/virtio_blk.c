@@ -391,18 +391,6 @@ const char *blk_strerror(int err)
 	}
 }
 
-void print_dec(u64 v)
-{
-	char buf[20];
-	int n = 0;
-
-	do {
-		buf[n++] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	while (n)
-		putc(buf[--n]);
-}
 
 int blk_fail(const char *prog, const char *what, u64 sector, int err)
 {

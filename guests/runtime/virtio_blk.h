@@ -78,6 +78,5 @@ const char *blk_strerror(int err);
  * Unsigned decimal to COM1.  A general helper the blk guests need; it
  * lives here only because serial.c has no decimal printer.
  */
-void print_dec(u64 v);
 
 #endif
