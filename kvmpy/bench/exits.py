@@ -27,6 +27,14 @@ timer and flusher threads: a few ms on a busy host), is reported separately
 ("split" in the JSON, with the wall time per exit). Rounds interleave the
 variants in a rotating order; the table shows medians and ratios to raw's median.
 Targets on the development machines: native/raw <= 1.05, python/raw <= 1.3.
+
+--all, the exit-cost lab: one table of ns per exit for every exit kind, each from
+its own loop in exit_kinds.S (32-bit protected mode, assembled at run time): PIO
+out and in, MMIO write and read (no RAM at 0xe0000000), HLT with the irqchip off
+(one run() per HLT for native and python), for raw (exit_ref.c), native and
+python; and cpuid, an ioeventfd-served OUT and a plain nop, which never leave
+KVM and so get one number (variant "kernel") from batches of 1000 timed by
+exit_ref.c. See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -59,6 +67,12 @@ def add_arguments(p) -> None:
                    help="untimed exits per variant before timing (default 2000)")
     p.add_argument("--no-extras", action="store_true",
                    help="only raw, native and python (skip cffi-ioctl, vcpu.run, python-device)")
+    p.add_argument("--all", action="store_true",
+                   help="the exit-cost lab: every exit kind (PIO in/out, MMIO read/write, HLT, and the "
+                        "in-kernel cpuid and ioeventfd) for raw, native and python; --exits is per kind")
+    p.add_argument("--hlt-exits", type=_common.positive, default=200, metavar="N",
+                   help="with --all: HLT exits per round for native and python, where every HLT ends "
+                        "a run() call (default 200)")
 
 
 class Raw:
@@ -117,8 +131,9 @@ def _machine(native: bool):
 class TimedMachine:
     """``native`` and ``python``: no device on port 0x80, so the run is stopped by its timeout."""
 
-    def __init__(self, native: bool):
-        self.m = _machine(native)
+    def __init__(self, native: bool, machine=None, counter: str = "io-out", label: str = GUEST):
+        self.m = _machine(native) if machine is None else machine
+        self.counter, self.label = counter, label
         self.ns_estimate = 10_000.0
 
     def close(self) -> None:
@@ -126,13 +141,14 @@ class TimedMachine:
 
     def _run(self, seconds: float) -> dict:
         s = self.m.stats
-        e0, k0, v0 = s.exits["io-out"], s.kvm_ns, s.vmm_ns
+        c = self.counter
+        e0, k0, v0 = s.exits[c], s.kvm_ns, s.vmm_ns
         t0 = time.perf_counter_ns()
         result = self.m.run(timeout=seconds)
         t1 = time.perf_counter_ns()
-        n = s.exits["io-out"] - e0
-        if result.reason != "timeout" or n < 1 or s.total_exits - s.exits["io-out"] - s.exits["interrupted"]:
-            raise BenchError(f"{GUEST} stopped with {result.reason!r} after {n} PIO exits; "
+        n = s.exits[c] - e0
+        if result.reason != "timeout" or n < 1 or s.total_exits - s.exits[c] - s.exits["interrupted"]:
+            raise BenchError(f"{self.label} stopped with {result.reason!r} after {n} {c} exits; "
                              f"exits by reason: {dict(s.exits)}")
         # The run loop's own clock: from its first KVM_RUN to its last exit (the span pio_ref
         # times too). The rest of the run() call is its fixed cost: threads, timer, harvest.
@@ -252,6 +268,8 @@ class BareVcpu:
 
 
 def measure(args, progress) -> dict:
+    if args.all:
+        return measure_all(args, progress)
     image = _common.guest_image(GUEST)
     variants = VARIANTS + (() if args.no_extras else EXTRAS)
     samples: dict[str, list[dict]] = {v: [] for v in variants}
@@ -314,6 +332,8 @@ def _result(args, image, variants, samples) -> dict:
 
 
 def table(result: dict) -> str:
+    if result["params"].get("all"):
+        return table_all(result)
     raw = result["summary"]["raw"]["median"]
     rows = []
     for r in result["results"]:
@@ -331,6 +351,194 @@ def table(result: dict) -> str:
     for k, limit in result["targets"].items():
         got = result["ratios"][k]
         lines.append(f"{k} = {got:.3f} (target <= {limit}: {'met' if got <= limit else 'NOT met'})")
+    return "\n".join(lines)
+
+
+# --- --all: the exit-cost lab ------------------------------------------------------------
+KIND_IMAGE = "exit_kinds.S"     # one endless loop per kind, a 4 KiB page each
+KIND_BASE = 0x100000            # linked and loaded here, entered in flat 32-bit protected mode
+REPS = 1000                     # in-kernel exits (or nops) per batch in exit_kinds.S
+#: kind -> (page in exit_kinds.S, Machine.stats.exits counter; None: served inside KVM)
+KINDS = {
+    "pio-out": (0, "io-out"), "pio-in": (1, "io-in"), "mmio-write": (2, "mmio-write"),
+    "mmio-read": (3, "mmio-read"), "hlt": (4, "hlt"), "cpuid": (5, None), "ioeventfd": (6, None),
+    "nop": (7, None),
+}
+KIND_TEXT = {
+    "pio-out": "out %al,$0x80 (unclaimed port)", "pio-in": "in $0x80,%al (unclaimed port)",
+    "mmio-write": "movb %al,0xe0000000 (no RAM)", "mmio-read": "movb 0xe0000000,%al (no RAM)",
+    "hlt": "hlt, irqchip off", "cpuid": "cpuid (served in KVM)",
+    "ioeventfd": "out to an ioeventfd port (in KVM)", "nop": "nop: no exit (reference)",
+}
+USER_VARIANTS = ("raw", "native", "python")
+
+
+class RawKind(Raw):
+    """exit_ref.c serving one kind (`exit_ref IMAGE ENTRY KIND WARMUP`); for in-kernel kinds
+    each request is in batches of REPS guest exits, and the answer is per batch."""
+
+    def __init__(self, exe: pathlib.Path, image: pathlib.Path, kind: str, warmup: int):
+        self.argv = [str(exe), str(image), str(KIND_BASE + KINDS[kind][0] * 0x1000), kind, str(warmup)]
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._expect("ready")
+
+
+def _kind_machine(native: bool, image: pathlib.Path, kind: str):
+    import kvmpy
+    m = kvmpy.Machine(mem_size=RAM, native=native, irqchip=kind != "hlt")   # with the irqchip HLT stays in KVM
+    try:
+        m.load(image, format="raw", mode="protected", load_addr=KIND_BASE,
+               entry=KIND_BASE + KINDS[kind][0] * 0x1000)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+class HaltMachine:
+    """``hlt`` for native and python: every HLT stops the machine, so one run() per exit.
+
+    ``ns`` is the run loop's own clock per run (KVM_RUN plus the VMM work before it,
+    as for the other kinds); ``wall_ns`` is the whole run() call, its fixed cost included.
+    """
+
+    def __init__(self, native: bool, image: pathlib.Path):
+        self.m = _kind_machine(native, image, "hlt")
+
+    def close(self) -> None:
+        self.m.close()
+
+    def warm(self, n: int) -> None:
+        self.measure(max(1, min(n, 20)))
+
+    def measure(self, n: int) -> dict:
+        s = self.m.stats
+        e0, k0, v0 = s.exits["hlt"], s.kvm_ns, s.vmm_ns
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            result = self.m.run()
+            if result.reason != "halt":
+                raise BenchError(f"hlt guest stopped with {result.reason!r}; exits by reason: {dict(s.exits)}")
+        t1 = time.perf_counter_ns()
+        done = s.exits["hlt"] - e0
+        if done != n:
+            raise BenchError(f"hlt guest: {done} HLT exits in {n} runs; exits by reason: {dict(s.exits)}")
+        loop = (s.kvm_ns - k0) + (s.vmm_ns - v0)
+        return {"ns": loop / n, "exits": n, "kvm_ns": (s.kvm_ns - k0) / n, "vmm_ns": (s.vmm_ns - v0) / n,
+                "wall_ns": (t1 - t0) / n, "run_overhead_us": (t1 - t0 - loop) / n / 1000}
+
+
+def measure_all(args, progress) -> dict:
+    samples: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as tmp:
+        tmpdir = pathlib.Path(tmp)
+        progress(f"building exit_ref.c and {KIND_IMAGE} ...")
+        exe = _common.compile_c("exit_ref.c", tmpdir)
+        image = tmpdir / "exit_kinds.bin"
+        image.write_bytes(_common.assemble_raw(KIND_IMAGE, tmpdir, KIND_BASE))
+        for kind, (_, counter) in KINDS.items():
+            variants = USER_VARIANTS if counter else ("kernel",)
+            samples[kind] = {v: [] for v in variants}
+            owned = []
+            try:
+                if counter is None:         # served inside KVM: the VMM is not involved, one number
+                    batches = max(1, args.exits // REPS)
+                    raw = RawKind(exe, image, kind, max(1, args.warmup // REPS))
+                    owned.append(raw)
+                    run = {"kernel": lambda n, raw=raw, b=batches: dict(raw.measure(b), exits=b * REPS)}
+                else:
+                    raw = RawKind(exe, image, kind, args.warmup)
+                    owned.append(raw)
+                    if kind == "hlt":
+                        native, python = HaltMachine(True, image), HaltMachine(False, image)
+                    else:
+                        native, python = (TimedMachine(nat, _kind_machine(nat, image, kind), counter, kind)
+                                          for nat in (True, False))
+                    owned += [native, python]
+                    progress(f"{kind}: warming up")
+                    native.warm(args.warmup)
+                    python.warm(args.warmup)
+                    n_machine = args.hlt_exits if kind == "hlt" else args.exits
+                    run = {"raw": raw.measure, "native": lambda n, f=native.measure: f(n_machine),
+                           "python": lambda n, f=python.measure: f(n_machine)}
+                for r in range(args.rounds):
+                    for v in _common.rotate(variants, r):
+                        progress(f"{kind}: round {r + 1}/{args.rounds}: {v}")
+                        samples[kind][v].append(run[v](args.exits))
+            finally:
+                for o in reversed(owned):
+                    o.close()
+    return _result_all(args, samples)
+
+
+def _result_all(args, samples) -> dict:
+    summary, split, results, ratios = {}, {}, [], {}
+    pio_raw = _common.summarize([s["ns"] for s in samples["pio-out"]["raw"]])["median"]
+    for kind, per in samples.items():
+        summary[kind] = {}
+        for v, ss in per.items():
+            ns = [s["ns"] for s in ss]
+            if v == "kernel":       # a batch is REPS in-kernel exits and the OUT that ends it
+                ns = [max(0.0, (x - pio_raw) / REPS) for x in ns]
+            summary[kind][v] = {k: round(x, 1) for k, x in _common.summarize(ns).items()}
+            summary[kind][v]["samples"] = [round(x, 1) for x in ns]
+            results.append({"variant": v, "metric": kind, "value": summary[kind][v]["median"], "unit": "ns"})
+            if "kvm_ns" in ss[0]:
+                med = lambda key, ss=ss: _common.summarize([s[key] for s in ss])["median"]  # noqa: E731
+                split.setdefault(kind, {})[v] = {
+                    "kvm_ns_per_exit": round(med("kvm_ns"), 1), "vmm_ns_per_exit": round(med("vmm_ns"), 1),
+                    "wall_ns_per_exit": round(med("wall_ns"), 1), "run_overhead_us": round(med("run_overhead_us"), 1)}
+        if "raw" in per:
+            for v in ("native", "python"):
+                ratios[f"{kind} {v}/raw"] = round(summary[kind][v]["median"] / summary[kind]["raw"]["median"], 3)
+    return {
+        "benchmark": NAME,
+        "host": _common.host_info(),
+        "params": {"all": True, "exits": args.exits, "hlt_exits": args.hlt_exits, "rounds": args.rounds,
+                   "warmup": args.warmup, "image": KIND_IMAGE, "mode": "protected32", "reps": REPS,
+                   "kinds": KIND_TEXT, "order": "kinds in turn, variants rotating per round"},
+        "results": results,
+        "ratios": ratios,
+        "summary": summary,
+        "split": split,
+        "notes": {
+            "raw": "kvmpy/bench/exit_ref.c: KVM_RUN, check the exit, KVM_RUN again",
+            "kernel": f"cpuid, ioeventfd and nop never leave KVM, so raw, native and python are the same: "
+                      f"exit_ref.c times batches of {REPS} and one OUT to port 0x80; the OUT's cost "
+                      f"(raw pio-out median) is subtracted and the rest divided by {REPS}",
+            "hlt": "every HLT ends a Machine.run(): native and python show the run loop's own clock per "
+                   "exit; split.hlt.*.wall_ns_per_exit is the whole run() call",
+        },
+    }
+
+
+def table_all(result: dict) -> str:
+    p, su = result["params"], result["summary"]
+    rows = []
+    for kind in KINDS:
+        s = su[kind]
+        if "raw" in s:
+            raw = s["raw"]["median"]
+            star = "*" if kind == "hlt" else ""
+            rows.append([kind, f"{raw:.0f}", f"{s['native']['median']:.0f}{star}",
+                         f"{s['python']['median']:.0f}{star}", f"{s['native']['median'] / raw:.3f}{star}",
+                         f"{s['python']['median'] / raw:.3f}{star}", KIND_TEXT[kind]])
+        else:
+            k = f"{s['kernel']['median']:.0f}"
+            rows.append([kind, k, "=", "=", "-", "-", KIND_TEXT[kind]])
+    lines = [f"Exit cost by kind, ns per exit (medians of {p['rounds']} rounds, ~{p['exits']} exits per kind "
+             f"and variant; {p['hlt_exits']} for native/python hlt); guest: {p['image']}, 32-bit, CPL0",
+             _common.host_line(result["host"]),
+             _common.format_table(["kind", "raw", "native", "python", "native/raw", "python/raw", "guest loop"],
+                                  rows),
+             f"cpuid, ioeventfd, nop: served inside KVM (nop: no exit), one number for every VMM "
+             f"(\"=\"): per batch of {p['reps']}, minus one raw pio-out, / {p['reps']}."]
+    hlt = result["split"].get("hlt", {})
+    if hlt:
+        lines.append("* hlt: every HLT ends run(), so each exit is a run() of its own; shown is the run loop's "
+                     "clock (one KVM_RUN and the work before it),\n  the whole run() call per HLT: "
+                     + ", ".join(f"{v} {sp['wall_ns_per_exit'] / 1000:.0f} us" for v, sp in hlt.items()))
     return "\n".join(lines)
 
 

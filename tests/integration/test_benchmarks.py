@@ -42,6 +42,28 @@ def test_exits_via_cli(tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+
+def test_exits_all_via_cli(tmp_path):
+    """`kvmpy bench exits --all` reports every exit kind: raw, native and python for the user-space
+    kinds (with their ratios), one in-kernel number for cpuid, ioeventfd and nop."""
+    from kvmpy.bench import exits
+    out = tmp_path / "exits-all.json"
+    r = run(["-m", "kvmpy", "bench", "exits", "--all", "--exits", "1000", "--rounds", "1", "--warmup", "20",
+             "--hlt-exits", "3", "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    user = {"pio-out", "pio-in", "mmio-write", "mmio-read", "hlt"}
+    kernel = {"cpuid", "ioeventfd", "nop"}
+    check_shape(data, "exits", {"raw", "native", "python", "kernel"},
+                {f"{k} {v}/raw" for k in user for v in ("native", "python")})
+    assert data["params"]["all"] is True
+    assert {(x["metric"], x["variant"]) for x in data["results"]} == \
+        {(k, v) for k in user for v in ("raw", "native", "python")} | {(k, "kernel") for k in kernel}
+    assert set(exits.KINDS) == user | kernel and {x["unit"] for x in data["results"]} == {"ns"}
+    assert set(data["split"]) == user and set(data["split"]["hlt"]) == {"native", "python"}
+    assert b"pio-out" in r.stderr and b"ioeventfd" in r.stderr         # the table, on stderr with --json
+    assert json.loads(out.read_text()) == data
+
 def test_serial_via_cli(tmp_path):
     """`kvmpy bench serial` checks that every byte arrived and reports bytes/s and write() calls for both loops."""
     r = run(["-m", "kvmpy", "bench", "serial", "--bytes", "3000", "--rounds", "1", "--json",
