@@ -153,14 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a demo that reads input gets its sample input when stdin has none.")
     d.add_argument("name", help="demo name, e.g. hello-long")
     _run_options(d)
-    r = sub.add_parser("run", help="run a guest image (raw or ELF)", epilog=EXIT_CODES_HELP,
+    r = sub.add_parser("run", help="run a guest image (raw, ELF, multiboot kernel, Linux bzImage/vmlinux)",
+                       epilog=EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run a guest image. Its COM1 output goes to stdout and stdin feeds "
                                    "its COM1 input. It ends when the guest writes to isa-debug-exit "
                                    "(port 0xf4), resets, faults, halts (with --no-irqchip), or the timeout expires.")
     r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
     _run_options(r)
-    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk); 'kvmpy bench NAME --help'",
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
@@ -216,6 +217,14 @@ def cmd_demo(args) -> int:
                 cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
     if args.cpus is None:
         args.cpus = g.cpus
+    if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
+        import tempfile
+        with tempfile.NamedTemporaryFile(prefix="kvmpy-demo-", suffix=".img") as scratch:
+            scratch.truncate(1 << 20)
+            print(f"kvmpy: {g.name} drives a disk; using a scratch 1 MiB file of zeros "
+                  "(pass --disk FILE[,ro] to use your own)", file=sys.stderr)
+            args.disk = [scratch.name]
+            return _run(args, g.path, load, sample_input=g.stdin)
     return _run(args, g.path, load, sample_input=g.stdin)
 
 
