@@ -116,7 +116,10 @@ class RunLoop:
                                     name=f"vcpu{v.id}") for v in self.vcpus[1:]]
         running = threading.Event()
         if self.native:
-            self._loops = {v.id: self._native_loop(v) for v in self.vcpus}
+            key = (self.pio.generation, self.mmio.generation)
+            if getattr(self, "_loops_key", None) != key:    # fast-path tables follow the buses
+                self._loops = {v.id: self._native_loop(v) for v in self.vcpus}
+                self._loops_key = key
             threads.append(threading.Thread(target=self._flusher, args=(running,), daemon=True,
                                             name="serial-flush"))
         try:

@@ -47,6 +47,7 @@ class Bus:
         self._starts: list[int] = []          # sorted bases, parallel to _entries
         self._entries: list[Attachment] = []
         self._cache: dict[int, tuple[Device, int, str] | None] = {}
+        self.generation = 0                   # bumped on every attach: tables built from the bus know when to rebuild
 
     def attach(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         """Claim ``[base, base + length)`` for ``device``; overlap -> DeviceError."""
@@ -69,6 +70,7 @@ class Bus:
         self._starts.insert(i, base)
         self._entries.insert(i, new)
         self._cache.clear()
+        self.generation += 1
 
     def lookup(self, addr: int) -> tuple[Device, int, str] | None:
         """``(device, offset, name)`` of the range holding ``addr``, or None.
