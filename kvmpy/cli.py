@@ -122,6 +122,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "steps: single-step the guest and print each instruction with the registers it "
                         "changed (slow: one exit per instruction)")
     g.add_argument("--trace-json", metavar="FILE", default=None, help="write the exit trace as JSON lines to FILE")
+    g.add_argument("--replay", metavar="FILE", default=None,
+                   help="replay a run recorded with --trace-json: the guest's IN and MMIO reads are answered "
+                        "from the recording (serial input included), its writes are checked against it")
     g.add_argument("--trace-kinds", metavar="K[,K]", default=None,
                    help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
     g.add_argument("--trace-ports", metavar="LO[-HI]", default=None, help="only I/O exits on these ports")
@@ -308,6 +311,7 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         except (KvmpyError, ValueError) as e:
             print(f"kvmpy: {e}", file=sys.stderr)
             return EXIT_VMM_ERROR
+        machine._replaying = bool(args.replay)
         _start_input(machine, done, sample_input)
         old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
             if threading.current_thread() is threading.main_thread() else None
@@ -331,9 +335,13 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
 
 def _tracer(args):
     """The Tracer the --trace options ask for, or None."""
+    from .trace import Replayer, Tracer, parse_filter
+    if args.replay:
+        if args.trace or args.trace_json:
+            raise ValueError("--replay cannot be combined with --trace/--trace-json")
+        return Replayer.from_file(args.replay)
     if not args.trace and not args.trace_json:
         return None
-    from .trace import Tracer, parse_filter
     filters = dict(kinds=args.trace_kinds.split(",") if args.trace_kinds else None,
                    ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs),
                    steps=args.trace == "steps")
@@ -344,6 +352,8 @@ def _tracer(args):
 
 
 def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:
+    if getattr(machine, "_replaying", False):
+        return                              # input comes from the recording
     first = b""
     if sample_input is not None and not sys.stdin.isatty():
         first = os.read(0, 4096) if _stdin_has_data() else b""

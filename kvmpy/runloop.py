@@ -17,7 +17,7 @@ from .abi import SystemEventType
 from .disasm import decode
 from .errors import GuestError, GuestMemoryError, KvmError
 from .kvm import Vcpu
-from .trace import KINDS, exiting_instruction
+from .trace import KINDS, Replayer, exiting_instruction
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
 from .x86 import inspect, layout, modes
 from .x86.regs import Regs, Sregs
@@ -266,6 +266,9 @@ class RunLoop:
                 tracer.emit(tracer.step_event(vcpu.id, vcpu.get_regs(), self._insn_reader(vcpu)))
             return
         wanted = tracer.wants(vcpu.id, ex)
+        if isinstance(tracer, Replayer) and wanted:
+            self._replay(vcpu, ex, tracer.next_event(vcpu.id, ex))
+            return
         try:
             self._dispatch(vcpu, ex)
         finally:
@@ -275,6 +278,17 @@ class RunLoop:
                 except Exception:           # a trace must never hide the guest's own error
                     if not isinstance(ex, (exits.Shutdown, exits.InternalError, exits.FailEntry)):
                         raise
+
+    def _replay(self, vcpu: Vcpu, ex, ev: dict) -> None:
+        """Inputs come from the recording; outputs go to the devices as usual."""
+        if isinstance(ex, exits.IoIn):
+            self.stats.exits["io-in"] += 1
+            vcpu.complete_io_in(ex, bytes.fromhex(ev["data"]))
+        elif isinstance(ex, exits.MmioRead):
+            self.stats.exits["mmio-read"] += 1
+            vcpu.complete_mmio_read(bytes.fromhex(ev["data"]).ljust(ex.size, b"\0"))
+        else:
+            self._dispatch(vcpu, ex)
 
     def _insn_reader(self, vcpu: Vcpu):
         """insn_at(rip) -> the instruction text at rip in the vCPU's current mode."""

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, TextIO
 
 from . import exits
+from .errors import KvmpyError
 from .x86.regs import REGS_FIELDS as REG_NAMES
 
 KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
@@ -143,3 +144,53 @@ def exiting_instruction(decode_at: Callable[[int], list[tuple[int, int, str]]], 
                 return f"{insns[0][2]}  (at {rip - back:#x})"
     insns = decode_at(rip)
     return insns[0][2] if insns else ""
+
+
+class ReplayDiverged(KvmpyError):
+    """A replayed guest did something its recording does not show."""
+
+
+class Replayer(Tracer):
+    """Replays a recording (JSON lines from ``--trace-json`` / ``Tracer.to_stream``):
+    every IN and MMIO read is answered from the recording instead of the devices, so the
+    guest sees exactly the inputs it saw when it was recorded (serial input included)
+    and, if it is deterministic, does the same again. OUT and MMIO writes still reach the
+    devices (the output appears) and are checked against the recording; a mismatch
+    raises ReplayDiverged naming the event.
+    """
+
+    IO_KINDS = ("io-out", "io-in", "mmio-read", "mmio-write")
+
+    def __init__(self, events: list[dict], sink=None):
+        super().__init__(sink or (lambda ev: None))
+        self.events = [e for e in events if e.get("kind") in self.IO_KINDS]
+        self.pos = 0
+
+    @classmethod
+    def from_file(cls, path) -> "Replayer":
+        with open(path) as f:
+            events = [json.loads(line) for line in f if line.strip()]
+        return cls(events)
+
+    def wants(self, vcpu: int, ex) -> bool:
+        return KINDS.get(type(ex)) in self.IO_KINDS
+
+    def next_event(self, vcpu_id: int, ex) -> dict:
+        """The recorded event for this exit; checks it is the same kind of access."""
+        kind = KINDS.get(type(ex))
+        addr = ex.port if isinstance(ex, (exits.IoIn, exits.IoOut)) else ex.addr
+        if self.pos >= len(self.events):
+            raise ReplayDiverged(f"exit {self.pos}: the guest did {kind} at {addr:#x}, "
+                                 "but the recording has ended")
+        ev = self.events[self.pos]
+        if (ev["kind"], ev["addr"], ev["size"], ev["vcpu"]) != (kind, addr, ex.size, vcpu_id):
+            raise ReplayDiverged(f"exit {self.pos}: the guest did {kind} at {addr:#x} size {ex.size} on "
+                                 f"vCPU {vcpu_id}; the recording has {ev['kind']} at {ev['addr']:#x} "
+                                 f"size {ev['size']} on vCPU {ev['vcpu']}")
+        if kind in ("io-out", "mmio-write"):
+            data = ex.data.hex()
+            if data != ev["data"]:
+                raise ReplayDiverged(f"exit {self.pos}: {kind} at {addr:#x} wrote {data}, "
+                                     f"the recording wrote {ev['data']}")
+        self.pos += 1
+        return ev

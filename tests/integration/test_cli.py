@@ -186,3 +186,20 @@ def test_trace_steps_shows_instructions_and_register_changes():
     lods = next(s for s in steps if "lodsb" in s)
     assert "rax=0x0->0x48" in lods                        # 'H', the first character of the message
     assert len(steps) > 10 * len(g.expect_output)         # every instruction, not just the exits
+
+
+def test_record_and_replay_reproduce_a_run_without_its_input(tmp_path):
+    """A run recorded with --trace-json replays with --replay: same output, same status, no stdin needed."""
+    rec = tmp_path / "run.jsonl"
+    first = kvmpy("demo", "echo", "--trace-json", str(rec), input=b"recorded line\nquit\n")
+    again = kvmpy("demo", "echo", "--replay", str(rec), input=b"")
+    assert b"recorded line\n" in first.stdout
+    assert again.stdout == first.stdout and again.returncode == first.returncode
+
+
+def test_replay_of_another_guest_diverges_clearly(tmp_path):
+    """Replaying a recording against a different guest stops with a message naming the first difference."""
+    rec = tmp_path / "run.jsonl"
+    kvmpy("demo", "echo", "--trace-json", str(rec), input=b"x\nquit\n")
+    r = kvmpy("demo", "hello-real", "--replay", str(rec))
+    assert r.returncode == 4 and b"recording" in r.stderr and b"Traceback" not in r.stderr
