@@ -26,19 +26,19 @@ legacy hole 0x9FC00-0xFFFFF.
 from __future__ import annotations
 
 from ..errors import LoaderError
-from ..x86 import bootparams
+from ..x86 import bootparams, layout
 from . import bzimage, pvh
 from .elf import ELFMAG, load_elf
 from .image import LoadedImage, check_placement
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-BOOT_INFO = 0x7000                   # zero page, or hvm_start_info + modlist + memmap
-BOOT_INFO_SIZE = 0x1000
+BOOT_INFO = layout.LINUX_BOOT_INFO   # zero page, or hvm_start_info + modlist + memmap
+BOOT_INFO_SIZE = layout.LINUX_BOOT_INFO_SIZE
 PVH_MODLIST = BOOT_INFO + 0x40       # after the 56-byte hvm_start_info
 PVH_MEMMAP = BOOT_INFO + 0x80        # 24 bytes an entry: room for 165, e820 allows 128
-CMDLINE = 0x8_0000
-CMDLINE_MAX = 0x1_0000               # bytes reserved for the command line, NUL included
+CMDLINE = layout.LINUX_CMDLINE
+CMDLINE_MAX = layout.LINUX_CMDLINE_MAX
 INITRD_ALIGN = 0x1000
 INITRD_LIMIT = 4 * GiB               # hvm_start_info and boot_params.ramdisk_image are read as 32-bit
 

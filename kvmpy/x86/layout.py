@@ -24,6 +24,14 @@ PD_BASE = 0x10000          # one page directory (1 GiB of 2 MiB pages) per GiB m
 PD_MAX = (0x80000 - PD_BASE) // 0x1000   # page directories that fit below 0x80000
 IDENTITY_MAP_MIN = 4 * GiB  # always map the first 4 GiB (RAM and the MMIO hole below 4 GiB)
 
+# Linux's boot information (loader/linux.py): the boot_params "zero page", or for PVH the
+# hvm_start_info with its module list and memory map, in the page between the ring-0 stack
+# and the AP trampoline; the command line after the boot page directories, below the EBDA.
+LINUX_BOOT_INFO = 0x7000
+LINUX_BOOT_INFO_SIZE = 0x1000
+LINUX_CMDLINE = 0x80000
+LINUX_CMDLINE_MAX = 0x10000    # bytes reserved for the command line, NUL included
+
 REAL_MODE_LOAD = 0x7C00    # where BIOSes load a boot sector; raw real-mode images go here
 KERNEL_START = MiB         # ELF and raw protected/long-mode images are linked at 1 MiB
 LOW_RESERVED = (0, MiB)    # images other than real-mode ones must keep out of the first MiB
