@@ -8,6 +8,7 @@ way an exit is decoded once into a value (``kvmpy.exits``) and handled in one ``
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ class _Stop:
                 return False
             self.reason, self.status, self.vcpu, self.exit, self.error = reason, status, vcpu, exit, error
             return True
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class RunLoop:
@@ -163,9 +167,19 @@ class RunLoop:
 
     _tls = threading.local()
 
+    @staticmethod
+    def _guest_ticks() -> int:
+        """This thread's guest_time (clock ticks) from /proc, or 0 if unavailable."""
+        try:
+            with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[40])
+        except (OSError, IndexError, ValueError):
+            return 0
+
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         self._tls.vcpu = vcpu.id
         vcpu.set_thread(threading.get_ident())
+        ticks = self._guest_ticks()
         try:
             if self.native and self._tracer is None:
                 self._run_native(vcpu)
@@ -176,6 +190,7 @@ class RunLoop:
         except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
             self._stop.set("error", vcpu=vcpu.id, error=e)
         finally:
+            self.stats.guest_ns += (self._guest_ticks() - ticks) * 1_000_000_000 // _CLK_TCK
             self._tls.vcpu = None
             vcpu.set_thread(None)
             for v in self.vcpus:

@@ -12,7 +12,10 @@ class Stats:
 
     ``kvm_ns`` is wall time spent inside KVM_RUN (guest execution plus the kernel's
     exit handling); ``vmm_ns`` is time between KVM_RUN calls (decoding and device
-    emulation in this process).
+    emulation in this process). ``guest_ns`` is the part of kvm_ns the kernel accounted
+    as guest time (``guest_time`` in /proc/<pid>/task/<tid>/stat, clock-tick resolution);
+    it stays 0 on hosts whose KVM does not account guest time (kvm_pvm), and then the
+    guest/kernel split is unknown.
     """
 
     exits: Counter = field(default_factory=Counter)
@@ -20,6 +23,7 @@ class Stats:
     unclaimed_writes: int = 0
     kvm_ns: int = 0
     vmm_ns: int = 0
+    guest_ns: int = 0
 
     @property
     def total_exits(self) -> int:
@@ -28,7 +32,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {"exits": dict(self.exits), "devices": dict(self.devices),
                 "unclaimed_writes": self.unclaimed_writes, "kvm_ns": self.kvm_ns,
-                "vmm_ns": self.vmm_ns, "total_exits": self.total_exits}
+                "vmm_ns": self.vmm_ns, "guest_ns": self.guest_ns, "total_exits": self.total_exits}
 
     def __str__(self) -> str:
         total = self.total_exits
@@ -46,6 +50,12 @@ class Stats:
             lines.append(f"time: {t / 1e9:.3f} s, {100 * self.kvm_ns / t:.1f}% in KVM_RUN (guest + kernel), "
                          f"{100 * self.vmm_ns / t:.1f}% in the VMM"
                          + (f"; {self.vmm_ns / total / 1000:.2f} us VMM per exit" if total else ""))
+            guest = min(self.guest_ns, self.kvm_ns)
+            if guest:
+                lines.append(f"  of which guest {100 * guest / t:.1f}%, kernel {100 * (self.kvm_ns - guest) / t:.1f}% "
+                             "(kernel's guest_time accounting, 10 ms ticks)")
+            else:
+                lines.append("  guest vs kernel: not accounted by this host's KVM (guest_time stays 0)")
         return "\n".join(lines)
 
     def to_svg(self, title: str = "kvmpy run") -> str:

@@ -154,3 +154,11 @@ def test_stats_svg_draws_every_reason_and_device():
     assert any(t and t.startswith("KVM_RUN (guest + kernel) 90.0%") for t in texts)
     bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("fill") == "#4a7fb5"]
     assert len(bars) == 4 and max(int(b.get("width")) for b in bars) == 380
+
+
+def test_stats_split_guest_and_kernel_time_when_the_host_accounts_it():
+    """With guest time accounted, --stats splits KVM_RUN time into guest and kernel; without, it says so."""
+    from kvmpy.stats import Stats
+    s = Stats(kvm_ns=800, vmm_ns=200, guest_ns=600)
+    assert "of which guest 60.0%, kernel 20.0%" in str(s)
+    assert "not accounted" in str(Stats(kvm_ns=800, vmm_ns=200))
