@@ -129,6 +129,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
     g.add_argument("--trace-ports", metavar="LO[-HI]", default=None, help="only I/O exits on these ports")
     g.add_argument("--trace-addrs", metavar="LO[-HI]", default=None, help="only MMIO exits at these addresses")
+    g.add_argument("--gdb", type=int, default=None, metavar="PORT",
+                   help="wait for gdb (target remote 127.0.0.1:PORT) and let it drive the guest: registers, "
+                        "memory through the page tables, continue, stepi, hardware breakpoints and "
+                        "watchpoints (software breakpoints become hardware ones), Ctrl-C, vCPUs as threads")
     g.add_argument("--stats-svg", metavar="FILE", default=None,
                    help="also draw the statistics as an SVG chart in FILE")
     g.add_argument("--stats", action="store_true",
@@ -316,7 +320,12 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
             if threading.current_thread() is threading.main_thread() else None
         try:
-            result = machine.run(timeout=args.timeout, trace=tracer)
+            if args.gdb is not None:
+                result = _serve_gdb(machine, args.gdb)
+                if result is None:
+                    return EXIT_OK              # gdb detached before the guest stopped
+            else:
+                result = machine.run(timeout=args.timeout, trace=tracer)
         except GuestError as e:
             print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
             _print_inspect(args, machine)
@@ -331,6 +340,15 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
         _print_inspect(args, machine)
         _print_stats(args, machine)
         return _exit_code(result, args)
+
+
+def _serve_gdb(machine, port: int):
+    """Wait for gdb on 127.0.0.1:PORT and let it drive the guest (kvmpy.gdbstub)."""
+    from .gdbstub import GdbStub
+    stub = GdbStub(machine, port=port)
+    print(f"kvmpy: waiting for gdb on 127.0.0.1:{stub.port} "
+          f"(gdb -ex 'target remote 127.0.0.1:{stub.port}' IMAGE)", file=sys.stderr, flush=True)
+    return stub.serve()
 
 
 def _tracer(args):
