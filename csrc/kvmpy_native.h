@@ -41,6 +41,10 @@ uint32_t kvmpy_uart_feed(struct kvmpy_uart *u, const uint8_t *data, uint32_t len
 uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
 uint32_t kvmpy_uart_tx_space(struct kvmpy_uart *u);
 void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out);
+uint32_t kvmpy_uart_rx_copy(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
+/* registers from s (counters and tx ignored) and the receive FIFO from rx[0..n); -EINVAL if n > rx_cap */
+int kvmpy_uart_set_state(struct kvmpy_uart *u, const struct kvmpy_uart_state *s,
+			 const uint8_t *rx, uint32_t n);
 int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data,
 		   uint32_t size, uint32_t count);
 

@@ -390,3 +390,45 @@ int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data
 	pthread_mutex_unlock(&u->lock);
 	return 1;
 }
+
+/* --- snapshots: registers and the receive FIFO in and out (the output buffer is drained first) */
+
+uint32_t kvmpy_uart_rx_copy(struct kvmpy_uart *u, uint8_t *out, uint32_t cap)
+{
+	uint32_t i, n;
+
+	pthread_mutex_lock(&u->lock);
+	n = u->s.rx_count < cap ? u->s.rx_count : cap;
+	for (i = 0; i < n; i++)
+		out[i] = u->rx[(u->s.rx_head + i) % u->s.rx_cap];
+	pthread_mutex_unlock(&u->lock);
+	return n;
+}
+
+int kvmpy_uart_set_state(struct kvmpy_uart *u, const struct kvmpy_uart_state *s,
+			 const uint8_t *rx, uint32_t n)
+{
+	uint32_t i;
+
+	if (n > u->s.rx_cap)
+		return -EINVAL;
+	pthread_mutex_lock(&u->lock);
+	u->s.ier = s->ier & IER_MASK;
+	u->s.fcr = s->fcr;
+	u->s.lcr = s->lcr;
+	u->s.mcr = s->mcr & MCR_MASK;
+	u->s.scr = s->scr;
+	u->s.dll = s->dll;
+	u->s.dlm = s->dlm;
+	u->s.lsr_errors = s->lsr_errors;
+	u->s.msr_delta = s->msr_delta;
+	u->s.modem = s->modem;
+	u->s.thr_pending = !!s->thr_pending;
+	u->s.rx_head = 0;
+	u->s.rx_count = 0;
+	for (i = 0; i < n; i++)
+		rx_push(u, rx[i]);
+	update_irq(u);
+	pthread_mutex_unlock(&u->lock);
+	return 0;
+}

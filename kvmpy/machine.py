@@ -230,6 +230,17 @@ class Machine(RunLoop):
             raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
         self.mmio.attach(base, layout.VIRTIO_MMIO_SIZE, dev, name)
 
+    def snapshot(self, path) -> None:
+        """Save this stopped machine to directory ``path`` (see kvmpy/snapshot.py for the format)."""
+        from .snapshot import save
+        save(self, path)
+
+    @classmethod
+    def restore(cls, path, **host_options) -> "Machine":
+        """A new Machine that continues the snapshot at ``path`` (``serial=``, ``native=``, ...)."""
+        from .snapshot import restore
+        return restore(path, **host_options)
+
     def virtio_mmio_cmdline(self) -> str:
         """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
         return " ".join(

@@ -16,6 +16,7 @@ from .memory import GuestMemory
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
 TX_LOW_WATER = 4 * 1024          # return to Python when less than this is free
 RUN_EXIT, RUN_DRAIN = lib.KVMPY_RUN_EXIT, lib.KVMPY_RUN_DRAIN
+UART_STATE_FIELDS = ("ier", "fcr", "lcr", "mcr", "scr", "dll", "dlm", "lsr_errors", "msr_delta", "modem", "thr_pending")
 COUNTERS = ("io_out", "io_in", "mmio_read", "mmio_write", "uart", "unclaimed_pio",
             "unclaimed_mmio", "unclaimed_writes", "kvm_ns", "vmm_ns")
 
@@ -64,6 +65,21 @@ class NativeUart:
         s = ffi.new("struct kvmpy_uart_state *")
         lib.kvmpy_uart_get_state(self._p, s)
         return {name: getattr(s, name) for name, _ in ffi.typeof("struct kvmpy_uart_state").fields}
+
+    def save_state(self) -> dict:
+        """Registers and receive FIFO, in the same form as Serial16550.save_state()."""
+        s = self.state()
+        buf = ffi.new("uint8_t[]", max(s["rx_count"], 1))
+        n = lib.kvmpy_uart_rx_copy(self._p, buf, s["rx_count"])
+        out = {k: s[k] for k in UART_STATE_FIELDS}
+        out["rx"] = bytes(ffi.buffer(buf, n)).hex()
+        return out
+
+    def load_state(self, state: dict) -> None:
+        s = ffi.new("struct kvmpy_uart_state *", {k: int(state[k]) for k in UART_STATE_FIELDS})
+        rx = bytes.fromhex(state["rx"])
+        if lib.kvmpy_uart_set_state(self._p, s, rx, len(rx)) < 0:
+            raise ValueError(f"UART state has {len(rx)} bytes of input, more than the FIFO holds")
 
     @property
     def rx_space(self) -> int:

@@ -138,6 +138,27 @@ class Serial16550:
         """The level last driven on the interrupt line."""
         return self._level
 
+    # --- snapshots -------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """Every register and the receive FIFO as plain values (the same form as the C twin's)."""
+        return {"ier": self._ier, "fcr": self._fcr, "lcr": self._lcr, "mcr": self._mcr,
+                "scr": self._scr, "dll": self._dll, "dlm": self._dlm, "lsr_errors": self._lsr_errors,
+                "msr_delta": self._msr_delta, "modem": self._modem,
+                "thr_pending": int(self._thr_pending), "rx": bytes(self._rx).hex()}
+
+    def load_state(self, state: dict) -> None:
+        rx = bytes.fromhex(state["rx"])
+        if len(rx) > self.rx_capacity:
+            raise ValueError(f"UART state has {len(rx)} bytes of input, more than the FIFO holds")
+        self._ier, self._fcr, self._lcr = state["ier"] & IER_MASK, state["fcr"], state["lcr"]
+        self._mcr, self._scr = state["mcr"] & MCR_MASK, state["scr"]
+        self._dll, self._dlm = state["dll"], state["dlm"]
+        self._lsr_errors, self._msr_delta, self._modem = state["lsr_errors"], state["msr_delta"], state["modem"]
+        self._thr_pending = bool(state["thr_pending"])
+        self._rx = deque(rx)
+        self._update_irq()
+
     # --- guest side ------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

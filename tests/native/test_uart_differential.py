@@ -66,3 +66,28 @@ def test_native_uart_feed_is_bounded():
     assert c.feed(b"0123456789") == 8
     assert c.feed(b"x") == 0
     assert bytes(c.read(0, 1) for _ in range(8)) == b"01234567"
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=OPS)
+def test_uart_state_saves_alike_and_restores_across_models(ops):
+    """After any access sequence both models save the same state, and either restores the other's."""
+    py, out, trig, c = make_pair(16)
+    for op in ops:
+        if op[0] == "write":
+            py.write(op[1], op[2], op[3])
+            c.write(op[1], op[2], op[3])
+        elif op[0] == "read":
+            py.read(op[1], op[2])
+            c.read(op[1], op[2])
+        elif op[0] == "feed":
+            py.feed(op[1])
+            c.feed(op[1])
+    state = py.save_state()
+    assert c.save_state() == state
+    from kvmpy.native import NativeUart
+    c2, p2 = NativeUart(16), Serial16550(rx_fifo_size=16)
+    c2.load_state(state)
+    p2.load_state(c.save_state())
+    assert c2.save_state() == state == p2.save_state()
+    assert c2.read(5, 1) == py.read(5, 1) and c2.read(2, 1) == p2.read(2, 1)
