@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from ..errors import GuestMemoryError
 from .regs import CR0_PE, CR4_PAE, EFER_LMA, Regs, Segment, Sregs
 
+from .descriptors import Descriptor, TableEntry, decode_descriptor, read_gdt, read_idt, segment_type_name
+from .pagewalk import (PAGE, PAGING_MODES, RFLAGS_VM, Level, LinearMemory, TranslationError, Walk,
+                       entry_flags, paging_mode, read_linear, translate, walk)
+
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
-from .descriptors import *  # noqa: F401,F403  (re-exported: decode_descriptor, read_gdt, read_idt, ...)
-from .descriptors import TableEntry, decode_descriptor, read_gdt, read_idt, segment_type_name
-from .pagewalk import *  # noqa: F401,F403  (re-exported: walk, translate, LinearMemory, TranslationError, ...)
-from .pagewalk import PAGE, RFLAGS_VM, LinearMemory, TranslationError, paging_mode, walk
 
 # --- the CPU mode ---------------------------------------------------------------------
 
