@@ -46,31 +46,22 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
-def positive_size(text: str) -> int:
-    n = parse_size(text)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return n
+def _positive(convert, what: str):
+    """An argparse type: ``convert(text)`` that must be a finite number > 0."""
+    def check(text: str):
+        try:
+            n = convert(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            n = None
+        if n is None or not (0 < n < float("inf")):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return n
+    return check
 
 
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return n
-
-
-def seconds(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        s = float("nan")
-    if not (s > 0 and s != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return s
+positive_size = _positive(parse_size, "a positive size such as 64M or 1G")
+positive_int = _positive(int, "a positive number")
+seconds = _positive(float, "a positive number of seconds")
 
 
 def parse_int(text: str) -> int:

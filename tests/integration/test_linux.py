@@ -103,16 +103,22 @@ def expected_lines(cmdline: str, img) -> list[bytes]:
             f"RAMDISK: [mem {rd_addr:#010x}-{rd_end - 1:#010x}]".encode()]
 
 
+def wanted(kernel: bytes, cmdline: str, initrd: bytes) -> list[bytes]:
+    """The lines to expect, from a dry load (the initrd's address is only known after loading)."""
+    probe = kvmpy.GuestMemory.anonymous(MEM)
+    try:
+        return expected_lines(cmdline, load_linux(probe, kernel, cmdline=cmdline, initrd=initrd,
+                                                  reserved=[layout.LOW_RESERVED]))
+    finally:
+        probe.close()
+
+
 def test_pvh_vmlinux_reaches_the_banner_and_echoes_the_command_line(linux, initrd):
     """PVH entry of Debian's vmlinux: banner, our command line, our memory map and initrd."""
     cmdline = "console=ttyS0 earlyprintk=serial kvmpy.test=pvh"
     kernel = linux.vmlinux.read_bytes()
-    # The initrd address is only known after loading: learn it from a dry load, then watch for it.
-    probe = kvmpy.GuestMemory.anonymous(MEM)
-    want = expected_lines(cmdline, load_linux(probe, kernel, cmdline=cmdline, initrd=initrd,
-                                              reserved=[layout.LOW_RESERVED]))
-    probe.close()
-    img, console = boot(kernel, cmdline=cmdline, initrd=initrd, want=want, timeout=PVH_TIMEOUT)
+    img, console = boot(kernel, cmdline=cmdline, initrd=initrd, want=wanted(kernel, cmdline, initrd),
+                        timeout=PVH_TIMEOUT)
     assert img.format == "pvh" and img.mode == "protected"
     assert re.search(r"Linux version \d+\.\d+\.\d+-\S+-cloud-amd64", console.text)
     print(f"PVH: banner after {console.seen[b'Linux version ']:.1f} s")
@@ -124,11 +130,8 @@ def test_bzimage_reaches_the_banner_and_echoes_the_command_line(linux, initrd):
     """64-bit boot protocol of Debian's vmlinuz: the decompressor runs, then the same checks as PVH."""
     cmdline = "console=ttyS0 earlyprintk=serial nokaslr kvmpy.test=bzimage"
     kernel = linux.vmlinuz.read_bytes()
-    probe = kvmpy.GuestMemory.anonymous(MEM)
-    want = expected_lines(cmdline, load_linux(probe, kernel, cmdline=cmdline, initrd=initrd,
-                                              reserved=[layout.LOW_RESERVED]))
-    probe.close()
-    img, console = boot(kernel, cmdline=cmdline, initrd=initrd, want=want, timeout=BZIMAGE_TIMEOUT)
+    img, console = boot(kernel, cmdline=cmdline, initrd=initrd, want=wanted(kernel, cmdline, initrd),
+                        timeout=BZIMAGE_TIMEOUT)
     assert img.format == "bzimage" and img.mode == "long"
     print(f"bzImage: banner after {console.seen[b'Linux version ']:.1f} s")
 
