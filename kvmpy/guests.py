@@ -20,7 +20,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-__all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV"]
+__all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
 
 #: Environment variable naming a directory of built images to use instead
 #: of the package's (e.g. after ``make -C guests O=/tmp/g``).
@@ -108,6 +108,43 @@ def _blk(name: str, description: str, first_line: bytes, disk_status: int, **kw)
                  needs_disk=True, disk_status=disk_status, **kw)
 
 
+#: The counter guest (guests/counter.c): exit value, defaults and constants of its workload.
+_COUNTER_EXIT = 0x43
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def counter_checksums(n: int = 200, pages: int = 256) -> tuple[list[int], int]:
+    """A Python model of the counter guest's memory workload (see guests/counter.c).
+
+    Returns the checksum it prints after each iteration 1..n and the final
+    checksum of its whole array (the ``counter: done`` value).
+    """
+    a = list(range(pages * 512))
+    c = 0xCBF29CE484222325
+    slice_ = -(-pages // 8)
+    sums = []
+    for i in range(1, n + 1):
+        start, off = (i - 1) * slice_ % pages, i % 64
+        for j in range(slice_):
+            base = (start + j) % pages * 512 + off
+            for k in range(base, base + 512, 64):
+                x = (((a[k] ^ c) * _GOLDEN) + i) & _MASK64
+                a[k] = x
+                c = ((c ^ x) * 0x100000001B3) & _MASK64
+        sums.append(c)
+    return sums, sum(map(int.__mul__, a, range(1, len(a) + 1))) & _MASK64
+
+
+def counter_output(n: int = 200, pages: int = 256, capacity: int | None = None) -> bytes:
+    """What the counter guest prints with these parameters; ``capacity`` None: no disk."""
+    sums, final = counter_checksums(n, pages)
+    disk = b"counter: no disk\n" if capacity is None else b"counter: disk %d sectors\n" % capacity
+    return (b"counter: n=%d pages=%d\n" % (n, pages) + disk
+            + b"".join(b"count %d %#x\n" % (i, c) for i, c in enumerate(sums, 1))
+            + b"counter: done %#x\n" % final)
+
+
 _GUESTS: tuple[Guest, ...] = (
     _real("hello-real",
           "16-bit real mode at 0x7c00: prints a line, exits",
@@ -176,6 +213,15 @@ _GUESTS: tuple[Guest, ...] = (
          "(u64 at offset 8k = (k+1) * 0x9e3779b97f4a7c15), flushes, reads back; "
          "'blk-write: <n> sectors ok', exits 0x44 (0x45 'write failed (read-only?)')",
          b"blk-write: pattern, flush, read back\n", _status(0x44)),
+    Guest("counter", "counter.elf",
+          "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
+          "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "
+          "'count <i> 0x<checksum>', write sector i % 64 of disk 0 and flush every 8th; "
+          "'counter: done 0x<array checksum>'; fw_cfg cmdline 'n=N pages=P'; exits 0x43",
+          format="elf", mode="long",
+          expect_output=counter_output(),           # defaults, no disk: 'counter: no disk' 2nd line
+          expect_status=_status(_COUNTER_EXIT), expect_rax=_COUNTER_EXIT,
+          needs_disk=True, disk_status=_status(_COUNTER_EXIT)),
     _blk("blk-bench",
          "virtio-blk benchmark, OVERWRITES the first 16 MiB of disk 0: phases 1-10 sequential "
          "read (odd) / write (even) of min(16 MiB, disk) in 4K/16K/64K/256K/1M requests, "
