@@ -51,7 +51,8 @@ int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data
 /* ---- virtio_blk.c: virtio-blk over virtio-mmio (same semantics as kvmpy/devices/virtio/) ---- */
 #define KVMPY_MAX_REGIONS 8
 #define KVMPY_BLK_QUEUE_NUM_MAX 256
-struct kvmpy_mem_region { uint64_t gpa, size; uint8_t *hva; };
+/* dirty: the region's bitmap (dirty.c; one bit per 4 KiB page), NULL = no tracking */
+struct kvmpy_mem_region { uint64_t gpa, size; uint8_t *hva; uint64_t *dirty; };
 struct kvmpy_guest_mem { uint32_t n; struct kvmpy_mem_region r[KVMPY_MAX_REGIONS]; };
 struct kvmpy_vq_state {
 	uint64_t num, ready, desc, driver, device;
@@ -75,6 +76,12 @@ void kvmpy_blk_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t 
 void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd);
 void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len);
+
+/* ---- dirty.c: VMM-side dirty-page bitmaps, page p = bit p%64 of word p/64 ---- */
+/* atomically OR in pages [first_page, first_page + npages); no-op for a NULL bitmap */
+void kvmpy_dirty_mark(uint64_t *bitmap, uint64_t first_page, uint64_t npages);
+/* out[i] = bitmap[i], bitmap[i] = 0, each word atomically */
+void kvmpy_dirty_take(uint64_t *bitmap, uint64_t *out, uint64_t words);
 
 /* ---- runloop.c: the native vCPU loop ---- */
 #define KVMPY_OWNER_NONE 0	/* unclaimed: writes dropped, reads all ones */

@@ -55,6 +55,7 @@ enum {
 #define HEADER 16u
 #define CONFIG_SIZE 36u
 #define ID_BYTES 20u
+#define KVMPY_PAGE_SIZE 4096u	/* one dirty bit per page (memory.py PAGE_SIZE) */
 
 struct seg { uint64_t gpa; uint32_t len; };
 
@@ -75,6 +76,8 @@ struct kvmpy_blk {
 /* guest memory: NULL unless [gpa, gpa+len) lies inside one RAM region */
 uint8_t *kvmpy_vio_hva(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len);
 int kvmpy_vio_rd16(const struct kvmpy_blk *b, uint64_t gpa, uint16_t *v);
+/* after the VMM wrote guest [gpa, gpa+len): set the pages' dirty bits (atomic) */
+void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len);
 /* interrupt line = InterruptStatus != 0; device errors set DEVICE_NEEDS_RESET once */
 void kvmpy_vio_update_irq(struct kvmpy_blk *b);
 void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason);

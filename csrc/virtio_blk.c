@@ -49,6 +49,7 @@ static void scatter(struct kvmpy_blk *b, const struct seg *s, uint32_t n, const 
 		uint64_t k = s[i].len < len ? s[i].len : len;
 
 		memcpy(kvmpy_vio_hva(b, s[i].gpa, k), in, k);	/* segments checked by walk() */
+		kvmpy_vio_mark_dirty(b, s[i].gpa, k);		/* dirty: the bytes just copied in */
 		in += k;
 		len -= k;
 	}
@@ -61,15 +62,51 @@ static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
 	return sector <= b->s.capacity && nbytes / SECTOR <= b->s.capacity - sector;
 }
 
+/* Mark bytes [skip, skip+n) of the segments dirty (after the device wrote them). */
+static void mark_segs(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip, uint64_t n)
+{
+	uint32_t i;
+
+	for (i = 0; i < ns && n; i++) {
+		uint64_t len = s[i].len;
+
+		if (skip >= len) {
+			skip -= len;
+			continue;
+		}
+		len -= skip;
+		if (len > n)
+			len = n;
+		kvmpy_vio_mark_dirty(b, s[i].gpa + skip, len);
+		n -= len;
+		skip = 0;
+	}
+}
+
+static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
+		       uint64_t n, uint64_t sector, int write);
+
 /* Move bytes [skip, skip+n) of the segments to/from the disk at sector: 1 ok, 0 failed. */
 static int transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
 		    uint64_t n, uint64_t sector, int write)
 {
-	uint32_t i, niov = 0, first = 0;
-	off_t pos = (off_t)(sector * SECTOR);
+	int ok;
 
 	if (b->fd < 0)
 		return 0;
+	ok = do_transfer(b, s, ns, skip, n, sector, write);
+	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
+	if (!write)
+		mark_segs(b, s, ns, skip, n);
+	return ok;
+}
+
+static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
+		       uint64_t n, uint64_t sector, int write)
+{
+	uint32_t i, niov = 0, first = 0;
+	off_t pos = (off_t)(sector * SECTOR);
+
 	for (i = 0; i < ns && n; i++) {
 		uint64_t len = s[i].len, off = 0;
 
@@ -167,6 +204,7 @@ static int serve_queue(struct kvmpy_blk *b, const char **why)
 		last = &b->wr[b->nwr - 1];
 		status = execute(b, wlen, &written);
 		*kvmpy_vio_hva(b, last->gpa + last->len - 1, 1) = status;	/* inside the last writable segment */
+		kvmpy_vio_mark_dirty(b, last->gpa + last->len - 1, 1);		/* dirty: the status byte */
 		kvmpy_vq_push_used(b, head, written + 1);
 	}
 	return r;

@@ -21,6 +21,28 @@ uint8_t *kvmpy_vio_hva(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
 	return NULL;
 }
 
+/* Record that the VMM wrote guest [gpa, gpa+len): atomically set the region's
+ * dirty bits (dirty.c) so live migration resends those pages. Call it after the
+ * bytes are written. Ranges outside RAM or regions without a bitmap are ignored. */
+void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
+{
+	uint32_t i;
+
+	if (!len)
+		return;
+	for (i = 0; i < b->mem.n && i < KVMPY_MAX_REGIONS; i++) {
+		const struct kvmpy_mem_region *r = &b->mem.r[i];
+
+		if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa)) {
+			uint64_t first = (gpa - r->gpa) / KVMPY_PAGE_SIZE;
+			uint64_t last = (gpa - r->gpa + len - 1) / KVMPY_PAGE_SIZE;
+
+			kvmpy_dirty_mark(r->dirty, first, last - first + 1);
+			return;
+		}
+	}
+}
+
 int kvmpy_vio_rd16(const struct kvmpy_blk *b, uint64_t gpa, uint16_t *v)
 {
 	uint8_t *p = kvmpy_vio_hva(b, gpa, 2);
@@ -173,8 +195,12 @@ void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written)
 		return;
 	put_le(elem, head, 4);
 	put_le(elem + 4, written, 4);
+	/* dirty: the used element we just wrote */
+	kvmpy_vio_mark_dirty(b, q->device + 4 + 8ull * (q->used_idx % q->num), 8);
 	__atomic_thread_fence(__ATOMIC_RELEASE);	/* element before idx, as the driver reads them */
 	q->used_idx++;
 	put_le(idx, q->used_idx, 2);
+	/* dirty: used.idx */
+	kvmpy_vio_mark_dirty(b, q->device + 2, 2);
 	q->used_count++;
 }

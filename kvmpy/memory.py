@@ -7,15 +7,41 @@ bounds-checked against the regions, because guest-supplied addresses are hostile
 
 Nothing here needs /dev/kvm, so devices and loaders can be tested on a plain
 ``GuestMemory.anonymous(size)``.
+
+Dirty tracking of the VMM's own writes. KVM's dirty log records only writes made
+by guest CPUs; what the VMM writes through its host mapping (loaders, device
+models, the C virtio-blk) is invisible to it, yet live migration must resend those
+pages too. So every region carries ``region.dirty``: one bit per 4 KiB page in an
+anonymous mmap (page-aligned, so C can use 64-bit atomics on it), page ``p`` being
+bit ``p % 64`` of the little-endian u64 word ``p // 64``. ``GuestMemory.write`` and
+``fill`` mark the pages they touched after writing; ``view`` hands out a writable
+window and so marks its range conservatively when it is made (a writer through a
+view whose data must not be missed by a concurrent take calls ``mark_dirty`` again
+when done, as virtio-blk does). ``MemoryRegion.take_dirty`` returns and clears the
+bitmap. With the compiled extension both go through csrc/dirty.c (atomic OR,
+atomic exchange per word), so marks from Python and from C threads are never lost;
+without it the same bit layout is kept in pure Python under the lock.
 """
 from __future__ import annotations
 
 import mmap
+import threading
 from dataclasses import dataclass, field
 
 from .errors import GuestMemoryError
 
+try:                            # L0, optional: memory.py works without the extension
+    from ._native import ffi as _ffi, lib as _lib
+except ImportError:             # pragma: no cover - exercised by the pure-Python tests
+    _ffi = _lib = None
+
 PAGE_SIZE = 4096
+
+
+def _bitmap_bytes(size: int) -> int:
+    """Bytes of a dirty bitmap for ``size`` bytes of RAM: whole u64 words."""
+    pages = -(-size // PAGE_SIZE)
+    return -(-pages // 64) * 8
 
 
 @dataclass(eq=False)
@@ -27,6 +53,20 @@ class MemoryRegion:
     readonly: bool = False
     slot: int = -1
     mm: mmap.mmap = field(default=None, repr=False)
+    dirty: mmap.mmap = field(default=None, repr=False)       # made in __post_init__
+    dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # (GuestMemory.add replaces dirty_lock with the one lock of the whole guest)
+
+    def __post_init__(self) -> None:
+        if self.dirty is None:
+            self.dirty = mmap.mmap(-1, max(_bitmap_bytes(self.size), 8),
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._dirty_ptr = None
+        if _ffi is not None:
+            buf = _ffi.from_buffer(self.dirty)
+            self._dirty_ptr = _ffi.cast("uint64_t *", buf)   # valid while the mapping is
+            _ffi.release(buf)
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, readonly: bool = False, slot: int = -1) -> "MemoryRegion":
@@ -47,6 +87,61 @@ class MemoryRegion:
     def contains(self, gpa: int, length: int = 1) -> bool:
         return length >= 0 and self.gpa <= gpa and gpa + length <= self.end
 
+    @property
+    def dirty_words(self) -> int:
+        """u64 words of the dirty bitmap (``ceil(pages / 64)``)."""
+        return _bitmap_bytes(self.size) // 8
+
+    @property
+    def dirty_address(self) -> int:
+        """Host address of the dirty bitmap, for C (0 once closed or without the extension)."""
+        if self._dirty_ptr is None or self.dirty.closed:
+            return 0
+        return int(_ffi.cast("uintptr_t", self._dirty_ptr))
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Set the dirty bits of the pages holding region bytes ``[offset, offset+length)``."""
+        if length <= 0:
+            return
+        if offset < 0 or offset + length > self.size:
+            raise GuestMemoryError(f"dirty range {offset:#x}+{length:#x} is outside the region")
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        with self.dirty_lock:
+            if self.dirty.closed:
+                return
+            if self._dirty_ptr is not None:
+                _lib.kvmpy_dirty_mark(self._dirty_ptr, first, last - first + 1)
+                return
+            for w in range(first // 64, last // 64 + 1):
+                lo = first - 64 * w if w == first // 64 else 0
+                hi = last - 64 * w if w == last // 64 else 63
+                mask = ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
+                word = int.from_bytes(self.dirty[8 * w:8 * w + 8], "little") | mask
+                self.dirty[8 * w:8 * w + 8] = word.to_bytes(8, "little")
+
+    def take_dirty(self) -> bytes:
+        """The dirty bitmap (``dirty_words * 8`` bytes), cleared in the same step.
+
+        Atomic per word against markers in C and in Python: a bit set concurrently
+        is either in the result or still in the bitmap, never lost.
+        """
+        n = self.dirty_words * 8
+        with self.dirty_lock:
+            if self.dirty.closed:
+                return bytes(n)
+            if self._dirty_ptr is not None:
+                out = _ffi.new("uint64_t[]", self.dirty_words)
+                _lib.kvmpy_dirty_take(self._dirty_ptr, out, self.dirty_words)
+                return bytes(_ffi.buffer(out))
+            data = self.dirty[:n]
+            self.dirty[:n] = bytes(n)
+            return data
+
+    def dirty_pages(self) -> list[int]:
+        """Take the bitmap (clearing it) and return the dirty page numbers, lowest first."""
+        bits = int.from_bytes(self.take_dirty(), "little")
+        return [p for p in range(self.dirty_words * 64) if bits >> p & 1]
+
     def close(self) -> None:
         if self.mm is not None and not self.mm.closed:
             try:
@@ -54,6 +149,10 @@ class MemoryRegion:
             except BufferError:
                 # A caller still holds a view(); the mapping goes when the last view does.
                 pass
+        with self.dirty_lock:
+            if self.dirty is not None and not self.dirty.closed:
+                self._dirty_ptr = None
+                self.dirty.close()
 
 
 class GuestMemory:
@@ -61,6 +160,7 @@ class GuestMemory:
 
     def __init__(self, regions: list[MemoryRegion] | None = None):
         self.regions: list[MemoryRegion] = []
+        self.dirty_lock = threading.Lock()      # serialises Python dirty markers and takes
         for r in regions or []:
             self.add(r)
 
@@ -73,6 +173,7 @@ class GuestMemory:
         for r in self.regions:
             if region.gpa < r.end and r.gpa < region.end:
                 raise ValueError(f"region {region.gpa:#x}+{region.size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+        region.dirty_lock = self.dirty_lock
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
@@ -102,11 +203,19 @@ class GuestMemory:
             return False
         return True
 
-    def view(self, gpa: int, length: int) -> memoryview:
-        """A writable view of ``[gpa, gpa+length)``; must lie within one region."""
+    def view(self, gpa: int, length: int, writable: bool = True) -> memoryview:
+        """A view of ``[gpa, gpa+length)``; must lie within one region.
+
+        A writable view marks its pages dirty now (we cannot see the writes made
+        through it); ``writable=False`` gives a read-only view and marks nothing.
+        """
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
-        return memoryview(r.mm)[off:off + length]
+        v = memoryview(r.mm)[off:off + length]
+        if not writable:
+            return v.toreadonly()
+        r.mark_dirty(off, length)
+        return v
 
     def read(self, gpa: int, length: int) -> bytes:
         r = self.region_for(gpa, length)
@@ -117,11 +226,18 @@ class GuestMemory:
         r = self.region_for(gpa, len(data))
         off = gpa - r.gpa
         r.mm[off:off + len(data)] = data
+        r.mark_dirty(off, len(data))
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         r.mm[off:off + length] = bytes([byte]) * length
+        r.mark_dirty(off, length)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that the VMM wrote ``[gpa, gpa+length)`` (one region) some other way."""
+        r = self.region_for(gpa, length)
+        r.mark_dirty(gpa - r.gpa, length)
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

@@ -96,7 +96,8 @@ class NativeUart:
 
 
 def guest_mem_table(mem: GuestMemory):
-    """``struct kvmpy_guest_mem`` describing ``mem``'s regions (gpa, size, host address) for C."""
+    """``struct kvmpy_guest_mem`` describing ``mem``'s regions for C: gpa, size, host
+    address, and the region's dirty bitmap, which C marks after each write it makes."""
     if len(mem.regions) > lib.KVMPY_MAX_REGIONS:
         raise ValueError(f"at most {lib.KVMPY_MAX_REGIONS} RAM regions for native devices")
     table = ffi.new("struct kvmpy_guest_mem *")
@@ -106,6 +107,7 @@ def guest_mem_table(mem: GuestMemory):
         table.r[i].gpa, table.r[i].size = r.gpa, r.size
         table.r[i].hva = ffi.cast("uint8_t *", buf)   # valid while the mapping is; GuestMemory outlives us
         ffi.release(buf)
+        table.r[i].dirty = ffi.cast("uint64_t *", r.dirty_address)   # likewise; 0 = NULL = untracked
     return table
 
 

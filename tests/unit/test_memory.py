@@ -236,3 +236,151 @@ def test_close_is_idempotent_and_leaves_no_ram():
     assert m.size == 0
     with pytest.raises(GuestMemoryError):
         m.read(0, 1)
+
+
+# --- dirty tracking of the VMM's own writes -----------------------------------------
+
+def pages_of(take: bytes) -> set[int]:
+    """The test's own decoding of a bitmap: page p is bit p%64 of little-endian u64 word p//64."""
+    out = set()
+    for w in range(len(take) // 8):
+        word = int.from_bytes(take[8 * w:8 * w + 8], "little")
+        out |= {64 * w + b for b in range(64) if word >> b & 1}
+    return out
+
+
+@pytest.fixture(params=["native", "python"])
+def backend(request, monkeypatch):
+    """Run a dirty test through csrc/dirty.c (if built) and through the pure-Python fallback."""
+    import kvmpy.memory as memory
+    if request.param == "native":
+        if memory._ffi is None:
+            pytest.skip("kvmpy._native is not built")
+    else:
+        monkeypatch.setattr(memory, "_ffi", None)     # regions made now have no C pointer
+        monkeypatch.setattr(memory, "_lib", None)
+    return request.param
+
+
+def test_a_new_region_is_clean_and_its_bitmap_is_whole_words(backend):
+    """A fresh region has no dirty page; take_dirty gives ceil(pages/64) u64 words."""
+    for size, words in ((PAGE_SIZE, 1), (64 * PAGE_SIZE, 1), (65 * PAGE_SIZE, 2), (0x20000, 1)):
+        r = MemoryRegion.anonymous(0, size)
+        try:
+            assert r.dirty_words == words
+            assert r.take_dirty() == bytes(8 * words)
+        finally:
+            r.close()
+
+
+def test_bitmap_is_page_aligned_for_c_atomics():
+    """The bitmap's host address is page-aligned (so 64-bit atomics on it are aligned)."""
+    r = MemoryRegion.anonymous(0, 0x10000)
+    try:
+        if r.dirty_address:
+            assert r.dirty_address % PAGE_SIZE == 0
+    finally:
+        r.close()
+
+
+def test_write_fill_and_view_mark_their_pages(backend, mem):
+    """write, fill and a writable view mark every page they touch, each in its own region."""
+    low, high = mem.regions
+    assert (low._dirty_ptr is None) == (backend == "python")
+    mem.write(0x0FFF, b"ab")                       # straddles pages 0 and 1
+    mem.fill(0x5000, 0x2001, 0xCC)                 # pages 5, 6 and 7
+    v = mem.view(HIGH[0] + 3 * PAGE_SIZE, 1)       # one byte of page 3 of HIGH
+    v.release()
+    assert pages_of(low.take_dirty()) == {0, 1, 5, 6, 7}
+    assert pages_of(high.take_dirty()) == {3}
+
+
+def test_reads_readonly_views_and_empty_writes_mark_nothing(backend, mem):
+    """read(), a read-only view and zero-length writes leave the bitmap clean."""
+    mem.read(0x3000, 0x2000)
+    v = mem.view(0x3000, 0x2000, writable=False)
+    assert v.readonly
+    v.release()
+    mem.write(0x4000, b"")
+    mem.fill(0x4000, 0)
+    assert all(r.take_dirty() == bytes(8 * r.dirty_words) for r in mem.regions)
+
+
+@pytest.mark.parametrize("gpa,length,pages", [
+    (0, 1, {0}), (PAGE_SIZE - 1, 1, {0}), (PAGE_SIZE, 1, {1}), (PAGE_SIZE - 1, 2, {0, 1}),
+    (0, PAGE_SIZE, {0}), (0, PAGE_SIZE + 1, {0, 1}), (63 * PAGE_SIZE, 2 * PAGE_SIZE, {63, 64}),
+    (0, 0x10000, set(range(16))),
+])
+def test_mark_dirty_page_boundaries(backend, gpa, length, pages):
+    """Exactly the pages holding [gpa, gpa+length) are marked, across word boundaries too."""
+    with GuestMemory.anonymous(128 * PAGE_SIZE) as m:
+        m.mark_dirty(gpa, length)
+        assert pages_of(m.regions[0].take_dirty()) == pages
+
+
+def test_take_dirty_clears_and_mark_outside_ram_is_refused(backend, mem):
+    """take_dirty returns the marks once; a second take is clean; marks outside RAM raise."""
+    mem.mark_dirty(0x2000, 1)
+    low = mem.regions[0]
+    assert pages_of(low.take_dirty()) == {2}
+    assert low.take_dirty() == bytes(8)
+    with pytest.raises(GuestMemoryError):
+        mem.mark_dirty(0x10000 - 1, 2)
+
+
+def test_bit_order_is_little_endian_u64_words(backend):
+    """Page p is bit p%64 of u64 word p//64, stored little-endian (page 65 = byte 8, bit 1)."""
+    with GuestMemory.anonymous(128 * PAGE_SIZE) as m:
+        m.write(65 * PAGE_SIZE, b"x")
+        assert m.regions[0].take_dirty() == bytes(8) + b"\x02" + bytes(7)
+
+
+def test_regions_of_one_guest_share_one_lock(mem):
+    """GuestMemory serialises all its regions' Python markers with one lock."""
+    low, high = mem.regions
+    assert low.dirty_lock is high.dirty_lock is mem.dirty_lock
+
+
+def test_closed_region_takes_clean_and_ignores_marks():
+    """After close(), marking is a no-op and take_dirty returns zeros (no use after unmap)."""
+    r = MemoryRegion.anonymous(0, PAGE_SIZE)
+    r.mark_dirty(0, 1)
+    r.close()
+    r.mark_dirty(0, 1)
+    assert r.take_dirty() == bytes(8) and r.dirty_address == 0
+
+
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "fill", "view", "mark", "take"]),
+                              st.integers(0, 100 * PAGE_SIZE), st.integers(0, 3 * PAGE_SIZE)),
+                    max_size=30),
+       python=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_random_writes_mark_the_model_pages(ops, python):
+    """Against a model set of pages: marks accumulate from every writer and take() empties them."""
+    import kvmpy.memory as memory
+    saved = memory._ffi, memory._lib
+    if python:
+        memory._ffi = memory._lib = None
+    try:
+        m = GuestMemory.anonymous(100 * PAGE_SIZE + PAGE_SIZE)
+    finally:
+        memory._ffi, memory._lib = saved
+    with m:
+        region, model = m.regions[0], set()
+        for kind, gpa, length in ops:
+            length = min(length, region.size - gpa)
+            if kind == "take":
+                assert pages_of(region.take_dirty()) == model
+                model = set()
+                continue
+            if kind == "write":
+                m.write(gpa, b"\x01" * length)
+            elif kind == "fill":
+                m.fill(gpa, length, 2)
+            elif kind == "view":
+                m.view(gpa, length).release()
+            else:
+                m.mark_dirty(gpa, length)
+            if length:
+                model |= set(range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1))
+        assert pages_of(region.take_dirty()) == model

@@ -187,7 +187,8 @@ class VirtioBlk:
         """Move the segments' bytes to/from the disk at ``sector``; False on any failure."""
         if self.fd < 0:
             return False
-        views = [mem.view(addr, n) for addr, n in segments]
+        # a disk write only reads guest RAM: read-only views, nothing marked dirty
+        views = [mem.view(addr, n, writable=not write) for addr, n in segments]
         made = list(views)                 # every view we create, released below
         try:
             pos = sector * SECTOR_SIZE
@@ -206,6 +207,9 @@ class VirtioBlk:
         finally:
             for v in reversed(made):       # sub-views before the views they slice
                 v.release()
+            if not write:                  # dirty again now the data is in (view() marked before)
+                for addr, n in segments:
+                    mem.mark_dirty(addr, n)
 
     def _flush(self) -> bool:
         if self.fd < 0:
