@@ -75,6 +75,14 @@ uint64_t kvmpy_blk_read(struct kvmpy_blk *b, uint64_t off, uint32_t size);
 void kvmpy_blk_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t value);
 void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd);
 void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
+/* Restore the registers and the queue from a saved (hostile) state: status,
+ * feature selectors, driver_features, queue_sel, interrupt_status, level and q's
+ * num/ready/desc/driver/device/last_avail_idx/used_idx. The disk's identity
+ * (device_features, capacity, readonly), irq_changes, q.used_count and last_error
+ * are not taken from s. The level is only recorded, never driven (KVM_IRQ_LINE):
+ * the in-kernel irqchip is restored separately. -EINVAL, changing nothing, unless
+ * s is a state the device could have reached (mmio.py check_state). */
+int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s);
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len);
 
 /* ---- dirty.c: VMM-side dirty-page bitmaps, page p = bit p%64 of word p/64 ---- */

@@ -55,6 +55,8 @@ enum {
 #define HEADER 16u
 #define CONFIG_SIZE 36u
 #define ID_BYTES 20u
+/* last_error of a state restored in DEVICE_NEEDS_RESET (the message is not saved) */
+#define KVMPY_RESTORED_ERROR "DEVICE_NEEDS_RESET restored from a saved state"
 #define KVMPY_PAGE_SIZE 4096u	/* one dirty bit per page (memory.py PAGE_SIZE) */
 
 struct seg { uint64_t gpa; uint32_t len; };
@@ -82,6 +84,7 @@ void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
 void kvmpy_vio_update_irq(struct kvmpy_blk *b);
 void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason);
 /* the split virtqueue: enable (checks), pop a validated chain into b->rd/b->wr, push used */
+const char *kvmpy_vq_check(const struct kvmpy_blk *b, const struct kvmpy_vq_state *q);
 int kvmpy_vq_enable(struct kvmpy_blk *b);
 int kvmpy_vq_pop(struct kvmpy_blk *b, uint16_t *head, const char **why);
 void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written);

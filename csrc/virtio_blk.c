@@ -440,6 +440,65 @@ void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out)
 	pthread_mutex_unlock(&b->lock);
 }
 
+/* The checks of mmio.py check_state, in the same order: is s reachable? */
+static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *s)
+{
+	const struct kvmpy_vq_state *q = &s->q;
+	uint64_t feats = s->driver_features;
+
+	if (s->status > 0xFF)
+		return 0;
+	if ((s->status & FEATURES_OK) &&
+	    ((feats & ~b->s.device_features) || !((feats >> VIRTIO_F_VERSION_1) & 1)))
+		return 0;	/* FEATURES_OK is refused for such features */
+	if (s->interrupt_status & ~(uint32_t)(INT_VRING | INT_CONFIG))
+		return 0;
+	if (s->level != (s->interrupt_status != 0))
+		return 0;	/* the line always follows InterruptStatus */
+	if (q->num > 0xFFFFFFFFull || q->ready > 1)	/* QueueNum is a 32-bit register */
+		return 0;
+	if (!q->ready)
+		return q->last_avail_idx == 0 && q->used_idx == 0;
+	if (kvmpy_vq_check(b, q))
+		return 0;
+	/* every chain taken is returned, except the one a driver error stopped */
+	switch ((uint16_t)(q->last_avail_idx - q->used_idx)) {
+	case 0:
+		return 1;
+	case 1:
+		return !!(s->status & DEVICE_NEEDS_RESET);
+	}
+	return 0;
+}
+
+int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s)
+{
+	pthread_mutex_lock(&b->lock);
+	if (!state_valid(b, s)) {
+		pthread_mutex_unlock(&b->lock);
+		return -EINVAL;
+	}
+	b->s.status = s->status;
+	b->s.device_features_sel = s->device_features_sel;
+	b->s.driver_features_sel = s->driver_features_sel;
+	b->s.driver_features = s->driver_features;
+	b->s.queue_sel = s->queue_sel;
+	b->s.interrupt_status = s->interrupt_status;
+	b->s.level = s->level;		/* recorded only: KVM's irqchip already has this level */
+	b->s.q.num = s->q.num;
+	b->s.q.ready = s->q.ready;
+	b->s.q.desc = s->q.desc;
+	b->s.q.driver = s->q.driver;
+	b->s.q.device = s->q.device;
+	b->s.q.last_avail_idx = s->q.last_avail_idx;
+	b->s.q.used_idx = s->q.used_idx;
+	b->s.q.used_count = 0;
+	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s",
+		 s->status & DEVICE_NEEDS_RESET ? KVMPY_RESTORED_ERROR : "");
+	pthread_mutex_unlock(&b->lock);
+	return 0;
+}
+
 /* The run loop's MMIO fast path: serve one access to the device window. */
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len)
 {

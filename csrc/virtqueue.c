@@ -83,25 +83,30 @@ void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason)
 
 /* --- the split virtqueue (queue.py) -------------------------------------------- */
 
+/* The QueueReady checks (mmio.py _enable, VirtQueue.__init__) of q: NULL if it may
+ * go live, else why not. Shared by enable and kvmpy_blk_set_state. */
+const char *kvmpy_vq_check(const struct kvmpy_blk *b, const struct kvmpy_vq_state *q)
+{
+	uint64_t n = q->num;
+
+	if (n < 1 || n > KVMPY_BLK_QUEUE_NUM_MAX)
+		return "QueueNum is not in 1..QueueNumMax";
+	if (n & (n - 1))
+		return "queue size is not a power of two";
+	if (q->desc % 16 || q->driver % 2 || q->device % 4)
+		return "ring address is not aligned";
+	if (!kvmpy_vio_hva(b, q->desc, 16 * n) || !kvmpy_vio_hva(b, q->driver, 6 + 2 * n) || !kvmpy_vio_hva(b, q->device, 6 + 8 * n))
+		return "ring is outside guest RAM";
+	return NULL;
+}
+
 int kvmpy_vq_enable(struct kvmpy_blk *b)
 {
 	struct kvmpy_vq_state *q = &b->s.q;
-	uint64_t n = q->num;
+	const char *why = kvmpy_vq_check(b, q);
 
-	if (n < 1 || n > KVMPY_BLK_QUEUE_NUM_MAX) {
-		kvmpy_vio_device_error(b, "QueueNum is not in 1..QueueNumMax");
-		return -1;
-	}
-	if (n & (n - 1)) {
-		kvmpy_vio_device_error(b, "queue size is not a power of two");
-		return -1;
-	}
-	if (q->desc % 16 || q->driver % 2 || q->device % 4) {
-		kvmpy_vio_device_error(b, "ring address is not aligned");
-		return -1;
-	}
-	if (!kvmpy_vio_hva(b, q->desc, 16 * n) || !kvmpy_vio_hva(b, q->driver, 6 + 2 * n) || !kvmpy_vio_hva(b, q->device, 6 + 8 * n)) {
-		kvmpy_vio_device_error(b, "ring is outside guest RAM");
+	if (why) {
+		kvmpy_vio_device_error(b, why);
 		return -1;
 	}
 	q->ready = 1;

@@ -11,6 +11,7 @@ import os
 
 from ._native import ffi, lib
 from .devices.virtio.blk import VirtioBlk
+from .devices.virtio.mmio import check_state, check_state_shape
 from .memory import GuestMemory
 
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
@@ -158,6 +159,39 @@ class NativeVirtioBlk:
                         "device": q.device, "last_avail_idx": q.last_avail_idx if q.ready else 0,
                         "used_idx": q.used_idx if q.ready else 0}],
         }
+
+    def save_state(self) -> dict:
+        """The same dict as ``VirtioMmioTransport.save_state()``; nothing is in flight
+        at a save point because C serves a QueueNotify completely before returning."""
+        s = self.raw_state()
+        q = s.q
+        return {
+            "status": s.status, "device_features_sel": s.device_features_sel,
+            "driver_features_sel": s.driver_features_sel, "driver_features": s.driver_features,
+            "queue_sel": s.queue_sel, "interrupt_status": s.interrupt_status,
+            "irq_level": bool(s.level),
+            "queues": [{"num": q.num, "ready": bool(q.ready), "desc": q.desc, "driver": q.driver,
+                        "device": q.device, "last_avail_idx": q.last_avail_idx if q.ready else 0,
+                        "used_idx": q.used_idx if q.ready else 0}],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore a saved state; ValueError (nothing changed) in exactly the cases the
+        Python transport refuses. C validates on its own (kvmpy_blk_set_state); the
+        Python check only supplies the message. The irq level is recorded, not driven."""
+        check_state_shape(state, 1)          # every value fits its C field
+        q = state["queues"][0]
+        s = ffi.new("struct kvmpy_blk_state *", {
+            "status": state["status"], "device_features_sel": state["device_features_sel"],
+            "driver_features_sel": state["driver_features_sel"],
+            "driver_features": state["driver_features"], "queue_sel": state["queue_sel"],
+            "interrupt_status": state["interrupt_status"], "level": int(state["irq_level"]),
+            "q": {"num": q["num"], "ready": int(q["ready"]), "desc": q["desc"], "driver": q["driver"],
+                  "device": q["device"], "last_avail_idx": q["last_avail_idx"],
+                  "used_idx": q["used_idx"]}})
+        if lib.kvmpy_blk_set_state(self._p, s) < 0:
+            check_state(state, self.disk.device_features, 1, lib.KVMPY_BLK_QUEUE_NUM_MAX, self.mem)
+            raise ValueError("virtio state refused by the native virtio-blk")
 
     @property
     def irq_level(self) -> bool:

@@ -437,3 +437,129 @@ def test_random_register_traffic_never_raises(ops, ram):
             assert all(a != b for a, b in zip(irq.levels, irq.levels[1:]))   # only edges
         with open(path, "rb") as f:
             assert len(f.read()) == 4096
+
+
+# --- save_state / load_state ---------------------------------------------------------
+
+def fresh(mem):
+    """A new transport over the same RAM, as a restore would make it."""
+    irq = RecordingTrigger()
+    return R.VirtioMmioTransport(FakeDevice(), mem, irq), irq
+
+
+def test_save_state_is_json_and_has_every_register():
+    """save_state gives the documented keys, plain JSON values, queue indices included."""
+    import json
+    dev, fake, mem, irq = make()
+    live(dev, mem)
+    offer_one(mem)
+    w(dev, R.QueueNotify, 0)
+    s = dev.save_state()
+    assert set(s) == set(R.STATE_FIELDS) and json.loads(json.dumps(s)) == s
+    assert s["status"] == ALL_OK and s["interrupt_status"] == 1 and s["irq_level"] is True
+    assert s["driver_features"] == VERSION_1
+    assert s["queues"][0] == {"num": 8, "ready": True, "desc": DESC, "driver": AVAIL,
+                              "device": USED, "last_avail_idx": 1, "used_idx": 1}
+    assert s["queues"][1]["ready"] is False and s["queues"][1]["num"] == 8
+
+
+def test_load_state_round_trips_and_continues_the_ring():
+    """A fresh transport loaded with a saved state saves the same state and serves the next
+    request at the saved ring position, without driving the interrupt line on load."""
+    dev, fake, mem, irq = make()
+    live(dev, mem)
+    offer_one(mem)
+    w(dev, R.QueueNotify, 0)
+    s = dev.save_state()
+    new, irq2 = fresh(mem)
+    new.load_state(s)
+    assert new.save_state() == s and irq2.levels == [] and new.irq_level
+    assert new.state()["queues"][0]["used_idx"] == 1
+    w(new, R.InterruptACK, 1)
+    assert irq2.levels == [False]
+    offer_one(mem, avail_idx=2)
+    w(new, R.QueueNotify, 0)
+    assert struct.unpack_from("<H", mem.read(USED + 2, 2))[0] == 2
+    assert mem.read(USED + 4 + 8, 4) == b"\0\0\0\0" and irq2.levels == [False, True]
+
+
+def test_load_state_keeps_a_device_error():
+    """DEVICE_NEEDS_RESET survives a restore (with a stand-in message) and still blocks notify."""
+    dev, fake, mem, irq = make()
+    live(dev, mem)
+    mem.write(AVAIL, struct.pack("<HH", 0, 9))        # 9 pending on a queue of 8: driver error
+    w(dev, R.QueueNotify, 0)
+    s = dev.save_state()
+    assert s["status"] & R.DEVICE_NEEDS_RESET and s["interrupt_status"] == 2
+    new, _ = fresh(mem)
+    new.load_state(s)
+    assert new.last_error == R.RESTORED_ERROR and not new.live
+    w(new, R.Status, 0)
+    assert new.last_error is None and new.save_state()["status"] == 0
+
+
+def test_load_state_accepts_a_missing_status_byte_error_with_one_chain_taken():
+    """A chain taken but never returned is reachable only with DEVICE_NEEDS_RESET."""
+    dev, fake, mem, irq = make()
+    live(dev, mem)
+    s = dev.save_state()
+    s["queues"][0]["last_avail_idx"] = 1
+    with pytest.raises(ValueError, match="never returned"):
+        fresh(mem)[0].load_state(s)
+    s["status"] |= R.DEVICE_NEEDS_RESET
+    s["interrupt_status"], s["irq_level"] = 2, True
+    fresh(mem)[0].load_state(s)
+
+
+def _saved():
+    dev, fake, mem, irq = make()
+    live(dev, mem)
+    return dev.save_state(), mem
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.pop("status"), "exactly the keys"),
+    (lambda s: s.update(extra=1), "exactly the keys"),
+    (lambda s: s.update(status=0x100), "status"),
+    (lambda s: s.update(status=-1), "status"),
+    (lambda s: s.update(status="15"), "status"),
+    (lambda s: s.update(status=True), "status"),
+    (lambda s: s.update(driver_features=1 << 64), "driver_features"),
+    (lambda s: s.update(driver_features=0), "FEATURES_OK"),
+    (lambda s: s.update(driver_features=VERSION_1 | 1 << 40), "FEATURES_OK"),
+    (lambda s: s.update(interrupt_status=4), "InterruptStatus"),
+    (lambda s: s.update(interrupt_status=1), "irq_level"),
+    (lambda s: s.update(irq_level=1), "irq_level"),
+    (lambda s: s.update(queues=[]), "queues saved"),
+    (lambda s: s.update(queues=None), "queues"),
+    (lambda s: s["queues"][0].update(num=16), "QueueNum"),
+    (lambda s: s["queues"][0].update(num=6), "power of two"),
+    (lambda s: s["queues"][0].update(num=0), "QueueNum"),
+    (lambda s: s["queues"][0].update(desc=DESC + 8), "aligned"),
+    (lambda s: s["queues"][0].update(device=RAM - 8), "outside guest RAM"),
+    (lambda s: s["queues"][0].update(driver=2**64 - 2), "outside guest RAM"),
+    (lambda s: s["queues"][0].update(used_idx=0x10000), "used_idx"),
+    (lambda s: s["queues"][0].update(last_avail_idx=3, used_idx=1), "never returned"),
+    (lambda s: s["queues"][1].update(used_idx=1), "not ready"),
+    (lambda s: s["queues"][1].pop("desc"), "exactly the keys"),
+])
+def test_load_state_refuses_unreachable_states_and_changes_nothing(mutate, match):
+    """Edited snapshots are refused with a ValueError naming the problem; the device is untouched."""
+    s, mem = _saved()
+    mutate(s)
+    new, irq = fresh(mem)
+    before = new.save_state()
+    with pytest.raises(ValueError, match=match):
+        new.load_state(s)
+    assert new.save_state() == before and irq.levels == []
+
+
+def test_load_state_accepts_any_register_value_the_driver_could_write():
+    """Selectors and a not-ready queue's registers take any 32/64-bit value, as the driver can."""
+    s, mem = _saved()
+    s.update(status=R.ACKNOWLEDGE | R.DRIVER, driver_features=2**64 - 1, queue_sel=0xFFFFFFFF,
+             device_features_sel=7, driver_features_sel=0xFFFFFFFF)
+    s["queues"][1].update(num=0xFFFFFFFF, desc=2**64 - 1, driver=3, device=1)
+    new, _ = fresh(mem)
+    new.load_state(s)
+    assert new.save_state() == s

@@ -39,6 +39,10 @@ Decisions where the spec leaves room (each also in docs/virtio.md):
   VIRTQ_AVAIL_F_NO_INTERRUPT (read once, after processing), InterruptStatus bit 0
   is set. The line level is always ``InterruptStatus != 0``; ``trigger.set_level``
   is called only when it changes.
+- Snapshots: ``save_state``/``load_state`` give and take the registers and ring
+  indices as a JSON-able dict (the C twin uses the same form; see
+  :func:`check_state` for what a loadable state is). Requests complete
+  synchronously, so nothing is ever in flight inside the device at a save point.
 - ConfigGeneration is always 0: nothing in the configuration changes at run time.
   VendorID is 0x706d766b ("kvmp"). The shared-memory registers report "no such
   region" (length and base all ones); QueueReset is absent (VIRTIO_F_RING_RESET is
@@ -108,6 +112,87 @@ VIRTIO_F_VERSION_1 = 32
 
 _U32 = 0xFFFF_FFFF
 _CONFIG_WIDTHS = (1, 2, 4, 8)
+
+# --- saved state (save_state / load_state) ------------------------------------------------
+# Key -> bits of its unsigned value, or bool. The transport's registers:
+STATE_FIELDS = {"status": 8, "device_features_sel": 32, "driver_features_sel": 32,
+                "driver_features": 64, "queue_sel": 32, "interrupt_status": 32,
+                "irq_level": bool, "queues": list}
+# ... and each entry of "queues":
+QUEUE_STATE_FIELDS = {"num": 32, "ready": bool, "desc": 64, "driver": 64, "device": 64,
+                      "last_avail_idx": 16, "used_idx": 16}
+# The error message is not saved (it differs between the C and Python models); a
+# state restored with DEVICE_NEEDS_RESET set records this one instead.
+RESTORED_ERROR = "DEVICE_NEEDS_RESET restored from a saved state"
+
+
+def _check_fields(d, fields: dict, what: str) -> None:
+    if not isinstance(d, dict) or set(d) != set(fields):
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"virtio state: {what} must have exactly the keys {sorted(fields)}, got {got}")
+    for key, kind in fields.items():
+        v = d[key]
+        if kind is bool or kind is list:
+            if type(v) is not kind:
+                raise ValueError(f"virtio state: {what}[{key!r}] must be a {kind.__name__}, got {v!r}")
+        elif type(v) is not int or not 0 <= v < 1 << kind:
+            raise ValueError(f"virtio state: {what}[{key!r}] must be an integer in 0..2**{kind}-1, got {v!r}")
+
+
+def check_state_shape(state, num_queues: int) -> None:
+    """ValueError unless ``state`` has every key, of the right type and width, and no other."""
+    _check_fields(state, STATE_FIELDS, "state")
+    if len(state["queues"]) != num_queues:
+        raise ValueError(f"virtio state: {len(state['queues'])} queues saved, the device has {num_queues}")
+    for i, q in enumerate(state["queues"]):
+        _check_fields(q, QUEUE_STATE_FIELDS, f"queues[{i}]")
+
+
+def check_state(state, device_features: int, num_queues: int, queue_num_max: int,
+                mem: GuestMemory) -> list[VirtQueue | None]:
+    """Validate a saved transport state (hostile input: a snapshot file can be edited).
+
+    A state is accepted only if the transport could have reached it: FEATURES_OK
+    only with acceptable driver features (a subset of ``device_features`` including
+    VIRTIO_F_VERSION_1); InterruptStatus only bits 0 and 1, and the line level
+    equal to ``InterruptStatus != 0``; a ready queue passes every QueueReady check
+    (QueueNum a power of two in 1..queue_num_max, aligned rings inside guest RAM)
+    and has returned every chain it took (``last_avail_idx == used_idx``), except
+    one more taken when a driver error set DEVICE_NEEDS_RESET; a queue that is not
+    ready has both indices 0. Returns the live queues to install (None: not ready);
+    raises ValueError saying what is wrong. csrc/virtio_blk.c applies the same rules.
+    """
+    check_state_shape(state, num_queues)
+    status, feats = state["status"], state["driver_features"]
+    if status & FEATURES_OK and (feats & ~device_features or not feats >> VIRTIO_F_VERSION_1 & 1):
+        raise ValueError(f"virtio state: FEATURES_OK with driver features {feats:#x} the device "
+                         f"would have refused (offered {device_features:#x})")
+    irq = state["interrupt_status"]
+    if irq & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG):
+        raise ValueError(f"virtio state: InterruptStatus {irq:#x} has bits other than 0 and 1")
+    if state["irq_level"] != (irq != 0):
+        raise ValueError(f"virtio state: irq_level {state['irq_level']} does not match "
+                         f"InterruptStatus {irq:#x}")
+    live = []
+    for i, q in enumerate(state["queues"]):
+        if not q["ready"]:
+            if q["last_avail_idx"] or q["used_idx"]:
+                raise ValueError(f"virtio state: queue {i} is not ready but has ring indices")
+            live.append(None)
+            continue
+        if not 1 <= q["num"] <= queue_num_max:
+            raise ValueError(f"virtio state: queue {i} QueueNum {q['num']} is not in 1..{queue_num_max}")
+        try:
+            vq = VirtQueue(mem, q["num"], q["desc"], q["driver"], q["device"])
+        except VirtqueueError as e:
+            raise ValueError(f"virtio state: queue {i}: {e}") from None
+        taken = (q["last_avail_idx"] - q["used_idx"]) & 0xFFFF
+        if taken > (1 if status & DEVICE_NEEDS_RESET else 0):
+            raise ValueError(f"virtio state: queue {i} took {taken} chains it never returned "
+                             f"(last_avail_idx {q['last_avail_idx']}, used_idx {q['used_idx']})")
+        vq.last_avail_idx, vq.used_idx = q["last_avail_idx"], q["used_idx"]
+        live.append(vq)
+    return live
 
 
 @runtime_checkable
@@ -254,6 +339,50 @@ class VirtioMmioTransport:
                 "used_idx": q.live.used_idx if q.live else 0,
             } for q in self.queues],
         }
+
+    def save_state(self) -> dict:
+        """The registers and ring indices as a JSON-able dict (keys: STATE_FIELDS).
+
+        I/O is synchronous (a QueueNotify is fully served before the write returns),
+        so there are never requests in flight inside the device at a save point.
+        The disk's identity (path, readonly, capacity) is not included.
+        """
+        return {
+            "status": self.status,
+            "device_features_sel": self.device_features_sel,
+            "driver_features_sel": self.driver_features_sel,
+            "driver_features": self.driver_features,
+            "queue_sel": self.queue_sel,
+            "interrupt_status": self.interrupt_status,
+            "irq_level": self._level,
+            "queues": [{
+                "num": q.num, "ready": q.ready, "desc": q.desc, "driver": q.driver,
+                "device": q.device,
+                "last_avail_idx": q.live.last_avail_idx if q.live else 0,
+                "used_idx": q.live.used_idx if q.live else 0,
+            } for q in self.queues],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`save_state` output; ValueError (changing nothing) if it is not
+        a state this transport could reach (see :func:`check_state`).
+
+        The interrupt level is recorded, not driven: the interrupt controller's
+        state is restored separately and already has the line at that level.
+        """
+        live = check_state(state, self.device.device_features, len(self.queues),
+                           self.device.queue_num_max, self.mem)
+        self.status = state["status"]
+        self.device_features_sel = state["device_features_sel"]
+        self.driver_features_sel = state["driver_features_sel"]
+        self.driver_features = state["driver_features"]
+        self.queue_sel = state["queue_sel"]
+        self.interrupt_status = state["interrupt_status"]
+        self._level = state["irq_level"]
+        self.last_error = RESTORED_ERROR if self.status & DEVICE_NEEDS_RESET else None
+        self.queues = [QueueRegisters(num=q["num"], desc=q["desc"], driver=q["driver"],
+                                      device=q["device"], live=vq)
+                       for q, vq in zip(state["queues"], live)]
 
     def reset(self) -> None:
         """What writing 0 to Status does: back to the power-on state."""
