@@ -107,10 +107,11 @@ class MemoryRegion:
             raise GuestMemoryError(f"dirty range {offset:#x}+{length:#x} is outside the region")
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
         with self.dirty_lock:
-            if self.dirty.closed:
+            ptr = self._dirty_ptr            # None once closed (set under this lock)
+            if ptr is not None:
+                _lib.kvmpy_dirty_mark(ptr, first, last - first + 1)
                 return
-            if self._dirty_ptr is not None:
-                _lib.kvmpy_dirty_mark(self._dirty_ptr, first, last - first + 1)
+            if self.dirty.closed:
                 return
             for w in range(first // 64, last // 64 + 1):
                 lo = first - 64 * w if w == first // 64 else 0
