@@ -33,7 +33,8 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_TRIPLE_FAULT:<10} the guest triple-faulted (register dump and code on stderr)
   {EXIT_TIMEOUT:<10} --timeout expired
   {EXIT_INTERNAL_ERROR:<10} KVM internal error, entry failure or unsupported exit
-  {EXIT_INTERRUPTED:<10} interrupted with Ctrl-C"""
+  {EXIT_INTERRUPTED:<10} interrupted with Ctrl-C
+  {EXIT_OK:<10} (also) the guest was migrated away or stopped through --control"""
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -131,6 +132,27 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inspect", action="store_true",
                    help="when the run stops, print the stopping vCPU's mode, registers, segments, GDT, "
                         "IDT, page walks of RIP and RSP and the code at RIP on stderr")
+    _control_option(g)
+
+
+def _control_option(g) -> None:
+    g.add_argument("--control", metavar="PATH", default=None,
+                   help="serve a control socket at PATH (mode 0600) for 'kvmpy ctl PATH pause|resume|"
+                        "snapshot DIR|migrate HOST:PORT|stats|inspect|stop'")
+
+
+def _host_options(p: argparse.ArgumentParser) -> None:
+    """Options of commands that continue a saved or migrated guest: host side only."""
+    g = p.add_argument_group("host options")
+    g.add_argument("--disk", action="append", default=None, metavar="PATH[,ro]",
+                   help="use this file instead of the saved machine's disk (repeat for each, in order; "
+                        "it must have the same size)")
+    g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
+    g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="stop the guest after this many seconds (exit status 124)")
+    g.add_argument("--stats", action="store_true", help="print exit statistics on stderr at the end")
+    g.add_argument("--inspect", action="store_true", help="print the stopping vCPU's state on stderr at the end")
+    _control_option(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(port 0xf4), resets, faults, halts (with --no-irqchip), or the timeout expires.")
     r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
     _run_options(r)
+    s = sub.add_parser("restore", help="continue a guest from a snapshot directory",
+                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Continue a guest saved with 'kvmpy ctl PATH snapshot DIR' or "
+                                   "Machine.snapshot(DIR): its serial output goes on where it stopped. "
+                                   "The snapshot is checked first (magic, version, checksums, disk "
+                                   "sizes); a bad one is refused and nothing starts.")
+    s.add_argument("snapshot", help="snapshot directory")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading the RAM files for their checksums (faster for big guests)")
+    _host_options(s)
+    v = sub.add_parser("receive", help="wait for a live migration and continue the guest here",
+                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Listen for one incoming live migration ('kvmpy ctl PATH migrate "
+                                   "HOST:PORT' on the source), then run the guest here. If the stream "
+                                   "breaks, what arrived is discarded and the source keeps running.")
+    v.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to listen on, e.g. 127.0.0.1:4444 (port 0: pick one and print it)")
+    v.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
+                   help="give up if no migration arrives within this time")
+    _host_options(v)
+    c = sub.add_parser("ctl", help="control a VM started with --control PATH",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Send one command to the control socket of a running kvmpy.",
+                       epilog="commands:\n  status              running? paused?\n"
+                              "  pause | resume      stop the vCPUs where they are / let them go on\n"
+                              "  snapshot DIR        save the VM to DIR (it pauses for the copy, then goes on)\n"
+                              "  migrate HOST:PORT   live-migrate to a 'kvmpy receive --listen HOST:PORT'\n"
+                              "  stats               exits and time so far\n"
+                              "  inspect [VCPU]      registers, mode, page walks (pause first)\n"
+                              "  stop                end the run")
+    c.add_argument("socket", metavar="PATH", help="the --control socket")
+    c.add_argument("cmd", choices=("status", "pause", "resume", "snapshot", "migrate", "stats", "inspect", "stop"),
+                   metavar="COMMAND", help="status, pause, resume, snapshot, migrate, stats, inspect, stop")
+    c.add_argument("arg", nargs="?", help="DIR for snapshot, HOST:PORT for migrate, VCPU for inspect")
     b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
@@ -284,7 +340,7 @@ def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
 
 
 def _run(args, image, load: dict, sample_input: bytes | None) -> int:
-    from .errors import GuestError, KvmpyError
+    from .errors import KvmpyError
     from .machine import Machine
     try:
         tracer = _tracer(args)
@@ -299,7 +355,6 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
-    done = threading.Event()
     with machine:
         try:
             machine.load(image, **load)
@@ -307,30 +362,125 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
             print(f"kvmpy: {e}", file=sys.stderr)
             return EXIT_VMM_ERROR
         machine._replaying = bool(args.replay)
-        _start_input(machine, done, sample_input)
-        old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
-            if threading.current_thread() is threading.main_thread() else None
         try:
-            if args.gdb is not None:
-                result = _serve_gdb(machine, args.gdb)
-                if result is None:
-                    return EXIT_OK              # gdb detached before the guest stopped
-            else:
-                result = machine.run(timeout=args.timeout, trace=tracer)
-        except GuestError as e:
-            print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
-            _print_inspect(args, machine)
-            _print_stats(args, machine)
-            return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+            return _drive(args, machine, tracer, sample_input)
         finally:
-            done.set()
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
             if args.trace_json:
                 tracer.stream.close()
+
+
+def _drive(args, machine, tracer=None, sample_input: bytes | None = None, started: bool = False) -> int:
+    """Run ``machine`` to its end (or wait for it, if ``started``), with stdin as its serial
+    input, Ctrl-C, the control socket, and the end-of-run reports; returns the exit status."""
+    from .errors import GuestError
+    done = threading.Event()
+    control = None
+    if getattr(args, "control", None):
+        from .control import ControlServer
+        control = ControlServer(machine, args.control)
+        print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
+              file=sys.stderr, flush=True)
+    _start_input(machine, done, sample_input)
+    old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        if started:
+            result = machine.wait()
+        elif getattr(args, "gdb", None) is not None:
+            result = _serve_gdb(machine, args.gdb)
+            if result is None:
+                return EXIT_OK              # gdb detached before the guest stopped
+        else:
+            result = machine.run(timeout=args.timeout, trace=tracer)
+    except GuestError as e:
+        print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
         _print_inspect(args, machine)
         _print_stats(args, machine)
-        return _exit_code(result, args)
+        return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+    finally:
+        done.set()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        if control is not None:
+            control.close()
+    _print_inspect(args, machine)
+    _print_stats(args, machine)
+    return _exit_code(result, args)
+
+
+def cmd_restore(args) -> int:
+    from .errors import KvmpyError
+    from .machine import Machine
+    try:
+        machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
+                                  serial=_Console(sys.stdout.buffer), native=not args.python)
+    except (KvmpyError, ValueError) as e:
+        print(f"kvmpy: cannot restore: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        return _drive(args, machine)
+
+
+def cmd_receive(args) -> int:
+    from .errors import KvmpyError
+    from .migration import parse_address, receive
+    try:
+        listen = parse_address(args.listen)
+    except ValueError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def listening(addr):
+        print(f"kvmpy: waiting for a migration on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
+
+    try:
+        machine, pages = receive(listen, disks=args.disk, timeout=args.wait, on_listen=listening,
+                                 run_timeout=args.timeout, progress=_progress,
+                                 serial=_Console(sys.stdout.buffer), native=not args.python)
+    except (KvmpyError, OSError, ValueError) as e:
+        print(f"kvmpy: migration failed: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        return _drive(args, machine, started=True)
+
+
+def _progress(text: str) -> None:
+    print(f"kvmpy: {text}", file=sys.stderr, flush=True)
+
+
+def cmd_ctl(args) -> int:
+    from .control import ControlError, request
+    extra = {}
+    if args.cmd in ("snapshot", "migrate"):
+        if not args.arg:
+            print(f"kvmpy: ctl {args.cmd} needs {'DIR' if args.cmd == 'snapshot' else 'HOST:PORT'}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        extra = {"path": os.path.abspath(args.arg)} if args.cmd == "snapshot" else {"to": args.arg}
+    elif args.cmd == "inspect" and args.arg is not None:
+        try:
+            extra = {"vcpu": int(args.arg)}
+        except ValueError:
+            print(f"kvmpy: inspect takes a vCPU number, got {args.arg!r}", file=sys.stderr)
+            return EXIT_USAGE
+    elif args.arg is not None:
+        print(f"kvmpy: ctl {args.cmd} takes no argument", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        answer = request(args.socket, args.cmd, progress=_progress, **extra)
+    except ControlError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    if not answer.get("ok"):
+        print(f"kvmpy: {args.cmd}: {answer.get('error')}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    if "text" in answer:
+        print(answer["text"])
+    elif args.cmd == "status":
+        print("paused" if answer["paused"] else "running" if answer["running"] else "stopped")
+    elif args.cmd == "snapshot":
+        print(f"saved {answer['path']}")
+    return EXIT_OK
 
 
 def _serve_gdb(machine, port: int):
@@ -380,7 +530,7 @@ def _print_inspect(args, machine) -> None:
 def _print_stats(args, machine) -> None:
     if args.stats:
         print(f"--- kvmpy stats ---\n{machine.stats}", file=sys.stderr)
-    if args.stats_svg:
+    if getattr(args, "stats_svg", None):
         try:
             with open(args.stats_svg, "w") as f:
                 f.write(machine.stats.to_svg(title=f"kvmpy: {getattr(args, 'name', None) or args.image}"))
@@ -403,6 +553,12 @@ def _exit_code(result, args) -> int:
     if reason == "interrupted":
         print("kvmpy: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if reason == "migrated":
+        print("kvmpy: the guest was migrated; it runs on the target now", file=sys.stderr)
+        return EXIT_OK
+    if reason == "stopped":
+        print("kvmpy: stopped through the control socket", file=sys.stderr)
+        return EXIT_OK
     print(f"kvmpy: the guest stopped: {reason}", file=sys.stderr)
     return EXIT_INTERNAL_ERROR
 
@@ -421,7 +577,8 @@ def cmd_bench(args) -> int:
     return bench.BENCHMARKS[args.name].main(args.bench_args)
 
 
-COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run, "bench": cmd_bench}
+COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run, "restore": cmd_restore,
+            "receive": cmd_receive, "ctl": cmd_ctl, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,9 +182,15 @@ class Vm(_Fd):
         _ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r)
 
     def add_memory(self, gpa: int, size: int, readonly: bool = False,
-                   log_dirty: bool = False) -> MemoryRegion:
-        """Map ``size`` bytes of fresh anonymous memory at guest-physical ``gpa``."""
-        region = self.memory.add(MemoryRegion.anonymous(gpa, size, readonly=readonly, slot=self._next_slot))
+                   log_dirty: bool = False, backing: str | None = None) -> MemoryRegion:
+        """Map ``size`` bytes at guest-physical ``gpa``: fresh anonymous memory, or with
+        ``backing`` a private copy-on-write mapping of that file (pages are read when the
+        guest first touches them; its writes never reach the file)."""
+        if backing is None:
+            region = MemoryRegion.anonymous(gpa, size, readonly=readonly, slot=self._next_slot)
+        else:
+            region = MemoryRegion.from_file(backing, gpa, size, readonly=readonly, slot=self._next_slot)
+        self.memory.add(region)
         buf = ffi.from_buffer(region.mm)
         addr = int(ffi.cast("uintptr_t", buf))
         ffi.release(buf)        # the mapping stays; only the buffer export ends
@@ -197,6 +203,15 @@ class Vm(_Fd):
             raise
         self._next_slot += 1
         return region
+
+    def log_dirty_pages(self, enable: bool) -> None:
+        """Turn KVM's dirty-page log on or off for every RAM slot (KVM_MEM_LOG_DIRTY_PAGES)."""
+        for r in self.memory.regions:
+            buf = ffi.from_buffer(r.mm)
+            addr = int(ffi.cast("uintptr_t", buf))
+            ffi.release(buf)
+            flags = (MemFlag.READONLY if r.readonly else 0) | (MemFlag.LOG_DIRTY_PAGES if enable else 0)
+            self.set_user_memory_region(r.slot, r.gpa, r.size, addr, int(flags))
 
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""

@@ -28,7 +28,7 @@ from .loader.elf import ELFMAG
 from .loader.linux import linux_format, load_linux
 from .loader.multiboot import is_multiboot, load_multiboot, module_string
 from .native import NativeUart, NativeVirtioBlk
-from .runloop import RunLoop, RunResult, _Stop
+from .runloop import RunLoop, RunResult, _Pause, _Stop
 from .stats import Stats
 from .x86 import cpuid, layout, modes, mptable, msrs
 from .x86.inspect import report as inspect_report
@@ -100,7 +100,8 @@ class Machine(RunLoop):
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
-                 disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None):
+                 disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
+                 _ram_files: dict[int, str] | None = None):
         if mem_size < 64 * 1024 or mem_size % PAGE:
             raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
         if not 1 <= cpus <= 255:
@@ -113,6 +114,8 @@ class Machine(RunLoop):
         self.mem_size = mem_size
         self.native = native
         self.disks: list = []
+        self.disk_specs: list[Disk] = []
+        self.virtio_devices: list = []      # each disk's transport: save_state()/load_state()
         self.stats = Stats()
         self.image: LoadedImage | None = None
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -120,7 +123,7 @@ class Machine(RunLoop):
         self.vm: Vm | None = None
         try:
             self.vm = self.kvm.create_vm()
-            self._add_ram(mem_size)         # before the irqchip: a slot added after it costs ~7 ms here
+            self._add_ram(mem_size, _ram_files or {})   # before the irqchip: a slot added after it costs ~7 ms here
             self._create_platform(irqchip)
             self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
             if cpus > 1:            # tell guests that look where the other CPUs are (MP spec 1.4)
@@ -134,6 +137,7 @@ class Machine(RunLoop):
             self.close()
             raise
         self._stop = _Stop()
+        self._pause = _Pause()
         self._run_active, self._run_idle = threading.Event(), threading.Event()
         self._run_idle.set()
         self._serial_error: BaseException | None = None
@@ -150,12 +154,13 @@ class Machine(RunLoop):
             vm.create_irqchip()
             vm.create_pit2()
 
-    def _add_ram(self, size: int) -> None:
-        """RAM from 0; beyond 3 GiB it continues at 4 GiB, leaving the hole below 4 GiB for MMIO."""
+    def _add_ram(self, size: int, files: dict[int, str]) -> None:
+        """RAM from 0; beyond 3 GiB it continues at 4 GiB, leaving the hole below 4 GiB for MMIO.
+        ``files`` maps a region's gpa to a snapshot's RAM file to map copy-on-write."""
         low = min(size, 3 * layout.GiB)
-        self.vm.add_memory(0, low)
+        self.vm.add_memory(0, low, backing=files.get(0))
         if size > low:
-            self.vm.add_memory(4 * layout.GiB, size - low)
+            self.vm.add_memory(4 * layout.GiB, size - low, backing=files.get(4 * layout.GiB))
 
     def _create_vcpu(self, i: int, n: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(i)
@@ -221,25 +226,38 @@ class Machine(RunLoop):
                 dev = NativeVirtioBlk(disk.path, self.memory, readonly=disk.readonly,
                                       vm_fd=self.vm.fd if self.irqchip else -1, gsi=irq if self.irqchip else -1)
                 self.disks.append(dev)
+                self.virtio_devices.append(dev)
             else:
                 blk = VirtioBlk(disk.path, readonly=disk.readonly)
                 self.disks.append(blk)
                 trigger = _IrqLine(self.vm, irq) if self.irqchip else NullTrigger()
-                dev = _Locked(VirtioMmioTransport(blk, self.memory, trigger), threading.Lock())
+                transport = VirtioMmioTransport(blk, self.memory, trigger)
+                self.virtio_devices.append(transport)
+                dev = _Locked(transport, threading.Lock())
         except DeviceError as e:
             raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
+        self.disk_specs.append(disk)
         self.mmio.attach(base, layout.VIRTIO_MMIO_SIZE, dev, name)
 
     def snapshot(self, path) -> None:
-        """Save this stopped machine to directory ``path`` (see kvmpy/snapshot.py for the format)."""
+        """Save this machine to directory ``path`` (docs/snapshots.md has the format).
+        A running machine is paused while its state and RAM are written, then goes on."""
         from .snapshot import save
         save(self, path)
 
     @classmethod
-    def restore(cls, path, **host_options) -> "Machine":
-        """A new Machine that continues the snapshot at ``path`` (``serial=``, ``native=``, ...)."""
+    def restore(cls, path, verify: bool = True, disks=None, **host_options) -> "Machine":
+        """A new Machine that continues the snapshot at ``path``. ``host_options`` are the
+        host-side arguments (``serial=``, ``native=``, ``kvm=``); ``disks`` replaces the
+        saved disk paths; ``verify=False`` skips the RAM checksums (RAM is mapped lazily)."""
         from .snapshot import restore
-        return restore(path, **host_options)
+        return restore(path, verify=verify, disks=disks, **host_options)
+
+    def clone(self, **host_options) -> "Machine":
+        """A new Machine continuing this one's current state, sharing unchanged RAM pages
+        copy-on-write; this machine goes on (paused for the copy if it is running)."""
+        from .snapshot import clone
+        return clone(self, 1, **host_options)[0]
 
     def virtio_mmio_cmdline(self) -> str:
         """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
@@ -293,10 +311,10 @@ class Machine(RunLoop):
         walks of RIP and RSP, the stack and the code at RIP (``kvmpy.x86.inspect.report``).
 
         ``vcpu`` defaults to the one that stopped the last run. Call it while the machine
-        is not running: before or between runs, or after ``run()`` returned or raised.
+        is not running (before or between runs, after ``run()`` returned) or is paused.
         """
-        if self._run_active.is_set():
-            raise KvmpyError("inspect() needs a stopped machine: call it after run() returns")
+        if self._run_active.is_set() and not self.paused:
+            raise KvmpyError("inspect() needs a stopped or paused machine: pause() it or wait for run()")
         n = vcpu if vcpu is not None else (self._stop.vcpu or 0)
         if not 0 <= n < len(self.vcpus):
             raise ValueError(f"no vCPU {n}: the machine has {len(self.vcpus)}")

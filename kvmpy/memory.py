@@ -25,6 +25,7 @@ without it the same bit layout is kept in pure Python under the lock.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -78,6 +79,25 @@ class MemoryRegion:
         except (OSError, OverflowError) as e:
             raise GuestMemoryError(f"cannot map {size:#x} bytes of guest RAM: "
                                    f"{getattr(e, 'strerror', None) or e}") from None
+        return cls(gpa=gpa, size=size, readonly=readonly, slot=slot, mm=mm)
+
+    @classmethod
+    def from_file(cls, path: str, gpa: int, size: int, readonly: bool = False,
+                  slot: int = -1) -> "MemoryRegion":
+        """A private copy-on-write mapping of the first ``size`` bytes of file ``path``:
+        pages are read on first touch and writes stay in this process (a snapshot's RAM)."""
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ValueError(f"region gpa={gpa:#x} size={size:#x} must be page-aligned and non-empty")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < size:
+                    raise GuestMemoryError(f"{path}: shorter than the {size:#x} bytes of RAM it should hold")
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise GuestMemoryError(f"cannot map guest RAM from {path}: {e.strerror or e}") from None
         return cls(gpa=gpa, size=size, readonly=readonly, slot=slot, mm=mm)
 
     @property

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import exits
 from .abi import SystemEventType
 from .disasm import decode
-from .errors import GuestError, GuestMemoryError, KvmError
+from .errors import GuestError, GuestMemoryError, KvmError, KvmpyError
 from .kvm import Vcpu
 from .trace import KINDS, Replayer, exiting_instruction
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
@@ -59,6 +59,23 @@ class _Stop:
             return True
 
 
+class _Pause:
+    """A pause request and the vCPU threads parked at it.
+
+    ``pause()`` sets ``requested`` and kicks every vCPU; each vCPU thread, back in
+    Python after KVM_RUN returns, parks here until ``resume()`` (or a stop). KVM_RUN
+    returning is what makes the vCPU state complete (an IN's data delivered, an MMIO
+    read finished), so a parked machine can be saved exactly. ``active`` counts the
+    vCPU threads of the current run: the pause is complete when all of them are parked.
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.requested = False
+        self.active = 0
+        self.parked = 0
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,15 +90,109 @@ class RunLoop:
         threads; the first vCPU to stop the machine stops them all. ``trace`` (a
         ``kvmpy.trace.Tracer``) sees every exit; a traced run takes the Python loop.
         """
-        if self._run_active.is_set():
-            raise RuntimeError("this Machine is already running")
-        self._run_active.set()
-        self._run_idle.clear()
+        pause = self._pause
+        with pause.cond:
+            if self._run_active.is_set():
+                raise RuntimeError("this Machine is already running")
+            pause.requested, pause.active, pause.parked = False, len(self.vcpus), 0
+            self._run_active.set()
+            self._run_idle.clear()
         try:
             return self._run(timeout, trace)
         finally:
-            self._run_active.clear()
-            self._run_idle.set()
+            with pause.cond:
+                self._run_active.clear()
+                self._run_idle.set()
+                pause.cond.notify_all()
+
+    # --- pause, resume, background runs ----------------------------------------------
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Stop every vCPU where it is and keep it there until ``resume()``.
+
+        Call it from another thread while ``run()`` (or ``start()``) runs the machine.
+        Returns True once all vCPUs are parked, False if no run is in progress (a
+        stopped machine needs no pausing). A paused machine can be inspected,
+        snapshotted or migrated; ``request_stop()`` ends a paused run too.
+        """
+        if self._current_vcpu() is not None:
+            raise RuntimeError("pause() from inside a vCPU thread (a device callback?) would wait for itself")
+        p = self._pause
+        with p.cond:
+            if not self._run_active.is_set():
+                return False
+            p.requested = True
+            for v in self.vcpus:
+                v.kick()
+            if not p.cond.wait_for(lambda: p.parked >= p.active or not self._run_active.is_set(), timeout):
+                p.requested = False
+                p.cond.notify_all()
+                raise KvmpyError(f"the vCPUs did not pause within {timeout} s")
+            return self._run_active.is_set()
+
+    def resume(self) -> None:
+        """Let the vCPUs of a paused run go on (nothing happens if none are paused)."""
+        with self._pause.cond:
+            self._pause.requested = False
+            self._pause.cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        """True while a run is in progress (paused or not)."""
+        return self._run_active.is_set()
+
+    @property
+    def paused(self) -> bool:
+        """True while a run is in progress and all its vCPUs are parked by ``pause()``."""
+        p = self._pause
+        with p.cond:
+            return self._run_active.is_set() and p.requested and p.parked >= p.active
+
+    def _park(self, vcpu: Vcpu) -> None:
+        """In a vCPU thread: wait here while a pause is requested (and the run not stopped)."""
+        p, stop = self._pause, self._stop
+        with p.cond:
+            if not p.requested:
+                return
+            p.parked += 1
+            p.cond.notify_all()
+            while p.requested and stop.reason is None:
+                p.cond.wait()
+            p.parked -= 1
+            vcpu.immediate_exit = stop.reason is not None
+
+    def start(self, timeout: float | None = None, trace=None) -> None:
+        """``run()`` in a background thread; ``wait()`` returns its RunResult. When this
+        returns the run is in progress, so ``pause()`` and ``request_stop()`` apply to it."""
+        if self._run_active.is_set():
+            raise RuntimeError("this Machine is already running")
+        box: dict = {}
+
+        def body():
+            try:
+                box["result"] = self.run(timeout, trace)
+            except BaseException as e:
+                box["error"] = e
+
+        t = threading.Thread(target=body, daemon=True, name="machine-run")
+        self._background = (t, box)
+        t.start()
+        while t.is_alive() and not self._run_active.wait(0.005):
+            pass
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """The RunResult of the run ``start()`` began (raises what run() raised);
+        TimeoutError if it has not ended within ``timeout`` seconds."""
+        background = getattr(self, "_background", None)
+        if background is None:
+            raise RuntimeError("wait() needs a run begun with start()")
+        t, box = background
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"the run has not ended within {timeout} s")
+        self._background = None
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def _wait_for_run_to_end(self) -> None:
         """For close(): stop a run going on in another thread and wait until it has ended."""
@@ -109,8 +220,9 @@ class RunLoop:
                     v.single_step(False)
 
     def _run_vcpus(self, timeout) -> RunResult:
-        for v in self.vcpus:
-            v.immediate_exit = False
+        with self._pause.cond:                  # a pause() already asked for keeps its kick
+            for v in self.vcpus:
+                v.immediate_exit = self._pause.requested
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.request_stop, args=("timeout",))
@@ -151,10 +263,12 @@ class RunLoop:
         return RunResult(stop.reason, stop.status, vcpu.get_regs(), vcpu.id, stop.exit)
 
     def request_stop(self, reason: str = "interrupted") -> None:
-        """Stop a run from any thread (timeout, Ctrl-C, a controlling program)."""
+        """Stop a run from any thread (timeout, Ctrl-C, a controlling program); a paused run too."""
         self._stop.set(reason)
         for v in self.vcpus:
             v.kick()
+        with self._pause.cond:
+            self._pause.cond.notify_all()
 
     def _on_debug_exit(self, status: int) -> None:
         self._stop.set("exit", status, self._current_vcpu())
@@ -191,6 +305,9 @@ class RunLoop:
             self._stop.set("error", vcpu=vcpu.id, error=e)
         finally:
             self.stats.guest_ns += (self._guest_ticks() - ticks) * 1_000_000_000 // _CLK_TCK
+            with self._pause.cond:              # a pause waits for running vCPUs only
+                self._pause.active -= 1
+                self._pause.cond.notify_all()
             self._tls.vcpu = None
             vcpu.set_thread(None)
             for v in self.vcpus:
@@ -206,6 +323,7 @@ class RunLoop:
         enter, exit_value, dispatch = vcpu.enter, vcpu.exit_value, self._dispatch
         if self._tracer is not None:
             dispatch = self._traced_dispatch
+        pause = self._pause
         try:
             while stop.reason is None:
                 t_in = clock()
@@ -214,6 +332,8 @@ class RunLoop:
                 t_out = clock()
                 kvm_ns += t_out - t_in
                 dispatch(vcpu, exit_value(rc))
+                if pause.requested:
+                    self._park(vcpu)
         finally:
             stats.kvm_ns += kvm_ns
             stats.vmm_ns += vmm_ns
@@ -234,7 +354,7 @@ class RunLoop:
         C counts the exits it serves and all the time (its own and Python's share);
         the counters are added to ``stats`` when this vCPU's run ends.
         """
-        loop, stop = self._loops[vcpu.id], self._stop
+        loop, stop, pause = self._loops[vcpu.id], self._stop, self._pause
         try:
             while stop.reason is None:
                 rc = loop.run()                             # GIL released inside
@@ -246,6 +366,8 @@ class RunLoop:
                     self._dispatch(vcpu, exits.Interrupted())
                 else:
                     raise KvmError(-rc, "KVM_RUN")
+                if pause.requested:
+                    self._park(vcpu)
         finally:
             self._add_counters(loop.take_counters())
 

@@ -1,28 +1,38 @@
-"""Snapshots: a stopped Machine saved to a directory, and a new Machine continuing from it.
+"""Snapshots: a Machine saved to a directory, and new Machines continuing from it.
 
-Format (version 1), one directory:
+Format (version 1; docs/snapshots.md has the full description), one directory:
 
     manifest.json   {"magic": "kvmpy-snapshot", "version": 1, "machine": {...},
                      "vcpus": [...], "vm": {...}, "devices": {...},
                      "ram": [{"gpa", "size", "file", "sha256"}], "sha256": <of the rest>}
-    ram-<gpa>.bin   guest RAM of one region, raw, as it is in the guest
+    ram-<gpa>.bin   guest RAM of one region, raw, byte for byte as the guest sees it
+                    (all-zero stretches are holes), so a restore can map it directly
 
 Blobs KVM hands out whole (FPU, XSAVE, XCRs, LAPIC, vCPU events, irqchip, PIT) are
 stored as hex of the kernel's own structs, so they go back exactly as they came.
-Everything is checked before anything starts: magic, version, the manifest's checksum,
-each RAM file's size and checksum. This first slice covers machines without disks.
+
+The state half (``capture``/``apply``) is shared with live migration (migration.py),
+which sends the same dict over a socket after the RAM.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 
-from .errors import KvmpyError
+from .errors import DeviceError, KvmpyError
 from .x86.regs import DTable, Regs, Segment, Sregs
 
 MAGIC, VERSION = "kvmpy-snapshot", 1
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+_ZERO = bytes(_CHUNK)
+# Machine() arguments a snapshot fixes: restore takes only host-side ones.
+_FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "_ram_files")
 
 
 class SnapshotError(KvmpyError):
@@ -33,10 +43,14 @@ def _sha(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _body_sha(body: dict) -> str:
+    return _sha(json.dumps({k: v for k, v in body.items() if k != "sha256"}, sort_keys=True).encode())
+
+
+# --- the state: everything but RAM -----------------------------------------------------
 def _vcpu_state(m, v) -> dict:
     msrs = v.get_msrs(sorted(m._supported_msrs() & set(m.kvm.msr_index_list())))
-    s = v.get_sregs()
-    state = {"regs": dataclasses.asdict(v.get_regs()), "sregs": dataclasses.asdict(s),
+    state = {"regs": dataclasses.asdict(v.get_regs()), "sregs": dataclasses.asdict(v.get_sregs()),
              "fpu": v.get_fpu().hex(), "xsave": v.get_xsave().hex(), "xcrs": v.get_xcrs().hex(),
              "msrs": {str(k): val for k, val in msrs.items()}, "mp_state": v.get_mp_state(),
              "events": v.get_vcpu_events().hex(), "debugregs": v.get_debugregs()}
@@ -45,61 +59,28 @@ def _vcpu_state(m, v) -> dict:
     return state
 
 
-def save(m, path) -> None:
-    """Write the stopped machine ``m`` to directory ``path`` (created; must not exist)."""
-    if m._run_active.is_set():
-        raise SnapshotError("snapshot needs a stopped machine: call it after run() returns")
-    if m.disks:
-        raise SnapshotError("snapshots of machines with disks are not supported yet")
-    os.makedirs(path)
+def capture(m) -> dict:
+    """Every vCPU's, the VM's and each device's state (no RAM) of a stopped or paused machine."""
+    if m.running and not m.paused:
+        raise SnapshotError("the machine is running: pause() it (or let run() return) first")
     m._drain_serial()
-    ram = []
-    for r in m.memory.regions:
-        name = f"ram-{r.gpa:x}.bin"
-        data = r.mm[:]
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(data)
-        ram.append({"gpa": r.gpa, "size": r.size, "file": name, "sha256": _sha(data)})
     vm = {"clock": m.vm.get_clock()}
     if m.irqchip:
         vm["irqchip"] = [m.vm.get_irqchip(i).hex() for i in range(3)]
         vm["pit2"] = m.vm.get_pit2().hex()
-    body = {"magic": MAGIC, "version": VERSION,
+    disks = [{"path": os.path.abspath(spec.path), "readonly": spec.readonly, "size": dev_size(dev),
+              "state": dev.save_state()}
+             for spec, dev in zip(m.disk_specs, m.virtio_devices)]
+    return {"magic": MAGIC, "version": VERSION,
             "machine": {"mem_size": m.mem_size, "cpus": len(m.vcpus), "irqchip": m.irqchip},
             "vcpus": [_vcpu_state(m, v) for v in m.vcpus], "vm": vm,
-            "devices": {"com1": m.serial.save_state(), "fw_cfg_cmdline": m.fw_cfg.cmdline.decode()},
-            "ram": ram}
-    body["sha256"] = _sha(json.dumps(body, sort_keys=True).encode())
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump(body, f, indent=1, sort_keys=True)
+            "devices": {"com1": m.serial.save_state(), "fw_cfg": m.fw_cfg.save_state(), "disks": disks}}
 
 
-def load_manifest(path) -> dict:
-    """The manifest, fully checked (RAM files included), or SnapshotError saying what is wrong."""
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            body = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SnapshotError(f"{path}: cannot read the snapshot manifest: {e}") from None
-    if not isinstance(body, dict) or body.get("magic") != MAGIC:
-        raise SnapshotError(f"{path}: not a kvmpy snapshot (bad magic)")
-    if body.get("version") != VERSION:
-        raise SnapshotError(f"{path}: snapshot version {body.get('version')!r}, this kvmpy reads {VERSION}")
-    want = body.pop("sha256", None)
-    if want != _sha(json.dumps(body, sort_keys=True).encode()):
-        raise SnapshotError(f"{path}: the manifest's checksum does not match (corrupted)")
-    for r in body["ram"]:
-        file = os.path.join(path, os.path.basename(r["file"]))
-        try:
-            size = os.path.getsize(file)
-        except OSError as e:
-            raise SnapshotError(f"{path}: RAM file {r['file']}: {e.strerror}") from None
-        if size != r["size"]:
-            raise SnapshotError(f"{path}: RAM file {r['file']} has {size} bytes, the manifest says {r['size']}")
-        with open(file, "rb") as f:
-            if _sha(f.read()) != r["sha256"]:
-                raise SnapshotError(f"{path}: RAM file {r['file']} is corrupted (checksum)")
-    return body
+def dev_size(dev) -> int:
+    """The backing file's size in bytes of a disk's transport (native or Python)."""
+    blk = getattr(dev, "disk", None) or dev.device
+    return blk.file_size
 
 
 def _sregs(d: dict) -> Sregs:
@@ -111,27 +92,15 @@ def _sregs(d: dict) -> Sregs:
     return s
 
 
-def restore(path, **host_options):
-    """A new Machine continuing the snapshot at ``path``; ``host_options`` are Machine's
-    host-side arguments (serial, native, kvm)."""
-    from .machine import Machine
-    body = load_manifest(path)
-    mc = body["machine"]
-    m = Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **host_options)
+def apply(m, body: dict) -> None:
+    """Load ``capture()``'s dict into machine ``m`` (built to match, RAM already in place)."""
     try:
-        regions = {(r.gpa, r.size): r for r in m.memory.regions}
-        for r in body["ram"]:
-            region = regions.get((r["gpa"], r["size"]))
-            if region is None:
-                raise SnapshotError(f"{path}: RAM region {r['gpa']:#x}+{r['size']:#x} does not match the machine")
-            with open(os.path.join(path, os.path.basename(r["file"])), "rb") as f:
-                f.readinto(region.mm)
         vm = body["vm"]
-        if mc["irqchip"]:
+        if m.irqchip:
             for blob in vm["irqchip"]:
                 m.vm.set_irqchip(bytes.fromhex(blob))
             m.vm.set_pit2(bytes.fromhex(vm["pit2"]))
-        for v, st in zip(m.vcpus, body["vcpus"]):
+        for v, st in zip(m.vcpus, body["vcpus"], strict=True):
             v.set_sregs(_sregs(st["sregs"]))
             v.set_regs(Regs(**st["regs"]))
             v.set_fpu(bytes.fromhex(st["fpu"]))
@@ -145,9 +114,202 @@ def restore(path, **host_options):
             dr = st["debugregs"]
             v.set_debugregs(dr["db"], dr["dr6"], dr["dr7"])
         m.vm.set_clock(vm["clock"])
-        m.serial.load_state(body["devices"]["com1"])
-        m.fw_cfg.set_cmdline(body["devices"]["fw_cfg_cmdline"])
+        devices = body["devices"]
+        m.serial.load_state(devices["com1"])
+        m.fw_cfg.load_state(devices["fw_cfg"])
+        for i, (dev, d) in enumerate(zip(m.virtio_devices, devices["disks"], strict=True)):
+            try:
+                dev.load_state(d["state"])
+            except ValueError as e:
+                raise SnapshotError(f"disk {i}: bad virtio state: {e}") from None
+    except SnapshotError:
+        raise
+    except (KeyError, TypeError, ValueError, DeviceError, OSError) as e:
+        raise SnapshotError(f"the saved state does not fit this machine: {type(e).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def paused(m):
+    """Pause a running machine for the block (no-op if stopped or already paused)."""
+    pause_here = m.running and not m.paused
+    if pause_here:
+        m.pause()
+    try:
+        yield
+    finally:
+        if pause_here:
+            m.resume()
+
+
+# --- on disk ---------------------------------------------------------------------------
+def _write_ram(path: str, mm) -> str:
+    """Write one region to ``path`` (zero stretches as holes); returns its sha256."""
+    h = hashlib.sha256()
+    view = memoryview(mm)
+    with open(path, "wb") as f:
+        for off in range(0, len(mm), _CHUNK):
+            chunk = view[off:off + _CHUNK]
+            h.update(chunk)
+            if chunk == _ZERO[:len(chunk)]:
+                f.seek(len(chunk), os.SEEK_CUR)
+            else:
+                f.write(chunk)
+        f.truncate(len(mm))
+    view.release()
+    return h.hexdigest()
+
+
+def save(m, path) -> None:
+    """Save machine ``m`` to directory ``path`` (created; must not exist). A running machine
+    is paused for the time it takes and then goes on; a paused one stays paused."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot create the snapshot directory: {e.strerror}") from None
+    try:
+        with paused(m):
+            body = capture(m)
+            ram = []
+            for r in m.memory.regions:
+                name = f"ram-{r.gpa:x}.bin"
+                ram.append({"gpa": r.gpa, "size": r.size, "file": name,
+                            "sha256": _write_ram(os.path.join(path, name), r.mm)})
+        body["ram"] = ram
+        body["sha256"] = _body_sha(body)
+        tmp = os.path.join(path, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(body, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(path, MANIFEST))   # the manifest appears last, whole
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def check_body(body, where: str) -> dict:
+    """Magic, version and checksum of a state dict from a file or a migration stream."""
+    if not isinstance(body, dict) or body.get("magic") != MAGIC:
+        raise SnapshotError(f"{where}: not a kvmpy snapshot (bad magic)")
+    if body.get("version") != VERSION:
+        raise SnapshotError(f"{where}: snapshot version {body.get('version')!r}, this kvmpy reads {VERSION}")
+    if body.get("sha256") != _body_sha(body):
+        raise SnapshotError(f"{where}: the manifest's checksum does not match (corrupted)")
+    return body
+
+
+def load_manifest(path, verify_ram: bool = True) -> dict:
+    """The manifest, checked, or SnapshotError saying what is wrong. RAM files are checked
+    for size always and for their checksum when ``verify_ram`` (which reads them once)."""
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            body = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{path}: cannot read the snapshot manifest: {e}") from None
+    check_body(body, path)
+    try:
+        for r in body["ram"]:
+            file = os.path.join(path, os.path.basename(r["file"]))
+            try:
+                size = os.path.getsize(file)
+            except OSError as e:
+                raise SnapshotError(f"{path}: RAM file {r['file']}: {e.strerror}") from None
+            if size != r["size"]:
+                raise SnapshotError(f"{path}: RAM file {r['file']} has {size} bytes, the manifest says {r['size']}")
+            if verify_ram:
+                h = hashlib.sha256()
+                with open(file, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        h.update(chunk)
+                if h.hexdigest() != r["sha256"]:
+                    raise SnapshotError(f"{path}: RAM file {r['file']} is corrupted (checksum)")
+    except (KeyError, TypeError) as e:
+        raise SnapshotError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    return body
+
+
+def disk_list(body: dict, disks, where: str) -> list:
+    """The Disk list a restore opens: the saved paths, or ``disks`` in their place; each
+    file must still have the size it had when the snapshot was taken."""
+    from .machine import Disk
+    saved = body["devices"]["disks"]
+    if disks is None:
+        disks = [Disk(d["path"], d["readonly"]) for d in saved]
+    else:
+        disks = [d if isinstance(d, Disk) else Disk.parse(d) for d in disks]
+        if len(disks) != len(saved):
+            raise SnapshotError(f"{where}: the snapshot has {len(saved)} disks, {len(disks)} were given")
+    for i, (disk, d) in enumerate(zip(disks, saved)):
+        try:
+            size = os.path.getsize(disk.path)
+        except OSError as e:
+            raise SnapshotError(f"{where}: disk {i} ({disk.path}): {e.strerror}") from None
+        if size != d["size"]:
+            raise SnapshotError(f"{where}: disk {i} ({disk.path}) changed size: {d['size']} bytes "
+                                f"when the snapshot was taken, {size} now")
+    return disks
+
+
+def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
+    """A fresh Machine shaped like the saved one (RAM mapped from ``ram_files`` if given)."""
+    from .machine import Machine
+    fixed = sorted(set(host_options) & set(_FIXED + ("disks",)))
+    if fixed:
+        raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")
+    mc = body["machine"]
+    try:
+        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"],
+                       disks=disk_list(body, disks, where), _ram_files=ram_files, **host_options)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{where}: the saved machine cannot be built: {e}") from None
+
+
+def restore(path, verify: bool = True, disks=None, **host_options):
+    """A new Machine continuing the snapshot at ``path``; ``host_options`` are Machine's
+    host-side arguments (serial, native, kvm). ``disks`` replaces the saved disk paths
+    (same count and sizes). RAM is mapped copy-on-write from the snapshot's files, so
+    restores share unchanged pages; ``verify=False`` skips reading the RAM files for
+    their checksums (what makes a restore cost the same for any RAM size)."""
+    path = os.fspath(path)
+    body = load_manifest(path, verify_ram=verify)
+    ram_files = {}
+    for r in body["ram"]:
+        ram_files[r["gpa"]] = os.path.join(path, os.path.basename(r["file"]))
+    m = machine_for(body, disks, path, ram_files=ram_files, **host_options)
+    try:
+        regions = {(r.gpa, r.size) for r in m.memory.regions}
+        wanted = {(r["gpa"], r["size"]) for r in body["ram"]}
+        if regions != wanted:
+            raise SnapshotError(f"{path}: the RAM regions do not match the machine")
+        apply(m, body)
     except BaseException:
         m.close()
         raise
     return m
+
+
+def clone(m, count: int = 1, **host_options) -> list:
+    """``count`` new Machines continuing ``m``'s current state (``m`` goes on too).
+
+    The RAM is written once to a temporary snapshot, mapped copy-on-write by every clone
+    and unlinked, so the clones share unchanged pages and nothing stays on disk. Writable
+    disks cannot be shared: pass ``disks=[...]`` (copies) or give the machine read-only ones.
+    """
+    if host_options.get("disks") is None and any(not d.readonly for d in m.disk_specs):
+        raise SnapshotError("clones would share a writable disk: pass disks=[...] with a copy for them")
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix="kvmpy-clone-", dir=base)
+    out = []
+    try:
+        save(m, os.path.join(tmp, "snap"))
+        for _ in range(count):
+            out.append(restore(os.path.join(tmp, "snap"), verify=False, **host_options))
+    except BaseException:
+        for c in out:
+            c.close()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # mapped pages live on in the clones
+    return out

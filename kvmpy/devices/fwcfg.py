@@ -195,6 +195,27 @@ class FwCfg:
                 "ram_size": self.ram_size, "cpus": self.cpus, "cmdline": self._cmdline,
                 "files": [e._asdict() for e in self.files]}
 
+    def save_state(self) -> dict:
+        """Everything, contents included, as JSON-able values (for snapshots and migration)."""
+        return {"selector": self._selector, "offset": self._offset, "cmdline": self._cmdline.hex(),
+                "files": {raw.hex(): data.hex() for raw, data in self._files.items()}}
+
+    def load_state(self, state: dict) -> None:
+        """The inverse of save_state(); a bad state raises DeviceError and changes nothing."""
+        try:
+            cmdline = bytes.fromhex(state["cmdline"])
+            files = {bytes.fromhex(k).decode("utf-8", "surrogateescape"): bytes.fromhex(v)
+                     for k, v in state["files"].items()}
+            selector, offset = int(state["selector"]), int(state["offset"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DeviceError(f"bad fw_cfg state: {e!r}") from None
+        fresh = FwCfg(self.ram_size, self.cpus, cmdline, files)    # checks names, sizes, count
+        fresh.select(selector)
+        if not 0 <= offset <= len(fresh._data):
+            raise DeviceError(f"bad fw_cfg state: offset {offset} outside the selected item")
+        fresh._offset = offset
+        self.__dict__.update(fresh.__dict__)
+
     def _rebuild(self) -> None:
         names = sorted(self._files)
         directory = [FILE_COUNT.pack(len(names))]

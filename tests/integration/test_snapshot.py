@@ -71,10 +71,12 @@ def test_damaged_snapshots_are_refused(tmp_path):
         kvmpy.Machine.restore(str(snap))
 
 
-def test_snapshot_needs_a_stopped_machine_without_disks(tmp_path):
-    """Disks are not covered by this slice yet: snapshot says so instead of saving half a machine."""
+def test_snapshot_refuses_a_disk_that_changed_size(tmp_path):
+    """A snapshot refers to its disks by path: a file of another size is refused, nothing starts."""
     disk = tmp_path / "d.img"
-    disk.write_bytes(bytes(4096))
+    disk.write_bytes(bytes(8192))
     with kvmpy.Machine(disks=[str(disk)]) as m:
-        with pytest.raises(SnapshotError, match="disks"):
-            m.snapshot(str(tmp_path / "snap"))
+        m.snapshot(str(tmp_path / "snap"))
+    disk.write_bytes(bytes(4096))
+    with pytest.raises(SnapshotError, match="changed size: 8192 bytes .* 4096 now"):
+        kvmpy.Machine.restore(str(tmp_path / "snap"))

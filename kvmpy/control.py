@@ -1,0 +1,197 @@
+"""Control of a running Machine from another process, over a Unix socket.
+
+``kvmpy run ... --control PATH`` serves this; ``kvmpy ctl PATH COMMAND`` (or any
+program) talks to it. The protocol is JSON lines: a request is one object
+``{"cmd": NAME, ...}``; the answer is zero or more ``{"progress": TEXT}`` lines
+followed by one ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT}``.
+
+    status                    {"running", "paused"}
+    pause / resume            stop the vCPUs where they are / let them go on
+    snapshot  {"path"}        save to directory PATH (kvmpy/snapshot.py)
+    migrate   {"to"}          live-migrate to HOST:PORT where `kvmpy receive` listens
+    stats                     {"stats": Stats.as_dict(), "text": the --stats table}
+    inspect   {"vcpu"}        the introspection report (needs a paused or stopped machine)
+    stop                      end the run (reason "stopped")
+
+Only the socket's owner may use it: the file is created with mode 0600, and each
+connection's peer credentials (SO_PEERCRED) must show the same user id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+
+from .errors import KvmpyError
+
+MAX_REQUEST = 64 * 1024
+
+
+class ControlError(KvmpyError):
+    """The control socket cannot be created or used."""
+
+
+class ControlServer:
+    """Serves control requests for ``machine`` on the Unix socket ``path`` in a thread."""
+
+    def __init__(self, machine, path: str):
+        self.machine, self.path = machine, os.fspath(path)
+        self._sock = _listen(self.path)
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="control")
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(5)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True, name="control-client").start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            reply = conn.makefile("w", encoding="utf-8")
+            if uid != os.getuid():
+                _send(reply, {"ok": False, "error": f"user {uid} may not control this VM"})
+                return
+            for line in conn.makefile("r", encoding="utf-8", errors="replace"):
+                if len(line) > MAX_REQUEST:
+                    _send(reply, {"ok": False, "error": "request too long"})
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request is a JSON object")
+                    answer = self.handle(request, lambda text: _send(reply, {"progress": text}))
+                except (ValueError, TypeError, KeyError) as e:
+                    answer = {"ok": False, "error": f"bad request: {e}"}
+                except KvmpyError as e:
+                    answer = {"ok": False, "error": str(e)}
+                try:
+                    _send(reply, answer)
+                except OSError:
+                    return
+
+    def handle(self, request: dict, progress) -> dict:
+        """One request -> its answer (also usable without a socket, e.g. from tests)."""
+        m = self.machine
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "running": m.running, "paused": m.paused}
+        if cmd == "pause":
+            if not m.pause():
+                return {"ok": False, "error": "the machine is not running"}
+            return {"ok": True, "paused": True}
+        if cmd == "resume":
+            m.resume()
+            return {"ok": True, "paused": False}
+        if cmd == "snapshot":
+            path = request["path"]
+            if not isinstance(path, str) or not path:
+                raise ValueError("snapshot needs a path")
+            m.snapshot(path)
+            return {"ok": True, "path": os.path.abspath(path)}
+        if cmd == "migrate":
+            from .migration import parse_address, send
+            host, port = parse_address(request["to"])
+            report = send(m, host, port, progress=progress)
+            return {"ok": True, "report": report.as_dict(), "text": report.line()}
+        if cmd == "stats":
+            m._drain_serial()
+            return {"ok": True, "stats": m.stats.as_dict(), "text": str(m.stats)}
+        if cmd == "inspect":
+            vcpu = request.get("vcpu")
+            return {"ok": True, "text": m.inspect(None if vcpu is None else int(vcpu))}
+        if cmd == "stop":
+            m.request_stop("stopped")
+            return {"ok": True}
+        raise ValueError(f"unknown command {cmd!r} (status, pause, resume, snapshot, migrate, "
+                         "stats, inspect, stop)")
+
+
+def _send(stream, obj: dict) -> None:
+    stream.write(json.dumps(obj) + "\n")
+    stream.flush()
+
+
+def _listen(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` with mode 0600; a stale socket file is replaced,
+    a live one (another VM's) or any other file is left alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ControlError(f"control socket {path}: {e.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"control socket {path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise ControlError(f"control socket {path}: another process is listening on it")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)                     # left behind by a process that died
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)                       # born 0600: no window with wider permissions
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise ControlError(f"control socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    return sock
+
+
+def request(socket_path: str, cmd: str, progress=None, timeout: float | None = None, **args) -> dict:
+    """Send one request to the control socket at ``socket_path``; returns the final answer.
+    ``progress(text)`` sees the progress lines. Raises ControlError if it cannot talk."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+    except OSError as e:
+        sock.close()
+        raise ControlError(f"cannot connect to the control socket {socket_path}: {e.strerror or e}") from None
+    with sock:
+        sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
+        for line in sock.makefile("r", encoding="utf-8"):
+            answer = json.loads(line)
+            if "progress" in answer:
+                if progress is not None:
+                    progress(answer["progress"])
+                continue
+            return answer
+    raise ControlError(f"the VM behind {socket_path} closed the connection without answering")

@@ -1,0 +1,371 @@
+"""Live migration: pre-copy of a running Machine to another process over a socket.
+
+The source (``send``) copies all RAM while the guest runs, with KVM's dirty-page log
+on; then, round after round, re-sends the pages written since the last round, until
+what is left is small (or rounds stop shrinking it). Then it pauses the guest, sends
+the last dirty pages and the whole machine state (snapshot.capture's dict), and waits
+for the target to say it is running. Only then does the source stop; if anything
+fails before that, the source resumes and keeps running. The target (``receive``)
+builds a matching Machine, fills its RAM from the stream, loads the state, starts it
+and confirms. A stream that breaks midway leaves nothing running on the target.
+
+Dirty pages come from two places: KVM's log (writes by the guest's CPUs) and the
+VMM's own bitmap (memory.py: device writes through the host mapping, which KVM does
+not see: virtio used rings, disk reads into guest buffers).
+
+The stream is a sequence of frames: an 8-byte header ``kind (4 ASCII bytes), length
+(u32 LE)`` and ``length`` bytes of payload.
+
+    HELO  JSON: {"magic", "version", "machine": {...}, "ram": [{"gpa", "size"}], "disks": [...]}
+    REDY  (target -> source) the target built the machine
+    PAGE  u64 gpa, u32 count, then count * 4096 bytes
+    ZERO  u64 gpa, u32 count: pages that are all zeros
+    STAT  JSON: snapshot.capture() with its sha256
+    RUNS  (target -> source) the target runs the guest
+    FAIL  (either way) UTF-8 reason; the migration is abandoned
+
+Disks are not copied: both ends open the same files (shared storage, as QEMU without
+block migration); the target checks each has the size the source reports.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .errors import KvmpyError
+from . import snapshot
+
+PAGE = 4096
+HEADER = struct.Struct("<4sI")
+RUN = struct.Struct("<QI")
+MAX_FRAME = 64 << 20            # a PAGE frame carries at most this much (protects the reader)
+MAX_JSON = 256 << 20
+PAGES_PER_FRAME = 256           # 1 MiB of pages per PAGE frame
+ZEROS = bytes(PAGE * PAGES_PER_FRAME)
+
+
+class MigrationError(KvmpyError):
+    """The migration did not complete; the source machine is still running."""
+
+
+@dataclass
+class Report:
+    """What a migration cost: wall time, guest downtime, rounds and pages sent."""
+
+    total_s: float = 0.0
+    downtime_s: float = 0.0
+    rounds: int = 0
+    pages: int = 0               # pages sent with their contents
+    zero_pages: int = 0          # pages sent as "all zero"
+    bytes: int = 0
+    per_round: list = field(default_factory=list)    # pages (with data or zero) per round
+
+    def line(self) -> str:
+        return (f"migrated in {self.total_s:.3f} s, downtime {self.downtime_s * 1000:.1f} ms, "
+                f"{self.rounds} rounds, {self.pages} pages + {self.zero_pages} zero pages "
+                f"({self.bytes / 2**20:.1f} MiB)")
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- framing ---------------------------------------------------------------------------
+class _Stream:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sent = 0
+
+    def send(self, kind: bytes, *parts) -> None:
+        n = sum(len(p) for p in parts)
+        self.sock.sendall(HEADER.pack(kind, n))
+        for p in parts:
+            self.sock.sendall(p)
+        self.sent += HEADER.size + n
+
+    def send_json(self, kind: bytes, obj) -> None:
+        self.send(kind, json.dumps(obj).encode())
+
+    def _exactly(self, n: int, into=None) -> memoryview | bytes:
+        buf = into if into is not None else memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(buf[got:], n - got)
+            if k == 0:
+                raise MigrationError(f"the stream ended early ({got} of {n} bytes of a frame)")
+            got += k
+        return buf
+
+    def recv_header(self) -> tuple[bytes, int]:
+        kind, n = HEADER.unpack(self._exactly(HEADER.size))
+        return bytes(kind), n
+
+    def recv(self, limit: int = MAX_JSON) -> tuple[bytes, bytes]:
+        kind, n = self.recv_header()
+        if n > limit:
+            raise MigrationError(f"a {kind!r} frame of {n} bytes is larger than allowed ({limit})")
+        return kind, bytes(self._exactly(n))
+
+
+def _expect(stream: _Stream, want: bytes) -> bytes:
+    kind, payload = stream.recv()
+    if kind == b"FAIL":
+        raise MigrationError(f"the other side gave up: {payload.decode(errors='replace')}")
+    if kind != want:
+        raise MigrationError(f"expected a {want.decode()} frame, got {kind!r}")
+    return payload
+
+
+def _json(payload: bytes, what: str):
+    try:
+        return json.loads(payload)
+    except ValueError as e:
+        raise MigrationError(f"bad {what} frame: {e}") from None
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """"HOST:PORT" or ":PORT" or "PORT" -> (host, port); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}: expected HOST:PORT") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"bad address {text!r}: port out of range")
+    return host.strip("[]") or default_host, p
+
+
+# --- dirty pages -----------------------------------------------------------------------
+def _runs(bitmap: int):
+    """(first, count) runs of set bits of ``bitmap`` (bit p = page p), at most
+    PAGES_PER_FRAME pages each."""
+    for run in re.finditer("1+", bin(bitmap)[:1:-1]):     # the bits, lowest first
+        first, end = run.span()
+        for p in range(first, end, PAGES_PER_FRAME):
+            yield p, min(PAGES_PER_FRAME, end - p)
+
+
+def _take_dirty(m) -> list[int]:
+    """Per region: the pages written since the last call (KVM log | VMM bitmap), as ints."""
+    out = []
+    for r in m.memory.regions:
+        kvm = int.from_bytes(m.vm.get_dirty_log(r.slot), "little")
+        vmm = int.from_bytes(r.take_dirty(), "little")
+        out.append((kvm | vmm) & ((1 << (r.size // PAGE)) - 1))
+    return out
+
+
+def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero: bool) -> int:
+    sent = 0
+    for r, bits in zip(m.memory.regions, dirty):
+        view = memoryview(r.mm)
+        try:
+            for first, count in _runs(bits):
+                off = first * PAGE
+                data = view[off:off + count * PAGE]
+                gpa = r.gpa + off
+                if skip_zero and data == ZEROS[:len(data)]:
+                    stream.send(b"ZERO", RUN.pack(gpa, count))
+                    report.zero_pages += count
+                else:
+                    stream.send(b"PAGE", RUN.pack(gpa, count), data)
+                    report.pages += count
+                sent += count
+        finally:
+            view.release()
+    return sent
+
+
+def _hello(m) -> dict:
+    state = {"magic": snapshot.MAGIC, "version": snapshot.VERSION,
+             "machine": {"mem_size": m.mem_size, "cpus": len(m.vcpus), "irqchip": m.irqchip},
+             "ram": [{"gpa": r.gpa, "size": r.size} for r in m.memory.regions],
+             "disks": [{"path": d.path, "readonly": d.readonly, "size": snapshot.dev_size(dev)}
+                       for d, dev in zip(m.disk_specs, m.virtio_devices)]}
+    return state
+
+
+def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
+         timeout: float = 30.0, progress=None) -> Report:
+    """Migrate running machine ``m`` to a ``receive`` at host:port; returns the Report.
+
+    Rounds go on while more than ``small`` pages were dirtied, at most ``max_rounds``,
+    and stop early when a round no longer shrinks the dirty set. ``progress(text)``
+    is called after each round. On success the source run stops with reason
+    "migrated"; on any failure MigrationError is raised and ``m`` keeps running.
+    """
+    if not m.running:
+        raise MigrationError("live migration needs a running machine (start() or run() it)")
+    report = Report()
+    t0 = time.perf_counter()
+    say = progress or (lambda text: None)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise MigrationError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+    stream = _Stream(sock)
+    paused_here = False
+    logging = False
+    try:
+        stream.send_json(b"HELO", _hello(m))
+        _expect(stream, b"REDY")
+        m.vm.log_dirty_pages(True)
+        logging = True
+        _take_dirty(m)                                  # start from a clean log
+        everything = [(1 << (r.size // PAGE)) - 1 for r in m.memory.regions]
+        n = _send_pages(stream, m, everything, report, skip_zero=True)
+        report.rounds, report.per_round = 1, [n]
+        say(f"round 1: {n} pages ({report.zero_pages} zero), {stream.sent / 2**20:.1f} MiB")
+        while True:
+            dirty = _take_dirty(m)
+            count = sum(d.bit_count() for d in dirty)
+            if count <= small or report.rounds >= max_rounds or \
+                    (report.rounds > 1 and count >= report.per_round[-1]):
+                break               # small enough, or not converging: these go with the last round
+            n = _send_pages(stream, m, dirty, report, skip_zero=False)
+            report.rounds += 1
+            report.per_round.append(n)
+            say(f"round {report.rounds}: {n} dirty pages, {stream.sent / 2**20:.1f} MiB sent")
+        t_pause = time.perf_counter()
+        paused_here = m.pause()
+        if not paused_here:
+            raise MigrationError("the guest stopped during the migration")
+        dirty = [a | b for a, b in zip(dirty, _take_dirty(m))]
+        n = _send_pages(stream, m, dirty, report, skip_zero=False)
+        report.rounds += 1
+        report.per_round.append(n)
+        body = snapshot.capture(m)
+        body["sha256"] = snapshot._body_sha(body)
+        stream.send_json(b"STAT", body)
+        _expect(stream, b"RUNS")
+        report.downtime_s = time.perf_counter() - t_pause
+    except (OSError, MigrationError, KvmpyError) as e:
+        try:
+            stream.send(b"FAIL", str(e).encode())
+        except OSError:
+            pass
+        sock.close()
+        if logging:
+            m.vm.log_dirty_pages(False)
+        if paused_here:
+            m.resume()
+        if isinstance(e, MigrationError):
+            raise
+        raise MigrationError(f"migration to {host}:{port} failed: {e}") from None
+    sock.close()
+    report.bytes = stream.sent
+    report.total_s = time.perf_counter() - t0
+    m.request_stop("migrated")                         # the target runs the guest now
+    say(report.line())
+    return report
+
+
+def _check_hello(hello, where: str) -> dict:
+    if not isinstance(hello, dict) or hello.get("magic") != snapshot.MAGIC:
+        raise MigrationError(f"{where}: not a kvmpy migration stream")
+    if hello.get("version") != snapshot.VERSION:
+        raise MigrationError(f"{where}: stream version {hello.get('version')!r}, this kvmpy reads "
+                             f"{snapshot.VERSION}")
+    return hello
+
+
+def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: float | None = None,
+            on_listen=None, progress=None, run_timeout: float | None = None, **host_options):
+    """Wait for one incoming migration on ``listen`` and return the Machine, already
+    running (``wait()`` for its end), and the number of pages received.
+
+    ``on_listen((host, port))`` is called once the socket listens (port 0 picks one).
+    ``disks`` replaces the source's disk paths; ``run_timeout`` is the run's timeout. If the stream breaks or is bad, the
+    partly built machine is closed and MigrationError raised: nothing keeps running.
+    """
+    srv = socket.create_server(listen)
+    try:
+        if on_listen is not None:
+            on_listen(srv.getsockname()[:2])
+        srv.settimeout(timeout)
+        try:
+            conn, peer = srv.accept()
+        except socket.timeout:
+            raise MigrationError(f"no migration arrived within {timeout} s") from None
+    finally:
+        srv.close()
+    conn.settimeout(None)
+    stream = _Stream(conn)
+    where = f"migration from {peer[0]}:{peer[1]}"
+    m = None
+    say = progress or (lambda text: None)
+    try:
+        hello = _check_hello(_json(_expect(stream, b"HELO"), "HELO"), where)
+        try:
+            m = snapshot.machine_for(hello_as_body(hello), disks, where, **host_options)
+        except snapshot.SnapshotError as e:
+            raise MigrationError(str(e)) from None
+        if [(r.gpa, r.size) for r in m.memory.regions] != [(r["gpa"], r["size"]) for r in hello["ram"]]:
+            raise MigrationError(f"{where}: the RAM layout does not match")
+        stream.send(b"REDY")
+        pages = 0
+        while True:
+            kind, n = stream.recv_header()
+            if kind in (b"PAGE", b"ZERO"):
+                if n < RUN.size or n > RUN.size + MAX_FRAME:
+                    raise MigrationError(f"{where}: bad {kind.decode()} frame length {n}")
+                gpa, count = RUN.unpack(stream._exactly(RUN.size))
+                size = count * PAGE
+                if gpa % PAGE or not m.memory.contains(gpa, size) or \
+                        n != RUN.size + (size if kind == b"PAGE" else 0):
+                    raise MigrationError(f"{where}: pages {gpa:#x}+{count} are outside guest RAM "
+                                         "or the frame is malformed")
+                if kind == b"PAGE":
+                    stream._exactly(size, m.memory.view(gpa, size))   # straight into guest RAM
+                else:
+                    m.memory.fill(gpa, size, 0)
+                pages += count
+            elif kind == b"STAT":
+                if n > MAX_JSON:
+                    raise MigrationError(f"{where}: state frame of {n} bytes is too large")
+                body = _json(bytes(stream._exactly(n)), "STAT")
+                try:
+                    snapshot.check_body(body, where)
+                    snapshot.apply(m, body)
+                except snapshot.SnapshotError as e:
+                    raise MigrationError(str(e)) from None
+                break
+            elif kind == b"FAIL":
+                raise MigrationError(f"{where}: the source gave up: "
+                                     f"{bytes(stream._exactly(min(n, 4096))).decode(errors='replace')}")
+            else:
+                raise MigrationError(f"{where}: unexpected frame {kind!r}")
+        m.start(timeout=run_timeout)
+        stream.send(b"RUNS")
+        say(f"received {pages} pages; the guest runs here now")
+    except BaseException as e:
+        if m is not None:
+            m.close()
+        try:
+            stream.send(b"FAIL", str(e).encode()[:4096])
+        except OSError:
+            pass
+        conn.close()
+        if isinstance(e, (MigrationError, KeyboardInterrupt)):
+            raise
+        if isinstance(e, (OSError, KvmpyError, ValueError)):
+            raise MigrationError(f"{where}: {e}") from None
+        raise
+    conn.close()
+    return m, pages
+
+
+def hello_as_body(hello: dict) -> dict:
+    """The parts of a HELO that snapshot.machine_for reads, in a snapshot body's shape."""
+    try:
+        return {"machine": hello["machine"],
+                "devices": {"disks": [{"path": d["path"], "readonly": d["readonly"], "size": d["size"]}
+                                      for d in hello["disks"]]}}
+    except (KeyError, TypeError) as e:
+        raise MigrationError(f"bad HELO frame: {e!r}") from None
+
