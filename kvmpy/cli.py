@@ -476,8 +476,8 @@ def cmd_ctl(args) -> int:
         return EXIT_VMM_ERROR
     if "text" in answer:
         print(answer["text"])
-    elif args.cmd == "status":
-        print("paused" if answer["paused"] else "running" if answer["running"] else "stopped")
+    elif args.cmd in ("status", "pause", "resume"):
+        print("paused" if answer.get("paused") else "running" if answer.get("running", True) else "stopped")
     elif args.cmd == "snapshot":
         print(f"saved {answer['path']}")
     return EXIT_OK

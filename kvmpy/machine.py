@@ -154,13 +154,18 @@ class Machine(RunLoop):
             vm.create_irqchip()
             vm.create_pit2()
 
-    def _add_ram(self, size: int, files: dict[int, str]) -> None:
-        """RAM from 0; beyond 3 GiB it continues at 4 GiB, leaving the hole below 4 GiB for MMIO.
-        ``files`` maps a region's gpa to a snapshot's RAM file to map copy-on-write."""
+    @staticmethod
+    def ram_layout(size: int) -> list[tuple[int, int]]:
+        """(gpa, size) of each RAM region: from 0; beyond 3 GiB RAM continues at 4 GiB,
+        leaving the hole below 4 GiB for MMIO."""
         low = min(size, 3 * layout.GiB)
-        self.vm.add_memory(0, low, backing=files.get(0))
-        if size > low:
-            self.vm.add_memory(4 * layout.GiB, size - low, backing=files.get(4 * layout.GiB))
+        return [(0, low)] + ([(4 * layout.GiB, size - low)] if size > low else [])
+
+    def _add_ram(self, size: int, files: dict[int, str]) -> None:
+        """RAM as ram_layout() says; ``files`` maps a region's gpa to a snapshot's RAM file
+        to map copy-on-write instead of fresh memory."""
+        for gpa, n in self.ram_layout(size):
+            self.vm.add_memory(gpa, n, backing=files.get(gpa))
 
     def _create_vcpu(self, i: int, n: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(i)

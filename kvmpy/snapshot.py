@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import DeviceError, KvmpyError
+from .errors import DeviceError, GuestMemoryError, KvmpyError
 from .x86.regs import DTable, Regs, Segment, Sregs
 
 MAGIC, VERSION = "kvmpy-snapshot", 1
@@ -260,9 +260,12 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
         raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")
     mc = body["machine"]
     try:
+        if ram_files is not None and sorted(Machine.ram_layout(mc["mem_size"])) != \
+                sorted((r["gpa"], r["size"]) for r in body["ram"]):
+            raise SnapshotError(f"{where}: the RAM files do not match the machine's {mc['mem_size']} bytes of RAM")
         return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"],
                        disks=disk_list(body, disks, where), _ram_files=ram_files, **host_options)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, GuestMemoryError) as e:
         raise SnapshotError(f"{where}: the saved machine cannot be built: {e}") from None
 
 
@@ -279,10 +282,6 @@ def restore(path, verify: bool = True, disks=None, **host_options):
         ram_files[r["gpa"]] = os.path.join(path, os.path.basename(r["file"]))
     m = machine_for(body, disks, path, ram_files=ram_files, **host_options)
     try:
-        regions = {(r.gpa, r.size) for r in m.memory.regions}
-        wanted = {(r["gpa"], r["size"]) for r in body["ram"]}
-        if regions != wanted:
-            raise SnapshotError(f"{path}: the RAM regions do not match the machine")
         apply(m, body)
     except BaseException:
         m.close()

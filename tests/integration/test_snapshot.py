@@ -1,12 +1,16 @@
 """Snapshots (first slice of issue 5): a stopped machine saved and continued elsewhere."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvmpy
+import kvmpy.snapshot
 from kvmpy import guests
 from kvmpy.snapshot import SnapshotError
 
@@ -80,3 +84,166 @@ def test_snapshot_refuses_a_disk_that_changed_size(tmp_path):
     disk.write_bytes(bytes(4096))
     with pytest.raises(SnapshotError, match="changed size: 8192 bytes .* 4096 now"):
         kvmpy.Machine.restore(str(tmp_path / "snap"))
+
+
+# --- the counter guest: snapshots at chosen moments, continued in new processes ---------------
+COUNTER_CMDLINE = "n=60 pages=64"
+DISK_BYTES = 64 * 512
+
+
+def fresh_disk(path) -> str:
+    with open(path, "wb") as f:
+        f.truncate(DISK_BYTES)
+    return str(path)
+
+
+def start_counter(disk, native=True, cmdline=COUNTER_CMDLINE, **kw):
+    g = guests.get("counter")
+    m = kvmpy.Machine(disks=[disk], native=native, **kw)
+    m.load(g.path, g.format, mode=g.mode, cmdline=cmdline)
+    return m
+
+
+@pytest.fixture(scope="module")
+def counter_reference(tmp_path_factory):
+    """Output, disk and exit status of an uninterrupted run."""
+    disk = fresh_disk(tmp_path_factory.mktemp("ref") / "disk.img")
+    with start_counter(disk) as m:
+        r = m.run(timeout=120)
+        assert r.reason == "exit"
+        return m.serial_output, open(disk, "rb").read(), r.status
+
+
+def restore_in_new_process(snap, disk, native=True):
+    """`kvmpy restore` in a fresh process: (stdout, exit code)."""
+    cmd = [sys.executable, "-m", "kvmpy", "restore", str(snap), "--disk", str(disk), "--timeout", "120"]
+    if not native:
+        cmd.append("--python")
+    r = subprocess.run(cmd, capture_output=True, env=ENV, cwd="/", timeout=180)
+    return r.stdout, r.returncode, r.stderr
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(delays=st.lists(st.floats(0.0, 0.5), min_size=1, max_size=3).map(sorted),
+       native_src=st.booleans(), native_dst=st.booleans())
+def test_snapshots_at_chosen_moments_continue_like_an_uninterrupted_run(
+        tmp_path_factory, counter_reference, delays, native_src, native_dst):
+    """Snapshots of the running guest (RAM, vCPU, UART, virtio queues) taken at hypothesis-chosen
+    moments, each restored in a new process with a copy of the disk as it was then: every
+    continuation ends with the same serial output and disk as a run never interrupted."""
+    ref_out, ref_disk, ref_status = counter_reference
+    tmp = tmp_path_factory.mktemp("moments")
+    disk = fresh_disk(tmp / "disk.img")
+    taken = []
+    with start_counter(disk, native_src) as m:
+        m.start(timeout=120)
+        t0 = time.monotonic()
+        for k, delay in enumerate(delays):
+            time.sleep(max(0.0, t0 + delay - time.monotonic()))
+            if not m.pause():
+                break                                   # the guest already finished
+            snap = tmp / f"snap{k}"
+            m.snapshot(str(snap))                       # paused: stays paused
+            copy = tmp / f"disk{k}.img"
+            shutil.copyfile(disk, copy)                 # snapshots refer to disks; users copy them
+            taken.append((snap, copy, m.serial_output))
+            m.resume()
+        result = m.wait(120)
+    assert result.reason == "exit" and m.serial_output == ref_out
+    for snap, copy, before in taken:
+        out, code, err = restore_in_new_process(snap, copy, native_dst)
+        assert before + out == ref_out, err.decode()[-2000:]
+        assert code == ref_status & 0xFF
+        assert open(copy, "rb").read() == ref_disk
+
+
+def test_snapshot_of_a_machine_with_a_disk_in_flight_state(tmp_path, counter_reference):
+    """The virtio queue indices are saved: a restore whose disk copy is taken at the same
+    moment continues writing where the guest was, in this process, twice from one snapshot."""
+    ref_out, ref_disk, _ = counter_reference
+    disk = fresh_disk(tmp_path / "disk.img")
+    with start_counter(disk) as m:
+        m.start(timeout=120)
+        time.sleep(0.3)
+        assert m.pause()
+        m.snapshot(str(tmp_path / "snap"))
+        before = m.serial_output
+        state = json.loads((tmp_path / "snap" / "manifest.json").read_text())["devices"]["disks"][0]
+        m.request_stop()
+        m.wait()
+    assert state["path"] == disk and state["size"] == DISK_BYTES and state["state"]["queues"][0]["ready"]
+    for i in range(2):
+        copy = tmp_path / f"copy{i}.img"
+        shutil.copyfile(disk, copy)
+        with kvmpy.Machine.restore(str(tmp_path / "snap"), disks=[str(copy)], native=bool(i)) as r:
+            assert r.run(timeout=120).reason == "exit"
+            assert before + r.serial_output == ref_out
+        assert copy.read_bytes() == ref_disk
+
+
+def rewrite_manifest(snap, edit):
+    """Edit a snapshot's manifest and fix its checksum, as a hostile or buggy tool could."""
+    from kvmpy.snapshot import _body_sha
+    manifest = snap / "manifest.json"
+    body = json.loads(manifest.read_text())
+    edit(body)
+    body["sha256"] = _body_sha(body)
+    manifest.write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["devices"]["disks"][0]["state"]["queues"][0].update(desc=1 << 60), "virtio state"),
+    (lambda b: b["devices"]["disks"][0]["state"]["queues"][0].update(num=3), "virtio state"),
+    (lambda b: b["devices"]["com1"].update(rx="00" * 100000), "does not fit"),
+    (lambda b: b["machine"].update(mem_size=128 << 20), "RAM"),
+    (lambda b: b["vcpus"].append(b["vcpus"][0]), "does not fit"),
+    (lambda b: b["devices"]["disks"][0].update(path="/nonexistent/disk.img"), "No such file"),
+    (lambda b: b["devices"]["fw_cfg"].update(offset=10 ** 6), "fw_cfg"),
+    (lambda b: b["ram"][0].update(file="../../etc/passwd"), "RAM file"),
+])
+def test_inconsistent_snapshots_are_refused_and_nothing_starts(tmp_path, edit, message):
+    """State that passes the checksum but cannot be right is refused clearly, without leaking fds."""
+    disk = fresh_disk(tmp_path / "disk.img")
+    with start_counter(disk) as m:
+        m.start(timeout=120)
+        time.sleep(0.2)
+        m.pause()
+        m.snapshot(str(tmp_path / "snap"))
+        m.request_stop()
+        m.wait()
+    rewrite_manifest(tmp_path / "snap", edit)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SnapshotError, match=message):
+        kvmpy.Machine.restore(str(tmp_path / "snap"))
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def rss_private_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Dirty", "Private_Clean")))
+
+
+def test_restore_maps_ram_lazily_and_clones_share_it(tmp_path):
+    """A 1 GiB snapshot restores without reading its RAM into memory, and clones of a machine
+    share the pages none of them wrote (copy-on-write), yet each sees its own writes."""
+    with kvmpy.Machine(mem_size=1 << 30) as m:
+        m.memory.write(64 << 20, b"\x5a" * (32 << 20))      # 32 MiB that are not holes
+        m.snapshot(str(tmp_path / "big"))
+        blocks = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "big").iterdir())
+        assert blocks < 40 << 20                             # zeros are holes on disk
+        before = rss_private_kib()
+        clones = kvmpy.snapshot.clone(m, 4)
+    try:
+        for c in clones:
+            assert c.memory.read(64 << 20, 4) == b"\x5a" * 4
+            c.memory.read(64 << 20, 32 << 20)                # every clone reads all 32 MiB
+        clones[0].memory.write(80 << 20, b"mine")
+        assert clones[1].memory.read(80 << 20, 4) == b"\x5a" * 4
+        grown = rss_private_kib() - before
+        assert grown < 4 * (32 << 10) // 2, f"{grown} KiB private after 4 clones read 32 MiB each"
+    finally:
+        for c in clones:
+            c.close()
+    with kvmpy.Machine.restore(str(tmp_path / "big"), verify=False) as r:
+        assert r.memory.read((64 << 20) + 12345, 3) == b"\x5a" * 3
+        assert r.memory.read(900 << 20, 8) == bytes(8)

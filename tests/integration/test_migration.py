@@ -1,0 +1,239 @@
+"""Live migration (issue 5): pre-copy between processes over loopback TCP.
+
+The counter guest rewrites memory all the time and writes its disk; a migrated run must
+end with the serial output (source's part, then target's) and the disk of a run that
+was never moved. A stream that breaks must leave the source running and nothing on the
+target.
+"""
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import kvmpy
+from kvmpy import guests, migration
+from kvmpy.migration import MigrationError
+
+ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
+DISK_BYTES = 64 * 512
+
+
+def fresh_disk(path) -> str:
+    with open(path, "wb") as f:
+        f.truncate(DISK_BYTES)
+    return str(path)
+
+
+def counter(disk, native=True, cmdline=CMDLINE):
+    g = guests.get("counter")
+    m = kvmpy.Machine(disks=[disk], native=native)
+    m.load(g.path, g.format, mode=g.mode, cmdline=cmdline)
+    return m
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    disk = fresh_disk(tmp_path_factory.mktemp("ref") / "disk.img")
+    with counter(disk) as m:
+        r = m.run(timeout=120)
+        assert r.reason == "exit"
+        return m.serial_output, open(disk, "rb").read(), r.status
+
+
+def start_receiver(*extra):
+    """`kvmpy receive` in a new process on a free port: (process, host, port)."""
+    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "receive", "--listen", "127.0.0.1:0", *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
+    line = p.stderr.readline().decode()
+    found = re.search(r"on (\S+):(\d+)", line)
+    assert found, line + p.stderr.read().decode()
+    return p, found.group(1), int(found.group(2))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_live_migration_continues_the_guest_in_another_process(tmp_path, reference, native):
+    """Pre-copy while the guest dirties memory, then a short pause: the target process
+    finishes the run; output and disk equal an uninterrupted run's."""
+    ref_out, ref_disk, ref_status = reference
+    disk = fresh_disk(tmp_path / "disk.img")
+    target, host, port = start_receiver("--timeout", "120")
+    rounds = []
+    with counter(disk, native) as m:
+        m.start(timeout=120)
+        time.sleep(0.3)
+        report = migration.send(m, host, port, progress=rounds.append)
+        result = m.wait(10)
+        before = m.serial_output
+    out, err = target.communicate(timeout=180)
+    assert result.reason == "migrated"
+    assert before + out == ref_out, err.decode()[-2000:]
+    assert target.returncode == ref_status & 0xFF
+    assert open(disk, "rb").read() == ref_disk
+    assert report.rounds >= 2 and report.pages > 0 and len(report.per_round) == report.rounds
+    assert 0 < report.downtime_s < report.total_s
+    assert rounds[0].startswith("round 1:") and "migrated in" in rounds[-1]
+
+
+def test_migration_driven_through_the_control_socket(tmp_path, reference):
+    """The command-line path: kvmpy run --control, kvmpy receive, kvmpy ctl migrate."""
+    ref_out, ref_disk, ref_status = reference
+    disk = fresh_disk(tmp_path / "disk.img")
+    sock = str(tmp_path / "vm.sock")
+    g = guests.get("counter")
+    source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", CMDLINE,
+                               "--control", sock, "--timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
+    target, host, port = start_receiver()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    ctl = subprocess.run([sys.executable, "-m", "kvmpy", "ctl", sock, "migrate", f"{host}:{port}"],
+                         capture_output=True, env=ENV, cwd="/", timeout=120)
+    assert ctl.returncode == 0, ctl.stderr
+    assert b"round 1:" in ctl.stderr and b"downtime" in ctl.stdout
+    src_out, src_err = source.communicate(timeout=60)
+    out, err = target.communicate(timeout=180)
+    assert source.returncode == 0 and b"migrated" in src_err
+    assert src_out + out == ref_out
+    assert target.returncode == ref_status & 0xFF
+    assert open(disk, "rb").read() == ref_disk
+
+
+class FakeTarget:
+    """A target that accepts HELO, says REDY, then drops the connection after ``cut`` bytes."""
+
+    def __init__(self, cut: int):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.cut = cut
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.srv.accept()
+        with conn:
+            kind, n = struct.unpack("<4sI", conn.recv(8, socket.MSG_WAITALL))
+            conn.recv(n, socket.MSG_WAITALL)
+            conn.sendall(struct.pack("<4sI", b"REDY", 0))
+            got = 0
+            while got < self.cut:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                got += len(data)
+        self.srv.close()
+
+
+@pytest.mark.parametrize("cut", [0, 100_000, 3_000_000])
+def test_a_broken_stream_leaves_the_source_running(tmp_path, reference, cut):
+    """The target vanishes midway: send raises MigrationError, the source resumes (dirty log
+    off) and finishes its run exactly as if nothing had happened."""
+    ref_out, ref_disk, _ = reference
+    disk = fresh_disk(tmp_path / "disk.img")
+    fake = FakeTarget(cut)
+    with counter(disk) as m:
+        m.start(timeout=120)
+        time.sleep(0.2)
+        with pytest.raises(MigrationError):
+            migration.send(m, "127.0.0.1", fake.port, timeout=10)
+        assert m.running and not m.paused
+        result = m.wait(120)
+        assert result.reason == "exit" and m.serial_output == ref_out
+    assert open(disk, "rb").read() == ref_disk
+
+
+def test_nothing_to_connect_to_is_a_clear_error(tmp_path):
+    disk = fresh_disk(tmp_path / "disk.img")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]               # bound, not listening: connection refused
+        with counter(disk) as m:
+            m.start(timeout=60)
+            with pytest.raises(MigrationError, match="cannot connect"):
+                migration.send(m, "127.0.0.1", port)
+            m.request_stop()
+            m.wait()
+
+
+def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
+    body = {"magic": "kvmpy-snapshot", "version": 1,
+            "machine": {"mem_size": mem_size, "cpus": 1, "irqchip": True},
+            "ram": [{"gpa": 0, "size": mem_size}],
+            "disks": [{"path": disk, "readonly": False, "size": DISK_BYTES}]}
+    data = json.dumps(body).encode()
+    return struct.pack("<4sI", b"HELO", len(data)) + data
+
+
+def feed_receiver(payload: bytes, **kw):
+    """Run migration.receive in a thread, send ``payload`` to it, close; its outcome."""
+    box = {}
+    ready = threading.Event()
+
+    def body():
+        try:
+            box["result"] = migration.receive(("127.0.0.1", 0), on_listen=lambda a: (box.update(addr=a), ready.set()),
+                                              timeout=20, **kw)
+        except BaseException as e:
+            box["error"] = e
+        ready.set()
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    ready.wait(20)
+    with socket.create_connection(box["addr"]) as c:
+        try:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass
+    t.join(60)
+    return box
+
+
+def test_the_target_discards_a_stream_that_ends_early(tmp_path):
+    """HELO and some pages, then the source vanishes: MigrationError, no machine, no leaked fds."""
+    disk = fresh_disk(tmp_path / "disk.img")
+    page = struct.pack("<4sI", b"PAGE", 12 + 4096) + struct.pack("<QI", 0x1000, 1) + b"\x90" * 4096
+    fds = len(os.listdir("/proc/self/fd"))
+    box = feed_receiver(hello(disk) + page + page[:100])
+    assert isinstance(box.get("error"), MigrationError), box
+    assert "ended early" in str(box["error"])
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_the_target_refuses_a_disk_of_another_size(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    box = feed_receiver(hello(str(disk)))
+    assert isinstance(box.get("error"), MigrationError) and "changed size" in str(box["error"])
+
+
+FRAME_KINDS = st.sampled_from([b"PAGE", b"ZERO", b"STAT", b"RUNS", b"FAIL", b"XXXX", b"HELO"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=st.lists(st.tuples(FRAME_KINDS, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                                 st.binary(max_size=64)), max_size=4),
+       tail=st.binary(max_size=32))
+def test_hostile_frames_after_a_good_hello_only_ever_fail_cleanly(tmp_path_factory, frames, tail):
+    """Any frame sequence a hostile source sends ends in MigrationError (never a crash, a hang
+    or a running machine), unless it is a valid stream, which these are not: no STAT comes."""
+    disk = fresh_disk(tmp_path_factory.mktemp("fuzz") / "disk.img")
+    stream = hello(disk)
+    for kind, gpa, count, junk in frames:
+        payload = struct.pack("<QI", gpa, count & 0xFFFF) + junk
+        stream += struct.pack("<4sI", kind, len(payload)) + payload
+    box = feed_receiver(stream + tail)
+    assert isinstance(box.get("error"), MigrationError), box
