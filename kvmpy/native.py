@@ -247,6 +247,13 @@ class NativeLoop:
         """kvmpy_run() with the GIL released: RUN_EXIT, RUN_DRAIN or -errno."""
         return lib.kvmpy_run(self._l)
 
+    def peek_counters(self) -> dict[str, int]:
+        """The counters so far, left in place (a running loop keeps adding to them)."""
+        c = self._l.c
+        out = {name: getattr(c, name) for name in COUNTERS}
+        out["native_mmio"] = list(c.native_mmio)
+        return out
+
     def take_counters(self) -> dict[str, int]:
         """The counters since the last call (and zero them)."""
         c = self._l.c

@@ -7,6 +7,7 @@ way an exit is decoded once into a value (``kvmpy.exits``) and handled in one ``
 """
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import threading
@@ -371,8 +372,17 @@ class RunLoop:
         finally:
             self._add_counters(loop.take_counters())
 
-    def _add_counters(self, c: dict[str, int]) -> None:
-        s = self.stats
+    def live_stats(self):
+        """``stats`` including a run in progress: the C loop's counters are added to
+        ``stats`` when a run ends; this adds what they hold so far to a copy."""
+        s = copy.deepcopy(self.stats)
+        if self.running and self.native:
+            for loop in getattr(self, "_loops", {}).values():
+                self._add_counters(loop.peek_counters(), s)
+        return s
+
+    def _add_counters(self, c: dict[str, int], s=None) -> None:
+        s = self.stats if s is None else s
         for key, name in (("io_out", "io-out"), ("io_in", "io-in"), ("mmio_read", "mmio-read"),
                           ("mmio_write", "mmio-write")):
             if c[key]:
