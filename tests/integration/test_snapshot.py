@@ -247,3 +247,28 @@ def test_restore_maps_ram_lazily_and_clones_share_it(tmp_path):
     with kvmpy.Machine.restore(str(tmp_path / "big"), verify=False) as r:
         assert r.memory.read((64 << 20) + 12345, 3) == b"\x5a" * 3
         assert r.memory.read(900 << 20, 8) == bytes(8)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.015, 0.02, 0.025])
+def test_snapshot_of_several_vcpus_while_they_boot(tmp_path, delay):
+    """The smp guest, caught while the APs are being started (INIT/SIPI, each AP's own
+    mp_state and LAPIC): the restored machine brings them all up and prints the same."""
+    g = guests.get("smp")
+    with kvmpy.Machine(cpus=4) as m:
+        m.load(g.path, g.format, mode=g.mode)
+        m.start(timeout=60)
+        time.sleep(delay)
+        if m.pause():
+            m.snapshot(str(tmp_path / "snap"))
+            m.request_stop()
+            result = m.wait(30)
+        else:                                           # it finished first: snapshot the end
+            result = m.wait(30)
+            m.snapshot(str(tmp_path / "snap"))
+        before = m.serial_output
+    if result.reason == "exit":
+        assert before == g.expect_output
+        return
+    with kvmpy.Machine.restore(str(tmp_path / "snap")) as r:
+        assert r.run(timeout=60).status == g.expect_status
+        assert before + r.serial_output == g.expect_output
