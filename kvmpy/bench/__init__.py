@@ -5,6 +5,6 @@ it measures kvmpy against a reference in the same run, prints a table, and with
 ``--json`` prints one JSON object ``{"benchmark", "host", "params", "results":
 [{variant, metric, value, unit}], "ratios": {...}}``. See benchmarks/README.md.
 """
-from . import blk, boot, exits, serial
+from . import blk, boot, exits, serial, snapshot
 
-BENCHMARKS = {"exits": exits, "serial": serial, "blk": blk, "boot": boot}
+BENCHMARKS = {"exits": exits, "serial": serial, "blk": blk, "boot": boot, "snapshot": snapshot}

@@ -251,3 +251,35 @@ def test_boot_without_warmup_skips_a_failing_qemu(tmp_path):
     assert set(data["skipped"]) == {"qemu", "qemu-microvm"}
     assert all("exit status 1" in why for why in data["skipped"].values())
     assert all(len(xs) == 2 for xs in data["samples"].values())
+
+
+def test_snapshot_quick_via_cli(tmp_path):
+    """`kvmpy bench snapshot --quick --json`: 64 MiB only; every timing, size, rate and migration
+    figure is there and sane, the ratios are over the fresh boot, and no fd is left open."""
+    out = tmp_path / "snapshot.json"
+    r = run(["-m", "kvmpy", "bench", "snapshot", "--quick", "--rounds", "1", "--dir", str(tmp_path),
+             "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    keys = ("snapshot", "restore_verify", "restore", "restore_to_line", "clone", "migration_total",
+            "migration_downtime")
+    check_shape(data, "snapshot", {"64M"}, {f"{k}/fresh_boot 64M" for k in keys})
+    p = data["params"]
+    assert (p["sizes"], p["quick"], p["rounds"], p["clones"], p["migrations"]) == ([64 << 20], True, 1, 4, 1)
+    val = {x["metric"]: x["value"] for x in data["results"]}
+    assert set(val) == {"fresh_boot", *keys, "snapshot_disk", "clone_rate", "migration_rounds",
+                        "migration_pages", "migration_sent"}
+    disk = data["snapshot_disk"]["64M"]
+    assert 64 << 20 < disk["apparent"] < 65 << 20                # one RAM file of the RAM's size + the manifest
+    assert p["data"] <= disk["allocated"] < disk["apparent"]       # the host's data is there, zeros are holes
+    c = data["clones"]["64M"]
+    assert c["count"] == 4 and c["ram_total"] == 4 * (64 << 20)
+    assert 0 <= c["private_dirty_ran"] < c["ram_total"] // 2      # copy-on-write: far below 4 x 64 MiB
+    (mig,) = data["migration"]["64M"]
+    assert mig["rounds"] >= 2 and mig["pages"] > 0 and 0 < mig["downtime_s"] < mig["total_s"]
+    assert mig["received_pages"] == mig["pages"] + mig["zero_pages"] >= (64 << 20) // 4096
+    assert mig["target_line"].startswith("count ")
+    assert data["fds_leaked"] == 0
+    assert b"restore verify=False" in r.stderr                   # the table, on stderr with --json
+    assert json.loads(out.read_text()) == data
+    assert list(tmp_path.iterdir()) == [out]                     # the snapshots are gone
