@@ -40,3 +40,17 @@ void kvmpy_dirty_take(uint64_t *bitmap, uint64_t *out, uint64_t words)
 			out[i] = 0;
 	}
 }
+
+int kvmpy_all_zero(const uint8_t *p, uint64_t len)
+{
+	const uint64_t *w = (const uint64_t *)p;
+	uint64_t i, acc = 0;
+
+	/* callers pass whole pages of guest RAM: 8-byte aligned, a multiple of 8 long */
+	for (i = 0; i < len / 8; i++) {
+		acc |= w[i];
+		if ((i & 511) == 511 && acc)
+			return 0;
+	}
+	return acc == 0;
+}

@@ -90,6 +90,8 @@ void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *da
 void kvmpy_dirty_mark(uint64_t *bitmap, uint64_t first_page, uint64_t npages);
 /* out[i] = bitmap[i], bitmap[i] = 0, each word atomically */
 void kvmpy_dirty_take(uint64_t *bitmap, uint64_t *out, uint64_t words);
+/* 1 if the len bytes at p (whole pages: 8-byte aligned, len a multiple of 8) are all zero */
+int kvmpy_all_zero(const uint8_t *p, uint64_t len);
 
 /* ---- runloop.c: the native vCPU loop ---- */
 #define KVMPY_OWNER_NONE 0	/* unclaimed: writes dropped, reads all ones */

@@ -20,6 +20,7 @@ The stream is a sequence of frames: an 8-byte header ``kind (4 ASCII bytes), len
     REDY  (target -> source) the target built the machine
     PAGE  u64 gpa, u32 count, then count * 4096 bytes
     ZERO  u64 gpa, u32 count: pages that are all zeros
+    SYNC  (both ways) the target answers once it has applied everything before it
     STAT  JSON: snapshot.capture() with its sha256
     RUNS  (target -> source) the target runs the guest
     FAIL  (either way) UTF-8 reason; the migration is abandoned
@@ -36,6 +37,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from ._native import ffi, lib
 from .errors import KvmpyError
 from . import snapshot
 
@@ -45,7 +47,6 @@ RUN = struct.Struct("<QI")
 MAX_FRAME = 64 << 20            # a PAGE frame carries at most this much (protects the reader)
 MAX_JSON = 256 << 20
 PAGES_PER_FRAME = 256           # 1 MiB of pages per PAGE frame
-ZEROS = bytes(PAGE * PAGES_PER_FRAME)
 
 
 class MigrationError(KvmpyError):
@@ -79,11 +80,12 @@ class _Stream:
         self.sock = sock
         self.sent = 0
 
-    def send(self, kind: bytes, *parts) -> None:
-        n = sum(len(p) for p in parts)
-        self.sock.sendall(HEADER.pack(kind, n))
-        for p in parts:
-            self.sock.sendall(p)
+    def send(self, kind: bytes, head: bytes = b"", data=b"") -> None:
+        """One frame: the header and ``head`` in one write, then ``data`` (pages) as is."""
+        n = len(head) + len(data)
+        self.sock.sendall(HEADER.pack(kind, n) + head)
+        if len(data):
+            self.sock.sendall(data)
         self.sent += HEADER.size + n
 
     def send_json(self, kind: bytes, obj) -> None:
@@ -160,6 +162,14 @@ def _take_dirty(m) -> list[int]:
     return out
 
 
+def _all_zero(view: memoryview) -> bool:
+    buf = ffi.from_buffer(view)
+    try:
+        return bool(lib.kvmpy_all_zero(buf, len(view)))
+    finally:
+        ffi.release(buf)
+
+
 def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero: bool) -> int:
     sent = 0
     for r, bits in zip(m.memory.regions, dirty):
@@ -169,7 +179,7 @@ def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero:
                 off = first * PAGE
                 data = view[off:off + count * PAGE]
                 gpa = r.gpa + off
-                if skip_zero and data == ZEROS[:len(data)]:
+                if skip_zero and _all_zero(data):
                     stream.send(b"ZERO", RUN.pack(gpa, count))
                     report.zero_pages += count
                 else:
@@ -231,6 +241,8 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
             report.rounds += 1
             report.per_round.append(n)
             say(f"round {report.rounds}: {n} dirty pages, {stream.sent / 2**20:.1f} MiB sent")
+        stream.send(b"SYNC")                 # let the target catch up while the guest still runs
+        _expect(stream, b"SYNC")
         t_pause = time.perf_counter()
         paused_here = m.pause()
         if not paused_here:
@@ -322,9 +334,13 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
                                          "or the frame is malformed")
                 if kind == b"PAGE":
                     stream._exactly(size, m.memory.view(gpa, size))   # straight into guest RAM
-                else:
-                    m.memory.fill(gpa, size, 0)
+                elif not _all_zero(m.memory.view(gpa, size, writable=False)):
+                    m.memory.fill(gpa, size, 0)         # untouched RAM is zero already: leave it so
                 pages += count
+            elif kind == b"SYNC":
+                if n:
+                    raise MigrationError(f"{where}: bad SYNC frame")
+                stream.send(b"SYNC")
             elif kind == b"STAT":
                 if n > MAX_JSON:
                     raise MigrationError(f"{where}: state frame of {n} bytes is too large")
