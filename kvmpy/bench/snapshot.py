@@ -30,10 +30,11 @@ paused. Measured, each a median over --rounds (fresh machines every time):
 
 Serial output is collected in memory; to see a line as soon as the native UART
 has it the benchmark drains the UART every 0.2 ms while it waits (the run
-loop's own flusher runs every 20 ms). Ratios are each time over the fresh-boot
-reference of the same size; ``restore scaling`` is restore(verify=False) at the
-largest size over the smallest. Every Machine is closed; the JSON records the
-open file descriptors before and after (``fds_leaked``).
+loop's own flusher runs every 20 ms). Two untimed fresh boots warm the process
+up first. Ratios ``KEY/fresh_boot SIZE`` are over the fresh-boot reference of
+the same size; ``KEY LARGEST/SMALLEST`` (e.g. ``restore 1G/64M``) show how a cost
+grows with the RAM size. Every Machine is closed; the JSON records the open file
+descriptors before and after (``fds_leaked``).
 """
 from __future__ import annotations
 
@@ -383,6 +384,9 @@ def measure(args, progress) -> dict:
     t0 = time.perf_counter()
     per_size = {}
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-snapshot-", dir=args.dir) as tmp:
+        progress("warm-up: two fresh boots (untimed)")
+        for _ in range(2):              # the first machines of a process cost more (imports, caches)
+            Sizer(args, image, args.sizes[0], pathlib.Path(tmp), progress).fresh_boot()
         for size in args.sizes:
             per_size[label(size)] = Sizer(args, image, size, pathlib.Path(tmp), progress).measure()
     fds_after = open_fds()
