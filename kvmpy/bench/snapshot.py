@@ -266,7 +266,7 @@ class Sizer:
 
     def migrate(self, m, out: Lines):
         """Migrate running ``m`` to a receive() in a thread; returns (report dict, the target
-        machine, running, and its Lines) once the target has printed a line."""
+        machine, running, and its Lines) once the target has printed a whole line."""
         from kvmpy import migration
         box: dict = {}
         ready = threading.Event()
@@ -296,7 +296,7 @@ class Sizer:
             raise BenchError(f"migration target: {box['error']}")
         tm = box["m"]
         try:
-            wait_lines(tm, tout, 1)                 # the guest goes on over there
+            wait_lines(tm, tout, 2)                 # goes on there (the first may end a line begun here)
             result = m.wait(LINE_TIMEOUT_S)
             if result.reason != "migrated":
                 raise BenchError(f"the source run ended with {result.reason!r}, not 'migrated'")
