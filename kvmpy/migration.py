@@ -37,7 +37,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ._native import ffi, lib
+from .native import all_zero
 from .errors import KvmpyError
 from . import snapshot
 
@@ -162,14 +162,6 @@ def _take_dirty(m) -> list[int]:
     return out
 
 
-def _all_zero(view: memoryview) -> bool:
-    buf = ffi.from_buffer(view)
-    try:
-        return bool(lib.kvmpy_all_zero(buf, len(view)))
-    finally:
-        ffi.release(buf)
-
-
 def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero: bool) -> int:
     sent = 0
     for r, bits in zip(m.memory.regions, dirty):
@@ -179,7 +171,7 @@ def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero:
                 off = first * PAGE
                 data = view[off:off + count * PAGE]
                 gpa = r.gpa + off
-                if skip_zero and _all_zero(data):
+                if skip_zero and all_zero(data):
                     stream.send(b"ZERO", RUN.pack(gpa, count))
                     report.zero_pages += count
                 else:
@@ -334,7 +326,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
                                          "or the frame is malformed")
                 if kind == b"PAGE":
                     stream._exactly(size, m.memory.view(gpa, size))   # straight into guest RAM
-                elif not _all_zero(m.memory.view(gpa, size, writable=False)):
+                elif not all_zero(m.memory.view(gpa, size, writable=False)):
                     m.memory.fill(gpa, size, 0)         # untouched RAM is zero already: leave it so
                 pages += count
             elif kind == b"SYNC":

@@ -96,6 +96,18 @@ class NativeUart:
         return bool(self.state()["level"])
 
 
+def all_zero(data) -> bool:
+    """True if the buffer (whole pages of RAM, or any length that is a multiple of 8) is all
+    zero bytes; at memory speed, where comparing in Python would go byte by byte."""
+    if len(data) % 8:
+        return not any(data)
+    buf = ffi.from_buffer(data)
+    try:
+        return bool(lib.kvmpy_all_zero(buf, len(data)))
+    finally:
+        ffi.release(buf)
+
+
 def guest_mem_table(mem: GuestMemory):
     """``struct kvmpy_guest_mem`` describing ``mem``'s regions for C: gpa, size, host
     address, and the region's dirty bitmap, which C marks after each write it makes."""

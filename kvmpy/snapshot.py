@@ -1,12 +1,14 @@
 """Snapshots: a Machine saved to a directory, and new Machines continuing from it.
 
-Format (version 1; docs/snapshots.md has the full description), one directory:
+Format (version 2; docs/snapshots.md has the full description), one directory:
 
-    manifest.json   {"magic": "kvmpy-snapshot", "version": 1, "machine": {...},
+    manifest.json   {"magic": "kvmpy-snapshot", "version": 2, "machine": {...},
                      "vcpus": [...], "vm": {...}, "devices": {...},
                      "ram": [{"gpa", "size", "file", "sha256"}], "sha256": <of the rest>}
     ram-<gpa>.bin   guest RAM of one region, raw, byte for byte as the guest sees it
-                    (all-zero stretches are holes), so a restore can map it directly
+                    (all-zero 1 MiB chunks are holes), so a restore can map it directly.
+                    Its "sha256" is the SHA-256 of the chunks' SHA-256 digests in order,
+                    32 zero bytes standing for an all-zero chunk (so checking skips holes)
 
 Blobs KVM hands out whole (FPU, XSAVE, XCRs, LAPIC, vCPU events, irqchip, PIT) are
 stored as hex of the kernel's own structs, so they go back exactly as they came.
@@ -25,12 +27,13 @@ import shutil
 import tempfile
 
 from .errors import DeviceError, GuestMemoryError, KvmpyError
+from .native import all_zero
 from .x86.regs import DTable, Regs, Segment, Sregs
 
-MAGIC, VERSION = "kvmpy-snapshot", 1
+MAGIC, VERSION = "kvmpy-snapshot", 2
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
-_ZERO = bytes(_CHUNK)
+_CHUNK = 1 << 20                    # RAM is written and checksummed in 1 MiB chunks
+_ZERO_DIGEST = bytes(32)            # what an all-zero chunk adds to a RAM file's digest
 # Machine() arguments a snapshot fixes: restore takes only host-side ones.
 _FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "_ram_files")
 
@@ -143,20 +146,46 @@ def paused(m):
 
 # --- on disk ---------------------------------------------------------------------------
 def _write_ram(path: str, mm) -> str:
-    """Write one region to ``path`` (zero stretches as holes); returns its sha256."""
-    h = hashlib.sha256()
+    """Write one region to ``path``, all-zero chunks as holes; returns its digest."""
+    digest = hashlib.sha256()
     view = memoryview(mm)
-    with open(path, "wb") as f:
-        for off in range(0, len(mm), _CHUNK):
-            chunk = view[off:off + _CHUNK]
-            h.update(chunk)
-            if chunk == _ZERO[:len(chunk)]:
-                f.seek(len(chunk), os.SEEK_CUR)
-            else:
-                f.write(chunk)
-        f.truncate(len(mm))
-    view.release()
-    return h.hexdigest()
+    try:
+        with open(path, "wb") as f:
+            for off in range(0, len(mm), _CHUNK):
+                chunk = view[off:off + _CHUNK]
+                if all_zero(chunk):
+                    f.seek(len(chunk), os.SEEK_CUR)
+                    digest.update(_ZERO_DIGEST)
+                else:
+                    f.write(chunk)
+                    digest.update(hashlib.sha256(chunk).digest())
+            f.truncate(len(mm))
+    finally:
+        view.release()
+    return digest.hexdigest()
+
+
+def _ram_digest(path: str, size: int) -> str:
+    """The digest _write_ram gave, recomputed from the file; holes are not read."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data_at = 0                                     # no data before this offset
+        for off in range(0, size, _CHUNK):
+            n = min(_CHUNK, size - off)
+            if data_at < off + n:
+                try:
+                    data_at = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError:                         # ENXIO: only a hole is left
+                    data_at = size
+            if data_at >= off + n:
+                digest.update(_ZERO_DIGEST)
+                continue
+            chunk = os.pread(fd, n, off)
+            digest.update(_ZERO_DIGEST if all_zero(chunk) else hashlib.sha256(chunk).digest())
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def save(m, path) -> None:
@@ -218,13 +247,8 @@ def load_manifest(path, verify_ram: bool = True) -> dict:
                 raise SnapshotError(f"{path}: RAM file {r['file']}: {e.strerror}") from None
             if size != r["size"]:
                 raise SnapshotError(f"{path}: RAM file {r['file']} has {size} bytes, the manifest says {r['size']}")
-            if verify_ram:
-                h = hashlib.sha256()
-                with open(file, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        h.update(chunk)
-                if h.hexdigest() != r["sha256"]:
-                    raise SnapshotError(f"{path}: RAM file {r['file']} is corrupted (checksum)")
+            if verify_ram and _ram_digest(file, size) != r["sha256"]:
+                raise SnapshotError(f"{path}: RAM file {r['file']} is corrupted (checksum)")
     except (KeyError, TypeError) as e:
         raise SnapshotError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     return body

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvmpy
+import kvmpy.snapshot
 from kvmpy import guests, migration
 from kvmpy.migration import MigrationError
 
@@ -166,7 +167,7 @@ def test_nothing_to_connect_to_is_a_clear_error(tmp_path):
 
 
 def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
-    body = {"magic": "kvmpy-snapshot", "version": 1,
+    body = {"magic": "kvmpy-snapshot", "version": kvmpy.snapshot.VERSION,
             "machine": {"mem_size": mem_size, "cpus": 1, "irqchip": True},
             "ram": [{"gpa": 0, "size": mem_size}],
             "disks": [{"path": disk, "readonly": False, "size": DISK_BYTES}]}
