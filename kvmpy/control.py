@@ -81,19 +81,33 @@ class ControlServer:
             if uid != os.getuid():
                 _send(reply, {"ok": False, "error": f"user {uid} may not control this VM"})
                 return
-            for line in conn.makefile("r", encoding="utf-8", errors="replace"):
+            requests = conn.makefile("rb")
+
+            def progress(text: str) -> None:
+                try:
+                    _send(reply, {"progress": text})
+                except OSError:         # the client went away: the command itself goes on
+                    pass
+
+            while True:
+                line = requests.readline(MAX_REQUEST + 1)       # bounded: never buffer a huge line
+                if not line:
+                    return
                 if len(line) > MAX_REQUEST:
                     _send(reply, {"ok": False, "error": "request too long"})
                     return
+                request = None
                 try:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request is a JSON object")
-                    answer = self.handle(request, lambda text: _send(reply, {"progress": text}))
+                    answer = self.handle(request, progress)
                 except (ValueError, TypeError, KeyError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}"}
                 except KvmpyError as e:
                     answer = {"ok": False, "error": str(e)}
+                except Exception as e:          # every request gets an answer; the server goes on
+                    answer = {"ok": False, "error": f"{_cmd_name(request)} failed: {type(e).__name__}: {e}"}
                 try:
                     _send(reply, answer)
                 except OSError:
@@ -113,14 +127,17 @@ class ControlServer:
             m.resume()
             return {"ok": True, "paused": False}
         if cmd == "snapshot":
-            path = request["path"]
+            path = request.get("path")
             if not isinstance(path, str) or not path:
-                raise ValueError("snapshot needs a path")
+                raise ValueError("snapshot needs a path (a directory name)")
             m.snapshot(path)
             return {"ok": True, "path": os.path.abspath(path)}
         if cmd == "migrate":
             from .migration import parse_address, send
-            host, port = parse_address(request["to"])
+            to = request.get("to")
+            if not isinstance(to, str) or not to:
+                raise ValueError("migrate needs \"to\": HOST:PORT")
+            host, port = parse_address(to)
             report = send(m, host, port, progress=progress)
             return {"ok": True, "report": report.as_dict(), "text": report.line()}
         if cmd == "stats":
@@ -136,6 +153,10 @@ class ControlServer:
                          "stats, inspect, stop)")
 
 
+def _cmd_name(request) -> str:
+    return str(request.get("cmd")) if isinstance(request, dict) else "request"
+
+
 def _send(stream, obj: dict) -> None:
     stream.write(json.dumps(obj) + "\n")
     stream.flush()
@@ -149,7 +170,7 @@ def _listen(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ControlError(f"control socket {path}: {e.strerror}") from None
+        raise ControlError(f"control socket {path}: {e.strerror or e}") from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlError(f"control socket {path}: exists and is not a socket")
@@ -158,19 +179,25 @@ def _listen(path: str) -> socket.socket:
             probe.connect(path)
             raise ControlError(f"control socket {path}: another process is listening on it")
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)                     # left behind by a process that died
+            try:
+                os.unlink(path)                 # left behind by a process that died
+            except FileNotFoundError:
+                pass
+        except OSError as e:
+            raise ControlError(f"control socket {path}: {e.strerror or e}") from None
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)                       # born 0600: no window with wider permissions
     try:
+        # Born 0600: Linux gives the socket file the socket inode's mode (less the umask),
+        # so no window with wider permissions, and no os.umask(): the umask is per
+        # process, and changing it would also narrow files other threads create meanwhile.
+        os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
+        os.chmod(path, 0o600)
     except OSError as e:
         sock.close()
-        raise ControlError(f"control socket {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
+        raise ControlError(f"control socket {path}: {e.strerror or e}") from None
     sock.listen(4)
     return sock
 
@@ -186,12 +213,21 @@ def request(socket_path: str, cmd: str, progress=None, timeout: float | None = N
         sock.close()
         raise ControlError(f"cannot connect to the control socket {socket_path}: {e.strerror or e}") from None
     with sock:
-        sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
-        for line in sock.makefile("r", encoding="utf-8"):
-            answer = json.loads(line)
-            if "progress" in answer:
-                if progress is not None:
-                    progress(answer["progress"])
-                continue
-            return answer
+        try:
+            sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
+            for line in sock.makefile("r", encoding="utf-8"):
+                answer = json.loads(line)
+                if not isinstance(answer, dict):
+                    raise ValueError("an answer is a JSON object")
+                if "progress" in answer:
+                    if progress is not None:
+                        progress(answer["progress"])
+                    continue
+                return answer
+        except socket.timeout:
+            raise ControlError(f"the VM behind {socket_path} did not answer within {timeout} s") from None
+        except OSError as e:
+            raise ControlError(f"talking to the control socket {socket_path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ControlError(f"the VM behind {socket_path} answered garbage: {e}") from None
     raise ControlError(f"the VM behind {socket_path} closed the connection without answering")
