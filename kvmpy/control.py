@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from .errors import KvmpyError
 
@@ -37,25 +38,47 @@ class ControlError(KvmpyError):
 class ControlServer:
     """Serves control requests for ``machine`` on the Unix socket ``path`` in a thread."""
 
+    #: close() waits this long for requests under way (a snapshot, a migration) to finish
+    CLOSE_WAIT = 60.0
+
     def __init__(self, machine, path: str):
         self.machine, self.path = machine, os.fspath(path)
         self._sock = _listen(self.path)
+        st = os.lstat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
         self._closed = False
+        self._lock = threading.Lock()
+        self._clients: dict[threading.Thread, socket.socket] = {}
         self._thread = threading.Thread(target=self._serve, daemon=True, name="control")
         self._thread.start()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Stop serving and remove the socket file. Requests under way are finished first,
+        so once this returns the server no longer touches the machine (it may be closed)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
         self._thread.join(5)
+        with self._lock:
+            clients = list(self._clients.items())
+        for _, conn in clients:
+            try:
+                conn.shutdown(socket.SHUT_RD)       # idle clients see EOF; a request under way ends first
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.CLOSE_WAIT
+        for t, _ in clients:
+            t.join(max(0.0, deadline - time.monotonic()))
         try:
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:  # ours still, not a newer server's
+                os.unlink(self.path)
         except OSError:
             pass
 
@@ -71,9 +94,22 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._client, args=(conn,), daemon=True, name="control-client").start()
+            t = threading.Thread(target=self._client, args=(conn,), daemon=True, name="control-client")
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._clients[t] = conn
+            t.start()
 
     def _client(self, conn: socket.socket) -> None:
+        try:
+            self._serve_client(conn)
+        finally:
+            with self._lock:
+                self._clients.pop(threading.current_thread(), None)
+
+    def _serve_client(self, conn: socket.socket) -> None:
         with conn:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _, uid, _ = struct.unpack("3i", creds)
@@ -122,10 +158,10 @@ class ControlServer:
         if cmd == "pause":
             if not m.pause():
                 return {"ok": False, "error": "the machine is not running"}
-            return {"ok": True, "paused": True}
+            return {"ok": True, "running": True, "paused": True}
         if cmd == "resume":
             m.resume()
-            return {"ok": True, "paused": False}
+            return {"ok": True, "running": m.running, "paused": False}
         if cmd == "snapshot":
             path = request.get("path")
             if not isinstance(path, str) or not path:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import kvmpy
+import kvmpy.cli
 from kvmpy import guests
 from kvmpy.control import ControlError, ControlServer, request
 
@@ -100,12 +101,12 @@ def test_socket_file_is_a_socket_with_mode_0600_and_close_removes_it(sockdir):
         request(path, "status", timeout=5)
 
 
-def test_commands_through_the_library_client(pio_machine, tmp_path):
+def test_commands_through_the_library_client(pio_machine, tmp_path, capsys):
     m, path, _ = pio_machine
     assert request(path, "status", timeout=10) == {"ok": True, "running": True, "paused": False}
     running = request(path, "inspect", timeout=10)
     assert running["ok"] is False and "paused" in running["error"]
-    assert request(path, "pause", timeout=10) == {"ok": True, "paused": True}
+    assert request(path, "pause", timeout=10) == {"ok": True, "running": True, "paused": True}
     assert m.paused
     assert request(path, "status", timeout=10) == {"ok": True, "running": True, "paused": True}
     regs = m.vcpus[0].get_regs()
@@ -122,13 +123,18 @@ def test_commands_through_the_library_client(pio_machine, tmp_path):
     assert m.paused                                 # a paused machine stays paused through a snapshot
     again = request(path, "snapshot", path=str(snap), timeout=30)
     assert again["ok"] is False and str(snap) in again["error"]      # exists: refused, not overwritten
-    assert request(path, "resume", timeout=10) == {"ok": True, "paused": False}
+    assert request(path, "resume", timeout=10) == {"ok": True, "running": True, "paused": False}
     wait_until(lambda: moving(m), 5, "the guest to go on after resume")
     assert request(path, "stop", timeout=10) == {"ok": True}
     assert m.wait(10).reason == "stopped"
     assert request(path, "status", timeout=10) == {"ok": True, "running": False, "paused": False}
     stopped = request(path, "pause", timeout=10)
     assert stopped["ok"] is False and "not running" in stopped["error"]
+    assert request(path, "resume", timeout=10) == {"ok": True, "running": False, "paused": False}
+    assert kvmpy.cli.main(["ctl", path, "resume"]) == 0    # says so, rather than "running"
+    assert capsys.readouterr().out == "stopped\n"
+    assert kvmpy.cli.main(["ctl", path, "pause"]) == 4
+    assert "not running" in capsys.readouterr().err
 
 
 def test_a_snapshot_taken_through_the_socket_continues_to_the_same_end(sockdir, tmp_path):
@@ -287,6 +293,58 @@ def test_another_user_is_refused_and_the_vm_is_unaffected(pio_machine):
     assert answer is not None and answer["ok"] is False and str(NOBODY) in answer["error"]
     assert not m.paused and m.running and moving(m)
     assert request(path, "status", timeout=10) == {"ok": True, "running": True, "paused": False}
+
+
+class SlowMachine:
+    """Stands in for a Machine whose pause() takes a while (a big guest's snapshot, say)."""
+
+    def __init__(self):
+        import threading
+        self.entered, self.finished = threading.Event(), threading.Event()
+
+    def pause(self):
+        self.entered.set()
+        time.sleep(0.5)
+        self.finished.set()
+        return True
+
+
+def test_close_finishes_requests_under_way_and_does_not_wait_for_idle_clients(sockdir):
+    """Once close() returns the server no longer touches the machine (the caller closes
+    it next), and a connected client that sends nothing does not hold close() up."""
+    import threading
+    path = os.path.join(sockdir, "vm.sock")
+    m = SlowMachine()
+    server = ControlServer(m, path)
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(path)
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(request(path, "pause", timeout=10)))
+    t.start()
+    assert m.entered.wait(10)
+    t0 = time.monotonic()
+    server.close()
+    assert m.finished.is_set()                      # the pause ended before close() returned
+    assert time.monotonic() - t0 < 5
+    t.join(10)
+    assert answers == [{"ok": True, "running": True, "paused": True}]    # and its client got the answer
+    assert idle.recv(1) == b""                      # the idle client was hung up on
+    idle.close()
+    assert not os.path.lexists(path)
+
+
+def test_close_leaves_a_newer_servers_socket_alone(sockdir):
+    """If our socket file was removed and another VM now serves that path, closing the
+    old server does not delete the new one's socket."""
+    path = os.path.join(sockdir, "vm.sock")
+    with kvmpy.Machine(mem_size=1 << 20) as m1, kvmpy.Machine(mem_size=1 << 20) as m2:
+        old = ControlServer(m1, path)
+        os.unlink(path)
+        with ControlServer(m2, path):
+            old.close()
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+            assert request(path, "status", timeout=10)["ok"]
+        assert not os.path.lexists(path)
 
 
 def test_a_stale_socket_file_is_replaced(sockdir):
