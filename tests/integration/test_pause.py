@@ -336,9 +336,6 @@ def saved_and_continued(tmp_path, native, stop_by):
     return dev.outs + dev_b.outs
 
 
-@pytest.mark.xfail(strict=True, reason="runloop parks (and ends a run) right after serving an IN "
-                   "without the KVM_RUN that completes it, so a snapshot loses the IN's data "
-                   "(see the report: complete pending I/O with immediate_exit before parking)")
 @NATIVE
 @pytest.mark.parametrize("stop_by", ["pause", "timeout"])
 def test_a_snapshot_never_loses_an_in_being_served(tmp_path, native, stop_by):
