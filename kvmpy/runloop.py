@@ -148,9 +148,31 @@ class RunLoop:
         with p.cond:
             return self._run_active.is_set() and p.requested and p.parked >= p.active
 
+    def _settle(self, vcpu: Vcpu) -> None:
+        """Finish the exit just served, so the vCPU's state is whole.
+
+        KVM completes an IN or MMIO read (the data into the guest's register) and moves
+        RIP past an IN/OUT only on the next KVM_RUN; with ``immediate_exit`` set, that
+        KVM_RUN does just this and returns EINTR (KVM API, "immediate_exit"). Without it a
+        snapshot would lose the IN, or replay the OUT. A completion can itself need one
+        more exit (an MMIO access split in two): that one is served too.
+        """
+        for _ in range(8):
+            vcpu.immediate_exit = True
+            rc = vcpu.enter()
+            if rc == -errno.EINTR or rc == -errno.EAGAIN:
+                return
+            if rc < 0:
+                raise KvmError(-rc, "KVM_RUN")
+            self._dispatch(vcpu, vcpu.exit_value(rc))
+
     def _park(self, vcpu: Vcpu) -> None:
-        """In a vCPU thread: wait here while a pause is requested (and the run not stopped)."""
+        """In a vCPU thread: wait here while a pause is requested (and the run not stopped),
+        with the last exit completed (``_settle``) so that a snapshot taken now is exact."""
         p, stop = self._pause, self._stop
+        if not p.requested:
+            return
+        self._settle(vcpu)
         with p.cond:
             if not p.requested:
                 return
@@ -300,6 +322,7 @@ class RunLoop:
                 self._run_native(vcpu)
             else:
                 self._loop(vcpu)
+            self._settle(vcpu)              # a stopped machine's state is whole too (snapshots)
         except GuestError as e:
             self._stop.set(e.reason, vcpu=vcpu.id, exit=e.exit, error=e)
         except BaseException as e:          # a bug or KvmError: stop everyone and re-raise in run()
