@@ -375,28 +375,33 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     from .errors import GuestError
     done = threading.Event()
     control = None
-    if getattr(args, "control", None):
-        from .control import ControlServer
-        control = ControlServer(machine, args.control)
-        print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
-              file=sys.stderr, flush=True)
     _start_input(machine, done, sample_input)
     old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        if started:
-            result = machine.wait()
-        elif getattr(args, "gdb", None) is not None:
+        if getattr(args, "gdb", None) is not None:
             result = _serve_gdb(machine, args.gdb)
             if result is None:
                 return EXIT_OK              # gdb detached before the guest stopped
         else:
-            result = machine.run(timeout=args.timeout, trace=tracer)
+            if not started:
+                machine.start(timeout=args.timeout, trace=tracer)
+            if getattr(args, "control", None):      # once the run is under way: ctl pause works at once
+                from .control import ControlServer
+                control = ControlServer(machine, args.control)
+                print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
+                      file=sys.stderr, flush=True)
+            result = machine.wait()
     except GuestError as e:
         print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
         _print_inspect(args, machine)
         _print_stats(args, machine)
         return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+    except BaseException:
+        if machine.running:                 # a bad --control path, Ctrl-C before the handler...
+            machine.request_stop("interrupted")
+            machine.wait()
+        raise
     finally:
         done.set()
         if old is not None:
