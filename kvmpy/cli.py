@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("cmd", choices=("status", "pause", "resume", "snapshot", "migrate", "stats", "inspect", "stop"),
                    metavar="COMMAND", help="status, pause, resume, snapshot, migrate, stats, inspect, stop")
     c.add_argument("arg", nargs="?", help="DIR for snapshot, HOST:PORT for migrate, VCPU for inspect")
+    i = sub.add_parser("inspect", help="show a running VM's vCPU: mode, registers, segments, page walks, code",
+                       description="Pause the VM behind a --control socket for a moment, print one vCPU's "
+                                   "CPU mode, registers, segments, GDT/IDT, the page walks of RIP and RSP, "
+                                   "the stack and the code at RIP (docs/inspect.md), and let it go on. "
+                                   "A VM paused with 'kvmpy ctl PATH pause' stays paused.")
+    i.add_argument("socket", metavar="PATH", help="the VM's --control socket")
+    i.add_argument("vcpu", nargs="?", type=int, default=0, help="vCPU number (default 0)")
     b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
@@ -449,6 +456,20 @@ def cmd_receive(args) -> int:
         return _drive(args, machine, started=True)
 
 
+def cmd_inspect(args) -> int:
+    from .control import ControlError, request
+    try:
+        answer = request(args.socket, "inspect", vcpu=args.vcpu, pause=True)
+    except ControlError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    if not answer.get("ok"):
+        print(f"kvmpy: inspect: {answer.get('error')}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    print(answer["text"])
+    return EXIT_OK
+
+
 def _progress(text: str) -> None:
     print(f"kvmpy: {text}", file=sys.stderr, flush=True)
 
@@ -583,7 +604,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "demos": cmd_demos, "demo": cmd_demo, "run": cmd_run, "restore": cmd_restore,
-            "receive": cmd_receive, "ctl": cmd_ctl, "bench": cmd_bench}
+            "receive": cmd_receive, "ctl": cmd_ctl, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

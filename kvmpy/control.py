@@ -10,7 +10,8 @@ followed by one ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT}``.
     snapshot  {"path"}        save to directory PATH (kvmpy/snapshot.py)
     migrate   {"to"}          live-migrate to HOST:PORT where `kvmpy receive` listens
     stats                     {"stats": Stats.as_dict(), "text": the --stats table}
-    inspect   {"vcpu"}        the introspection report (needs a paused or stopped machine)
+    inspect   {"vcpu", "pause"} the introspection report; a running machine is refused unless
+                              "pause" is true (then it pauses for the report and goes on)
     stop                      end the run (reason "stopped")
 
 Only the socket's owner may use it: the file is created with mode 0600, and each
@@ -178,10 +179,16 @@ class ControlServer:
             return {"ok": True, "report": report.as_dict(), "text": report.line()}
         if cmd == "stats":
             m._drain_serial()
-            return {"ok": True, "stats": m.stats.as_dict(), "text": str(m.stats)}
+            stats = m.live_stats()
+            return {"ok": True, "stats": stats.as_dict(), "text": str(stats)}
         if cmd == "inspect":
             vcpu = request.get("vcpu")
-            return {"ok": True, "text": m.inspect(None if vcpu is None else int(vcpu))}
+            vcpu = None if vcpu is None else int(vcpu)
+            if request.get("pause") and m.running and not m.paused:
+                from .snapshot import paused
+                with paused(m):                 # a moment's pause, then the guest goes on
+                    return {"ok": True, "text": m.inspect(vcpu)}
+            return {"ok": True, "text": m.inspect(vcpu)}
         if cmd == "stop":
             m.request_stop("stopped")
             return {"ok": True}

@@ -489,3 +489,33 @@ def test_run_with_control_and_ctl_end_to_end(sockdir, tmp_path):
                               env=ENV, cwd="/", timeout=60, stdin=subprocess.DEVNULL)
     assert restored.returncode == COUNTER.expect_status & 0xFF, restored.stderr
     assert out + restored.stdout == guests.counter_output(n, pages)
+
+
+def test_stats_of_a_running_vm_include_the_c_loops_counts(pio_machine):
+    """The native loop counts its exits in C and adds them to Machine.stats when a run ends;
+    the control socket's stats show them while the run goes on, and they grow."""
+    m, path, _ = pio_machine
+    wait_until(lambda: request(path, "stats", timeout=10)["stats"]["exits"].get("io-out", 0) > 100,
+               10, "io-out exits to show up")
+    first = request(path, "stats", timeout=10)["stats"]["exits"]["io-out"]
+    wait_until(lambda: request(path, "stats", timeout=10)["stats"]["exits"]["io-out"] > first,
+               10, "the count to grow")
+    assert m.stats.exits.get("io-out", 0) == 0          # the machine's own stats: at the run's end
+
+
+def test_kvmpy_inspect_pauses_for_the_report_and_the_guest_goes_on(pio_machine):
+    """`kvmpy inspect PATH [VCPU]` shows a running VM's state (it pauses it for a moment) and
+    leaves it running; a paused VM stays paused; a bad vCPU is a clear error."""
+    m, path, _ = pio_machine
+    r = kvmpy_cli("inspect", path)
+    assert r.returncode == 0, r.stderr
+    assert "=== vCPU 0 ===" in r.stdout and "real mode" in r.stdout and "rip=" in r.stdout
+    assert m.running and not m.paused
+    wait_until(lambda: moving(m), 5, "the guest to go on after the report")
+    assert request(path, "pause", timeout=10)["ok"]
+    r = kvmpy_cli("inspect", path, "0")
+    assert r.returncode == 0 and f"rip={m.vcpus[0].get_regs().rip:016x}" in r.stdout
+    assert m.paused                                     # it was paused before: it stays so
+    r = kvmpy_cli("inspect", path, "5")
+    assert r.returncode == 4 and "no vCPU 5" in r.stderr and "Traceback" not in r.stderr
+    request(path, "resume", timeout=10)
