@@ -84,6 +84,37 @@ def test_live_migration_continues_the_guest_in_another_process(tmp_path, referen
     assert rounds[0].startswith("round 1:") and "migrated in" in rounds[-1]
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(delay=st.floats(0.0, 0.8), native_src=st.booleans(), native_dst=st.booleans(), cpus=st.sampled_from([1, 2]))
+def test_migration_at_chosen_moments_matches_an_uninterrupted_run(tmp_path_factory, reference, delay,
+                                                                   native_src, native_dst, cpus):
+    """Migrations begun at hypothesis-chosen moments, from either run loop to either, with one
+    or two vCPUs, while the guest rewrites its memory: the run ends as if never moved."""
+    ref_out, ref_disk, ref_status = reference
+    disk = fresh_disk(tmp_path_factory.mktemp("mig") / "disk.img")
+    target, host, port = start_receiver("--timeout", "120", *([] if native_dst else ["--python"]))
+    with kvmpy.Machine(disks=[disk], native=native_src, cpus=cpus) as m:
+        g = guests.get("counter")
+        m.load(g.path, g.format, mode=g.mode, cmdline=CMDLINE)
+        m.start(timeout=120)
+        time.sleep(delay)
+        if m.running:
+            report = migration.send(m, host, port)
+            assert report.rounds >= 2
+        result = m.wait(120)
+        before = m.serial_output
+    if result.reason == "exit":                     # it finished before the migration began
+        target.kill()
+        target.communicate()
+        assert before == ref_out
+        return
+    out, err = target.communicate(timeout=180)
+    assert result.reason == "migrated"
+    assert before + out == ref_out, err.decode()[-2000:]
+    assert target.returncode == ref_status & 0xFF
+    assert open(disk, "rb").read() == ref_disk
+
+
 def test_migration_driven_through_the_control_socket(tmp_path, reference):
     """The command-line path: kvmpy run --control, kvmpy receive, kvmpy ctl migrate."""
     ref_out, ref_disk, ref_status = reference
