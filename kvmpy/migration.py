@@ -124,7 +124,7 @@ def _expect(stream: _Stream, want: bytes) -> bytes:
 def _json(payload: bytes, what: str):
     try:
         return json.loads(payload)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise MigrationError(f"bad {what} frame: {e}") from None
 
 

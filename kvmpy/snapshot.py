@@ -42,6 +42,11 @@ class SnapshotError(KvmpyError):
     """A snapshot is missing, truncated, corrupted, of another version, or does not fit."""
 
 
+# What a hostile or damaged value in a manifest can raise on its way into KVM and the
+# devices (a missing key, a string for a number, a negative register, a KVM refusal).
+_BAD_STATE = (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, DeviceError, OSError)
+
+
 def _sha(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -127,7 +132,7 @@ def apply(m, body: dict) -> None:
                 raise SnapshotError(f"disk {i}: bad virtio state: {e}") from None
     except SnapshotError:
         raise
-    except (KeyError, TypeError, ValueError, DeviceError, OSError) as e:
+    except _BAD_STATE as e:
         raise SnapshotError(f"the saved state does not fit this machine: {type(e).__name__}: {e}") from None
 
 
@@ -235,8 +240,8 @@ def load_manifest(path, verify_ram: bool = True) -> dict:
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             body = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SnapshotError(f"{path}: cannot read the snapshot manifest: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise SnapshotError(f"{path}: cannot read the snapshot manifest: {type(e).__name__}: {e}") from None
     check_body(body, path)
     try:
         for r in body["ram"]:
@@ -249,7 +254,7 @@ def load_manifest(path, verify_ram: bool = True) -> dict:
                 raise SnapshotError(f"{path}: RAM file {r['file']} has {size} bytes, the manifest says {r['size']}")
             if verify_ram and _ram_digest(file, size) != r["sha256"]:
                 raise SnapshotError(f"{path}: RAM file {r['file']} is corrupted (checksum)")
-    except (KeyError, TypeError) as e:
+    except _BAD_STATE as e:
         raise SnapshotError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     return body
 
@@ -259,6 +264,10 @@ def disk_list(body: dict, disks, where: str) -> list:
     file must still have the size it had when the snapshot was taken."""
     from .machine import Disk
     saved = body["devices"]["disks"]
+    if not isinstance(saved, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("readonly"), bool)
+            and type(d.get("size")) is int for d in saved):
+        raise SnapshotError(f"{where}: malformed disk list")
     if disks is None:
         disks = [Disk(d["path"], d["readonly"]) for d in saved]
     else:
@@ -282,15 +291,15 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
     fixed = sorted(set(host_options) & set(_FIXED + ("disks",)))
     if fixed:
         raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")
-    mc = body["machine"]
     try:
+        mc = body["machine"]
         if ram_files is not None and sorted(Machine.ram_layout(mc["mem_size"])) != \
                 sorted((r["gpa"], r["size"]) for r in body["ram"]):
             raise SnapshotError(f"{where}: the RAM files do not match the machine's {mc['mem_size']} bytes of RAM")
         return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"],
                        disks=disk_list(body, disks, where), _ram_files=ram_files, **host_options)
-    except (KeyError, TypeError, ValueError, GuestMemoryError) as e:
-        raise SnapshotError(f"{where}: the saved machine cannot be built: {e}") from None
+    except (GuestMemoryError, DeviceError) + _BAD_STATE as e:
+        raise SnapshotError(f"{where}: the saved machine cannot be built: {type(e).__name__}: {e}") from None
 
 
 def restore(path, verify: bool = True, disks=None, **host_options):
