@@ -243,6 +243,11 @@ def load_manifest(path, verify_ram: bool = True) -> dict:
     except (OSError, ValueError, RecursionError) as e:
         raise SnapshotError(f"{path}: cannot read the snapshot manifest: {type(e).__name__}: {e}") from None
     check_body(body, path)
+    ram = body.get("ram")
+    if not isinstance(ram, list) or not all(
+            isinstance(r, dict) and type(r.get("gpa")) is int and type(r.get("size")) is int
+            and isinstance(r.get("file"), str) and isinstance(r.get("sha256"), str) for r in ram):
+        raise SnapshotError(f"{path}: malformed manifest (the RAM list)")
     try:
         for r in body["ram"]:
             file = os.path.join(path, os.path.basename(r["file"]))
