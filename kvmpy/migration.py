@@ -275,6 +275,10 @@ def _check_hello(hello, where: str) -> dict:
     if hello.get("version") != snapshot.VERSION:
         raise MigrationError(f"{where}: stream version {hello.get('version')!r}, this kvmpy reads "
                              f"{snapshot.VERSION}")
+    ram = hello.get("ram")
+    if not isinstance(ram, list) or not all(isinstance(r, dict) and type(r.get("gpa")) is int
+                                            and type(r.get("size")) is int for r in ram):
+        raise MigrationError(f"{where}: malformed HELO (the RAM list)")
     return hello
 
 
@@ -361,8 +365,8 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
         conn.close()
         if isinstance(e, (MigrationError, KeyboardInterrupt)):
             raise
-        if isinstance(e, (OSError, KvmpyError, ValueError)):
-            raise MigrationError(f"{where}: {e}") from None
+        if isinstance(e, (KvmpyError,) + snapshot._BAD_STATE):     # OSError, bad values from the stream
+            raise MigrationError(f"{where}: {type(e).__name__}: {e}") from None
         raise
     conn.close()
     return m, pages

@@ -269,3 +269,26 @@ def test_hostile_frames_after_a_good_hello_only_ever_fail_cleanly(tmp_path_facto
         stream += struct.pack("<4sI", kind, len(payload)) + payload
     box = feed_receiver(stream + tail)
     assert isinstance(box.get("error"), MigrationError), box
+
+
+HELLO_EDITS = st.sampled_from([("magic",), ("version",), ("machine",), ("machine", "mem_size"), ("machine", "cpus"),
+                               ("machine", "irqchip"), ("ram",), ("ram", 0, "gpa"), ("ram", 0, "size"), ("disks",),
+                               ("disks", 0, "path"), ("disks", 0, "readonly"), ("disks", 0, "size")])
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=10),
+                   st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(where=HELLO_EDITS, value=VALUES)
+def test_an_edited_hello_is_refused_cleanly(tmp_path_factory, where, value):
+    """A HELO with any one value replaced either builds the machine (and then fails for want
+    of a STAT) or is refused: always MigrationError, never another exception."""
+    disk = fresh_disk(tmp_path_factory.mktemp("hello") / "disk.img")
+    body = json.loads(hello(disk)[8:])
+    target = body
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    data = json.dumps(body).encode()
+    box = feed_receiver(struct.pack("<4sI", b"HELO", len(data)) + data)
+    assert isinstance(box.get("error"), MigrationError), box
