@@ -21,6 +21,8 @@ import kvmpy.cli
 from kvmpy import guests
 from kvmpy.control import ControlError, ControlServer, request
 
+from .lab import wait_until
+
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 COUNTER = guests.get("counter")
 NOBODY = 65534
@@ -41,12 +43,6 @@ def load_raw(m, name):
     m.load(g.path, g.format, mode=g.mode, load_addr=g.load_addr, entry=g.entry)
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def raw_exchange(path, lines: list[bytes]) -> list[dict]:
@@ -79,7 +75,16 @@ def pio_machine(sockdir):
 
 
 def moving(m) -> bool:
-    """Whether the guest's RAX changes (the pio-loop guest increments it all the time)."""
+    """Whether the guest's RAX changes (the pio-loop guest increments it all the time);
+    tries for up to 5 s, since a busy host may not run the vCPU thread for a while."""
+    try:
+        wait_until(lambda: _moved(m), 5, "the guest to move")
+    except AssertionError:
+        return False
+    return True
+
+
+def _moved(m) -> bool:
     a = m.vcpus[0].get_regs().rax
     time.sleep(0.02)
     return m.vcpus[0].get_regs().rax != a
@@ -124,7 +129,7 @@ def test_commands_through_the_library_client(pio_machine, tmp_path, capsys):
     again = request(path, "snapshot", path=str(snap), timeout=30)
     assert again["ok"] is False and str(snap) in again["error"]      # exists: refused, not overwritten
     assert request(path, "resume", timeout=10) == {"ok": True, "running": True, "paused": False}
-    wait_until(lambda: moving(m), 5, "the guest to go on after resume")
+    assert moving(m), "the guest goes on after resume"
     assert request(path, "stop", timeout=10) == {"ok": True}
     assert m.wait(10).reason == "stopped"
     assert request(path, "status", timeout=10) == {"ok": True, "running": False, "paused": False}
@@ -511,7 +516,7 @@ def test_kvmpy_inspect_pauses_for_the_report_and_the_guest_goes_on(pio_machine):
     assert r.returncode == 0, r.stderr
     assert "=== vCPU 0 ===" in r.stdout and "real mode" in r.stdout and "rip=" in r.stdout
     assert m.running and not m.paused
-    wait_until(lambda: moving(m), 5, "the guest to go on after the report")
+    assert moving(m), "the guest goes on after the report"
     assert request(path, "pause", timeout=10)["ok"]
     r = kvmpy_cli("inspect", path, "0")
     assert r.returncode == 0 and f"rip={m.vcpus[0].get_regs().rip:016x}" in r.stdout

@@ -23,31 +23,20 @@ import kvmpy.snapshot
 from kvmpy import guests, migration
 from kvmpy.migration import MigrationError
 
+from . import lab
+from .lab import fresh_disk
+
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
-DISK_BYTES = 64 * 512
 
 
-def fresh_disk(path) -> str:
-    with open(path, "wb") as f:
-        f.truncate(DISK_BYTES)
-    return str(path)
-
-
-def counter(disk, native=True, cmdline=CMDLINE):
-    g = guests.get("counter")
-    m = kvmpy.Machine(disks=[disk], native=native)
-    m.load(g.path, g.format, mode=g.mode, cmdline=cmdline)
-    return m
+def counter(disk, native=True, cmdline=CMDLINE, **kw):
+    return lab.counter(disk, cmdline, native, **kw)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    disk = fresh_disk(tmp_path_factory.mktemp("ref") / "disk.img")
-    with counter(disk) as m:
-        r = m.run(timeout=120)
-        assert r.reason == "exit"
-        return m.serial_output, open(disk, "rb").read(), r.status
+    return lab.reference_run(tmp_path_factory.mktemp("ref"), CMDLINE)
 
 
 def start_receiver(*extra):
@@ -93,9 +82,7 @@ def test_migration_at_chosen_moments_matches_an_uninterrupted_run(tmp_path_facto
     ref_out, ref_disk, ref_status = reference
     disk = fresh_disk(tmp_path_factory.mktemp("mig") / "disk.img")
     target, host, port = start_receiver("--timeout", "120", *([] if native_dst else ["--python"]))
-    with kvmpy.Machine(disks=[disk], native=native_src, cpus=cpus) as m:
-        g = guests.get("counter")
-        m.load(g.path, g.format, mode=g.mode, cmdline=CMDLINE)
+    with counter(disk, native_src, cpus=cpus) as m:
         m.start(timeout=120)
         time.sleep(delay)
         if m.running:
@@ -201,7 +188,7 @@ def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
     body = {"magic": "kvmpy-snapshot", "version": kvmpy.snapshot.VERSION,
             "machine": {"mem_size": mem_size, "cpus": 1, "irqchip": True},
             "ram": [{"gpa": 0, "size": mem_size}],
-            "disks": [{"path": disk, "readonly": False, "size": DISK_BYTES}]}
+            "disks": [{"path": disk, "readonly": False, "size": lab.DISK_BYTES}]}
     data = json.dumps(body).encode()
     return struct.pack("<4sI", b"HELO", len(data)) + data
 

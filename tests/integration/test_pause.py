@@ -14,6 +14,8 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.errors import GuestError, KvmpyError
 
+from .lab import wait_until
+
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 COUNTER_EXIT = guests.get("counter").expect_status         # 0x87
 
@@ -27,12 +29,6 @@ def load_counter(m, n, pages=64):
     m.load(guests.get("counter").path, "elf", mode="long", cmdline=f"n={n} pages={pages}")
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def settled_output(m):

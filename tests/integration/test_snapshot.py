@@ -14,6 +14,9 @@ import kvmpy.snapshot
 from kvmpy import guests
 from kvmpy.snapshot import SnapshotError
 
+from . import lab
+from .lab import DISK_BYTES, fresh_disk
+
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 
 
@@ -88,30 +91,16 @@ def test_snapshot_refuses_a_disk_that_changed_size(tmp_path):
 
 # --- the counter guest: snapshots at chosen moments, continued in new processes ---------------
 COUNTER_CMDLINE = "n=60 pages=64"
-DISK_BYTES = 64 * 512
-
-
-def fresh_disk(path) -> str:
-    with open(path, "wb") as f:
-        f.truncate(DISK_BYTES)
-    return str(path)
 
 
 def start_counter(disk, native=True, cmdline=COUNTER_CMDLINE, **kw):
-    g = guests.get("counter")
-    m = kvmpy.Machine(disks=[disk], native=native, **kw)
-    m.load(g.path, g.format, mode=g.mode, cmdline=cmdline)
-    return m
+    return lab.counter(disk, cmdline, native, **kw)
 
 
 @pytest.fixture(scope="module")
 def counter_reference(tmp_path_factory):
     """Output, disk and exit status of an uninterrupted run."""
-    disk = fresh_disk(tmp_path_factory.mktemp("ref") / "disk.img")
-    with start_counter(disk) as m:
-        r = m.run(timeout=120)
-        assert r.reason == "exit"
-        return m.serial_output, open(disk, "rb").read(), r.status
+    return lab.reference_run(tmp_path_factory.mktemp("ref"), COUNTER_CMDLINE)
 
 
 def restore_in_new_process(snap, disk, native=True):

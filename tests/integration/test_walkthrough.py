@@ -1,6 +1,5 @@
 """Every Python block in docs/walkthrough.md runs as shown, chapter by chapter."""
 import pathlib
-import re
 
 import pytest
 

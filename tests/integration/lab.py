@@ -1,0 +1,39 @@
+"""Helpers shared by the tests that pause, snapshot, migrate and control the counter guest."""
+import time
+
+import kvmpy
+from kvmpy import guests
+
+DISK_BYTES = 64 * 512            # the counter guest writes sectors 0..63
+
+
+def fresh_disk(path) -> str:
+    """A zeroed disk file for the counter guest; returns its path."""
+    with open(path, "wb") as f:
+        f.truncate(DISK_BYTES)
+    return str(path)
+
+
+def counter(disk, cmdline: str, native: bool = True, **machine_options):
+    """A Machine with the counter guest loaded (``cmdline`` "n=.. pages=.."), not started."""
+    g = guests.get("counter")
+    m = kvmpy.Machine(disks=[disk] if disk else [], native=native, **machine_options)
+    m.load(g.path, g.format, mode=g.mode, cmdline=cmdline)
+    return m
+
+
+def reference_run(tmp_dir, cmdline: str):
+    """(serial output, disk bytes, exit status) of an uninterrupted run."""
+    disk = fresh_disk(tmp_dir / "reference.img")
+    with counter(disk, cmdline) as m:
+        r = m.run(timeout=120)
+        assert r.reason == "exit"
+        return m.serial_output, open(disk, "rb").read(), r.status
+
+
+def wait_until(predicate, timeout=10.0, what="condition", poll=0.005):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
