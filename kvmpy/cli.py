@@ -456,15 +456,23 @@ def cmd_receive(args) -> int:
         return _drive(args, machine, started=True)
 
 
-def cmd_inspect(args) -> int:
+def _ask(socket_path: str, cmd: str, **extra) -> dict | None:
+    """One control request; its answer if it succeeded, else None after saying why."""
     from .control import ControlError, request
     try:
-        answer = request(args.socket, "inspect", vcpu=args.vcpu, pause=True)
+        answer = request(socket_path, cmd, progress=_progress, **extra)
     except ControlError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
-        return EXIT_VMM_ERROR
+        return None
     if not answer.get("ok"):
-        print(f"kvmpy: inspect: {answer.get('error')}", file=sys.stderr)
+        print(f"kvmpy: {cmd}: {answer.get('error')}", file=sys.stderr)
+        return None
+    return answer
+
+
+def cmd_inspect(args) -> int:
+    answer = _ask(args.socket, "inspect", vcpu=args.vcpu, pause=True)
+    if answer is None:
         return EXIT_VMM_ERROR
     print(answer["text"])
     return EXIT_OK
@@ -475,7 +483,6 @@ def _progress(text: str) -> None:
 
 
 def cmd_ctl(args) -> int:
-    from .control import ControlError, request
     extra = {}
     if args.cmd in ("snapshot", "migrate"):
         if not args.arg:
@@ -492,13 +499,8 @@ def cmd_ctl(args) -> int:
     elif args.arg is not None:
         print(f"kvmpy: ctl {args.cmd} takes no argument", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        answer = request(args.socket, args.cmd, progress=_progress, **extra)
-    except ControlError as e:
-        print(f"kvmpy: {e}", file=sys.stderr)
-        return EXIT_VMM_ERROR
-    if not answer.get("ok"):
-        print(f"kvmpy: {args.cmd}: {answer.get('error')}", file=sys.stderr)
+    answer = _ask(args.socket, args.cmd, **extra)
+    if answer is None:
         return EXIT_VMM_ERROR
     if "text" in answer:
         print(answer["text"])
