@@ -63,16 +63,18 @@ class _Stop:
 class _Pause:
     """A pause request and the vCPU threads parked at it.
 
-    ``pause()`` sets ``requested`` and kicks every vCPU; each vCPU thread, back in
-    Python after KVM_RUN returns, parks here until ``resume()`` (or a stop). KVM_RUN
-    returning is what makes the vCPU state complete (an IN's data delivered, an MMIO
-    read finished), so a parked machine can be saved exactly. ``active`` counts the
-    vCPU threads of the current run: the pause is complete when all of them are parked.
+    ``pause()`` adds one to ``requested`` and kicks every vCPU; each vCPU thread, back
+    in Python after KVM_RUN returns, parks here until every pause has had its
+    ``resume()`` (or the run stops). Pauses nest, so a snapshot taken while someone else
+    holds the machine paused does not let it go when it is done. The parked vCPU's last
+    exit is completed first (``_settle``), so a parked machine can be saved exactly.
+    ``active`` counts the vCPU threads of the current run: the pause is complete when
+    all of them are parked.
     """
 
     def __init__(self):
         self.cond = threading.Condition()
-        self.requested = False
+        self.requested = 0          # pauses not yet resumed
         self.active = 0
         self.parked = 0
 
@@ -95,7 +97,8 @@ class RunLoop:
         with pause.cond:
             if self._run_active.is_set():
                 raise RuntimeError("this Machine is already running")
-            pause.requested, pause.active, pause.parked = False, len(self.vcpus), 0
+            pause.requested, pause.active, pause.parked = 0, len(self.vcpus), 0
+            self._stop = _Stop()            # before the run shows as active: a stop from now on counts
             self._run_active.set()
             self._run_idle.clear()
         try:
@@ -111,29 +114,37 @@ class RunLoop:
         """Stop every vCPU where it is and keep it there until ``resume()``.
 
         Call it from another thread while ``run()`` (or ``start()``) runs the machine.
-        Returns True once all vCPUs are parked, False if no run is in progress (a
-        stopped machine needs no pausing). A paused machine can be inspected,
-        snapshotted or migrated; ``request_stop()`` ends a paused run too.
+        Returns True once all vCPUs are parked, False if no run is in progress or it
+        ended meanwhile (a stopped machine needs no pausing). Pauses nest: each True
+        needs its ``resume()``. A paused machine can be inspected, snapshotted or
+        migrated; ``request_stop()`` ends a paused run too.
         """
         if self._current_vcpu() is not None:
             raise RuntimeError("pause() from inside a vCPU thread (a device callback?) would wait for itself")
         p = self._pause
         with p.cond:
-            if not self._run_active.is_set():
+            if not self._run_active.is_set() or self._stop.reason is not None:
                 return False
-            p.requested = True
+            p.requested += 1
             for v in self.vcpus:
                 v.kick()
-            if not p.cond.wait_for(lambda: p.parked >= p.active or not self._run_active.is_set(), timeout):
-                p.requested = False
+            ended = lambda: not self._run_active.is_set() or self._stop.reason is not None  # noqa: E731
+            if not p.cond.wait_for(lambda: p.parked >= p.active or ended(), timeout):
+                p.requested -= 1
                 p.cond.notify_all()
                 raise KvmpyError(f"the vCPUs did not pause within {timeout} s")
-            return self._run_active.is_set()
+            if ended() or p.active == 0:        # the run ended instead: nothing is paused
+                p.requested -= 1
+                p.cond.notify_all()
+                return False
+            return True
 
     def resume(self) -> None:
-        """Let the vCPUs of a paused run go on (nothing happens if none are paused)."""
+        """Release one ``pause()``; the vCPUs go on when every pause is released
+        (nothing happens if none is held)."""
         with self._pause.cond:
-            self._pause.requested = False
+            if self._pause.requested:
+                self._pause.requested -= 1
             self._pause.cond.notify_all()
 
     @property
@@ -146,7 +157,8 @@ class RunLoop:
         """True while a run is in progress and all its vCPUs are parked by ``pause()``."""
         p = self._pause
         with p.cond:
-            return self._run_active.is_set() and p.requested and p.parked >= p.active
+            return (self._run_active.is_set() and self._stop.reason is None and p.requested > 0
+                    and 0 < p.active <= p.parked)
 
     def _settle(self, vcpu: Vcpu) -> None:
         """Finish the exit just served, so the vCPU's state is whole.
@@ -228,7 +240,6 @@ class RunLoop:
         self._run_idle.wait()
 
     def _run(self, timeout, trace) -> RunResult:
-        self._stop = _Stop()
         self._tracer = trace
         stepping = trace is not None and trace.steps
         if stepping:
@@ -245,7 +256,7 @@ class RunLoop:
     def _run_vcpus(self, timeout) -> RunResult:
         with self._pause.cond:                  # a pause() already asked for keeps its kick
             for v in self.vcpus:
-                v.immediate_exit = self._pause.requested
+                v.immediate_exit = bool(self._pause.requested) or self._stop.reason is not None
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.request_stop, args=("timeout",))

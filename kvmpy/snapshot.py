@@ -138,14 +138,13 @@ def apply(m, body: dict) -> None:
 
 @contextlib.contextmanager
 def paused(m):
-    """Pause a running machine for the block (no-op if stopped or already paused)."""
-    pause_here = m.running and not m.paused
-    if pause_here:
-        m.pause()
+    """Hold a running machine paused for the block (pauses nest: one held by someone else
+    stays held); a stopped machine needs nothing."""
+    held = m.pause() if m.running else False
     try:
         yield
     finally:
-        if pause_here:
+        if held:
             m.resume()
 
 

@@ -264,7 +264,8 @@ def test_many_pauses_lose_or_repeat_no_exit(native, cpus):
 
 
 def test_pause_from_several_threads_at_once():
-    """Concurrent pause() callers all see the pause complete; one resume() releases it."""
+    """Concurrent pause() callers all see the pause complete; pauses nest, so the guest
+    goes on only when each has been released by its resume()."""
     with kvmpy.Machine(mem_size=2 << 20, cpus=2) as m:
         load_raw(m, "pio-loop")
         m.start(timeout=30)
@@ -276,6 +277,10 @@ def test_pause_from_several_threads_at_once():
             t.join(10)
         assert answers == [True] * 4 and m.paused
         rax = m.vcpus[0].get_regs().rax
+        for _ in range(3):
+            m.resume()
+            time.sleep(0.05)
+            assert m.paused and m.vcpus[0].get_regs().rax == rax     # one pause is still held
         m.resume()
         wait_until(lambda: m.vcpus[0].get_regs().rax != rax, 5, "the guest to go on")
         m.request_stop("interrupted")
@@ -342,3 +347,48 @@ def test_a_snapshot_never_loses_an_in_being_served(tmp_path, native, stop_by):
         assert len(values) > 10
         assert gaps(values) == []
         shutil.rmtree(tmp_path / "snap")
+
+
+def test_a_stop_right_after_start_is_never_lost():
+    """start() returns with the run under way: a request_stop() at once always ends it."""
+    with kvmpy.Machine(mem_size=2 << 20) as m:
+        load_raw(m, "pio-loop")
+        for _ in range(200):
+            m.start()
+            m.request_stop("interrupted")
+            assert m.wait(5).reason == "interrupted"
+
+
+def test_concurrent_snapshots_each_hold_the_pause_until_done(tmp_path, monkeypatch):
+    """Two snapshots of a running guest at once (two control clients, say): pauses nest, so
+    neither lets the guest go while the other still writes RAM."""
+    from kvmpy import snapshot
+    from .lab import counter, fresh_disk
+    written_while_running = []
+    write_ram = snapshot._write_ram
+
+    def checked(path, mm):
+        digest = write_ram(path, mm)
+        if not m.paused:
+            written_while_running.append(path)
+        return digest
+
+    monkeypatch.setattr(snapshot, "_write_ram", checked)
+    with counter(fresh_disk(tmp_path / "d.img"), "n=100000 pages=64") as m:
+        m.start(timeout=60)
+        for i in range(10):
+            barrier = threading.Barrier(2)
+
+            def one(k):
+                barrier.wait()
+                snapshot.save(m, tmp_path / f"s{i}-{k}")
+
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        assert not m.paused and m.running
+        m.request_stop("interrupted")
+        m.wait(10)
+    assert written_while_running == []
