@@ -145,8 +145,9 @@ def _host_options(p: argparse.ArgumentParser) -> None:
     """Options of commands that continue a saved or migrated guest: host side only."""
     g = p.add_argument_group("host options")
     g.add_argument("--disk", action="append", default=None, metavar="PATH[,ro]",
-                   help="use this file instead of the saved machine's disk (repeat for each, in order; "
-                        "it must have the same size)")
+                   help="the file for the guest's next disk (repeat, in order; each the size of the "
+                        "original). restore: instead of the saved paths. receive: required when the "
+                        "guest has disks (the same files, for shared storage)")
     g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")

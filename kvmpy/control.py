@@ -48,6 +48,7 @@ class ControlServer:
         st = os.lstat(self.path)
         self._ident = (st.st_dev, st.st_ino)
         self._closed = False
+        self._holds, self._holds_lock = 0, threading.Lock()    # pauses taken through this socket
         self._lock = threading.Lock()
         self._clients: dict[threading.Thread, socket.socket] = {}
         self._thread = threading.Thread(target=self._serve, daemon=True, name="control")
@@ -159,10 +160,18 @@ class ControlServer:
         if cmd == "pause":
             if not m.pause():
                 return {"ok": False, "error": "the machine is not running"}
+            with self._holds_lock:
+                self._holds += 1
             return {"ok": True, "running": True, "paused": True}
         if cmd == "resume":
-            m.resume()
-            return {"ok": True, "running": m.running, "paused": False}
+            if m._migrating.locked():
+                return {"ok": False, "error": "a migration is under way: it pauses and resumes the machine itself"}
+            with self._holds_lock:
+                mine = self._holds > 0
+                self._holds -= mine
+            if mine or m.paused:        # ours, or one left by a migration whose outcome was unknown
+                m.resume()
+            return {"ok": True, "running": m.running, "paused": m.paused}
         if cmd == "snapshot":
             path = request.get("path")
             if not isinstance(path, str) or not path:

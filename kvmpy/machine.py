@@ -138,6 +138,7 @@ class Machine(RunLoop):
             raise
         self._stop = _Stop()
         self._pause = _Pause()
+        self._migrating = threading.Lock()     # one live migration at a time (migration.py)
         self._run_active, self._run_idle = threading.Event(), threading.Event()
         self._run_idle.set()
         self._serial_error: BaseException | None = None

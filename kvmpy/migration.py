@@ -31,6 +31,7 @@ block migration); the target checks each has the size the source reports.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import struct
@@ -45,7 +46,8 @@ PAGE = 4096
 HEADER = struct.Struct("<4sI")
 RUN = struct.Struct("<QI")
 MAX_FRAME = 64 << 20            # a PAGE frame carries at most this much (protects the reader)
-MAX_JSON = 256 << 20
+MAX_HELLO = 64 << 10            # the machine's shape and disks
+MAX_STATE = 32 << 20            # every vCPU's state, devices: ~40 KiB a vCPU
 PAGES_PER_FRAME = 256           # 1 MiB of pages per PAGE frame
 
 
@@ -105,15 +107,15 @@ class _Stream:
         kind, n = HEADER.unpack(self._exactly(HEADER.size))
         return bytes(kind), n
 
-    def recv(self, limit: int = MAX_JSON) -> tuple[bytes, bytes]:
+    def recv(self, limit: int) -> tuple[bytes, bytes]:
         kind, n = self.recv_header()
         if n > limit:
             raise MigrationError(f"a {kind!r} frame of {n} bytes is larger than allowed ({limit})")
         return kind, bytes(self._exactly(n))
 
 
-def _expect(stream: _Stream, want: bytes) -> bytes:
-    kind, payload = stream.recv()
+def _expect(stream: _Stream, want: bytes, limit: int = 4096) -> bytes:
+    kind, payload = stream.recv(limit)
     if kind == b"FAIL":
         raise MigrationError(f"the other side gave up: {payload.decode(errors='replace')}")
     if kind != want:
@@ -192,6 +194,10 @@ def _hello(m) -> dict:
     return state
 
 
+class _Outcome(MigrationError):
+    """The state went out but no answer came: the target may or may not run the guest."""
+
+
 def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
          timeout: float = 30.0, progress=None) -> Report:
     """Migrate running machine ``m`` to a ``receive`` at host:port; returns the Report.
@@ -199,20 +205,31 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
     Rounds go on while more than ``small`` pages were dirtied, at most ``max_rounds``,
     and stop early when a round no longer shrinks the dirty set. ``progress(text)``
     is called after each round. On success the source run stops with reason
-    "migrated"; on any failure MigrationError is raised and ``m`` keeps running.
+    "migrated". On a failure MigrationError is raised and ``m`` keeps running, with
+    one exception: if the connection is lost after the whole state went out and
+    before the target answered, the target may be running the guest, so ``m`` stays
+    paused (never two guests on one disk); check the target, then ``m.resume()``
+    (``kvmpy ctl PATH resume``) or stop it. One migration at a time per machine.
     """
     if not m.running:
         raise MigrationError("live migration needs a running machine (start() or run() it)")
+    if not m._migrating.acquire(blocking=False):
+        raise MigrationError("a migration of this machine is already under way")
+    try:
+        return _send(m, host, port, max_rounds, small, timeout, progress or (lambda text: None))
+    finally:
+        m._migrating.release()
+
+
+def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
     report = Report()
     t0 = time.perf_counter()
-    say = progress or (lambda text: None)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
     stream = _Stream(sock)
-    paused_here = False
-    logging = False
+    held = logging = committed = False
     try:
         stream.send_json(b"HELO", _hello(m))
         _expect(stream, b"REDY")
@@ -236,8 +253,8 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
         stream.send(b"SYNC")                 # let the target catch up while the guest still runs
         _expect(stream, b"SYNC")
         t_pause = time.perf_counter()
-        paused_here = m.pause()
-        if not paused_here:
+        held = m.pause()
+        if not held:
             raise MigrationError("the guest stopped during the migration")
         dirty = [a | b for a, b in zip(dirty, _take_dirty(m))]
         n = _send_pages(stream, m, dirty, report, skip_zero=False)
@@ -246,25 +263,38 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
         body = snapshot.capture(m)
         body["sha256"] = snapshot._body_sha(body)
         stream.send_json(b"STAT", body)
+        committed = True                     # from here a silent target may be running the guest
         _expect(stream, b"RUNS")
         report.downtime_s = time.perf_counter() - t_pause
-    except (OSError, MigrationError, KvmpyError) as e:
+    except BaseException as e:
+        refused = isinstance(e, MigrationError) and str(e).startswith("the other side gave up")
         try:
-            stream.send(b"FAIL", str(e).encode())
+            stream.send(b"FAIL", b"the source gave up")
         except OSError:
             pass
         sock.close()
+        keep_paused = held and committed and not refused
+        if held and not keep_paused:
+            m.resume()                       # first: whatever else fails, the guest goes on
         if logging:
-            m.vm.log_dirty_pages(False)
-        if paused_here:
-            m.resume()
+            try:
+                m.vm.log_dirty_pages(False)
+            except KvmpyError:
+                pass                         # logging left on costs speed, not correctness
+        if keep_paused:
+            raise _Outcome(f"migration to {host}:{port}: the connection was lost after the state "
+                           f"was sent ({type(e).__name__}: {e}); the target may be running the guest, "
+                           "so it stays paused here: check the target, then resume or stop it") from None
         if isinstance(e, MigrationError):
             raise
-        raise MigrationError(f"migration to {host}:{port} failed: {e}") from None
+        if isinstance(e, (OSError, KvmpyError)):
+            raise MigrationError(f"migration to {host}:{port} failed: {e}") from None
+        raise
     sock.close()
     report.bytes = stream.sent
     report.total_s = time.perf_counter() - t0
     m.request_stop("migrated")                         # the target runs the guest now
+    m.resume()
     say(report.line())
     return report
 
@@ -283,13 +313,22 @@ def _check_hello(hello, where: str) -> dict:
 
 
 def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: float | None = None,
-            on_listen=None, progress=None, run_timeout: float | None = None, **host_options):
+            on_listen=None, progress=None, run_timeout: float | None = None,
+            stream_timeout: float = 60.0, max_mem: int | None = None, **host_options):
     """Wait for one incoming migration on ``listen`` and return the Machine, already
     running (``wait()`` for its end), and the number of pages received.
 
     ``on_listen((host, port))`` is called once the socket listens (port 0 picks one).
-    ``disks`` replaces the source's disk paths; ``run_timeout`` is the run's timeout. If the stream breaks or is bad, the
-    partly built machine is closed and MigrationError raised: nothing keeps running.
+    ``disks`` are the files the guest's disks use here, in order (Disk or "PATH[,ro]"):
+    a guest with disks is refused without them, because the stream is not trusted to
+    name files to open (and each must have the size the source reports). ``timeout``
+    bounds the wait for a connection, ``stream_timeout`` each read from it; ``max_mem``
+    (default: this host's RAM) bounds the RAM a source may ask for; ``run_timeout`` is
+    the run's. If the stream breaks or is bad, the partly built machine is closed and
+    MigrationError raised: nothing keeps running, and the source learns only that it
+    was refused (the reasons, which may name local files, stay in the exception).
+    Listen on a trusted network only (the default is loopback): the stream carries no
+    authentication.
     """
     srv = socket.create_server(listen)
     try:
@@ -302,13 +341,23 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
             raise MigrationError(f"no migration arrived within {timeout} s") from None
     finally:
         srv.close()
-    conn.settimeout(None)
+    conn.settimeout(stream_timeout)
     stream = _Stream(conn)
+    if max_mem is None:
+        max_mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     where = f"migration from {peer[0]}:{peer[1]}"
     m = None
     say = progress or (lambda text: None)
     try:
-        hello = _check_hello(_json(_expect(stream, b"HELO"), "HELO"), where)
+        hello = _check_hello(_json(_expect(stream, b"HELO", MAX_HELLO), "HELO"), where)
+        mem = hello["machine"]["mem_size"] if isinstance(hello.get("machine"), dict) else None
+        if type(mem) is not int or not 0 < mem <= max_mem:
+            raise MigrationError(f"{where}: asks for {mem!r} bytes of RAM (at most {max_mem} here)")
+        if hello.get("disks") and disks is None:
+            raise MigrationError(f"{where}: the guest has {len(hello['disks'])} disk(s) "
+                                 f"({', '.join(str(d.get('path')) for d in hello['disks'] if isinstance(d, dict))} "
+                                 "at the source): say which files it may use here with disks=[...] "
+                                 "(kvmpy receive --disk PATH, in order; the same files for shared storage)")
         try:
             m = snapshot.machine_for(hello_as_body(hello), disks, where, **host_options)
         except snapshot.SnapshotError as e:
@@ -338,7 +387,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
                     raise MigrationError(f"{where}: bad SYNC frame")
                 stream.send(b"SYNC")
             elif kind == b"STAT":
-                if n > MAX_JSON:
+                if n > MAX_STATE:
                     raise MigrationError(f"{where}: state frame of {n} bytes is too large")
                 body = _json(bytes(stream._exactly(n)), "STAT")
                 try:
@@ -359,7 +408,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
         if m is not None:
             m.close()
         try:
-            stream.send(b"FAIL", str(e).encode()[:4096])
+            stream.send(b"FAIL", b"the target refused the migration (its log says why)")
         except OSError:
             pass
         conn.close()

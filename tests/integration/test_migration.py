@@ -24,7 +24,7 @@ from kvmpy import guests, migration
 from kvmpy.migration import MigrationError
 
 from . import lab
-from .lab import fresh_disk
+from .lab import fresh_disk, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
@@ -39,9 +39,9 @@ def reference(tmp_path_factory):
     return lab.reference_run(tmp_path_factory.mktemp("ref"), CMDLINE)
 
 
-def start_receiver(*extra):
-    """`kvmpy receive` in a new process on a free port: (process, host, port)."""
-    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "receive", "--listen", "127.0.0.1:0", *extra],
+def start_receiver(disk, *extra):
+    """`kvmpy receive --disk DISK` in a new process on a free port: (process, host, port)."""
+    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "receive", "--listen", "127.0.0.1:0", "--disk", disk, *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
     line = p.stderr.readline().decode()
     found = re.search(r"on (\S+):(\d+)", line)
@@ -55,7 +55,7 @@ def test_live_migration_continues_the_guest_in_another_process(tmp_path, referen
     finishes the run; output and disk equal an uninterrupted run's."""
     ref_out, ref_disk, ref_status = reference
     disk = fresh_disk(tmp_path / "disk.img")
-    target, host, port = start_receiver("--timeout", "120")
+    target, host, port = start_receiver(disk, "--timeout", "120")
     rounds = []
     with counter(disk, native) as m:
         m.start(timeout=120)
@@ -81,7 +81,7 @@ def test_migration_at_chosen_moments_matches_an_uninterrupted_run(tmp_path_facto
     or two vCPUs, while the guest rewrites its memory: the run ends as if never moved."""
     ref_out, ref_disk, ref_status = reference
     disk = fresh_disk(tmp_path_factory.mktemp("mig") / "disk.img")
-    target, host, port = start_receiver("--timeout", "120", *([] if native_dst else ["--python"]))
+    target, host, port = start_receiver(disk, "--timeout", "120", *([] if native_dst else ["--python"]))
     with counter(disk, native_src, cpus=cpus) as m:
         m.start(timeout=120)
         time.sleep(delay)
@@ -111,7 +111,7 @@ def test_migration_driven_through_the_control_socket(tmp_path, reference):
     source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", CMDLINE,
                                "--control", sock, "--timeout", "120"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
-    target, host, port = start_receiver()
+    target, host, port = start_receiver(disk)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -226,16 +226,49 @@ def test_the_target_discards_a_stream_that_ends_early(tmp_path):
     disk = fresh_disk(tmp_path / "disk.img")
     page = struct.pack("<4sI", b"PAGE", 12 + 4096) + struct.pack("<QI", 0x1000, 1) + b"\x90" * 4096
     fds = len(os.listdir("/proc/self/fd"))
-    box = feed_receiver(hello(disk) + page + page[:100])
+    box = feed_receiver(hello(disk) + page + page[:100], disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
     assert "ended early" in str(box["error"])
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+def test_the_stream_does_not_choose_the_targets_files(tmp_path):
+    """A source cannot make the target open a file it names: a guest with disks needs the
+    target's own disks=[...]; the refusal sent back names no local file."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 160)
+    box = {}
+    ready = threading.Event()
+
+    def target():
+        try:
+            migration.receive(("127.0.0.1", 0), on_listen=lambda a: (box.update(addr=a), ready.set()), timeout=20)
+        except BaseException as e:
+            box["error"] = e
+        ready.set()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    ready.wait(20)
+    with socket.create_connection(box["addr"]) as c:
+        c.sendall(hello(str(secret)))
+        kind, n = struct.unpack("<4sI", c.recv(8, socket.MSG_WAITALL))
+        answer = c.recv(n, socket.MSG_WAITALL)
+    t.join(30)
+    assert kind == b"FAIL" and b"secret" not in answer and b"160" not in answer
+    assert isinstance(box["error"], MigrationError) and "disks=[...]" in str(box["error"])
+
+
+def test_the_target_refuses_more_ram_than_it_allows(tmp_path):
+    disk = fresh_disk(tmp_path / "disk.img")
+    box = feed_receiver(hello(disk, mem_size=256 << 20), disks=[disk], max_mem=128 << 20)
+    assert isinstance(box.get("error"), MigrationError) and "bytes of RAM" in str(box["error"])
+
+
 def test_the_target_refuses_a_disk_of_another_size(tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
-    box = feed_receiver(hello(str(disk)))
+    box = feed_receiver(hello(str(disk)), disks=[str(disk)])
     assert isinstance(box.get("error"), MigrationError) and "changed size" in str(box["error"])
 
 
@@ -254,7 +287,7 @@ def test_hostile_frames_after_a_good_hello_only_ever_fail_cleanly(tmp_path_facto
     for kind, gpa, count, junk in frames:
         payload = struct.pack("<QI", gpa, count & 0xFFFF) + junk
         stream += struct.pack("<4sI", kind, len(payload)) + payload
-    box = feed_receiver(stream + tail)
+    box = feed_receiver(stream + tail, disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
 
 
@@ -277,5 +310,88 @@ def test_an_edited_hello_is_refused_cleanly(tmp_path_factory, where, value):
         target = target[key]
     target[where[-1]] = value
     data = json.dumps(body).encode()
-    box = feed_receiver(struct.pack("<4sI", b"HELO", len(data)) + data)
+    box = feed_receiver(struct.pack("<4sI", b"HELO", len(data)) + data, disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
+
+
+class ParsingTarget:
+    """A fake target that reads frames properly: REDY after HELO, answers SYNC after
+    ``sync_after`` seconds, and on STAT does ``on_stat`` ("close": hang up without a word,
+    "fail": say FAIL)."""
+
+    def __init__(self, on_stat="close", sync_after=0.0):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.on_stat, self.sync_after = on_stat, sync_after
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.srv.accept()
+        self.srv.close()
+        with conn:
+            while True:
+                head = conn.recv(8, socket.MSG_WAITALL)
+                if len(head) < 8:
+                    return
+                kind, n = struct.unpack("<4sI", head)
+                if n:
+                    conn.recv(n, socket.MSG_WAITALL)
+                if kind == b"HELO":
+                    conn.sendall(struct.pack("<4sI", b"REDY", 0))
+                elif kind == b"SYNC":
+                    time.sleep(self.sync_after)
+                    conn.sendall(struct.pack("<4sI", b"SYNC", 0))
+                elif kind == b"STAT":
+                    if self.on_stat == "fail":
+                        conn.sendall(struct.pack("<4sI", b"FAIL", 2) + b"no")
+                    return
+
+
+def test_one_migration_at_a_time(tmp_path, reference):
+    """A second migration of the same machine is refused while the first is under way
+    (two would take each other's dirty pages); the guest still ends as it should."""
+    ref_out, _, _ = reference
+    with counter(fresh_disk(tmp_path / "disk.img")) as m:
+        m.start(timeout=120)
+        slow = ParsingTarget(on_stat="fail", sync_after=2.0)
+        first = {}
+        t = threading.Thread(target=lambda: first.update(e=pytest.raises(MigrationError, migration.send, m,
+                                                                           "127.0.0.1", slow.port)))
+        t.start()
+        wait_until(lambda: m._migrating.locked(), 5, "the first migration to begin")
+        with pytest.raises(MigrationError, match="already under way"):
+            migration.send(m, "127.0.0.1", slow.port)
+        t.join(30)
+        assert "gave up" in str(first["e"].value)     # the target said FAIL: the source goes on
+        assert m.wait(120).reason == "exit" and m.serial_output == ref_out
+
+
+def test_no_answer_after_the_state_leaves_the_source_paused(tmp_path, reference):
+    """If the target hangs up after receiving the whole state, it may be running the guest:
+    the source stays paused (never two guests on one disk) until told to resume."""
+    ref_out, ref_disk, _ = reference
+    disk = fresh_disk(tmp_path / "disk.img")
+    with counter(disk) as m:
+        m.start(timeout=120)
+        time.sleep(0.2)
+        with pytest.raises(MigrationError, match="stays paused"):
+            migration.send(m, "127.0.0.1", ParsingTarget(on_stat="close").port)
+        assert m.paused
+        m.resume()
+        assert m.wait(120).reason == "exit" and m.serial_output == ref_out
+    assert open(disk, "rb").read() == ref_disk
+
+
+def test_a_failing_progress_callback_leaves_the_source_running(tmp_path, reference):
+    ref_out, _, _ = reference
+    with counter(fresh_disk(tmp_path / "disk.img")) as m:
+        m.start(timeout=120)
+
+        def progress(text):
+            raise RuntimeError("the progress display broke")
+
+        with pytest.raises(RuntimeError, match="display broke"):
+            migration.send(m, "127.0.0.1", ParsingTarget().port, progress=progress)
+        assert m.running and not m.paused
+        assert m.wait(120).reason == "exit" and m.serial_output == ref_out
