@@ -28,6 +28,7 @@ import tempfile
 
 from .errors import DeviceError, GuestMemoryError, KvmpyError
 from .native import all_zero
+from .x86.msrs import IA32_TSC_DEADLINE
 from .x86.regs import DTable, Regs, Segment, Sregs
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
@@ -114,9 +115,13 @@ def apply(m, body: dict) -> None:
             v.set_fpu(bytes.fromhex(st["fpu"]))
             v.set_xsave(bytes.fromhex(st["xsave"]))
             v.set_xcrs(bytes.fromhex(st["xcrs"]))
-            v.set_msrs({int(k): val for k, val in st["msrs"].items()})
+            msrs = {int(k): val for k, val in st["msrs"].items()}
+            if v.set_msrs(msrs) != len(msrs):
+                raise SnapshotError("KVM refused one of the saved MSRs")
             if "lapic" in st:
                 v.set_lapic(bytes.fromhex(st["lapic"]))
+                if IA32_TSC_DEADLINE in msrs:   # ignored above unless the LAPIC timer was in deadline mode
+                    v.set_msrs({IA32_TSC_DEADLINE: msrs[IA32_TSC_DEADLINE]})
             v.set_vcpu_events(bytes.fromhex(st["events"]))
             v.set_mp_state(st["mp_state"])
             dr = st["debugregs"]
@@ -333,8 +338,9 @@ def clone(m, count: int = 1, **host_options) -> list:
     and unlinked, so the clones share unchanged pages and nothing stays on disk. Writable
     disks cannot be shared: pass ``disks=[...]`` (copies) or give the machine read-only ones.
     """
-    if host_options.get("disks") is None and any(not d.readonly for d in m.disk_specs):
-        raise SnapshotError("clones would share a writable disk: pass disks=[...] with a copy for them")
+    if any(not d.readonly for d in m.disk_specs) and (host_options.get("disks") is None or count > 1):
+        raise SnapshotError("clones would share a writable disk: clone one at a time, each with "
+                            "disks=[...] naming its own copy")
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     tmp = tempfile.mkdtemp(prefix="kvmpy-clone-", dir=base)
     out = []

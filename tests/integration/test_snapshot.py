@@ -319,3 +319,24 @@ def test_any_edited_manifest_is_restored_or_refused_cleanly(small_snapshot, tmp_
     except SnapshotError:
         pass
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_pending_tsc_deadline_timer_survives_a_restore():
+    """KVM takes IA32_TSC_DEADLINE only while the LAPIC timer is in TSC-deadline mode, so it
+    must go back after the LAPIC (as a Linux guest's timer would otherwise never fire)."""
+    import struct
+    from kvmpy import snapshot
+    deadline_msr, lvtt = 0x6E0, 0x320
+    with kvmpy.Machine(mem_size=2 << 20) as m:
+        v = m.vcpus[0]
+        lapic = bytearray(v.get_lapic())
+        struct.pack_into("<I", lapic, 0xF0, struct.unpack_from("<I", lapic, 0xF0)[0] | 0x100)   # APIC on
+        struct.pack_into("<I", lapic, lvtt, (2 << 17) | 0xEC)          # timer: TSC-deadline mode
+        v.set_lapic(bytes(lapic))
+        deadline = v.get_msrs([0x10])[0x10] + (1 << 40)
+        v.set_msrs({deadline_msr: deadline})
+        body = snapshot.capture(m)
+        body["sha256"] = snapshot._body_sha(body)
+    with snapshot.machine_for(body, None, "test") as r:
+        snapshot.apply(r, body)
+        assert r.vcpus[0].get_msrs([deadline_msr])[deadline_msr] == deadline
