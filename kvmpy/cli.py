@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the guest's serial port (COM1) is your terminal.",
         epilog="examples:\n  kvmpy info\n  kvmpy demos\n  kvmpy demo hello-long --stats\n"
                "  kvmpy run guest.elf --mem 128M --timeout 10\n"
-               "  kvmpy run boot.bin --format raw --mode real --load-addr 0x7c00\n\n" + EXIT_CODES_HELP,
+               "  kvmpy run boot.bin --format raw --mode real --load-addr 0x7c00\n"
+               "  kvmpy run guest.elf --control /tmp/vm.sock    then: kvmpy ctl /tmp/vm.sock snapshot /tmp/snap\n"
+               "  kvmpy restore /tmp/snap\n\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="is KVM usable here? API version, capabilities, CPUID, backend")
@@ -196,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Listen for one incoming live migration ('kvmpy ctl PATH migrate "
                                    "HOST:PORT' on the source), then run the guest here. If the stream "
-                                   "breaks, what arrived is discarded and the source keeps running.")
+                                   "breaks, what arrived is discarded and the source keeps running. "
+                                   "Give the guest's disks with --disk (the stream does not choose "
+                                   "files here). The stream is not authenticated: listen on loopback "
+                                   "or a trusted network.")
     v.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to listen on, e.g. 127.0.0.1:4444 (port 0: pick one and print it)")
     v.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
@@ -223,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A VM paused with 'kvmpy ctl PATH pause' stays paused.")
     i.add_argument("socket", metavar="PATH", help="the VM's --control socket")
     i.add_argument("vcpu", nargs="?", type=int, default=0, help="vCPU number (default 0)")
-    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot); 'kvmpy bench NAME --help'",
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
