@@ -193,8 +193,8 @@ def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
     return struct.pack("<4sI", b"HELO", len(data)) + data
 
 
-def feed_receiver(payload: bytes, **kw):
-    """Run migration.receive in a thread, send ``payload`` to it, close; its outcome."""
+def receiver(**kw):
+    """migration.receive in a thread: (box with "addr", then "result" or "error"; the thread)."""
     box = {}
     ready = threading.Event()
 
@@ -209,6 +209,12 @@ def feed_receiver(payload: bytes, **kw):
     t = threading.Thread(target=body, daemon=True)
     t.start()
     ready.wait(20)
+    return box, t
+
+
+def feed_receiver(payload: bytes, **kw):
+    """Send ``payload`` to a receive() and close; its outcome."""
+    box, t = receiver(**kw)
     with socket.create_connection(box["addr"]) as c:
         try:
             c.sendall(payload)
@@ -237,19 +243,7 @@ def test_the_stream_does_not_choose_the_targets_files(tmp_path):
     target's own disks=[...]; the refusal sent back names no local file."""
     secret = tmp_path / "secret"
     secret.write_bytes(b"x" * 160)
-    box = {}
-    ready = threading.Event()
-
-    def target():
-        try:
-            migration.receive(("127.0.0.1", 0), on_listen=lambda a: (box.update(addr=a), ready.set()), timeout=20)
-        except BaseException as e:
-            box["error"] = e
-        ready.set()
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    ready.wait(20)
+    box, t = receiver()
     with socket.create_connection(box["addr"]) as c:
         c.sendall(hello(str(secret)))
         kind, n = struct.unpack("<4sI", c.recv(8, socket.MSG_WAITALL))

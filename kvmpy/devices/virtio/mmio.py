@@ -320,25 +320,9 @@ class VirtioMmioTransport:
 
     def state(self) -> dict:
         """Every register and queue index, for snapshots and debugging."""
-        return {
-            "device_id": self.device.device_id,
-            "status": self.status,
-            "device_features": self.device.device_features,
-            "device_features_sel": self.device_features_sel,
-            "driver_features": self.driver_features,
-            "driver_features_sel": self.driver_features_sel,
-            "queue_sel": self.queue_sel,
-            "interrupt_status": self.interrupt_status,
-            "irq_level": self._level,
-            "config_generation": 0,
-            "last_error": self.last_error,
-            "queues": [{
-                "num": q.num, "ready": q.ready, "desc": q.desc, "driver": q.driver,
-                "device": q.device,
-                "last_avail_idx": q.live.last_avail_idx if q.live else 0,
-                "used_idx": q.live.used_idx if q.live else 0,
-            } for q in self.queues],
-        }
+        return {**self.save_state(), "device_id": self.device.device_id,
+                "device_features": self.device.device_features, "config_generation": 0,
+                "last_error": self.last_error}
 
     def save_state(self) -> dict:
         """The registers and ring indices as a JSON-able dict (keys: STATE_FIELDS).
