@@ -28,7 +28,8 @@ from .loader.elf import ELFMAG
 from .loader.linux import linux_format, load_linux
 from .loader.multiboot import is_multiboot, load_multiboot, module_string
 from .native import NativeUart, NativeVirtioBlk
-from .runloop import RunLoop, RunResult, _Pause, _Stop
+from .pausing import _Pause
+from .runloop import RunLoop, RunResult, _Stop
 from .stats import Stats
 from .x86 import cpuid, layout, modes, mptable, msrs
 from .x86.inspect import report as inspect_report
