@@ -389,3 +389,25 @@ def test_a_failing_progress_callback_leaves_the_source_running(tmp_path, referen
             migration.send(m, "127.0.0.1", ParsingTarget().port, progress=progress)
         assert m.running and not m.paused
         assert m.wait(120).reason == "exit" and m.serial_output == ref_out
+
+
+def test_ctl_resume_releases_the_pause_an_unanswered_migration_left(tmp_path, reference):
+    """After the unknown-outcome case the operator decides: `ctl resume` (which is refused
+    while a migration runs) lets the source go on, and it ends as an uninterrupted run."""
+    from kvmpy.control import ControlServer, request
+    ref_out, _, _ = reference
+    sock = str(tmp_path / "vm.sock")
+    with counter(fresh_disk(tmp_path / "disk.img")) as m, ControlServer(m, sock):
+        m.start(timeout=120)
+        slow = ParsingTarget(on_stat="close", sync_after=1.0)
+        box = {}
+        t = threading.Thread(target=lambda: box.update(answer=request(sock, "migrate", to=f"127.0.0.1:{slow.port}")))
+        t.start()
+        wait_until(lambda: m._migrating.locked(), 5, "the migration to begin")
+        refused = request(sock, "resume", timeout=10)
+        assert refused["ok"] is False and "migration" in refused["error"]
+        t.join(60)
+        assert box["answer"]["ok"] is False and "stays paused" in box["answer"]["error"]
+        assert m.paused
+        assert request(sock, "resume", timeout=10) == {"ok": True, "running": True, "paused": False}
+        assert m.wait(120).reason == "exit" and m.serial_output == ref_out
