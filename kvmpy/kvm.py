@@ -191,12 +191,8 @@ class Vm(_Fd):
         else:
             region = MemoryRegion.from_file(backing, gpa, size, readonly=readonly, slot=self._next_slot)
         self.memory.add(region)
-        buf = ffi.from_buffer(region.mm)
-        addr = int(ffi.cast("uintptr_t", buf))
-        ffi.release(buf)        # the mapping stays; only the buffer export ends
-        flags = (MemFlag.READONLY if readonly else 0) | (MemFlag.LOG_DIRTY_PAGES if log_dirty else 0)
         try:
-            self.set_user_memory_region(region.slot, gpa, size, addr, int(flags))
+            self._set_slot(region, log_dirty)
         except KvmError:
             self.memory.regions.remove(region)
             region.close()
@@ -204,14 +200,18 @@ class Vm(_Fd):
         self._next_slot += 1
         return region
 
+    def _set_slot(self, region: MemoryRegion, log_dirty: bool) -> None:
+        """KVM_SET_USER_MEMORY_REGION for ``region``'s slot, with its flags."""
+        buf = ffi.from_buffer(region.mm)
+        addr = int(ffi.cast("uintptr_t", buf))
+        ffi.release(buf)        # the mapping stays; only the buffer export ends
+        flags = (MemFlag.READONLY if region.readonly else 0) | (MemFlag.LOG_DIRTY_PAGES if log_dirty else 0)
+        self.set_user_memory_region(region.slot, region.gpa, region.size, addr, int(flags))
+
     def log_dirty_pages(self, enable: bool) -> None:
         """Turn KVM's dirty-page log on or off for every RAM slot (KVM_MEM_LOG_DIRTY_PAGES)."""
         for r in self.memory.regions:
-            buf = ffi.from_buffer(r.mm)
-            addr = int(ffi.cast("uintptr_t", buf))
-            ffi.release(buf)
-            flags = (MemFlag.READONLY if r.readonly else 0) | (MemFlag.LOG_DIRTY_PAGES if enable else 0)
-            self.set_user_memory_region(r.slot, r.gpa, r.size, addr, int(flags))
+            self._set_slot(r, enable)
 
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""

@@ -45,6 +45,11 @@ def _bitmap_bytes(size: int) -> int:
     return -(-pages // 64) * 8
 
 
+def _check_range(gpa: int, size: int) -> None:
+    if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+        raise ValueError(f"region gpa={gpa:#x} size={size:#x} must be page-aligned and non-empty")
+
+
 @dataclass(eq=False)
 class MemoryRegion:
     """Host memory backing guest-physical ``[gpa, gpa + size)``."""
@@ -71,8 +76,7 @@ class MemoryRegion:
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, readonly: bool = False, slot: int = -1) -> "MemoryRegion":
-        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
-            raise ValueError(f"region gpa={gpa:#x} size={size:#x} must be page-aligned and non-empty")
+        _check_range(gpa, size)
         try:
             mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -86,8 +90,7 @@ class MemoryRegion:
                   slot: int = -1) -> "MemoryRegion":
         """A private copy-on-write mapping of the first ``size`` bytes of file ``path``:
         pages are read on first touch and writes stay in this process (a snapshot's RAM)."""
-        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
-            raise ValueError(f"region gpa={gpa:#x} size={size:#x} must be page-aligned and non-empty")
+        _check_range(gpa, size)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:

@@ -186,12 +186,9 @@ def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero:
 
 
 def _hello(m) -> dict:
-    state = {"magic": snapshot.MAGIC, "version": snapshot.VERSION,
-             "machine": {"mem_size": m.mem_size, "cpus": len(m.vcpus), "irqchip": m.irqchip},
-             "ram": [{"gpa": r.gpa, "size": r.size} for r in m.memory.regions],
-             "disks": [{"path": d.path, "readonly": d.readonly, "size": snapshot.dev_size(dev)}
-                       for d, dev in zip(m.disk_specs, m.virtio_devices)]}
-    return state
+    return {"magic": snapshot.MAGIC, "version": snapshot.VERSION, "machine": snapshot.machine_shape(m),
+            "ram": [{"gpa": r.gpa, "size": r.size} for r in m.memory.regions],
+            "disks": snapshot.disk_identities(m)}
 
 
 class _Outcome(MigrationError):
@@ -362,8 +359,6 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
             m = snapshot.machine_for(hello_as_body(hello), disks, where, **host_options)
         except snapshot.SnapshotError as e:
             raise MigrationError(str(e)) from None
-        if [(r.gpa, r.size) for r in m.memory.regions] != [(r["gpa"], r["size"]) for r in hello["ram"]]:
-            raise MigrationError(f"{where}: the RAM layout does not match")
         stream.send(b"REDY")
         pages = 0
         while True:
@@ -424,7 +419,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
 def hello_as_body(hello: dict) -> dict:
     """The parts of a HELO that snapshot.machine_for reads, in a snapshot body's shape."""
     try:
-        return {"machine": hello["machine"],
+        return {"machine": hello["machine"], "ram": hello["ram"],
                 "devices": {"disks": [{"path": d["path"], "readonly": d["readonly"], "size": d["size"]}
                                       for d in hello["disks"]]}}
     except (KeyError, TypeError) as e:

@@ -146,6 +146,11 @@ class NativeVirtioBlk:
     def ptr(self):
         return self._p
 
+    @property
+    def file_size(self) -> int:
+        """The backing file's size in bytes (as VirtioBlk.file_size)."""
+        return self.disk.file_size
+
     def read(self, offset: int, size: int) -> int:
         return lib.kvmpy_blk_read(self._p, offset, size)
 

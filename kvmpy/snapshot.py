@@ -77,19 +77,21 @@ def capture(m) -> dict:
     if m.irqchip:
         vm["irqchip"] = [m.vm.get_irqchip(i).hex() for i in range(3)]
         vm["pit2"] = m.vm.get_pit2().hex()
-    disks = [{"path": os.path.abspath(spec.path), "readonly": spec.readonly, "size": dev_size(dev),
-              "state": dev.save_state()}
-             for spec, dev in zip(m.disk_specs, m.virtio_devices)]
-    return {"magic": MAGIC, "version": VERSION,
-            "machine": {"mem_size": m.mem_size, "cpus": len(m.vcpus), "irqchip": m.irqchip},
+    disks = [{**d, "state": dev.save_state()} for d, dev in zip(disk_identities(m), m.virtio_devices)]
+    return {"magic": MAGIC, "version": VERSION, "machine": machine_shape(m),
             "vcpus": [_vcpu_state(m, v) for v in m.vcpus], "vm": vm,
             "devices": {"com1": m.serial.save_state(), "fw_cfg": m.fw_cfg.save_state(), "disks": disks}}
 
 
-def dev_size(dev) -> int:
-    """The backing file's size in bytes of a disk's transport (native or Python)."""
-    blk = getattr(dev, "disk", None) or dev.device
-    return blk.file_size
+def machine_shape(m) -> dict:
+    """What a Machine() to continue ``m`` is built with (snapshots and migration's HELO)."""
+    return {"mem_size": m.mem_size, "cpus": len(m.vcpus), "irqchip": m.irqchip}
+
+
+def disk_identities(m) -> list[dict]:
+    """Each disk's file: absolute path, read-only flag and size (a restore checks the size)."""
+    return [{"path": os.path.abspath(spec.path), "readonly": spec.readonly, "size": disk.file_size}
+            for spec, disk in zip(m.disk_specs, m.disks)]
 
 
 def _sregs(d: dict) -> Sregs:
@@ -295,16 +297,17 @@ def disk_list(body: dict, disks, where: str) -> list:
 
 
 def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
-    """A fresh Machine shaped like the saved one (RAM mapped from ``ram_files`` if given)."""
+    """A fresh Machine shaped like the saved one (its RAM regions, when the body lists them,
+    must be what mem_size gives; RAM mapped from ``ram_files`` if given)."""
     from .machine import Machine
     fixed = sorted(set(host_options) & set(_FIXED + ("disks",)))
     if fixed:
         raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")
     try:
         mc = body["machine"]
-        if ram_files is not None and sorted(Machine.ram_layout(mc["mem_size"])) != \
-                sorted((r["gpa"], r["size"]) for r in body["ram"]):
-            raise SnapshotError(f"{where}: the RAM files do not match the machine's {mc['mem_size']} bytes of RAM")
+        if "ram" in body and \
+                sorted(Machine.ram_layout(mc["mem_size"])) != sorted((r["gpa"], r["size"]) for r in body["ram"]):
+            raise SnapshotError(f"{where}: the RAM regions do not match the machine's {mc['mem_size']} bytes of RAM")
         return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"],
                        disks=disk_list(body, disks, where), _ram_files=ram_files, **host_options)
     except (GuestMemoryError, DeviceError) + _BAD_STATE as e:
