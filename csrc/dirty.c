@@ -1,5 +1,5 @@
 /*
- * dirty.c - the VMM's own dirty-page bitmaps for guest RAM (see kvmpy/memory.py).
+ * dirty.c - the VMM's own dirty-page bitmaps for guest RAM (see kvmpy/kvm/memory.py).
  *
  * KVM's dirty log sees only writes made by guest CPUs. Writes the VMM makes
  * through its host mapping (the virtio used ring, preadv into guest buffers,

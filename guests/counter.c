@@ -6,7 +6,7 @@
  * straight through and once snapshotted/migrated/continued elsewhere, and the
  * serial output and disk contents must be byte-identical.  Long mode; runs at
  * CPL 0 or CPL 3 alike (same output, same disk; the virtio driver's MMIO works
- * from both).  The bundled demo entry (kvmpy/guests.py) starts it at CPL 0
+ * from both).  The bundled demo entry (kvmpy/images/guests.py) starts it at CPL 0
  * (user=False): on the development host, whose CPL-0 code is emulated
  * (../shared/HOST-NOTES.md), a default run takes about 1.9 s (C or Python run
  * loop; `kvmpy demo counter --disk FILE` ~2.1 s wall); at CPL 3 (user=True,

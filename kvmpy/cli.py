@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- commands -----------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from .abi import Cap
+    from .kvm.abi import Cap
     from .kvm import Kvm
     with Kvm() as kvm:
         print("KVM: usable (/dev/kvm)")
@@ -261,7 +261,7 @@ def _kvm_backend() -> str:
 
 
 def cmd_demos(args) -> int:
-    from . import guests
+    from .images import guests
     width = max(len(g.name) for g in guests.all() if g.demo)
     for g in guests.all():
         if g.demo:
@@ -271,7 +271,7 @@ def cmd_demos(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import guests
+    from .images import guests
     try:
         g = guests.get(args.name)
     except KeyError:
@@ -354,7 +354,7 @@ def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
 
 def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     from .errors import KvmpyError
-    from .machine import Machine
+    from .vmm.machine import Machine
     try:
         tracer = _tracer(args)
     except (ValueError, OSError) as e:
@@ -400,7 +400,7 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
             if not started:
                 machine.start(timeout=args.timeout, trace=tracer)
             if getattr(args, "control", None):      # once the run is under way: ctl pause works at once
-                from .control import ControlServer
+                from .lifecycle.control import ControlServer
                 control = ControlServer(machine, args.control)
                 print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
                       file=sys.stderr, flush=True)
@@ -428,7 +428,7 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
 
 def cmd_restore(args) -> int:
     from .errors import KvmpyError
-    from .machine import Machine
+    from .vmm.machine import Machine
     try:
         machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
                                   serial=_Console(sys.stdout.buffer), native=not args.python)
@@ -441,7 +441,7 @@ def cmd_restore(args) -> int:
 
 def cmd_receive(args) -> int:
     from .errors import KvmpyError
-    from .migration import parse_address, receive
+    from .lifecycle.migration import parse_address, receive
     try:
         listen = parse_address(args.listen)
     except ValueError as e:
@@ -464,7 +464,7 @@ def cmd_receive(args) -> int:
 
 def _ask(socket_path: str, cmd: str, **extra) -> dict | None:
     """One control request; its answer if it succeeded, else None after saying why."""
-    from .control import ControlError, request
+    from .lifecycle.control import ControlError, request
     try:
         answer = request(socket_path, cmd, progress=_progress, **extra)
     except ControlError as e:
@@ -518,8 +518,8 @@ def cmd_ctl(args) -> int:
 
 
 def _serve_gdb(machine, port: int):
-    """Wait for gdb on 127.0.0.1:PORT and let it drive the guest (kvmpy.gdbstub)."""
-    from .gdbstub import GdbStub
+    """Wait for gdb on 127.0.0.1:PORT and let it drive the guest (kvmpy.debug.gdbstub)."""
+    from .debug.gdbstub import GdbStub
     stub = GdbStub(machine, port=port)
     print(f"kvmpy: waiting for gdb on 127.0.0.1:{stub.port} "
           f"(gdb -ex 'target remote 127.0.0.1:{stub.port}' IMAGE)", file=sys.stderr, flush=True)
@@ -528,7 +528,7 @@ def _serve_gdb(machine, port: int):
 
 def _tracer(args):
     """The Tracer the --trace options ask for, or None."""
-    from .trace import Replayer, Tracer, parse_filter
+    from .debug.trace import Replayer, Tracer, parse_filter
     if args.replay:
         if args.trace or args.trace_json:
             raise ValueError("--replay cannot be combined with --trace/--trace-json")

@@ -222,7 +222,7 @@ def run_guest(image: pathlib.Path, disk: pathlib.Path, capacity: int, native: bo
     """One fresh Machine runs blk-bench on ``disk``; returns ns and bytes per phase, and exit counts."""
     import kvmpy
     from kvmpy.x86 import layout
-    guest = kvmpy.guests.get(GUEST)
+    guest = kvmpy.images.guests.get(GUEST)
     variant = "native" if native else "python"
     marks = Marks()
     with kvmpy.Machine(disks=[str(disk)], native=native) as m:

@@ -7,7 +7,7 @@ Two subjects (``--subject``; the default is ``multiboot``):
 passed and exits through isa-debug-exit with 0x2B (exit status 87). The time
 is from start to that exit. 64 MiB, 10 rounds by default.
 
-``linux``: Debian's cloud kernel (kvmpy.linuxkernel.fetch(): downloaded with
+``linux``: Debian's cloud kernel (kvmpy.images.linuxkernel.fetch(): downloaded with
 apt on first use, then cached), its uncompressed vmlinux booted through the
 PVH entry with 512 MiB and ``console=ttyS0 earlyprintk=serial``. The time is
 from start to the first appearance of ``Linux version `` on the serial port,
@@ -45,7 +45,7 @@ warm-up, or with --warmup 0 the first timed one) fails.
 
 Informative extras (the "split" in the JSON): python-startup (a fresh
 `python -c pass`) and python-import (`python -c "import kvmpy.cli,
-kvmpy.machine"`, what `kvmpy run` imports) split kvmpy-cli's time.
+kvmpy.vmm.machine"`, what `kvmpy run` imports) split kvmpy-cli's time.
 
 Rounds (--rounds, default the subject's) run every variant once in an order
 that rotates each round; the table shows medians and minimums. Ratios are of
@@ -153,7 +153,7 @@ LINUX_BANNER = b"Linux version "
 
 
 def _linux_files():
-    """Debian's kernel from kvmpy.linuxkernel: fetched (apt) or, failing that, whatever is cached."""
+    """Debian's kernel from kvmpy.images.linuxkernel: fetched (apt) or, failing that, whatever is cached."""
     from kvmpy import linuxkernel
     from kvmpy.errors import KvmpyError
     try:
@@ -163,7 +163,7 @@ def _linux_files():
         if found is not None and found.vmlinux.is_file():
             return found
         raise BenchError(f"subject linux skipped: no kernel in the cache {linuxkernel.cache_dir()} and "
-                         f"fetching one failed ({e}); run 'python -m kvmpy.linuxkernel' once online") from None
+                         f"fetching one failed ({e}); run 'python -m kvmpy.images.linuxkernel' once online") from None
 
 
 def linux(args) -> Subject:
@@ -246,7 +246,7 @@ def run_lib(subject: Subject, mem: int, timeout: float) -> dict:
 
     ``run_ms`` is run()'s share of the timed part: to its return, or to the banner."""
     from kvmpy.errors import GuestError
-    from kvmpy.machine import Machine
+    from kvmpy.vmm.machine import Machine
     machine = None
 
     def stop():
@@ -354,7 +354,7 @@ class Runner:
         self.argv = {"kvmpy-cli": [sys.executable, "-m", "kvmpy", "run", "--mem", str(args.mem),
                                    *subject.cli, str(subject.image)],
                      "python-startup": [sys.executable, "-c", "pass"],
-                     "python-import": [sys.executable, "-c", "import kvmpy.cli, kvmpy.machine"]}
+                     "python-import": [sys.executable, "-c", "import kvmpy.cli, kvmpy.vmm.machine"]}
         if qemu is not None:
             for v, extra in subject.qemu.items():
                 self.argv[v] = [qemu, *QEMU_COMMON, "-m", f"{args.mem // MiB}M", *extra]
@@ -535,7 +535,7 @@ def table(result: dict) -> str:
     if "kvmpy-cli" in result["split"]:
         cli = result["split"]["kvmpy-cli"]
         lines.append(f"kvmpy-cli: python start-up {cli['python_startup_ms']:.1f} ms + import kvmpy.cli, "
-                     f"kvmpy.machine {cli['import_ms']:.1f} ms + the rest {cli['rest_ms']:.1f} ms "
+                     f"kvmpy.vmm.machine {cli['import_ms']:.1f} ms + the rest {cli['rest_ms']:.1f} ms "
                      f"(bytecode cache: {p['python_bytecode_cache']})")
     for v, why in result["skipped"].items():
         lines.append(f"{v}: not run: {why.splitlines()[0] if why else '?'}")

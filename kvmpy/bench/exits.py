@@ -216,12 +216,12 @@ class BareVcpu:
 
     def __init__(self, image: pathlib.Path):
         import kvmpy
-        from kvmpy.abi import lib
+        from kvmpy.kvm.abi import lib
         from kvmpy.x86 import layout
         from kvmpy.x86.modes import real_mode
-        from kvmpy.x86.regs import RFLAGS_RESERVED1, Regs
+        from kvmpy.kvm.regs import RFLAGS_RESERVED1, Regs
 
-        self.exits = kvmpy.exits
+        self.exits = kvmpy.kvm.exits
         self.kvm = kvmpy.Kvm()
         try:
             self.vm = self.kvm.create_vm()

@@ -23,7 +23,7 @@ paused. Measured, each a median over --rounds (fresh machines every time):
                 Private_Dirty of this process (/proc/self/smaps_rollup) before
                 and after, against clones x RAM size (copy-on-write sharing)
   migration     --migrations (default 3) times in a chain, each target the next
-                source: kvmpy.migration.send of the running source to receive() in a
+                source: kvmpy.lifecycle.migration.send of the running source to receive() in a
                 thread of this process over loopback TCP, the guest dirtying its
                 array all along: total time, downtime (pause to target running),
                 rounds, pages and MiB sent; the target must print a further line

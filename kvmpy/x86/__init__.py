@@ -3,6 +3,6 @@
 Nothing in this package touches /dev/kvm: functions take and return dataclasses
 (``Regs``, ``Sregs``) and bytes, and the Machine hands the results to a vCPU.
 """
-from .regs import DTable, Regs, Segment, Sregs
+from ..kvm.regs import DTable, Regs, Segment, Sregs
 
 __all__ = ["Regs", "Sregs", "Segment", "DTable"]

@@ -7,22 +7,11 @@ CPUID lacks long mode (HOST-NOTES.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+
+from ..kvm.regs import CpuidEntry
 
 HYPERVISOR_BIT = 1 << 31          # leaf 1 ECX bit 31: "running under a hypervisor"
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    """One ``struct kvm_cpuid_entry2``."""
-
-    function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
 
 
 def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int, ncpus: int = 1) -> list[CpuidEntry]:

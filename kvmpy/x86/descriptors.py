@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .regs import CR0_PE, EFER_LMA, Sregs
+from ..kvm.regs import CR0_PE, EFER_LMA, Sregs
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

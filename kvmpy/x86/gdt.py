@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from . import layout
-from .regs import Segment
+from ..kvm.regs import Segment
 
 # Descriptor type field values (S=1 code/data, SDM table 3-1).
 TYPE_DATA_RW = 0x3        # read/write, accessed

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GuestMemoryError
-from .regs import CR0_PE, CR4_PAE, EFER_LMA, Regs, Segment, Sregs
+from ..kvm.regs import CR0_PE, CR4_PAE, EFER_LMA, Regs, Segment, Sregs
 
 from .descriptors import Descriptor, TableEntry, decode_descriptor, read_gdt, read_idt, segment_type_name
-from .pagewalk import (PAGE, PAGING_MODES, RFLAGS_VM, Level, LinearMemory, TranslationError, Walk,
-                       entry_flags, paging_mode, read_linear, translate, walk)
+from .pagewalk import PAGE, PAGING_MODES, RFLAGS_VM, Level, LinearMemory, TranslationError, Walk, entry_flags, paging_mode, read_linear, translate, walk
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -221,9 +220,9 @@ def format_report(regs: Regs, sregs: Sregs, mem, rip_code: str | None = None) ->
 
 def code_at(regs: Regs, sregs: Sregs, mem, count: int = 6) -> str:
     """Up to ``count`` instructions at RIP, read through the page tables (across page
-    boundaries) and disassembled in the current mode (``kvmpy.disasm``, capstone).
+    boundaries) and disassembled in the current mode (``kvmpy.debug.disasm``, capstone).
     Raises TranslationError when RIP itself is unmapped or not RAM."""
-    from ..disasm import disassemble          # capstone, imported when first needed
+    from ..debug.disasm import disassemble          # capstone, imported when first needed
     mode = cpu_mode(sregs, regs.rflags)
     lin = LinearMemory(mem, sregs)
     code = _readable_prefix(lin, _linear_ip(regs, sregs, mode), 16 * count)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import gdt, layout, paging
-from .regs import (CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE,
-                   EFER_LMA, EFER_LME, RFLAGS_IOPL3, RFLAGS_RESERVED1, DTable, Regs, Segment, Sregs)
+from ..kvm.regs import CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_IOPL3, RFLAGS_RESERVED1, DTable, Regs, Segment, Sregs
 
 MODES = ("real", "protected", "long")
 

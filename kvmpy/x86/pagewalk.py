@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GuestMemoryError, KvmpyError
-from .regs import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, Sregs
+from ..kvm.regs import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, Sregs
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

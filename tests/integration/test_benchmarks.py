@@ -164,7 +164,7 @@ def test_boot_via_cli(tmp_path):
     assert {(x["metric"], x["unit"]) for x in data["results"]} == {("to_exit", "ms")}
     assert set(data["split"]["kvmpy-lib"]) == {"machine_ms", "load_ms", "run_ms", "close_ms"}
     assert data["split"]["kvmpy-cli"]["python_startup_ms"] > 0
-    assert data["outputs"]["kvmpy-lib"] == kvmpy.guests.get("multiboot-hello").expect_output.decode()
+    assert data["outputs"]["kvmpy-lib"] == kvmpy.images.guests.get("multiboot-hello").expect_output.decode()
     assert json.loads(out.read_text()) == data
 
 
@@ -199,7 +199,7 @@ def test_boot_linux_without_a_kernel_is_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "boot", "--subject", "linux",
                         "--out", str(tmp_path / "x.json")], capture_output=True, timeout=120, env=env, cwd="/")
     assert r.returncode == 2, r.stderr.decode()
-    assert b"subject linux skipped" in r.stderr and b"python -m kvmpy.linuxkernel" in r.stderr
+    assert b"subject linux skipped" in r.stderr and b"python -m kvmpy.images.linuxkernel" in r.stderr
     assert not (tmp_path / "x.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""The control socket (kvmpy.control) and `kvmpy ctl` / `kvmpy run --control`.
+"""The control socket (kvmpy.lifecycle.control) and `kvmpy ctl` / `kvmpy run --control`.
 
 Only the socket's owner may use it; every request gets an answer, bad ones an
 {"ok": false, "error": ...} that leaves the server serving; the socket file never
@@ -19,7 +19,7 @@ import pytest
 import kvmpy
 import kvmpy.cli
 from kvmpy import guests
-from kvmpy.control import ControlError, ControlServer, request
+from kvmpy.lifecycle.control import ControlError, ControlServer, request
 
 from .lab import wait_until
 

@@ -1,6 +1,6 @@
 """The counter guest: deterministic output, memory and disk writes (the snapshot/migration workload).
 
-guests/counter.c documents the contract; kvmpy.guests.counter_output models what it prints.
+guests/counter.c documents the contract; kvmpy.images.guests.counter_output models what it prints.
 The disk checks derive the expected sectors from the checksums the guest printed.
 """
 import os

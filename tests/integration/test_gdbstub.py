@@ -12,8 +12,8 @@ import pytest
 
 import kvmpy
 from kvmpy import guests
-from kvmpy.abi import GuestDebug
-from kvmpy.gdbstub import GdbStub
+from kvmpy.kvm.abi import GuestDebug
+from kvmpy.debug.gdbstub import GdbStub
 
 HELLO = guests.get("hello-long")
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")

@@ -7,7 +7,7 @@ import pytest
 
 import kvmpy
 from kvmpy import exits
-from kvmpy.abi import Cap, GuestDebug, MpState
+from kvmpy.kvm.abi import Cap, GuestDebug, MpState
 from kvmpy.kvm import Kvm
 from kvmpy.x86 import Regs, modes
 

@@ -6,7 +6,7 @@ On hosts without hardware virtualisation (HOST-NOTES.md) the kernel dies a littl
 tests stop the run once the lines they check have appeared. The bzImage test takes about two
 minutes there (the decompressor runs emulated) and runs only with KVMPY_SLOW_TESTS=1.
 
-The kernel comes from kvmpy.linuxkernel's cache ($KVMPY_CACHE or ~/.cache/kvmpy), downloaded
+The kernel comes from kvmpy.images.linuxkernel's cache ($KVMPY_CACHE or ~/.cache/kvmpy), downloaded
 with apt on first use; without apt the tests skip (with KVMPY_REQUIRE_KVM=1, as in CI, they fail).
 """
 import os

@@ -212,7 +212,7 @@ def test_stopping_many_vcpus_repeatedly_is_safe():
 
 def test_library_trace_with_filters():
     """A Tracer passed to run() sees every exit that passes its filters, with the instruction that caused it."""
-    from kvmpy.trace import Tracer
+    from kvmpy.debug.trace import Tracer
     seen = []
     g = guests.get("hello-long")
     with kvmpy.Machine() as m:                      # native by default: tracing takes the Python loop

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvmpy
-import kvmpy.snapshot
+import kvmpy.lifecycle.snapshot
 from kvmpy import guests, migration
-from kvmpy.migration import MigrationError
+from kvmpy.lifecycle.migration import MigrationError
 
 from . import lab
 from .lab import fresh_disk, wait_until
@@ -185,7 +185,7 @@ def test_nothing_to_connect_to_is_a_clear_error(tmp_path):
 
 
 def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
-    body = {"magic": "kvmpy-snapshot", "version": kvmpy.snapshot.VERSION,
+    body = {"magic": "kvmpy-snapshot", "version": kvmpy.lifecycle.snapshot.VERSION,
             "machine": {"mem_size": mem_size, "cpus": 1, "irqchip": True},
             "ram": [{"gpa": 0, "size": mem_size}],
             "disks": [{"path": disk, "readonly": False, "size": lab.DISK_BYTES}]}
@@ -348,7 +348,7 @@ def test_one_migration_at_a_time(tmp_path, reference):
     ref_out, _, _ = reference
     with counter(fresh_disk(tmp_path / "disk.img")) as m:
         m.start(timeout=120)
-        slow = ParsingTarget(on_stat="fail", sync_after=2.0)
+        slow = ParsingTarget(on_stat="fail", sync_after=0.2)   # short: the guest must not end first
         first = {}
         t = threading.Thread(target=lambda: first.update(e=pytest.raises(MigrationError, migration.send, m,
                                                                            "127.0.0.1", slow.port)))
@@ -394,7 +394,7 @@ def test_a_failing_progress_callback_leaves_the_source_running(tmp_path, referen
 def test_ctl_resume_releases_the_pause_an_unanswered_migration_left(tmp_path, reference):
     """After the unknown-outcome case the operator decides: `ctl resume` (which is refused
     while a migration runs) lets the source go on, and it ends as an uninterrupted run."""
-    from kvmpy.control import ControlServer, request
+    from kvmpy.lifecycle.control import ControlServer, request
     ref_out, _, _ = reference
     sock = str(tmp_path / "vm.sock")
     with counter(fresh_disk(tmp_path / "disk.img")) as m, ControlServer(m, sock):

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvmpy
-import kvmpy.snapshot
+import kvmpy.lifecycle.snapshot
 from kvmpy import guests
-from kvmpy.snapshot import SnapshotError
+from kvmpy.lifecycle.snapshot import SnapshotError
 
 from . import lab
-from .lab import DISK_BYTES, fresh_disk
+from .lab import DISK_BYTES, fresh_disk, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 
@@ -153,8 +153,8 @@ def test_snapshot_of_a_machine_with_a_disk_in_flight_state(tmp_path, counter_ref
     disk = fresh_disk(tmp_path / "disk.img")
     with start_counter(disk) as m:
         m.start(timeout=120)
-        time.sleep(0.3)
-        assert m.pause()
+        wait_until(lambda: b" sectors\n" in m.serial_output, 10, "the guest to set up its disk")
+        assert m.pause()                            # the whole run takes ~0.3 s: no fixed sleep
         m.snapshot(str(tmp_path / "snap"))
         before = m.serial_output
         state = json.loads((tmp_path / "snap" / "manifest.json").read_text())["devices"]["disks"][0]
@@ -172,7 +172,7 @@ def test_snapshot_of_a_machine_with_a_disk_in_flight_state(tmp_path, counter_ref
 
 def rewrite_manifest(snap, edit):
     """Edit a snapshot's manifest and fix its checksum, as a hostile or buggy tool could."""
-    from kvmpy.snapshot import _body_sha
+    from kvmpy.lifecycle.snapshot import _body_sha
     manifest = snap / "manifest.json"
     body = json.loads(manifest.read_text())
     edit(body)
@@ -221,7 +221,7 @@ def test_restore_maps_ram_lazily_and_clones_share_it(tmp_path):
         blocks = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "big").iterdir())
         assert blocks < 40 << 20                             # zeros are holes on disk
         before = rss_private_kib()
-        clones = kvmpy.snapshot.clone(m, 4)
+        clones = kvmpy.lifecycle.snapshot.clone(m, 4)
     try:
         for c in clones:
             assert c.memory.read(64 << 20, 4) == b"\x5a" * 4

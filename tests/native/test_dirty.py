@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from kvmpy.memory import PAGE_SIZE, GuestMemory
+from kvmpy.kvm.memory import PAGE_SIZE, GuestMemory
 
 from .test_virtio_differential import AVAIL, DESC, DISK, USED, Side
 

@@ -19,7 +19,7 @@ OPS = st.lists(st.one_of(
 
 
 def make_pair(rx_fifo_size):
-    from kvmpy.native import NativeUart
+    from kvmpy.vmm.native import NativeUart
     trig, out = RecordingTrigger(), io.BytesIO()
     return Serial16550(output=out, trigger=trig, rx_fifo_size=rx_fifo_size), out, trig, NativeUart(rx_fifo_size)
 
@@ -51,7 +51,7 @@ def test_native_uart_matches_the_python_model(ops, rx_fifo_size):
 
 def test_native_uart_output_is_batched():
     """Bytes written to THR collect in C until taken, so a burst leaves in one host write."""
-    from kvmpy.native import NativeUart
+    from kvmpy.vmm.native import NativeUart
     c = NativeUart()
     for b in b"burst of output\n":
         c.write(0, 1, b)
@@ -61,7 +61,7 @@ def test_native_uart_output_is_batched():
 
 def test_native_uart_feed_is_bounded():
     """Host input beyond the receive FIFO is refused, never buffered without bound."""
-    from kvmpy.native import NativeUart
+    from kvmpy.vmm.native import NativeUart
     c = NativeUart(rx_fifo_size=8)
     assert c.feed(b"0123456789") == 8
     assert c.feed(b"x") == 0
@@ -85,7 +85,7 @@ def test_uart_state_saves_alike_and_restores_across_models(ops):
             c.feed(op[1])
     state = py.save_state()
     assert c.save_state() == state
-    from kvmpy.native import NativeUart
+    from kvmpy.vmm.native import NativeUart
     c2, p2 = NativeUart(16), Serial16550(rx_fifo_size=16)
     c2.load_state(state)
     p2.load_state(c.save_state())

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kvmpy.devices.irq import RecordingTrigger
 from kvmpy.devices.virtio import mmio as R
 from kvmpy.devices.virtio.blk import VirtioBlk
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x40000
 DISK = 64 * 1024
@@ -67,7 +67,7 @@ class Side:
     def __init__(self, path, native):
         self.mem = GuestMemory.anonymous(RAM)
         if native:
-            from kvmpy.native import NativeVirtioBlk
+            from kvmpy.vmm.native import NativeVirtioBlk
             self.dev = NativeVirtioBlk(path, self.mem)
             self.level = lambda: self.dev.irq_level
         else:
@@ -220,7 +220,7 @@ def test_native_requests_match_the_python_reference(tmp_path_factory, reqs, read
     for p in paths:
         p.write_bytes(content)
     if readonly:
-        from kvmpy.native import NativeVirtioBlk
+        from kvmpy.vmm.native import NativeVirtioBlk
         py = Side.__new__(Side)
         py.mem, py.avail_idx = GuestMemory.anonymous(RAM), 0
         py.blk = VirtioBlk(paths[0], readonly=True)

@@ -22,7 +22,7 @@ def restore(side: Side, path, native: bool, state: dict) -> None:
     load ``state`` into it (ValueError propagates; the side then has the fresh, unloaded device)."""
     (side.blk if hasattr(side, "blk") else side.dev).close()
     if native:
-        from kvmpy.native import NativeVirtioBlk
+        from kvmpy.vmm.native import NativeVirtioBlk
         if hasattr(side, "blk"):
             del side.blk
         side.dev = NativeVirtioBlk(path, side.mem)

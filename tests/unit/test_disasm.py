@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmpy.disasm import disassemble
-from kvmpy.stats import Stats
+from kvmpy.debug.disasm import disassemble
+from kvmpy.vmm.stats import Stats
 
 capstone = pytest.importorskip("capstone")
 
@@ -145,7 +145,7 @@ def test_stats_svg_draws_every_reason_and_device():
     """Stats.to_svg is well-formed SVG with a labelled bar for each exit reason and device and the time split."""
     import xml.etree.ElementTree as ET
     from collections import Counter
-    from kvmpy.stats import Stats
+    from kvmpy.vmm.stats import Stats
     s = Stats(exits=Counter({"io-out": 40, "mmio-write": 3}), devices=Counter({"com1": 40, "virtio-blk0": 3}),
               kvm_ns=900, vmm_ns=100)
     root = ET.fromstring(s.to_svg("t <&>"))
@@ -158,7 +158,7 @@ def test_stats_svg_draws_every_reason_and_device():
 
 def test_stats_split_guest_and_kernel_time_when_the_host_accounts_it():
     """With guest time accounted, --stats splits KVM_RUN time into guest and kernel; without, it says so."""
-    from kvmpy.stats import Stats
+    from kvmpy.vmm.stats import Stats
     s = Stats(kvm_ns=800, vmm_ns=200, guest_ns=600)
     assert "of which guest 60.0%, kernel 20.0%" in str(s)
     assert "not accounted" in str(Stats(kvm_ns=800, vmm_ns=200))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpy.initramfs import (DEFAULT_INIT, INIT_READY_MARKER, CpioEntry, build_busybox_initramfs,
+from kvmpy.images.initramfs import (DEFAULT_INIT, INIT_READY_MARKER, CpioEntry, build_busybox_initramfs,
                              newc_archive, read_newc)
 
 

@@ -196,7 +196,7 @@ def fill_cache(root):
 def test_offline_fetch_uses_the_cache_and_fails_clearly_without_one(tmp_path, monkeypatch):
     """offline=True never runs apt; an empty cache is a FetchError saying what to run."""
     monkeypatch.setattr(lk, "_run", lambda *a, **k: pytest.fail("apt was run"))
-    with pytest.raises(lk.FetchError, match="python -m kvmpy.linuxkernel"):
+    with pytest.raises(lk.FetchError, match="python -m kvmpy.images.linuxkernel"):
         lk.fetch(tmp_path, offline=True)
     k, b = fill_cache(tmp_path)
     got = lk.fetch(tmp_path, offline=True)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvmpy.errors import LoaderError
 from kvmpy.loader import load, load_elf
 from kvmpy.loader.elf import PT_LOAD
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x20_0000          # 2 MiB
 MiB = 0x10_0000

@@ -11,7 +11,7 @@ from kvmpy.loader import is_multiboot, load_multiboot
 from kvmpy.loader.multiboot import (INFO, INFO_FIELDS, MMAP_ENTRY, MODULE, MULTIBOOT_AOUT_KLUDGE,
                                     MULTIBOOT_BOOTLOADER_MAGIC, MULTIBOOT_HEADER_MAGIC, MULTIBOOT_VIDEO_MODE,
                                     MultibootHeader, find_header, memory_map, module_string)
-from kvmpy.memory import GuestMemory, MemoryRegion
+from kvmpy.kvm.memory import GuestMemory, MemoryRegion
 
 RAM = 0x20_0000           # 2 MiB
 MiB = 0x10_0000

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from kvmpy.errors import LoaderError
 from kvmpy.loader import pvh
 from kvmpy.loader.linux import BOOT_INFO, CMDLINE, PVH_MEMMAP, PVH_MODLIST, load_linux
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 MiB = 1 << 20
 RAM = 64 * MiB

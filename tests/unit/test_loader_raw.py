@@ -5,7 +5,7 @@ import pytest
 
 from kvmpy.errors import LoaderError
 from kvmpy.loader import LoadedImage, load, load_path, load_raw
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x20_0000   # 2 MiB
 CODE = bytes.fromhex("b02ae6e9f4")   # mov al,42; out 0xe9,al; hlt
@@ -158,7 +158,7 @@ def test_load_path_prefixes_errors_with_file_name(mem, tmp_path):
 
 
 def test_loader_imports_nothing_from_lower_or_upper_layers():
-    """No loader module imports kvmpy.kvm, kvmpy.machine, kvmpy._native or kvmpy.cli."""
+    """No loader module imports kvmpy.kvm, kvmpy.vmm.machine, kvmpy._native or kvmpy.cli."""
     import ast
     import pathlib
     import kvmpy.loader

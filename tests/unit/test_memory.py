@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvmpy.errors import GuestMemoryError, KvmpyError
-from kvmpy.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from kvmpy.kvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
 
 LOW = (0, 0x10000)                  # [0, 64 KiB)
 HIGH = (0x100000, 0x20000)          # [1 MiB, 1 MiB + 128 KiB); a gap in between
@@ -252,7 +252,7 @@ def pages_of(take: bytes) -> set[int]:
 @pytest.fixture(params=["native", "python"])
 def backend(request, monkeypatch):
     """Run a dirty test through csrc/dirty.c (if built) and through the pure-Python fallback."""
-    import kvmpy.memory as memory
+    import kvmpy.kvm.memory as memory
     if request.param == "native":
         if memory._ffi is None:
             pytest.skip("kvmpy._native is not built")
@@ -357,7 +357,7 @@ def test_closed_region_takes_clean_and_ignores_marks():
 @settings(max_examples=200, deadline=None)
 def test_random_writes_mark_the_model_pages(ops, python):
     """Against a model set of pages: marks accumulate from every writer and take() empties them."""
-    import kvmpy.memory as memory
+    import kvmpy.kvm.memory as memory
     saved = memory._ffi, memory._lib
     if python:
         memory._ffi = memory._lib = None

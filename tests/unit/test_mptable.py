@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kvmpy import guests
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 from kvmpy.x86 import layout
 from kvmpy.x86.mptable import mp_table, mp_table_size
 

@@ -1,5 +1,5 @@
 """Trace helpers that need no KVM: filters and finding the instruction behind an exit."""
-from kvmpy.trace import exiting_instruction, parse_filter
+from kvmpy.debug.trace import exiting_instruction, parse_filter
 
 
 def test_parse_filter_ranges():

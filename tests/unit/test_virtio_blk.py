@@ -16,7 +16,7 @@ from kvmpy.devices.virtio.blk import (
 )
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue
 from kvmpy.errors import DeviceError
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x40000
 QSIZE = 16

@@ -11,7 +11,7 @@ from kvmpy.devices.irq import RecordingTrigger
 from kvmpy.devices.virtio import mmio as R
 from kvmpy.devices.virtio.blk import VirtioBlk
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_WRITE, VirtqueueError
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x10000
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000

@@ -8,7 +8,7 @@ from kvmpy.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue, VirtqueueError,
     avail_ring_size, desc_table_size, used_ring_size,
 )
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 
 RAM = 0x10000
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000

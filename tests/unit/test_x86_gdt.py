@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kvmpy.x86 import gdt, layout
-from kvmpy.x86.regs import Segment
+from kvmpy.kvm.regs import Segment
 
 SELECTORS = {
     "SEL_CODE64": layout.SEL_CODE64,

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvmpy.errors import GuestMemoryError, KvmpyError
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 from kvmpy.x86 import gdt, layout, modes, paging
 from kvmpy.x86.inspect import (PAGING_MODES, TranslationError, cpu_mode, decode_descriptor, format_report,
                                read_gdt, read_idt, read_linear, report, translate, walk)
-from kvmpy.x86.regs import (CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, DTable, Regs,
+from kvmpy.kvm.regs import (CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, DTable, Regs,
                             Segment, Sregs)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

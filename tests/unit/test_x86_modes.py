@@ -4,9 +4,9 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 from kvmpy.x86 import gdt, layout, modes, paging
-from kvmpy.x86.regs import Sregs
+from kvmpy.kvm.regs import Sregs
 
 GiB, MiB = layout.GiB, layout.MiB
 CR0_PE, CR0_PG, CR4_PAE = 1 << 0, 1 << 31, 1 << 5          # SDM 2.5, written out again here

@@ -5,7 +5,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmpy.memory import GuestMemory
+from kvmpy.kvm.memory import GuestMemory
 from kvmpy.x86 import layout, paging
 
 GiB, MiB = layout.GiB, layout.MiB

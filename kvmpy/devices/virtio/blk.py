@@ -40,7 +40,7 @@ import stat
 import struct
 
 from ...errors import DeviceError
-from ...memory import GuestMemory
+from ...kvm.memory import GuestMemory
 from .queue import DescriptorChain, VirtQueue, VirtqueueError
 from .mmio import VIRTIO_F_VERSION_1
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ...memory import GuestMemory
+from ...kvm.memory import GuestMemory
 from ..irq import NullTrigger, Trigger
 from .queue import VirtQueue, VirtqueueError
 

@@ -40,7 +40,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ...errors import KvmpyError
-from ...memory import GuestMemory
+from ...kvm.memory import GuestMemory
 
 # struct virtq_desc.flags
 VIRTQ_DESC_F_NEXT = 1        # the buffer continues via the next field

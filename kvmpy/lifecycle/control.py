@@ -7,7 +7,7 @@ followed by one ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT}``.
 
     status                    {"running", "paused"}
     pause / resume            stop the vCPUs where they are / let them go on
-    snapshot  {"path"}        save to directory PATH (kvmpy/snapshot.py)
+    snapshot  {"path"}        save to directory PATH (kvmpy/lifecycle/snapshot.py)
     migrate   {"to"}          live-migrate to HOST:PORT where `kvmpy receive` listens
     stats                     {"stats": Stats.as_dict(), "text": the --stats table}
     inspect   {"vcpu", "pause"} the introspection report; a running machine is refused unless
@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 
-from .errors import KvmpyError
+from ..errors import KvmpyError
 
 MAX_REQUEST = 64 * 1024
 

@@ -3,7 +3,7 @@
 ``Machine`` (machine.py) builds the computer; this mixin runs it. Each vCPU runs in its
 own thread (vCPU 0 in the caller's). On the native path C serves the fast-path exits
 (csrc/runloop.c) and returns the rest; on the Python path every exit comes here. Either
-way an exit is decoded once into a value (``kvmpy.exits``) and handled in one ``match``.
+way an exit is decoded once into a value (``kvmpy.kvm.exits``) and handled in one ``match``.
 """
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import exits
-from .abi import SystemEventType
-from .disasm import decode
-from .errors import GuestError, GuestMemoryError, KvmError
-from .kvm import Vcpu
-from .trace import KINDS, Replayer, exiting_instruction
+from ..kvm import exits
+from ..kvm.abi import SystemEventType
+from ..debug.disasm import decode
+from ..errors import GuestError, GuestMemoryError, KvmError
+from ..kvm import Vcpu
+from ..debug.trace import KINDS, Replayer, exiting_instruction
 from .native import RUN_DRAIN, RUN_EXIT, NativeLoop, NativeVirtioBlk
-from .pausing import Pausing
-from .x86 import inspect, layout, modes
-from .x86.regs import Regs, Sregs
+from .pause import Pausing
+from ..x86 import inspect, layout, modes
+from ..kvm.regs import Regs, Sregs
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class RunLoop(Pausing):
 
         With several vCPUs, vCPU 0 runs in this thread and the others in their own
         threads; the first vCPU to stop the machine stops them all. ``trace`` (a
-        ``kvmpy.trace.Tracer``) sees every exit; a traced run takes the Python loop.
+        ``kvmpy.debug.trace.Tracer``) sees every exit; a traced run takes the Python loop.
         """
         pause = self._pause
         with pause.cond:

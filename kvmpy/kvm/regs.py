@@ -122,3 +122,16 @@ class Sregs:
 
 SEGMENT_FIELDS = tuple(f.name for f in fields(Segment))
 REGS_FIELDS = tuple(f.name for f in fields(Regs))
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0

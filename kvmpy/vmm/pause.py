@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import threading
 
-from .errors import KvmError, KvmpyError
-from .kvm import Vcpu
+from ..errors import KvmError, KvmpyError
+from ..kvm import Vcpu
 
 
 class _Pause:

@@ -54,9 +54,9 @@ import select
 import socket
 import threading
 
-from .abi import GuestDebug
-from .errors import GuestMemoryError
-from .x86.pagewalk import PAGE, LinearMemory, TranslationError
+from ..kvm.abi import GuestDebug
+from ..errors import GuestMemoryError
+from ..x86.pagewalk import PAGE, LinearMemory, TranslationError
 
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")

@@ -28,7 +28,7 @@ GUEST_DIR_ENV = "KVMPY_GUEST_DIR"
 
 #: Where guests/Makefile puts images by default, and the package holding them.
 _PACKAGE = "kvmpy._guests"
-_SOURCE_TREE_DIR = pathlib.Path(__file__).resolve().parent / "_guests"
+_SOURCE_TREE_DIR = pathlib.Path(__file__).resolve().parents[1] / "_guests"
 
 #: Base address of raw real-mode images (the BIOS boot-sector address).
 _BOOT_SECTOR = 0x7C00

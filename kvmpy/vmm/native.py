@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-from ._native import ffi, lib
-from .devices.virtio.blk import VirtioBlk
-from .devices.virtio.mmio import check_state, check_state_shape
-from .memory import GuestMemory
+from .._native import ffi, lib
+from ..devices.virtio.blk import VirtioBlk
+from ..devices.virtio.mmio import check_state, check_state_shape
+from ..kvm.memory import GuestMemory
 
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
 TX_LOW_WATER = 4 * 1024          # return to Python when less than this is free

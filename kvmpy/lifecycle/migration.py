@@ -38,8 +38,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .native import all_zero
-from .errors import KvmpyError
+from ..vmm.native import all_zero
+from ..errors import KvmpyError
 from . import snapshot
 
 PAGE = 4096

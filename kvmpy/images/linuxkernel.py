@@ -11,7 +11,7 @@ The cache is ``$KVMPY_CACHE`` or ``~/.cache/kvmpy``: one directory per package
 version, created atomically, so a second call costs one ``apt-cache`` look-up and
 an interrupted download leaves nothing behind. Command line::
 
-    python -m kvmpy.linuxkernel [--initramfs FILE] [--offline] [--quiet]
+    python -m kvmpy.images.linuxkernel [--initramfs FILE] [--offline] [--quiet]
 
 prints ``vmlinuz=...``, ``vmlinux=...``, ``busybox=...`` (and ``initramfs=...``).
 
@@ -38,8 +38,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KvmpyError, LoaderError
-from .loader import bzimage
+from ..errors import KvmpyError, LoaderError
+from ..loader import bzimage
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"      # a metapackage: depends on the current kernel
 BUSYBOX_PACKAGE = "busybox-static"
@@ -68,7 +68,7 @@ class LinuxFiles:
     kernel_package: str             # e.g. "linux-image-6.1.0-50-cloud-amd64_6.1.176-1"
 
     def initramfs(self, init_script: str | None = None) -> bytes:
-        """A busybox initramfs (see :func:`kvmpy.initramfs.build_busybox_initramfs`)."""
+        """A busybox initramfs (see :func:`kvmpy.images.initramfs.build_busybox_initramfs`)."""
         from .initramfs import build_busybox_initramfs
         return build_busybox_initramfs(self.busybox, init_script)
 
@@ -356,7 +356,7 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
     if offline:
         found = cached(cache)
         if found is None:
-            raise FetchError(f"no kernel in the cache {cache}; run 'python -m kvmpy.linuxkernel' once online")
+            raise FetchError(f"no kernel in the cache {cache}; run 'python -m kvmpy.images.linuxkernel' once online")
         return found
     try:
         (kname, kver), (bname, bver) = resolve(kernel_package)
@@ -372,7 +372,7 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvmpy.linuxkernel", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvmpy.images.linuxkernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=None, help="cache directory (default $KVMPY_CACHE or ~/.cache/kvmpy)")
     p.add_argument("--offline", action="store_true", help="use only what the cache holds; never run apt")
     p.add_argument("--initramfs", type=Path, metavar="FILE", help="also write a busybox initramfs here")
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.initramfs:
             args.initramfs.write_bytes(files.initramfs())
     except (KvmpyError, OSError, ValueError) as e:
-        print(f"kvmpy.linuxkernel: {e}", file=sys.stderr)
+        print(f"kvmpy.images.linuxkernel: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
         print(f"vmlinuz={files.vmlinuz}\nvmlinux={files.vmlinux}\nbusybox={files.busybox}")

@@ -26,10 +26,10 @@ import os
 import shutil
 import tempfile
 
-from .errors import DeviceError, GuestMemoryError, KvmpyError
-from .native import all_zero
-from .x86.msrs import IA32_TSC_DEADLINE
-from .x86.regs import DTable, Regs, Segment, Sregs
+from ..errors import DeviceError, GuestMemoryError, KvmpyError
+from ..vmm.native import all_zero
+from ..x86.msrs import IA32_TSC_DEADLINE
+from ..kvm.regs import DTable, Regs, Segment, Sregs
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 MANIFEST = "manifest.json"
@@ -273,7 +273,7 @@ def load_manifest(path, verify_ram: bool = True) -> dict:
 def disk_list(body: dict, disks, where: str) -> list:
     """The Disk list a restore opens: the saved paths, or ``disks`` in their place; each
     file must still have the size it had when the snapshot was taken."""
-    from .machine import Disk
+    from ..vmm.machine import Disk
     saved = body["devices"]["disks"]
     if not isinstance(saved, list) or not all(
             isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("readonly"), bool)
@@ -299,7 +299,7 @@ def disk_list(body: dict, disks, where: str) -> list:
 def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
     """A fresh Machine shaped like the saved one (its RAM regions, when the body lists them,
     must be what mem_size gives; RAM mapped from ``ram_files`` if given)."""
-    from .machine import Machine
+    from ..vmm.machine import Machine
     fixed = sorted(set(host_options) & set(_FIXED + ("disks",)))
     if fixed:
         raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")

@@ -29,10 +29,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from .errors import GuestMemoryError
+from ..errors import GuestMemoryError
 
 try:                            # L0, optional: memory.py works without the extension
-    from ._native import ffi as _ffi, lib as _lib
+    from .._native import ffi as _ffi, lib as _lib
 except ImportError:             # pragma: no cover - exercised by the pure-Python tests
     _ffi = _lib = None
 

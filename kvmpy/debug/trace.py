@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, TextIO
 
-from . import exits
-from .errors import KvmpyError
-from .x86.regs import REGS_FIELDS as REG_NAMES
+from ..kvm import exits
+from ..errors import KvmpyError
+from ..kvm.regs import REGS_FIELDS as REG_NAMES
 
 KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
          exits.MmioWrite: "mmio-write", exits.Hlt: "hlt", exits.Shutdown: "shutdown",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
-from ._native import ffi, lib
+from .._native import ffi, lib
 
 
 def _enum(cls, name: str, prefix: str, names: list[str]):

@@ -3,7 +3,7 @@
 A Machine is a small PC-like computer: RAM from address 0, a 16550 UART at COM1,
 QEMU's isa-debug-exit at port 0xf4, an i8042 whose reset line ends the run, and
 buses on which a user can attach devices written in Python. This module builds it;
-``run()`` and the run loops live in runloop.py (the ``RunLoop`` mixin).
+``run()`` and the run loops live in vcpu_loop.py (the ``RunLoop`` mixin).
 
     with Machine(mem_size=64 << 20) as m:
         m.load("hello.elf")
@@ -17,22 +17,22 @@ import threading
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .abi import Cap
-from .devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
-from .devices.virtio.blk import VirtioBlk
-from .devices.virtio.mmio import VirtioMmioTransport
-from .errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError
-from .kvm import Kvm, Vcpu, Vm
-from .loader import LoadedImage, load
-from .loader.elf import ELFMAG
-from .loader.linux import linux_format, load_linux
-from .loader.multiboot import is_multiboot, load_multiboot, module_string
+from ..kvm.abi import Cap
+from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
+from ..devices.virtio.blk import VirtioBlk
+from ..devices.virtio.mmio import VirtioMmioTransport
+from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError
+from ..kvm import Kvm, Vcpu, Vm
+from ..loader import LoadedImage, load
+from ..loader.elf import ELFMAG
+from ..loader.linux import linux_format, load_linux
+from ..loader.multiboot import is_multiboot, load_multiboot, module_string
 from .native import NativeUart, NativeVirtioBlk
-from .pausing import _Pause
-from .runloop import RunLoop, RunResult, _Stop
+from .pause import _Pause
+from .vcpu_loop import RunLoop, RunResult, _Stop
 from .stats import Stats
-from .x86 import cpuid, layout, modes, mptable, msrs
-from .x86.inspect import report as inspect_report
+from ..x86 import cpuid, layout, modes, mptable, msrs
+from ..x86.inspect import report as inspect_report
 
 PAGE = 4096
 
@@ -249,7 +249,7 @@ class Machine(RunLoop):
     def snapshot(self, path) -> None:
         """Save this machine to directory ``path`` (docs/snapshots.md has the format).
         A running machine is paused while its state and RAM are written, then goes on."""
-        from .snapshot import save
+        from ..lifecycle.snapshot import save
         save(self, path)
 
     @classmethod
@@ -257,13 +257,13 @@ class Machine(RunLoop):
         """A new Machine that continues the snapshot at ``path``. ``host_options`` are the
         host-side arguments (``serial=``, ``native=``, ``kvm=``); ``disks`` replaces the
         saved disk paths; ``verify=False`` skips the RAM checksums (RAM is mapped lazily)."""
-        from .snapshot import restore
+        from ..lifecycle.snapshot import restore
         return restore(path, verify=verify, disks=disks, **host_options)
 
     def clone(self, **host_options) -> "Machine":
         """A new Machine continuing this one's current state, sharing unchanged RAM pages
         copy-on-write; this machine goes on (paused for the copy if it is running)."""
-        from .snapshot import clone
+        from ..lifecycle.snapshot import clone
         return clone(self, 1, **host_options)[0]
 
     def virtio_mmio_cmdline(self) -> str:
@@ -274,7 +274,7 @@ class Machine(RunLoop):
 
     @property
     def memory(self):
-        """Guest RAM (``kvmpy.memory.GuestMemory``): bounds-checked read/write by physical address."""
+        """Guest RAM (``kvmpy.kvm.memory.GuestMemory``): bounds-checked read/write by physical address."""
         return self.vm.memory
 
     @property

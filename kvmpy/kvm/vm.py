@@ -1,0 +1,159 @@
+"""``Vm``: a VM fd from KVM_CREATE_VM (api.rst, "VM ioctls"): memory slots, the
+in-kernel irqchip and PIT, interrupt lines, eventfds, the clock, and new vCPUs.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import KvmError
+from .abi import IoeventfdFlag, IrqfdFlag, MemFlag, ffi, lib
+from .fd import Fd, cdata_bytes, cdata_from, ioctl
+from .memory import GuestMemory, MemoryRegion
+from .vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from .system import Kvm
+
+
+class Vm(Fd):
+    """One virtual machine: guest memory slots, interrupt controllers and vCPUs."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        self.kvm = kvm
+        self.fd = fd
+        self.memory = GuestMemory()
+        self.vcpus: list[Vcpu] = []
+        self._next_slot = 0
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        super().close()
+        self.memory.close()     # unmap only after KVM no longer refers to it
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, lib.KVM_CHECK_EXTENSION, int(cap))
+
+    # --- memory -------------------------------------------------------------------
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, userspace_addr: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION; ``size`` 0 deletes the slot."""
+        r = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": flags, "guest_phys_addr": gpa,
+            "memory_size": size, "userspace_addr": userspace_addr})
+        ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r)
+
+    def add_memory(self, gpa: int, size: int, readonly: bool = False,
+                   log_dirty: bool = False, backing: str | None = None) -> MemoryRegion:
+        """Map ``size`` bytes at guest-physical ``gpa``: fresh anonymous memory, or with
+        ``backing`` a private copy-on-write mapping of that file (pages are read when the
+        guest first touches them; its writes never reach the file)."""
+        if backing is None:
+            region = MemoryRegion.anonymous(gpa, size, readonly=readonly, slot=self._next_slot)
+        else:
+            region = MemoryRegion.from_file(backing, gpa, size, readonly=readonly, slot=self._next_slot)
+        self.memory.add(region)
+        try:
+            self._set_slot(region, log_dirty)
+        except KvmError:
+            self.memory.regions.remove(region)
+            region.close()
+            raise
+        self._next_slot += 1
+        return region
+
+    def _set_slot(self, region: MemoryRegion, log_dirty: bool) -> None:
+        """KVM_SET_USER_MEMORY_REGION for ``region``'s slot, with its flags."""
+        buf = ffi.from_buffer(region.mm)
+        addr = int(ffi.cast("uintptr_t", buf))
+        ffi.release(buf)        # the mapping stays; only the buffer export ends
+        flags = (MemFlag.READONLY if region.readonly else 0) | (MemFlag.LOG_DIRTY_PAGES if log_dirty else 0)
+        self.set_user_memory_region(region.slot, region.gpa, region.size, addr, int(flags))
+
+    def log_dirty_pages(self, enable: bool) -> None:
+        """Turn KVM's dirty-page log on or off for every RAM slot (KVM_MEM_LOG_DIRTY_PAGES)."""
+        for r in self.memory.regions:
+            self._set_slot(r, enable)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""
+        region = next(r for r in self.memory.regions if r.slot == slot)
+        npages = region.size // mmap.PAGESIZE
+        bitmap = ffi.new("uint64_t[]", (npages + 63) // 64)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
+        ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))[:(npages + 7) // 8]
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl(self.fd, lib.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", addr))
+
+    # --- interrupts ------------------------------------------------------------------
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and per-vCPU local APICs."""
+        ioctl(self.fd, lib.KVM_CREATE_IRQCHIP)
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        p = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl(self.fd, lib.KVM_GET_IRQCHIP, p)
+        return cdata_bytes(p)
+
+    def set_irqchip(self, data: bytes) -> None:
+        ioctl(self.fd, lib.KVM_SET_IRQCHIP, cdata_from("struct kvm_irqchip *", data))
+
+    def create_pit2(self, flags: int = 0) -> None:
+        ioctl(self.fd, lib.KVM_CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": flags}))
+
+    def get_pit2(self) -> bytes:
+        p = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, lib.KVM_GET_PIT2, p)
+        return cdata_bytes(p)
+
+    def set_pit2(self, data: bytes) -> None:
+        ioctl(self.fd, lib.KVM_SET_PIT2, cdata_from("struct kvm_pit_state2 *", data))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive GSI ``irq`` to ``level`` (needs the in-kernel irqchip)."""
+        ioctl(self.fd, lib.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int | None = None,
+                  pio: bool = False, deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write to ``addr`` signals eventfd ``fd`` without exiting."""
+        flags = ((IoeventfdFlag.DATAMATCH if datamatch is not None else 0)
+                 | (IoeventfdFlag.PIO if pio else 0) | (IoeventfdFlag.DEASSIGN if deassign else 0))
+        p = ffi.new("struct kvm_ioeventfd *", {"datamatch": datamatch or 0, "addr": addr,
+                                               "len": length, "fd": fd, "flags": int(flags)})
+        ioctl(self.fd, lib.KVM_IOEVENTFD, p)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False, resamplefd: int | None = None) -> None:
+        """KVM_IRQFD: a write to eventfd ``fd`` raises GSI ``gsi`` in the in-kernel irqchip."""
+        flags = (IrqfdFlag.DEASSIGN if deassign else 0) | (IrqfdFlag.RESAMPLE if resamplefd is not None else 0)
+        p = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi, "flags": int(flags),
+                                           "resamplefd": resamplefd or 0})
+        ioctl(self.fd, lib.KVM_IRQFD, p)
+
+    # --- clock -----------------------------------------------------------------------
+    def get_clock(self) -> int:
+        """KVM_GET_CLOCK: the guest's kvmclock in nanoseconds."""
+        p = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, lib.KVM_GET_CLOCK, p)
+        return p.clock
+
+    def set_clock(self, ns: int) -> None:
+        ioctl(self.fd, lib.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": ns}))
+
+    # --- vCPUs -----------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+        fd = ioctl(self.fd, lib.KVM_CREATE_VCPU, vcpu_id)
+        try:
+            vcpu = Vcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
