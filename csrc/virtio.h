@@ -28,13 +28,15 @@ enum {
 	ConfigGeneration = 0x0fc, Config = 0x100,
 };
 #define VIRTIO_MMIO_MAGIC 0x74726976u
-#define VIRTIO_MMIO_VENDOR 0x706d766bu
-#define DRIVER_OK 4
-#define FEATURES_OK 8
-#define DEVICE_NEEDS_RESET 0x40
-#define FAILED 0x80
-#define INT_VRING 1
-#define INT_CONFIG 2
+#define KVMPY_VIRTIO_MMIO_VENDOR 0x706d766bu	/* "kvmp": ours, the spec leaves VendorID open */
+/* Spec values under Linux's uapi names (virtio_config.h, virtio_mmio.h, virtio_blk.h);
+ * what is kvmpy's own is KVMPY_. */
+#define VIRTIO_CONFIG_S_DRIVER_OK 4
+#define VIRTIO_CONFIG_S_FEATURES_OK 8
+#define VIRTIO_CONFIG_S_NEEDS_RESET 0x40
+#define VIRTIO_CONFIG_S_FAILED 0x80
+#define VIRTIO_MMIO_INT_VRING 1
+#define VIRTIO_MMIO_INT_CONFIG 2
 #define VIRTIO_F_VERSION_1 32
 #define VIRTIO_BLK_F_SEG_MAX 2
 #define VIRTIO_BLK_F_RO 5
@@ -44,32 +46,32 @@ enum {
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_DESC_F_INDIRECT 4
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
-#define T_IN 0
-#define T_OUT 1
-#define T_FLUSH 4
-#define T_GET_ID 8
-#define S_OK 0
-#define S_IOERR 1
-#define S_UNSUPP 2
-#define SECTOR 512u
-#define HEADER 16u
-#define CONFIG_SIZE 36u
-#define ID_BYTES 20u
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define KVMPY_BLK_SECTOR_SIZE 512u
+#define KVMPY_BLK_HEADER_SIZE 16u
+#define KVMPY_BLK_CONFIG_SIZE 36u
+#define VIRTIO_BLK_ID_BYTES 20u
 /* last_error of a state restored in DEVICE_NEEDS_RESET (the message is not saved) */
 #define KVMPY_RESTORED_ERROR "DEVICE_NEEDS_RESET restored from a saved state"
 #define KVMPY_PAGE_SIZE 4096u	/* one dirty bit per page (memory.py PAGE_SIZE) */
 
-struct seg { uint64_t gpa; uint32_t len; };
+struct kvmpy_blk_seg { uint64_t gpa; uint32_t len; };
 
 struct kvmpy_blk {
 	pthread_mutex_t lock;
 	struct kvmpy_blk_state s;
 	struct kvmpy_guest_mem mem;
 	int fd, vm_fd, gsi;
-	uint8_t id[ID_BYTES];
-	uint8_t config[CONFIG_SIZE];
+	uint8_t id[VIRTIO_BLK_ID_BYTES];
+	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
 	/* one chain at a time: at most QUEUE_NUM_MAX segments of each kind */
-	struct seg rd[KVMPY_BLK_QUEUE_NUM_MAX], wr[KVMPY_BLK_QUEUE_NUM_MAX];
+	struct kvmpy_blk_seg rd[KVMPY_BLK_QUEUE_NUM_MAX], wr[KVMPY_BLK_QUEUE_NUM_MAX];
 	uint32_t nrd, nwr;
 	struct iovec iov[KVMPY_BLK_QUEUE_NUM_MAX];
 };
@@ -89,7 +91,7 @@ int kvmpy_vq_enable(struct kvmpy_blk *b);
 int kvmpy_vq_pop(struct kvmpy_blk *b, uint16_t *head, const char **why);
 void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written);
 
-static inline void put_le(uint8_t *p, uint64_t v, unsigned n)
+static inline void kvmpy_put_le(uint8_t *p, uint64_t v, unsigned n)
 {
 	unsigned i;
 
@@ -97,7 +99,7 @@ static inline void put_le(uint8_t *p, uint64_t v, unsigned n)
 		p[i] = (uint8_t)(v >> (8 * i));
 }
 
-static inline uint64_t get_le(const uint8_t *p, unsigned n)
+static inline uint64_t kvmpy_get_le(const uint8_t *p, unsigned n)
 {
 	uint64_t v = 0;
 	unsigned i;

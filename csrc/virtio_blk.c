@@ -17,7 +17,7 @@
 
 /* --- block requests (blk.py: handle, _execute) ----------------------------------- */
 
-static uint64_t seg_total(const struct seg *s, uint32_t n)
+static uint64_t seg_total(const struct kvmpy_blk_seg *s, uint32_t n)
 {
 	uint64_t t = 0;
 	uint32_t i;
@@ -28,7 +28,7 @@ static uint64_t seg_total(const struct seg *s, uint32_t n)
 }
 
 /* Copy bytes [0, len) of the segments' concatenation out of (or into) guest memory. */
-static void gather(struct kvmpy_blk *b, const struct seg *s, uint32_t n, uint8_t *out, uint64_t len)
+static void gather(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t n, uint8_t *out, uint64_t len)
 {
 	uint32_t i;
 
@@ -41,7 +41,7 @@ static void gather(struct kvmpy_blk *b, const struct seg *s, uint32_t n, uint8_t
 	}
 }
 
-static void scatter(struct kvmpy_blk *b, const struct seg *s, uint32_t n, const uint8_t *in, uint64_t len)
+static void scatter(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t n, const uint8_t *in, uint64_t len)
 {
 	uint32_t i;
 
@@ -57,13 +57,13 @@ static void scatter(struct kvmpy_blk *b, const struct seg *s, uint32_t n, const 
 
 static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
 {
-	if (nbytes % SECTOR)
+	if (nbytes % KVMPY_BLK_SECTOR_SIZE)
 		return 0;
-	return sector <= b->s.capacity && nbytes / SECTOR <= b->s.capacity - sector;
+	return sector <= b->s.capacity && nbytes / KVMPY_BLK_SECTOR_SIZE <= b->s.capacity - sector;
 }
 
 /* Mark bytes [skip, skip+n) of the segments dirty (after the device wrote them). */
-static void mark_segs(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip, uint64_t n)
+static void mark_segs(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip, uint64_t n)
 {
 	uint32_t i;
 
@@ -83,11 +83,11 @@ static void mark_segs(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uin
 	}
 }
 
-static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
+static int do_transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
 		       uint64_t n, uint64_t sector, int write);
 
 /* Move bytes [skip, skip+n) of the segments to/from the disk at sector: 1 ok, 0 failed. */
-static int transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
+static int transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
 		    uint64_t n, uint64_t sector, int write)
 {
 	int ok;
@@ -101,11 +101,11 @@ static int transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint6
 	return ok;
 }
 
-static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
+static int do_transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
 		       uint64_t n, uint64_t sector, int write)
 {
 	uint32_t i, niov = 0, first = 0;
-	off_t pos = (off_t)(sector * SECTOR);
+	off_t pos = (off_t)(sector * KVMPY_BLK_SECTOR_SIZE);
 
 	for (i = 0; i < ns && n; i++) {
 		uint64_t len = s[i].len, off = 0;
@@ -146,45 +146,45 @@ static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, ui
 static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_written)
 {
 	uint64_t rlen = seg_total(b->rd, b->nrd), n;
-	uint8_t hdr[HEADER];
+	uint8_t hdr[KVMPY_BLK_HEADER_SIZE];
 	uint32_t type;
 	uint64_t sector;
 
 	*data_written = 0;
-	if (rlen < HEADER)
-		return S_IOERR;
-	gather(b, b->rd, b->nrd, hdr, HEADER);
-	type = (uint32_t)get_le(hdr, 4);
-	sector = get_le(hdr + 8, 8);
+	if (rlen < KVMPY_BLK_HEADER_SIZE)
+		return VIRTIO_BLK_S_IOERR;
+	gather(b, b->rd, b->nrd, hdr, KVMPY_BLK_HEADER_SIZE);
+	type = (uint32_t)kvmpy_get_le(hdr, 4);
+	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
-	case T_IN:
+	case VIRTIO_BLK_T_IN:
 		n = wlen - 1;
-		if (rlen != HEADER || !in_range(b, sector, n))
-			return S_IOERR;
+		if (rlen != KVMPY_BLK_HEADER_SIZE || !in_range(b, sector, n))
+			return VIRTIO_BLK_S_IOERR;
 		if (!transfer(b, b->wr, b->nwr, 0, n, sector, 0))
-			return S_IOERR;
+			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
-		return S_OK;
-	case T_OUT:
-		n = rlen - HEADER;
+		return VIRTIO_BLK_S_OK;
+	case VIRTIO_BLK_T_OUT:
+		n = rlen - KVMPY_BLK_HEADER_SIZE;
 		if (wlen != 1 || b->s.readonly || !in_range(b, sector, n))
-			return S_IOERR;
-		return transfer(b, b->rd, b->nrd, HEADER, n, sector, 1) ? S_OK : S_IOERR;
-	case T_FLUSH:
+			return VIRTIO_BLK_S_IOERR;
+		return transfer(b, b->rd, b->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+	case VIRTIO_BLK_T_FLUSH:
 		if (b->fd < 0)
-			return S_IOERR;
+			return VIRTIO_BLK_S_IOERR;
 		if (b->s.readonly)
-			return S_OK;
-		return fdatasync(b->fd) == 0 ? S_OK : S_IOERR;
-	case T_GET_ID:
-		if (rlen != HEADER)
-			return S_IOERR;
-		n = wlen - 1 < ID_BYTES ? wlen - 1 : ID_BYTES;
+			return VIRTIO_BLK_S_OK;
+		return fdatasync(b->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+	case VIRTIO_BLK_T_GET_ID:
+		if (rlen != KVMPY_BLK_HEADER_SIZE)
+			return VIRTIO_BLK_S_IOERR;
+		n = wlen - 1 < VIRTIO_BLK_ID_BYTES ? wlen - 1 : VIRTIO_BLK_ID_BYTES;
 		scatter(b, b->wr, b->nwr, b->id, n);
 		*data_written = (uint32_t)n;
-		return S_OK;
+		return VIRTIO_BLK_S_OK;
 	}
-	return S_UNSUPP;
+	return VIRTIO_BLK_S_UNSUPP;
 }
 
 /* blk.py notify(): serve every available request; -1 on a driver error. */
@@ -195,7 +195,7 @@ static int serve_queue(struct kvmpy_blk *b, const char **why)
 
 	while ((r = kvmpy_vq_pop(b, &head, why)) > 0) {
 		uint64_t wlen = seg_total(b->wr, b->nwr);
-		const struct seg *last;
+		const struct kvmpy_blk_seg *last;
 		uint32_t written;
 		uint8_t status;
 
@@ -212,12 +212,12 @@ static int serve_queue(struct kvmpy_blk *b, const char **why)
 
 static void notify(struct kvmpy_blk *b, uint32_t index)
 {
-	uint32_t want = FEATURES_OK | DRIVER_OK;
+	uint32_t want = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
 	uint64_t before;
 	const char *why = NULL;
 	uint16_t flags;
 
-	if ((b->s.status & (want | DEVICE_NEEDS_RESET | FAILED)) != want || index >= 1)
+	if ((b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) != want || index >= 1)
 		return;
 	if (!b->s.q.ready)
 		return;
@@ -226,7 +226,7 @@ static void notify(struct kvmpy_blk *b, uint32_t index)
 		kvmpy_vio_device_error(b, why);
 	if (b->s.q.used_count != before && !(kvmpy_vio_rd16(b, b->s.q.driver, &flags) == 0 &&
 					      (flags & VIRTQ_AVAIL_F_NO_INTERRUPT)))
-		b->s.interrupt_status |= INT_VRING;
+		b->s.interrupt_status |= VIRTIO_MMIO_INT_VRING;
 	kvmpy_vio_update_irq(b);
 }
 
@@ -254,9 +254,9 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 {
 	if (off >= Config) {
 		off -= Config;
-		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > CONFIG_SIZE)
+		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > KVMPY_BLK_CONFIG_SIZE)
 			return 0;
-		return get_le(b->config + off, size);
+		return kvmpy_get_le(b->config + off, size);
 	}
 	if (size != 4 || off % 4)
 		return 0;
@@ -268,7 +268,7 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 	case DeviceID:
 		return VIRTIO_ID_BLOCK;
 	case VendorID:
-		return VIRTIO_MMIO_VENDOR;
+		return KVMPY_VIRTIO_MMIO_VENDOR;
 	case DeviceFeatures:
 		return feature_word(b->s.device_features, b->s.device_features_sel);
 	case QueueNumMax:
@@ -327,10 +327,10 @@ static void write_status(struct kvmpy_blk *b, uint32_t value)
 		reset(b);
 		return;
 	}
-	nw = value & 0xFF & ~(uint32_t)DEVICE_NEEDS_RESET;
-	if ((nw & FEATURES_OK) && !(b->s.status & FEATURES_OK) &&
+	nw = value & 0xFF & ~(uint32_t)VIRTIO_CONFIG_S_NEEDS_RESET;
+	if ((nw & VIRTIO_CONFIG_S_FEATURES_OK) && !(b->s.status & VIRTIO_CONFIG_S_FEATURES_OK) &&
 	    ((feats & ~b->s.device_features) || !((feats >> VIRTIO_F_VERSION_1) & 1)))
-		nw &= ~(uint32_t)FEATURES_OK;
+		nw &= ~(uint32_t)VIRTIO_CONFIG_S_FEATURES_OK;
 	b->s.status |= nw;
 }
 
@@ -347,7 +347,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 		b->s.device_features_sel = value;
 		break;
 	case DriverFeatures:
-		if (!(b->s.status & FEATURES_OK) && b->s.driver_features_sel < 2)
+		if (!(b->s.status & VIRTIO_CONFIG_S_FEATURES_OK) && b->s.driver_features_sel < 2)
 			set_half(&b->s.driver_features, value, b->s.driver_features_sel == 1);
 		break;
 	case DriverFeaturesSel:
@@ -390,13 +390,13 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	b->fd = fd;
 	b->vm_fd = vm_fd;
 	b->gsi = gsi;
-	memcpy(b->id, id, ID_BYTES);
+	memcpy(b->id, id, VIRTIO_BLK_ID_BYTES);
 	b->s.readonly = !!readonly;
-	b->s.capacity = file_size / SECTOR;
+	b->s.capacity = file_size / KVMPY_BLK_SECTOR_SIZE;
 	b->s.device_features = (1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_BLK_F_SEG_MAX) |
 			       (1ull << VIRTIO_BLK_F_FLUSH) | (readonly ? 1ull << VIRTIO_BLK_F_RO : 0);
-	put_le(b->config, b->s.capacity, 8);			/* capacity */
-	put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
+	kvmpy_put_le(b->config, b->s.capacity, 8);			/* capacity */
+	kvmpy_put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	return b;
 }
@@ -448,10 +448,10 @@ static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *
 
 	if (s->status > 0xFF)
 		return 0;
-	if ((s->status & FEATURES_OK) &&
+	if ((s->status & VIRTIO_CONFIG_S_FEATURES_OK) &&
 	    ((feats & ~b->s.device_features) || !((feats >> VIRTIO_F_VERSION_1) & 1)))
 		return 0;	/* FEATURES_OK is refused for such features */
-	if (s->interrupt_status & ~(uint32_t)(INT_VRING | INT_CONFIG))
+	if (s->interrupt_status & ~(uint32_t)(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG))
 		return 0;
 	if (s->level != (s->interrupt_status != 0))
 		return 0;	/* the line always follows InterruptStatus */
@@ -466,7 +466,7 @@ static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *
 	case 0:
 		return 1;
 	case 1:
-		return !!(s->status & DEVICE_NEEDS_RESET);
+		return !!(s->status & VIRTIO_CONFIG_S_NEEDS_RESET);
 	}
 	return 0;
 }
@@ -494,7 +494,7 @@ int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s)
 	b->s.q.used_idx = s->q.used_idx;
 	b->s.q.used_count = 0;
 	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s",
-		 s->status & DEVICE_NEEDS_RESET ? KVMPY_RESTORED_ERROR : "");
+		 s->status & VIRTIO_CONFIG_S_NEEDS_RESET ? KVMPY_RESTORED_ERROR : "");
 	pthread_mutex_unlock(&b->lock);
 	return 0;
 }
@@ -505,11 +505,11 @@ void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *da
 	if (len > 8)		/* data is kvm_run's 8-byte mmio.data */
 		return;
 	if (is_write) {
-		kvmpy_blk_write(b, off, len, get_le(data, len));
+		kvmpy_blk_write(b, off, len, kvmpy_get_le(data, len));
 	} else {
 		uint64_t v = kvmpy_blk_read(b, off, len);
 
 		memset(data, 0, 8);
-		put_le(data, v, len);
+		kvmpy_put_le(data, v, len);
 	}
 }

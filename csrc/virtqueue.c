@@ -72,12 +72,12 @@ void kvmpy_vio_update_irq(struct kvmpy_blk *b)
 
 void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason)
 {
-	if (b->s.status & DEVICE_NEEDS_RESET)
+	if (b->s.status & VIRTIO_CONFIG_S_NEEDS_RESET)
 		return;
 	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s", reason);
-	b->s.status |= DEVICE_NEEDS_RESET;
-	if (b->s.status & DRIVER_OK)
-		b->s.interrupt_status |= INT_CONFIG;
+	b->s.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+	if (b->s.status & VIRTIO_CONFIG_S_DRIVER_OK)
+		b->s.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
 	kvmpy_vio_update_irq(b);
 }
 
@@ -136,10 +136,10 @@ static int walk(struct kvmpy_blk *b, uint16_t head, const char **why)
 		d = kvmpy_vio_hva(b, q->desc + 16ull * index, 16);	/* table checked at enable: non-NULL */
 		if (!d)
 			return *why = "descriptor outside guest RAM", -1;
-		addr = get_le(d, 8);
-		len = (uint32_t)get_le(d + 8, 4);
-		flags = (uint16_t)get_le(d + 12, 2);
-		next = (uint16_t)get_le(d + 14, 2);
+		addr = kvmpy_get_le(d, 8);
+		len = (uint32_t)kvmpy_get_le(d + 8, 4);
+		flags = (uint16_t)kvmpy_get_le(d + 12, 2);
+		next = (uint16_t)kvmpy_get_le(d + 14, 2);
 		if (flags & VIRTQ_DESC_F_INDIRECT)
 			return *why = "indirect descriptor (VIRTIO_F_INDIRECT_DESC not offered)", -1;
 		if (len) {
@@ -198,13 +198,13 @@ void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written)
 
 	if (!elem || !idx)
 		return;
-	put_le(elem, head, 4);
-	put_le(elem + 4, written, 4);
+	kvmpy_put_le(elem, head, 4);
+	kvmpy_put_le(elem + 4, written, 4);
 	/* dirty: the used element we just wrote */
 	kvmpy_vio_mark_dirty(b, q->device + 4 + 8ull * (q->used_idx % q->num), 8);
 	__atomic_thread_fence(__ATOMIC_RELEASE);	/* element before idx, as the driver reads them */
 	q->used_idx++;
-	put_le(idx, q->used_idx, 2);
+	kvmpy_put_le(idx, q->used_idx, 2);
 	/* dirty: used.idx */
 	kvmpy_vio_mark_dirty(b, q->device + 2, 2);
 	q->used_count++;
