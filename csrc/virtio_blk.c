@@ -1,6 +1,8 @@
 /*
  * virtio_blk.c - virtio-blk over virtio-mmio (version 2) in C: the transport
- * registers and the block requests (the split virtqueue is in virtqueue.c).
+ * registers and the block requests. The split virtqueue and every guest-memory
+ * check are the generic ones of virtqueue.c; this file never turns a guest address
+ * into a host pointer except through them.
  *
  * The specification is the Python reference in kvmpy/devices/virtio/ (mmio.py,
  * queue.py, blk.py) and docs/virtio.md; this file follows it check for check, in
@@ -13,47 +15,80 @@
  * nothing. One mutex serialises MMIO from several vCPU threads.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
 #include "virtio.h"
 
+/* virtio-blk (virtio 1.2, 5.2), Linux's <linux/virtio_blk.h> names */
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_BLK_F_SEG_MAX 2
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define VIRTIO_BLK_ID_BYTES 20u
+/* kvmpy's own */
+#define KVMPY_BLK_SECTOR_SIZE 512u	/* blk.py SECTOR_SIZE */
+#define KVMPY_BLK_HEADER_SIZE 16u	/* le32 type, le32 reserved, le64 sector */
+#define KVMPY_BLK_CONFIG_SIZE 36u	/* struct virtio_blk_config up to num_queues (blk.py CONFIG) */
+/* last_error of a state restored in DEVICE_NEEDS_RESET (the message is not saved) */
+#define KVMPY_RESTORED_ERROR "DEVICE_NEEDS_RESET restored from a saved state"
+
+_Static_assert(KVMPY_BLK_QUEUE_NUM_MAX <= KVMPY_VQ_NUM_MAX, "a chain must fit struct kvmpy_vq_chain");
+
+struct kvmpy_blk {
+	pthread_mutex_t lock;
+	struct kvmpy_blk_state s;
+	struct kvmpy_guest_mem mem;
+	int fd, vm_fd, gsi;
+	uint8_t id[VIRTIO_BLK_ID_BYTES];
+	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
+	struct kvmpy_vq_chain chain;			/* one request at a time */
+	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain */
+};
+
+/* --- interrupts and errors (mmio.py: _update_irq, _device_error) ------------------ */
+
+/* interrupt line = InterruptStatus != 0 */
+static void update_irq(struct kvmpy_blk *b)
+{
+	uint32_t level = b->s.interrupt_status != 0;
+
+	if (level == b->s.level)
+		return;
+	b->s.level = level;
+	b->s.irq_changes++;
+	if (b->gsi >= 0) {
+		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
+
+		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
+	}
+}
+
+/* a driver error sets DEVICE_NEEDS_RESET once, with a config interrupt if DRIVER_OK */
+static void device_error(struct kvmpy_blk *b, const char *reason)
+{
+	if (b->s.status & VIRTIO_CONFIG_S_NEEDS_RESET)
+		return;
+	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s", reason);
+	b->s.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+	if (b->s.status & VIRTIO_CONFIG_S_DRIVER_OK)
+		b->s.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+	update_irq(b);
+}
+
 /* --- block requests (blk.py: handle, _execute) ----------------------------------- */
-
-static uint64_t seg_total(const struct kvmpy_blk_seg *s, uint32_t n)
-{
-	uint64_t t = 0;
-	uint32_t i;
-
-	for (i = 0; i < n; i++)
-		t += s[i].len;
-	return t;
-}
-
-/* Copy bytes [0, len) of the segments' concatenation out of (or into) guest memory. */
-static void gather(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t n, uint8_t *out, uint64_t len)
-{
-	uint32_t i;
-
-	for (i = 0; i < n && len; i++) {
-		uint64_t k = s[i].len < len ? s[i].len : len;
-
-		memcpy(out, kvmpy_vio_hva(b, s[i].gpa, k), k);	/* segments checked by walk() */
-		out += k;
-		len -= k;
-	}
-}
-
-static void scatter(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t n, const uint8_t *in, uint64_t len)
-{
-	uint32_t i;
-
-	for (i = 0; i < n && len; i++) {
-		uint64_t k = s[i].len < len ? s[i].len : len;
-
-		memcpy(kvmpy_vio_hva(b, s[i].gpa, k), in, k);	/* segments checked by walk() */
-		kvmpy_vio_mark_dirty(b, s[i].gpa, k);		/* dirty: the bytes just copied in */
-		in += k;
-		len -= k;
-	}
-}
 
 static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
 {
@@ -62,68 +97,11 @@ static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
 	return sector <= b->s.capacity && nbytes / KVMPY_BLK_SECTOR_SIZE <= b->s.capacity - sector;
 }
 
-/* Mark bytes [skip, skip+n) of the segments dirty (after the device wrote them). */
-static void mark_segs(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip, uint64_t n)
+/* preadv/pwritev all of iov[0..niov) at pos: 1 ok, 0 failed (or end of file) */
+static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
 {
-	uint32_t i;
+	uint32_t first = 0;
 
-	for (i = 0; i < ns && n; i++) {
-		uint64_t len = s[i].len;
-
-		if (skip >= len) {
-			skip -= len;
-			continue;
-		}
-		len -= skip;
-		if (len > n)
-			len = n;
-		kvmpy_vio_mark_dirty(b, s[i].gpa + skip, len);
-		n -= len;
-		skip = 0;
-	}
-}
-
-static int do_transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
-		       uint64_t n, uint64_t sector, int write);
-
-/* Move bytes [skip, skip+n) of the segments to/from the disk at sector: 1 ok, 0 failed. */
-static int transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
-		    uint64_t n, uint64_t sector, int write)
-{
-	int ok;
-
-	if (b->fd < 0)
-		return 0;
-	ok = do_transfer(b, s, ns, skip, n, sector, write);
-	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
-	if (!write)
-		mark_segs(b, s, ns, skip, n);
-	return ok;
-}
-
-static int do_transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint32_t ns, uint64_t skip,
-		       uint64_t n, uint64_t sector, int write)
-{
-	uint32_t i, niov = 0, first = 0;
-	off_t pos = (off_t)(sector * KVMPY_BLK_SECTOR_SIZE);
-
-	for (i = 0; i < ns && n; i++) {
-		uint64_t len = s[i].len, off = 0;
-
-		if (skip >= len) {
-			skip -= len;
-			continue;
-		}
-		off = skip;
-		skip = 0;
-		len -= off;
-		if (len > n)
-			len = n;
-		/* inside a segment walk() checked, so inside guest RAM */
-		b->iov[niov].iov_base = kvmpy_vio_hva(b, s[i].gpa + off, len);
-		b->iov[niov++].iov_len = len;
-		n -= len;
-	}
 	while (first < niov) {
 		ssize_t r = write ? pwritev(b->fd, b->iov + first, (int)(niov - first), pos)
 				  : preadv(b->fd, b->iov + first, (int)(niov - first), pos);
@@ -143,9 +121,27 @@ static int do_transfer(struct kvmpy_blk *b, const struct kvmpy_blk_seg *s, uint3
 	return 1;
 }
 
+/* Move bytes [skip, skip+n) of the buffers to/from the disk at sector: 1 ok, 0 failed. */
+static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
+		    uint64_t skip, uint64_t n, uint64_t sector, int write)
+{
+	uint32_t niov;
+	int ok;
+
+	if (b->fd < 0)
+		return 0;
+	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
+	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
+	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
+	if (!write)
+		kvmpy_vq_mark_dirty(&b->mem, bufs, nbufs, skip, n);
+	return ok;
+}
+
 static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_written)
 {
-	uint64_t rlen = seg_total(b->rd, b->nrd), n;
+	const struct kvmpy_vq_chain *c = &b->chain;
+	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), n;
 	uint8_t hdr[KVMPY_BLK_HEADER_SIZE];
 	uint32_t type;
 	uint64_t sector;
@@ -153,7 +149,7 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 	*data_written = 0;
 	if (rlen < KVMPY_BLK_HEADER_SIZE)
 		return VIRTIO_BLK_S_IOERR;
-	gather(b, b->rd, b->nrd, hdr, KVMPY_BLK_HEADER_SIZE);
+	kvmpy_vq_gather(&b->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE);	/* read once */
 	type = (uint32_t)kvmpy_get_le(hdr, 4);
 	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
@@ -161,7 +157,7 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 		n = wlen - 1;
 		if (rlen != KVMPY_BLK_HEADER_SIZE || !in_range(b, sector, n))
 			return VIRTIO_BLK_S_IOERR;
-		if (!transfer(b, b->wr, b->nwr, 0, n, sector, 0))
+		if (!transfer(b, c->wr, c->nwr, 0, n, sector, 0))
 			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
 		return VIRTIO_BLK_S_OK;
@@ -169,7 +165,8 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 		n = rlen - KVMPY_BLK_HEADER_SIZE;
 		if (wlen != 1 || b->s.readonly || !in_range(b, sector, n))
 			return VIRTIO_BLK_S_IOERR;
-		return transfer(b, b->rd, b->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+		return transfer(b, c->rd, c->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ?
+		       VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 	case VIRTIO_BLK_T_FLUSH:
 		if (b->fd < 0)
 			return VIRTIO_BLK_S_IOERR;
@@ -180,32 +177,38 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 		if (rlen != KVMPY_BLK_HEADER_SIZE)
 			return VIRTIO_BLK_S_IOERR;
 		n = wlen - 1 < VIRTIO_BLK_ID_BYTES ? wlen - 1 : VIRTIO_BLK_ID_BYTES;
-		scatter(b, b->wr, b->nwr, b->id, n);
+		kvmpy_vq_scatter(&b->mem, c->wr, c->nwr, b->id, n);
 		*data_written = (uint32_t)n;
 		return VIRTIO_BLK_S_OK;
 	}
 	return VIRTIO_BLK_S_UNSUPP;
 }
 
-/* blk.py notify(): serve every available request; -1 on a driver error. */
+/* The status byte: the last byte of the last device-writable buffer. */
+static void put_status(struct kvmpy_blk *b, uint8_t status)
+{
+	const struct kvmpy_vq_buf *last = &b->chain.wr[b->chain.nwr - 1];
+	uint64_t gpa = last->gpa + last->len - 1;
+
+	/* SAFETY: the last byte of a buffer kvmpy_vq_pop found inside one region of b->mem
+	 * (kvmpy_mem_hva; len >= 1), and nwr >= 1: serve_queue refused wlen == 0 */
+	*kvmpy_mem_hva(&b->mem, gpa, 1) = status;
+	kvmpy_mem_mark_dirty(&b->mem, gpa, 1);		/* dirty: the status byte */
+}
+
+/* blk.py notify(): serve every available request; -EINVAL on a driver error. */
 static int serve_queue(struct kvmpy_blk *b, const char **why)
 {
-	uint16_t head;
 	int r;
 
-	while ((r = kvmpy_vq_pop(b, &head, why)) > 0) {
-		uint64_t wlen = seg_total(b->wr, b->nwr);
-		const struct kvmpy_blk_seg *last;
+	while ((r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why)) > 0) {
+		uint64_t wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
 		uint32_t written;
-		uint8_t status;
 
 		if (wlen == 0)
-			return *why = "virtio-blk request has no device-writable status byte", -1;
-		last = &b->wr[b->nwr - 1];
-		status = execute(b, wlen, &written);
-		*kvmpy_vio_hva(b, last->gpa + last->len - 1, 1) = status;	/* inside the last writable segment */
-		kvmpy_vio_mark_dirty(b, last->gpa + last->len - 1, 1);		/* dirty: the status byte */
-		kvmpy_vq_push_used(b, head, written + 1);
+			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
+		put_status(b, execute(b, wlen, &written));
+		kvmpy_vq_push_used(&b->s.q, &b->mem, b->chain.head, written + 1);
 	}
 	return r;
 }
@@ -215,19 +218,18 @@ static void notify(struct kvmpy_blk *b, uint32_t index)
 	uint32_t want = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
 	uint64_t before;
 	const char *why = NULL;
-	uint16_t flags;
 
-	if ((b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) != want || index >= 1)
+	if ((b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) != want ||
+	    index >= 1)
 		return;
 	if (!b->s.q.ready)
 		return;
 	before = b->s.q.used_count;
 	if (serve_queue(b, &why) < 0)
-		kvmpy_vio_device_error(b, why);
-	if (b->s.q.used_count != before && !(kvmpy_vio_rd16(b, b->s.q.driver, &flags) == 0 &&
-					      (flags & VIRTQ_AVAIL_F_NO_INTERRUPT)))
+		device_error(b, why);
+	if (kvmpy_vq_should_notify(&b->s.q, &b->mem, before))
 		b->s.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-	kvmpy_vio_update_irq(b);
+	update_irq(b);
 }
 
 /* --- the transport registers (mmio.py: read, write) ------------------------------- */
@@ -242,7 +244,7 @@ static void reset(struct kvmpy_blk *b)
 	memset(&b->s.q, 0, sizeof(b->s.q));
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	b->s.interrupt_status = 0;
-	kvmpy_vio_update_irq(b);
+	update_irq(b);
 }
 
 static uint32_t feature_word(uint64_t features, uint32_t sel)
@@ -295,14 +297,15 @@ static void set_half(uint64_t *field, uint32_t value, int high)
 static void write_queue(struct kvmpy_blk *b, uint64_t off, uint32_t value)
 {
 	struct kvmpy_vq_state *q = &b->s.q;
+	const char *why;
 
 	if (b->s.queue_sel >= 1)
 		return;
 	if (off == QueueReady) {
 		if (!value)
 			q->ready = 0;
-		else if (!q->ready)
-			kvmpy_vq_enable(b);
+		else if (!q->ready && kvmpy_vq_enable(q, &b->mem, KVMPY_BLK_QUEUE_NUM_MAX, &why))
+			device_error(b, why);
 		return;
 	}
 	if (q->ready)
@@ -361,7 +364,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 		break;
 	case InterruptACK:
 		b->s.interrupt_status &= ~value;
-		kvmpy_vio_update_irq(b);
+		update_irq(b);
 		break;
 	case Status:
 		write_status(b, value);
@@ -459,7 +462,7 @@ static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *
 		return 0;
 	if (!q->ready)
 		return q->last_avail_idx == 0 && q->used_idx == 0;
-	if (kvmpy_vq_check(b, q))
+	if (kvmpy_vq_check(q, &b->mem, KVMPY_BLK_QUEUE_NUM_MAX))
 		return 0;
 	/* every chain taken is returned, except the one a driver error stopped */
 	switch ((uint16_t)(q->last_avail_idx - q->used_idx)) {
