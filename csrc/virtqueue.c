@@ -208,6 +208,8 @@ int kvmpy_vq_pop(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
 		return 0;
 	if (pending > q->num)
 		return *why = "available idx too far ahead", -EINVAL;
+	/* the ring entry and the descriptors after idx, in the order the driver wrote them */
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
 	if (read_u16(mem, q->driver + 4 + 2ull * (q->last_avail_idx % q->num), &c->head))
 		return *why = "available ring outside guest RAM", -EINVAL;
 	if (walk(q, mem, c, why))
@@ -248,6 +250,8 @@ int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_gu
 
 	if (q->used_count == used_before)
 		return 0;
+	/* used.idx stored before avail.flags is loaded (2.7.7; kvmtool: should_signal) */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	/* flags unreadable cannot happen (checked at enable): then notify */
 	return !(read_u16(mem, q->driver, &flags) == 0 && (flags & VIRTQ_AVAIL_F_NO_INTERRUPT));
 }
