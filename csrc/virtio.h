@@ -90,6 +90,9 @@ void kvmpy_vq_push_used(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *
 int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
 			   uint64_t used_before);
 
+/* The buffers b[0..n) below come from a chain kvmpy_vq_pop returned for the same mem;
+ * that check is what lets these turn their addresses into host pointers. */
+
 /* Bytes in the n buffers at b. */
 uint64_t kvmpy_vq_bufs_len(const struct kvmpy_vq_buf *b, uint32_t n);
 /* Copy bytes [0, len) of the buffers' concatenation to out / from in (marking them dirty). */
