@@ -1,22 +1,18 @@
 /*
- * virtio.h - what csrc/virtqueue.c and csrc/virtio_blk.c share: the device state
- * and the guest-memory, interrupt and virtqueue helpers. Private to csrc/.
+ * virtio.h - what the C virtio devices share, private to csrc/: the virtio-mmio
+ * register and status names, guest-memory access through struct kvmpy_guest_mem,
+ * and the generic split virtqueue of csrc/virtqueue.c. Nothing here knows which
+ * device it serves; a device's own names live in its .c file (virtio_blk.c).
  */
 #ifndef KVMPY_VIRTIO_H
 #define KVMPY_VIRTIO_H
 
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
+#include <stdint.h>
 #include <sys/uio.h>
-#include <unistd.h>
-#include <linux/kvm.h>
 
 #include "kvmpy_native.h"
 
-/* Register offsets (virtio 1.2, 4.2.2), spec names. */
+/* virtio-mmio register offsets (virtio 1.2, 4.2.2), spec names. */
 enum {
 	MagicValue = 0x000, Version = 0x004, DeviceID = 0x008, VendorID = 0x00c,
 	DeviceFeatures = 0x010, DeviceFeaturesSel = 0x014, DriverFeatures = 0x020,
@@ -27,69 +23,91 @@ enum {
 	SHMLenLow = 0x0b0, SHMLenHigh = 0x0b4, SHMBaseLow = 0x0b8, SHMBaseHigh = 0x0bc,
 	ConfigGeneration = 0x0fc, Config = 0x100,
 };
-#define VIRTIO_MMIO_MAGIC 0x74726976u
-#define VIRTIO_MMIO_VENDOR 0x706d766bu
-#define DRIVER_OK 4
-#define FEATURES_OK 8
-#define DEVICE_NEEDS_RESET 0x40
-#define FAILED 0x80
-#define INT_VRING 1
-#define INT_CONFIG 2
+#define VIRTIO_MMIO_MAGIC 0x74726976u		/* "virt" little-endian (4.2.2) */
+#define KVMPY_VIRTIO_MMIO_VENDOR 0x706d766bu	/* "kvmp": VendorID, the spec leaves it to us */
+
+/* Device status bits (2.1), Linux's <linux/virtio_config.h> names. */
+#define VIRTIO_CONFIG_S_DRIVER_OK 4
+#define VIRTIO_CONFIG_S_FEATURES_OK 8
+#define VIRTIO_CONFIG_S_NEEDS_RESET 0x40
+#define VIRTIO_CONFIG_S_FAILED 0x80
+
+/* InterruptStatus bits (4.2.2), Linux's <linux/virtio_mmio.h> names. */
+#define VIRTIO_MMIO_INT_VRING 1
+#define VIRTIO_MMIO_INT_CONFIG 2
+
 #define VIRTIO_F_VERSION_1 32
-#define VIRTIO_BLK_F_SEG_MAX 2
-#define VIRTIO_BLK_F_RO 5
-#define VIRTIO_BLK_F_FLUSH 9
-#define VIRTIO_ID_BLOCK 2
+
+/* struct virtq_desc.flags and struct virtq_avail.flags (2.7.5, 2.7.6) */
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_DESC_F_INDIRECT 4
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
-#define T_IN 0
-#define T_OUT 1
-#define T_FLUSH 4
-#define T_GET_ID 8
-#define S_OK 0
-#define S_IOERR 1
-#define S_UNSUPP 2
-#define SECTOR 512u
-#define HEADER 16u
-#define CONFIG_SIZE 36u
-#define ID_BYTES 20u
-/* last_error of a state restored in DEVICE_NEEDS_RESET (the message is not saved) */
-#define KVMPY_RESTORED_ERROR "DEVICE_NEEDS_RESET restored from a saved state"
+
+/* The largest QueueNumMax of any C device: a chain has at most this many buffers. */
+#define KVMPY_VQ_NUM_MAX 256
 #define KVMPY_PAGE_SIZE 4096u	/* one dirty bit per page (memory.py PAGE_SIZE) */
 
-struct seg { uint64_t gpa; uint32_t len; };
+/* --- guest memory (virtqueue.c) ----------------------------------------------------- */
 
-struct kvmpy_blk {
-	pthread_mutex_t lock;
-	struct kvmpy_blk_state s;
-	struct kvmpy_guest_mem mem;
-	int fd, vm_fd, gsi;
-	uint8_t id[ID_BYTES];
-	uint8_t config[CONFIG_SIZE];
-	/* one chain at a time: at most QUEUE_NUM_MAX segments of each kind */
-	struct seg rd[KVMPY_BLK_QUEUE_NUM_MAX], wr[KVMPY_BLK_QUEUE_NUM_MAX];
+/* The host pointer for guest [gpa, gpa+len), or NULL unless it lies inside one RAM
+ * region (overflow-safe). The one place a guest address becomes a host pointer. */
+uint8_t *kvmpy_mem_hva(const struct kvmpy_guest_mem *mem, uint64_t gpa, uint64_t len);
+/* Copy guest [gpa, gpa+len) into out, each byte read exactly once (READ_ONCE):
+ * 0, or -EFAULT (nothing copied) unless it lies inside one RAM region. */
+int kvmpy_mem_read(const struct kvmpy_guest_mem *mem, uint64_t gpa, void *out, uint32_t len);
+/* After the VMM wrote guest [gpa, gpa+len): set the pages' dirty bits (atomic). */
+void kvmpy_mem_mark_dirty(const struct kvmpy_guest_mem *mem, uint64_t gpa, uint64_t len);
+
+/* --- the split virtqueue (virtqueue.c) ------------------------------------------------ */
+
+/* One buffer of a chain: [gpa, gpa+len), len >= 1, checked to lie inside one RAM region. */
+struct kvmpy_vq_buf { uint64_t gpa; uint32_t len; };
+
+/* One chain as kvmpy_vq_pop validated it: device-readable buffers, then writable ones. */
+struct kvmpy_vq_chain {
+	uint16_t head;
 	uint32_t nrd, nwr;
-	struct iovec iov[KVMPY_BLK_QUEUE_NUM_MAX];
+	struct kvmpy_vq_buf rd[KVMPY_VQ_NUM_MAX], wr[KVMPY_VQ_NUM_MAX];
 };
 
+/* The QueueReady checks of q for a device offering num_max (<= KVMPY_VQ_NUM_MAX)
+ * entries: NULL if q may go live, else why not. */
+const char *kvmpy_vq_check(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			   uint64_t num_max);
+/* QueueReady = 1: 0 and q live with its indices zeroed, or -EINVAL and *why. */
+int kvmpy_vq_enable(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		    uint64_t num_max, const char **why);
+/* The next available chain into *c: 1 = a chain, 0 = none, -EINVAL = driver error
+ * (*why says which; q unchanged). q must be live (kvmpy_vq_enable or a checked state). */
+int kvmpy_vq_pop(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		 struct kvmpy_vq_chain *c, const char **why);
+/* Return chain head to the driver with written bytes: used element, then used.idx. */
+void kvmpy_vq_push_used(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			uint16_t head, uint32_t written);
+/* 1 if chains were returned since used_count was used_before and the driver has not
+ * set VIRTQ_AVAIL_F_NO_INTERRUPT: the device should raise a used buffer notification. */
+int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			   uint64_t used_before);
 
-/* guest memory: NULL unless [gpa, gpa+len) lies inside one RAM region */
-uint8_t *kvmpy_vio_hva(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len);
-int kvmpy_vio_rd16(const struct kvmpy_blk *b, uint64_t gpa, uint16_t *v);
-/* after the VMM wrote guest [gpa, gpa+len): set the pages' dirty bits (atomic) */
-void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len);
-/* interrupt line = InterruptStatus != 0; device errors set DEVICE_NEEDS_RESET once */
-void kvmpy_vio_update_irq(struct kvmpy_blk *b);
-void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason);
-/* the split virtqueue: enable (checks), pop a validated chain into b->rd/b->wr, push used */
-const char *kvmpy_vq_check(const struct kvmpy_blk *b, const struct kvmpy_vq_state *q);
-int kvmpy_vq_enable(struct kvmpy_blk *b);
-int kvmpy_vq_pop(struct kvmpy_blk *b, uint16_t *head, const char **why);
-void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written);
+/* The buffers b[0..n) below come from a chain kvmpy_vq_pop returned for the same mem;
+ * that check is what lets these turn their addresses into host pointers. */
 
-static inline void put_le(uint8_t *p, uint64_t v, unsigned n)
+/* Bytes in the n buffers at b. */
+uint64_t kvmpy_vq_bufs_len(const struct kvmpy_vq_buf *b, uint32_t n);
+/* Copy bytes [0, len) of the buffers' concatenation to out / from in (marking them dirty). */
+void kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		     uint32_t n, uint8_t *out, uint64_t len);
+void kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		      uint32_t n, const uint8_t *in, uint64_t len);
+/* iov[] for bytes [skip, skip+len) of the buffers (at most n entries); returns how many. */
+uint32_t kvmpy_vq_iov(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		      uint32_t n, uint64_t skip, uint64_t len, struct iovec *iov);
+/* Mark bytes [skip, skip+len) of the buffers dirty, after the device wrote them. */
+void kvmpy_vq_mark_dirty(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+			 uint32_t n, uint64_t skip, uint64_t len);
+
+static inline void kvmpy_put_le(uint8_t *p, uint64_t v, unsigned n)
 {
 	unsigned i;
 
@@ -97,7 +115,7 @@ static inline void put_le(uint8_t *p, uint64_t v, unsigned n)
 		p[i] = (uint8_t)(v >> (8 * i));
 }
 
-static inline uint64_t get_le(const uint8_t *p, unsigned n)
+static inline uint64_t kvmpy_get_le(const uint8_t *p, unsigned n)
 {
 	uint64_t v = 0;
 	unsigned i;

@@ -1,6 +1,8 @@
 /*
  * virtio_blk.c - virtio-blk over virtio-mmio (version 2) in C: the transport
- * registers and the block requests (the split virtqueue is in virtqueue.c).
+ * registers and the block requests. The split virtqueue and every guest-memory
+ * check are the generic ones of virtqueue.c; this file never turns a guest address
+ * into a host pointer except through them.
  *
  * The specification is the Python reference in kvmpy/devices/virtio/ (mmio.py,
  * queue.py, blk.py) and docs/virtio.md; this file follows it check for check, in
@@ -13,117 +15,93 @@
  * nothing. One mutex serialises MMIO from several vCPU threads.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
 #include "virtio.h"
+
+/* virtio-blk (virtio 1.2, 5.2), Linux's <linux/virtio_blk.h> names */
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_BLK_F_SEG_MAX 2
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define VIRTIO_BLK_ID_BYTES 20u
+/* kvmpy's own */
+#define KVMPY_BLK_SECTOR_SIZE 512u	/* blk.py SECTOR_SIZE */
+#define KVMPY_BLK_HEADER_SIZE 16u	/* le32 type, le32 reserved, le64 sector */
+#define KVMPY_BLK_CONFIG_SIZE 36u	/* struct virtio_blk_config up to num_queues (blk.py CONFIG) */
+/* last_error of a state restored in DEVICE_NEEDS_RESET (the message is not saved) */
+#define KVMPY_RESTORED_ERROR "DEVICE_NEEDS_RESET restored from a saved state"
+
+_Static_assert(KVMPY_BLK_QUEUE_NUM_MAX <= KVMPY_VQ_NUM_MAX, "a chain must fit struct kvmpy_vq_chain");
+
+struct kvmpy_blk {
+	pthread_mutex_t lock;
+	struct kvmpy_blk_state s;
+	struct kvmpy_guest_mem mem;
+	int fd, vm_fd, gsi;
+	uint8_t id[VIRTIO_BLK_ID_BYTES];
+	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
+	struct kvmpy_vq_chain chain;			/* one request at a time */
+	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain */
+};
+
+/* --- interrupts and errors (mmio.py: _update_irq, _device_error) ------------------ */
+
+/* interrupt line = InterruptStatus != 0 */
+static void update_irq(struct kvmpy_blk *b)
+{
+	uint32_t level = b->s.interrupt_status != 0;
+
+	if (level == b->s.level)
+		return;
+	b->s.level = level;
+	b->s.irq_changes++;
+	if (b->gsi >= 0) {
+		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
+
+		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
+	}
+}
+
+/* a driver error sets DEVICE_NEEDS_RESET once, with a config interrupt if DRIVER_OK */
+static void device_error(struct kvmpy_blk *b, const char *reason)
+{
+	if (b->s.status & VIRTIO_CONFIG_S_NEEDS_RESET)
+		return;
+	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s", reason);
+	b->s.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+	if (b->s.status & VIRTIO_CONFIG_S_DRIVER_OK)
+		b->s.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+	update_irq(b);
+}
 
 /* --- block requests (blk.py: handle, _execute) ----------------------------------- */
 
-static uint64_t seg_total(const struct seg *s, uint32_t n)
-{
-	uint64_t t = 0;
-	uint32_t i;
-
-	for (i = 0; i < n; i++)
-		t += s[i].len;
-	return t;
-}
-
-/* Copy bytes [0, len) of the segments' concatenation out of (or into) guest memory. */
-static void gather(struct kvmpy_blk *b, const struct seg *s, uint32_t n, uint8_t *out, uint64_t len)
-{
-	uint32_t i;
-
-	for (i = 0; i < n && len; i++) {
-		uint64_t k = s[i].len < len ? s[i].len : len;
-
-		memcpy(out, kvmpy_vio_hva(b, s[i].gpa, k), k);	/* segments checked by walk() */
-		out += k;
-		len -= k;
-	}
-}
-
-static void scatter(struct kvmpy_blk *b, const struct seg *s, uint32_t n, const uint8_t *in, uint64_t len)
-{
-	uint32_t i;
-
-	for (i = 0; i < n && len; i++) {
-		uint64_t k = s[i].len < len ? s[i].len : len;
-
-		memcpy(kvmpy_vio_hva(b, s[i].gpa, k), in, k);	/* segments checked by walk() */
-		kvmpy_vio_mark_dirty(b, s[i].gpa, k);		/* dirty: the bytes just copied in */
-		in += k;
-		len -= k;
-	}
-}
-
 static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
 {
-	if (nbytes % SECTOR)
+	if (nbytes % KVMPY_BLK_SECTOR_SIZE)
 		return 0;
-	return sector <= b->s.capacity && nbytes / SECTOR <= b->s.capacity - sector;
+	return sector <= b->s.capacity && nbytes / KVMPY_BLK_SECTOR_SIZE <= b->s.capacity - sector;
 }
 
-/* Mark bytes [skip, skip+n) of the segments dirty (after the device wrote them). */
-static void mark_segs(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip, uint64_t n)
+/* preadv/pwritev all of iov[0..niov) at pos: 1 ok, 0 failed (or end of file) */
+static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
 {
-	uint32_t i;
+	uint32_t first = 0;
 
-	for (i = 0; i < ns && n; i++) {
-		uint64_t len = s[i].len;
-
-		if (skip >= len) {
-			skip -= len;
-			continue;
-		}
-		len -= skip;
-		if (len > n)
-			len = n;
-		kvmpy_vio_mark_dirty(b, s[i].gpa + skip, len);
-		n -= len;
-		skip = 0;
-	}
-}
-
-static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
-		       uint64_t n, uint64_t sector, int write);
-
-/* Move bytes [skip, skip+n) of the segments to/from the disk at sector: 1 ok, 0 failed. */
-static int transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
-		    uint64_t n, uint64_t sector, int write)
-{
-	int ok;
-
-	if (b->fd < 0)
-		return 0;
-	ok = do_transfer(b, s, ns, skip, n, sector, write);
-	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
-	if (!write)
-		mark_segs(b, s, ns, skip, n);
-	return ok;
-}
-
-static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, uint64_t skip,
-		       uint64_t n, uint64_t sector, int write)
-{
-	uint32_t i, niov = 0, first = 0;
-	off_t pos = (off_t)(sector * SECTOR);
-
-	for (i = 0; i < ns && n; i++) {
-		uint64_t len = s[i].len, off = 0;
-
-		if (skip >= len) {
-			skip -= len;
-			continue;
-		}
-		off = skip;
-		skip = 0;
-		len -= off;
-		if (len > n)
-			len = n;
-		/* inside a segment walk() checked, so inside guest RAM */
-		b->iov[niov].iov_base = kvmpy_vio_hva(b, s[i].gpa + off, len);
-		b->iov[niov++].iov_len = len;
-		n -= len;
-	}
 	while (first < niov) {
 		ssize_t r = write ? pwritev(b->fd, b->iov + first, (int)(niov - first), pos)
 				  : preadv(b->fd, b->iov + first, (int)(niov - first), pos);
@@ -143,91 +121,115 @@ static int do_transfer(struct kvmpy_blk *b, const struct seg *s, uint32_t ns, ui
 	return 1;
 }
 
+/* Move bytes [skip, skip+n) of the buffers to/from the disk at sector: 1 ok, 0 failed. */
+static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
+		    uint64_t skip, uint64_t n, uint64_t sector, int write)
+{
+	uint32_t niov;
+	int ok;
+
+	if (b->fd < 0)
+		return 0;
+	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
+	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
+	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
+	if (!write)
+		kvmpy_vq_mark_dirty(&b->mem, bufs, nbufs, skip, n);
+	return ok;
+}
+
 static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_written)
 {
-	uint64_t rlen = seg_total(b->rd, b->nrd), n;
-	uint8_t hdr[HEADER];
+	const struct kvmpy_vq_chain *c = &b->chain;
+	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), n;
+	uint8_t hdr[KVMPY_BLK_HEADER_SIZE];
 	uint32_t type;
 	uint64_t sector;
 
 	*data_written = 0;
-	if (rlen < HEADER)
-		return S_IOERR;
-	gather(b, b->rd, b->nrd, hdr, HEADER);
-	type = (uint32_t)get_le(hdr, 4);
-	sector = get_le(hdr + 8, 8);
+	if (rlen < KVMPY_BLK_HEADER_SIZE)
+		return VIRTIO_BLK_S_IOERR;
+	kvmpy_vq_gather(&b->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE);	/* read once */
+	type = (uint32_t)kvmpy_get_le(hdr, 4);
+	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
-	case T_IN:
+	case VIRTIO_BLK_T_IN:
 		n = wlen - 1;
-		if (rlen != HEADER || !in_range(b, sector, n))
-			return S_IOERR;
-		if (!transfer(b, b->wr, b->nwr, 0, n, sector, 0))
-			return S_IOERR;
+		if (rlen != KVMPY_BLK_HEADER_SIZE || !in_range(b, sector, n))
+			return VIRTIO_BLK_S_IOERR;
+		if (!transfer(b, c->wr, c->nwr, 0, n, sector, 0))
+			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
-		return S_OK;
-	case T_OUT:
-		n = rlen - HEADER;
+		return VIRTIO_BLK_S_OK;
+	case VIRTIO_BLK_T_OUT:
+		n = rlen - KVMPY_BLK_HEADER_SIZE;
 		if (wlen != 1 || b->s.readonly || !in_range(b, sector, n))
-			return S_IOERR;
-		return transfer(b, b->rd, b->nrd, HEADER, n, sector, 1) ? S_OK : S_IOERR;
-	case T_FLUSH:
+			return VIRTIO_BLK_S_IOERR;
+		return transfer(b, c->rd, c->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ?
+		       VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+	case VIRTIO_BLK_T_FLUSH:
 		if (b->fd < 0)
-			return S_IOERR;
+			return VIRTIO_BLK_S_IOERR;
 		if (b->s.readonly)
-			return S_OK;
-		return fdatasync(b->fd) == 0 ? S_OK : S_IOERR;
-	case T_GET_ID:
-		if (rlen != HEADER)
-			return S_IOERR;
-		n = wlen - 1 < ID_BYTES ? wlen - 1 : ID_BYTES;
-		scatter(b, b->wr, b->nwr, b->id, n);
+			return VIRTIO_BLK_S_OK;
+		return fdatasync(b->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+	case VIRTIO_BLK_T_GET_ID:
+		if (rlen != KVMPY_BLK_HEADER_SIZE)
+			return VIRTIO_BLK_S_IOERR;
+		n = wlen - 1 < VIRTIO_BLK_ID_BYTES ? wlen - 1 : VIRTIO_BLK_ID_BYTES;
+		kvmpy_vq_scatter(&b->mem, c->wr, c->nwr, b->id, n);
 		*data_written = (uint32_t)n;
-		return S_OK;
+		return VIRTIO_BLK_S_OK;
 	}
-	return S_UNSUPP;
+	return VIRTIO_BLK_S_UNSUPP;
 }
 
-/* blk.py notify(): serve every available request; -1 on a driver error. */
+/* The status byte: the last byte of the last device-writable buffer. */
+static void put_status(struct kvmpy_blk *b, uint8_t status)
+{
+	const struct kvmpy_vq_buf *last = &b->chain.wr[b->chain.nwr - 1];
+	uint64_t gpa = last->gpa + last->len - 1;
+
+	/* SAFETY: the last byte of a buffer kvmpy_vq_pop found inside one region of b->mem
+	 * (kvmpy_mem_hva; len >= 1), and nwr >= 1: serve_queue refused wlen == 0 */
+	*kvmpy_mem_hva(&b->mem, gpa, 1) = status;
+	kvmpy_mem_mark_dirty(&b->mem, gpa, 1);		/* dirty: the status byte */
+}
+
+/* blk.py notify(): serve every available request; -EINVAL on a driver error. */
 static int serve_queue(struct kvmpy_blk *b, const char **why)
 {
-	uint16_t head;
 	int r;
 
-	while ((r = kvmpy_vq_pop(b, &head, why)) > 0) {
-		uint64_t wlen = seg_total(b->wr, b->nwr);
-		const struct seg *last;
+	while ((r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why)) > 0) {
+		uint64_t wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
 		uint32_t written;
-		uint8_t status;
 
 		if (wlen == 0)
-			return *why = "virtio-blk request has no device-writable status byte", -1;
-		last = &b->wr[b->nwr - 1];
-		status = execute(b, wlen, &written);
-		*kvmpy_vio_hva(b, last->gpa + last->len - 1, 1) = status;	/* inside the last writable segment */
-		kvmpy_vio_mark_dirty(b, last->gpa + last->len - 1, 1);		/* dirty: the status byte */
-		kvmpy_vq_push_used(b, head, written + 1);
+			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
+		put_status(b, execute(b, wlen, &written));
+		kvmpy_vq_push_used(&b->s.q, &b->mem, b->chain.head, written + 1);
 	}
 	return r;
 }
 
 static void notify(struct kvmpy_blk *b, uint32_t index)
 {
-	uint32_t want = FEATURES_OK | DRIVER_OK;
+	uint32_t want = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
 	uint64_t before;
 	const char *why = NULL;
-	uint16_t flags;
 
-	if ((b->s.status & (want | DEVICE_NEEDS_RESET | FAILED)) != want || index >= 1)
+	if ((b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) != want ||
+	    index >= 1)
 		return;
 	if (!b->s.q.ready)
 		return;
 	before = b->s.q.used_count;
 	if (serve_queue(b, &why) < 0)
-		kvmpy_vio_device_error(b, why);
-	if (b->s.q.used_count != before && !(kvmpy_vio_rd16(b, b->s.q.driver, &flags) == 0 &&
-					      (flags & VIRTQ_AVAIL_F_NO_INTERRUPT)))
-		b->s.interrupt_status |= INT_VRING;
-	kvmpy_vio_update_irq(b);
+		device_error(b, why);
+	if (kvmpy_vq_should_notify(&b->s.q, &b->mem, before))
+		b->s.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+	update_irq(b);
 }
 
 /* --- the transport registers (mmio.py: read, write) ------------------------------- */
@@ -242,7 +244,7 @@ static void reset(struct kvmpy_blk *b)
 	memset(&b->s.q, 0, sizeof(b->s.q));
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	b->s.interrupt_status = 0;
-	kvmpy_vio_update_irq(b);
+	update_irq(b);
 }
 
 static uint32_t feature_word(uint64_t features, uint32_t sel)
@@ -254,9 +256,9 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 {
 	if (off >= Config) {
 		off -= Config;
-		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > CONFIG_SIZE)
+		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > KVMPY_BLK_CONFIG_SIZE)
 			return 0;
-		return get_le(b->config + off, size);
+		return kvmpy_get_le(b->config + off, size);
 	}
 	if (size != 4 || off % 4)
 		return 0;
@@ -268,7 +270,7 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 	case DeviceID:
 		return VIRTIO_ID_BLOCK;
 	case VendorID:
-		return VIRTIO_MMIO_VENDOR;
+		return KVMPY_VIRTIO_MMIO_VENDOR;
 	case DeviceFeatures:
 		return feature_word(b->s.device_features, b->s.device_features_sel);
 	case QueueNumMax:
@@ -295,14 +297,15 @@ static void set_half(uint64_t *field, uint32_t value, int high)
 static void write_queue(struct kvmpy_blk *b, uint64_t off, uint32_t value)
 {
 	struct kvmpy_vq_state *q = &b->s.q;
+	const char *why;
 
 	if (b->s.queue_sel >= 1)
 		return;
 	if (off == QueueReady) {
 		if (!value)
 			q->ready = 0;
-		else if (!q->ready)
-			kvmpy_vq_enable(b);
+		else if (!q->ready && kvmpy_vq_enable(q, &b->mem, KVMPY_BLK_QUEUE_NUM_MAX, &why))
+			device_error(b, why);
 		return;
 	}
 	if (q->ready)
@@ -327,10 +330,10 @@ static void write_status(struct kvmpy_blk *b, uint32_t value)
 		reset(b);
 		return;
 	}
-	nw = value & 0xFF & ~(uint32_t)DEVICE_NEEDS_RESET;
-	if ((nw & FEATURES_OK) && !(b->s.status & FEATURES_OK) &&
+	nw = value & 0xFF & ~(uint32_t)VIRTIO_CONFIG_S_NEEDS_RESET;
+	if ((nw & VIRTIO_CONFIG_S_FEATURES_OK) && !(b->s.status & VIRTIO_CONFIG_S_FEATURES_OK) &&
 	    ((feats & ~b->s.device_features) || !((feats >> VIRTIO_F_VERSION_1) & 1)))
-		nw &= ~(uint32_t)FEATURES_OK;
+		nw &= ~(uint32_t)VIRTIO_CONFIG_S_FEATURES_OK;
 	b->s.status |= nw;
 }
 
@@ -347,7 +350,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 		b->s.device_features_sel = value;
 		break;
 	case DriverFeatures:
-		if (!(b->s.status & FEATURES_OK) && b->s.driver_features_sel < 2)
+		if (!(b->s.status & VIRTIO_CONFIG_S_FEATURES_OK) && b->s.driver_features_sel < 2)
 			set_half(&b->s.driver_features, value, b->s.driver_features_sel == 1);
 		break;
 	case DriverFeaturesSel:
@@ -361,7 +364,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 		break;
 	case InterruptACK:
 		b->s.interrupt_status &= ~value;
-		kvmpy_vio_update_irq(b);
+		update_irq(b);
 		break;
 	case Status:
 		write_status(b, value);
@@ -390,13 +393,13 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	b->fd = fd;
 	b->vm_fd = vm_fd;
 	b->gsi = gsi;
-	memcpy(b->id, id, ID_BYTES);
+	memcpy(b->id, id, VIRTIO_BLK_ID_BYTES);
 	b->s.readonly = !!readonly;
-	b->s.capacity = file_size / SECTOR;
+	b->s.capacity = file_size / KVMPY_BLK_SECTOR_SIZE;
 	b->s.device_features = (1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_BLK_F_SEG_MAX) |
 			       (1ull << VIRTIO_BLK_F_FLUSH) | (readonly ? 1ull << VIRTIO_BLK_F_RO : 0);
-	put_le(b->config, b->s.capacity, 8);			/* capacity */
-	put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
+	kvmpy_put_le(b->config, b->s.capacity, 8);			/* capacity */
+	kvmpy_put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	return b;
 }
@@ -448,10 +451,10 @@ static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *
 
 	if (s->status > 0xFF)
 		return 0;
-	if ((s->status & FEATURES_OK) &&
+	if ((s->status & VIRTIO_CONFIG_S_FEATURES_OK) &&
 	    ((feats & ~b->s.device_features) || !((feats >> VIRTIO_F_VERSION_1) & 1)))
 		return 0;	/* FEATURES_OK is refused for such features */
-	if (s->interrupt_status & ~(uint32_t)(INT_VRING | INT_CONFIG))
+	if (s->interrupt_status & ~(uint32_t)(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG))
 		return 0;
 	if (s->level != (s->interrupt_status != 0))
 		return 0;	/* the line always follows InterruptStatus */
@@ -459,14 +462,14 @@ static int state_valid(const struct kvmpy_blk *b, const struct kvmpy_blk_state *
 		return 0;
 	if (!q->ready)
 		return q->last_avail_idx == 0 && q->used_idx == 0;
-	if (kvmpy_vq_check(b, q))
+	if (kvmpy_vq_check(q, &b->mem, KVMPY_BLK_QUEUE_NUM_MAX))
 		return 0;
 	/* every chain taken is returned, except the one a driver error stopped */
 	switch ((uint16_t)(q->last_avail_idx - q->used_idx)) {
 	case 0:
 		return 1;
 	case 1:
-		return !!(s->status & DEVICE_NEEDS_RESET);
+		return !!(s->status & VIRTIO_CONFIG_S_NEEDS_RESET);
 	}
 	return 0;
 }
@@ -494,7 +497,7 @@ int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s)
 	b->s.q.used_idx = s->q.used_idx;
 	b->s.q.used_count = 0;
 	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s",
-		 s->status & DEVICE_NEEDS_RESET ? KVMPY_RESTORED_ERROR : "");
+		 s->status & VIRTIO_CONFIG_S_NEEDS_RESET ? KVMPY_RESTORED_ERROR : "");
 	pthread_mutex_unlock(&b->lock);
 	return 0;
 }
@@ -505,11 +508,11 @@ void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *da
 	if (len > 8)		/* data is kvm_run's 8-byte mmio.data */
 		return;
 	if (is_write) {
-		kvmpy_blk_write(b, off, len, get_le(data, len));
+		kvmpy_blk_write(b, off, len, kvmpy_get_le(data, len));
 	} else {
 		uint64_t v = kvmpy_blk_read(b, off, len);
 
 		memset(data, 0, 8);
-		put_le(data, v, len);
+		kvmpy_put_le(data, v, len);
 	}
 }

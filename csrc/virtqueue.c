@@ -1,37 +1,80 @@
 /*
  * virtqueue.c - the device side of a split virtqueue (virtio 1.2, 2.7) over hostile
- * guest RAM, plus guest-memory access and the interrupt line of a virtio-mmio device.
- * The specification is kvmpy/devices/virtio/queue.py: same checks, same order.
+ * guest RAM, and the guest-memory access every C virtio device goes through.
+ * The specification is kvmpy/devices/virtio/queue.py: the same checks in the same
+ * order, so the differential tests in tests/native/ see no difference.
+ *
+ * Nothing here knows about a device. A queue is its struct kvmpy_vq_state (the
+ * registers the transport fills in, the ring indices) plus the guest's memory
+ * table; errors come back as -EINVAL and a reason (*why) for the transport to
+ * turn into DEVICE_NEEDS_RESET. The caller serialises calls on one queue.
+ *
+ * How a device uses it (virtio_blk.c does exactly this; a virtio-net or vsock
+ * device would do the same once per queue, e.g. rx and tx):
+ *
+ *	QueueReady = 1:  kvmpy_vq_enable(q, mem, QUEUE_NUM_MAX, &why)
+ *	QueueNotify:     before = q->used_count;
+ *			 while ((r = kvmpy_vq_pop(q, mem, &chain, &why)) > 0) {
+ *				 read the request:  kvmpy_vq_gather / kvmpy_vq_iov on chain.rd
+ *				 write the answer:  kvmpy_vq_scatter, or kvmpy_vq_iov on chain.wr
+ *						    then kvmpy_vq_mark_dirty
+ *				 kvmpy_vq_push_used(q, mem, chain.head, bytes written);
+ *			 }
+ *			 if (r < 0) device error (why);
+ *			 if (kvmpy_vq_should_notify(q, mem, before)) raise VIRTIO_MMIO_INT_VRING;
+ *
+ * A device never converts a guest address itself: the buffers of a popped chain
+ * were checked against mem, and the helpers below turn them into host pointers.
+ * A net rx queue that waits for packets simply leaves chains unpopped (or keeps
+ * the popped chain) until it has data; nothing here allocates or blocks.
  */
+#include <errno.h>
+#include <string.h>
+
 #include "virtio.h"
 
-/* The host pointer for guest [gpa, gpa+len), or NULL unless it lies inside one RAM
- * region (overflow-safe). Every guest access in virtqueue.c and virtio_blk.c goes
- * through this check before a guest address becomes a host pointer. */
-uint8_t *kvmpy_vio_hva(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
+/* --- guest memory ------------------------------------------------------------------- */
+
+uint8_t *kvmpy_mem_hva(const struct kvmpy_guest_mem *mem, uint64_t gpa, uint64_t len)
 {
 	uint32_t i;
 
-	for (i = 0; i < b->mem.n && i < KVMPY_MAX_REGIONS; i++) {
-		const struct kvmpy_mem_region *r = &b->mem.r[i];
+	for (i = 0; i < mem->n && i < KVMPY_MAX_REGIONS; i++) {
+		const struct kvmpy_mem_region *r = &mem->r[i];
 
+		/* SAFETY: this is the check: gpa - r->gpa <= size and len <= size - that,
+		 * so [gpa, gpa+len) lies inside [r->gpa, r->gpa + size) without overflow */
 		if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
 			return r->hva + (gpa - r->gpa);
 	}
 	return NULL;
 }
 
-/* Record that the VMM wrote guest [gpa, gpa+len): atomically set the region's
- * dirty bits (dirty.c) so live migration resends those pages. Call it after the
- * bytes are written. Ranges outside RAM or regions without a bitmap are ignored. */
-void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
+int kvmpy_mem_read(const struct kvmpy_guest_mem *mem, uint64_t gpa, void *out, uint32_t len)
+{
+	/* SAFETY: kvmpy_mem_hva: NULL unless [gpa, gpa+len) lies inside one RAM region */
+	const volatile uint8_t *p = kvmpy_mem_hva(mem, gpa, len);
+	uint8_t *o = out;
+	uint32_t i;
+
+	if (!p)
+		return -EFAULT;
+	for (i = 0; i < len; i++)	/* volatile: the guest may rewrite it meanwhile */
+		o[i] = p[i];
+	return 0;
+}
+
+/* Record that the VMM wrote guest [gpa, gpa+len): atomically set the region's dirty
+ * bits (dirty.c) so live migration resends those pages. Call it after the bytes are
+ * written. Ranges outside RAM or regions without a bitmap are ignored. */
+void kvmpy_mem_mark_dirty(const struct kvmpy_guest_mem *mem, uint64_t gpa, uint64_t len)
 {
 	uint32_t i;
 
 	if (!len)
 		return;
-	for (i = 0; i < b->mem.n && i < KVMPY_MAX_REGIONS; i++) {
-		const struct kvmpy_mem_region *r = &b->mem.r[i];
+	for (i = 0; i < mem->n && i < KVMPY_MAX_REGIONS; i++) {
+		const struct kvmpy_mem_region *r = &mem->r[i];
 
 		if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa)) {
 			uint64_t first = (gpa - r->gpa) / KVMPY_PAGE_SIZE;
@@ -43,169 +86,265 @@ void kvmpy_vio_mark_dirty(const struct kvmpy_blk *b, uint64_t gpa, uint64_t len)
 	}
 }
 
-int kvmpy_vio_rd16(const struct kvmpy_blk *b, uint64_t gpa, uint16_t *v)
+static int read_u16(const struct kvmpy_guest_mem *mem, uint64_t gpa, uint16_t *v)
 {
-	uint8_t *p = kvmpy_vio_hva(b, gpa, 2);
+	uint8_t b[2];
 
-	if (!p)
-		return -1;
-	*v = (uint16_t)(p[0] | p[1] << 8);
+	if (kvmpy_mem_read(mem, gpa, b, sizeof(b)))
+		return -EFAULT;
+	*v = (uint16_t)kvmpy_get_le(b, 2);
 	return 0;
 }
 
-/* --- interrupts and errors (mmio.py: _update_irq, _device_error) --------------- */
+/* --- the split virtqueue (queue.py) --------------------------------------------------- */
 
-void kvmpy_vio_update_irq(struct kvmpy_blk *b)
-{
-	uint32_t level = b->s.interrupt_status != 0;
-
-	if (level == b->s.level)
-		return;
-	b->s.level = level;
-	b->s.irq_changes++;
-	if (b->gsi >= 0) {
-		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
-
-		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
-	}
-}
-
-void kvmpy_vio_device_error(struct kvmpy_blk *b, const char *reason)
-{
-	if (b->s.status & DEVICE_NEEDS_RESET)
-		return;
-	snprintf(b->s.last_error, sizeof(b->s.last_error), "%s", reason);
-	b->s.status |= DEVICE_NEEDS_RESET;
-	if (b->s.status & DRIVER_OK)
-		b->s.interrupt_status |= INT_CONFIG;
-	kvmpy_vio_update_irq(b);
-}
-
-/* --- the split virtqueue (queue.py) -------------------------------------------- */
-
-/* The QueueReady checks (mmio.py _enable, VirtQueue.__init__) of q: NULL if it may
- * go live, else why not. Shared by enable and kvmpy_blk_set_state. */
-const char *kvmpy_vq_check(const struct kvmpy_blk *b, const struct kvmpy_vq_state *q)
+const char *kvmpy_vq_check(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			   uint64_t num_max)
 {
 	uint64_t n = q->num;
 
-	if (n < 1 || n > KVMPY_BLK_QUEUE_NUM_MAX)
+	if (n < 1 || n > num_max || n > KVMPY_VQ_NUM_MAX)
 		return "QueueNum is not in 1..QueueNumMax";
 	if (n & (n - 1))
 		return "queue size is not a power of two";
 	if (q->desc % 16 || q->driver % 2 || q->device % 4)
 		return "ring address is not aligned";
-	if (!kvmpy_vio_hva(b, q->desc, 16 * n) || !kvmpy_vio_hva(b, q->driver, 6 + 2 * n) || !kvmpy_vio_hva(b, q->device, 6 + 8 * n))
+	if (!kvmpy_mem_hva(mem, q->desc, 16 * n) || !kvmpy_mem_hva(mem, q->driver, 6 + 2 * n) ||
+	    !kvmpy_mem_hva(mem, q->device, 6 + 8 * n))
 		return "ring is outside guest RAM";
 	return NULL;
 }
 
-int kvmpy_vq_enable(struct kvmpy_blk *b)
+int kvmpy_vq_enable(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		    uint64_t num_max, const char **why)
 {
-	struct kvmpy_vq_state *q = &b->s.q;
-	const char *why = kvmpy_vq_check(b, q);
-
-	if (why) {
-		kvmpy_vio_device_error(b, why);
-		return -1;
-	}
+	*why = kvmpy_vq_check(q, mem, num_max);
+	if (*why)
+		return -EINVAL;
 	q->ready = 1;
 	q->last_avail_idx = q->used_idx = 0;
 	q->used_count = 0;
 	return 0;
 }
 
-/* Walk the chain at head into b->rd/b->wr: 1 = a chain, 0 = none, -1 = driver error. */
-static int walk(struct kvmpy_blk *b, uint16_t head, const char **why)
+/* A live queue's size: kvmpy_vq_check let no other through. It bounds the chain
+ * arrays (a chain has at most num buffers) and the ring slot arithmetic (% num). */
+static int live_size(const struct kvmpy_vq_state *q)
 {
-	const struct kvmpy_vq_state *q = &b->s.q;
-	uint32_t index = head, count = 0;
+	return q->num >= 1 && q->num <= KVMPY_VQ_NUM_MAX;
+}
+
+/* One non-empty descriptor's buffer into c (queue.py _check_buffer and the order
+ * rule of _walk): 0, or -EINVAL. */
+static int add_buf(struct kvmpy_vq_chain *c, const struct kvmpy_guest_mem *mem, uint64_t addr,
+		   uint32_t len, uint16_t flags, const char **why)
+{
+	struct kvmpy_vq_buf buf = { .gpa = addr, .len = len };
+
+	if (addr > UINT64_MAX - len + 1)	/* addr + len > 2^64 (len >= 1) */
+		return *why = "buffer overflows 64 bits", -EINVAL;
+	if (!kvmpy_mem_hva(mem, addr, len))
+		return *why = "buffer is outside guest RAM", -EINVAL;
+	/* nrd + nwr < count <= num <= KVMPY_VQ_NUM_MAX: walk() and live_size() */
+	if (flags & VIRTQ_DESC_F_WRITE)
+		c->wr[c->nwr++] = buf;
+	else if (c->nwr)
+		return *why = "device-readable descriptor after a device-writable one", -EINVAL;
+	else
+		c->rd[c->nrd++] = buf;
+	return 0;
+}
+
+/* Walk the chain at c->head into c (queue.py _walk): 0, or -EINVAL. */
+static int walk(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		struct kvmpy_vq_chain *c, const char **why)
+{
+	uint32_t index = c->head, count = 0;
 	uint64_t total = 0;
 
-	b->nrd = b->nwr = 0;
+	c->nrd = c->nwr = 0;
 	for (;;) {
-		uint8_t *d;
+		uint8_t d[16];		/* struct virtq_desc, read once */
 		uint64_t addr;
 		uint32_t len;
 		uint16_t flags, next;
 
 		if (index >= q->num)
-			return *why = "descriptor index >= queue size", -1;
+			return *why = "descriptor index >= queue size", -EINVAL;
 		if (++count > q->num)
-			return *why = "descriptor chain longer than the queue size (a loop?)", -1;
-		d = kvmpy_vio_hva(b, q->desc + 16ull * index, 16);	/* table checked at enable: non-NULL */
-		if (!d)
-			return *why = "descriptor outside guest RAM", -1;
-		addr = get_le(d, 8);
-		len = (uint32_t)get_le(d + 8, 4);
-		flags = (uint16_t)get_le(d + 12, 2);
-		next = (uint16_t)get_le(d + 14, 2);
+			return *why = "descriptor chain longer than the queue size (a loop?)", -EINVAL;
+		if (kvmpy_mem_read(mem, q->desc + 16ull * index, d, sizeof(d)))
+			return *why = "descriptor outside guest RAM", -EINVAL;
+		addr = kvmpy_get_le(d, 8);
+		len = (uint32_t)kvmpy_get_le(d + 8, 4);
+		flags = (uint16_t)kvmpy_get_le(d + 12, 2);
+		next = (uint16_t)kvmpy_get_le(d + 14, 2);
 		if (flags & VIRTQ_DESC_F_INDIRECT)
-			return *why = "indirect descriptor (VIRTIO_F_INDIRECT_DESC not offered)", -1;
+			return *why = "indirect descriptor (VIRTIO_F_INDIRECT_DESC not offered)", -EINVAL;
 		if (len) {
-			if (addr > UINT64_MAX - len + 1)	/* addr + len > 2^64 (len >= 1) */
-				return *why = "buffer overflows 64 bits", -1;
-			if (!kvmpy_vio_hva(b, addr, len))
-				return *why = "buffer is outside guest RAM", -1;
-			if (flags & VIRTQ_DESC_F_WRITE) {
-				b->wr[b->nwr].gpa = addr;
-				b->wr[b->nwr++].len = len;
-			} else if (b->nwr) {
-				return *why = "device-readable descriptor after a device-writable one", -1;
-			} else {
-				b->rd[b->nrd].gpa = addr;
-				b->rd[b->nrd++].len = len;
-			}
+			if (add_buf(c, mem, addr, len, flags, why))
+				return -EINVAL;
 			total += len;
 			if (total > (1ull << 32))
-				return *why = "descriptor chain longer than 2^32 bytes", -1;
+				return *why = "descriptor chain longer than 2^32 bytes", -EINVAL;
 		}
 		if (!(flags & VIRTQ_DESC_F_NEXT))
-			return 1;
+			return 0;
 		index = next;
 	}
 }
 
-/* queue.py VirtQueue.pop: 1 = chain in rd/wr with *head set, 0 = none, -1 = error */
-int kvmpy_vq_pop(struct kvmpy_blk *b, uint16_t *head, const char **why)
+int kvmpy_vq_pop(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		 struct kvmpy_vq_chain *c, const char **why)
 {
-	struct kvmpy_vq_state *q = &b->s.q;
 	uint16_t idx, pending;
-	int r;
 
-	if (kvmpy_vio_rd16(b, q->driver + 2, &idx))
-		return *why = "available ring outside guest RAM", -1;
+	if (!live_size(q))
+		return *why = "queue is not live", -EINVAL;
+	if (read_u16(mem, q->driver + 2, &idx))
+		return *why = "available ring outside guest RAM", -EINVAL;
 	pending = (uint16_t)(idx - q->last_avail_idx);
 	if (pending == 0)
 		return 0;
 	if (pending > q->num)
-		return *why = "available idx too far ahead", -1;
-	if (kvmpy_vio_rd16(b, q->driver + 4 + 2ull * (q->last_avail_idx % q->num), head))
-		return *why = "available ring outside guest RAM", -1;
-	r = walk(b, *head, why);
-	if (r < 0)
-		return r;
+		return *why = "available idx too far ahead", -EINVAL;
+	/* the ring entry and the descriptors after idx, in the order the driver wrote them */
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	if (read_u16(mem, q->driver + 4 + 2ull * (q->last_avail_idx % q->num), &c->head))
+		return *why = "available ring outside guest RAM", -EINVAL;
+	if (walk(q, mem, c, why))
+		return -EINVAL;
 	q->last_avail_idx++;
 	return 1;
 }
 
-void kvmpy_vq_push_used(struct kvmpy_blk *b, uint16_t head, uint32_t written)
+void kvmpy_vq_push_used(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			uint16_t head, uint32_t written)
 {
-	struct kvmpy_vq_state *q = &b->s.q;
-	/* used ring bounds checked at enable; slot index < num */
-	uint8_t *elem = kvmpy_vio_hva(b, q->device + 4 + 8ull * (q->used_idx % q->num), 8);
-	uint8_t *idx = kvmpy_vio_hva(b, q->device + 2, 2);
+	uint64_t slot, idx_gpa = q->device + 2;
+	uint8_t *elem, *idx;
 
+	if (!live_size(q))
+		return;
+	slot = q->device + 4 + 8ull * (q->used_idx % q->num);
+	/* SAFETY: kvmpy_mem_hva checks each range lies inside one RAM region (and
+	 * kvmpy_vq_check found the whole used ring there when q went live) */
+	elem = kvmpy_mem_hva(mem, slot, 8);
+	idx = kvmpy_mem_hva(mem, idx_gpa, 2);
 	if (!elem || !idx)
 		return;
-	put_le(elem, head, 4);
-	put_le(elem + 4, written, 4);
-	/* dirty: the used element we just wrote */
-	kvmpy_vio_mark_dirty(b, q->device + 4 + 8ull * (q->used_idx % q->num), 8);
+	kvmpy_put_le(elem, head, 4);
+	kvmpy_put_le(elem + 4, written, 4);
+	kvmpy_mem_mark_dirty(mem, slot, 8);		/* dirty: the used element */
 	__atomic_thread_fence(__ATOMIC_RELEASE);	/* element before idx, as the driver reads them */
 	q->used_idx++;
-	put_le(idx, q->used_idx, 2);
-	/* dirty: used.idx */
-	kvmpy_vio_mark_dirty(b, q->device + 2, 2);
+	kvmpy_put_le(idx, q->used_idx, 2);
+	kvmpy_mem_mark_dirty(mem, idx_gpa, 2);		/* dirty: used.idx */
 	q->used_count++;
+}
+
+int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+			   uint64_t used_before)
+{
+	uint16_t flags;
+
+	if (q->used_count == used_before)
+		return 0;
+	/* used.idx stored before avail.flags is loaded (2.7.7; kvmtool: should_signal) */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	/* flags unreadable cannot happen (checked at enable): then notify */
+	return !(read_u16(mem, q->driver, &flags) == 0 && (flags & VIRTQ_AVAIL_F_NO_INTERRUPT));
+}
+
+/* --- the buffers of a popped chain ----------------------------------------------------
+ * b[0..n) must be buffers of a chain kvmpy_vq_pop returned for the same mem (whose
+ * regions do not change while the device lives): each lies inside one RAM region,
+ * so every slice of one does too, and kvmpy_mem_hva cannot return NULL for it. */
+
+uint64_t kvmpy_vq_bufs_len(const struct kvmpy_vq_buf *b, uint32_t n)
+{
+	uint64_t t = 0;
+	uint32_t i;
+
+	for (i = 0; i < n; i++)
+		t += b[i].len;
+	return t;
+}
+
+/* What is left of buffer b after skipping *skip bytes, at most len: its length
+ * (0 = nothing, *skip reduced) and in *gpa its start. */
+static uint64_t slice(const struct kvmpy_vq_buf *b, uint64_t *skip, uint64_t len, uint64_t *gpa)
+{
+	uint64_t n;
+
+	if (*skip >= b->len) {
+		*skip -= b->len;
+		return 0;
+	}
+	*gpa = b->gpa + *skip;
+	n = b->len - *skip;
+	*skip = 0;
+	return n < len ? n : len;
+}
+
+void kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		     uint32_t n, uint8_t *out, uint64_t len)
+{
+	uint64_t skip = 0, gpa = 0, k;
+	uint32_t i;
+
+	for (i = 0; i < n && len; i++) {
+		k = slice(&b[i], &skip, len, &gpa);
+		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
+		memcpy(out, kvmpy_mem_hva(mem, gpa, k), k);
+		out += k;
+		len -= k;
+	}
+}
+
+void kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		      uint32_t n, const uint8_t *in, uint64_t len)
+{
+	uint64_t skip = 0, gpa = 0, k;
+	uint32_t i;
+
+	for (i = 0; i < n && len; i++) {
+		k = slice(&b[i], &skip, len, &gpa);
+		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
+		memcpy(kvmpy_mem_hva(mem, gpa, k), in, k);
+		kvmpy_mem_mark_dirty(mem, gpa, k);	/* dirty: the bytes just copied in */
+		in += k;
+		len -= k;
+	}
+}
+
+uint32_t kvmpy_vq_iov(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		      uint32_t n, uint64_t skip, uint64_t len, struct iovec *iov)
+{
+	uint64_t gpa = 0, k;
+	uint32_t i, niov = 0;
+
+	for (i = 0; i < n && len; i++) {
+		k = slice(&b[i], &skip, len, &gpa);
+		if (!k)
+			continue;
+		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
+		iov[niov].iov_base = kvmpy_mem_hva(mem, gpa, k);
+		iov[niov++].iov_len = k;
+		len -= k;
+	}
+	return niov;
+}
+
+void kvmpy_vq_mark_dirty(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+			 uint32_t n, uint64_t skip, uint64_t len)
+{
+	uint64_t gpa = 0, k;
+	uint32_t i;
+
+	for (i = 0; i < n && len; i++) {
+		k = slice(&b[i], &skip, len, &gpa);
+		kvmpy_mem_mark_dirty(mem, gpa, k);	/* k == 0: nothing */
+		len -= k;
+	}
 }
