@@ -116,7 +116,12 @@ int kvmpy_run(struct kvmpy_loop *l)
 	uint64_t t_out = l->last_exit_ns ? l->last_exit_ns : now_ns(), t_in;
 	int r, served;
 
-	/* VMM time runs from the last exit to the next entry, including Python's share */
+	/*
+	 * VMM time runs from the last exit to the next entry, including Python's share
+	 * between two calls. last_exit_ns is that last exit; Python sets it to 0 where its
+	 * clock must not run on (a new run, a parked vCPU), else the time between two
+	 * runs, spent doing anything, would be counted as this vCPU's VMM time.
+	 */
 	for (;;) {
 		t_in = now_ns();
 		l->c.vmm_ns += t_in - t_out;

@@ -2,12 +2,14 @@
  * exit_ref.c - the C reference (variant `raw`) of `kvmpy bench exits --all`
  * (kvmpy/bench/exits.py): one exit kind per process, the least a VMM can do.
  *
- *   exit_ref IMAGE ENTRY KIND WARMUP
+ *   exit_ref IMAGE ENTRY KIND WARMUP [pc|bare]
  *
  * Set-up: /dev/kvm, one VM, 2 MiB of anonymous RAM at guest-physical 0, the
  * image (kvmpy/bench/exit_kinds.S, linked at 0x100000) copied to 0x100000,
- * one vCPU in flat 32-bit protected mode (CPL0, paging off) at ENTRY.  No
- * irqchip, so HLT exits to user space.  KIND is one of
+ * one vCPU in flat 32-bit protected mode (CPL0, paging off) at ENTRY.  With
+ * "pc" the VM also gets what kvmpy's Machine gives it by default (TSS and
+ * identity-map pages, in-kernel irqchip and PIT), so both pay the same KVM_RUN;
+ * "bare" (the default) has none, so HLT exits to user space.  KIND is one of
  *
  *   pio-out pio-in mmio-write mmio-read hlt   one user-space exit per guest
  *                                             iteration, checked and re-entered
@@ -40,6 +42,8 @@
 #define MARK_PORT	0x80
 #define NOTIFY_PORT	0x84
 #define MMIO_ADDR	0xe0000000ULL
+#define TSS_ADDR	0xfffbd000UL	/* kvmpy/x86/layout.py KVM_TSS_ADDR */
+#define IDENTITY_MAP	0xfffbc000ULL	/* kvmpy/x86/layout.py KVM_IDENTITY_MAP_ADDR */
 
 enum kind { PIO_OUT, PIO_IN, MMIO_WRITE, MMIO_READ, HLT, CPUID, IOEVENTFD, NOP };
 static const char *const kinds[] = {
@@ -69,7 +73,25 @@ static void seg(struct kvm_segment *s, uint16_t sel, uint8_t type)
 	s->g = 1;
 }
 
-static int setup(const char *image, unsigned long entry)
+/* What Machine(irqchip=True), kvmpy's default, adds to the VM before its vCPUs. */
+static int pc_platform(int vm)
+{
+	struct kvm_pit_config pit;
+	uint64_t map = IDENTITY_MAP;
+
+	if (ioctl(vm, KVM_SET_TSS_ADDR, TSS_ADDR) < 0)
+		return fail("KVM_SET_TSS_ADDR");
+	if (ioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, &map) < 0)
+		return fail("KVM_SET_IDENTITY_MAP_ADDR");
+	if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0)
+		return fail("KVM_CREATE_IRQCHIP");
+	memset(&pit, 0, sizeof(pit));
+	if (ioctl(vm, KVM_CREATE_PIT2, &pit) < 0)
+		return fail("KVM_CREATE_PIT2");
+	return 0;
+}
+
+static int setup(const char *image, unsigned long entry, int pc)
 {
 	struct kvm_userspace_memory_region mem;
 	struct kvm_sregs sregs;
@@ -107,6 +129,8 @@ static int setup(const char *image, unsigned long entry)
 	mem.userspace_addr = (uintptr_t)ram;
 	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &mem) < 0)
 		return fail("KVM_SET_USER_MEMORY_REGION");
+	if (pc && pc_platform(vm) < 0)
+		return -1;
 	if (kind == IOEVENTFD) {
 		struct kvm_ioeventfd io = { .addr = NOTIFY_PORT, .len = 1, .flags = KVM_IOEVENTFD_FLAG_PIO };
 
@@ -213,8 +237,8 @@ int main(int argc, char **argv)
 	uint64_t t0;
 	unsigned i;
 
-	if (argc != 5) {
-		fprintf(stderr, "usage: %s IMAGE ENTRY KIND WARMUP\n", argv[0]);
+	if ((argc != 5 && argc != 6) || (argc == 6 && strcmp(argv[5], "pc") && strcmp(argv[5], "bare"))) {
+		fprintf(stderr, "usage: %s IMAGE ENTRY KIND WARMUP [pc|bare]\n", argv[0]);
 		return 2;
 	}
 	for (i = 0; i < sizeof(kinds) / sizeof(kinds[0]) && strcmp(argv[3], kinds[i]); i++)
@@ -226,7 +250,7 @@ int main(int argc, char **argv)
 	kind = (enum kind)i;
 	entry = arg_ulong(argv[2], "ENTRY");
 	warmup = arg_ulong(argv[4], "WARMUP");
-	if (setup(argv[1], entry) < 0 || run_exits(warmup) < 0)
+	if (setup(argv[1], entry, argc == 6 && !strcmp(argv[5], "pc")) < 0 || run_exits(warmup) < 0)
 		return 1;
 	printf("ready\n");
 	fflush(stdout);

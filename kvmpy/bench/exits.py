@@ -18,15 +18,23 @@ Informative extras (--no-extras drops them):
   python-device  Machine(native=True) with a Python device on port 0x80 that
                  stops the run after N writes: C hands every exit to Python
 
+Like for like: every variant's VM has the same platform. By default that is
+kvmpy's (Machine(irqchip=True): in-kernel irqchip and PIT, TSS and identity-map
+pages), and pio_ref builds the same ("pc"); --no-irqchip gives all of them none.
+
 Time-stopped variants run one run(timeout=T) per round and divide the run loop's
 own time (m.stats.kvm_ns + vmm_ns: from its first KVM_RUN to its last exit, the
 span pio_ref times) by the PIO exits it counted. T is calibrated by an untimed
 warm-up run on the same Machine, then by the previous round, so that a round is
 about --exits exits. The rest of the run() call, its fixed cost (starting the
 timer and flusher threads: a few ms on a busy host), is reported separately
-("split" in the JSON, with the wall time per exit). Rounds interleave the
-variants in a rotating order; the table shows medians and ratios to raw's median.
-Targets on the development machines: native/raw <= 1.05, python/raw <= 1.3.
+("split" in the JSON, with the wall time per exit, from the median round so
+that its parts add up). A round whose loop time is more than its wall time, or
+whose parts do not add up, stops the benchmark (BenchError): no ratio is printed
+from numbers that cannot be right. Rounds interleave the variants in a rotating
+order; the table shows medians and ratios to raw's median, by the loops' clocks
+and by wall time per exit. Targets on the development machines: native/raw <=
+1.05, python/raw <= 1.3.
 
 --all, the exit-cost lab: one table of ns per exit for every exit kind, each from
 its own loop in exit_kinds.S (32-bit protected mode, assembled at run time): PIO
@@ -56,6 +64,8 @@ VARIANTS = ("raw", "native", "python")
 EXTRAS = ("cffi-ioctl", "vcpu.run", "python-device")
 TARGETS = {"native/raw": 1.05, "python/raw": 1.3}
 CALIBRATE_S = 0.05              # the warm-up run that calibrates T, and the shortest T
+#: how far a round's loop clock (kvm_ns + vmm_ns) may run ahead of its wall clock: clock reads
+CLOCK_SLACK_NS = 200_000
 
 
 def add_arguments(p) -> None:
@@ -65,6 +75,10 @@ def add_arguments(p) -> None:
                    help="interleaved rounds (default 5)")
     p.add_argument("--warmup", type=_common.nonnegative, default=2_000, metavar="N",
                    help="untimed exits per variant before timing (default 2000)")
+    p.add_argument("--no-irqchip", action="store_true",
+                   help="every variant without the in-kernel irqchip and PIT (Machine(irqchip=False), "
+                        "pio_ref bare); default: kvmpy's default platform for all, pio_ref included. "
+                        "Not with --all: there each kind has kvmpy's default platform, hlt none")
     p.add_argument("--no-extras", action="store_true",
                    help="only raw, native and python (skip cffi-ioctl, vcpu.run, python-device)")
     p.add_argument("--all", action="store_true",
@@ -82,9 +96,9 @@ class Raw:
     timed batch, answered over a pipe (the pipe is outside the timed part).
     """
 
-    def __init__(self, image: pathlib.Path, tmpdir: pathlib.Path, warmup: int):
+    def __init__(self, image: pathlib.Path, tmpdir: pathlib.Path, warmup: int, irqchip: bool = True):
         exe = _common.compile_c("pio_ref.c", tmpdir)
-        self.argv = [str(exe), str(image), "serve", str(warmup)]
+        self.argv = [str(exe), str(image), "serve", str(warmup), "pc" if irqchip else "bare"]
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self._expect("ready")
@@ -115,11 +129,11 @@ class Raw:
         self.proc.stderr.close()
 
 
-def _machine(native: bool):
+def _machine(native: bool, irqchip: bool = True):
     import kvmpy
     from kvmpy import guests
     g = guests.get(GUEST)
-    m = kvmpy.Machine(mem_size=RAM, native=native)
+    m = kvmpy.Machine(mem_size=RAM, native=native, irqchip=irqchip)
     try:
         m.load(guests.path(GUEST), format=g.format, mode=g.mode, load_addr=g.load_addr, entry=g.entry)
     except BaseException:
@@ -131,8 +145,9 @@ def _machine(native: bool):
 class TimedMachine:
     """``native`` and ``python``: no device on port 0x80, so the run is stopped by its timeout."""
 
-    def __init__(self, native: bool, machine=None, counter: str = "io-out", label: str = GUEST):
-        self.m = _machine(native) if machine is None else machine
+    def __init__(self, native: bool, machine=None, counter: str = "io-out", label: str = GUEST,
+                 irqchip: bool = True):
+        self.m = _machine(native, irqchip) if machine is None else machine
         self.counter, self.label = counter, label
         self.ns_estimate = 10_000.0
 
@@ -152,9 +167,7 @@ class TimedMachine:
                              f"exits by reason: {dict(s.exits)}")
         # The run loop's own clock: from its first KVM_RUN to its last exit (the span pio_ref
         # times too). The rest of the run() call is its fixed cost: threads, timer, harvest.
-        loop = (s.kvm_ns - k0) + (s.vmm_ns - v0)
-        return {"ns": loop / n, "exits": n, "kvm_ns": (s.kvm_ns - k0) / n, "vmm_ns": (s.vmm_ns - v0) / n,
-                "wall_ns": (t1 - t0) / n, "run_overhead_us": (t1 - t0 - loop) / 1000}
+        return _split(self.label, n, s.kvm_ns - k0, s.vmm_ns - v0, t1 - t0, 1)
 
     def warm(self, n: int) -> None:
         """Run untimed (caches, shadow page tables) and calibrate ns/exit for choosing T."""
@@ -166,6 +179,25 @@ class TimedMachine:
         r = self._run(max(CALIBRATE_S, n * self.ns_estimate / 1e9))
         self.ns_estimate = r["ns"]                  # the next round's T follows the host's pace
         return r
+
+
+def _split(label: str, n: int, kvm: int, vmm: int, wall: int, runs: int) -> dict:
+    """One round of a Machine variant: ns per exit by the loop's clock and by the wall
+    clock, and the parts, which must add up: the loop's time (KVM_RUN + VMM) is part of
+    the run() calls' wall time, the rest is their fixed cost. BenchError if not."""
+    loop = kvm + vmm
+    if kvm <= 0 or vmm < 0 or loop > wall + runs * CLOCK_SLACK_NS:
+        raise BenchError(f"{label}: the run loop's clock does not add up: {kvm} ns in KVM_RUN + {vmm} ns "
+                         f"in the VMM = {loop} ns, in run() calls that took {wall} ns of wall time "
+                         f"({n} exits); no ratio from these numbers")
+    return {"ns": loop / n, "exits": n, "kvm_ns": kvm / n, "vmm_ns": vmm / n, "wall_ns": wall / n,
+            "run_overhead_us": max(0, wall - loop) / runs / 1000}
+
+
+def _median_round(samples: list[dict]) -> dict:
+    """The round whose ns is the median (the lower one of an even count): its parts add up,
+    where medians taken part by part need not."""
+    return sorted(samples, key=lambda s: s["ns"])[(len(samples) - 1) // 2]
 
 
 class _StopAfter:
@@ -186,8 +218,8 @@ class _StopAfter:
 class PythonDevice:
     """``python-device``: a native Machine whose port 0x80 belongs to a Python device."""
 
-    def __init__(self):
-        self.m = _machine(native=True)
+    def __init__(self, irqchip: bool = True):
+        self.m = _machine(native=True, irqchip=irqchip)
         self.dev = _StopAfter(self.m)
         self.m.pio.attach(PORT, 1, self.dev, "stop-after")
 
@@ -282,12 +314,14 @@ def measure(args, progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as tmp:
         try:
             progress("building pio_ref.c ...")
-            raw = own(Raw(image, pathlib.Path(tmp), args.warmup))
-            native, python = own(TimedMachine(native=True)), own(TimedMachine(native=False))
+            irqchip = not args.no_irqchip
+            raw = own(Raw(image, pathlib.Path(tmp), args.warmup, irqchip))
+            native = own(TimedMachine(native=True, irqchip=irqchip))
+            python = own(TimedMachine(native=False, irqchip=irqchip))
             run = {"raw": raw.measure, "native": native.measure, "python": python.measure}
             warm = {"native": native.warm, "python": python.warm}      # raw warmed up before "ready"
             if not args.no_extras:
-                bare, dev = own(BareVcpu(image)), own(PythonDevice())
+                bare, dev = own(BareVcpu(image)), own(PythonDevice(irqchip))
                 run.update({"cffi-ioctl": bare.cffi_ioctl, "vcpu.run": bare.vcpu_run,
                             "python-device": dev.measure})
                 warm.update({"cffi-ioctl": bare.cffi_ioctl, "vcpu.run": bare.vcpu_run,
@@ -309,16 +343,19 @@ def _result(args, image, variants, samples) -> dict:
     ns = {v: [s["ns"] for s in samples[v]] for v in variants}
     summary = {v: _common.summarize(ns[v]) for v in variants}
     raw = summary["raw"]["median"]
-    split = {}
+    split, wall = {}, {}
     for v in ("native", "python"):
-        med = lambda key: _common.summarize([s[key] for s in samples[v]])["median"]  # noqa: E731
-        split[v] = {"kvm_ns_per_exit": round(med("kvm_ns"), 1), "vmm_ns_per_exit": round(med("vmm_ns"), 1),
-                    "wall_ns_per_exit": round(med("wall_ns"), 1), "run_overhead_us": round(med("run_overhead_us"), 1)}
+        m = _median_round(samples[v])
+        split[v] = {"kvm_ns_per_exit": round(m["kvm_ns"], 1), "vmm_ns_per_exit": round(m["vmm_ns"], 1),
+                    "wall_ns_per_exit": round(m["wall_ns"], 1), "run_overhead_us": round(m["run_overhead_us"], 1)}
+        wall[f"{v}/raw"] = round(_common.summarize([s["wall_ns"] for s in samples[v]])["median"] / raw, 3)
     return {
         "benchmark": NAME,
         "host": _common.host_info(),
         "params": {"exits": args.exits, "rounds": args.rounds, "warmup": args.warmup, "guest": GUEST,
-                   "image": str(image), "order": "rotating per round"},
+                   "image": str(image), "order": "rotating per round",
+                   "platform": "bare (no irqchip, no PIT)" if args.no_irqchip else
+                   "pc (in-kernel irqchip and PIT, TSS and identity map): every variant, raw too"},
         "results": [{"variant": v, "metric": "ns_per_exit", "value": round(summary[v]["median"], 1), "unit": "ns"}
                     for v in variants],
         "ratios": {f"{v}/raw": round(summary[v]["median"] / raw, 3) for v in variants[1:]},
@@ -328,6 +365,7 @@ def _result(args, image, variants, samples) -> dict:
         "samples": {v: [round(x, 1) for x in ns[v]] for v in variants},
         "exits_per_round": {v: [s["exits"] for s in samples[v]] for v in variants},
         "split": split,
+        "wall_ratios": wall,
     }
 
 
@@ -344,10 +382,13 @@ def table(result: dict) -> str:
     p = result["params"]
     lines = [f"PIO exit round trip, guest {p['guest']}: {p['rounds']} rounds x ~{p['exits']} exits per variant",
              _common.host_line(result["host"]),
+             f"platform: {p.get('platform', '?')}",
              _common.format_table(["variant", "ns/exit median", "min", "x raw", "ns over raw", "exits/round"], rows)]
     for v, sp in result["split"].items():
-        lines.append(f"{v}: {sp['kvm_ns_per_exit']:.0f} ns in KVM_RUN + {sp['vmm_ns_per_exit']:.0f} ns in the "
-                     f"VMM per exit; run() fixed cost {sp['run_overhead_us']:.0f} us per round")
+        lines.append(f"{v} (median round): {sp['kvm_ns_per_exit']:.0f} ns in KVM_RUN + {sp['vmm_ns_per_exit']:.0f} "
+                     f"ns in the VMM per exit; {sp['wall_ns_per_exit']:.0f} ns wall per exit, run() fixed cost "
+                     f"{sp['run_overhead_us']:.0f} us per round; by wall time "
+                     f"{v}/raw = {result['wall_ratios'][f'{v}/raw']:.3f}")
     for k, limit in result["targets"].items():
         got = result["ratios"][k]
         lines.append(f"{k} = {got:.3f} (target <= {limit}: {'met' if got <= limit else 'NOT met'})")
@@ -378,15 +419,21 @@ class RawKind(Raw):
     each request is in batches of REPS guest exits, and the answer is per batch."""
 
     def __init__(self, exe: pathlib.Path, image: pathlib.Path, kind: str, warmup: int):
-        self.argv = [str(exe), str(image), str(KIND_BASE + KINDS[kind][0] * 0x1000), kind, str(warmup)]
+        self.argv = [str(exe), str(image), str(KIND_BASE + KINDS[kind][0] * 0x1000), kind, str(warmup),
+                     "pc" if _kind_irqchip(kind) else "bare"]
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self._expect("ready")
 
 
+def _kind_irqchip(kind: str) -> bool:
+    """kvmpy's default platform (and exit_ref's "pc"), except for hlt: with the irqchip HLT stays in KVM."""
+    return kind != "hlt"
+
+
 def _kind_machine(native: bool, image: pathlib.Path, kind: str):
     import kvmpy
-    m = kvmpy.Machine(mem_size=RAM, native=native, irqchip=kind != "hlt")   # with the irqchip HLT stays in KVM
+    m = kvmpy.Machine(mem_size=RAM, native=native, irqchip=_kind_irqchip(kind))
     try:
         m.load(image, format="raw", mode="protected", load_addr=KIND_BASE,
                entry=KIND_BASE + KINDS[kind][0] * 0x1000)
@@ -424,9 +471,7 @@ class HaltMachine:
         done = s.exits["hlt"] - e0
         if done != n:
             raise BenchError(f"hlt guest: {done} HLT exits in {n} runs; exits by reason: {dict(s.exits)}")
-        loop = (s.kvm_ns - k0) + (s.vmm_ns - v0)
-        return {"ns": loop / n, "exits": n, "kvm_ns": (s.kvm_ns - k0) / n, "vmm_ns": (s.vmm_ns - v0) / n,
-                "wall_ns": (t1 - t0) / n, "run_overhead_us": (t1 - t0 - loop) / n / 1000}
+        return _split("hlt", n, s.kvm_ns - k0, s.vmm_ns - v0, t1 - t0, n)
 
 
 def measure_all(args, progress) -> dict:
@@ -485,10 +530,10 @@ def _result_all(args, samples) -> dict:
             summary[kind][v]["samples"] = [round(x, 1) for x in ns]
             results.append({"variant": v, "metric": kind, "value": summary[kind][v]["median"], "unit": "ns"})
             if "kvm_ns" in ss[0]:
-                med = lambda key, ss=ss: _common.summarize([s[key] for s in ss])["median"]  # noqa: E731
+                m = _median_round(ss)
                 split.setdefault(kind, {})[v] = {
-                    "kvm_ns_per_exit": round(med("kvm_ns"), 1), "vmm_ns_per_exit": round(med("vmm_ns"), 1),
-                    "wall_ns_per_exit": round(med("wall_ns"), 1), "run_overhead_us": round(med("run_overhead_us"), 1)}
+                    "kvm_ns_per_exit": round(m["kvm_ns"], 1), "vmm_ns_per_exit": round(m["vmm_ns"], 1),
+                    "wall_ns_per_exit": round(m["wall_ns"], 1), "run_overhead_us": round(m["run_overhead_us"], 1)}
         if "raw" in per:
             for v in ("native", "python"):
                 ratios[f"{kind} {v}/raw"] = round(summary[kind][v]["median"] / summary[kind]["raw"]["median"], 3)

@@ -9,10 +9,14 @@
  * of the Python layers, and the ratio is comparable across hosts.
  *
  *   pio_ref IMAGE [EXITS_PER_BATCH [BATCHES [WARMUP]]]
- *   pio_ref IMAGE serve [WARMUP]
+ *   pio_ref IMAGE serve [WARMUP [PLATFORM]]
  *
  * Set-up: /dev/kvm, one VM, 2 MiB of anonymous RAM at guest-physical 0, the
- * image copied to 0x7c00, one vCPU in real mode with CS=0 IP=0x7c00.  It then
+ * image copied to 0x7c00, one vCPU in real mode with CS=0 IP=0x7c00.  PLATFORM
+ * "pc" gives the VM what kvmpy's Machine gives it by default (the TSS and
+ * identity-map pages, the in-kernel irqchip and PIT, created after the RAM as
+ * Machine does), so that both sides pay the same KVM_RUN; "bare" (the default)
+ * creates none of them, like Machine(irqchip=False) as far as KVM_RUN goes.  It then
  * runs WARMUP exits untimed and BATCHES timed batches of EXITS_PER_BATCH
  * exits, and prints one JSON object on stdout:
  *
@@ -43,6 +47,8 @@
 #define LOAD_ADDR	0x7c00UL
 #define PIO_PORT	0x80
 #define MAX_BATCHES	1000
+#define TSS_ADDR	0xfffbd000UL	/* kvmpy/x86/layout.py KVM_TSS_ADDR */
+#define IDENTITY_MAP	0xfffbc000ULL	/* kvmpy/x86/layout.py KVM_IDENTITY_MAP_ADDR */
 
 struct vm {
 	int kvm, vm, vcpu;
@@ -74,7 +80,25 @@ static int load_image(void *ram, const char *path)
 	return 0;
 }
 
-static int vm_setup(struct vm *v, const char *image)
+/* What Machine(irqchip=True), kvmpy's default, adds to the VM before its vCPUs. */
+static int pc_platform(struct vm *v)
+{
+	struct kvm_pit_config pit;
+	uint64_t map = IDENTITY_MAP;
+
+	if (ioctl(v->vm, KVM_SET_TSS_ADDR, TSS_ADDR) < 0)
+		return fail("KVM_SET_TSS_ADDR");
+	if (ioctl(v->vm, KVM_SET_IDENTITY_MAP_ADDR, &map) < 0)
+		return fail("KVM_SET_IDENTITY_MAP_ADDR");
+	if (ioctl(v->vm, KVM_CREATE_IRQCHIP, 0) < 0)
+		return fail("KVM_CREATE_IRQCHIP");
+	memset(&pit, 0, sizeof(pit));
+	if (ioctl(v->vm, KVM_CREATE_PIT2, &pit) < 0)
+		return fail("KVM_CREATE_PIT2");
+	return 0;
+}
+
+static int vm_setup(struct vm *v, const char *image, int pc)
 {
 	struct kvm_userspace_memory_region mem;
 	struct kvm_sregs sregs;
@@ -104,6 +128,8 @@ static int vm_setup(struct vm *v, const char *image)
 	mem.userspace_addr = (uintptr_t)v->ram;
 	if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &mem) < 0)
 		return fail("KVM_SET_USER_MEMORY_REGION");
+	if (pc && pc_platform(v) < 0)
+		return -1;
 
 	v->vcpu = ioctl(v->vm, KVM_CREATE_VCPU, 0);
 	if (v->vcpu < 0)
@@ -193,12 +219,12 @@ static int timed_batch(struct vm *v, unsigned long n, double *ns)
 }
 
 /* `serve`: one warm VM, a batch per line of stdin, its ns per exit per line of stdout. */
-static int serve(struct vm *v, const char *image, unsigned long warmup)
+static int serve(struct vm *v, const char *image, unsigned long warmup, int pc)
 {
 	char line[64];
 	double ns;
 
-	if (vm_setup(v, image) < 0 || run_exits(v, warmup) < 0)
+	if (vm_setup(v, image, pc) < 0 || run_exits(v, warmup) < 0)
 		return 1;
 	printf("ready\n");
 	fflush(stdout);
@@ -218,13 +244,15 @@ int main(int argc, char **argv)
 	double ns[MAX_BATCHES], sorted[MAX_BATCHES], sum = 0, median;
 	struct vm v = { -1, -1, -1, NULL, NULL, 0 };
 
-	if (argc < 2 || argc > 5 || (argc > 2 && !strcmp(argv[2], "serve") && argc > 4)) {
+	if (argc < 2 || argc > 5 ||
+	    (argc == 5 && !strcmp(argv[2], "serve") && strcmp(argv[4], "pc") && strcmp(argv[4], "bare"))) {
 		fprintf(stderr, "usage: %s IMAGE [EXITS_PER_BATCH [BATCHES [WARMUP]]]\n"
-			"       %s IMAGE serve [WARMUP]\n", argv[0], argv[0]);
+			"       %s IMAGE serve [WARMUP [pc|bare]]\n", argv[0], argv[0]);
 		return 2;
 	}
 	if (argc > 2 && !strcmp(argv[2], "serve"))
-		return serve(&v, argv[1], argc > 3 ? arg_ulong(argv[3], "WARMUP", 0, 1UL << 40) : warmup);
+		return serve(&v, argv[1], argc > 3 ? arg_ulong(argv[3], "WARMUP", 0, 1UL << 40) : warmup,
+			     argc > 4 && !strcmp(argv[4], "pc"));
 	if (argc > 2)
 		exits = arg_ulong(argv[2], "EXITS_PER_BATCH", 1, 1UL << 40);
 	if (argc > 3)
@@ -232,7 +260,7 @@ int main(int argc, char **argv)
 	if (argc > 4)
 		warmup = arg_ulong(argv[4], "WARMUP", 0, 1UL << 40);
 
-	if (vm_setup(&v, argv[1]) < 0 || run_exits(&v, warmup) < 0)
+	if (vm_setup(&v, argv[1], 0) < 0 || run_exits(&v, warmup) < 0)
 		return 1;
 	for (i = 0; i < batches; i++) {
 		if (timed_batch(&v, exits, &ns[i]) < 0)

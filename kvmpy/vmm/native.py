@@ -264,6 +264,11 @@ class NativeLoop:
         """kvmpy_run() with the GIL released: RUN_EXIT, RUN_DRAIN or -errno."""
         return lib.kvmpy_run(self._l)
 
+    def restart_clock(self) -> None:
+        """The next run() starts the VMM clock anew instead of at the last exit: call it
+        when a run begins and after a pause, whose time is not the VMM's work."""
+        self._l.last_exit_ns = 0
+
     def peek_counters(self) -> dict[str, int]:
         """The counters so far, left in place (a running loop keeps adding to them)."""
         c = self._l.c

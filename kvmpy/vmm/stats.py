@@ -12,7 +12,11 @@ class Stats:
 
     ``kvm_ns`` is wall time spent inside KVM_RUN (guest execution plus the kernel's
     exit handling); ``vmm_ns`` is time between KVM_RUN calls (decoding and device
-    emulation in this process). ``guest_ns`` is the part of kvm_ns the kernel accounted
+    emulation in this process). Each vCPU thread's run loop keeps its own clock, from
+    its first KVM_RUN to its last exit, and the two are summed over vCPU threads: for
+    one vCPU ``kvm_ns + vmm_ns`` is about the wall time of the runs and never more;
+    with N vCPUs at most N times that. Time between runs and time parked by
+    ``pause()`` is nobody's and is not counted. ``guest_ns`` is the part of kvm_ns the kernel accounted
     as guest time (``guest_time`` in /proc/<pid>/task/<tid>/stat, clock-tick resolution);
     it stays 0 on hosts whose KVM does not account guest time (kvm_pvm), and then the
     guest/kernel split is unknown.
@@ -47,7 +51,7 @@ class Stats:
         if self.unclaimed_writes:
             lines.append(f"unclaimed writes dropped: {self.unclaimed_writes}")
         if t:
-            lines.append(f"time: {t / 1e9:.3f} s, {100 * self.kvm_ns / t:.1f}% in KVM_RUN (guest + kernel), "
+            lines.append(f"time (summed over vCPUs): {t / 1e9:.3f} s, {100 * self.kvm_ns / t:.1f}% in KVM_RUN (guest + kernel), "
                          f"{100 * self.vmm_ns / t:.1f}% in the VMM"
                          + (f"; {self.vmm_ns / total / 1000:.2f} us VMM per exit" if total else ""))
             guest = min(self.guest_ns, self.kvm_ns)

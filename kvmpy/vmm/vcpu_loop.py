@@ -232,6 +232,7 @@ class RunLoop(Pausing):
                 dispatch(vcpu, exit_value(rc))
                 if pause.requested:
                     self._park(vcpu)
+                    t_out = clock()             # parked time is nobody's work
         finally:
             stats.kvm_ns += kvm_ns
             stats.vmm_ns += vmm_ns
@@ -253,6 +254,7 @@ class RunLoop(Pausing):
         the counters are added to ``stats`` when this vCPU's run ends.
         """
         loop, stop, pause = self._loops[vcpu.id], self._stop, self._pause
+        loop.restart_clock()                                # not from the last run's last exit
         try:
             while stop.reason is None:
                 rc = loop.run()                             # GIL released inside
@@ -266,6 +268,7 @@ class RunLoop(Pausing):
                     raise KvmError(-rc, "KVM_RUN")
                 if pause.requested:
                     self._park(vcpu)
+                    loop.restart_clock()                    # parked time is nobody's work
         finally:
             self._add_counters(loop.take_counters())
 

@@ -40,7 +40,23 @@ def test_exits_via_cli(tmp_path):
     check_shape(data, "exits", {"raw", "native", "python", "cffi-ioctl", "vcpu.run", "python-device"},
                 {"native/raw", "python/raw"})
     assert {r["unit"] for r in data["results"]} == {"ns"}
+    assert set(data["wall_ratios"]) == {"native/raw", "python/raw"}
+    assert data["params"]["platform"].startswith("pc")           # raw gets kvmpy's irqchip and PIT too
+    for v in ("native", "python"):      # the parts of the median round add up to its wall time
+        sp = data["split"][v]
+        assert sp["kvm_ns_per_exit"] + sp["vmm_ns_per_exit"] <= sp["wall_ns_per_exit"] + 1
+        assert sp["run_overhead_us"] >= 0
     assert json.loads(out.read_text()) == data
+
+
+def test_exits_refuses_numbers_that_do_not_add_up():
+    """A round whose loop clock (KVM_RUN + VMM) exceeds its wall time is an error, not a ratio."""
+    from kvmpy.bench import exits
+    from kvmpy.bench._common import BenchError
+    ok = exits._split("native", 100, 800_000, 100_000, 1_000_000, 1)
+    assert ok["ns"] == 9_000 and ok["wall_ns"] == 10_000 and ok["run_overhead_us"] == 100
+    with pytest.raises(BenchError, match="does not add up"):
+        exits._split("native", 100, 852_800, 1_585_200, 868_000, 1)     # the issue's numbers
 
 
 
