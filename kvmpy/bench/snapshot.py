@@ -115,9 +115,9 @@ def wait_lines(m, out: Lines, n: int, timeout: float = LINE_TIMEOUT_S) -> None:
     deadline = time.perf_counter() + timeout
     while out.count < n:
         if m.native:
-            m._drain_serial()
+            m.console.drain()
         if not m.running:
-            m._drain_serial()
+            m.console.drain()
             if out.count >= n:
                 return
             raise BenchError(f"the guest stopped before line {n}: {out.last_line()!r}")

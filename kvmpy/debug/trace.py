@@ -87,6 +87,12 @@ class Tracer:
         tracer.stream = stream
         return tracer
 
+    def wrap(self, loop):
+        """The dispatch a traced vCPU loop uses (``kvmpy.debug.traced``): the loop's own,
+        then this tracer told of the exit."""
+        from .traced import traced
+        return traced(loop, self)
+
     def wants(self, vcpu: int, ex) -> bool:
         kind = KINDS.get(type(ex), "other")
         if self.kinds is not None and kind not in self.kinds:

@@ -5,7 +5,7 @@ compare states. ``kvmpy.kvm`` converts them to and from the C structs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -18,6 +18,9 @@ EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 RFLAGS_RESERVED1 = 1 << 1       # bit 1 always reads as 1
 RFLAGS_TF, RFLAGS_IF = 1 << 8, 1 << 9
 RFLAGS_IOPL3 = 3 << 12
+# The TSC-deadline timer MSR (SDM vol. 3A, 11.5.4.1): KVM ignores a write to it unless the
+# LAPIC timer is in deadline mode, so restoring a vCPU sets it again after the LAPIC.
+MSR_IA32_TSC_DEADLINE = 0x6E0
 
 
 @dataclass
@@ -42,6 +45,10 @@ class Regs:
     r15: int = 0
     rip: int = 0
     rflags: int = RFLAGS_RESERVED1
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-able); ``Regs(**d)`` is the way back."""
+        return asdict(self)
 
     def dump(self) -> str:
         names = GPRS + ("rip", "rflags")
@@ -115,6 +122,22 @@ class Sregs:
         lines.append(f" cr0={self.cr0:x} cr2={self.cr2:x} cr3={self.cr3:x} cr4={self.cr4:x} "
                      f"efer={self.efer:x} apic_base={self.apic_base:x}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-able): segments and tables as dicts, the bitmap as a list."""
+        d = asdict(self)
+        d["interrupt_bitmap"] = list(self.interrupt_bitmap)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sregs":
+        """The inverse of ``to_dict``; a missing or unknown field raises (KeyError, TypeError)."""
+        s = cls(**{n: Segment(**d[n]) for n in cls.SEGMENTS})
+        s.gdt, s.idt = DTable(**d["gdt"]), DTable(**d["idt"])
+        for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            setattr(s, n, d[n])
+        s.interrupt_bitmap = tuple(d["interrupt_bitmap"])
+        return s
 
     def copy(self) -> "Sregs":
         return replace(self, **{n: replace(getattr(self, n)) for n in self.SEGMENTS + ("gdt", "idt")})

@@ -13,7 +13,7 @@ from ..errors import KvmError
 from . import exits
 from .abi import GuestDebug, ffi, lib
 from .fd import Fd, cdata_bytes, cdata_from, get_cpuid, ioctl
-from .regs import REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
+from .regs import MSR_IA32_TSC_DEADLINE, REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -221,6 +221,41 @@ class Vcpu(Fd):
     def set_debugregs(self, db: list[int], dr6: int, dr7: int) -> None:
         p = ffi.new("struct kvm_debugregs *", {"db": list(db), "dr6": dr6, "dr7": dr7})
         ioctl(self.fd, lib.KVM_SET_DEBUGREGS, p)
+
+    # --- the whole state ----------------------------------------------------------------
+    def save_state(self, msrs: list[int]) -> dict:
+        """Everything KVM holds for this vCPU, as plain data: registers, FPU, XSAVE, XCRs,
+        the MSRs listed in ``msrs``, mp_state, pending events, debug registers and, with
+        the in-kernel irqchip, the LAPIC. Blobs are the kernel's structs in hex."""
+        state = {"regs": self.get_regs().to_dict(), "sregs": self.get_sregs().to_dict(),
+                 "fpu": self.get_fpu().hex(), "xsave": self.get_xsave().hex(), "xcrs": self.get_xcrs().hex(),
+                 "msrs": {str(k): v for k, v in self.get_msrs(msrs).items()}, "mp_state": self.get_mp_state(),
+                 "events": self.get_vcpu_events().hex(), "debugregs": self.get_debugregs()}
+        if self.vm.has_irqchip:
+            state["lapic"] = self.get_lapic().hex()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        """Put back what ``save_state()`` returned, in the order KVM needs: the LAPIC after
+        the MSRs, and the TSC deadline again after the LAPIC (KVM ignores it while the LAPIC
+        timer is not in deadline mode); events and mp_state last. Hostile values raise
+        (KeyError, TypeError, ValueError, KvmError); ValueError if KVM refuses an MSR."""
+        self.set_sregs(Sregs.from_dict(state["sregs"]))
+        self.set_regs(Regs(**state["regs"]))
+        self.set_fpu(bytes.fromhex(state["fpu"]))
+        self.set_xsave(bytes.fromhex(state["xsave"]))
+        self.set_xcrs(bytes.fromhex(state["xcrs"]))
+        msrs = {int(k): v for k, v in state["msrs"].items()}
+        if self.set_msrs(msrs) != len(msrs):
+            raise ValueError("KVM refused one of the saved MSRs")
+        if "lapic" in state:
+            self.set_lapic(bytes.fromhex(state["lapic"]))
+            if MSR_IA32_TSC_DEADLINE in msrs:
+                self.set_msrs({MSR_IA32_TSC_DEADLINE: msrs[MSR_IA32_TSC_DEADLINE]})
+        self.set_vcpu_events(bytes.fromhex(state["events"]))
+        self.set_mp_state(state["mp_state"])
+        dr = state["debugregs"]
+        self.set_debugregs(dr["db"], dr["dr6"], dr["dr7"])
 
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         """KVM_SET_GUEST_DEBUG: ``control`` from GuestDebug (ENABLE|SINGLESTEP|USE_HW_BP)."""

@@ -26,6 +26,7 @@ class Vm(Fd):
         self.memory = GuestMemory()
         self.vcpus: list[Vcpu] = []
         self._next_slot = 0
+        self.has_irqchip = False         # KVM_CREATE_IRQCHIP (and the PIT with it) done
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -97,6 +98,7 @@ class Vm(Fd):
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and per-vCPU local APICs."""
         ioctl(self.fd, lib.KVM_CREATE_IRQCHIP)
+        self.has_irqchip = True
 
     def get_irqchip(self, chip_id: int) -> bytes:
         p = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
@@ -146,6 +148,28 @@ class Vm(Fd):
 
     def set_clock(self, ns: int) -> None:
         ioctl(self.fd, lib.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": ns}))
+
+    # --- state -----------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The VM-wide state a saved machine needs besides RAM and vCPUs: the kvmclock and,
+        with the in-kernel irqchip, the PIC pair and IOAPIC and the PIT, as the kernel's
+        own structs (hex), so they go back exactly as they came."""
+        state = {"clock": self.get_clock()}
+        if self.has_irqchip:
+            state["irqchip"] = [self.get_irqchip(i).hex() for i in range(3)]
+            state["pit2"] = self.get_pit2().hex()
+        return state
+
+    def load_state_irqchip(self, state: dict) -> None:
+        """The irqchips and PIT from ``save_state()`` (before the vCPUs' LAPICs)."""
+        if self.has_irqchip:
+            for blob in state["irqchip"]:
+                self.set_irqchip(bytes.fromhex(blob))
+            self.set_pit2(bytes.fromhex(state["pit2"]))
+
+    def load_state_clock(self, state: dict) -> None:
+        """The kvmclock from ``save_state()`` (last, once the vCPUs are in place)."""
+        self.set_clock(state["clock"])
 
     # --- vCPUs -----------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":

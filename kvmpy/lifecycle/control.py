@@ -164,7 +164,7 @@ class ControlServer:
                 self._holds += 1
             return {"ok": True, "running": True, "paused": True}
         if cmd == "resume":
-            if m._migrating.locked():
+            if m.migration_lock.locked():
                 return {"ok": False, "error": "a migration is under way: it pauses and resumes the machine itself"}
             with self._holds_lock:
                 mine = self._holds > 0
@@ -187,7 +187,7 @@ class ControlServer:
             report = send(m, host, port, progress=progress)
             return {"ok": True, "report": report.as_dict(), "text": report.line()}
         if cmd == "stats":
-            m._drain_serial()
+            m.console.drain()
             stats = m.live_stats()
             return {"ok": True, "stats": stats.as_dict(), "text": str(stats)}
         if cmd == "inspect":

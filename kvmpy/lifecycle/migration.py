@@ -3,7 +3,7 @@
 The source (``send``) copies all RAM while the guest runs, with KVM's dirty-page log
 on; then, round after round, re-sends the pages written since the last round, until
 what is left is small (or rounds stop shrinking it). Then it pauses the guest, sends
-the last dirty pages and the whole machine state (snapshot.capture's dict), and waits
+the last dirty pages and the whole machine state (vmm.state.capture's dict), and waits
 for the target to say it is running. Only then does the source stop; if anything
 fails before that, the source resumes and keeps running. The target (``receive``)
 builds a matching Machine, fills its RAM from the stream, loads the state, starts it
@@ -21,7 +21,7 @@ The stream is a sequence of frames: an 8-byte header ``kind (4 ASCII bytes), len
     PAGE  u64 gpa, u32 count, then count * 4096 bytes
     ZERO  u64 gpa, u32 count: pages that are all zeros
     SYNC  (both ways) the target answers once it has applied everything before it
-    STAT  JSON: snapshot.capture() with its sha256
+    STAT  JSON: vmm.state.capture() with its sha256
     RUNS  (target -> source) the target runs the guest
     FAIL  (either way) UTF-8 reason; the migration is abandoned
 
@@ -38,9 +38,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ..vmm.native import all_zero
+from ..kvm.memory import all_zero
 from ..errors import KvmpyError
-from . import snapshot
+from ..vmm import state
 
 PAGE = 4096
 HEADER = struct.Struct("<4sI")
@@ -186,9 +186,9 @@ def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero:
 
 
 def _hello(m) -> dict:
-    return {"magic": snapshot.MAGIC, "version": snapshot.VERSION, "machine": snapshot.machine_shape(m),
+    return {"magic": state.MAGIC, "version": state.VERSION, "machine": m.shape(),
             "ram": [{"gpa": r.gpa, "size": r.size} for r in m.memory.regions],
-            "disks": snapshot.disk_identities(m)}
+            "disks": [s.identity for s in m.platform.disks]}
 
 
 class _Outcome(MigrationError):
@@ -210,12 +210,12 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
     """
     if not m.running:
         raise MigrationError("live migration needs a running machine (start() or run() it)")
-    if not m._migrating.acquire(blocking=False):
+    if not m.migration_lock.acquire(blocking=False):
         raise MigrationError("a migration of this machine is already under way")
     try:
         return _send(m, host, port, max_rounds, small, timeout, progress or (lambda text: None))
     finally:
-        m._migrating.release()
+        m.migration_lock.release()
 
 
 def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
@@ -257,8 +257,8 @@ def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
         n = _send_pages(stream, m, dirty, report, skip_zero=False)
         report.rounds += 1
         report.per_round.append(n)
-        body = snapshot.capture(m)
-        body["sha256"] = snapshot._body_sha(body)
+        body = state.capture(m)
+        body["sha256"] = state.body_sha(body)
         stream.send_json(b"STAT", body)
         committed = True                     # from here a silent target may be running the guest
         _expect(stream, b"RUNS")
@@ -297,11 +297,11 @@ def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
 
 
 def _check_hello(hello, where: str) -> dict:
-    if not isinstance(hello, dict) or hello.get("magic") != snapshot.MAGIC:
+    if not isinstance(hello, dict) or hello.get("magic") != state.MAGIC:
         raise MigrationError(f"{where}: not a kvmpy migration stream")
-    if hello.get("version") != snapshot.VERSION:
+    if hello.get("version") != state.VERSION:
         raise MigrationError(f"{where}: stream version {hello.get('version')!r}, this kvmpy reads "
-                             f"{snapshot.VERSION}")
+                             f"{state.VERSION}")
     ram = hello.get("ram")
     if not isinstance(ram, list) or not all(isinstance(r, dict) and type(r.get("gpa")) is int
                                             and type(r.get("size")) is int for r in ram):
@@ -356,8 +356,8 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
                                  "at the source): say which files it may use here with disks=[...] "
                                  "(kvmpy receive --disk PATH, in order; the same files for shared storage)")
         try:
-            m = snapshot.machine_for(hello_as_body(hello), disks, where, **host_options)
-        except snapshot.SnapshotError as e:
+            m = state.machine_for(hello_as_body(hello), disks, where, **host_options)
+        except state.SnapshotError as e:
             raise MigrationError(str(e)) from None
         stream.send(b"REDY")
         pages = 0
@@ -386,9 +386,9 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
                     raise MigrationError(f"{where}: state frame of {n} bytes is too large")
                 body = _json(bytes(stream._exactly(n)), "STAT")
                 try:
-                    snapshot.check_body(body, where)
-                    snapshot.apply(m, body)
-                except snapshot.SnapshotError as e:
+                    state.check_body(body, where)
+                    state.apply(m, body)
+                except state.SnapshotError as e:
                     raise MigrationError(str(e)) from None
                 break
             elif kind == b"FAIL":
@@ -409,7 +409,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
         conn.close()
         if isinstance(e, (MigrationError, KeyboardInterrupt)):
             raise
-        if isinstance(e, (KvmpyError,) + snapshot._BAD_STATE):     # OSError, bad values from the stream
+        if isinstance(e, (KvmpyError,) + state.BAD_STATE):     # OSError, bad values from the stream
             raise MigrationError(f"{where}: {type(e).__name__}: {e}") from None
         raise
     conn.close()
@@ -417,7 +417,7 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
 
 
 def hello_as_body(hello: dict) -> dict:
-    """The parts of a HELO that snapshot.machine_for reads, in a snapshot body's shape."""
+    """The parts of a HELO that state.machine_for reads, in a snapshot body's shape."""
     try:
         return {"machine": hello["machine"], "ram": hello["ram"],
                 "devices": {"disks": [{"path": d["path"], "readonly": d["readonly"], "size": d["size"]}

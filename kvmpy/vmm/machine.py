@@ -1,9 +1,15 @@
 """Machine: the one place that wires memory, vCPUs, devices and a loaded image together.
 
 A Machine is a small PC-like computer: RAM from address 0, a 16550 UART at COM1,
-QEMU's isa-debug-exit at port 0xf4, an i8042 whose reset line ends the run, and
-buses on which a user can attach devices written in Python. This module builds it;
-``run()`` and the run loops live in vcpu_loop.py (the ``RunLoop`` mixin).
+QEMU's isa-debug-exit at port 0xf4, an i8042 whose reset line ends the run, QEMU's
+fw_cfg, virtio-blk disks, and buses on which a user can attach devices written in
+Python. It owns its parts and delegates to them:
+
+* ``platform`` (platform.py): every attached device, its place, its IRQ, and which of
+  its accesses the C loop serves; ``console`` (console.py): COM1's host side;
+* one ``VcpuLoop`` per vCPU for each run (vcpu_loop.py; run.py runs them all);
+* ``gate`` (pause.py): the current run's stop token, pausing and parking;
+* ``vmm.state``: the whole machine's state, gathered from each part's own.
 
     with Machine(mem_size=64 << 20) as m:
         m.load("hello.elf")
@@ -11,82 +17,35 @@ buses on which a user can attach devices written in Python. This module builds i
 """
 from __future__ import annotations
 
-import io
+import copy
 import os
 import threading
-from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..kvm.abi import Cap
-from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
-from ..devices.virtio.blk import VirtioBlk
-from ..devices.virtio.mmio import VirtioMmioTransport
+from ..devices import FwCfg
 from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError
-from ..kvm import Kvm, Vcpu, Vm
+from ..kvm import Kvm
+from ..kvm.abi import Cap
 from ..loader import LoadedImage, load
 from ..loader.elf import ELFMAG
 from ..loader.linux import linux_format, load_linux
 from ..loader.multiboot import is_multiboot, load_multiboot, module_string
-from .native import NativeUart, NativeVirtioBlk
-from .pause import _Pause
-from .vcpu_loop import RunLoop, RunResult, _Stop
+from ..x86 import cpuid, inspect, layout, modes, mptable, msrs
+from ..kvm.regs import Regs, Sregs
+from .console import Console
+from .native import NativeLoop
+from .pause import PauseGate
+from .platform import Disk, Platform
+from .run import RunResult, run_loops
 from .stats import Stats
-from ..x86 import cpuid, layout, modes, mptable, msrs
-from ..x86.inspect import report as inspect_report
+from .vcpu_loop import VcpuLoop, current_vcpu
 
 PAGE = 4096
 
 __all__ = ["Machine", "Disk", "RunResult"]
 
 
-@dataclass(frozen=True)
-class Disk:
-    """A disk for the guest: a host file (or block device) exposed as virtio-blk.
-
-    ``Disk.parse("PATH[,ro]")`` reads the CLI form. The file is never created,
-    truncated or grown; ``readonly`` opens it O_RDONLY and offers VIRTIO_BLK_F_RO.
-    """
-
-    path: str
-    readonly: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> "Disk":
-        path, _, opts = spec.partition(",")
-        flags = {o.strip() for o in opts.split(",") if o.strip()}
-        unknown = flags - {"ro", "rw"}
-        if not path or unknown:
-            raise ValueError(f"bad disk {spec!r}: expected PATH or PATH,ro"
-                             + (f" (unknown option {', '.join(sorted(unknown))})" if unknown else ""))
-        return cls(path, readonly="ro" in flags)
-
-
-class _IrqLine:
-    """A device's interrupt line wired to a GSI of the in-kernel irqchip."""
-
-    def __init__(self, vm: Vm, gsi: int):
-        self.vm, self.gsi = vm, gsi
-
-    def set_level(self, level: bool) -> None:
-        self.vm.irq_line(self.gsi, 1 if level else 0)
-
-
-class _Locked:
-    """A device whose accesses are serialised with host-side input (the UART's FIFO)."""
-
-    def __init__(self, device, lock: threading.Lock):
-        self.device, self.lock = device, lock
-
-    def read(self, offset: int, size: int) -> int:
-        with self.lock:
-            return self.device.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            self.device.write(offset, size, value)
-
-
-class Machine(RunLoop):
+class Machine:
     """A virtual machine with RAM, vCPUs, a serial port and the legacy bits guests need.
 
     ``serial`` is a binary file-like for the guest's COM1 output; by default it is
@@ -96,53 +55,45 @@ class Machine(RunLoop):
     irqchip, HLT waits for an interrupt inside KVM instead of exiting to the VMM,
     so teaching guests that want to see raw HLT exits pass ``irqchip=False``. ``native`` runs the
     vCPUs in the C loop with the C UART (the fast path); ``native=False`` keeps every
-    exit and the UART in Python, for teaching and differential tests.
+    exit and the UART in Python, for teaching and differential tests. ``ram_files`` maps
+    a RAM region's address to a file mapped copy-on-write as that region (how a restore
+    shares a snapshot's RAM); each file must have the region's size (``ram_layout``).
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
-                 _ram_files: dict[int, str] | None = None):
-        if mem_size < 64 * 1024 or mem_size % PAGE:
-            raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
-        if not 1 <= cpus <= 255:
-            raise ValueError(f"cpus must be between 1 and 255, got {cpus}")
-        if cpus > 1 and not irqchip:
-            raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
-                             "in-kernel local APIC for the INIT/SIPI that starts them")
-        if len(disks) > layout.MAX_VIRTIO_DEVICES:
-            raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} disks, got {len(disks)}")
-        self.mem_size = mem_size
-        self.native = native
-        self.disks: list = []
-        self.disk_specs: list[Disk] = []
-        self.virtio_devices: list = []      # each disk's transport: save_state()/load_state()
+                 ram_files: dict[int, str] | None = None):
+        check_shape(mem_size, cpus, irqchip, len(disks))
+        self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
         self.stats = Stats()
         self.image: LoadedImage | None = None
+        self.console = Console(serial)
+        self.gate = PauseGate(self.kick)
+        self.migration_lock = threading.Lock()     # one live migration at a time (lifecycle/migration.py)
+        self.vcpus: list = []
         self._own_kvm = not isinstance(kvm, Kvm)
         self.kvm = Kvm(kvm) if self._own_kvm else kvm
-        self.vm: Vm | None = None
+        self.vm = self.platform = None
+        self._loops_for: tuple | None = None       # the bus generations the native loops were built for
+        self._native_loops: dict = {}
+        self._background = None
         try:
             self.vm = self.kvm.create_vm()
-            self._add_ram(mem_size, _ram_files or {})   # before the irqchip: a slot added after it costs ~7 ms here
+            for gpa, n in self.ram_layout(mem_size):   # before the irqchip: a slot added after it costs ~7 ms on kvm_pvm
+                self.vm.add_memory(gpa, n, backing=(ram_files or {}).get(gpa))
             self._create_platform(irqchip)
-            self.vcpus: list[Vcpu] = [self._create_vcpu(i, cpus) for i in range(cpus)]
+            self.vcpus = [self._create_vcpu(i, cpus) for i in range(cpus)]
             if cpus > 1:            # tell guests that look where the other CPUs are (MP spec 1.4)
                 for gpa, blob in mptable.mp_table(cpus):
                     self.memory.write(gpa, blob)
-            self._create_devices(serial, irqchip)
-            self._create_fw_cfg(mem_size, cpus, fw_cfg or {})
+            self._create_devices(cpus, fw_cfg or {})
             for d in disks:
-                self._add_disk(d if isinstance(d, Disk) else Disk.parse(d))
+                self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
         except BaseException:
             self.close()
             raise
-        self._stop = _Stop()
-        self._pause = _Pause()
-        self._migrating = threading.Lock()     # one live migration at a time (migration.py)
-        self._run_active, self._run_idle = threading.Event(), threading.Event()
-        self._run_idle.set()
-        self._serial_error: BaseException | None = None
+        self.console.on_error = lambda e: self.gate.stop.set("error", error=e) and self.kick()
 
     # --- construction ----------------------------------------------------------------
     def _create_platform(self, irqchip: bool) -> None:
@@ -151,10 +102,10 @@ class Machine(RunLoop):
             vm.set_tss_addr(layout.KVM_TSS_ADDR)
         if vm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        self.irqchip = irqchip
         if irqchip:
             vm.create_irqchip()
             vm.create_pit2()
+        self.platform = Platform(vm, self.native, irqchip)
 
     @staticmethod
     def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -163,21 +114,15 @@ class Machine(RunLoop):
         low = min(size, 3 * layout.GiB)
         return [(0, low)] + ([(4 * layout.GiB, size - low)] if size > low else [])
 
-    def _add_ram(self, size: int, files: dict[int, str]) -> None:
-        """RAM as ram_layout() says; ``files`` maps a region's gpa to a snapshot's RAM file
-        to map copy-on-write instead of fresh memory."""
-        for gpa, n in self.ram_layout(size):
-            self.vm.add_memory(gpa, n, backing=files.get(gpa))
-
-    def _create_vcpu(self, i: int, n: int) -> Vcpu:
+    def _create_vcpu(self, i: int, n: int):
         vcpu = self.vm.create_vcpu(i)
         vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
-        wanted = msrs.boot_msrs()
-        supported = self._supported_msrs()
-        vcpu.set_msrs({k: v for k, v in wanted.items() if k in supported})
+        supported = self.supported_msrs()
+        vcpu.set_msrs({k: v for k, v in msrs.boot_msrs().items() if k in supported})
         return vcpu
 
-    def _supported_msrs(self) -> set[int]:
+    def supported_msrs(self) -> set[int]:
+        """The MSRs KVM lets a VMM read and write (its index list and feature MSRs)."""
         if not hasattr(self, "_msr_cache"):
             self._msr_cache = set(self.kvm.msr_index_list()) | set(self.kvm.feature_msr_index_list())
         return self._msr_cache
@@ -187,30 +132,12 @@ class Machine(RunLoop):
             self._cpuid_cache = self.kvm.supported_cpuid()
         return self._cpuid_cache
 
-    def _create_devices(self, serial: BinaryIO | None, irqchip: bool) -> None:
-        self.pio = Bus("pio")
-        self.mmio = Bus("mmio")
-        self._serial_buffer = io.BytesIO() if serial is None else None
-        self.serial_out = serial if serial is not None else self._serial_buffer
-        self._serial_lock = threading.Lock()
-        if self.native:
-            # The C UART: thread-safe by its own mutex; output is drained to serial_out.
-            self.serial = NativeUart(vm_fd=self.vm.fd if irqchip else -1,
-                                     gsi=layout.COM1_IRQ if irqchip else -1)
-            self.serial.on_full = self._drain_serial
-            com1 = self.serial
-        else:
-            trigger = _IrqLine(self.vm, layout.COM1_IRQ) if irqchip else NullTrigger()
-            self.serial = Serial16550(output=self.serial_out, trigger=trigger)
-            com1 = _Locked(self.serial, self._serial_lock)
-        self.pio.attach(layout.COM1_PORT, layout.COM_PORT_COUNT, com1, "com1")
-        self.pio.attach(layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT,
-                        DebugExit(on_exit=self._on_debug_exit), "isa-debug-exit")
-        self.pio.attach(layout.I8042_PORT, layout.I8042_PORT_COUNT, I8042(on_reset=self._on_reset), "i8042")
-
-    def _create_fw_cfg(self, mem_size: int, cpus: int, files: dict) -> None:
-        """QEMU's fw_cfg at 0x510: RAM size, CPU count, the command line and named files."""
-        self.fw_cfg = FwCfg(mem_size, cpus)
+    def _create_devices(self, cpus: int, files: dict) -> None:
+        p = self.platform
+        p.add_console_uart(self.console)
+        p.add_debug_exit(lambda status: self.gate.stop.set("exit", status, current_vcpu()))
+        p.add_i8042(lambda: self.gate.stop.set("reset", None, current_vcpu()))
+        self.fw_cfg = FwCfg(self.mem_size, cpus)
         for name, content in files.items():
             if not isinstance(content, (bytes, bytearray)):
                 try:
@@ -220,31 +147,75 @@ class Machine(RunLoop):
                     raise DeviceError(f"fw_cfg file {name!r}: cannot read {os.fspath(content)!r}: "
                                       f"{e.strerror}") from None
             self.fw_cfg.add_file(name, bytes(content))
-        self.pio.attach(layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
+        p.add_fw_cfg(self.fw_cfg)
 
-    def _add_disk(self, disk: Disk) -> None:
-        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
-        i = len(self.disks)
-        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
-        irq = layout.VIRTIO_MMIO_IRQS[i]
-        name = f"virtio-blk{i}"
-        try:
-            if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
-                dev = NativeVirtioBlk(disk.path, self.memory, readonly=disk.readonly,
-                                      vm_fd=self.vm.fd if self.irqchip else -1, gsi=irq if self.irqchip else -1)
-                self.disks.append(dev)
-                self.virtio_devices.append(dev)
-            else:
-                blk = VirtioBlk(disk.path, readonly=disk.readonly)
-                self.disks.append(blk)
-                trigger = _IrqLine(self.vm, irq) if self.irqchip else NullTrigger()
-                transport = VirtioMmioTransport(blk, self.memory, trigger)
-                self.virtio_devices.append(transport)
-                dev = _Locked(transport, threading.Lock())
-        except DeviceError as e:
-            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
-        self.disk_specs.append(disk)
-        self.mmio.attach(base, layout.VIRTIO_MMIO_SIZE, dev, name)
+    # --- the parts, and sugar over them ----------------------------------------------
+    @property
+    def memory(self):
+        """Guest RAM (``kvmpy.kvm.memory.GuestMemory``): bounds-checked read/write by physical address."""
+        return self.vm.memory
+
+    @property
+    def pio(self):
+        """The port-I/O bus: ``m.pio.attach(port, length, device, name)`` adds a Python device."""
+        return self.platform.pio
+
+    @property
+    def mmio(self):
+        """The MMIO bus (see ``pio``)."""
+        return self.platform.mmio
+
+    @property
+    def serial(self):
+        """COM1's UART model (Python or C)."""
+        return self.console.uart
+
+    @property
+    def serial_output(self) -> bytes:
+        """Everything the guest wrote to COM1, when no ``serial`` stream was given."""
+        return self.console.output
+
+    def feed_serial(self, data: bytes) -> int:
+        """Give bytes to the guest's COM1 receiver; returns how many fit in its FIFO."""
+        return self.console.feed(data)
+
+    @property
+    def disks(self) -> list[Disk]:
+        """The disks, in the order the guest sees them."""
+        return [s.disk for s in self.platform.disks]
+
+    def shape(self) -> dict:
+        """What a Machine() continuing this one is built with (snapshots, migration)."""
+        return {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
+
+    def virtio_mmio_cmdline(self) -> str:
+        """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
+        return " ".join(f"virtio_mmio.device={s.length // 1024}K@{s.base:#x}:{s.irq}" for s in self.platform.disks)
+
+    def inspect(self, vcpu: int | None = None) -> str:
+        """A readable report of a vCPU: CPU mode, registers, segments, GDT and IDT, the page
+        walks of RIP and RSP, the stack and the code at RIP (``kvmpy.x86.inspect.report``).
+
+        ``vcpu`` defaults to the one that stopped the last run. Call it while the machine
+        is not running (before or between runs, after ``run()`` returned) or is paused.
+        """
+        if self.running and not self.paused:
+            raise KvmpyError("inspect() needs a stopped or paused machine: pause() it or wait for run()")
+        n = vcpu if vcpu is not None else (self.gate.stop.vcpu or 0)
+        if not 0 <= n < len(self.vcpus):
+            raise ValueError(f"no vCPU {n}: the machine has {len(self.vcpus)}")
+        v = self.vcpus[n]
+        return inspect.report(v.get_regs(), v.get_sregs(), self.memory, title=f"vCPU {n}")
+
+    def guest_physical(self, sregs: Sregs, vaddr: int) -> int:
+        """Translate a guest-virtual (linear) address with the guest's page tables, in any
+        paging mode; raises inspect.TranslationError (a ValueError) when it does not map."""
+        return inspect.translate(self.memory.read_u64, sregs, vaddr).phys
+
+    def disassemble_at(self, regs: Regs, sregs: Sregs, count: int = 6) -> str:
+        """The instructions at the vCPU's RIP, decoded in its current mode (read through
+        the page tables, across page boundaries)."""
+        return inspect.code_at(regs, sregs, self.memory, count)
 
     def snapshot(self, path) -> None:
         """Save this machine to directory ``path`` (docs/snapshots.md has the format).
@@ -265,68 +236,6 @@ class Machine(RunLoop):
         copy-on-write; this machine goes on (paused for the copy if it is running)."""
         from ..lifecycle.snapshot import clone
         return clone(self, 1, **host_options)[0]
-
-    def virtio_mmio_cmdline(self) -> str:
-        """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
-        return " ".join(
-            f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE // 1024}K@{layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE:#x}:"
-            f"{layout.VIRTIO_MMIO_IRQS[i]}" for i in range(len(self.disks)))
-
-    @property
-    def memory(self):
-        """Guest RAM (``kvmpy.kvm.memory.GuestMemory``): bounds-checked read/write by physical address."""
-        return self.vm.memory
-
-    @property
-    def serial_output(self) -> bytes:
-        """Everything the guest wrote to COM1, when no ``serial`` stream was given."""
-        if self._serial_buffer is None:
-            raise AttributeError("serial output went to the stream given as serial=")
-        return self._serial_buffer.getvalue()
-
-    def feed_serial(self, data: bytes) -> int:
-        """Give bytes to the guest's COM1 receiver; returns how many fit in its FIFO."""
-        with self._serial_lock:
-            return self.serial.feed(data)
-
-    def _drain_serial(self) -> bool:
-        """Write the native UART's collected output to serial_out, in one write, and flush.
-
-        If the stream fails (a closed pipe, a full disk) the run stops with that error,
-        which run() raises; returns False then.
-        """
-        if not self.native:
-            return True
-        with self._serial_lock:
-            try:
-                data = self.serial.take_output()
-                if data:
-                    self.serial_out.write(data)
-                    flush = getattr(self.serial_out, "flush", None)
-                    if flush is not None:
-                        flush()
-            except (OSError, ValueError) as e:
-                self._serial_error = self._serial_error or e
-                if self._stop.set("error", error=e):
-                    for v in self.vcpus:
-                        v.kick()
-                return False
-        return True
-
-    def inspect(self, vcpu: int | None = None) -> str:
-        """A readable report of a vCPU: CPU mode, registers, segments, GDT and IDT, the page
-        walks of RIP and RSP, the stack and the code at RIP (``kvmpy.x86.inspect.report``).
-
-        ``vcpu`` defaults to the one that stopped the last run. Call it while the machine
-        is not running (before or between runs, after ``run()`` returned) or is paused.
-        """
-        if self._run_active.is_set() and not self.paused:
-            raise KvmpyError("inspect() needs a stopped or paused machine: pause() it or wait for run()")
-        n = vcpu if vcpu is not None else (self._stop.vcpu or 0)
-        if not 0 <= n < len(self.vcpus):
-            raise ValueError(f"no vCPU {n}: the machine has {len(self.vcpus)}")
-        v = self.vcpus[n]
-        return inspect_report(v.get_regs(), v.get_sregs(), self.memory, title=f"vCPU {n}")
 
     # --- loading ---------------------------------------------------------------------
     def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
@@ -414,6 +323,129 @@ class Machine(RunLoop):
                 raise LoaderError(f"cannot read module {os.fspath(path)!r}: {e.strerror or e}") from None
         return out
 
+    # --- running -----------------------------------------------------------------------
+    def run(self, timeout: float | None = None, trace=None) -> RunResult:
+        """Run the guest until it stops; see RunResult. Failures raise GuestError.
+
+        With several vCPUs, vCPU 0 runs in this thread and the others in their own
+        threads; the first vCPU to stop the machine stops them all. ``trace`` (a
+        ``kvmpy.debug.trace.Tracer``) sees every exit; a traced run takes the Python loop.
+        """
+        self.gate.begin(len(self.vcpus))
+        try:
+            loops = self._loops(trace)
+            stepping = trace is not None and trace.steps
+            for v in self.vcpus if stepping else ():
+                trace.start_steps(v.id, v.get_regs())
+                v.single_step(True)
+            try:
+                return run_loops(loops, self.gate, self.console, timeout,
+                                 flush=any(loop.native is not None for loop in loops))
+            finally:
+                for v in self.vcpus if stepping else ():
+                    v.single_step(False)
+        finally:
+            self.gate.end()
+
+    def _loops(self, trace) -> list[VcpuLoop]:
+        """A VcpuLoop per vCPU: native (C) unless the machine is Python-only or traced."""
+        p = self.platform
+        native = self.native and trace is None
+        if native and self._loops_for != (p.pio.generation, p.mmio.generation):
+            table = p.fast_path()               # the C tables follow the buses
+            self._native_loops = {v.id: NativeLoop(v, table) for v in self.vcpus}
+            self._loops_for = (p.pio.generation, p.mmio.generation)
+        loops = []
+        for v in self.vcpus:
+            loop = VcpuLoop(v, p.pio, p.mmio, self.stats, self.gate, self.memory, self.console.drain,
+                            self._native_loops[v.id] if native else None)
+            if trace is not None:
+                loop.handle = trace.wrap(loop)
+            loops.append(loop)
+        return loops
+
+    def kick(self) -> None:
+        """Make every vCPU leave KVM_RUN (a blocked one with EINTR) and look at the gate."""
+        for v in self.vcpus:
+            v.kick()
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop a run from any thread (timeout, Ctrl-C, a controlling program); a paused run too."""
+        self.gate.request_stop(reason)
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Stop every vCPU where it is and keep it there until ``resume()``.
+
+        Call it from another thread while ``run()`` (or ``start()``) runs the machine.
+        Returns True once all vCPUs are parked, False if no run is in progress or it
+        ended meanwhile (a stopped machine needs no pausing). Pauses nest: each True
+        needs its ``resume()``. A paused machine can be inspected, snapshotted or
+        migrated; ``request_stop()`` ends a paused run too.
+        """
+        if current_vcpu() is not None:
+            raise RuntimeError("pause() from inside a vCPU thread (a device callback?) would wait for itself")
+        try:
+            return self.gate.pause(timeout)
+        except TimeoutError as e:
+            raise KvmpyError(str(e)) from None
+
+    def resume(self) -> None:
+        """Release one ``pause()``; the vCPUs go on when every pause is released
+        (nothing happens if none is held)."""
+        self.gate.resume()
+
+    @property
+    def running(self) -> bool:
+        """True while a run is in progress (paused or not)."""
+        return self.gate.running
+
+    @property
+    def paused(self) -> bool:
+        """True while a run is in progress and all its vCPUs are parked by ``pause()``."""
+        return self.gate.paused
+
+    def start(self, timeout: float | None = None, trace=None) -> None:
+        """``run()`` in a background thread; ``wait()`` returns its RunResult. When this
+        returns the run is in progress, so ``pause()`` and ``request_stop()`` apply to it."""
+        if self.running:
+            raise RuntimeError("this Machine is already running")
+        box: dict = {}
+
+        def body():
+            try:
+                box["result"] = self.run(timeout, trace)
+            except BaseException as e:
+                box["error"] = e
+
+        t = threading.Thread(target=body, daemon=True, name="machine-run")
+        self._background = (t, box)
+        t.start()
+        while t.is_alive() and not self.gate.run_active.wait(0.005):
+            pass
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """The RunResult of the run ``start()`` began (raises what run() raised);
+        TimeoutError if it has not ended within ``timeout`` seconds."""
+        if self._background is None:
+            raise RuntimeError("wait() needs a run begun with start()")
+        t, box = self._background
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"the run has not ended within {timeout} s")
+        self._background = None
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def live_stats(self) -> Stats:
+        """``stats`` including a run in progress: the C loop's counters are added to
+        ``stats`` when a run ends; this adds what they hold so far to a copy."""
+        s = copy.deepcopy(self.stats)
+        if self.running and self.native:
+            for loop in self._native_loops.values():
+                loop.add_counters(s, take=False)
+        return s
+
     # --- lifetime --------------------------------------------------------------------
     def close(self) -> None:
         """Release the vCPUs, the VM, guest memory, disks and (if ours) /dev/kvm. Idempotent.
@@ -421,13 +453,17 @@ class Machine(RunLoop):
         A run in progress (in another thread) is stopped and waited for first: the C loop
         and the devices hold pointers into the memory this frees.
         """
-        self._wait_for_run_to_end()
-        for blk in getattr(self, "disks", ()):
-            blk.close()
-        if getattr(self, "vm", None) is not None:
+        if self.gate.running:
+            if current_vcpu() is not None:
+                raise RuntimeError("close() called from inside run() (a device callback?)")
+            self.request_stop("closed")
+            self.gate.run_idle.wait()
+        if self.platform is not None:
+            self.platform.close()
+        if self.vm is not None:
             self.vm.close()
             self.vm = None
-        if getattr(self, "_own_kvm", False) and getattr(self, "kvm", None) is not None:
+        if self._own_kvm and self.kvm is not None:
             self.kvm.close()
             self.kvm = None
 
@@ -436,3 +472,16 @@ class Machine(RunLoop):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
+    """ValueError unless a Machine of this shape can be built."""
+    if mem_size < 64 * 1024 or mem_size % PAGE:
+        raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
+    if not 1 <= cpus <= 255:
+        raise ValueError(f"cpus must be between 1 and 255, got {cpus}")
+    if cpus > 1 and not irqchip:
+        raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
+                         "in-kernel local APIC for the INIT/SIPI that starts them")
+    if disks > layout.MAX_VIRTIO_DEVICES:
+        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} disks, got {disks}")

@@ -8,6 +8,7 @@ vCPU's fast-path table and counters for ``kvmpy_run()``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 from .._native import ffi, lib
 from ..devices.virtio.blk import VirtioBlk
@@ -18,8 +19,6 @@ TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python
 TX_LOW_WATER = 4 * 1024          # return to Python when less than this is free
 RUN_EXIT, RUN_DRAIN = lib.KVMPY_RUN_EXIT, lib.KVMPY_RUN_DRAIN
 UART_STATE_FIELDS = ("ier", "fcr", "lcr", "mcr", "scr", "dll", "dlm", "lsr_errors", "msr_delta", "modem", "thr_pending")
-COUNTERS = ("io_out", "io_in", "mmio_read", "mmio_write", "uart", "unclaimed_pio",
-            "unclaimed_mmio", "unclaimed_writes", "kvm_ns", "vmm_ns")
 
 
 class NativeUart:
@@ -94,18 +93,6 @@ class NativeUart:
     @property
     def irq_level(self) -> bool:
         return bool(self.state()["level"])
-
-
-def all_zero(data) -> bool:
-    """True if the buffer (whole pages of RAM, or any length that is a multiple of 8) is all
-    zero bytes; at memory speed, where comparing in Python would go byte by byte."""
-    if len(data) % 8:
-        return not any(data)
-    buf = ffi.from_buffer(data)
-    try:
-        return bool(lib.kvmpy_all_zero(buf, len(data)))
-    finally:
-        ffi.release(buf)
 
 
 def guest_mem_table(mem: GuestMemory):
@@ -220,42 +207,60 @@ class NativeVirtioBlk:
         self.disk.close()
 
 
+@dataclass
+class FastPath:
+    """What the C loop serves, built by ``Platform.fast_path()`` from its slots.
+
+    ``pio_claims``/``mmio_claims``: ranges of Python devices (their exits return to
+    Python); ``uart``: the C UART at ``uart_ports``; ``native_mmio``: (base, size, device,
+    name) of C virtio devices. Everything else is unclaimed: reads float (ports all ones,
+    MMIO zero), writes are counted and dropped, all in C.
+    """
+
+    uart: NativeUart | None = None
+    uart_base: int = 0
+    uart_ports: range = range(0)
+    pio_claims: list = field(default_factory=list)
+    mmio_claims: list = field(default_factory=list)
+    native_mmio: list = field(default_factory=list)
+
+
 class NativeLoop:
     """One vCPU's ``struct kvmpy_loop``: fd, kvm_run page, fast-path table, counters."""
 
-    def __init__(self, vcpu, uart: NativeUart | None, uart_base: int):
+    def __init__(self, vcpu, table: FastPath):
         self._l = ffi.new("struct kvmpy_loop *")
         self.vcpu = vcpu
         self._l.vcpu_fd = vcpu.fd
         self._l.run = vcpu.run_page
         self._l.run_size = vcpu.run_size
         self._l.tx_low_water = TX_LOW_WATER
-        self.uart = uart
-        if uart is not None:
-            self._l.uart = uart.ptr
-            self._l.uart_base = uart_base
+        self.table = table                      # keeps the C objects alive while C points at them
+        if table.uart is not None:
+            self._l.uart = table.uart.ptr
+            self._l.uart_base = table.uart_base
+        self._set_pio(table)
+        self._set_mmio(table)
 
-    def set_tables(self, pio_claims, uart_ports: range, mmio_claims, native_mmio=()) -> None:
-        """Fast-path table: ports claimed by Python devices, the UART's ports, MMIO claimed by
-        Python, and MMIO windows of native devices ((base, size, NativeVirtioBlk))."""
+    def _set_pio(self, table: FastPath) -> None:
         owner = self._l.pio_owner
         ffi.memmove(owner, b"\x00" * 65536, 65536)
-        for base, length in pio_claims:
+        for base, length in table.pio_claims:
             for port in range(base, min(base + length, 65536)):
                 owner[port] = lib.KVMPY_OWNER_PYTHON
-        for port in uart_ports:
-            owner[port] = lib.KVMPY_OWNER_UART if self.uart is not None else lib.KVMPY_OWNER_PYTHON
-        claims = list(mmio_claims)
+        for port in table.uart_ports:
+            owner[port] = lib.KVMPY_OWNER_UART if table.uart is not None else lib.KVMPY_OWNER_PYTHON
+
+    def _set_mmio(self, table: FastPath) -> None:
+        claims, native = table.mmio_claims, table.native_mmio
         if len(claims) > lib.KVMPY_MAX_MMIO_RANGES:
             raise ValueError(f"at most {lib.KVMPY_MAX_MMIO_RANGES} MMIO ranges for the native loop")
+        if len(native) > lib.KVMPY_MAX_NATIVE_MMIO:
+            raise ValueError(f"at most {lib.KVMPY_MAX_NATIVE_MMIO} native MMIO devices")
         for i, (base, size) in enumerate(claims):
             self._l.mmio_ranges[i].base, self._l.mmio_ranges[i].size = base, size
         self._l.n_mmio_ranges = len(claims)
-        native = list(native_mmio)
-        if len(native) > lib.KVMPY_MAX_NATIVE_MMIO:
-            raise ValueError(f"at most {lib.KVMPY_MAX_NATIVE_MMIO} native MMIO devices")
-        self._native_devices = native          # keep the C objects alive while C points at them
-        for i, (base, size, dev) in enumerate(native):
+        for i, (base, size, dev, _) in enumerate(native):
             d = self._l.native_mmio[i]
             d.base, d.size, d.blk = base, size, dev.ptr
         self._l.n_native_mmio = len(native)
@@ -269,17 +274,23 @@ class NativeLoop:
         when a run begins and after a pause, whose time is not the VMM's work."""
         self._l.last_exit_ns = 0
 
-    def peek_counters(self) -> dict[str, int]:
-        """The counters so far, left in place (a running loop keeps adding to them)."""
+    def add_counters(self, stats, take: bool = True) -> None:
+        """Add what C counted to ``stats`` (exits, devices, time); ``take`` zeroes the
+        counters (end of a run), else they stay (a look at a run in progress)."""
         c = self._l.c
-        out = {name: getattr(c, name) for name in COUNTERS}
-        out["native_mmio"] = list(c.native_mmio)
-        return out
-
-    def take_counters(self) -> dict[str, int]:
-        """The counters since the last call (and zero them)."""
-        c = self._l.c
-        out = {name: getattr(c, name) for name in COUNTERS}
-        out["native_mmio"] = list(c.native_mmio)
-        ffi.memmove(ffi.addressof(c), b"\x00" * ffi.sizeof(c), ffi.sizeof(c))
-        return out
+        for key, name in (("io_out", "io-out"), ("io_in", "io-in"), ("mmio_read", "mmio-read"),
+                          ("mmio_write", "mmio-write")):
+            if getattr(c, key):
+                stats.exits[name] += getattr(c, key)
+        for key, name in (("uart", "com1"), ("unclaimed_pio", "unclaimed-pio"),
+                          ("unclaimed_mmio", "unclaimed-mmio")):
+            if getattr(c, key):
+                stats.devices[name] += getattr(c, key)
+        for (_, _, _, name), n in zip(self.table.native_mmio, c.native_mmio):
+            if n:
+                stats.devices[name] += n
+        stats.unclaimed_writes += c.unclaimed_writes
+        stats.kvm_ns += c.kvm_ns
+        stats.vmm_ns += c.vmm_ns
+        if take:
+            ffi.memmove(ffi.addressof(c), b"\x00" * ffi.sizeof(c), ffi.sizeof(c))

@@ -151,7 +151,7 @@ def test_a_snapshot_taken_through_the_socket_continues_to_the_same_end(sockdir, 
     with kvmpy.Machine() as m, ControlServer(m, path):
         m.load(COUNTER.path, "elf", mode="long", cmdline=f"n={n} pages={pages}")
         m.start(timeout=60)
-        wait_until(lambda: (m._drain_serial(), b"count 5 " in m.serial_output)[1], 10, "some output")
+        wait_until(lambda: (m.console.drain(), b"count 5 " in m.serial_output)[1], 10, "some output")
         assert request(path, "pause", timeout=10)["ok"]
         assert request(path, "snapshot", path=snap, timeout=30)["ok"]
         assert request(path, "stop", timeout=10)["ok"]

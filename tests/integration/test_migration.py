@@ -353,7 +353,7 @@ def test_one_migration_at_a_time(tmp_path, reference):
         t = threading.Thread(target=lambda: first.update(e=pytest.raises(MigrationError, migration.send, m,
                                                                            "127.0.0.1", slow.port)))
         t.start()
-        wait_until(lambda: m._migrating.locked(), 5, "the first migration to begin")
+        wait_until(lambda: m.migration_lock.locked(), 5, "the first migration to begin")
         with pytest.raises(MigrationError, match="already under way"):
             migration.send(m, "127.0.0.1", slow.port)
         t.join(30)
@@ -403,7 +403,7 @@ def test_ctl_resume_releases_the_pause_an_unanswered_migration_left(tmp_path, re
         box = {}
         t = threading.Thread(target=lambda: box.update(answer=request(sock, "migrate", to=f"127.0.0.1:{slow.port}")))
         t.start()
-        wait_until(lambda: m._migrating.locked(), 5, "the migration to begin")
+        wait_until(lambda: m.migration_lock.locked(), 5, "the migration to begin")
         refused = request(sock, "resume", timeout=10)
         assert refused["ok"] is False and "migration" in refused["error"]
         t.join(60)

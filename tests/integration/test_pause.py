@@ -12,6 +12,7 @@ import pytest
 
 import kvmpy
 from kvmpy import guests
+from kvmpy.debug.trace import Tracer
 from kvmpy.errors import GuestError, KvmpyError
 
 from .lab import wait_until
@@ -34,7 +35,7 @@ def load_counter(m, n, pages=64):
 def settled_output(m):
     """The serial output once the native UART's buffer has been drained (the flusher
     writes it out every 20 ms, paused or not)."""
-    m._drain_serial()
+    m.console.drain()
     return m.serial_output
 
 
@@ -168,11 +169,13 @@ def test_start_and_wait_return_the_run_result(native):
     g = guests.get("hello-long")
     with kvmpy.Machine(native=native) as m:
         m.load(g.path)
-        m.start(timeout=20)
+        held = threading.Event()            # the guest's first OUT waits here: the run cannot end yet
+        m.start(timeout=20, trace=Tracer(lambda ev: held.wait(20), kinds={"io-out"}))
         with pytest.raises(RuntimeError, match="already running"):
             m.start()
         with pytest.raises(RuntimeError, match="already running"):
             m.run()
+        held.set()
         result = m.wait(20)
         assert not m.running
         with pytest.raises(RuntimeError, match="start"):

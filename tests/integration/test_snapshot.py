@@ -172,11 +172,11 @@ def test_snapshot_of_a_machine_with_a_disk_in_flight_state(tmp_path, counter_ref
 
 def rewrite_manifest(snap, edit):
     """Edit a snapshot's manifest and fix its checksum, as a hostile or buggy tool could."""
-    from kvmpy.lifecycle.snapshot import _body_sha
+    from kvmpy.vmm.state import body_sha
     manifest = snap / "manifest.json"
     body = json.loads(manifest.read_text())
     edit(body)
-    body["sha256"] = _body_sha(body)
+    body["sha256"] = body_sha(body)
     manifest.write_text(json.dumps(body))
 
 
@@ -195,8 +195,8 @@ def test_inconsistent_snapshots_are_refused_and_nothing_starts(tmp_path, edit, m
     disk = fresh_disk(tmp_path / "disk.img")
     with start_counter(disk) as m:
         m.start(timeout=120)
-        time.sleep(0.2)
-        m.pause()
+        wait_until(lambda: b" sectors\n" in m.serial_output, 10, "the guest to set up its disk")
+        assert m.pause()
         m.snapshot(str(tmp_path / "snap"))
         m.request_stop()
         m.wait()
@@ -336,7 +336,7 @@ def test_a_pending_tsc_deadline_timer_survives_a_restore():
         deadline = v.get_msrs([0x10])[0x10] + (1 << 40)
         v.set_msrs({deadline_msr: deadline})
         body = snapshot.capture(m)
-        body["sha256"] = snapshot._body_sha(body)
+        body["sha256"] = snapshot.body_sha(body)
     with snapshot.machine_for(body, None, "test") as r:
         snapshot.apply(r, body)
         assert r.vcpus[0].get_msrs([deadline_msr])[deadline_msr] == deadline

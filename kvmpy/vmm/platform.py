@@ -1,0 +1,233 @@
+"""The platform: every device the Machine attaches, where it lives, and who serves it.
+
+One ``Slot`` per attached device says which bus and range it claims, which interrupt
+line it drives, which object keeps its state, and which of its accesses the C loop
+serves (``fast``). This is the one seam between Python and C: the native vCPU loop's
+tables (csrc/runloop.c) are built from the slots by ``fast_path()``, and the choice
+between a device's C twin and its Python model is made here, once per device kind,
+from ``native``. Devices a user attaches to ``pio``/``mmio`` directly are Python
+devices: C returns their accesses to Python.
+
+Adding a device: write its model in ``kvmpy/devices/`` (and, if it has one, its C twin
+behind the same read/write/save_state/load_state interface), then one ``add_*`` call
+in ``Machine.__init__`` (or a new small builder here if it needs wiring).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
+from ..devices.virtio.blk import VirtioBlk
+from ..devices.virtio.mmio import VirtioMmioTransport
+from ..errors import DeviceError
+from ..x86 import layout
+from .console import Console
+from .native import FastPath, NativeUart, NativeVirtioBlk
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk for the guest: a host file (or block device) exposed as virtio-blk.
+
+    ``Disk.parse("PATH[,ro]")`` reads the CLI form. The file is never created,
+    truncated or grown; ``readonly`` opens it O_RDONLY and offers VIRTIO_BLK_F_RO.
+    """
+
+    path: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Disk":
+        path, _, opts = spec.partition(",")
+        flags = {o.strip() for o in opts.split(",") if o.strip()}
+        unknown = flags - {"ro", "rw"}
+        if not path or unknown:
+            raise ValueError(f"bad disk {spec!r}: expected PATH or PATH,ro"
+                             + (f" (unknown option {', '.join(sorted(unknown))})" if unknown else ""))
+        return cls(path, readonly="ro" in flags)
+
+
+class IrqLine:
+    """A device's interrupt line wired to a GSI of the in-kernel irqchip (KVM_IRQ_LINE)."""
+
+    def __init__(self, vm, gsi: int):
+        self.vm, self.gsi = vm, gsi
+
+    def set_level(self, level: bool) -> None:
+        self.vm.irq_line(self.gsi, 1 if level else 0)
+
+
+class Locked:
+    """A Python device whose accesses are serialised by ``lock`` (with host-side input,
+    or with another vCPU: the C twins carry their own mutex)."""
+
+    def __init__(self, device, lock: threading.Lock):
+        self.device, self.lock = device, lock
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            self.device.write(offset, size, value)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One attached device.
+
+    ``model`` keeps the device's state (``save_state()``/``load_state()``), ``saved_as``
+    names it in a saved machine's "devices" (None: stateless), ``fast`` says which of its
+    accesses C serves ("uart", "virtio-mmio"; None: every access returns to Python),
+    ``disk`` is the Disk a virtio-blk slot serves.
+    """
+
+    name: str
+    bus: str
+    base: int
+    length: int
+    model: object
+    irq: int | None = None
+    saved_as: str | None = None
+    fast: str | None = None
+    disk: Disk | None = None
+    identity: dict = field(default_factory=dict)    # what a restore checks before loading state
+    backend: object = None                          # a disk's VirtioBlk (its file)
+
+    def save_state(self) -> dict:
+        state = self.model.save_state()
+        return {**self.identity, "state": state} if self.identity else state
+
+    def load_state(self, saved: dict) -> None:
+        self.model.load_state(saved["state"] if self.identity else saved)
+
+
+class Platform:
+    """The buses and the slots on them, for one VM.
+
+    ``native`` picks the C twins of the UART and virtio-blk (and with them the C loop);
+    ``irqchip`` says whether interrupt lines reach an in-kernel irqchip or nothing.
+    """
+
+    def __init__(self, vm, native: bool, irqchip: bool):
+        self.vm, self.native, self.irqchip = vm, native, irqchip
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.slots: list[Slot] = []
+
+    def attach(self, slot: Slot, device=None) -> Slot:
+        """Claim the slot's range on its bus for ``device`` (default: the model)."""
+        bus = self.pio if slot.bus == "pio" else self.mmio
+        bus.attach(slot.base, slot.length, device if device is not None else slot.model, slot.name)
+        self.slots.append(slot)
+        return slot
+
+    def trigger(self, gsi: int):
+        return IrqLine(self.vm, gsi) if self.irqchip else NullTrigger()
+
+    # --- the devices of a kvmpy machine ----------------------------------------------
+    def add_console_uart(self, console: Console) -> Slot:
+        """The 16550A at COM1, carrying the console."""
+        gsi = layout.COM1_IRQ
+        if self.native:             # thread-safe by its own mutex; output drained by the console
+            uart = NativeUart(vm_fd=self.vm.fd if self.irqchip else -1, gsi=gsi if self.irqchip else -1)
+            device, fast = uart, "uart"
+        else:
+            uart = Serial16550(output=console.out, trigger=self.trigger(gsi))
+            device, fast = Locked(uart, console.lock), None
+        console.attach(uart)
+        slot = Slot("com1", "pio", layout.COM1_PORT, layout.COM_PORT_COUNT, uart, gsi, "com1", fast)
+        return self.attach(slot, device)
+
+    def add_debug_exit(self, on_exit) -> Slot:
+        """QEMU's isa-debug-exit: a write of v ends the run with status (v << 1) | 1."""
+        return self.attach(Slot("isa-debug-exit", "pio", layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT,
+                                DebugExit(on_exit=on_exit)))
+
+    def add_i8042(self, on_reset) -> Slot:
+        """The keyboard controller's reset line (and the answers Linux probes for)."""
+        return self.attach(Slot("i8042", "pio", layout.I8042_PORT, layout.I8042_PORT_COUNT,
+                                I8042(on_reset=on_reset)))
+
+    def add_fw_cfg(self, fw_cfg: FwCfg) -> Slot:
+        """QEMU's fw_cfg at 0x510."""
+        return self.attach(Slot("fw_cfg", "pio", layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, fw_cfg,
+                                saved_as="fw_cfg"))
+
+    def add_disk(self, disk: Disk, memory) -> Slot:
+        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
+        i = len(self.disks)
+        if i >= layout.MAX_VIRTIO_DEVICES:
+            raise DeviceError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices")
+        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
+        gsi = layout.VIRTIO_MMIO_IRQS[i]
+        try:
+            if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
+                model = NativeVirtioBlk(disk.path, memory, readonly=disk.readonly,
+                                        vm_fd=self.vm.fd if self.irqchip else -1, gsi=gsi if self.irqchip else -1)
+                device, fast, blk = model, "virtio-mmio", model
+            else:
+                blk = VirtioBlk(disk.path, readonly=disk.readonly)
+                model = VirtioMmioTransport(blk, memory, self.trigger(gsi))
+                device, fast = Locked(model, threading.Lock()), None
+        except DeviceError as e:
+            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
+        identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
+        return self.attach(Slot(f"virtio-blk{i}", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "disks",
+                                fast, disk, identity, blk), device)
+
+    # --- what others ask of the platform ---------------------------------------------
+    @property
+    def disks(self) -> list[Slot]:
+        return [s for s in self.slots if s.disk is not None]
+
+    def slot(self, name: str) -> Slot:
+        return next(s for s in self.slots if s.name == name)
+
+    def fast_path(self) -> FastPath:
+        """The native loop's tables, from the slots and whatever else is on the buses."""
+        fast = {(s.bus, s.base): s for s in self.slots if s.fast}
+        uart = next((s for s in self.slots if s.fast == "uart"), None)
+        table = FastPath(uart=uart.model if uart else None, uart_base=uart.base if uart else 0,
+                         uart_ports=range(uart.base, uart.base + uart.length) if uart else range(0))
+        for a in self.pio.devices:
+            if ("pio", a.base) not in fast:
+                table.pio_claims.append((a.base, a.length))
+        for a in self.mmio.devices:
+            s = fast.get(("mmio", a.base))
+            if s is None:
+                table.mmio_claims.append((a.base, a.length))
+            else:
+                table.native_mmio.append((a.base, a.length, s.model, s.name))
+        return table
+
+    def save_state(self) -> dict:
+        """Each stateful slot's state under its ``saved_as`` name (the disks as a list)."""
+        out: dict = {}
+        for s in self.slots:
+            if s.saved_as == "disks":
+                out.setdefault("disks", []).append(s.save_state())
+            elif s.saved_as:
+                out[s.saved_as] = s.save_state()
+        out.setdefault("disks", [])
+        return out
+
+    def load_state(self, saved: dict) -> None:
+        """The inverse of ``save_state()``; a bad device state raises ValueError naming it."""
+        disks = self.disks
+        if len(saved["disks"]) != len(disks):
+            raise ValueError(f"the state has {len(saved['disks'])} disks, the machine {len(disks)}")
+        for s in self.slots:
+            if s.saved_as and s.saved_as != "disks":
+                s.load_state(saved[s.saved_as])
+        for i, (s, d) in enumerate(zip(disks, saved["disks"])):
+            try:
+                s.load_state(d)
+            except ValueError as e:
+                raise ValueError(f"disk {i}: bad virtio state: {e}") from None
+
+    def close(self) -> None:
+        for s in self.disks:
+            s.backend.close()

@@ -1,0 +1,120 @@
+"""A machine's whole state (everything but RAM) as one plain dict, gathered from its parts.
+
+Each part saves and loads its own: every vCPU (``Vcpu.save_state``: registers, FPU,
+XSAVE, MSRs, LAPIC, events...), the VM (``Vm.save_state``: clock, irqchips, PIT) and
+the platform's devices (``Platform.save_state``: COM1, fw_cfg, each disk's identity
+and virtio state). This module only puts them together in the order KVM needs, checks
+the envelope, and builds a Machine shaped like a saved one. Snapshots write the dict
+to a file (lifecycle/snapshot.py), live migration sends it (lifecycle/migration.py);
+docs/snapshots.md describes the format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError
+
+MAGIC, VERSION = "kvmpy-snapshot", 2
+# Machine() arguments a saved state fixes: a restore takes only host-side ones.
+FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "ram_files", "disks")
+# What a hostile or damaged value can raise on its way into KVM and the devices (a missing
+# key, a string for a number, a negative register, a KVM refusal).
+BAD_STATE = (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, DeviceError, OSError)
+
+
+class SnapshotError(KvmpyError):
+    """A snapshot is missing, truncated, corrupted, of another version, or does not fit."""
+
+
+def body_sha(body: dict) -> str:
+    """The checksum a state dict carries in its "sha256" (over everything else in it)."""
+    rest = {k: v for k, v in body.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def capture(m) -> dict:
+    """Every vCPU's, the VM's and each device's state (no RAM) of a stopped or paused machine."""
+    if m.running and not m.paused:
+        raise SnapshotError("the machine is running: pause() it (or let run() return) first")
+    m.console.drain()
+    msrs = sorted(m.supported_msrs() & set(m.kvm.msr_index_list()))
+    return {"magic": MAGIC, "version": VERSION, "machine": m.shape(),
+            "vcpus": [v.save_state(msrs) for v in m.vcpus], "vm": m.vm.save_state(),
+            "devices": m.platform.save_state()}
+
+
+def apply(m, body: dict) -> None:
+    """Load ``capture()``'s dict into machine ``m`` (built to match, RAM already in place):
+    irqchips and PIT first, then each vCPU (its LAPIC after them), the clock, the devices."""
+    try:
+        m.vm.load_state_irqchip(body["vm"])
+        for v, st in zip(m.vcpus, body["vcpus"], strict=True):
+            v.load_state(st)
+        m.vm.load_state_clock(body["vm"])
+        try:
+            m.platform.load_state(body["devices"])
+        except ValueError as e:
+            if str(e).startswith("disk "):
+                raise SnapshotError(str(e)) from None
+            raise
+    except SnapshotError:
+        raise
+    except BAD_STATE + (KvmError,) as e:
+        raise SnapshotError(f"the saved state does not fit this machine: {type(e).__name__}: {e}") from None
+
+
+def check_body(body, where: str) -> dict:
+    """Magic, version and checksum of a state dict from a file or a migration stream."""
+    if not isinstance(body, dict) or body.get("magic") != MAGIC:
+        raise SnapshotError(f"{where}: not a kvmpy snapshot (bad magic)")
+    if body.get("version") != VERSION:
+        raise SnapshotError(f"{where}: snapshot version {body.get('version')!r}, this kvmpy reads {VERSION}")
+    if body.get("sha256") != body_sha(body):
+        raise SnapshotError(f"{where}: the manifest's checksum does not match (corrupted)")
+    return body
+
+
+def disk_list(body: dict, disks, where: str) -> list:
+    """The Disk list a restore opens: the saved paths, or ``disks`` in their place; each
+    file must still have the size it had when the state was saved."""
+    from .platform import Disk
+    saved = body["devices"]["disks"]
+    if not isinstance(saved, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("readonly"), bool)
+            and type(d.get("size")) is int for d in saved):
+        raise SnapshotError(f"{where}: malformed disk list")
+    if disks is None:
+        disks = [Disk(d["path"], d["readonly"]) for d in saved]
+    else:
+        disks = [d if isinstance(d, Disk) else Disk.parse(d) for d in disks]
+        if len(disks) != len(saved):
+            raise SnapshotError(f"{where}: the snapshot has {len(saved)} disks, {len(disks)} were given")
+    for i, (disk, d) in enumerate(zip(disks, saved)):
+        try:
+            size = os.path.getsize(disk.path)
+        except OSError as e:
+            raise SnapshotError(f"{where}: disk {i} ({disk.path}): {e.strerror}") from None
+        if size != d["size"]:
+            raise SnapshotError(f"{where}: disk {i} ({disk.path}) changed size: {d['size']} bytes "
+                                f"when the snapshot was taken, {size} now")
+    return disks
+
+
+def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
+    """A fresh Machine shaped like the saved one (its RAM regions, when the body lists them,
+    must be what mem_size gives; RAM mapped from ``ram_files`` if given)."""
+    from .machine import Machine
+    fixed = sorted(set(host_options) & set(FIXED))
+    if fixed:
+        raise TypeError(f"{', '.join(fixed)} come from the snapshot; restore takes host-side options only")
+    try:
+        mc = body["machine"]
+        if "ram" in body and \
+                sorted(Machine.ram_layout(mc["mem_size"])) != sorted((r["gpa"], r["size"]) for r in body["ram"]):
+            raise SnapshotError(f"{where}: the RAM regions do not match the machine's {mc['mem_size']} bytes of RAM")
+        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"],
+                       disks=disk_list(body, disks, where), ram_files=ram_files, **host_options)
+    except (GuestMemoryError, DeviceError) + BAD_STATE as e:
+        raise SnapshotError(f"{where}: the saved machine cannot be built: {type(e).__name__}: {e}") from None
