@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LoaderError
-
-#: CPU modes an image can be entered in.
-MODES = ("real", "protected", "long")
+from ..x86.modes import MODES     # the CPU modes an image can be entered in: their one home
 
 
 @dataclass(frozen=True)
