@@ -73,6 +73,7 @@ def parse_int(text: str) -> int:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
+    from .loader import FORMATS, MODES
     g = p.add_argument_group("machine")
     g.add_argument("--mem", type=positive_size, default=None, metavar="SIZE",
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
@@ -86,11 +87,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
                         "by default the machine is PC-like and HLT waits for interrupts")
     g = p.add_argument_group("image")
-    g.add_argument("--format", choices=("auto", "linux", "bzimage", "pvh", "multiboot", "elf", "raw"),
+    g.add_argument("--format", choices=FORMATS,
                    default=None, help="image format (default auto: multiboot if it has the header, Linux "
                                       "bzImage or PVH vmlinux, ELF by its magic, else raw)")
-    g.add_argument("--mode", choices=("real", "protected", "long"), default=None,
-                   help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long)")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long); "
+                        "for a bzImage, its 32-bit (protected) or 64-bit (long) entry")
     g.add_argument("--load-addr", type=parse_int, default=None, metavar="ADDR",
                    help="where a raw image goes (default 0x7c00 in real mode, else 0x100000)")
     g.add_argument("--entry", type=parse_int, default=None, metavar="ADDR",

@@ -2,10 +2,13 @@
 
 All derive from :class:`KvmpyError`, so a library user can catch everything
 kvmpy-specific with one ``except``. Failure is never a return value.
+:func:`read_file` is the one place a host file the user named (an image, an
+initrd, a fw_cfg blob) is read, so every such error names the file and its role.
 """
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 
 class KvmpyError(Exception):
@@ -66,3 +69,21 @@ class GuestMemoryError(KvmpyError, IndexError):
 
 class DeviceError(KvmpyError):
     """A device was misconfigured (overlapping bus ranges, bad options)."""
+
+
+def read_file(source, what: str, error: type[KvmpyError] = LoaderError) -> bytes:
+    """The bytes of ``source``: a path (str or os.PathLike) is read, bytes-like is copied.
+
+    An unreadable file raises ``error`` naming ``what`` it is, the path and the OS's
+    reason: ``cannot read initrd '/x': No such file or directory``.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if not isinstance(source, (str, _os.PathLike)):
+        raise TypeError(f"{what} must be a path or bytes, not {type(source).__name__}")
+    name = _os.fspath(source)
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"cannot read {what} {name!r}: {e.strerror or e}") from None

@@ -1,61 +1,123 @@
 """Guest image loaders: put an image's bytes in guest RAM and say how to enter it.
 
 Loaders only load: they write guest memory and return a :class:`LoadedImage`
-(entry, mode, format, segments); they never touch a vCPU. Formats:
+(entry, mode, format, segments, boot registers); they never touch a vCPU.
+:func:`load` is the front door: it reads the files, asks :func:`detect` which
+loader the image needs, and hands it over. The loaders:
 
-* ``"raw"``: a flat binary at one address (:mod:`.raw`);
+* ``"multiboot"``: a Multiboot v1 kernel with its modules (:mod:`.multiboot`);
+* ``"bzimage"``, ``"pvh"``: a Linux kernel with its command line and initrd
+  (:mod:`.linux`; ``"linux"`` picks between the two);
 * ``"elf"``: an ELF32/ELF64 x86 executable (:mod:`.elf`);
-* ``"auto"``: ELF if the data starts with ``\\x7fELF``, else raw.
-
-Linux kernels (a bzImage, or a vmlinux through PVH) take a command line and an
-initrd and go through :func:`load_linux` (:mod:`.linux`).
+* ``"raw"``: a flat binary at one address (:mod:`.raw`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from ..errors import LoaderError
-from .elf import ELFMAG, load_elf
-from .image import MODES, LoadedImage
+from ..errors import LoaderError, read_file
+from ..x86 import layout
+from .detect import FORMATS, LOADERS, detect
+from .elf import load_elf
+from .image import MODES, LoadedImage, check_mode
 from .linux import load_linux
-from .multiboot import is_multiboot, load_multiboot
+from .multiboot import is_multiboot, load_multiboot, module_string
 from .raw import load_raw
 
-__all__ = ["FORMATS", "MODES", "LoadedImage", "is_multiboot", "load", "load_elf", "load_linux",
-           "load_multiboot", "load_path", "load_raw"]
+__all__ = ["FORMATS", "LOADERS", "MODES", "LoadedImage", "default_reserved", "detect", "is_multiboot",
+           "load", "load_elf", "load_linux", "load_multiboot", "load_path", "load_raw"]
 
-FORMATS = ("auto", "raw", "elf")
+_BYTES = (bytes, bytearray, memoryview)
 
 
-def load(mem, data, format: str = "auto", *, load_addr: int | None = None,
-         entry: int | None = None, mode: str | None = None, reserved=()) -> LoadedImage:
-    """Load ``data`` into ``mem`` as ``format``; see the module docstring.
+def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_extra: str = "",
+         initrd=None, modules=(), load_addr: int | None = None, entry: int | None = None,
+         mode: str | None = None, reserved=None) -> LoadedImage:
+    """Load ``image`` (a path or bytes) into ``mem`` as ``format`` (see :func:`detect`).
 
-    ``load_addr`` and ``entry`` apply to raw images only (an ELF file says
-    where it goes and where it starts). ``mode`` picks a raw image's CPU mode,
-    and for an ELF image must match its class if given.
+    ``cmdline`` goes to Linux and multiboot kernels and is returned as the image's
+    ``cmdline``; ``linux_cmdline_extra`` is appended to it for Linux only (the VMM's
+    ``virtio_mmio.device=`` entries). ``initrd`` (path or bytes) is Linux's.
+    ``modules`` are multiboot's: each a path, or a ``(path, args)`` pair whose string
+    is "PATH ARGS" as QEMU passes it, or a ``(bytes, string)`` pair. ``load_addr``
+    and ``entry`` place a raw image. ``mode`` picks a raw image's CPU mode (default
+    real) and a bzImage's 32- or 64-bit entry; for other images it must be theirs.
+    ``reserved``: ``(start, end)`` ranges to keep clear; by default the VMM's first
+    MiB (:func:`default_reserved`). Errors name the image.
     """
-    if format == "auto":
-        format = "elf" if bytes(data[:4]) == ELFMAG else "raw"
-    if format == "raw":
-        return load_raw(mem, data, load_addr=load_addr, entry=entry, mode=mode, reserved=reserved)
-    if format == "elf":
-        if load_addr is not None or entry is not None:
-            raise LoaderError("load_addr and entry apply to raw images only; an ELF image is placed "
-                              "at its p_paddr and entered at its e_entry")
-        return load_elf(mem, data, mode=mode, reserved=reserved)
-    raise LoaderError(f"unknown image format {format!r}; expected one of {', '.join(FORMATS)}")
+    name = "image" if isinstance(image, _BYTES) else os.fspath(image)
+    data = read_file(image, "image")
+    rd = None if initrd is None else read_file(initrd, "initrd")
+    mods = [_module(m) for m in modules]
+    try:
+        found = detect(data, format)
+        _check_options(found, mode, load_addr, entry, rd, mods)
+        if reserved is None:
+            reserved = default_reserved(found, mode)
+        if found in ("bzimage", "pvh"):
+            cmdline = f"{cmdline} {linux_cmdline_extra}".strip()
+        img = _load_as(found, mem, data, cmdline=cmdline, initrd=rd, modules=mods, load_addr=load_addr,
+                       entry=entry, mode=mode, reserved=tuple(reserved), name=name)
+    except LoaderError as e:
+        raise LoaderError(f"{name}: {e}") from None
+    return dataclasses.replace(img, cmdline=cmdline)
+
+
+def default_reserved(found: str, mode: str | None) -> tuple[tuple[int, int], ...]:
+    """What an image must keep clear of: the first MiB, where the VMM puts the boot tables
+    (x86/layout.py), except for a raw real-mode image, which lives there as a boot sector."""
+    if found == "raw" and (mode or "real") == "real":
+        return ()
+    return (layout.LOW_RESERVED,)
 
 
 def load_path(mem, path, format: str = "auto", **kw) -> LoadedImage:
-    """Read the file at ``path`` and :func:`load` it; errors name the file."""
-    name = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from e
-    try:
-        return load(mem, data, format, **kw)
-    except LoaderError as e:
-        raise LoaderError(f"{name}: {e}") from e
+    """:func:`load` the file at ``path`` (kept for callers; :func:`load` takes paths too)."""
+    if isinstance(path, _BYTES):
+        raise TypeError("load_path() takes a path; pass an image's bytes to load()")
+    return load(mem, path, format, **kw)
+
+
+def _module(m) -> tuple[bytes, str]:
+    """A multiboot module as (bytes, string); see :func:`load`."""
+    source, args = (m, "") if isinstance(m, (str, os.PathLike, *_BYTES)) else m
+    if isinstance(source, _BYTES):
+        return bytes(source), args
+    return read_file(source, "module"), module_string(os.fspath(source), args)
+
+
+#: The CPU mode each loader other than raw enters its image in; None: the image says.
+_ENTRY_MODES = {"elf": None, "multiboot": ("protected",), "pvh": ("protected",),
+                "bzimage": ("protected", "long")}
+
+
+def _check_options(found: str, mode, load_addr, entry, initrd, modules) -> None:
+    """Refuse options the image's loader cannot honour, rather than ignore them."""
+    if mode is not None:
+        check_mode(mode)
+        allowed = _ENTRY_MODES.get(found)
+        if allowed is not None and mode not in allowed:
+            raise LoaderError(f"a {found} kernel enters in {' or '.join(allowed)} mode, not mode={mode!r}")
+    if found != "raw" and (load_addr is not None or entry is not None):
+        where = ("at its p_paddr and entered at its e_entry" if found == "elf"
+                 else "where its boot protocol says")
+        raise LoaderError(f"load_addr and entry apply to raw images only; a {found} image is placed {where}")
+    if initrd is not None and found not in ("bzimage", "pvh"):
+        raise LoaderError(f"an initrd is for Linux kernels, not for {found} images"
+                          + ("; a multiboot kernel takes modules" if found == "multiboot" else ""))
+    if modules and found != "multiboot":
+        raise LoaderError(f"modules are for multiboot kernels, not for {found} images"
+                          + ("; Linux takes an initrd" if found in ("bzimage", "pvh") else ""))
+
+
+def _load_as(found: str, mem, data: bytes, *, cmdline, initrd, modules, load_addr, entry, mode,
+             reserved, name) -> LoadedImage:
+    if found == "raw":
+        return load_raw(mem, data, load_addr=load_addr, entry=entry, mode=mode, reserved=reserved)
+    if found == "elf":
+        return load_elf(mem, data, mode=mode, reserved=reserved)
+    if found == "multiboot":
+        return load_multiboot(mem, data, cmdline=cmdline, modules=modules, reserved=reserved, image_name=name)
+    bits = {"protected": 32, "long": 64}.get(mode)
+    return load_linux(mem, data, cmdline=cmdline, initrd=initrd, reserved=reserved, format=found, bits=bits)

@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LoaderError
-
-#: CPU modes an image can be entered in.
-MODES = ("real", "protected", "long")
+from ..x86.modes import MODES     # the CPU modes an image can be entered in: their one home
 
 
 @dataclass(frozen=True)
@@ -22,10 +20,12 @@ class LoadedImage:
     """An image placed in guest RAM.
 
     ``entry`` is the guest-physical address to start at, ``mode`` one of
-    :data:`MODES`, ``format`` the loader that placed it ("raw", "elf"), and
+    :data:`MODES`, ``format`` the loader that placed it (one of ``loader.LOADERS``), and
     ``segments`` the ``(gpa, size)`` ranges written, in file order.
     ``registers`` are general-purpose register values the boot protocol hands the
     image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot.
+    ``cmdline`` is the command line :func:`kvmpy.loader.load` booted the image with
+    (for Linux, with its extra entries), which the VMM also offers through fw_cfg.
     """
 
     entry: int
@@ -33,6 +33,7 @@ class LoadedImage:
     format: str
     segments: tuple[tuple[int, int], ...]
     registers: tuple[tuple[str, int], ...] = ()
+    cmdline: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

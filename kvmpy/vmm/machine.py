@@ -23,15 +23,13 @@ import threading
 from typing import BinaryIO
 
 from ..devices import FwCfg
-from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError
+from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError, read_file
+from .. import loader
 from ..kvm import Kvm
 from ..kvm.abi import Cap
-from ..loader import LoadedImage, load
-from ..loader.elf import ELFMAG
-from ..loader.linux import linux_format, load_linux
-from ..loader.multiboot import is_multiboot, load_multiboot, module_string
-from ..x86 import cpuid, inspect, layout, modes, mptable, msrs
 from ..kvm.regs import Regs, Sregs
+from ..loader import LoadedImage
+from ..x86 import cpuid, inspect, layout, modes, mptable, msrs
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -139,14 +137,7 @@ class Machine:
         p.add_i8042(lambda: self.gate.stop.set("reset", None, current_vcpu()))
         self.fw_cfg = FwCfg(self.mem_size, cpus)
         for name, content in files.items():
-            if not isinstance(content, (bytes, bytearray)):
-                try:
-                    with open(content, "rb") as f:
-                        content = f.read()
-                except OSError as e:
-                    raise DeviceError(f"fw_cfg file {name!r}: cannot read {os.fspath(content)!r}: "
-                                      f"{e.strerror}") from None
-            self.fw_cfg.add_file(name, bytes(content))
+            self.fw_cfg.add_file(name, read_file(content, f"fw_cfg file {name!r}", error=DeviceError))
         p.add_fw_cfg(self.fw_cfg)
 
     # --- the parts, and sugar over them ----------------------------------------------
@@ -243,37 +234,14 @@ class Machine:
              modules=(), initrd=None) -> LoadedImage:
         """Load a guest image (path or bytes) and point vCPU 0 at its entry.
 
-        ``format``: "auto" decides as QEMU's -kernel does: multiboot if the image has a
-        multiboot header, Linux if it is a bzImage or a vmlinux with a PVH entry note,
-        else ELF by magic, else raw. Or name it: "multiboot", "linux" ("bzimage",
-        "pvh"), "elf", "raw". Raw images take ``load_addr``, ``entry`` and ``mode``
-        ("real", "protected", "long"); ELF32 enters in protected mode, ELF64 in long
-        mode. ``user`` starts a long-mode guest in ring 3. ``cmdline`` goes to Linux and
-        multiboot kernels and to fw_cfg; Linux also gets a ``virtio_mmio.device=`` entry
-        per disk. ``initrd`` (path or bytes) is Linux's; ``modules`` are multiboot's:
-        paths, or (path, args) pairs.
+        ``kvmpy.loader.load`` places the image (its docstring has the formats and the
+        options); Linux also gets a ``virtio_mmio.device=`` entry per disk. The command
+        line goes to fw_cfg as well. ``user`` starts a long-mode guest in ring 3.
         """
-        data, name = self._read_image(image)
-        reserved = [layout.LOW_RESERVED]
-        linux = {"linux": "auto", "bzimage": "bzimage", "pvh": "pvh"}.get(format)
-        try:
-            if format == "multiboot" or (format == "auto" and is_multiboot(data)):
-                img = load_multiboot(self.memory, data, cmdline=cmdline, reserved=reserved,
-                                     modules=self._read_modules(modules), image_name=name)
-            elif linux or (format == "auto" and linux_format(data)):
-                if self.disks:
-                    cmdline = f"{cmdline} {self.virtio_mmio_cmdline()}".strip()
-                img = load_linux(self.memory, data, cmdline=cmdline, initrd=self._read_initrd(initrd),
-                                 reserved=reserved, format=linux or "auto")
-            else:
-                is_elf = format == "elf" or (format == "auto" and data[:4] == ELFMAG)
-                if not is_elf and (mode or "real") == "real":
-                    reserved = []                   # a boot sector lives in the first MiB
-                img = load(self.memory, data, format, load_addr=load_addr, entry=entry, mode=mode,
-                           reserved=reserved)
-        except LoaderError as e:
-            raise LoaderError(f"{name}: {e}") from None
-        self.fw_cfg.set_cmdline(cmdline)
+        img = loader.load(self.memory, image, format, cmdline=cmdline, initrd=initrd, modules=modules,
+                          load_addr=load_addr, entry=entry, mode=mode,
+                          linux_cmdline_extra=self.virtio_mmio_cmdline())
+        self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user)
         try:
@@ -288,40 +256,6 @@ class Machine:
         vcpu.set_regs(setup.regs)
         self.image = img
         return img
-
-    @staticmethod
-    def _read_image(image) -> tuple[bytes, str]:
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return bytes(image), "image"
-        name = os.fspath(image)
-        try:
-            with open(name, "rb") as f:
-                return f.read(), name
-        except OSError as e:
-            raise LoaderError(f"cannot read image {name!r}: {e.strerror or e}") from None
-
-    @staticmethod
-    def _read_initrd(initrd) -> bytes | None:
-        if initrd is None or isinstance(initrd, (bytes, bytearray, memoryview)):
-            return initrd
-        try:
-            with open(initrd, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise LoaderError(f"cannot read initrd {os.fspath(initrd)!r}: {e.strerror or e}") from None
-
-    @staticmethod
-    def _read_modules(modules) -> list[tuple[bytes, str]]:
-        """Multiboot modules as (bytes, string): the string is "FILE ARGS", as QEMU passes it."""
-        out = []
-        for m in modules:
-            path, args = (m, "") if isinstance(m, (str, os.PathLike)) else m
-            try:
-                with open(path, "rb") as f:
-                    out.append((f.read(), module_string(os.fspath(path), args)))
-            except OSError as e:
-                raise LoaderError(f"cannot read module {os.fspath(path)!r}: {e.strerror or e}") from None
-        return out
 
     # --- running -----------------------------------------------------------------------
     def run(self, timeout: float | None = None, trace=None) -> RunResult:
