@@ -8,7 +8,7 @@
  * CPL 0 or CPL 3 alike (same output, same disk; the virtio driver's MMIO works
  * from both).  The bundled demo entry (kvmpy/images/guests.py) starts it at CPL 0
  * (user=False): on the development host, whose CPL-0 code is emulated
- * (../shared/HOST-NOTES.md), a default run takes about 1.9 s (C or Python run
+ * (docs/host-notes.md), a default run takes about 1.9 s (C or Python run
  * loop; `kvmpy demo counter --disk FILE` ~2.1 s wall); at CPL 3 (user=True,
  * `--user`) about 0.35 s, the time then going to VM exits.
  *

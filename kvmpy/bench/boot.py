@@ -12,7 +12,7 @@ apt on first use, then cached), its uncompressed vmlinux booted through the
 PVH entry with 512 MiB and ``console=ttyS0 earlyprintk=serial``. The time is
 from start to the first appearance of ``Linux version `` on the serial port,
 and the run is then stopped (killed, for a process). 3 rounds by default: on
-a host without hardware virtualisation each run takes ~13-16 s (HOST-NOTES.md).
+a host without hardware virtualisation each run takes ~13-16 s (docs/host-notes.md).
 Without the kernel (empty cache and no apt or network) the subject cannot run
 (exit 2, saying so).
 

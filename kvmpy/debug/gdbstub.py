@@ -37,7 +37,7 @@ unavailable (``xx`` bytes). ``p`` also serves fs_base/gs_base (gdb's remote numb
 Breakpoints all live in the 4 debug registers (``KVM_GUESTDBG_USE_HW_BP``, DR7 built
 here). ``Z0`` (software) is served with a free debug register too, because on hosts
 without VMX/SVM ``int3`` at CPL0 is a KVM internal error and ``KVM_GUESTDBG_USE_SW_BP``
-does not work (HOST-NOTES.md); with no register free the reply is ``E``, so gdb reports
+does not work (docs/host-notes.md); with no register free the reply is ``E``, so gdb reports
 that it cannot insert the breakpoint instead of patching an ``int3`` into the guest.
 x86 has no read-only watchpoint: ``Z3`` uses a read/write one.
 On the kvm_pvm development hosts execution breakpoints fire but data breakpoints

@@ -3,7 +3,7 @@
 KVM_GET_SUPPORTED_CPUID lists what the host can virtualise; a VMM passes it on
 with the per-vCPU fields filled in (initial APIC ID) and the hypervisor bit set,
 so guests know they run virtualised. Without KVM_SET_CPUID2 the default guest
-CPUID lacks long mode (HOST-NOTES.md).
+CPUID lacks long mode (docs/host-notes.md).
 """
 from __future__ import annotations
 

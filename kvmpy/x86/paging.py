@@ -1,7 +1,7 @@
 """4-level x86-64 paging: identity-mapped boot page tables and a page-table walker.
 
 Intel SDM vol. 3A, 4.5. The boot tables map guest-virtual == guest-physical with
-2 MiB pages (1 GiB pages are not offered on every host, see HOST-NOTES.md).
+2 MiB pages (1 GiB pages are not offered on every host, see docs/host-notes.md).
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def test_gdb_hbreak_stepi_memory_and_exit():
 @needs_gdb
 def test_gdb_watchpoint_on_the_return_address():
     if not data_breakpoints_fire():
-        pytest.skip("this host's KVM never reports data breakpoints (HOST-NOTES: no VMX/SVM)")
+        pytest.skip("this host's KVM never reports data breakpoints (no VMX/SVM, see docs/host-notes.md)")
     sym = symbols(HELLO.path)
     slot = sym["__stack_top"] - 8                      # where `call main` pushes its return address
     with kvmpy.Machine() as m:

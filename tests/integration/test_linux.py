@@ -2,7 +2,7 @@
 the bzImage 64-bit boot protocol, it prints its banner, echoes our command line, and reports
 the memory map and initrd exactly where the loader put them.
 
-On hosts without hardware virtualisation (HOST-NOTES.md) the kernel dies a little later, so these
+On hosts without hardware virtualisation (docs/host-notes.md) the kernel dies a little later, so these
 tests stop the run once the lines they check have appeared. The bzImage test takes about two
 minutes there (the decompressor runs emulated) and runs only with KVMPY_SLOW_TESTS=1.
 
