@@ -17,8 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, TextIO
 
+from ..errors import GuestMemoryError, KvmpyError
 from ..kvm import exits
-from ..errors import KvmpyError
+from ..x86 import inspect, modes
+from .disasm import decode
 from ..kvm.regs import REGS_FIELDS as REG_NAMES
 
 KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
@@ -88,9 +90,9 @@ class Tracer:
         return tracer
 
     def wrap(self, loop):
-        """The dispatch a traced vCPU loop uses (``kvmpy.debug.traced``): the loop's own,
-        then this tracer told of the exit."""
-        from .traced import traced
+        """The dispatch a traced vCPU loop uses: the loop's own, then this tracer told of
+        the exit (``traced`` below). The vmm layer never imports this module: the Machine's
+        ``run(trace=...)`` hands the tracer each vCPU loop and uses what this returns."""
         return traced(loop, self)
 
     def wants(self, vcpu: int, ex) -> bool:
@@ -200,3 +202,74 @@ class Replayer(Tracer):
                                      f"the recording wrote {ev['data']}")
         self.pos += 1
         return ev
+
+
+# --- a vCPU loop's dispatch with a tracer watching ----------------------------------
+def traced(loop, tracer):
+    """A dispatch function for ``loop`` that reports each exit to ``tracer``."""
+    memory, stats, dispatch = loop.memory, loop.stats, loop.dispatch
+
+    def handle(vcpu, ex) -> None:
+        if tracer.steps and isinstance(ex, exits.Debug):
+            if tracer.vcpus is None or vcpu.id in tracer.vcpus:
+                tracer.emit(tracer.step_event(vcpu.id, vcpu.get_regs(), insn_reader(memory, vcpu)))
+            return
+        wanted = tracer.wants(vcpu.id, ex)
+        if isinstance(tracer, Replayer) and wanted:
+            replay(vcpu, ex, tracer.next_event(vcpu.id, ex), dispatch, stats)
+            return
+        try:
+            dispatch(vcpu, ex)
+        finally:
+            if wanted:
+                try:
+                    tracer.emit(trace_event(tracer, memory, vcpu, ex))
+                except Exception:           # a trace must never hide the guest's own error
+                    if not isinstance(ex, (exits.Shutdown, exits.InternalError, exits.FailEntry)):
+                        raise
+    return handle
+
+
+def replay(vcpu, ex, ev: dict, dispatch, stats) -> None:
+    """Inputs come from the recording; outputs go to the devices as usual."""
+    if isinstance(ex, exits.IoIn):
+        stats.exits["io-in"] += 1
+        vcpu.complete_io_in(ex, bytes.fromhex(ev["data"]))
+    elif isinstance(ex, exits.MmioRead):
+        stats.exits["mmio-read"] += 1
+        vcpu.complete_mmio_read(bytes.fromhex(ev["data"]).ljust(ex.size, b"\0"))
+    else:
+        dispatch(vcpu, ex)
+
+
+def decoder(memory, sregs):
+    """decode_at(rip) -> [(address, length, text)] in the vCPU's current mode."""
+    bits = modes.code_bits(sregs)
+
+    def decode_at(rip: int):
+        try:
+            linear = rip if bits == 64 else (sregs.cs.base + rip) & 0xFFFFFFFF
+            gpa = inspect.translate(memory.read_u64, sregs, linear).phys
+            code = memory.read(gpa, min(16, memory.region_for(gpa).end - gpa))
+        except (ValueError, GuestMemoryError):
+            return []
+        return decode(code, rip, bits)
+    return decode_at
+
+
+def insn_reader(memory, vcpu):
+    """insn_at(rip) -> the instruction text at rip in the vCPU's current mode."""
+    decode_at = decoder(memory, vcpu.get_sregs())
+    return lambda rip: (decode_at(rip) or [(0, 0, "")])[0][2]
+
+
+def trace_event(tracer, memory, vcpu, ex):
+    regs = vcpu.get_regs()
+    decode_at = decoder(memory, vcpu.get_sregs())
+    data_in = None
+    if isinstance(ex, exits.IoIn):
+        data_in = vcpu.io_data(ex)
+    elif isinstance(ex, exits.MmioRead):
+        data_in = vcpu.mmio_data(ex.size)
+    kind = KINDS.get(type(ex), "other")
+    return tracer.event(vcpu.id, ex, data_in, regs.rip, exiting_instruction(decode_at, regs.rip, kind))

@@ -94,10 +94,13 @@ class Module:
 
 
 def load(root: Path) -> dict[str, Module]:
-    """Every .py file under the package directory ``root``, by dotted name."""
+    """Every .py file under the package directory ``root``, by dotted name (not the build's
+    output: ``_guests/``, the images ``make -C guests`` writes into the package)."""
     mods = {}
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root.parent).with_suffix("").parts
+        if "_guests" in parts:
+            continue
         is_pkg = parts[-1] == "__init__"
         name = ".".join(parts[:-1] if is_pkg else parts)
         mods[name] = Module(name, path.relative_to(root.parent), is_pkg, path.read_text())
