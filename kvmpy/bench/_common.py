@@ -62,7 +62,7 @@ def kvm_backends() -> list[str]:
     return sorted(n for n in names if n.startswith("kvm_"))
 
 
-def _tool_version(argv: list[str]) -> str | None:
+def tool_version(argv: list[str]) -> str | None:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
@@ -80,7 +80,7 @@ def host_info() -> dict:
         "cpus": os.cpu_count(), "hw_virt_flags": sorted(flags & {"vmx", "svm"}),
         "kvm_backends": kvm_backends(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "cc": _tool_version([os.environ.get("CC", "gcc"), "--version"]),
+        "cc": tool_version([os.environ.get("CC", "gcc"), "--version"]),
     }
     import kvmpy
     info["kvmpy"] = {"version": kvmpy.__version__, "path": str(pathlib.Path(kvmpy.__file__).parent)}
@@ -207,7 +207,7 @@ class Progress:
 
 
 # --- the common command line and main ---------------------------------------------------
-def _integer(text: str, least: int) -> int:
+def integer(text: str, least: int) -> int:
     """An integer option: 20000, 0x4000, or with a binary suffix: 64K, 1M."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
@@ -221,11 +221,11 @@ def _integer(text: str, least: int) -> int:
 
 
 def positive(text: str) -> int:
-    return _integer(text, 1)
+    return integer(text, 1)
 
 
 def nonnegative(text: str) -> int:
-    return _integer(text, 0)
+    return integer(text, 0)
 
 
 def build_parser(mod, prog: str | None) -> argparse.ArgumentParser:

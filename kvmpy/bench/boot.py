@@ -499,7 +499,7 @@ def _result(args, subject, runner, variants, extras, samples, skipped, outputs, 
     banner = {v: round(_med(samples[v], "banner_ms"), 3) for v in variants if _med(samples[v], "banner_ms")}
     return {
         "benchmark": NAME,
-        "host": {**_common.host_info(), "qemu": _common._tool_version([qemu, "--version"]) if qemu else None},
+        "host": {**_common.host_info(), "qemu": _common.tool_version([qemu, "--version"]) if qemu else None},
         "params": {"subject": subject.name, "image": str(subject.image), "title": subject.title,
                    "end": subject.end, "rounds": args.rounds, "warmup": args.warmup, "mem": args.mem,
                    "order": "rotating per round", "timeout_s": args.timeout,

@@ -62,7 +62,7 @@ POLL_S = 0.0002
 
 
 def _sizes(text: str) -> list[int]:
-    out = [_common._integer(t, 16 * MiB) for t in text.split(",") if t.strip()]
+    out = [_common.integer(t, 16 * MiB) for t in text.split(",") if t.strip()]
     if not out:
         raise ValueError("no sizes")
     return out

@@ -93,7 +93,7 @@ class _Stream:
     def send_json(self, kind: bytes, obj) -> None:
         self.send(kind, json.dumps(obj).encode())
 
-    def _exactly(self, n: int, into=None) -> memoryview | bytes:
+    def exactly(self, n: int, into=None) -> memoryview | bytes:
         buf = into if into is not None else memoryview(bytearray(n))
         got = 0
         while got < n:
@@ -104,14 +104,14 @@ class _Stream:
         return buf
 
     def recv_header(self) -> tuple[bytes, int]:
-        kind, n = HEADER.unpack(self._exactly(HEADER.size))
+        kind, n = HEADER.unpack(self.exactly(HEADER.size))
         return bytes(kind), n
 
     def recv(self, limit: int) -> tuple[bytes, bytes]:
         kind, n = self.recv_header()
         if n > limit:
             raise MigrationError(f"a {kind!r} frame of {n} bytes is larger than allowed ({limit})")
-        return kind, bytes(self._exactly(n))
+        return kind, bytes(self.exactly(n))
 
 
 def _expect(stream: _Stream, want: bytes, limit: int = 4096) -> bytes:
@@ -226,67 +226,18 @@ def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
     except OSError as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
     stream = _Stream(sock)
-    held = logging = committed = False
+    progress = {"held": False, "logging": False, "committed": False}
     try:
         stream.send_json(b"HELO", _hello(m))
         _expect(stream, b"REDY")
         m.vm.log_dirty_pages(True)
-        logging = True
-        _take_dirty(m)                                  # start from a clean log
-        everything = [(1 << (r.size // PAGE)) - 1 for r in m.memory.regions]
-        n = _send_pages(stream, m, everything, report, skip_zero=True)
-        report.rounds, report.per_round = 1, [n]
-        say(f"round 1: {n} pages ({report.zero_pages} zero), {stream.sent / 2**20:.1f} MiB")
-        while True:
-            dirty = _take_dirty(m)
-            count = sum(d.bit_count() for d in dirty)
-            if count <= small or report.rounds >= max_rounds or \
-                    (report.rounds > 1 and count >= report.per_round[-1]):
-                break               # small enough, or not converging: these go with the last round
-            n = _send_pages(stream, m, dirty, report, skip_zero=False)
-            report.rounds += 1
-            report.per_round.append(n)
-            say(f"round {report.rounds}: {n} dirty pages, {stream.sent / 2**20:.1f} MiB sent")
+        progress["logging"] = True
+        dirty = _precopy(stream, m, report, max_rounds, small, say)
         stream.send(b"SYNC")                 # let the target catch up while the guest still runs
         _expect(stream, b"SYNC")
-        t_pause = time.perf_counter()
-        held = m.pause()
-        if not held:
-            raise MigrationError("the guest stopped during the migration")
-        dirty = [a | b for a, b in zip(dirty, _take_dirty(m))]
-        n = _send_pages(stream, m, dirty, report, skip_zero=False)
-        report.rounds += 1
-        report.per_round.append(n)
-        body = state.capture(m)
-        body["sha256"] = state.body_sha(body)
-        stream.send_json(b"STAT", body)
-        committed = True                     # from here a silent target may be running the guest
-        _expect(stream, b"RUNS")
-        report.downtime_s = time.perf_counter() - t_pause
+        _stop_and_copy(stream, m, report, dirty, progress)
     except BaseException as e:
-        refused = isinstance(e, MigrationError) and str(e).startswith("the other side gave up")
-        try:
-            stream.send(b"FAIL", b"the source gave up")
-        except OSError:
-            pass
-        sock.close()
-        keep_paused = held and committed and not refused
-        if held and not keep_paused:
-            m.resume()                       # first: whatever else fails, the guest goes on
-        if logging:
-            try:
-                m.vm.log_dirty_pages(False)
-            except KvmpyError:
-                pass                         # logging left on costs speed, not correctness
-        if keep_paused:
-            raise _Outcome(f"migration to {host}:{port}: the connection was lost after the state "
-                           f"was sent ({type(e).__name__}: {e}); the target may be running the guest, "
-                           "so it stays paused here: check the target, then resume or stop it") from None
-        if isinstance(e, MigrationError):
-            raise
-        if isinstance(e, (OSError, KvmpyError)):
-            raise MigrationError(f"migration to {host}:{port} failed: {e}") from None
-        raise
+        _abandon(stream, m, e, progress, f"{host}:{port}")
     sock.close()
     report.bytes = stream.sent
     report.total_s = time.perf_counter() - t0
@@ -294,6 +245,72 @@ def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
     m.resume()
     say(report.line())
     return report
+
+
+def _precopy(stream: _Stream, m, report: Report, max_rounds: int, small: int, say) -> list[int]:
+    """All RAM, then rounds of the pages dirtied meanwhile, while the guest runs; returns
+    the pages dirtied since the last round (they go in the stop-and-copy)."""
+    _take_dirty(m)                                  # start from a clean log
+    everything = [(1 << (r.size // PAGE)) - 1 for r in m.memory.regions]
+    n = _send_pages(stream, m, everything, report, skip_zero=True)
+    report.rounds, report.per_round = 1, [n]
+    say(f"round 1: {n} pages ({report.zero_pages} zero), {stream.sent / 2**20:.1f} MiB")
+    while True:
+        dirty = _take_dirty(m)
+        count = sum(d.bit_count() for d in dirty)
+        if count <= small or report.rounds >= max_rounds or \
+                (report.rounds > 1 and count >= report.per_round[-1]):
+            return dirty            # small enough, or not converging: these go with the last round
+        n = _send_pages(stream, m, dirty, report, skip_zero=False)
+        report.rounds += 1
+        report.per_round.append(n)
+        say(f"round {report.rounds}: {n} dirty pages, {stream.sent / 2**20:.1f} MiB sent")
+
+
+def _stop_and_copy(stream: _Stream, m, report: Report, dirty: list[int], progress: dict) -> None:
+    """Pause the guest, send the last dirty pages and the machine state, wait for RUNS."""
+    t_pause = time.perf_counter()
+    progress["held"] = m.pause()
+    if not progress["held"]:
+        raise MigrationError("the guest stopped during the migration")
+    dirty = [a | b for a, b in zip(dirty, _take_dirty(m))]
+    n = _send_pages(stream, m, dirty, report, skip_zero=False)
+    report.rounds += 1
+    report.per_round.append(n)
+    body = state.capture(m)
+    body["sha256"] = state.body_sha(body)
+    stream.send_json(b"STAT", body)
+    progress["committed"] = True         # from here a silent target may be running the guest
+    _expect(stream, b"RUNS")
+    report.downtime_s = time.perf_counter() - t_pause
+
+
+def _abandon(stream: _Stream, m, e: BaseException, progress: dict, where: str) -> None:
+    """A migration failed with ``e``: tell the target, resume the guest unless the target
+    may already run it, turn logging off, and raise what the caller should see."""
+    refused = isinstance(e, MigrationError) and str(e).startswith("the other side gave up")
+    try:
+        stream.send(b"FAIL", b"the source gave up")
+    except OSError:
+        pass
+    stream.sock.close()
+    keep_paused = progress["held"] and progress["committed"] and not refused
+    if progress["held"] and not keep_paused:
+        m.resume()                       # first: whatever else fails, the guest goes on
+    if progress["logging"]:
+        try:
+            m.vm.log_dirty_pages(False)
+        except KvmpyError:
+            pass                         # logging left on costs speed, not correctness
+    if keep_paused:
+        raise _Outcome(f"migration to {where}: the connection was lost after the state "
+                       f"was sent ({type(e).__name__}: {e}); the target may be running the guest, "
+                       "so it stays paused here: check the target, then resume or stop it") from None
+    if isinstance(e, MigrationError):
+        raise e
+    if isinstance(e, (OSError, KvmpyError)):
+        raise MigrationError(f"migration to {where} failed: {e}") from None
+    raise e
 
 
 def _check_hello(hello, where: str) -> dict:
@@ -327,78 +344,20 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
     Listen on a trusted network only (the default is loopback): the stream carries no
     authentication.
     """
-    srv = socket.create_server(listen)
-    try:
-        if on_listen is not None:
-            on_listen(srv.getsockname()[:2])
-        srv.settimeout(timeout)
-        try:
-            conn, peer = srv.accept()
-        except socket.timeout:
-            raise MigrationError(f"no migration arrived within {timeout} s") from None
-    finally:
-        srv.close()
+    conn, peer = _accept(listen, timeout, on_listen)
     conn.settimeout(stream_timeout)
     stream = _Stream(conn)
     if max_mem is None:
         max_mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     where = f"migration from {peer[0]}:{peer[1]}"
     m = None
-    say = progress or (lambda text: None)
     try:
-        hello = _check_hello(_json(_expect(stream, b"HELO", MAX_HELLO), "HELO"), where)
-        mem = hello["machine"]["mem_size"] if isinstance(hello.get("machine"), dict) else None
-        if type(mem) is not int or not 0 < mem <= max_mem:
-            raise MigrationError(f"{where}: asks for {mem!r} bytes of RAM (at most {max_mem} here)")
-        if hello.get("disks") and disks is None:
-            raise MigrationError(f"{where}: the guest has {len(hello['disks'])} disk(s) "
-                                 f"({', '.join(str(d.get('path')) for d in hello['disks'] if isinstance(d, dict))} "
-                                 "at the source): say which files it may use here with disks=[...] "
-                                 "(kvmpy receive --disk PATH, in order; the same files for shared storage)")
-        try:
-            m = state.machine_for(hello_as_body(hello), disks, where, **host_options)
-        except state.SnapshotError as e:
-            raise MigrationError(str(e)) from None
+        m = _build_target(stream, where, max_mem, disks, host_options)
         stream.send(b"REDY")
-        pages = 0
-        while True:
-            kind, n = stream.recv_header()
-            if kind in (b"PAGE", b"ZERO"):
-                if n < RUN.size or n > RUN.size + MAX_FRAME:
-                    raise MigrationError(f"{where}: bad {kind.decode()} frame length {n}")
-                gpa, count = RUN.unpack(stream._exactly(RUN.size))
-                size = count * PAGE
-                if gpa % PAGE or not m.memory.contains(gpa, size) or \
-                        n != RUN.size + (size if kind == b"PAGE" else 0):
-                    raise MigrationError(f"{where}: pages {gpa:#x}+{count} are outside guest RAM "
-                                         "or the frame is malformed")
-                if kind == b"PAGE":
-                    stream._exactly(size, m.memory.view(gpa, size))   # straight into guest RAM
-                elif not all_zero(m.memory.view(gpa, size, writable=False)):
-                    m.memory.fill(gpa, size, 0)         # untouched RAM is zero already: leave it so
-                pages += count
-            elif kind == b"SYNC":
-                if n:
-                    raise MigrationError(f"{where}: bad SYNC frame")
-                stream.send(b"SYNC")
-            elif kind == b"STAT":
-                if n > MAX_STATE:
-                    raise MigrationError(f"{where}: state frame of {n} bytes is too large")
-                body = _json(bytes(stream._exactly(n)), "STAT")
-                try:
-                    state.check_body(body, where)
-                    state.apply(m, body)
-                except state.SnapshotError as e:
-                    raise MigrationError(str(e)) from None
-                break
-            elif kind == b"FAIL":
-                raise MigrationError(f"{where}: the source gave up: "
-                                     f"{bytes(stream._exactly(min(n, 4096))).decode(errors='replace')}")
-            else:
-                raise MigrationError(f"{where}: unexpected frame {kind!r}")
+        pages = _receive_ram_and_state(stream, m, where)
         m.start(timeout=run_timeout)
         stream.send(b"RUNS")
-        say(f"received {pages} pages; the guest runs here now")
+        (progress or (lambda text: None))(f"received {pages} pages; the guest runs here now")
     except BaseException as e:
         if m is not None:
             m.close()
@@ -414,6 +373,81 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
         raise
     conn.close()
     return m, pages
+
+
+def _accept(listen, timeout, on_listen):
+    srv = socket.create_server(listen)
+    try:
+        if on_listen is not None:
+            on_listen(srv.getsockname()[:2])
+        srv.settimeout(timeout)
+        try:
+            return srv.accept()
+        except socket.timeout:
+            raise MigrationError(f"no migration arrived within {timeout} s") from None
+    finally:
+        srv.close()
+
+
+def _build_target(stream: _Stream, where: str, max_mem: int, disks, host_options: dict):
+    """The HELO checked, and a Machine of its shape (RAM bounded by ``max_mem``, disks given here)."""
+    hello = _check_hello(_json(_expect(stream, b"HELO", MAX_HELLO), "HELO"), where)
+    mem = hello["machine"]["mem_size"] if isinstance(hello.get("machine"), dict) else None
+    if type(mem) is not int or not 0 < mem <= max_mem:
+        raise MigrationError(f"{where}: asks for {mem!r} bytes of RAM (at most {max_mem} here)")
+    if hello.get("disks") and disks is None:
+        raise MigrationError(f"{where}: the guest has {len(hello['disks'])} disk(s) "
+                             f"({', '.join(str(d.get('path')) for d in hello['disks'] if isinstance(d, dict))} "
+                             "at the source): say which files it may use here with disks=[...] "
+                             "(kvmpy receive --disk PATH, in order; the same files for shared storage)")
+    try:
+        return state.machine_for(hello_as_body(hello), disks, where, **host_options)
+    except state.SnapshotError as e:
+        raise MigrationError(str(e)) from None
+
+
+def _receive_ram_and_state(stream: _Stream, m, where: str) -> int:
+    """PAGE/ZERO/SYNC frames into ``m`` until the STAT frame, which is applied; returns the
+    number of pages received."""
+    pages = 0
+    while True:
+        kind, n = stream.recv_header()
+        if kind in (b"PAGE", b"ZERO"):
+            pages += _receive_pages(stream, m, kind, n, where)
+        elif kind == b"SYNC":
+            if n:
+                raise MigrationError(f"{where}: bad SYNC frame")
+            stream.send(b"SYNC")
+        elif kind == b"STAT":
+            if n > MAX_STATE:
+                raise MigrationError(f"{where}: state frame of {n} bytes is too large")
+            body = _json(bytes(stream.exactly(n)), "STAT")
+            try:
+                state.check_body(body, where)
+                state.apply(m, body)
+            except state.SnapshotError as e:
+                raise MigrationError(str(e)) from None
+            return pages
+        elif kind == b"FAIL":
+            raise MigrationError(f"{where}: the source gave up: "
+                                 f"{bytes(stream.exactly(min(n, 4096))).decode(errors='replace')}")
+        else:
+            raise MigrationError(f"{where}: unexpected frame {kind!r}")
+
+
+def _receive_pages(stream: _Stream, m, kind: bytes, n: int, where: str) -> int:
+    """One PAGE or ZERO frame of ``n`` bytes, checked, into guest RAM; returns its page count."""
+    if n < RUN.size or n > RUN.size + MAX_FRAME:
+        raise MigrationError(f"{where}: bad {kind.decode()} frame length {n}")
+    gpa, count = RUN.unpack(stream.exactly(RUN.size))
+    size = count * PAGE
+    if gpa % PAGE or not m.memory.contains(gpa, size) or n != RUN.size + (size if kind == b"PAGE" else 0):
+        raise MigrationError(f"{where}: pages {gpa:#x}+{count} are outside guest RAM or the frame is malformed")
+    if kind == b"PAGE":
+        stream.exactly(size, m.memory.view(gpa, size))       # straight into guest RAM
+    elif not all_zero(m.memory.view(gpa, size, writable=False)):
+        m.memory.fill(gpa, size, 0)         # untouched RAM is zero already: leave it so
+    return count
 
 
 def hello_as_body(hello: dict) -> dict:

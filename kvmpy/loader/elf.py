@@ -78,7 +78,7 @@ _CLASSES = {
 _ZERO_CHUNK = 1 << 20       # zero .bss in bounded pieces, never one huge buffer
 
 
-def _header(buf: memoryview) -> tuple[_ElfClass, Ehdr]:
+def read_header(buf: memoryview) -> tuple[_ElfClass, Ehdr]:
     """Validate e_ident and the ELF header; return the class and the header."""
     size = len(buf)
     if size < EI_NIDENT:
@@ -107,7 +107,7 @@ def _header(buf: memoryview) -> tuple[_ElfClass, Ehdr]:
     return cls, eh
 
 
-def _program_headers(buf: memoryview, cls: _ElfClass, eh: Ehdr) -> list[Phdr]:
+def program_headers(buf: memoryview, cls: _ElfClass, eh: Ehdr) -> list[Phdr]:
     """Validate the program header table's bounds and unpack every entry."""
     if eh.e_phnum == 0:
         raise LoaderError("no program headers (e_phnum=0); nothing to load")
@@ -124,7 +124,7 @@ def _program_headers(buf: memoryview, cls: _ElfClass, eh: Ehdr) -> list[Phdr]:
             for i in range(eh.e_phnum)]
 
 
-def _check_segment(i: int, ph: Phdr, cls: _ElfClass, file_size: int) -> None:
+def check_segment(i: int, ph: Phdr, cls: _ElfClass, file_size: int) -> None:
     """Checks on one PT_LOAD that need only the file, not guest RAM."""
     if ph.p_filesz > ph.p_memsz:
         raise LoaderError(f"segment {i} has p_filesz={ph.p_filesz:#x} larger than p_memsz={ph.p_memsz:#x}")
@@ -144,14 +144,14 @@ def load_elf(mem, data, *, mode: str | None = None, reserved=()) -> LoadedImage:
     """
     buf = memoryview(data).cast("B")
     reserved = tuple(reserved)
-    cls, eh = _header(buf)
+    cls, eh = read_header(buf)
     if mode is not None and check_mode(mode) != cls.mode:
         raise LoaderError(f"{cls.name} image enters in {cls.mode} mode, but mode={mode!r} was requested")
     placed: list[tuple[int, Phdr]] = []
-    for i, ph in enumerate(_program_headers(buf, cls, eh)):
+    for i, ph in enumerate(program_headers(buf, cls, eh)):
         if ph.p_type != PT_LOAD:
             continue
-        _check_segment(i, ph, cls, len(buf))
+        check_segment(i, ph, cls, len(buf))
         if ph.p_memsz == 0:
             continue                    # places nothing
         check_placement(mem, ph.p_paddr, ph.p_memsz, reserved, f"segment {i}")

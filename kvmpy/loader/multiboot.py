@@ -288,13 +288,13 @@ def _plan_elf(buf: memoryview, mem, reserved) -> _Kernel:
         raise LoaderError("the multiboot header has no address fields (flags bit 16 clear), so the "
                           f"kernel must be an ELF file, but it starts with {bytes(buf[:4]).hex()}, "
                           f"not {elf.ELFMAG.hex()} (set bit 16 and the a.out kludge fields for a flat binary)")
-    cls, eh = elf._header(buf)
+    cls, eh = elf.read_header(buf)
     if cls.bits != 32:
         raise LoaderError(f"{cls.name} multiboot kernel: multiboot v1 enters in 32-bit protected mode and "
                           "needs an ELF32 (EM_386) image (QEMU refuses 64-bit ones too)")
-    loads = [(i, ph) for i, ph in enumerate(elf._program_headers(buf, cls, eh)) if ph.p_type == elf.PT_LOAD]
+    loads = [(i, ph) for i, ph in enumerate(elf.program_headers(buf, cls, eh)) if ph.p_type == elf.PT_LOAD]
     for i, ph in loads:
-        elf._check_segment(i, ph, cls, len(buf))
+        elf.check_segment(i, ph, cls, len(buf))
         if ph.p_memsz:
             check_placement(mem, ph.p_paddr, ph.p_memsz, reserved, f"segment {i}")
     placed = [ph for _, ph in loads if ph.p_memsz]

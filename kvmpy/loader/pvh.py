@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..errors import LoaderError
 from ..x86.bootparams import E820Entry
-from .elf import ELFMAG, _header, _program_headers
+from .elf import ELFMAG, program_headers, read_header
 
 PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -74,9 +74,9 @@ def find_pvh_entry(data) -> int | None:
     Raises LoaderError for a malformed ELF header, program header table or note.
     """
     buf = memoryview(data).cast("B")
-    cls, eh = _header(buf)
+    cls, eh = read_header(buf)
     entry = None
-    for i, ph in enumerate(_program_headers(buf, cls, eh)):
+    for i, ph in enumerate(program_headers(buf, cls, eh)):
         if ph.p_type != PT_NOTE:
             continue
         if ph.p_offset + ph.p_filesz > len(buf):
@@ -107,9 +107,9 @@ def parse_pvh(data) -> PvhKernel:
     if entry is None:
         raise LoaderError("ELF file has no XEN_ELFNOTE_PHYS32_ENTRY note (owner 'Xen', type 18): not a "
                           "PVH-bootable kernel (Linux needs CONFIG_PVH=y)")
-    cls, eh = _header(buf)
+    cls, eh = read_header(buf)
     segments = []
-    for i, ph in enumerate(_program_headers(buf, cls, eh)):
+    for i, ph in enumerate(program_headers(buf, cls, eh)):
         if ph.p_type != 1 or ph.p_memsz == 0:       # PT_LOAD
             continue
         if ph.p_filesz > ph.p_memsz or ph.p_offset + ph.p_filesz > len(buf) or ph.p_paddr + ph.p_memsz > 1 << 32:

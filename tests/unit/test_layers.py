@@ -73,20 +73,10 @@ KNOWN_DEBTS = {
         "code_at() disassembles: move disasm (pure capstone) down to x86/ or take it as an argument",
     # Machine's insides read from outside vmm/: give Machine a public state API
     "private kvmpy.cli uses ._replaying": "cli reads machine._replaying",
-    # module-private helpers shared across modules: make them public in their owner
-    "private kvmpy.loader.multiboot reads kvmpy.loader.elf._header": "ELF parsing shared by multiboot",
-    "private kvmpy.loader.multiboot reads kvmpy.loader.elf._program_headers": "ELF parsing shared by multiboot",
-    "private kvmpy.loader.multiboot reads kvmpy.loader.elf._check_segment": "ELF checks shared by multiboot",
-    "private kvmpy.loader.pvh imports kvmpy.loader.elf._header": "ELF parsing shared by pvh",
-    "private kvmpy.loader.pvh imports kvmpy.loader.elf._program_headers": "ELF parsing shared by pvh",
-    "private kvmpy.bench.boot reads kvmpy.bench._common._tool_version": "bench helper used across modules",
-    "private kvmpy.bench.snapshot reads kvmpy.bench._common._integer": "bench helper used across modules",
     # size
     "size kvmpy.cli": "split the subcommands out of cli.py",
     "size kvmpy.cli:build_parser": "one helper per subcommand's arguments",
     "size kvmpy.cli:_run_options": "group the options (boot, devices, debug)",
-    "size kvmpy.lifecycle.migration:_send": "split the rounds from the final stop-and-copy",
-    "size kvmpy.lifecycle.migration:receive": "split header checks, memory and device state",
 }
 
 
