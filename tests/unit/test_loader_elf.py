@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from kvmpy.errors import LoaderError
 from kvmpy.loader import load, load_elf
-from kvmpy.loader.elf import PT_LOAD
 from kvmpy.kvm.memory import GuestMemory
+from kvmpy.loader.elf import PT_LOAD
 
-RAM = 0x20_0000          # 2 MiB
+from .guestram import RAM, fresh_mem, untouched_outside
+
 MiB = 0x10_0000
 PT_NOTE = 4
-FILL = 0xAA              # RAM is pre-filled with this so stray writes and .bss zeroing show
 
 EHDR = {32: ("<HHIIIIIHHHHHH", 52), 64: ("<HHIQQQIHHHHHH", 64)}
 EHDR_FIELDS = ("e_type e_machine e_version e_entry e_phoff e_shoff e_flags e_ehsize "
@@ -82,25 +82,10 @@ def sample_segs():
     return [Seg(MiB, TEXT), Seg(MiB + 0x1000, DATA, memsz=0x1000), Seg(0, b"note", p_type=PT_NOTE)]
 
 
-def fresh_mem(size=RAM):
-    mem = GuestMemory.anonymous(size)
-    mem.fill(0, size, FILL)
-    return mem
-
-
 @pytest.fixture
 def mem():
     with fresh_mem() as m:
         yield m
-
-
-def untouched_outside(mem, segments, size=RAM) -> bool:
-    """True if every RAM byte outside ``segments`` still holds FILL."""
-    snap = mem.read(0, size)
-    expect = bytearray([FILL]) * size
-    for gpa, n in segments:
-        expect[gpa:gpa + n] = snap[gpa:gpa + n]
-    return snap == expect
 
 
 # --- valid images ---------------------------------------------------------------

@@ -13,10 +13,10 @@ from kvmpy.loader.multiboot import (INFO, INFO_FIELDS, MMAP_ENTRY, MODULE, MULTI
                                     MultibootHeader, find_header, memory_map, module_string)
 from kvmpy.kvm.memory import GuestMemory, MemoryRegion
 
-RAM = 0x20_0000           # 2 MiB
+from .guestram import RAM, fresh_mem, untouched_outside
+
 MiB = 0x10_0000
 PAGE = 0x1000
-FILL = 0xAA               # RAM is pre-filled with this so stray writes and bss zeroing show
 TEXT = bytes(range(1, 0x41))
 KLUDGE = MULTIBOOT_AOUT_KLUDGE | 3           # page-aligned modules, memory info, address fields
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -78,25 +78,12 @@ def elf_kernel(entry=MiB + 0x30, vaddr_base=0, bss=0x3000, header=None):
 
 
 # --- reading results back ------------------------------------------------------------------
-def fresh_mem(size=RAM, gpa=0):
-    mem = GuestMemory.anonymous(size, gpa)
-    mem.fill(gpa, size, FILL)
-    return mem
 
 
 @pytest.fixture
 def mem():
     with fresh_mem() as m:
         yield m
-
-
-def untouched_outside(mem, segments, size=RAM) -> bool:
-    """True if every RAM byte outside ``segments`` still holds FILL."""
-    snap = mem.read(0, size)
-    expect = bytearray([FILL]) * size
-    for gpa, n in segments:
-        expect[gpa:gpa + n] = snap[gpa:gpa + n]
-    return snap == expect
 
 
 def cstr(mem, gpa) -> bytes:
