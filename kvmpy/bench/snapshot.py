@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 
+from ..kvm.memory import PAGE_SIZE as PAGE
 from . import _common
 from ._common import BenchError
 
@@ -55,7 +56,6 @@ NAME = "snapshot"
 DESCRIPTION = "snapshot/restore/clone/live-migration times vs a fresh boot, 64 MiB to 1 GiB of RAM"
 GUEST = "counter"
 MiB, GiB = 1 << 20, 1 << 30
-PAGE = 4096
 ARRAY_BASE = 0x200000           # counter.c's ARRAY_BASE
 LINE_TIMEOUT_S = 30.0           # waiting this long for one serial line means the guest is stuck
 POLL_S = 0.0002

@@ -36,7 +36,7 @@ try:                            # L0, optional: memory.py works without the exte
 except ImportError:             # pragma: no cover - exercised by the pure-Python tests
     _ffi = _lib = None
 
-PAGE_SIZE = 4096
+PAGE_SIZE = 4096                # the one home of the 4 KiB page size (x86 paging, KVM slots, dirty logs)
 
 
 def _bitmap_bytes(size: int) -> int:

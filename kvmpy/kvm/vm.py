@@ -3,14 +3,13 @@ in-kernel irqchip and PIT, interrupt lines, eventfds, the clock, and new vCPUs.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from typing import TYPE_CHECKING
 
 from ..errors import KvmError
 from .abi import IoeventfdFlag, IrqfdFlag, MemFlag, ffi, lib
 from .fd import Fd, cdata_bytes, cdata_from, ioctl
-from .memory import GuestMemory, MemoryRegion
+from .memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from .vcpu import Vcpu
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class Vm(Fd):
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""
         region = next(r for r in self.memory.regions if r.slot == slot)
-        npages = region.size // mmap.PAGESIZE
+        npages = region.size // PAGE_SIZE
         bitmap = ffi.new("uint64_t[]", (npages + 63) // 64)
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
         ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log)

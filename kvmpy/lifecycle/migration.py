@@ -38,11 +38,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ..kvm.memory import all_zero
+from ..kvm.memory import PAGE_SIZE as PAGE, all_zero
 from ..errors import KvmpyError
 from ..vmm import state
 
-PAGE = 4096
 HEADER = struct.Struct("<4sI")
 RUN = struct.Struct("<QI")
 MAX_FRAME = 64 << 20            # a PAGE frame carries at most this much (protects the reader)

@@ -72,6 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LoaderError
+from ..kvm.memory import PAGE_SIZE as PAGE
 from . import elf
 from .image import LoadedImage, check_placement
 
@@ -109,7 +110,6 @@ MULTIBOOT_MEMORY_RESERVED = 2
 
 BOOT_DEVICE = 0x8000FFFF        # BIOS drive 0x80, no partition: what QEMU reports
 BOOT_LOADER_NAME = "kvmpy"
-PAGE = 0x1000
 _4GiB = 1 << 32
 
 # Header: magic, flags, checksum; then the address fields; then the video fields.

@@ -27,6 +27,7 @@ from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError, rea
 from .. import loader
 from ..kvm import Kvm
 from ..kvm.abi import Cap
+from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
 from ..x86 import cpuid, inspect, layout, modes, mptable, msrs
@@ -38,7 +39,6 @@ from .run import RunResult, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
 
-PAGE = 4096
 
 __all__ = ["Machine", "Disk", "RunResult"]
 
@@ -410,7 +410,7 @@ class Machine:
 
 def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
     """ValueError unless a Machine of this shape can be built."""
-    if mem_size < 64 * 1024 or mem_size % PAGE:
+    if mem_size < 64 * 1024 or mem_size % PAGE_SIZE:
         raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
     if not 1 <= cpus <= 255:
         raise ValueError(f"cpus must be between 1 and 255, got {cpus}")

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import GuestMemoryError, KvmpyError
+from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, Sregs
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
-PAGE = 4096
+PAGE = PAGE_SIZE
 CR4_LA57 = 1 << 12
 RFLAGS_VM = 1 << 17
 

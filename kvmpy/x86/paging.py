@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+from ..kvm.memory import PAGE_SIZE as PAGE
 from . import layout
 
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
@@ -24,14 +25,14 @@ def identity_map_tables(mem_end: int, user: bool = False) -> list[tuple[int, byt
     if gib > layout.PD_MAX:
         raise ValueError(f"cannot identity-map {gib} GiB: the boot page directories hold {layout.PD_MAX} GiB")
     flags = PTE_P | PTE_RW | (PTE_US if user else 0)
-    pml4 = struct.pack("<Q", layout.PDPT | flags) + bytes(4096 - 8)
-    pdpt = b"".join(struct.pack("<Q", (layout.PD_BASE + i * 4096) | flags) for i in range(gib))
-    pdpt += bytes(4096 - len(pdpt))
+    pml4 = struct.pack("<Q", layout.PDPT | flags) + bytes(PAGE - 8)
+    pdpt = b"".join(struct.pack("<Q", (layout.PD_BASE + i * PAGE) | flags) for i in range(gib))
+    pdpt += bytes(PAGE - len(pdpt))
     writes = [(layout.PML4, pml4), (layout.PDPT, pdpt)]
     for i in range(gib):
         base = i * layout.GiB
         pd = struct.pack("<512Q", *((base + j * PAGE_2M) | flags | PTE_PS for j in range(512)))
-        writes.append((layout.PD_BASE + i * 4096, pd))
+        writes.append((layout.PD_BASE + i * PAGE, pd))
     return writes
 
 
