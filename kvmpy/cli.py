@@ -1,8 +1,10 @@
 """The ``kvmpy`` command: inspect KVM, list and run the bundled micro-VMs, run your own images.
 
-Exit status of ``run`` and ``demo`` (documented in ``kvmpy run --help``): the guest's
-isa-debug-exit status when it used that device (always odd), 0 for a clean HLT, and
-even codes of our own otherwise, so the two never collide.
+Exit status of ``run`` (documented in ``kvmpy run --help``): the guest's isa-debug-exit
+status when it used that device (always odd), 0 for a clean HLT, and even codes of our
+own otherwise, so the two never collide. ``demo`` instead says whether the guest kept
+the promise its description makes (``images.guests``: an exit status and a line of
+output): 0 if it did, else non-zero with the reason in one line, the last on stderr.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import threading
 import time
 
 EXIT_OK = 0
+EXIT_DEMO_FAILED = 1        # kvmpy demo: the guest ended, but not as its description promises
 EXIT_USAGE = 2
 EXIT_VMM_ERROR = 4          # bad image, KVM unavailable, bad option value
 EXIT_RESET = 120
@@ -35,6 +38,14 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_INTERNAL_ERROR:<10} KVM internal error, entry failure or unsupported exit
   {EXIT_INTERRUPTED:<10} interrupted with Ctrl-C
   {EXIT_OK:<10} (also) the guest was migrated away or stopped through --control"""
+
+DEMO_CODES_HELP = f"""exit status of kvmpy demo:
+  {EXIT_OK:<10} the guest did what its description promises (its exit value and output line)
+  {EXIT_DEMO_FAILED:<10} it exited otherwise, or stopped without exiting (HLT, --control stop)
+  other      it never got to its exit: {EXIT_VMM_ERROR}, {EXIT_RESET}, {EXIT_TRIPLE_FAULT}, {EXIT_TIMEOUT}, {EXIT_INTERNAL_ERROR}, {EXIT_INTERRUPTED} as for kvmpy run
+  the reason why not is the last line on stderr: 'kvmpy: demo NAME failed: ...'
+
+""" + EXIT_CODES_HELP.replace("exit status:", "exit status of kvmpy run:", 1)
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -170,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="is KVM usable here? API version, capabilities, CPUID, backend")
     sub.add_parser("demos", help="list the bundled micro-VM demos")
-    d = sub.add_parser("demo", help="run a bundled demo guest", epilog=EXIT_CODES_HELP,
+    d = sub.add_parser("demo", help="run a bundled demo guest and check that it does what it says",
+                       epilog=DEMO_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run a bundled guest (see 'kvmpy demos'). Works without a terminal: "
-                                   "a demo that reads input gets its sample input when stdin has none.")
+                       description="Run a bundled guest (see 'kvmpy demos') and check that it did what "
+                                   "its description promises: its exit value and a line of its output. "
+                                   "Works without a terminal: a demo that reads input gets its sample "
+                                   "input when stdin has none.")
     d.add_argument("name", help="demo name, e.g. hello-long")
     _run_options(d)
     r = sub.add_parser("run", help="run a guest image (raw, ELF, multiboot kernel, Linux bzImage/vmlinux)",
@@ -284,6 +298,8 @@ def cmd_demo(args) -> int:
                 cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
     if args.cpus is None:
         args.cpus = g.cpus
+    # a guest that promises nothing (spin, triple-fault: test guests) ends with the run's status
+    output = bytearray() if g.demo_status is not None else None
     if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
         import tempfile
         with tempfile.NamedTemporaryFile(prefix="kvmpy-demo-", suffix=".img") as scratch:
@@ -291,8 +307,33 @@ def cmd_demo(args) -> int:
             print(f"kvmpy: {g.name} drives a disk; using a scratch 1 MiB file of zeros "
                   "(pass --disk FILE[,ro] to use your own)", file=sys.stderr)
             args.disk = [scratch.name]
-            return _run(args, g.path, load, sample_input=g.stdin)
-    return _run(args, g.path, load, sample_input=g.stdin)
+            code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
+    else:
+        code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
+    return code if output is None else _judge(g, code, bytes(output))
+
+
+#: Why a demo did not reach its exit, by the run's own (even) status.
+_ENDINGS = {EXIT_OK: "it stopped before its exit (halted, detached or stopped through --control)",
+            EXIT_USAGE: "bad command line", EXIT_VMM_ERROR: "kvmpy could not start it",
+            EXIT_RESET: "it reset the machine", EXIT_TRIPLE_FAULT: "it triple-faulted",
+            EXIT_TIMEOUT: "the --timeout expired", EXIT_INTERNAL_ERROR: "KVM could not run it",
+            EXIT_INTERRUPTED: "interrupted"}
+
+
+def _judge(g, code: int, output: bytes) -> int:
+    """kvmpy demo's status: 0 if the run's status ``code`` and ``output`` keep guest ``g``'s
+    promise; else the reason, one line, and non-zero (``code`` itself if the guest never exited)."""
+    if code & 1:                                # the guest wrote its value to isa-debug-exit
+        why = g.kept_promise(code, output)
+        if why is None:
+            return EXIT_OK
+        code = EXIT_DEMO_FAILED
+    else:
+        why = _ENDINGS.get(code, f"it ended with status {code}")
+        code = code or EXIT_DEMO_FAILED
+    print(f"kvmpy: demo {g.name} failed: {why}", file=sys.stderr)
+    return code
 
 
 def cmd_run(args) -> int:
@@ -313,15 +354,22 @@ def _fw_cfg_files(specs: list[str]) -> dict[str, str]:
 
 
 class _Console:
-    """Guest serial output to our stdout, flushed at each newline so prompts appear."""
+    """Guest serial output to our stdout, flushed at each newline so prompts appear; with
+    ``keep`` (a bytearray) also its last KEEP bytes, for ``kvmpy demo`` to check."""
 
-    def __init__(self, out):
-        self.out = out
+    KEEP = 1 << 20
+
+    def __init__(self, out, keep: bytearray | None = None):
+        self.out, self.keep = out, keep
 
     def write(self, data: bytes) -> int:
         self.out.write(data)
         if b"\n" in data:
             self.out.flush()
+        if self.keep is not None:
+            self.keep += data
+            if len(self.keep) > 2 * self.KEEP:
+                del self.keep[:-self.KEEP]
         return len(data)
 
     def flush(self) -> None:
@@ -352,7 +400,7 @@ def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
             time.sleep(0.005)
 
 
-def _run(args, image, load: dict, sample_input: bytes | None) -> int:
+def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | None = None) -> int:
     from .errors import KvmpyError
     from .vmm.machine import Machine
     try:
@@ -363,7 +411,7 @@ def _run(args, image, load: dict, sample_input: bytes | None) -> int:
     try:
         machine = Machine(mem_size=64 << 20 if args.mem is None else args.mem,
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
-                          serial=_Console(sys.stdout.buffer), native=not args.python, disks=args.disk,
+                          serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
