@@ -262,3 +262,34 @@ def test_replay_of_another_guest_diverges_clearly(tmp_path):
     r = kvmpy("demo", "hello-real", "--replay", str(rec))
     assert r.returncode == 4 and b"recording" in r.stderr and b"Traceback" not in r.stderr
 
+
+#: Modules a command must not import unless it uses them: the disassembler (a C library),
+#: the benchmarks, the gdb stub, live migration and the control socket.
+NEVER_FOR_RUN = ("capstone", "kvmpy.bench", "kvmpy.debug.gdbstub", "kvmpy.lifecycle.migration",
+                 "kvmpy.lifecycle.control")
+
+
+def imported_by(*statements: str) -> set[str]:
+    """sys.modules of a fresh interpreter after ``statements``, as its last line of output."""
+    code = ("import sys\n" + "\n".join(statements) +
+            "\nsys.stdout.write('\\n' + ' '.join(sorted(sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=ENV, cwd="/",
+                       input=b"")
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.decode().splitlines()[-1].split())
+
+
+def test_importing_the_cli_imports_no_machine():
+    """import kvmpy.cli loads only the front end: no Machine, no KVM layer, nothing optional."""
+    mods = imported_by("import kvmpy.cli")
+    assert not mods & {"kvmpy.vmm", "kvmpy.kvm", "kvmpy._native", "kvmpy.devices", "kvmpy.loader",
+                       "kvmpy.debug", "kvmpy.lifecycle", "kvmpy.images", "dataclasses", *NEVER_FOR_RUN}
+
+
+def test_run_imports_only_what_it_uses():
+    """kvmpy run of the bundled multiboot kernel imports no disassembler, benchmark, gdb stub or
+    migration code, and the argument parser builds the run command only."""
+    image = guests.get("multiboot-hello").path
+    mods = imported_by("import kvmpy.cli", f"assert kvmpy.cli.main(['run', {str(image)!r}]) == 87")
+    assert "kvmpy.vmm.machine" in mods
+    assert not mods & set(NEVER_FOR_RUN)
