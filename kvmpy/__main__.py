@@ -1,6 +1,4 @@
 """``python -m kvmpy`` is the ``kvmpy`` command."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

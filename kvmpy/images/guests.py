@@ -9,7 +9,9 @@ Every guest follows the ABI in ``docs/CONTRACTS.md``: it prints on COM1
 (0x3f8) and ends by writing a byte ``v`` to the isa-debug-exit port 0xf4,
 which ends the run with exit status ``(v << 1) | 1``, holding RAX == ``v``
 at that write.  Tests assert those values (:attr:`Guest.expect_output`,
-:attr:`Guest.expect_status`, :attr:`Guest.expect_rax`), not log prose.
+:attr:`Guest.expect_status`, :attr:`Guest.expect_rax`), not log prose, and
+``kvmpy demo`` checks each demo's promise (:attr:`Guest.demo_status`,
+:attr:`Guest.demo_marker`) to decide its own exit status.
 
 Pure Python: importing this module never touches ``/dev/kvm``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import pathlib
+import re
 from dataclasses import dataclass
 
 __all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
@@ -61,6 +64,12 @@ class Guest:
     ``cpus`` is how many vCPUs to run the guest with (its ``expect_*`` values are
     for that count); ``needs_irqchip`` guests need the in-kernel PIC/IOAPIC/LAPIC,
     e.g. to send INIT/SIPI, and the MP table the Machine writes when ``cpus > 1``.
+
+    ``marker`` is what ``kvmpy demo`` looks for in the output (a bytes regular
+    expression, searched line-wise) as proof that the guest did its work: the line
+    printed with the guest's known value, written so that it holds for any input
+    the demo's options allow (RAM size, command line, fw_cfg files, disk contents,
+    the lines typed to echo).  With :attr:`demo_status` it is the demo's promise.
     """
 
     name: str
@@ -80,11 +89,38 @@ class Guest:
     disk_status: int | None = None
     cpus: int = 1
     needs_irqchip: bool = False
+    marker: bytes | None = None
 
     @property
     def path(self) -> pathlib.Path:
         """The built image on disk (see :func:`path`)."""
         return path(self.name)
+
+    @property
+    def demo_status(self) -> int | None:
+        """The exit status ``kvmpy demo`` expects: a disk guest always runs with a disk
+        (the demo lends it a scratch one), so ``disk_status``; else ``expect_status``."""
+        return self.disk_status if self.needs_disk else self.expect_status
+
+    def kept_promise(self, status: int, output: bytes) -> str | None:
+        """None if a run that ended with ``status`` and printed ``output`` did what the
+        description promises; otherwise why not, in one line."""
+        want = self.demo_status
+        if want is None:
+            raise ValueError(f"guest {self.name!r} promises no exit status")
+        if status != want & 0xFF:
+            got = f"status {status}"
+            if status & 1:                  # an isa-debug-exit status: show the guest's value
+                got += f" (the guest's value {status >> 1:#x})"
+            return f"it exited with {got}, expected {want & 0xFF} (value {(want & 0xFF) >> 1:#x})"
+        if self.marker is not None and not re.search(self.marker, output, re.M):
+            return f"its output has no line matching /{self.marker.decode(errors='replace')}/"
+        return None
+
+
+def _line(text: bytes) -> bytes:
+    """A marker matching exactly this whole line of output."""
+    return b"^" + re.sub(rb"[][(){}?*+|^$\\.]", rb"\\\g<0>", text) + b"$"
 
 
 def _real(name: str, description: str, **kw) -> Guest:
@@ -100,7 +136,7 @@ _BLK_IO_ERROR = 0x4D
 _BLK_READ_ONLY = 0x45
 
 
-def _blk(name: str, description: str, first_line: bytes, disk_status: int, **kw) -> Guest:
+def _blk(name: str, description: str, first_line: bytes, disk_status: int | None, **kw) -> Guest:
     """A ring-3 guest of disk 0; without a disk it prints ``first_line`` and exits 0x4E."""
     return Guest(name, f"{name}.elf", description, format="elf", mode="long", user=True,
                  expect_output=first_line + b"no virtio-blk device\n",
@@ -149,39 +185,41 @@ _GUESTS: tuple[Guest, ...] = (
     _real("hello-real",
           "16-bit real mode at 0x7c00: prints a line, exits",
           expect_output=b"Hello from real mode\n",
-          expect_status=_status(0x10), expect_rax=0x10),
+          expect_status=_status(0x10), expect_rax=0x10, marker=_line(b"Hello from real mode")),
     Guest("hello-protected", "hello-protected.elf",
           "ELF32 in 32-bit protected mode (flat, paging off): prints a line, exits",
           format="elf", mode="protected",
           expect_output=b"Hello from protected mode\n",
-          expect_status=_status(0x20), expect_rax=0x20),
+          expect_status=_status(0x20), expect_rax=0x20, marker=_line(b"Hello from protected mode")),
     Guest("smp", "smp.elf",
           "ELF32 on 4 vCPUs: finds the MP table, starts each AP with INIT-SIPI-SIPI "
           "(trampoline at 0x8000); each prints 'AP <apic id> up'; exits 0x58",
           format="elf", mode="protected", cpus=4, needs_irqchip=True,
           expect_output=(b"smp: MP table lists 4 CPUs\nAP 1 up\nAP 2 up\nAP 3 up\n"
                          b"smp: 4 CPUs up\n"),
-          expect_status=_status(0x58), expect_rax=0x58),
+          expect_status=_status(0x58), expect_rax=0x58,
+          marker=rb"^smp: \d+ CPUs up$"),                  # --cpus N: N CPUs
     Guest("hello-long", "hello-long.elf",
           "ELF64 in 64-bit long mode (CPL 0): prints a line, exits with RAX=42",
           format="elf", mode="long",
           expect_output=b"Hello from long mode\n",
-          expect_status=_status(42), expect_rax=42),
+          expect_status=_status(42), expect_rax=42, marker=_line(b"Hello from long mode")),
     Guest("hello-user", "hello-user.elf",
           "ELF64 started in ring 3: checks CPL 3, sums 1..10^7 natively, exits",
           format="elf", mode="long", user=True,
           expect_output=b"Hello from ring 3 (CPL 3)\nsum(1..10000000) = 0x2d7988896b40\n",
-          expect_status=_status(0x30), expect_rax=0x30),
+          expect_status=_status(0x30), expect_rax=0x30,
+          marker=_line(b"sum(1..10000000) = 0x2d7988896b40")),
     Guest("echo", "echo.elf",
           "ELF64: echoes serial input until the line 'quit'",
           format="elf", mode="long", stdin=b"hello\nquit\n",
           expect_output=b"echo: type lines, 'quit' ends\nhello\nquit\nbye\n",
-          expect_status=_status(0x38), expect_rax=0x38),
+          expect_status=_status(0x38), expect_rax=0x38, marker=_line(b"bye")),   # any lines, then quit
     Guest("stringio", "stringio.elf",
           "ELF64: one 'rep outsb' line to COM1, 'rep insb' from an unclaimed port",
           format="elf", mode="long",
           expect_output=b"Hello from rep outsb\nrep insb ok\n",
-          expect_status=_status(0x3C), expect_rax=0x3C),
+          expect_status=_status(0x3C), expect_rax=0x3C, marker=_line(b"rep insb ok")),
     Guest("fwcfg", "fwcfg.elf",
           "ELF64 in ring 3: reads fw_cfg (ports 0x510/0x511): signature, id, RAM size, CPUs, "
           "command line, file directory, and prints the file opt/kvmpy/greeting if present; "
@@ -190,7 +228,8 @@ _GUESTS: tuple[Guest, ...] = (
           expect_output=(b"fw_cfg: signature QEMU, id 0x1\nfw_cfg: ram 0x4000000\n"
                          b"fw_cfg: cpus 1\nfw_cfg: cmdline \"\"\nfw_cfg: files 0\n"
                          b"fw_cfg: done\n"),                # 64 MiB, 1 CPU, no cmdline, no files
-          expect_status=_status(0x50), expect_rax=0x50),
+          expect_status=_status(0x50), expect_rax=0x50,
+          marker=_line(b"fw_cfg: done")),                  # whatever --mem, --cmdline and --fw-cfg say
     Guest("multiboot-hello", "multiboot-hello.elf",
           "multiboot v1 kernel (ELF32, as for qemu -kernel): checks EAX=0x2BADB002, prints its "
           "command line, mem_lower/mem_upper, the memory map and each module's string and first "
@@ -203,16 +242,19 @@ _GUESTS: tuple[Guest, ...] = (
                          b"mmap 0xf0000 +0x10000 type 2\nmmap 0x100000 +0x3f00000 type 1\n"
                          b"mods 0\nboot loader: kvmpy\nmultiboot-hello: done\n"),
           # 64 MiB, no arguments, no modules; the kernel's path is cut to its file name
-          expect_status=_status(0x2B), expect_rax=0x2B),
+          expect_status=_status(0x2B), expect_rax=0x2B,
+          marker=_line(b"multiboot-hello: done")),         # whatever --cmdline, --module and --mem say
     _blk("blk-read",
          "virtio-blk: reads all of disk 0 and prints 'blk-read: <n> sectors, checksum 0x<h>' "
          "(h = FNV-1a 64 of the disk's bytes); exits 0x40",
-         b"blk-read: reading the whole disk\n", _status(0x40)),
+         b"blk-read: reading the whole disk\n", _status(0x40),
+         marker=rb"^blk-read: \d+ sectors, checksum 0x[0-9a-f]+$"),     # any disk
     _blk("blk-write",
          "virtio-blk: writes a pattern over the first min(capacity, 256) sectors of disk 0 "
          "(u64 at offset 8k = (k+1) * 0x9e3779b97f4a7c15), flushes, reads back; "
          "'blk-write: <n> sectors ok', exits 0x44 (0x45 'write failed (read-only?)')",
-         b"blk-write: pattern, flush, read back\n", _status(0x44)),
+         b"blk-write: pattern, flush, read back\n", _status(0x44),
+         marker=rb"^blk-write: \d+ sectors ok$"),
     Guest("counter", "counter.elf",
           "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
           "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "
@@ -221,14 +263,15 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long",
           expect_output=counter_output(),           # defaults, no disk: 'counter: no disk' 2nd line
           expect_status=_status(_COUNTER_EXIT), expect_rax=_COUNTER_EXIT,
-          needs_disk=True, disk_status=_status(_COUNTER_EXIT)),
+          needs_disk=True, disk_status=_status(_COUNTER_EXIT),
+          marker=rb"^counter: done 0x[0-9a-f]+$"),         # n and pages from the cmdline
     _blk("blk-bench",
          "virtio-blk benchmark, OVERWRITES the first 16 MiB of disk 0: phases 1-10 sequential "
          "read (odd) / write (even) of min(16 MiB, disk) in 4K/16K/64K/256K/1M requests, "
          "phase 11 random 4 KiB reads (LCG); outl P to port 0x5e0 before a phase, "
          "P | 0x80000000 after it; exits 0x48 (0x45 read-only)",
          b"blk-bench: sequential and random I/O, phases marked on port 0x5e0\n", _status(0x48),
-         demo=False),
+         marker=_line(b"blk-bench: done"), demo=False),
     _blk("blk-durable",
          "virtio-blk: writes the blk-write pattern over min(capacity, 64) sectors of disk 0, "
          "flushes, prints 'blk-durable: <n> sectors flushed', then waits forever (kill -9 test)",

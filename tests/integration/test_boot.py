@@ -60,7 +60,7 @@ def test_fw_cfg_items_and_files_reach_the_guest(tmp_path):
     r = kvmpy_cli("demo", "fwcfg", "--mem", "128M", "--cpus", "2", "--cmdline", "console=ttyS0",
                   "--fw-cfg", f"opt/kvmpy/greeting={greeting}")
     out = r.stdout.decode()
-    assert r.returncode == guests.get("fwcfg").expect_status & 0xFF, r.stderr
+    assert r.returncode == 0, r.stderr          # kvmpy demo: the guest kept its promise
     assert "fw_cfg: signature QEMU, id 0x1" in out
     assert "fw_cfg: ram 0x8000000" in out and "fw_cfg: cpus 2" in out
     assert 'fw_cfg: cmdline "console=ttyS0"' in out

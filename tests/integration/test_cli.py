@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvmpy import guests
-from kvmpy.cli import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
+from kvmpy.cli import EXIT_DEMO_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
 
 
 import kvmpy as _kvmpy
@@ -39,17 +39,75 @@ def test_demos_lists_every_demo():
 
 
 @pytest.mark.parametrize("name", [g.name for g in guests.all() if g.demo])
-def test_demo_output_and_exit_status(name):
-    """kvmpy demo NAME prints the guest's output and exits with its isa-debug-exit status."""
+def test_demo_that_keeps_its_promise_exits_0(name):
+    """kvmpy demo NAME prints the guest's output and exits 0 when the guest kept its promise."""
     g = guests.get(name)
     r = kvmpy("demo", name, input=b"")
+    assert r.returncode == 0, r.stderr
+    assert b"failed" not in r.stderr
     if g.needs_disk:                        # the demo lends itself a scratch disk of zeros
         assert r.stdout.startswith(g.expect_output.splitlines(keepends=True)[0])
         assert b"scratch 1 MiB" in r.stderr
-        assert r.returncode == g.disk_status & 0xFF
         return
     assert r.stdout == g.expect_output
-    assert r.returncode == g.expect_status & 0xFF
+
+
+def last_line(stderr: bytes) -> str:
+    lines = stderr.decode().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_demo_whose_guest_breaks_its_promise_fails_with_one_line(tmp_path):
+    """blk-write on a read-only disk cannot write: the demo exits 1 and says why in one line."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    r = kvmpy("demo", "blk-write", "--disk", f"{disk},ro")
+    assert b"write failed (read-only?)" in r.stdout
+    assert r.returncode == EXIT_DEMO_FAILED
+    why = last_line(r.stderr)
+    assert why.startswith("kvmpy: demo blk-write failed: ") and "0x45" in why and "0x44" in why, why
+    assert b"Traceback" not in r.stderr
+
+
+def tampered_demo(name: str, **change):
+    """kvmpy demo NAME in a subprocess whose registry entry for NAME has ``change`` applied."""
+    code = ("import dataclasses, sys\n"
+            "from kvmpy import cli, guests\n"
+            f"real = guests.get({name!r})\n"
+            f"guests.get = lambda n: dataclasses.replace(real, **{change!r})\n"
+            f"sys.exit(cli.main(['demo', {name!r}]))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=ENV, cwd="/",
+                          input=b"")
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"expect_status": (43 << 1) | 1}, "it exited with status 85 (the guest's value 0x2a), expected 87 (value 0x2b)"),
+    ({"marker": b"^Hello from short mode$"}, "its output has no line matching /^Hello from short mode$/"),
+], ids=["status", "marker"])
+def test_demo_with_a_tampered_expectation_fails(change, reason):
+    """The same guest against a wrong expectation (status or output line): exit 1, the reason last."""
+    r = tampered_demo("hello-long", **change)
+    assert r.stdout == guests.get("hello-long").expect_output
+    assert r.returncode == EXIT_DEMO_FAILED
+    assert last_line(r.stderr) == f"kvmpy: demo hello-long failed: {reason}"
+
+
+def test_demo_that_never_exits_keeps_the_run_status_and_says_why():
+    """A demo stopped by --timeout before its exit: status 124 as for run, the demo's reason last."""
+    r = kvmpy("demo", "hello-user", "--timeout", "0.001")
+    assert r.returncode == EXIT_TIMEOUT
+    assert last_line(r.stderr) == "kvmpy: demo hello-user failed: the --timeout expired"
+
+
+@pytest.mark.parametrize("name", ["hello-long", "blk-write"])
+def test_run_returns_the_guests_own_status(name, tmp_path):
+    """kvmpy run of a bundled guest still exits with the guest's isa-debug-exit status."""
+    g = guests.get(name)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    r = kvmpy("run", str(g.path), "--disk", f"{disk},ro")      # blk-write: refused, 0x45
+    assert r.returncode == (g.expect_status if name == "hello-long" else (0x45 << 1) | 1)
+    assert b"failed" not in r.stderr
 
 
 @pytest.mark.parametrize("loop", [[], ["--python"]], ids=["native", "python"])
@@ -143,7 +201,7 @@ def test_trace_json_lines(tmp_path):
     import json
     path = tmp_path / "trace.jsonl"
     r = kvmpy("demo", "stringio", "--trace-json", str(path))
-    assert r.returncode == guests.get("stringio").expect_status & 0xFF
+    assert r.returncode == 0
     events = [json.loads(line) for line in path.read_text().splitlines()]
     ins = [e for e in events if e["kind"] == "io-in" and e["addr"] != 0x3FD]
     assert ins and all(set(bytes.fromhex(e["data"])) == {0xFF} for e in ins)   # unclaimed port reads
@@ -155,7 +213,7 @@ def test_stats_svg_file(tmp_path):
     import xml.etree.ElementTree as ET
     out = tmp_path / "stats.svg"
     r = kvmpy("demo", "hello-long", "--stats-svg", str(out))
-    assert r.returncode == guests.get("hello-long").expect_status & 0xFF
+    assert r.returncode == 0
     texts = {e.text for e in ET.parse(out).getroot().iter("{http://www.w3.org/2000/svg}text")}
     assert "com1" in texts and "isa-debug-exit" in texts
 
@@ -163,7 +221,7 @@ def test_stats_svg_file(tmp_path):
 def test_inspect_prints_the_report_when_a_run_stops():
     """--inspect ends a run with the stopping vCPU's mode, page walks and code on stderr."""
     r = kvmpy("demo", "hello-long", "--inspect", input=b"")
-    assert r.returncode == guests.get("hello-long").expect_status & 0xFF
+    assert r.returncode == 0
     for needle in (b"long mode (64-bit), CPL 0, paging on (4-level)", b"== page walks ==",
                    b"PML4[0]", b"=> physical 0x", b"== code at "):
         assert needle in r.stderr, needle
@@ -180,7 +238,7 @@ def test_trace_steps_shows_instructions_and_register_changes():
     """--trace steps single-steps the guest: each instruction in order with the registers it changed."""
     r = kvmpy("demo", "hello-real", "--trace", "steps", "--trace-kinds", "step")
     g = guests.get("hello-real")
-    assert r.stdout == g.expect_output and r.returncode == g.expect_status & 0xFF
+    assert r.stdout == g.expect_output and r.returncode == 0
     steps = [line for line in r.stderr.decode().splitlines() if " step " in line]
     assert steps[0].split()[3:] == ["0x7c00:", "cli"]
     lods = next(s for s in steps if "lodsb" in s)
@@ -203,3 +261,51 @@ def test_replay_of_another_guest_diverges_clearly(tmp_path):
     kvmpy("demo", "echo", "--trace-json", str(rec), input=b"x\nquit\n")
     r = kvmpy("demo", "hello-real", "--replay", str(rec))
     assert r.returncode == 4 and b"recording" in r.stderr and b"Traceback" not in r.stderr
+
+
+#: Modules a command must not import unless it uses them: the disassembler (a C library),
+#: the benchmarks, the gdb stub, live migration and the control socket.
+NEVER_FOR_RUN = ("capstone", "kvmpy.bench", "kvmpy.debug.gdbstub", "kvmpy.lifecycle.migration",
+                 "kvmpy.lifecycle.control")
+
+
+def imported_by(*statements: str) -> set[str]:
+    """sys.modules of a fresh interpreter after ``statements``, as its last line of output."""
+    code = ("import sys\n" + "\n".join(statements) +
+            "\nsys.stdout.write('\\n' + ' '.join(sorted(sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=ENV, cwd="/",
+                       input=b"")
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.decode().splitlines()[-1].split())
+
+
+def test_importing_the_cli_imports_no_machine():
+    """import kvmpy.cli loads only the front end: no Machine, no KVM layer, nothing optional."""
+    mods = imported_by("import kvmpy.cli")
+    assert not mods & {"kvmpy.vmm", "kvmpy.kvm", "kvmpy._native", "kvmpy.devices", "kvmpy.loader",
+                       "kvmpy.debug", "kvmpy.lifecycle", "kvmpy.images", "dataclasses", *NEVER_FOR_RUN}
+
+
+def test_run_imports_only_what_it_uses():
+    """kvmpy run of the bundled multiboot kernel imports no disassembler, benchmark, gdb stub or
+    migration code, and the argument parser builds the run command only."""
+    image = guests.get("multiboot-hello").path
+    mods = imported_by("import kvmpy.cli", f"assert kvmpy.cli.main(['run', {str(image)!r}]) == 87")
+    assert "kvmpy.vmm.machine" in mods
+    assert not mods & set(NEVER_FOR_RUN)
+
+
+#: What kvmpy run of a multiboot kernel imports today only because kvmpy/vmm/ (and
+#: loader/__init__) import them at module level: the exit tracer (and json), the x86
+#: inspector, the disassembler wrapper, Linux's loaders, virtio-blk without a disk, html.
+NOT_YET_LAZY = ("kvmpy.debug.trace", "kvmpy.debug.disasm", "kvmpy.x86.inspect", "kvmpy.loader.linux",
+                "kvmpy.devices.virtio.blk", "json", "html")
+
+
+@pytest.mark.xfail(strict=True, reason="until vmm/ (vcpu_loop, machine, native, stats) and loader/__init__ "
+                                       "import these when used; then drop this marker")
+def test_run_imports_no_tracer_inspector_or_linux_loader():
+    """kvmpy run of a multiboot kernel without --trace, --inspect, --gdb or a disk imports none of them."""
+    image = guests.get("multiboot-hello").path
+    mods = imported_by("import kvmpy.cli", f"assert kvmpy.cli.main(['run', {str(image)!r}]) == 87")
+    assert not mods & set(NOT_YET_LAZY), sorted(mods & set(NOT_YET_LAZY))

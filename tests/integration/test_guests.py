@@ -85,3 +85,46 @@ def test_triple_fault_raises_guest_error_with_code():
     assert err.reason == "triple-fault"
     assert "ud2" in err.disassembly and err.disassembly.startswith("=>")
     assert err.regs is not None and "rip=" in str(err)
+
+
+PROMISING = [g for g in guests.all() if g.demo_status is not None]
+
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & ((1 << 64) - 1)
+    return h
+
+
+@pytest.mark.parametrize("g", PROMISING, ids=lambda g: g.name)
+def test_guest_keeps_the_promise_kvmpy_demo_checks(g, tmp_path):
+    """Run as kvmpy demo runs it (disk guests with a 1 MiB disk of zeros), each guest ends with
+    its demo status and prints the line its marker describes."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    result, out, _ = run_guest(g, disks=[str(disk)] if g.needs_disk else [])
+    assert result.reason == "exit"
+    assert g.kept_promise(result.status & 0xFF, out) is None, out
+
+
+def test_disk_guests_print_their_known_values(tmp_path):
+    """blk-read's checksum of 1 MiB of zeros and blk-write's sector count are the known values."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    _, out, _ = run_guest(guests.get("blk-read"), disks=[str(disk)])
+    assert b"blk-read: 2048 sectors, checksum %#x\n" % fnv1a64(bytes(1 << 20)) in out
+    _, out, _ = run_guest(guests.get("blk-write"), disks=[str(disk)])
+    assert out.endswith(b"blk-write: 256 sectors ok\n")
+
+
+def test_a_broken_promise_is_named(tmp_path):
+    """blk-write on a read-only disk exits 0x45: kept_promise says which status it got and wanted."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    g = guests.get("blk-write")
+    result, out, _ = run_guest(g, disks=[f"{disk},ro"])
+    assert result.status == (0x45 << 1) | 1
+    assert g.kept_promise(result.status & 0xFF, out) == \
+        "it exited with status 139 (the guest's value 0x45), expected 137 (value 0x44)"
+    assert "has no line matching" in guests.get("hello-long").kept_promise(85, b"Hello from short mode\n")
