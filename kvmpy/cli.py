@@ -450,7 +450,6 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
         except (KvmpyError, ValueError) as e:
             print(f"kvmpy: {e}", file=sys.stderr)
             return EXIT_VMM_ERROR
-        machine._replaying = bool(args.replay)
         try:
             return _drive(args, machine, tracer, sample_input)
         finally:
@@ -464,7 +463,8 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     from .errors import GuestError
     done = threading.Event()
     control = None
-    _start_input(machine, done, sample_input)
+    if not getattr(args, "replay", None):       # a replay's input comes from the recording
+        _start_input(machine, done, sample_input)
     old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
         if threading.current_thread() is threading.main_thread() else None
     try:
@@ -621,8 +621,6 @@ def _tracer(args):
 
 
 def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:
-    if getattr(machine, "_replaying", False):
-        return                              # input comes from the recording
     first = b""
     if sample_input is not None and not sys.stdin.isatty():
         first = os.read(0, 4096) if _stdin_has_data() else b""

@@ -21,7 +21,6 @@ from ..x86 import layout
 from .detect import FORMATS, LOADERS, detect
 from .elf import load_elf
 from .image import MODES, LoadedImage, check_mode
-from .linux import load_linux
 from .multiboot import is_multiboot, load_multiboot, module_string
 from .raw import load_raw
 
@@ -120,4 +119,12 @@ def _load_as(found: str, mem, data: bytes, *, cmdline, initrd, modules, load_add
     if found == "multiboot":
         return load_multiboot(mem, data, cmdline=cmdline, modules=modules, reserved=reserved, image_name=name)
     bits = {"protected": 32, "long": 64}.get(mode)
+    from .linux import load_linux           # bzImage, PVH and boot_params: loaded for Linux only
     return load_linux(mem, data, cmdline=cmdline, initrd=initrd, reserved=reserved, format=found, bits=bits)
+
+
+def __getattr__(name):
+    if name == "load_linux":                # still importable from here, without loading it up front
+        from .linux import load_linux
+        return load_linux
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

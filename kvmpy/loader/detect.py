@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from ..errors import LoaderError
 from .elf import ELFMAG
-from .linux import detect as linux_detect, linux_format
 from .multiboot import is_multiboot
 
 #: The loaders :func:`detect` can answer with.
@@ -37,11 +36,13 @@ def detect(data, format: str = "auto") -> str:
     if format not in FORMATS:
         raise LoaderError(f"unknown image format {format!r}; expected one of {', '.join(FORMATS)}")
     if format == "linux":
+        from .linux import detect as linux_detect
         return linux_detect(data)
     if format != "auto":
         return format
     if is_multiboot(data):
         return "multiboot"
+    from .linux import linux_format        # Linux's loaders are loaded only when looked for
     linux = linux_format(data)
     if linux is not None:
         return linux

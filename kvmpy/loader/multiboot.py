@@ -72,7 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LoaderError
-from ..kvm.memory import PAGE_SIZE as PAGE
+from ..x86.layout import PAGE
 from . import elf
 from .image import LoadedImage, check_placement
 

@@ -30,7 +30,7 @@ from ..kvm.abi import Cap
 from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
-from ..x86 import cpuid, inspect, layout, modes, mptable, msrs
+from ..x86 import cpuid, layout, modes, mptable, msrs
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -196,16 +196,19 @@ class Machine:
         if not 0 <= n < len(self.vcpus):
             raise ValueError(f"no vCPU {n}: the machine has {len(self.vcpus)}")
         v = self.vcpus[n]
+        from ..x86 import inspect           # page walks and descriptors: loaded when asked for
         return inspect.report(v.get_regs(), v.get_sregs(), self.memory, title=f"vCPU {n}")
 
     def guest_physical(self, sregs: Sregs, vaddr: int) -> int:
         """Translate a guest-virtual (linear) address with the guest's page tables, in any
         paging mode; raises inspect.TranslationError (a ValueError) when it does not map."""
+        from ..x86 import inspect
         return inspect.translate(self.memory.read_u64, sregs, vaddr).phys
 
     def disassemble_at(self, regs: Regs, sregs: Sregs, count: int = 6) -> str:
         """The instructions at the vCPU's RIP, decoded in its current mode (read through
         the page tables, across page boundaries)."""
+        from ..x86 import inspect
         return inspect.code_at(regs, sregs, self.memory, count)
 
     def snapshot(self, path) -> None:

@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, field
 
 from .._native import ffi, lib
-from ..devices.virtio.blk import VirtioBlk
-from ..devices.virtio.mmio import check_state, check_state_shape
 from ..kvm.memory import GuestMemory
 
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
@@ -120,6 +118,7 @@ class NativeVirtioBlk:
 
     def __init__(self, path: str | os.PathLike, mem: GuestMemory, readonly: bool = False,
                  serial_id: str | bytes | None = None, vm_fd: int = -1, gsi: int = -1):
+        from ..devices.virtio.blk import VirtioBlk          # loaded for machines with disks only
         self.disk = VirtioBlk(path, readonly=readonly, serial_id=serial_id)
         self.mem = mem
         p = lib.kvmpy_blk_new(self.disk.fd, int(self.disk.readonly), self.disk.file_size,
@@ -183,6 +182,7 @@ class NativeVirtioBlk:
         """Restore a saved state; ValueError (nothing changed) in exactly the cases the
         Python transport refuses. C validates on its own (kvmpy_blk_set_state); the
         Python check only supplies the message. The irq level is recorded, not driven."""
+        from ..devices.virtio.mmio import check_state, check_state_shape
         check_state_shape(state, 1)          # every value fits its C field
         q = state["queues"][0]
         s = ffi.new("struct kvmpy_blk_state *", {

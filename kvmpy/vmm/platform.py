@@ -19,8 +19,6 @@ import threading
 from dataclasses import dataclass, field
 
 from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
-from ..devices.virtio.blk import VirtioBlk
-from ..devices.virtio.mmio import VirtioMmioTransport
 from ..errors import DeviceError
 from ..x86 import layout
 from .console import Console
@@ -163,6 +161,8 @@ class Platform:
             raise DeviceError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices")
         base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
         gsi = layout.VIRTIO_MMIO_IRQS[i]
+        from ..devices.virtio.blk import VirtioBlk          # loaded for machines with disks only
+        from ..devices.virtio.mmio import VirtioMmioTransport
         try:
             if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
                 model = NativeVirtioBlk(disk.path, memory, readonly=disk.readonly,

@@ -6,6 +6,8 @@ address, and raw real-mode images sit at 0x7C00 like a boot sector.
 """
 from __future__ import annotations
 
+from ..kvm.memory import PAGE_SIZE as PAGE   # 4 KiB; its one home is kvm/memory.py
+
 MiB = 1 << 20
 GiB = 1 << 30
 

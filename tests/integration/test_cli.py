@@ -302,8 +302,7 @@ NOT_YET_LAZY = ("kvmpy.debug.trace", "kvmpy.debug.disasm", "kvmpy.x86.inspect", 
                 "kvmpy.devices.virtio.blk", "json", "html")
 
 
-@pytest.mark.xfail(strict=True, reason="until vmm/ (vcpu_loop, machine, native, stats) and loader/__init__ "
-                                       "import these when used; then drop this marker")
+@pytest.mark.xfail(strict=True, reason="until vmm/stats.py imports html when used; then drop this marker")
 def test_run_imports_no_tracer_inspector_or_linux_loader():
     """kvmpy run of a multiboot kernel without --trace, --inspect, --gdb or a disk imports none of them."""
     image = guests.get("multiboot-hello").path

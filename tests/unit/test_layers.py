@@ -71,8 +71,6 @@ KNOWN_DEBTS = {
     # upward imports
     "up kvmpy.x86.inspect -> kvmpy.debug.disasm":
         "code_at() disassembles: move disasm (pure capstone) down to x86/ or take it as an argument",
-    # Machine's insides read from outside vmm/: give Machine a public state API
-    "private kvmpy.cli uses ._replaying": "cli reads machine._replaying",
     # size
     "size kvmpy.cli": "split the subcommands out of cli.py",
     "size kvmpy.cli:build_parser": "one helper per subcommand's arguments",
