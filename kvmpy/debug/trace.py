@@ -20,7 +20,7 @@ from typing import Callable, TextIO
 from ..errors import GuestMemoryError, KvmpyError
 from ..kvm import exits
 from ..x86 import inspect, modes
-from .disasm import decode
+from ..x86.disasm import decode
 from ..kvm.regs import REGS_FIELDS as REG_NAMES
 
 KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",

@@ -220,9 +220,9 @@ def format_report(regs: Regs, sregs: Sregs, mem, rip_code: str | None = None) ->
 
 def code_at(regs: Regs, sregs: Sregs, mem, count: int = 6) -> str:
     """Up to ``count`` instructions at RIP, read through the page tables (across page
-    boundaries) and disassembled in the current mode (``kvmpy.debug.disasm``, capstone).
+    boundaries) and disassembled in the current mode (``kvmpy.x86.disasm``, capstone).
     Raises TranslationError when RIP itself is unmapped or not RAM."""
-    from ..debug.disasm import disassemble          # capstone, imported when first needed
+    from .disasm import disassemble          # capstone, imported when first needed
     mode = cpu_mode(sregs, regs.rflags)
     lin = LinearMemory(mem, sregs)
     code = _readable_prefix(lin, _linear_ip(regs, sregs, mode), 16 * count)

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmpy.debug.disasm import disassemble
+from kvmpy.x86.disasm import disassemble
 from kvmpy.vmm.stats import Stats
 
 capstone = pytest.importorskip("capstone")

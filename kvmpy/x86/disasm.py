@@ -1,4 +1,8 @@
-"""Guest code as text: capstone disassembly in the guest's current mode."""
+"""Guest code as text: capstone disassembly in the guest's current mode.
+
+Pure (bytes in, text out) and used by the inspector (x86/inspect.py) and the tracer
+(debug/trace.py); capstone is imported on first use, so nothing pays for it until code is shown.
+"""
 from __future__ import annotations
 
 
