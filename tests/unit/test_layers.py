@@ -71,10 +71,6 @@ KNOWN_DEBTS = {
     # upward imports
     "up kvmpy.x86.inspect -> kvmpy.debug.disasm":
         "code_at() disassembles: move disasm (pure capstone) down to x86/ or take it as an argument",
-    # size
-    "size kvmpy.cli": "split the subcommands out of cli.py",
-    "size kvmpy.cli:build_parser": "one helper per subcommand's arguments",
-    "size kvmpy.cli:_run_options": "group the options (boot, devices, debug)",
 }
 
 
