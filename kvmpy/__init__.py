@@ -4,7 +4,7 @@ The public API is re-exported here; names load on first use, so the pure layers
 (devices, loaders, x86 set-up) import without the compiled extension or /dev/kvm,
 and a command imports only what it uses. The package's floors (docs/design.md):
 
-    cli.py                      front end
+    cli/                        front end
     vmm/                        Machine and its parts (vCPU loop, pause gate, platform, state)
     lifecycle/ debug/ images/   what is done to a machine; gdb stub and traces; guest images
     x86/ devices/ loader/       pure Python: CPU set-up, device models, image loaders

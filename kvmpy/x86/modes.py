@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from . import gdt, layout, paging
 from ..kvm.regs import CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_IOPL3, RFLAGS_RESERVED1, DTable, Regs, Segment, Sregs
 
-#: The CPU modes a vCPU can start in; the one list (loader/ and cli.py import it).
+#: The CPU modes a vCPU can start in; the one list (loader/ and cli/ import it).
 MODES = ("real", "protected", "long")
 
 

@@ -298,7 +298,7 @@ def test_run_imports_only_what_it_uses():
 #: What kvmpy run of a multiboot kernel imports today only because kvmpy/vmm/ (and
 #: loader/__init__) import them at module level: the exit tracer (and json), the x86
 #: inspector, the disassembler wrapper, Linux's loaders, virtio-blk without a disk, html.
-NOT_YET_LAZY = ("kvmpy.debug.trace", "kvmpy.debug.disasm", "kvmpy.x86.inspect", "kvmpy.loader.linux",
+NOT_YET_LAZY = ("kvmpy.debug.trace", "kvmpy.x86.disasm", "kvmpy.x86.inspect", "kvmpy.loader.linux",
                 "kvmpy.devices.virtio.blk", "json", "html")
 
 

@@ -1,0 +1,291 @@
+"""The ``kvmpy`` command line: the argparse parser, one function per command's arguments.
+
+``build_parser(command)`` builds in full only the command given (``_Commands``): the
+others are listed in ``kvmpy --help`` but their options are never built, which saves a
+few milliseconds of every run's start-up. The loader's tables (formats, CPU modes) are
+imported only when the ``run`` or ``demo`` options are built.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from .status import DEMO_CODES_HELP, EXIT_CODES_HELP
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 64M, 1G, 2097152)")
+    return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
+
+
+def _positive(convert, what: str):
+    """An argparse type: ``convert(text)`` that must be a finite number > 0."""
+    def check(text: str):
+        try:
+            n = convert(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            n = None
+        if n is None or not (0 < n < float("inf")):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return n
+    return check
+
+
+positive_size = _positive(parse_size, "a positive size such as 64M or 1G")
+positive_int = _positive(int, "a positive number")
+seconds = _positive(float, "a positive number of seconds")
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r} (examples: 0x100000, 4096)") from None
+
+
+# --- the parser ---------------------------------------------------------------------
+class _Unbuilt:
+    """Stands in for the parser of a command that is not on this command line: its options
+    are not built (building every command's parser costs ~4 ms of each run's start-up)."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def add_argument_group(self, *args, **kwargs) -> "_Unbuilt":
+        return self
+
+
+class _Commands:
+    """The subparsers action, building in full only the command ``wanted`` (None: all).
+    Every command is still listed in ``kvmpy --help`` and accepted by name."""
+
+    def __init__(self, subparsers, wanted: str | None):
+        self.subparsers, self.wanted = subparsers, wanted
+
+    def add_parser(self, name: str, *, help: str, **kwargs):
+        if self.wanted in (None, name):
+            return self.subparsers.add_parser(name, help=help, **kwargs)
+        self.subparsers.add_parser(name, help=help, add_help=False)
+        return _Unbuilt()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``kvmpy`` parser; with ``command``, only that command's options are built."""
+    p = argparse.ArgumentParser(
+        prog="kvmpy",
+        description="kvmpy: a minimal KVM hypervisor in Python. Boots tiny guests on /dev/kvm; "
+                    "the guest's serial port (COM1) is your terminal.",
+        epilog="examples:\n  kvmpy info\n  kvmpy demos\n  kvmpy demo hello-long --stats\n"
+               "  kvmpy run guest.elf --mem 128M --timeout 10\n"
+               "  kvmpy run boot.bin --format raw --mode real --load-addr 0x7c00\n"
+               "  kvmpy run guest.elf --control /tmp/vm.sock    then: kvmpy ctl /tmp/vm.sock snapshot /tmp/snap\n"
+               "  kvmpy restore /tmp/snap\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = _Commands(p.add_subparsers(dest="command", metavar="COMMAND"), command)
+    sub.add_parser("info", help="is KVM usable here? API version, capabilities, CPUID, backend")
+    sub.add_parser("demos", help="list the bundled micro-VM demos")
+    # the other commands, one function each, in the order ``kvmpy --help`` lists them
+    for add_command in (_demo_parser, _run_parser, _restore_parser, _receive_parser, _ctl_parser,
+                        _inspect_parser, _bench_parser):
+        add_command(sub)
+    return p
+
+
+# --- one function per command -------------------------------------------------------
+def _demo_parser(sub: _Commands) -> None:
+    d = sub.add_parser("demo", help="run a bundled demo guest and check that it does what it says",
+                       epilog=DEMO_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a bundled guest (see 'kvmpy demos') and check that it did what "
+                                   "its description promises: its exit value and a line of its output. "
+                                   "Works without a terminal: a demo that reads input gets its sample "
+                                   "input when stdin has none.")
+    d.add_argument("name", help="demo name, e.g. hello-long")
+    _run_options(d)
+
+
+def _run_parser(sub: _Commands) -> None:
+    r = sub.add_parser("run", help="run a guest image (raw, ELF, multiboot kernel, Linux bzImage/vmlinux)",
+                       epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a guest image. Its COM1 output goes to stdout and stdin feeds "
+                                   "its COM1 input. It ends when the guest writes to isa-debug-exit "
+                                   "(port 0xf4), resets, faults, halts (with --no-irqchip), or the timeout expires.")
+    r.add_argument("image", help="path of a raw binary or ELF32/ELF64 executable")
+    _run_options(r)
+
+
+def _restore_parser(sub: _Commands) -> None:
+    s = sub.add_parser("restore", help="continue a guest from a snapshot directory",
+                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Continue a guest saved with 'kvmpy ctl PATH snapshot DIR' or "
+                                   "Machine.snapshot(DIR): its serial output goes on where it stopped. "
+                                   "The snapshot is checked first (magic, version, checksums, disk "
+                                   "sizes); a bad one is refused and nothing starts.")
+    s.add_argument("snapshot", help="snapshot directory")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading the RAM files for their checksums (faster for big guests)")
+    _host_options(s)
+
+
+def _receive_parser(sub: _Commands) -> None:
+    v = sub.add_parser("receive", help="wait for a live migration and continue the guest here",
+                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Listen for one incoming live migration ('kvmpy ctl PATH migrate "
+                                   "HOST:PORT' on the source), then run the guest here. If the stream "
+                                   "breaks, what arrived is discarded and the source keeps running. "
+                                   "Give the guest's disks with --disk (the stream does not choose "
+                                   "files here). The stream is not authenticated: listen on loopback "
+                                   "or a trusted network.")
+    v.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to listen on, e.g. 127.0.0.1:4444 (port 0: pick one and print it)")
+    v.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
+                   help="give up if no migration arrives within this time")
+    _host_options(v)
+
+
+def _ctl_parser(sub: _Commands) -> None:
+    c = sub.add_parser("ctl", help="control a VM started with --control PATH",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Send one command to the control socket of a running kvmpy.",
+                       epilog="commands:\n  status              running? paused?\n"
+                              "  pause | resume      stop the vCPUs where they are / let them go on\n"
+                              "  snapshot DIR        save the VM to DIR (it pauses for the copy, then goes on)\n"
+                              "  migrate HOST:PORT   live-migrate to a 'kvmpy receive --listen HOST:PORT'\n"
+                              "  stats               exits and time so far\n"
+                              "  inspect [VCPU]      registers, mode, page walks (pause first)\n"
+                              "  stop                end the run")
+    c.add_argument("socket", metavar="PATH", help="the --control socket")
+    c.add_argument("cmd", choices=("status", "pause", "resume", "snapshot", "migrate", "stats", "inspect", "stop"),
+                   metavar="COMMAND", help="status, pause, resume, snapshot, migrate, stats, inspect, stop")
+    c.add_argument("arg", nargs="?", help="DIR for snapshot, HOST:PORT for migrate, VCPU for inspect")
+
+
+def _inspect_parser(sub: _Commands) -> None:
+    i = sub.add_parser("inspect", help="show a running VM's vCPU: mode, registers, segments, page walks, code",
+                       description="Pause the VM behind a --control socket for a moment, print one vCPU's "
+                                   "CPU mode, registers, segments, GDT/IDT, the page walks of RIP and RSP, "
+                                   "the stack and the code at RIP (docs/inspect.md), and let it go on. "
+                                   "A VM paused with 'kvmpy ctl PATH pause' stays paused.")
+    i.add_argument("socket", metavar="PATH", help="the VM's --control socket")
+    i.add_argument("vcpu", nargs="?", type=int, default=0, help="vCPU number (default 0)")
+
+
+def _bench_parser(sub: _Commands) -> None:
+    """Listed only: ``main`` hands ``kvmpy bench ...`` to the benchmark before parsing."""
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot); 'kvmpy bench NAME --help'",
+                       add_help=False)
+    b.add_argument("name", nargs="?", help="benchmark name")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+
+
+# --- the options of run and demo, by argument group ---------------------------------
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``run`` and ``demo``, in the three groups ``--help`` shows."""
+    if isinstance(p, _Unbuilt):         # another command's line: skip importing the loader too
+        return
+    _machine_options(p.add_argument_group("machine"))
+    _image_options(p.add_argument_group("image"))
+    _running_options(p.add_argument_group("run"))
+
+
+def _machine_options(g) -> None:
+    """The machine's shape: RAM, vCPUs, disks, run loop, interrupt controllers."""
+    g.add_argument("--mem", type=positive_size, default=None, metavar="SIZE",
+                   help="guest RAM, e.g. 64M or 1G (default 64M)")
+    g.add_argument("--cpus", type=positive_int, default=None, metavar="N",
+                   help="number of vCPUs (default 1; a demo may ask for more); the others wait for INIT/SIPI")
+    g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                   help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
+    g.add_argument("--python", action="store_true",
+                   help="serve every exit and the UART in Python (the readable path) instead of the C loop")
+    g.add_argument("--no-irqchip", dest="irqchip", action="store_false",
+                   help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
+                        "by default the machine is PC-like and HLT waits for interrupts")
+
+
+def _image_options(g) -> None:
+    """How the image boots: format, CPU mode, addresses, kernel command line, modules, fw_cfg files."""
+    from ..loader import FORMATS, MODES
+    g.add_argument("--format", choices=FORMATS,
+                   default=None, help="image format (default auto: multiboot if it has the header, Linux "
+                                      "bzImage or PVH vmlinux, ELF by its magic, else raw)")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="CPU mode for a raw image (default real; ELF32 -> protected, ELF64 -> long); "
+                        "for a bzImage, its 32-bit (protected) or 64-bit (long) entry")
+    g.add_argument("--load-addr", type=parse_int, default=None, metavar="ADDR",
+                   help="where a raw image goes (default 0x7c00 in real mode, else 0x100000)")
+    g.add_argument("--entry", type=parse_int, default=None, metavar="ADDR",
+                   help="entry point of a raw image (default: its load address)")
+    g.add_argument("--cmdline", default="", metavar="TEXT",
+                   help="kernel command line for Linux or multiboot (also fw_cfg's), e.g. "
+                        "'console=ttyS0 earlyprintk=serial'")
+    g.add_argument("--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel")
+    g.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
+                   help="a multiboot module, with an optional argument string (repeatable)")
+    g.add_argument("--fw-cfg", action="append", default=[], metavar="NAME=FILE",
+                   help="expose FILE to the guest as fw_cfg file NAME, e.g. opt/my/config (repeatable)")
+    g.add_argument("--user", action="store_true",
+                   help="start a long-mode guest in ring 3 (user segments and pages, all I/O ports allowed)")
+
+
+def _running_options(g) -> None:
+    """The run itself: its time limit, traces and replay, gdb, the end-of-run reports, control."""
+    g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="stop the guest after this many seconds (exit status 124)")
+    _trace_options(g)
+    g.add_argument("--gdb", type=int, default=None, metavar="PORT",
+                   help="wait for gdb (target remote 127.0.0.1:PORT) and let it drive the guest: registers, "
+                        "memory through the page tables, continue, stepi, hardware breakpoints and "
+                        "watchpoints (software breakpoints become hardware ones), Ctrl-C, vCPUs as threads")
+    g.add_argument("--stats-svg", metavar="FILE", default=None,
+                   help="also draw the statistics as an SVG chart in FILE")
+    g.add_argument("--stats", action="store_true",
+                   help="print exits by reason and device and the time split on stderr at the end")
+    g.add_argument("--inspect", action="store_true",
+                   help="when the run stops, print the stopping vCPU's mode, registers, segments, GDT, "
+                        "IDT, page walks of RIP and RSP and the code at RIP on stderr")
+    _control_option(g)
+
+
+def _trace_options(g) -> None:
+    """--trace, --trace-json and its filters, --replay (kvmpy.debug.trace)."""
+    g.add_argument("--trace", choices=("exits", "steps"), default=None,
+                   help="exits: print every VM exit on stderr (time, vCPU, kind, port/address, data, RIP, "
+                        "the guest instruction; the run takes the Python loop so no exit is hidden). "
+                        "steps: single-step the guest and print each instruction with the registers it "
+                        "changed (slow: one exit per instruction)")
+    g.add_argument("--trace-json", metavar="FILE", default=None, help="write the exit trace as JSON lines to FILE")
+    g.add_argument("--replay", metavar="FILE", default=None,
+                   help="replay a run recorded with --trace-json: the guest's IN and MMIO reads are answered "
+                        "from the recording (serial input included), its writes are checked against it")
+    g.add_argument("--trace-kinds", metavar="K[,K]", default=None,
+                   help="only these exit kinds, e.g. io-out,mmio-write (io-in, mmio-read, hlt, ...)")
+    g.add_argument("--trace-ports", metavar="LO[-HI]", default=None, help="only I/O exits on these ports")
+    g.add_argument("--trace-addrs", metavar="LO[-HI]", default=None, help="only MMIO exits at these addresses")
+
+
+def _control_option(g) -> None:
+    g.add_argument("--control", metavar="PATH", default=None,
+                   help="serve a control socket at PATH (mode 0600) for 'kvmpy ctl PATH pause|resume|"
+                        "snapshot DIR|migrate HOST:PORT|stats|inspect|stop'")
+
+
+def _host_options(p: argparse.ArgumentParser) -> None:
+    """Options of commands that continue a saved or migrated guest: host side only."""
+    g = p.add_argument_group("host options")
+    g.add_argument("--disk", action="append", default=None, metavar="PATH[,ro]",
+                   help="the file for the guest's next disk (repeat, in order; each the size of the "
+                        "original). restore: instead of the saved paths. receive: required when the "
+                        "guest has disks (the same files, for shared storage)")
+    g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
+    g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="stop the guest after this many seconds (exit status 124)")
+    g.add_argument("--stats", action="store_true", help="print exit statistics on stderr at the end")
+    g.add_argument("--inspect", action="store_true", help="print the stopping vCPU's state on stderr at the end")
+    _control_option(g)

@@ -1,0 +1,331 @@
+"""The commands that run a guest here: ``run``, ``demo``, ``restore`` and ``receive``.
+
+Each builds (or restores, or receives) a Machine, then ``_drive`` runs it to its end: the
+guest's serial port is our stdin and stdout (``_Console``, ``_feed_stdin``), Ctrl-C stops
+it, ``--gdb``, ``--trace`` and ``--control`` hook into the run, and ``--inspect`` and
+``--stats`` report at the end. ``_exit_code`` turns how the run ended into the exit
+status (kvmpy.cli.status); ``demo`` then judges it against the guest's promise.
+
+Everything beyond the standard library (the Machine, the tracer, the gdb stub, the
+control server, migration) is imported inside the function that uses it, so ``kvmpy
+run`` loads only what its options ask for (tests/integration/test_cli.py checks).
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+from .status import (EXIT_DEMO_FAILED, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESET,
+                     EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_USAGE, EXIT_VMM_ERROR, progress)
+
+
+# --- the commands -------------------------------------------------------------------
+def cmd_run(args) -> int:
+    load = dict(format=args.format or "auto", mode=args.mode, load_addr=args.load_addr,
+                entry=args.entry, user=args.user, cmdline=args.cmdline, modules=_modules(args.module),
+                initrd=args.initrd)
+    return _run(args, args.image, load, sample_input=None)
+
+
+def cmd_demo(args) -> int:
+    from ..images import guests
+    try:
+        g = guests.get(args.name)
+    except KeyError:
+        names = ", ".join(x.name for x in guests.all() if x.demo)
+        print(f"kvmpy: no demo named {args.name!r}; demos: {names}", file=sys.stderr)
+        return EXIT_USAGE
+    load = dict(format=args.format or g.format, mode=args.mode or g.mode,
+                load_addr=args.load_addr if args.load_addr is not None else g.load_addr,
+                entry=args.entry if args.entry is not None else g.entry, user=args.user or g.user,
+                cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
+    if args.cpus is None:
+        args.cpus = g.cpus
+    # a guest that promises nothing (spin, triple-fault: test guests) ends with the run's status
+    output = bytearray() if g.demo_status is not None else None
+    if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
+        import tempfile
+        with tempfile.NamedTemporaryFile(prefix="kvmpy-demo-", suffix=".img") as scratch:
+            scratch.truncate(1 << 20)
+            print(f"kvmpy: {g.name} drives a disk; using a scratch 1 MiB file of zeros "
+                  "(pass --disk FILE[,ro] to use your own)", file=sys.stderr)
+            args.disk = [scratch.name]
+            code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
+    else:
+        code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
+    return code if output is None else _judge(g, code, bytes(output))
+
+
+#: Why a demo did not reach its exit, by the run's own (even) status.
+_ENDINGS = {EXIT_OK: "it stopped before its exit (halted, detached or stopped through --control)",
+            EXIT_USAGE: "bad command line", EXIT_VMM_ERROR: "kvmpy could not start it",
+            EXIT_RESET: "it reset the machine", EXIT_TRIPLE_FAULT: "it triple-faulted",
+            EXIT_TIMEOUT: "the --timeout expired", EXIT_INTERNAL_ERROR: "KVM could not run it",
+            EXIT_INTERRUPTED: "interrupted"}
+
+
+def _judge(g, code: int, output: bytes) -> int:
+    """kvmpy demo's status: 0 if the run's status ``code`` and ``output`` keep guest ``g``'s
+    promise; else the reason, one line, and non-zero (``code`` itself if the guest never exited)."""
+    if code & 1:                                # the guest wrote its value to isa-debug-exit
+        why = g.kept_promise(code, output)
+        if why is None:
+            return EXIT_OK
+        code = EXIT_DEMO_FAILED
+    else:
+        why = _ENDINGS.get(code, f"it ended with status {code}")
+        code = code or EXIT_DEMO_FAILED
+    print(f"kvmpy: demo {g.name} failed: {why}", file=sys.stderr)
+    return code
+
+
+def cmd_restore(args) -> int:
+    from ..errors import KvmpyError
+    from ..vmm.machine import Machine
+    try:
+        machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
+                                  serial=_Console(sys.stdout.buffer), native=not args.python)
+    except (KvmpyError, ValueError) as e:
+        print(f"kvmpy: cannot restore: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        return _drive(args, machine)
+
+
+def cmd_receive(args) -> int:
+    from ..errors import KvmpyError
+    from ..lifecycle.migration import parse_address, receive
+    try:
+        listen = parse_address(args.listen)
+    except ValueError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def listening(addr):
+        print(f"kvmpy: waiting for a migration on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
+
+    try:
+        machine, pages = receive(listen, disks=args.disk, timeout=args.wait, on_listen=listening,
+                                 run_timeout=args.timeout, progress=progress,
+                                 serial=_Console(sys.stdout.buffer), native=not args.python)
+    except (KvmpyError, OSError, ValueError) as e:
+        print(f"kvmpy: migration failed: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        return _drive(args, machine, started=True)
+
+
+# --- building and driving a machine ------------------------------------------------
+def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | None = None) -> int:
+    from ..errors import KvmpyError
+    from ..vmm.machine import Machine
+    try:
+        tracer = _tracer(args)
+    except (ValueError, OSError) as e:
+        print(f"kvmpy: bad trace option: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        machine = Machine(mem_size=64 << 20 if args.mem is None else args.mem,
+                          cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
+                          serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
+                          fw_cfg=_fw_cfg_files(args.fw_cfg))
+    except (KvmpyError, ValueError) as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        try:
+            machine.load(image, **load)
+        except (KvmpyError, ValueError) as e:
+            print(f"kvmpy: {e}", file=sys.stderr)
+            return EXIT_VMM_ERROR
+        try:
+            return _drive(args, machine, tracer, sample_input)
+        finally:
+            if args.trace_json:
+                tracer.stream.close()
+
+
+def _drive(args, machine, tracer=None, sample_input: bytes | None = None, started: bool = False) -> int:
+    """Run ``machine`` to its end (or wait for it, if ``started``), with stdin as its serial
+    input, Ctrl-C, the control socket, and the end-of-run reports; returns the exit status."""
+    from ..errors import GuestError
+    done = threading.Event()
+    control = None
+    if not getattr(args, "replay", None):       # a replay's input comes from the recording
+        _start_input(machine, done, sample_input)
+    old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        if getattr(args, "gdb", None) is not None:
+            result = _serve_gdb(machine, args.gdb)
+            if result is None:
+                return EXIT_OK              # gdb detached before the guest stopped
+        else:
+            if not started:
+                machine.start(timeout=args.timeout, trace=tracer)
+            if getattr(args, "control", None):      # once the run is under way: ctl pause works at once
+                from ..lifecycle.control import ControlServer
+                control = ControlServer(machine, args.control)
+                print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
+                      file=sys.stderr, flush=True)
+            result = machine.wait()
+    except GuestError as e:
+        print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
+        _print_inspect(args, machine)
+        _print_stats(args, machine)
+        return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+    except BaseException:
+        if machine.running:                 # a bad --control path, Ctrl-C before the handler...
+            machine.request_stop("interrupted")
+            machine.wait()
+        raise
+    finally:
+        done.set()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        if control is not None:
+            control.close()
+    _print_inspect(args, machine)
+    _print_stats(args, machine)
+    return _exit_code(result, args)
+
+
+def _modules(specs: list[str]) -> list[tuple[str, str]]:
+    """--module FILE[,ARGS]: the module's file and its argument string."""
+    return [tuple(s.split(",", 1)) if "," in s else (s, "") for s in specs]
+
+
+def _fw_cfg_files(specs: list[str]) -> dict[str, str]:
+    from ..devices.fwcfg import parse_file_spec
+    return dict(parse_file_spec(s) for s in specs)
+
+
+def _tracer(args):
+    """The Tracer the --trace options ask for, or None."""
+    if not (args.replay or args.trace or args.trace_json):
+        return None
+    from ..debug.trace import Replayer, Tracer, parse_filter
+    if args.replay:
+        if args.trace or args.trace_json:
+            raise ValueError("--replay cannot be combined with --trace/--trace-json")
+        return Replayer.from_file(args.replay)
+    filters = dict(kinds=args.trace_kinds.split(",") if args.trace_kinds else None,
+                   ports=parse_filter(args.trace_ports), addrs=parse_filter(args.trace_addrs),
+                   steps=args.trace == "steps")
+    if args.trace_json:
+        stream = open(args.trace_json, "w")     # closed in _run when the run ends
+        return Tracer.to_stream(stream, json_lines=True, **filters)
+    return Tracer.to_stream(sys.stderr, **filters)
+
+
+def _serve_gdb(machine, port: int):
+    """Wait for gdb on 127.0.0.1:PORT and let it drive the guest (kvmpy.debug.gdbstub)."""
+    from ..debug.gdbstub import GdbStub
+    stub = GdbStub(machine, port=port)
+    print(f"kvmpy: waiting for gdb on 127.0.0.1:{stub.port} "
+          f"(gdb -ex 'target remote 127.0.0.1:{stub.port}' IMAGE)", file=sys.stderr, flush=True)
+    return stub.serve()
+
+
+# --- the terminal: guest serial output and input ----------------------------------
+class _Console:
+    """Guest serial output to our stdout, flushed at each newline so prompts appear; with
+    ``keep`` (a bytearray) also its last KEEP bytes, for ``kvmpy demo`` to check."""
+
+    KEEP = 1 << 20
+
+    def __init__(self, out, keep: bytearray | None = None):
+        self.out, self.keep = out, keep
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        if b"\n" in data:
+            self.out.flush()
+        if self.keep is not None:
+            self.keep += data
+            if len(self.keep) > 2 * self.KEEP:
+                del self.keep[:-self.KEEP]
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:
+    first = b""
+    if sample_input is not None and not sys.stdin.isatty():
+        first = os.read(0, 4096) if _stdin_has_data() else b""
+        if not first:                       # no input of our own: the demo's sample input
+            machine.feed_serial(sample_input)
+            return
+    threading.Thread(target=_feed_stdin, args=(machine, done, first), daemon=True, name="stdin").start()
+
+
+def _stdin_has_data(timeout: float = 0.05) -> bool:
+    try:
+        return bool(select.select([0], [], [], timeout)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
+    """Copy stdin to the guest's UART, waiting while its FIFO is full."""
+    data = first
+    while not done.is_set():
+        if not data:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+        n = machine.feed_serial(data)
+        data = data[n:]
+        if data:
+            time.sleep(0.005)
+
+
+# --- the end of a run: reports and the exit status ---------------------------------
+def _print_inspect(args, machine) -> None:
+    if args.inspect:
+        print(machine.inspect(), file=sys.stderr)
+
+
+def _print_stats(args, machine) -> None:
+    if args.stats:
+        print(f"--- kvmpy stats ---\n{machine.stats}", file=sys.stderr)
+    if getattr(args, "stats_svg", None):
+        try:
+            with open(args.stats_svg, "w") as f:
+                f.write(machine.stats.to_svg(title=f"kvmpy: {getattr(args, 'name', None) or args.image}"))
+        except OSError as e:
+            print(f"kvmpy: cannot write {args.stats_svg}: {e.strerror}", file=sys.stderr)
+
+
+def _exit_code(result, args) -> int:
+    reason = result.reason
+    if reason == "exit":
+        return result.status & 0xFF
+    if reason == "halt":
+        return EXIT_OK
+    if reason == "reset":
+        print("kvmpy: the guest reset the machine", file=sys.stderr)
+        return EXIT_RESET
+    if reason == "timeout":
+        print(f"kvmpy: timeout: stopped the guest after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if reason == "interrupted":
+        print("kvmpy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if reason == "migrated":
+        print("kvmpy: the guest was migrated; it runs on the target now", file=sys.stderr)
+        return EXIT_OK
+    if reason == "stopped":
+        print("kvmpy: stopped through the control socket", file=sys.stderr)
+        return EXIT_OK
+    print(f"kvmpy: the guest stopped: {reason}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
