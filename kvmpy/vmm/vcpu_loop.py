@@ -98,7 +98,7 @@ class VcpuLoop:
         method between the loop and the device, counts kept in locals and added to ``stats``
         every FOLD_NS, at a pause and at the end (``fold``). Every other exit, and each exit of
         a traced run (the tracer must see every value), goes through ``handle``.
-        tests/unit/test_vcpu_loop.py holds the two paths to the same effects.
+        tests/native/test_vcpu_loop_fast_path.py holds the two paths to the same effects.
         """
         vcpu, stop, gate = self.vcpu, self.gate.stop, self.gate
         clock = time.perf_counter_ns
