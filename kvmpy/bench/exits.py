@@ -244,9 +244,10 @@ class PythonDevice:
 
 
 class BareVcpu:
-    """``cffi-ioctl`` and ``vcpu.run``: Kvm/Vm/Vcpu set up like pio_ref.c, no Machine."""
+    """``cffi-ioctl`` and ``vcpu.run``: Kvm/Vm/Vcpu set up like pio_ref.c (the same platform:
+    irqchip, PIT, TSS and identity map unless --no-irqchip), no Machine."""
 
-    def __init__(self, image: pathlib.Path):
+    def __init__(self, image: pathlib.Path, irqchip: bool = True):
         import kvmpy
         from kvmpy.kvm.abi import lib
         from kvmpy.x86 import layout
@@ -258,6 +259,11 @@ class BareVcpu:
         try:
             self.vm = self.kvm.create_vm()
             self.vm.add_memory(0, RAM)
+            if irqchip:                         # the platform raw ("pc") and the Machines have
+                self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+                self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
             self.vm.memory.write(layout.REAL_MODE_LOAD, image.read_bytes())
             self.vcpu = self.vm.create_vcpu(0)
             self.vcpu.set_sregs(real_mode(self.vcpu.get_sregs()))
@@ -321,7 +327,7 @@ def measure(args, progress) -> dict:
             run = {"raw": raw.measure, "native": native.measure, "python": python.measure}
             warm = {"native": native.warm, "python": python.warm}      # raw warmed up before "ready"
             if not args.no_extras:
-                bare, dev = own(BareVcpu(image)), own(PythonDevice(irqchip))
+                bare, dev = own(BareVcpu(image, irqchip)), own(PythonDevice(irqchip))
                 run.update({"cffi-ioctl": bare.cffi_ioctl, "vcpu.run": bare.vcpu_run,
                             "python-device": dev.measure})
                 warm.update({"cffi-ioctl": bare.cffi_ioctl, "vcpu.run": bare.vcpu_run,

@@ -46,7 +46,10 @@ class Bus:
         self.name = name
         self._starts: list[int] = []          # sorted bases, parallel to _entries
         self._entries: list[Attachment] = []
-        self._cache: dict[int, tuple[Device, int, str] | None] = {}
+        #: addr -> lookup()'s answer, for the addresses asked about since the last attach. The
+        #: same dict for the bus's life (cleared, never replaced): a run loop may keep ``memo.get``
+        #: and ask ``lookup()`` only on a miss.
+        self.memo: dict[int, tuple[Device, int, str] | None] = {}
         self.generation = 0                   # bumped on every attach: tables built from the bus know when to rebuild
 
     def attach(self, base: int, length: int, device: Device, name: str | None = None) -> None:
@@ -69,7 +72,7 @@ class Bus:
                         f"{old.name} at [{old.base:#x}, {old.end:#x})")
         self._starts.insert(i, base)
         self._entries.insert(i, new)
-        self._cache.clear()
+        self.memo.clear()
         self.generation += 1
 
     def lookup(self, addr: int) -> tuple[Device, int, str] | None:
@@ -79,13 +82,13 @@ class Bus:
         ports and registers over and over); the memo is bounded and reset on attach.
         """
         try:
-            return self._cache[addr]
+            return self.memo[addr]
         except KeyError:
             pass
         hit = self._find(addr)
-        if len(self._cache) >= self.CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[addr] = hit
+        if len(self.memo) >= self.CACHE_LIMIT:
+            self.memo.clear()
+        self.memo[addr] = hit
         return hit
 
     def _find(self, addr: int) -> tuple[Device, int, str] | None:

@@ -28,9 +28,10 @@ class Vcpu(Fd):
         self.vm = vm
         self.id = vcpu_id
         self.fd = fd
-        self._run_mm = mmap.mmap(fd, run_size, flags=mmap.MAP_SHARED,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run_buf = ffi.from_buffer(self._run_mm)
+        #: the kvm_run page as a writable buffer: what decode() and a run loop's fast path read
+        self.run_buffer = mmap.mmap(fd, run_size, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_buf = ffi.from_buffer(self.run_buffer)
         self.run_page = ffi.cast("struct kvm_run *", self._run_buf)
         self.run_size = run_size
         self.thread_id: int | None = None     # the thread running this vCPU, see set_thread()
@@ -41,7 +42,7 @@ class Vcpu(Fd):
             if self.fd >= 0 and self.run_page is not None:
                 self.run_page = None
                 ffi.release(self._run_buf)
-                self._run_mm.close()
+                self.run_buffer.close()
         super().close()
 
     # --- running ---------------------------------------------------------------------
@@ -59,7 +60,7 @@ class Vcpu(Fd):
             if rc == -errno.EINTR or rc == -errno.EAGAIN:
                 return exits.Interrupted()
             raise KvmError(-rc, "KVM_RUN")
-        return exits.decode(self.run_page, self.run_size, self._run_mm)
+        return exits.decode(self.run_page, self.run_size, self.run_buffer)
 
     @property
     def immediate_exit(self) -> bool:
@@ -105,7 +106,7 @@ class Vcpu(Fd):
         if off is None:
             return exit.data
         n = exit.size * exit.count
-        return self._run_mm[off:off + n] if off + n <= self.run_size else b""
+        return self.run_buffer[off:off + n] if off + n <= self.run_size else b""
 
     def mmio_data(self, size: int) -> bytes:
         """The MMIO data bytes in the kvm_run page (what a completed read returned)."""
