@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from html import escape
 
 
 @dataclass
@@ -65,6 +64,7 @@ class Stats:
     def to_svg(self, title: str = "kvmpy run") -> str:
         """The same numbers as a small self-contained SVG chart: a bar per exit reason and
         per device, and one bar splitting the time between KVM_RUN and the VMM."""
+        from html import escape                 # only --stats-svg pays for it
         rows = [("exits by reason", self.exits.most_common()), ("exits by device", self.devices.most_common())]
         width, left, bar_w, line = 640, 170, 380, 22
         y, parts = 40, []

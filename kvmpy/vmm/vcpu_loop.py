@@ -23,7 +23,6 @@ from collections import defaultdict
 from ..errors import GuestError, KvmError
 from ..kvm import exits
 from ..kvm.abi import SystemEventType
-from ..x86 import inspect
 from .native import RUN_DRAIN, RUN_EXIT
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -294,6 +293,7 @@ def guest_error(vcpu, memory, ex, reason: str, message: str) -> GuestError:
     code = ""
     try:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        from ..x86 import inspect           # page walks and capstone: only when a guest fails
         code = inspect.code_at(regs, sregs, memory, 6)
     except Exception as e:              # the report must not hide the original failure
         code = f"(cannot read guest code: {e})"

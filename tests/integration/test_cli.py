@@ -295,16 +295,14 @@ def test_run_imports_only_what_it_uses():
     assert not mods & set(NEVER_FOR_RUN)
 
 
-#: What kvmpy run of a multiboot kernel imports today only because kvmpy/vmm/ (and
-#: loader/__init__) import them at module level: the exit tracer (and json), the x86
-#: inspector, the disassembler wrapper, Linux's loaders, virtio-blk without a disk, html.
-NOT_YET_LAZY = ("kvmpy.debug.trace", "kvmpy.x86.disasm", "kvmpy.x86.inspect", "kvmpy.loader.linux",
+#: What kvmpy run of a multiboot kernel loads only when used: the exit tracer (and json),
+#: the x86 inspector, the disassembler, Linux's loaders, virtio-blk without a disk, html.
+LOADED_WHEN_USED = ("kvmpy.debug.trace", "kvmpy.x86.disasm", "kvmpy.x86.inspect", "kvmpy.loader.linux",
                 "kvmpy.devices.virtio.blk", "json", "html")
 
 
-@pytest.mark.xfail(strict=True, reason="until vmm/stats.py imports html when used; then drop this marker")
 def test_run_imports_no_tracer_inspector_or_linux_loader():
     """kvmpy run of a multiboot kernel without --trace, --inspect, --gdb or a disk imports none of them."""
     image = guests.get("multiboot-hello").path
     mods = imported_by("import kvmpy.cli", f"assert kvmpy.cli.main(['run', {str(image)!r}]) == 87")
-    assert not mods & set(NOT_YET_LAZY), sorted(mods & set(NOT_YET_LAZY))
+    assert not mods & set(LOADED_WHEN_USED), sorted(mods & set(LOADED_WHEN_USED))
