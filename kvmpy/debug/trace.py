@@ -23,10 +23,7 @@ from ..x86 import inspect, modes
 from ..x86.disasm import decode
 from ..kvm.regs import REGS_FIELDS as REG_NAMES
 
-KINDS = {exits.IoOut: "io-out", exits.IoIn: "io-in", exits.MmioRead: "mmio-read",
-         exits.MmioWrite: "mmio-write", exits.Hlt: "hlt", exits.Shutdown: "shutdown",
-         exits.Debug: "debug", exits.Interrupted: "interrupted", exits.InternalError: "internal-error",
-         exits.FailEntry: "fail-entry", exits.SystemEvent: "system-event"}
+KINDS = exits.KIND               # an event's kind is the exit's one name
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ class Replayer(Tracer):
     raises ReplayDiverged naming the event.
     """
 
-    IO_KINDS = ("io-out", "io-in", "mmio-read", "mmio-write")
+    IO_KINDS = tuple(KINDS[c] for c in (exits.IoOut, exits.IoIn, exits.MmioRead, exits.MmioWrite))
 
     def __init__(self, events: list[dict], sink=None):
         super().__init__(sink or (lambda ev: None))
@@ -233,10 +230,10 @@ def traced(loop, tracer):
 def replay(vcpu, ex, ev: dict, dispatch, stats) -> None:
     """Inputs come from the recording; outputs go to the devices as usual."""
     if isinstance(ex, exits.IoIn):
-        stats.exits["io-in"] += 1
+        stats.exits[KINDS[exits.IoIn]] += 1
         vcpu.complete_io_in(ex, bytes.fromhex(ev["data"]))
     elif isinstance(ex, exits.MmioRead):
-        stats.exits["mmio-read"] += 1
+        stats.exits[KINDS[exits.MmioRead]] += 1
         vcpu.complete_mmio_read(bytes.fromhex(ev["data"]).ljust(ex.size, b"\0"))
     else:
         dispatch(vcpu, ex)

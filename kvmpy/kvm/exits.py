@@ -117,6 +117,16 @@ class Unsupported:
 Exit = (IoOut | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
         | SystemEvent | Debug | Interrupted | Unsupported)
 
+#: Each kind of exit's one name: run statistics count by it, traces show it and filter on it.
+KIND = {IoOut: "io-out", IoIn: "io-in", MmioRead: "mmio-read", MmioWrite: "mmio-write", Hlt: "hlt",
+        Shutdown: "shutdown", Debug: "debug", Interrupted: "interrupted", InternalError: "internal-error",
+        FailEntry: "fail-entry", SystemEvent: "system-event", Unsupported: "other"}
+
+
+def kind(ex) -> str:
+    """The name of ``ex``'s kind (``KIND``)."""
+    return KIND.get(type(ex), "other")
+
 _HLT, _SHUTDOWN, _INTERRUPTED = Hlt(), Shutdown(), Interrupted()
 _IO, _MMIO, _HLT_R = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.HLT)
 _FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from .._native import ffi, lib
+from ..kvm.exits import KIND, IoIn, IoOut, MmioRead, MmioWrite
 from ..kvm.memory import GuestMemory
 
 TX_BUFFER = 64 * 1024            # bytes of guest output held in C before Python writes them
@@ -278,8 +279,8 @@ class NativeLoop:
         """Add what C counted to ``stats`` (exits, devices, time); ``take`` zeroes the
         counters (end of a run), else they stay (a look at a run in progress)."""
         c = self._l.c
-        for key, name in (("io_out", "io-out"), ("io_in", "io-in"), ("mmio_read", "mmio-read"),
-                          ("mmio_write", "mmio-write")):
+        for key, name in (("io_out", KIND[IoOut]), ("io_in", KIND[IoIn]), ("mmio_read", KIND[MmioRead]),
+                          ("mmio_write", KIND[MmioWrite])):
             if getattr(c, key):
                 stats.exits[name] += getattr(c, key)
         for key, name in (("uart", "com1"), ("unclaimed_pio", "unclaimed-pio"),

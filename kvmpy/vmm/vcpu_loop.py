@@ -26,6 +26,7 @@ from ..kvm.abi import SystemEventType
 from .native import RUN_DRAIN, RUN_EXIT
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_KIND = exits.KIND
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: (1 << 64) - 1}     # by access size
 _UNCLAIMED = (None, 0, "unclaimed-pio")
 FOLD_NS = 20_000_000        # the Python loop adds its counts to the run's stats at least this often
@@ -149,7 +150,7 @@ class VcpuLoop:
         """Add the Python loop's local counts to ``stats`` (and clear ``named``). Counts of
         zero add no key: ``stats`` lists what happened."""
         s = self.stats
-        for key, n in (("io-out", outs), ("io-in", ins)):
+        for key, n in ((_KIND[exits.IoOut], outs), (_KIND[exits.IoIn], ins)):
             if n:
                 s.exits[key] += n
         for name, n in named.items():
@@ -202,35 +203,29 @@ class VcpuLoop:
 
     # --- one exit ----------------------------------------------------------------------
     def dispatch(self, vcpu, ex) -> None:
-        """Handle one exit: the single ``match`` over exit values."""
-        stats, stop = self.stats, self.gate.stop
+        """Handle one exit: counted under its kind's name (``exits.KIND``), then the single
+        ``match`` over exit values."""
+        stop = self.gate.stop
+        self.stats.exits[_KIND.get(type(ex), "other")] += 1
         match ex:                       # the hot exits are NamedTuples: unpack, don't getattr
             case exits.IoOut():
-                stats.exits["io-out"] += 1
                 self.pio_out(*ex)
             case exits.IoIn():
-                stats.exits["io-in"] += 1
                 port, size, count, _ = ex
                 vcpu.complete_io_in(ex, self.pio_in(port, size, count))
             case exits.MmioWrite():
-                stats.exits["mmio-write"] += 1
                 addr, size, data = ex
                 self.mmio_access(addr, size, int.from_bytes(data, "little"))
             case exits.MmioRead():
-                stats.exits["mmio-read"] += 1
                 addr, size = ex
                 vcpu.complete_mmio_read(self.mmio_access(addr, size).to_bytes(size, "little"))
             case exits.Interrupted():
-                stats.exits["interrupted"] += 1
                 vcpu.immediate_exit = stop.reason is not None
             case exits.Hlt():
-                stats.exits["hlt"] += 1
                 stop.set("halt", 0, vcpu.id, ex)
             case exits.Debug():
-                stats.exits["debug"] += 1
                 stop.set("debug", None, vcpu.id, ex)
             case exits.SystemEvent(type=t) if t == SystemEventType.RESET:
-                stats.exits["system-event"] += 1
                 stop.set("reset", None, vcpu.id, ex)
             case _:
                 self.fail(vcpu, ex)
@@ -239,16 +234,14 @@ class VcpuLoop:
         """The exits that end a run with a GuestError (or an unknown exit)."""
         match ex:
             case exits.Shutdown():
-                kind, reason, message = "shutdown", "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"
+                reason, message = "triple-fault", "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"
             case exits.FailEntry(hardware_entry_failure_reason=hw):
-                kind, reason = "fail-entry", "entry-failure"
+                reason = "entry-failure"
                 message = f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state"
             case exits.InternalError():
-                kind, reason = "internal-error", "internal-error"
-                message = f"KVM internal error ({ex.kind}); {INTERNAL_ERROR_HINT}"
+                reason, message = "internal-error", f"KVM internal error ({ex.kind}); {INTERNAL_ERROR_HINT}"
             case _:
-                kind, reason, message = "other", "unsupported-exit", f"unsupported exit: {ex}"
-        self.stats.exits[kind] += 1
+                reason, message = "unsupported-exit", f"unsupported exit: {ex}"
         raise guest_error(vcpu, self.memory, ex, reason, message)
 
     def pio_out(self, port: int, size: int, count: int, data: bytes) -> None:
