@@ -378,7 +378,7 @@ class Machine:
         """``stats`` including a run in progress: the C loop's counters are added to
         ``stats`` when a run ends; this adds what they hold so far to a copy."""
         s = copy.deepcopy(self.stats)
-        if self.running and self.native:
+        if self.running:
             for loop in self._native_loops.values():
                 loop.add_counters(s, take=False)
         return s

@@ -219,6 +219,7 @@ class FastPath:
     """
 
     uart: NativeUart | None = None
+    uart_name: str = ""
     uart_base: int = 0
     uart_ports: range = range(0)
     pio_claims: list = field(default_factory=list)
@@ -283,7 +284,7 @@ class NativeLoop:
                           ("mmio_write", KIND[MmioWrite])):
             if getattr(c, key):
                 stats.exits[name] += getattr(c, key)
-        for key, name in (("uart", "com1"), ("unclaimed_pio", "unclaimed-pio"),
+        for key, name in (("uart", self.table.uart_name), ("unclaimed_pio", "unclaimed-pio"),
                           ("unclaimed_mmio", "unclaimed-mmio")):
             if getattr(c, key):
                 stats.devices[name] += getattr(c, key)

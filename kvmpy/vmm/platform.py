@@ -190,7 +190,8 @@ class Platform:
         """The native loop's tables, from the slots and whatever else is on the buses."""
         fast = {(s.bus, s.base): s for s in self.slots if s.fast}
         uart = next((s for s in self.slots if s.fast == "uart"), None)
-        table = FastPath(uart=uart.model if uart else None, uart_base=uart.base if uart else 0,
+        table = FastPath(uart=uart.model if uart else None, uart_name=uart.name if uart else "",
+                         uart_base=uart.base if uart else 0,
                          uart_ports=range(uart.base, uart.base + uart.length) if uart else range(0))
         for a in self.pio.devices:
             if ("pio", a.base) not in fast:
