@@ -2,15 +2,25 @@
 
 The UART model (Python ``Serial16550`` or the C twin ``NativeUart``) is the register
 machine; the console is the plumbing around it that a user sees: the output stream (or
-an in-memory buffer), the lock that orders host input with guest accesses, and, for the
-C UART, which collects output in its own buffer, ``drain()``, which writes that buffer
-to the stream. The Python UART writes to the stream itself, so it has nothing to drain.
+an in-memory buffer), the lock that orders host input with guest accesses, and the path
+of output bytes from the UART to the stream.
+
+Output never blocks a vCPU. Bytes go to the in-memory buffer at once, or, for a stream
+the user gave, into a bounded queue (``LIMIT``) that a writer thread empties into the
+stream. A stream that stops taking bytes (a pipe nobody reads) stalls only that thread;
+once the queue is full further output is dropped and counted in ``dropped``, and the
+guest, its stops and its timeout go on. The C UART collects output in its own buffer;
+``drain()`` moves it into the queue (called by the vCPU loop when that buffer is nearly
+full, and every 20 ms by the run's flusher). The Python UART writes into ``write()``.
 """
 from __future__ import annotations
 
 import io
 import threading
 from typing import BinaryIO, Callable
+
+LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
+SETTLE_S = 1.0               # at the end of a run, how long to wait for the stream to take the queue
 
 
 class Console:
@@ -28,10 +38,16 @@ class Console:
         self.uart = None                        # set by attach(): the UART model
         self.error: BaseException | None = None
         self.on_error: Callable[[BaseException], None] = lambda e: None
+        self.dropped = 0                        # output bytes the stream could not take in time
+        self._queue = bytearray()
+        self._cond = threading.Condition()
+        self._writing = False
+        self._closed = False
+        self._writer: threading.Thread | None = None
 
     def attach(self, uart) -> None:
         """The UART whose output this console carries; a UART with ``take_output()``
-        (the C one) buffers output and is drained, any other writes to ``out`` itself."""
+        (the C one) buffers output and is drained, any other writes to ``write()``."""
         self.uart = uart
         if hasattr(uart, "take_output"):
             uart.on_full = self.drain
@@ -48,39 +64,84 @@ class Console:
         with self.lock:
             return self.uart.feed(data)
 
+    # --- output --------------------------------------------------------------------------
+    def write(self, data: bytes) -> int:
+        """Guest output: to memory at once, or queued for the writer thread; never blocks.
+        Beyond LIMIT queued bytes (or after the stream failed) output is dropped and counted."""
+        n = len(data)                           # all taken: queued, or dropped and counted
+        if self.buffer is not None:
+            return self.buffer.write(data)
+        with self._cond:
+            if self.error is not None or self._closed:
+                self.dropped += n
+                return n
+            room = LIMIT - len(self._queue)
+            if room < len(data):
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+            self._queue += data
+            self._cond.notify_all()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_out, daemon=True, name="serial-out")
+                self._writer.start()
+        return n
+
     def drain(self) -> bool:
-        """Write the UART's collected output to ``out`` in one write, and flush.
-
-        Returns False (after telling ``on_error``) if the stream failed, else True.
-        """
+        """Move the C UART's collected output on (``write``); never blocks. Returns False
+        once the stream has failed (the run is being stopped with that error)."""
         take = getattr(self.uart, "take_output", None)
-        if take is None:
-            return True
-        with self.lock:
-            try:
+        if take is not None:
+            with self.lock:
                 data = take()
-                if data:
-                    self.out.write(data)
-                    flush = getattr(self.out, "flush", None)
-                    if flush is not None:
-                        flush()
-            except (OSError, ValueError) as e:
-                if self.error is None:
-                    self.error = e
-                    self.on_error(e)
-                return False
-        return True
+            if data:
+                self.write(data)
+        return self.error is None
 
-    def flush(self) -> None:
-        """Flush the stream, ignoring a failure (the run is over; drain() reported any)."""
-        flush = getattr(self.out, "flush", None)
-        if flush is not None:
+    def _write_out(self) -> None:
+        """The writer thread: the queue into the stream, flushed after each batch."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                data, self._queue = bytes(self._queue), bytearray()
+                self._writing = True
             try:
-                flush()
-            except (OSError, ValueError):
-                pass
+                self.out.write(data)
+                flush = getattr(self.out, "flush", None)
+                if flush is not None:
+                    flush()
+            except (OSError, ValueError) as e:
+                with self._cond:
+                    self.error, self._writing = e, False
+                    self.dropped += len(self._queue)
+                    self._queue.clear()
+                    self._cond.notify_all()
+                self.on_error(e)
+                return
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = SETTLE_S) -> bool:
+        """Wait up to ``timeout`` seconds for the stream to take what is queued; True if it
+        did. A stalled stream is left behind (the writer thread keeps trying), never waited for."""
+        if self.buffer is not None:
+            return True
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._writing, timeout)
 
     def take_error(self) -> BaseException | None:
         """The stream's failure since the last call, if any (and forget it)."""
-        err, self.error = self.error, None
-        return err
+        with self._cond:
+            err, self.error = self.error, None
+            if err is not None and self._writer is not None and not self._writer.is_alive():
+                self._writer = None         # the next output starts a new writer
+            return err
+
+    def close(self, timeout: float = SETTLE_S) -> None:
+        """Let the writer finish what is queued (up to ``timeout``), then end it."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -279,6 +279,7 @@ class Machine:
                 return run_loops(loops, self.gate, self.console, timeout,
                                  flush=any(loop.native is not None for loop in loops))
             finally:
+                self.stats.serial_dropped = self.console.dropped
                 for v in self.vcpus if stepping else ():
                     v.single_step(False)
         finally:
@@ -395,6 +396,7 @@ class Machine:
                 raise RuntimeError("close() called from inside run() (a device callback?)")
             self.request_stop("closed")
             self.gate.run_idle.wait()
+        self.console.close()
         if self.platform is not None:
             self.platform.close()
         if self.vm is not None:

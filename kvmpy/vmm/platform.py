@@ -133,7 +133,7 @@ class Platform:
             uart = NativeUart(vm_fd=self.vm.fd if self.irqchip else -1, gsi=gsi if self.irqchip else -1)
             device, fast = uart, "uart"
         else:
-            uart = Serial16550(output=console.out, trigger=self.trigger(gsi))
+            uart = Serial16550(output=console, trigger=self.trigger(gsi))   # console.write never blocks
             device, fast = Locked(uart, console.lock), None
         console.attach(uart)
         slot = Slot("com1", "pio", layout.COM1_PORT, layout.COM_PORT_COUNT, uart, gsi, "com1", fast)

@@ -64,7 +64,7 @@ def run_loops(loops: list, gate, console, timeout: float | None, flush: bool) ->
         for t in threads:
             t.join()
         console.drain()
-        console.flush()
+        console.flush()                 # up to SETTLE_S for the stream; a stalled one is left behind
     if stop.error is not None:
         console.take_error()
         raise stop.error

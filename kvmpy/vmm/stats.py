@@ -27,6 +27,7 @@ class Stats:
     kvm_ns: int = 0
     vmm_ns: int = 0
     guest_ns: int = 0
+    serial_dropped: int = 0          # guest serial output the output stream did not take in time
 
     @property
     def total_exits(self) -> int:
@@ -35,7 +36,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {"exits": dict(self.exits), "devices": dict(self.devices),
                 "unclaimed_writes": self.unclaimed_writes, "kvm_ns": self.kvm_ns,
-                "vmm_ns": self.vmm_ns, "guest_ns": self.guest_ns, "total_exits": self.total_exits}
+                "vmm_ns": self.vmm_ns, "guest_ns": self.guest_ns, "serial_dropped": self.serial_dropped, "total_exits": self.total_exits}
 
     def __str__(self) -> str:
         total = self.total_exits
@@ -49,6 +50,8 @@ class Stats:
                 lines.append(f"  {name:<20} {n:>10}")
         if self.unclaimed_writes:
             lines.append(f"unclaimed writes dropped: {self.unclaimed_writes}")
+        if self.serial_dropped:
+            lines.append(f"serial output dropped: {self.serial_dropped} bytes (the output stream did not keep up)")
         if t:
             lines.append(f"time (summed over vCPUs): {t / 1e9:.3f} s, {100 * self.kvm_ns / t:.1f}% in KVM_RUN (guest + kernel), "
                          f"{100 * self.vmm_ns / t:.1f}% in the VMM"
