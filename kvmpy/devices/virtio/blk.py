@@ -130,8 +130,18 @@ class VirtioBlk:
         """Requests complete synchronously, so there is nothing in flight to drop."""
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
-        """Serve every available request of ``queue``, in ring order."""
-        while (chain := queue.pop()) is not None:
+        """Serve the available requests of ``queue`` in ring order, at most ``queue.size``.
+
+        The bound keeps one QueueNotify from running forever: a device-writable buffer
+        may overlap the available ring, so serving a request can publish another (a
+        self-feeding ring). A driver that follows the spec never has more than
+        ``queue.size`` chains available, so one notify still serves all of its work
+        (docs/virtio.md, "Notification and interrupts").
+        """
+        for _ in range(queue.size):
+            chain = queue.pop()
+            if chain is None:
+                return
             written = self.handle(queue.mem, chain)
             queue.push_used(chain.head, written)
 
