@@ -132,6 +132,19 @@ static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
 	return 1;
 }
 
+/*
+ * 1 if [pos, pos+n) ends inside the file as it is now (blk.py _inside_file). Someone
+ * may have shrunk it under us: a read past its end has nothing to read, and a write
+ * past its end would grow the disk back, which we never do. pos + n <= capacity * 512
+ * (in_range), so it cannot overflow. lseek's offset is unused: I/O is preadv/pwritev.
+ */
+static int inside_file(const struct kvmpy_blk *b, uint64_t pos, uint64_t n)
+{
+	off_t end = lseek(b->fd, 0, SEEK_END);
+
+	return end >= 0 && pos + n <= (uint64_t)end;
+}
+
 /* Move bytes [skip, skip+n) of the buffers to/from the disk at sector: 1 ok, 0 failed. */
 static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
 		    uint64_t skip, uint64_t n, uint64_t sector, int write)
@@ -139,7 +152,7 @@ static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32
 	uint32_t niov;
 	int ok;
 
-	if (b->fd < 0)
+	if (b->fd < 0 || !inside_file(b, sector * KVMPY_BLK_SECTOR_SIZE, n))
 		return 0;
 	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
 	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
