@@ -12,7 +12,16 @@
  * address becomes a host pointer and which check makes that safe.
  *
  * Everything is preallocated in kvmpy_blk_new(): serving a request allocates
- * nothing. One mutex serialises MMIO from several vCPU threads.
+ * nothing. Two mutexes, always taken in this order:
+ *   io_lock - the data path: one QueueNotify at a time owns chain, iov and the use
+ *             of fd (kvmpy_blk_set_fd takes it too, so an fd is never closed under
+ *             a preadv);
+ *   lock    - the registers and the queue state. It is never held across file I/O:
+ *             a chain is popped under it, its data moved without it, its status
+ *             byte and used element written under it again. A reset, a QueueReady
+ *             write or a restored state in between bumps gen, and the completion of
+ *             a chain popped before is dropped (it belongs to a queue that is gone).
+ * One QueueNotify serves at most QueueNum chains (see serve_queue).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -48,14 +57,16 @@
 _Static_assert(KVMPY_BLK_QUEUE_NUM_MAX <= KVMPY_VQ_NUM_MAX, "a chain must fit struct kvmpy_vq_chain");
 
 struct kvmpy_blk {
-	pthread_mutex_t lock;
+	pthread_mutex_t io_lock;			/* the data path; taken before lock */
+	pthread_mutex_t lock;				/* s, gen */
+	uint64_t gen;					/* bumped when the queue is replaced */
 	struct kvmpy_blk_state s;
 	struct kvmpy_guest_mem mem;
 	int fd, vm_fd, gsi;
 	uint8_t id[VIRTIO_BLK_ID_BYTES];
 	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
-	struct kvmpy_vq_chain chain;			/* one request at a time */
-	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain */
+	struct kvmpy_vq_chain chain;			/* one request at a time (io_lock) */
+	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain (io_lock) */
 };
 
 /* --- interrupts and errors (mmio.py: _update_irq, _device_error) ------------------ */
@@ -121,6 +132,19 @@ static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
 	return 1;
 }
 
+/*
+ * 1 if [pos, pos+n) ends inside the file as it is now (blk.py _inside_file). Someone
+ * may have shrunk it under us: a read past its end has nothing to read, and a write
+ * past its end would grow the disk back, which we never do. pos + n <= capacity * 512
+ * (in_range), so it cannot overflow. lseek's offset is unused: I/O is preadv/pwritev.
+ */
+static int inside_file(const struct kvmpy_blk *b, uint64_t pos, uint64_t n)
+{
+	off_t end = lseek(b->fd, 0, SEEK_END);
+
+	return end >= 0 && pos + n <= (uint64_t)end;
+}
+
 /* Move bytes [skip, skip+n) of the buffers to/from the disk at sector: 1 ok, 0 failed. */
 static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
 		    uint64_t skip, uint64_t n, uint64_t sector, int write)
@@ -128,7 +152,7 @@ static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32
 	uint32_t niov;
 	int ok;
 
-	if (b->fd < 0)
+	if (b->fd < 0 || !inside_file(b, sector * KVMPY_BLK_SECTOR_SIZE, n))
 		return 0;
 	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
 	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
@@ -196,46 +220,81 @@ static void put_status(struct kvmpy_blk *b, uint8_t status)
 	kvmpy_mem_mark_dirty(&b->mem, gpa, 1);		/* dirty: the status byte */
 }
 
-/* blk.py notify(): serve every available request; -EINVAL on a driver error. */
-static int serve_queue(struct kvmpy_blk *b, const char **why)
-{
-	int r;
-
-	while ((r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why)) > 0) {
-		uint64_t wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
-		uint32_t written;
-
-		if (wlen == 0)
-			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
-		put_status(b, execute(b, wlen, &written));
-		kvmpy_vq_push_used(&b->s.q, &b->mem, b->chain.head, written + 1);
-	}
-	return r;
-}
-
-static void notify(struct kvmpy_blk *b, uint32_t index)
+/* FEATURES_OK and DRIVER_OK, neither NEEDS_RESET nor FAILED (mmio.py live) */
+static int live(const struct kvmpy_blk *b)
 {
 	uint32_t want = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-	uint64_t before;
-	const char *why = NULL;
 
-	if ((b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) != want ||
-	    index >= 1)
-		return;
-	if (!b->s.q.ready)
-		return;
-	before = b->s.q.used_count;
-	if (serve_queue(b, &why) < 0)
-		device_error(b, why);
-	if (kvmpy_vq_should_notify(&b->s.q, &b->mem, before))
-		b->s.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-	update_irq(b);
+	return (b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) == want;
+}
+
+/*
+ * blk.py notify(): serve the available requests in ring order, at most QueueNum of
+ * them, so one QueueNotify is bounded work even when the device's own writes keep
+ * publishing more (a device-writable buffer over the available ring); a driver that
+ * follows the spec never has more than QueueNum available (docs/virtio.md). Called
+ * and returns with b->lock and b->io_lock held; drops b->lock around each request's
+ * I/O. -EINVAL and *why on a driver error; 0 otherwise, also when gen moved on.
+ */
+static int serve_queue(struct kvmpy_blk *b, uint64_t gen, const char **why)
+{
+	uint64_t i, num = b->s.q.num;
+	int r;
+
+	for (i = 0; i < num; i++) {
+		uint64_t wlen;
+		uint32_t written;
+		uint8_t status;
+
+		r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why);
+		if (r <= 0)
+			return r;
+		wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
+		if (wlen == 0)
+			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
+		pthread_mutex_unlock(&b->lock);
+		status = execute(b, wlen, &written);	/* file I/O without the register lock */
+		pthread_mutex_lock(&b->lock);
+		if (b->gen != gen)
+			return 0;	/* reset or restored meanwhile: this chain's queue is gone */
+		put_status(b, status);
+		kvmpy_vq_push_used(&b->s.q, &b->mem, b->chain.head, written + 1);
+		if (!live(b))
+			return 0;	/* the driver set FAILED meanwhile */
+	}
+	return 0;
+}
+
+/* QueueNotify (mmio.py _notify). Takes io_lock, then lock (see the top of the file). */
+static void notify(struct kvmpy_blk *b, uint32_t index)
+{
+	uint64_t before, gen;
+	const char *why = NULL;
+	int r;
+
+	pthread_mutex_lock(&b->io_lock);
+	pthread_mutex_lock(&b->lock);
+	if (live(b) && index < 1 && b->s.q.ready) {
+		before = b->s.q.used_count;
+		gen = b->gen;
+		r = serve_queue(b, gen, &why);
+		if (b->gen == gen) {
+			if (r < 0)
+				device_error(b, why);
+			if (kvmpy_vq_should_notify(&b->s.q, &b->mem, before))
+				b->s.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+			update_irq(b);
+		}
+	}
+	pthread_mutex_unlock(&b->lock);
+	pthread_mutex_unlock(&b->io_lock);
 }
 
 /* --- the transport registers (mmio.py: read, write) ------------------------------- */
 
 static void reset(struct kvmpy_blk *b)
 {
+	b->gen++;
 	b->s.status = 0;
 	b->s.device_features_sel = b->s.driver_features_sel = 0;
 	b->s.driver_features = 0;
@@ -302,6 +361,7 @@ static void write_queue(struct kvmpy_blk *b, uint64_t off, uint32_t value)
 	if (b->s.queue_sel >= 1)
 		return;
 	if (off == QueueReady) {
+		b->gen++;		/* a request in flight belongs to the old queue */
 		if (!value)
 			q->ready = 0;
 		else if (!q->ready && kvmpy_vq_enable(q, &b->mem, KVMPY_BLK_QUEUE_NUM_MAX, &why))
@@ -359,9 +419,7 @@ static void reg_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t
 	case QueueSel:
 		b->s.queue_sel = value;
 		break;
-	case QueueNotify:
-		notify(b, value);
-		break;
+	/* QueueNotify: kvmpy_blk_write serves it, outside this lock */
 	case InterruptACK:
 		b->s.interrupt_status &= ~value;
 		update_irq(b);
@@ -388,6 +446,7 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return NULL;
+	pthread_mutex_init(&b->io_lock, NULL);
 	pthread_mutex_init(&b->lock, NULL);
 	b->mem = *mem;
 	b->fd = fd;
@@ -409,6 +468,7 @@ void kvmpy_blk_free(struct kvmpy_blk *b)
 	if (!b)
 		return;
 	pthread_mutex_destroy(&b->lock);
+	pthread_mutex_destroy(&b->io_lock);
 	free(b);		/* the fd belongs to the Python VirtioBlk that opened it */
 }
 
@@ -424,16 +484,23 @@ uint64_t kvmpy_blk_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 
 void kvmpy_blk_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t value)
 {
+	if (off == QueueNotify && size == 4) {
+		notify(b, (uint32_t)value);	/* takes io_lock, then lock */
+		return;
+	}
 	pthread_mutex_lock(&b->lock);
 	reg_write(b, off, size, value);
 	pthread_mutex_unlock(&b->lock);
 }
 
+/* io_lock: waits for the QueueNotify in progress (bounded), so no I/O still uses the old fd */
 void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd)
 {
+	pthread_mutex_lock(&b->io_lock);
 	pthread_mutex_lock(&b->lock);
 	b->fd = fd;
 	pthread_mutex_unlock(&b->lock);
+	pthread_mutex_unlock(&b->io_lock);
 }
 
 void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out)
@@ -481,6 +548,7 @@ int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s)
 		pthread_mutex_unlock(&b->lock);
 		return -EINVAL;
 	}
+	b->gen++;		/* a request in flight belongs to the replaced queue */
 	b->s.status = s->status;
 	b->s.device_features_sel = s->device_features_sel;
 	b->s.driver_features_sel = s->driver_features_sel;

@@ -276,6 +276,12 @@ _GUESTS: tuple[Guest, ...] = (
          "virtio-blk: writes the blk-write pattern over min(capacity, 64) sectors of disk 0, "
          "flushes, prints 'blk-durable: <n> sectors flushed', then waits forever (kill -9 test)",
          b"blk-durable: writing\n", None, demo=False),
+    _blk("blk-selffeed",
+         "hostile virtio-blk driver: one IN request whose header sector field is avail.idx inside "
+         "its own IN buffer; on a 32 MiB disk where sector s holds s+1 (le16) at offset 0x102 each "
+         "request publishes the next, and it notifies forever (tests of the notify bound and of "
+         "stopping a run); exits 0x46 for another disk size",
+         b"blk-selffeed: one request that republishes itself\n", None, demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),

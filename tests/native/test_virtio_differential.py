@@ -242,3 +242,42 @@ def test_native_requests_match_the_python_reference(tmp_path_factory, reqs, read
         py.close()
         c.close()
     assert paths[1].read_bytes() == paths[0].read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(feed_at=st.integers(0, 510), chain_len=st.integers(0, DISK // 512), notifies=st.integers(1, 4),
+       header_type=st.sampled_from([0, 0, 0, 1, 8]), extra=st.binary(max_size=8))
+def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, feed_at, chain_len, notifies, header_type, extra):
+    """A request whose header sector field is avail.idx inside its own IN buffer, on a disk
+    where sector s holds s + 1 at that offset for s < chain_len: each served chain publishes
+    the next. Both twins serve at most QueueNum (QSIZE) chains per notify, with identical
+    RAM, used ring, state and file after every notify."""
+    body = bytearray(DISK)
+    for s in range(chain_len):
+        struct.pack_into("<H", body, s * 512 + feed_at, s + 1)
+        body[s * 512 + feed_at + 2:s * 512 + feed_at + 2 + len(extra)] = extra[:510 - feed_at]
+    d = tmp_path_factory.mktemp("f")
+    paths = [d / "py.img", d / "c.img"]
+    for p in paths:
+        p.write_bytes(bytes(body))
+    sides = [Side(paths[0], native=False), Side(paths[1], native=True)]
+    try:
+        for side in sides:
+            side.apply(("init", True))
+            header = AVAIL + 2 - 8                      # sector field = avail.idx, ring[0..2]
+            side.mem.write(header, struct.pack("<I", header_type))
+            for i, (addr, n, fl) in enumerate([(header, 16, 1), (AVAIL + 2 - feed_at, 512, 3), (BUF, 1, 2)]):
+                side.mem.write(DESC + 16 * i, struct.pack("<QIHH", addr, n, fl, i + 1))
+            side.apply(("avail", 0, 0, 1))
+        py, c = sides
+        for _ in range(notifies):
+            used_before = struct.unpack("<H", py.mem.read(USED + 2, 2))[0]
+            for side in sides:
+                side.apply(("notify", 0))
+            assert comparable(c.dev.state()) == comparable(py.dev.state())
+            assert c.mem.read(0, RAM) == py.mem.read(0, RAM)
+            assert (struct.unpack("<H", py.mem.read(USED + 2, 2))[0] - used_before) & 0xFFFF <= QSIZE
+    finally:
+        for side in sides:
+            side.close()
+    assert paths[1].read_bytes() == paths[0].read_bytes()

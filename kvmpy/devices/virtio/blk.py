@@ -17,8 +17,10 @@ The disk is ``capacity = file size // 512`` sectors. A trailing partial sector i
 never read or written, and nothing outside ``[0, capacity * 512)`` is ever touched:
 the file is opened without O_CREAT/O_TRUNC and never grown or shrunk. Data moves
 with ``os.preadv``/``os.pwritev`` straight between the file and guest RAM views,
-looping on short transfers; hitting end of file (someone shrank it under us) or an
-OSError completes the request with IOERR.
+looping on short transfers. Before any byte moves, the range is checked against the
+file's size at that moment (``lseek(fd, 0, SEEK_END)``): someone may have shrunk it
+under us, and a write past its end would grow it back. Such a request, hitting end of
+file anyway, or an OSError completes the request with IOERR.
 
 Request checks, in order (docs/virtio.md has the table):
 1. no device-writable byte -> no status byte can be written: VirtqueueError
@@ -130,8 +132,18 @@ class VirtioBlk:
         """Requests complete synchronously, so there is nothing in flight to drop."""
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
-        """Serve every available request of ``queue``, in ring order."""
-        while (chain := queue.pop()) is not None:
+        """Serve the available requests of ``queue`` in ring order, at most ``queue.size``.
+
+        The bound keeps one QueueNotify from running forever: a device-writable buffer
+        may overlap the available ring, so serving a request can publish another (a
+        self-feeding ring). A driver that follows the spec never has more than
+        ``queue.size`` chains available, so one notify still serves all of its work
+        (docs/virtio.md, "Notification and interrupts").
+        """
+        for _ in range(queue.size):
+            chain = queue.pop()
+            if chain is None:
+                return
             written = self.handle(queue.mem, chain)
             queue.push_used(chain.head, written)
 
@@ -185,7 +197,7 @@ class VirtioBlk:
     def _transfer(self, mem: GuestMemory, segments: list[tuple[int, int]], sector: int,
                   write: bool) -> bool:
         """Move the segments' bytes to/from the disk at ``sector``; False on any failure."""
-        if self.fd < 0:
+        if self.fd < 0 or not self._inside_file(sector * SECTOR_SIZE + sum(n for _, n in segments)):
             return False
         # a disk write only reads guest RAM: read-only views, nothing marked dirty
         views = [mem.view(addr, n, writable=not write) for addr, n in segments]
@@ -210,6 +222,15 @@ class VirtioBlk:
             if not write:                  # dirty again now the data is in (view() marked before)
                 for addr, n in segments:
                     mem.mark_dirty(addr, n)
+
+    def _inside_file(self, end: int) -> bool:
+        """The transfer ends inside the file as it is now. Someone may have shrunk it under
+        us: a read past its end has nothing to read, and a write past it would grow the
+        disk back, which we never do. Both get IOERR with nothing moved."""
+        try:
+            return end <= os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            return False
 
     def _flush(self) -> bool:
         if self.fd < 0:
