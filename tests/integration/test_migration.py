@@ -231,13 +231,13 @@ def drain(c: socket.socket) -> None:
         pass
 
 
-def feed_receiver(frames, tail: bytes = b"", key: bytes = b"", **kw):
-    """Greet a receive() as a source holding ``key``, send ``frames`` ((kind, payload), each
+def feed_receiver(frames, tail: bytes = b"", source_key: bytes = b"", **kw):
+    """Greet a receive() (given ``kw``) as a source holding ``source_key``, send ``frames`` ((kind, payload), each
     with its MAC), then the raw ``tail``, and close; its outcome."""
     box, t = receiver(**kw)
     with socket.create_connection(box["addr"]) as c:
         try:
-            wire = Wire(c, b"S", key)
+            wire = Wire(c, b"S", source_key)
             wire.greet()
             c.sendall(b"".join(wire.frame(kind, payload) for kind, payload in frames) + tail)
         except (OSError, EOFError):
