@@ -104,20 +104,24 @@ def test_migration_at_chosen_moments_matches_an_uninterrupted_run(tmp_path_facto
 
 
 def test_migration_driven_through_the_control_socket(tmp_path, reference):
-    """The command-line path: kvmpy run --control, kvmpy receive, kvmpy ctl migrate."""
+    """The command-line path: kvmpy run --control, kvmpy receive --key-file, kvmpy ctl
+    migrate --key-file (the key goes over the control socket, never on a command line)."""
     ref_out, ref_disk, ref_status = reference
     disk = fresh_disk(tmp_path / "disk.img")
     sock = str(tmp_path / "vm.sock")
+    key = tmp_path / "mig.key"
+    key.write_bytes(os.urandom(32).hex().encode() + b"\n")
+    key.chmod(0o600)
     g = guests.get("counter")
     source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", CMDLINE,
                                "--control", sock, "--timeout", "120"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
-    target, host, port = start_receiver(disk)
+    target, host, port = start_receiver(disk, "--key-file", str(key))
     deadline = time.monotonic() + 30
     while not os.path.exists(sock) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    ctl = subprocess.run([sys.executable, "-m", "kvmpy", "ctl", sock, "migrate", f"{host}:{port}"],
+    ctl = subprocess.run([sys.executable, "-m", "kvmpy", "ctl", sock, "migrate", f"{host}:{port}", "--key-file", str(key)],
                          capture_output=True, env=ENV, cwd="/", timeout=120)
     assert ctl.returncode == 0, ctl.stderr
     assert b"round 1:" in ctl.stderr and b"downtime" in ctl.stdout
