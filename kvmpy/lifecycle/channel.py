@@ -216,7 +216,7 @@ class Channel:
             return
         left = until - time.monotonic()
         if left <= 0:
-            raise MigrationError(f"out of time: {self._bound_text()}")
+            raise MigrationError(f"not in time: {self._bound_text()}")
         self.sock.settimeout(left)
 
     def _bound_text(self) -> str:
