@@ -61,6 +61,11 @@ def cmd_ctl(args) -> int:
     elif args.arg is not None:
         print(f"kvmpy: ctl {args.cmd} takes no argument", file=sys.stderr)
         return EXIT_USAGE
+    if args.key_file is not None and args.cmd != "migrate":
+        print("kvmpy: --key-file is for ctl migrate", file=sys.stderr)
+        return EXIT_USAGE
+    if args.cmd == "migrate" and _migration_key(args.key_file, extra) is None:
+        return EXIT_USAGE
     answer = _ask(args.socket, args.cmd, **extra)
     if answer is None:
         return EXIT_VMM_ERROR
@@ -71,6 +76,21 @@ def cmd_ctl(args) -> int:
     elif args.cmd == "snapshot":
         print(f"saved {answer['path']}")
     return EXIT_OK
+
+
+def _migration_key(path: str | None, extra: dict) -> dict | None:
+    """Put the migration key (--key-file PATH, else $KVMPY_MIGRATION_KEY) into the request
+    ``extra`` as hex: it goes over the control socket, never on a command line."""
+    from ..errors import KvmpyError
+    from ..lifecycle.channel import key_from
+    try:
+        key = key_from(path)
+    except KvmpyError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return None
+    if key is not None:
+        extra["key"] = key.hex()
+    return extra
 
 
 def cmd_inspect(args) -> int:

@@ -140,12 +140,24 @@ def _receive_parser(sub: _Commands) -> None:
                                    "HOST:PORT' on the source), then run the guest here. If the stream "
                                    "breaks, what arrived is discarded and the source keeps running. "
                                    "Give the guest's disks with --disk (the stream does not choose "
-                                   "files here). The stream is not authenticated: listen on loopback "
-                                   "or a trusted network.")
+                                   "files here). With a key (--key-file, or $KVMPY_MIGRATION_KEY) every "
+                                   "frame must carry a MAC made with it; without one, only a loopback "
+                                   "address may be listened on.")
     v.add_argument("--listen", required=True, metavar="HOST:PORT",
-                   help="address to listen on, e.g. 127.0.0.1:4444 (port 0: pick one and print it)")
+                   help="address to listen on, e.g. 127.0.0.1:4444 (port 0: pick one and print it); "
+                        "beyond loopback only with a key")
+    v.add_argument("--key-file", default=None, metavar="PATH",
+                   help="the migration key, shared with the source (a file only its owner may read, "
+                        "e.g. made with 'openssl rand -hex 32 > PATH; chmod 600 PATH')")
     v.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
                    help="give up if no migration arrives within this time")
+    v.add_argument("--deadline", type=seconds, default=600.0, metavar="SECONDS",
+                   help="the whole migration must be done within this time (default 600)")
+    v.add_argument("--frame-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="each frame of the stream must arrive whole within this time (default 60)")
+    v.add_argument("--max-mem", type=positive_size, default=None, metavar="SIZE",
+                   help="the most guest RAM a source may bring (default: half this host's RAM, "
+                        "at most 8G)")
     _host_options(v)
 
 
@@ -157,6 +169,7 @@ def _ctl_parser(sub: _Commands) -> None:
                               "  pause | resume      stop the vCPUs where they are / let them go on\n"
                               "  snapshot DIR        save the VM to DIR (it pauses for the copy, then goes on)\n"
                               "  migrate HOST:PORT   live-migrate to a 'kvmpy receive --listen HOST:PORT'\n"
+                              "                      (--key-file PATH: the key the target was given)\n"
                               "  stats               exits and time so far\n"
                               "  inspect [VCPU]      registers, mode, page walks (pause first)\n"
                               "  stop                end the run")
@@ -164,6 +177,9 @@ def _ctl_parser(sub: _Commands) -> None:
     c.add_argument("cmd", choices=("status", "pause", "resume", "snapshot", "migrate", "stats", "inspect", "stop"),
                    metavar="COMMAND", help="status, pause, resume, snapshot, migrate, stats, inspect, stop")
     c.add_argument("arg", nargs="?", help="DIR for snapshot, HOST:PORT for migrate, VCPU for inspect")
+    c.add_argument("--key-file", default=None, metavar="PATH",
+                   help="migrate: the key the target was given (kvmpy receive --key-file); "
+                        "else $KVMPY_MIGRATION_KEY if set")
 
 
 def _inspect_parser(sub: _Commands) -> None:

@@ -98,10 +98,12 @@ def cmd_restore(args) -> int:
 
 def cmd_receive(args) -> int:
     from ..errors import KvmpyError
+    from ..lifecycle.channel import key_from
     from ..lifecycle.migration import parse_address, receive
     try:
         listen = parse_address(args.listen)
-    except ValueError as e:
+        key = key_from(args.key_file)
+    except (ValueError, KvmpyError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -109,8 +111,9 @@ def cmd_receive(args) -> int:
         print(f"kvmpy: waiting for a migration on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
 
     try:
-        machine, pages = receive(listen, disks=args.disk, timeout=args.wait, on_listen=listening,
-                                 run_timeout=args.timeout, progress=progress,
+        machine, pages = receive(listen, key=key, disks=args.disk, timeout=args.wait, on_listen=listening,
+                                 run_timeout=args.timeout, progress=progress, deadline=args.deadline,
+                                 stream_timeout=args.frame_timeout, max_mem=args.max_mem,
                                  serial=_Console(sys.stdout.buffer), native=not args.python)
     except (KvmpyError, OSError, ValueError) as e:
         print(f"kvmpy: migration failed: {e}", file=sys.stderr)

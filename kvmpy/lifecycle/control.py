@@ -8,7 +8,8 @@ followed by one ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT}``.
     status                    {"running", "paused"}
     pause / resume            stop the vCPUs where they are / let them go on
     snapshot  {"path"}        save to directory PATH (kvmpy/lifecycle/snapshot.py)
-    migrate   {"to"}          live-migrate to HOST:PORT where `kvmpy receive` listens
+    migrate   {"to", "key"}   live-migrate to HOST:PORT where `kvmpy receive` listens; "key"
+                              (optional, hex): the migration key the target was given
     stats                     {"stats": Stats.as_dict(), "text": the --stats table}
     inspect   {"vcpu", "pause"} the introspection report; a running machine is refused unless
                               "pause" is true (then it pauses for the report and goes on)
@@ -184,7 +185,7 @@ class ControlServer:
             if not isinstance(to, str) or not to:
                 raise ValueError("migrate needs \"to\": HOST:PORT")
             host, port = parse_address(to)
-            report = send(m, host, port, progress=progress)
+            report = send(m, host, port, key=_key(request.get("key")), progress=progress)
             return {"ok": True, "report": report.as_dict(), "text": report.line()}
         if cmd == "stats":
             m.console.drain()
@@ -203,6 +204,20 @@ class ControlServer:
             return {"ok": True}
         raise ValueError(f"unknown command {cmd!r} (status, pause, resume, snapshot, migrate, "
                          "stats, inspect, stop)")
+
+
+def _key(text) -> bytes | None:
+    """A migrate request's "key": hex text (never echoed in an error), or absent."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError("\"key\" is the migration key in hex")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("\"key\" is the migration key in hex") from None
+    from .channel import check_key
+    return check_key(key)
 
 
 def _cmd_name(request) -> str:

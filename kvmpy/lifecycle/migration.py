@@ -13,9 +13,11 @@ Dirty pages come from two places: KVM's log (writes by the guest's CPUs) and the
 VMM's own bitmap (memory.py: device writes through the host mapping, which KVM does
 not see: virtio used rings, disk reads into guest buffers).
 
-The stream is a sequence of frames: an 8-byte header ``kind (4 ASCII bytes), length
-(u32 LE)`` and ``length`` bytes of payload.
+The stream (channel.py: the wire) is a greeting each way that exchanges nonces, then
+frames: an 8-byte header ``kind (4 ASCII bytes), length (u32 LE)``, ``length`` bytes of
+payload and an HMAC-SHA256 over them, keyed with a pre-shared key and the nonces.
 
+    MIGR  (each way, first, without a MAC) magic, stream version, nonce
     HELO  JSON: {"magic", "version", "machine": {...}, "ram": [{"gpa", "size"}], "disks": [...]}
     REDY  (target -> source) the target built the machine
     PAGE  u64 gpa, u32 count, then count * 4096 bytes
@@ -27,6 +29,11 @@ The stream is a sequence of frames: an 8-byte header ``kind (4 ASCII bytes), len
 
 Disks are not copied: both ends open the same files (shared storage, as QEMU without
 block migration); the target checks each has the size the source reports.
+
+Both ends hold the same pre-shared key (``key=``); a frame whose MAC fails ends the
+migration (the target closes what it built). A target without a key listens on
+loopback only. Each frame must arrive whole within a per-frame timeout and the whole
+migration within a deadline, so a peer that trickles bytes cannot hold either end.
 """
 from __future__ import annotations
 
@@ -41,17 +48,17 @@ from dataclasses import dataclass, field
 from ..kvm.memory import PAGE_SIZE as PAGE, all_zero
 from ..errors import KvmpyError
 from ..vmm import state
+from .channel import MAX_REASON, SOURCE, TARGET, Channel, MigrationError, WrongVersion, is_loopback, printable
 
-HEADER = struct.Struct("<4sI")
 RUN = struct.Struct("<QI")
 MAX_FRAME = 64 << 20            # a PAGE frame carries at most this much (protects the reader)
 MAX_HELLO = 64 << 10            # the machine's shape and disks
 MAX_STATE = 32 << 20            # every vCPU's state, devices: ~40 KiB a vCPU
 PAGES_PER_FRAME = 256           # 1 MiB of pages per PAGE frame
+MAX_MEM_CAP = 8 << 30           # receive()'s default RAM bound: at most this, at most half the host's
+DEADLINE = 600.0                # seconds for a whole migration, by default (either end)
 
-
-class MigrationError(KvmpyError):
-    """The migration did not complete; the source machine is still running."""
+__all__ = ["MigrationError", "Report", "send", "receive", "parse_address", "default_max_mem"]
 
 
 @dataclass
@@ -75,48 +82,10 @@ class Report:
         return dict(self.__dict__)
 
 
-# --- framing ---------------------------------------------------------------------------
-class _Stream:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.sent = 0
-
-    def send(self, kind: bytes, head: bytes = b"", data=b"") -> None:
-        """One frame: the header and ``head`` in one write, then ``data`` (pages) as is."""
-        n = len(head) + len(data)
-        self.sock.sendall(HEADER.pack(kind, n) + head)
-        if len(data):
-            self.sock.sendall(data)
-        self.sent += HEADER.size + n
-
-    def send_json(self, kind: bytes, obj) -> None:
-        self.send(kind, json.dumps(obj).encode())
-
-    def exactly(self, n: int, into=None) -> memoryview | bytes:
-        buf = into if into is not None else memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(buf[got:], n - got)
-            if k == 0:
-                raise MigrationError(f"the stream ended early ({got} of {n} bytes of a frame)")
-            got += k
-        return buf
-
-    def recv_header(self) -> tuple[bytes, int]:
-        kind, n = HEADER.unpack(self.exactly(HEADER.size))
-        return bytes(kind), n
-
-    def recv(self, limit: int) -> tuple[bytes, bytes]:
-        kind, n = self.recv_header()
-        if n > limit:
-            raise MigrationError(f"a {kind!r} frame of {n} bytes is larger than allowed ({limit})")
-        return kind, bytes(self.exactly(n))
-
-
-def _expect(stream: _Stream, want: bytes, limit: int = 4096) -> bytes:
+def _expect(stream: Channel, want: bytes, limit: int = MAX_REASON) -> bytes:
     kind, payload = stream.recv(limit)
     if kind == b"FAIL":
-        raise MigrationError(f"the other side gave up: {payload.decode(errors='replace')}")
+        raise MigrationError(f"the other side gave up: {printable(payload)}")
     if kind != want:
         raise MigrationError(f"expected a {want.decode()} frame, got {kind!r}")
     return payload
@@ -163,7 +132,7 @@ def _take_dirty(m) -> list[int]:
     return out
 
 
-def _send_pages(stream: _Stream, m, dirty: list[int], report: Report, skip_zero: bool) -> int:
+def _send_pages(stream: Channel, m, dirty: list[int], report: Report, skip_zero: bool) -> int:
     sent = 0
     for r, bits in zip(m.memory.regions, dirty):
         view = memoryview(r.mm)
@@ -194,9 +163,13 @@ class _Outcome(MigrationError):
     """The state went out but no answer came: the target may or may not run the guest."""
 
 
-def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
-         timeout: float = 30.0, progress=None) -> Report:
+def send(m, host: str, port: int, *, key: bytes | None = None, max_rounds: int = 30, small: int = 256,
+         timeout: float = 30.0, deadline: float | None = DEADLINE, progress=None) -> Report:
     """Migrate running machine ``m`` to a ``receive`` at host:port; returns the Report.
+
+    ``key`` is the key the target was given (None: the target has none either). Each
+    frame either way must go through within ``timeout`` seconds (also the connect's),
+    the whole migration within ``deadline``.
 
     Rounds go on while more than ``small`` pages were dirtied, at most ``max_rounds``,
     and stop early when a round no longer shrinks the dirty set. ``progress(text)``
@@ -212,21 +185,24 @@ def send(m, host: str, port: int, *, max_rounds: int = 30, small: int = 256,
     if not m.migration_lock.acquire(blocking=False):
         raise MigrationError("a migration of this machine is already under way")
     try:
-        return _send(m, host, port, max_rounds, small, timeout, progress or (lambda text: None))
+        return _send(m, (host, port), key, max_rounds, small, (timeout, deadline),
+                     progress or (lambda text: None))
     finally:
         m.migration_lock.release()
 
 
-def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
+def _send(m, address, key, max_rounds, small, timeouts, say) -> Report:
     report = Report()
     t0 = time.perf_counter()
+    host, port = address
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection(address, timeout=timeouts[0])
     except OSError as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
-    stream = _Stream(sock)
+    stream = Channel(sock, SOURCE, key, *timeouts)
     progress = {"held": False, "logging": False, "committed": False}
     try:
+        stream.greet()
         stream.send_json(b"HELO", _hello(m))
         _expect(stream, b"REDY")
         m.vm.log_dirty_pages(True)
@@ -246,7 +222,7 @@ def _send(m, host, port, max_rounds, small, timeout, say) -> Report:
     return report
 
 
-def _precopy(stream: _Stream, m, report: Report, max_rounds: int, small: int, say) -> list[int]:
+def _precopy(stream: Channel, m, report: Report, max_rounds: int, small: int, say) -> list[int]:
     """All RAM, then rounds of the pages dirtied meanwhile, while the guest runs; returns
     the pages dirtied since the last round (they go in the stop-and-copy)."""
     _take_dirty(m)                                  # start from a clean log
@@ -266,7 +242,7 @@ def _precopy(stream: _Stream, m, report: Report, max_rounds: int, small: int, sa
         say(f"round {report.rounds}: {n} dirty pages, {stream.sent / 2**20:.1f} MiB sent")
 
 
-def _stop_and_copy(stream: _Stream, m, report: Report, dirty: list[int], progress: dict) -> None:
+def _stop_and_copy(stream: Channel, m, report: Report, dirty: list[int], progress: dict) -> None:
     """Pause the guest, send the last dirty pages and the machine state, wait for RUNS."""
     t_pause = time.perf_counter()
     progress["held"] = m.pause()
@@ -284,14 +260,11 @@ def _stop_and_copy(stream: _Stream, m, report: Report, dirty: list[int], progres
     report.downtime_s = time.perf_counter() - t_pause
 
 
-def _abandon(stream: _Stream, m, e: BaseException, progress: dict, where: str) -> None:
+def _abandon(stream: Channel, m, e: BaseException, progress: dict, where: str) -> None:
     """A migration failed with ``e``: tell the target, resume the guest unless the target
     may already run it, turn logging off, and raise what the caller should see."""
     refused = isinstance(e, MigrationError) and str(e).startswith("the other side gave up")
-    try:
-        stream.send(b"FAIL", b"the source gave up")
-    except OSError:
-        pass
+    stream.fail(b"the source gave up")
     stream.sock.close()
     keep_paused = progress["held"] and progress["committed"] and not refused
     if progress["held"] and not keep_paused:
@@ -316,7 +289,7 @@ def _check_hello(hello, where: str) -> dict:
     if not isinstance(hello, dict) or hello.get("magic") != state.MAGIC:
         raise MigrationError(f"{where}: not a kvmpy migration stream")
     if hello.get("version") != state.VERSION:
-        raise MigrationError(f"{where}: stream version {hello.get('version')!r}, this kvmpy reads "
+        raise MigrationError(f"{where}: machine state version {hello.get('version')!r}, this kvmpy reads "
                              f"{state.VERSION}")
     ram = hello.get("ram")
     if not isinstance(ram, list) or not all(isinstance(r, dict) and type(r.get("gpa")) is int
@@ -325,32 +298,39 @@ def _check_hello(hello, where: str) -> dict:
     return hello
 
 
-def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: float | None = None,
-            on_listen=None, progress=None, run_timeout: float | None = None,
-            stream_timeout: float = 60.0, max_mem: int | None = None, **host_options):
+def default_max_mem() -> int:
+    """receive()'s bound on a source's RAM unless told: half this host's RAM, at most MAX_MEM_CAP."""
+    return min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2, MAX_MEM_CAP)
+
+
+def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | None = None, disks=None,
+            timeout: float | None = None, on_listen=None, progress=None, run_timeout: float | None = None,
+            stream_timeout: float | None = 60.0, deadline: float | None = DEADLINE,
+            max_mem: int | None = None, **host_options):
     """Wait for one incoming migration on ``listen`` and return the Machine, already
     running (``wait()`` for its end), and the number of pages received.
 
-    ``on_listen((host, port))`` is called once the socket listens (port 0 picks one).
-    ``disks`` are the files the guest's disks use here, in order (Disk or "PATH[,ro]"):
-    a guest with disks is refused without them, because the stream is not trusted to
-    name files to open (and each must have the size the source reports). ``timeout``
-    bounds the wait for a connection, ``stream_timeout`` each read from it; ``max_mem``
-    (default: this host's RAM) bounds the RAM a source may ask for; ``run_timeout`` is
-    the run's. If the stream breaks or is bad, the partly built machine is closed and
-    MigrationError raised: nothing keeps running, and the source learns only that it
-    was refused (the reasons, which may name local files, stay in the exception).
-    Listen on a trusted network only (the default is loopback): the stream carries no
-    authentication.
+    ``key``: the pre-shared key (bytes) the source must prove it holds: every frame
+    carries a MAC made with it (channel.py). Without a key only a loopback address may
+    be listened on. ``on_listen((host, port))`` is called once the socket listens (port
+    0 picks one). ``disks`` are the files the guest's disks use here, in order (Disk or
+    "PATH[,ro]"): a guest with disks is refused without them, because the stream is not
+    trusted to name files to open (and each must have the size the source reports).
+    ``timeout`` bounds the wait for a connection; then each frame must arrive whole
+    within ``stream_timeout`` seconds and the whole migration within ``deadline``.
+    ``max_mem`` (default: default_max_mem()) bounds the RAM a source may ask for;
+    ``run_timeout`` is the run's. If the stream breaks, is bad or fails its MACs, the
+    partly built machine is closed and MigrationError raised: nothing keeps running,
+    and the source learns only that it was refused (the reasons, which may name local
+    files, stay in the exception).
     """
-    conn, peer = _accept(listen, timeout, on_listen)
-    conn.settimeout(stream_timeout)
-    stream = _Stream(conn)
-    if max_mem is None:
-        max_mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    conn, peer = _accept(listen, timeout, on_listen, keyed=key is not None)
+    stream = Channel(conn, TARGET, key, stream_timeout, deadline)
+    max_mem = default_max_mem() if max_mem is None else max_mem
     where = f"migration from {peer[0]}:{peer[1]}"
     m = None
     try:
+        stream.answer_greeting(where)
         m = _build_target(stream, where, max_mem, disks, host_options)
         stream.send(b"REDY")
         pages = _receive_ram_and_state(stream, m, where)
@@ -360,10 +340,8 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
     except BaseException as e:
         if m is not None:
             m.close()
-        try:
-            stream.send(b"FAIL", b"the target refused the migration (its log says why)")
-        except OSError:
-            pass
+        why = str(e) if isinstance(e, WrongVersion) else "the target refused the migration (its log says why)"
+        stream.fail(why.encode())
         conn.close()
         if isinstance(e, (MigrationError, KeyboardInterrupt)):
             raise
@@ -374,9 +352,14 @@ def receive(listen: tuple[str, int] = ("127.0.0.1", 0), *, disks=None, timeout: 
     return m, pages
 
 
-def _accept(listen, timeout, on_listen):
+def _accept(listen, timeout, on_listen, keyed: bool):
     srv = socket.create_server(listen)
     try:
+        host = srv.getsockname()[0]
+        if not keyed and not is_loopback(host):
+            raise MigrationError(f"refusing to listen on {listen[0] or host!r} without a migration key: "
+                                 "anyone who can reach it could hand this host a guest to run. Give "
+                                 "a key (key=..., kvmpy receive --key-file PATH) or listen on loopback")
         if on_listen is not None:
             on_listen(srv.getsockname()[:2])
         srv.settimeout(timeout)
@@ -388,7 +371,7 @@ def _accept(listen, timeout, on_listen):
         srv.close()
 
 
-def _build_target(stream: _Stream, where: str, max_mem: int, disks, host_options: dict):
+def _build_target(stream: Channel, where: str, max_mem: int, disks, host_options: dict):
     """The HELO checked, and a Machine of its shape (RAM bounded by ``max_mem``, disks given here)."""
     hello = _check_hello(_json(_expect(stream, b"HELO", MAX_HELLO), "HELO"), where)
     mem = hello["machine"]["mem_size"] if isinstance(hello.get("machine"), dict) else None
@@ -405,46 +388,52 @@ def _build_target(stream: _Stream, where: str, max_mem: int, disks, host_options
         raise MigrationError(str(e)) from None
 
 
-def _receive_ram_and_state(stream: _Stream, m, where: str) -> int:
+def _receive_ram_and_state(stream: Channel, m, where: str) -> int:
     """PAGE/ZERO/SYNC frames into ``m`` until the STAT frame, which is applied; returns the
-    number of pages received."""
+    number of pages received. Each frame's MAC is checked before it has any effect beyond
+    the RAM of this machine, which runs only once every frame up to STAT has passed."""
     pages = 0
     while True:
-        kind, n = stream.recv_header()
+        kind, n = stream.begin()
         if kind in (b"PAGE", b"ZERO"):
             pages += _receive_pages(stream, m, kind, n, where)
         elif kind == b"SYNC":
             if n:
                 raise MigrationError(f"{where}: bad SYNC frame")
+            stream.end()
             stream.send(b"SYNC")
         elif kind == b"STAT":
             if n > MAX_STATE:
                 raise MigrationError(f"{where}: state frame of {n} bytes is too large")
-            body = _json(bytes(stream.exactly(n)), "STAT")
+            payload = bytes(stream.read(n))
+            stream.end()
+            body = _json(payload, "STAT")
             try:
                 state.check_body(body, where)
                 state.apply(m, body)
             except state.SnapshotError as e:
                 raise MigrationError(str(e)) from None
             return pages
-        elif kind == b"FAIL":
-            raise MigrationError(f"{where}: the source gave up: "
-                                 f"{bytes(stream.exactly(min(n, 4096))).decode(errors='replace')}")
+        elif kind == b"FAIL" and n <= MAX_REASON:
+            reason = bytes(stream.read(n))
+            stream.end()
+            raise MigrationError(f"{where}: the source gave up: {printable(reason)}")
         else:
             raise MigrationError(f"{where}: unexpected frame {kind!r}")
 
 
-def _receive_pages(stream: _Stream, m, kind: bytes, n: int, where: str) -> int:
+def _receive_pages(stream: Channel, m, kind: bytes, n: int, where: str) -> int:
     """One PAGE or ZERO frame of ``n`` bytes, checked, into guest RAM; returns its page count."""
     if n < RUN.size or n > RUN.size + MAX_FRAME:
         raise MigrationError(f"{where}: bad {kind.decode()} frame length {n}")
-    gpa, count = RUN.unpack(stream.exactly(RUN.size))
+    gpa, count = RUN.unpack(stream.read(RUN.size))
     size = count * PAGE
     if gpa % PAGE or not m.memory.contains(gpa, size) or n != RUN.size + (size if kind == b"PAGE" else 0):
         raise MigrationError(f"{where}: pages {gpa:#x}+{count} are outside guest RAM or the frame is malformed")
     if kind == b"PAGE":
-        stream.exactly(size, m.memory.view(gpa, size))       # straight into guest RAM
-    elif not all_zero(m.memory.view(gpa, size, writable=False)):
+        stream.read(size, m.memory.view(gpa, size))       # straight into guest RAM (MACed as it comes)
+    stream.end()
+    if kind == b"ZERO" and not all_zero(m.memory.view(gpa, size, writable=False)):
         m.memory.fill(gpa, size, 0)         # untouched RAM is zero already: leave it so
     return count
 

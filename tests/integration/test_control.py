@@ -177,6 +177,9 @@ BAD_REQUESTS = [
     (b'{"cmd": "migrate"}\n', "to"),
     (b'{"cmd": "migrate", "to": 4444}\n', "HOST:PORT"),
     (b'{"cmd": "migrate", "to": "no-port-here"}\n', "HOST:PORT"),
+    (b'{"cmd": "migrate", "to": "127.0.0.1:1", "key": "not hex"}\n', "in hex"),
+    (b'{"cmd": "migrate", "to": "127.0.0.1:1", "key": 17}\n', "in hex"),
+    (b'{"cmd": "migrate", "to": "127.0.0.1:1", "key": "0011"}\n', "16 to 4096 bytes"),
     (b'{"cmd": "inspect", "vcpu": "zero"}\n', "bad request"),
     (b'{"cmd": "inspect", "vcpu": [0]}\n', "bad request"),
 ]

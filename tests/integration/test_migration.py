@@ -25,6 +25,7 @@ from kvmpy.lifecycle.migration import MigrationError
 
 from . import lab
 from .lab import fresh_disk, wait_until
+from .migwire import Wire
 
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
@@ -103,20 +104,24 @@ def test_migration_at_chosen_moments_matches_an_uninterrupted_run(tmp_path_facto
 
 
 def test_migration_driven_through_the_control_socket(tmp_path, reference):
-    """The command-line path: kvmpy run --control, kvmpy receive, kvmpy ctl migrate."""
+    """The command-line path: kvmpy run --control, kvmpy receive --key-file, kvmpy ctl
+    migrate --key-file (the key goes over the control socket, never on a command line)."""
     ref_out, ref_disk, ref_status = reference
     disk = fresh_disk(tmp_path / "disk.img")
     sock = str(tmp_path / "vm.sock")
+    key = tmp_path / "mig.key"
+    key.write_bytes(os.urandom(32).hex().encode() + b"\n")
+    key.chmod(0o600)
     g = guests.get("counter")
     source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", CMDLINE,
                                "--control", sock, "--timeout", "120"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
-    target, host, port = start_receiver(disk)
+    target, host, port = start_receiver(disk, "--key-file", str(key))
     deadline = time.monotonic() + 30
     while not os.path.exists(sock) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    ctl = subprocess.run([sys.executable, "-m", "kvmpy", "ctl", sock, "migrate", f"{host}:{port}"],
+    ctl = subprocess.run([sys.executable, "-m", "kvmpy", "ctl", sock, "migrate", f"{host}:{port}", "--key-file", str(key)],
                          capture_output=True, env=ENV, cwd="/", timeout=120)
     assert ctl.returncode == 0, ctl.stderr
     assert b"round 1:" in ctl.stderr and b"downtime" in ctl.stdout
@@ -129,7 +134,7 @@ def test_migration_driven_through_the_control_socket(tmp_path, reference):
 
 
 class FakeTarget:
-    """A target that accepts HELO, says REDY, then drops the connection after ``cut`` bytes."""
+    """A target that greets, accepts HELO, says REDY, then drops the connection after ``cut`` bytes."""
 
     def __init__(self, cut: int):
         self.srv = socket.create_server(("127.0.0.1", 0))
@@ -141,9 +146,10 @@ class FakeTarget:
     def serve(self):
         conn, _ = self.srv.accept()
         with conn:
-            kind, n = struct.unpack("<4sI", conn.recv(8, socket.MSG_WAITALL))
-            conn.recv(n, socket.MSG_WAITALL)
-            conn.sendall(struct.pack("<4sI", b"REDY", 0))
+            wire = Wire(conn, b"T")
+            wire.greet()
+            assert wire.recv()[0] == b"HELO"
+            wire.send(b"REDY")
             got = 0
             while got < self.cut:
                 data = conn.recv(65536)
@@ -184,24 +190,32 @@ def test_nothing_to_connect_to_is_a_clear_error(tmp_path):
             m.wait()
 
 
-def hello(disk: str, mem_size: int = 64 << 20) -> bytes:
-    body = {"magic": "kvmpy-snapshot", "version": kvmpy.lifecycle.snapshot.VERSION,
+def hello_body(disk: str, mem_size: int = 64 << 20) -> dict:
+    return {"magic": "kvmpy-snapshot", "version": kvmpy.lifecycle.snapshot.VERSION,
             "machine": {"mem_size": mem_size, "cpus": 1, "irqchip": True},
             "ram": [{"gpa": 0, "size": mem_size}],
             "disks": [{"path": disk, "readonly": False, "size": lab.DISK_BYTES}]}
-    data = json.dumps(body).encode()
-    return struct.pack("<4sI", b"HELO", len(data)) + data
+
+
+def hello(disk: str, mem_size: int = 64 << 20) -> tuple[bytes, bytes]:
+    """A HELO frame (kind, payload) for a guest with one disk."""
+    return b"HELO", json.dumps(hello_body(disk, mem_size)).encode()
+
+
+def page_frame(gpa: int, count: int = 1, fill: bytes = b"\x90") -> tuple[bytes, bytes]:
+    return b"PAGE", struct.pack("<QI", gpa, count) + fill * (4096 * count)
 
 
 def receiver(**kw):
     """migration.receive in a thread: (box with "addr", then "result" or "error"; the thread)."""
     box = {}
     ready = threading.Event()
+    listen = kw.pop("listen", ("127.0.0.1", 0))
 
     def body():
         try:
-            box["result"] = migration.receive(("127.0.0.1", 0), on_listen=lambda a: (box.update(addr=a), ready.set()),
-                                              timeout=20, **kw)
+            box["result"] = migration.receive(listen, on_listen=lambda a: (box.update(addr=a), ready.set()),
+                                              timeout=kw.pop("timeout", 20), **kw)
         except BaseException as e:
             box["error"] = e
         ready.set()
@@ -212,17 +226,27 @@ def receiver(**kw):
     return box, t
 
 
-def feed_receiver(payload: bytes, **kw):
-    """Send ``payload`` to a receive() and close; its outcome."""
+def drain(c: socket.socket) -> None:
+    try:
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
+def feed_receiver(frames, tail: bytes = b"", source_key: bytes = b"", **kw):
+    """Greet a receive() (given ``kw``) as a source holding ``source_key``, send ``frames`` ((kind, payload), each
+    with its MAC), then the raw ``tail``, and close; its outcome."""
     box, t = receiver(**kw)
     with socket.create_connection(box["addr"]) as c:
         try:
-            c.sendall(payload)
-            c.shutdown(socket.SHUT_WR)
-            while c.recv(65536):
-                pass
-        except OSError:
+            wire = Wire(c, b"S", source_key)
+            wire.greet()
+            c.sendall(b"".join(wire.frame(kind, payload) for kind, payload in frames) + tail)
+        except (OSError, EOFError):
             pass
+        drain(c)
     t.join(60)
     return box
 
@@ -230,9 +254,9 @@ def feed_receiver(payload: bytes, **kw):
 def test_the_target_discards_a_stream_that_ends_early(tmp_path):
     """HELO and some pages, then the source vanishes: MigrationError, no machine, no leaked fds."""
     disk = fresh_disk(tmp_path / "disk.img")
-    page = struct.pack("<4sI", b"PAGE", 12 + 4096) + struct.pack("<QI", 0x1000, 1) + b"\x90" * 4096
     fds = len(os.listdir("/proc/self/fd"))
-    box = feed_receiver(hello(disk) + page + page[:100], disks=[disk])
+    box = feed_receiver([hello(disk), page_frame(0x1000)], tail=struct.pack("<4sIQI", b"PAGE", 12 + 4096, 0x2000, 1) + bytes(80),
+                        disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
     assert "ended early" in str(box["error"])
     assert len(os.listdir("/proc/self/fd")) == fds
@@ -245,9 +269,10 @@ def test_the_stream_does_not_choose_the_targets_files(tmp_path):
     secret.write_bytes(b"x" * 160)
     box, t = receiver()
     with socket.create_connection(box["addr"]) as c:
-        c.sendall(hello(str(secret)))
-        kind, n = struct.unpack("<4sI", c.recv(8, socket.MSG_WAITALL))
-        answer = c.recv(n, socket.MSG_WAITALL)
+        wire = Wire(c)
+        wire.greet()
+        wire.send(*hello(str(secret)))
+        kind, answer = wire.recv()
     t.join(30)
     assert kind == b"FAIL" and b"secret" not in answer and b"160" not in answer
     assert isinstance(box["error"], MigrationError) and "disks=[...]" in str(box["error"])
@@ -255,14 +280,14 @@ def test_the_stream_does_not_choose_the_targets_files(tmp_path):
 
 def test_the_target_refuses_more_ram_than_it_allows(tmp_path):
     disk = fresh_disk(tmp_path / "disk.img")
-    box = feed_receiver(hello(disk, mem_size=256 << 20), disks=[disk], max_mem=128 << 20)
+    box = feed_receiver([hello(disk, mem_size=256 << 20)], disks=[disk], max_mem=128 << 20)
     assert isinstance(box.get("error"), MigrationError) and "bytes of RAM" in str(box["error"])
 
 
 def test_the_target_refuses_a_disk_of_another_size(tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
-    box = feed_receiver(hello(str(disk)), disks=[str(disk)])
+    box = feed_receiver([hello(str(disk))], disks=[str(disk)])
     assert isinstance(box.get("error"), MigrationError) and "changed size" in str(box["error"])
 
 
@@ -277,11 +302,9 @@ def test_hostile_frames_after_a_good_hello_only_ever_fail_cleanly(tmp_path_facto
     """Any frame sequence a hostile source sends ends in MigrationError (never a crash, a hang
     or a running machine), unless it is a valid stream, which these are not: no STAT comes."""
     disk = fresh_disk(tmp_path_factory.mktemp("fuzz") / "disk.img")
-    stream = hello(disk)
-    for kind, gpa, count, junk in frames:
-        payload = struct.pack("<QI", gpa, count & 0xFFFF) + junk
-        stream += struct.pack("<4sI", kind, len(payload)) + payload
-    box = feed_receiver(stream + tail, disks=[disk])
+    stream = [hello(disk)] + [(kind, struct.pack("<QI", gpa, count & 0xFFFF) + junk)
+                              for kind, gpa, count, junk in frames]
+    box = feed_receiver(stream, tail, disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
 
 
@@ -298,13 +321,12 @@ def test_an_edited_hello_is_refused_cleanly(tmp_path_factory, where, value):
     """A HELO with any one value replaced either builds the machine (and then fails for want
     of a STAT) or is refused: always MigrationError, never another exception."""
     disk = fresh_disk(tmp_path_factory.mktemp("hello") / "disk.img")
-    body = json.loads(hello(disk)[8:])
+    body = hello_body(disk)
     target = body
     for key in where[:-1]:
         target = target[key]
     target[where[-1]] = value
-    data = json.dumps(body).encode()
-    box = feed_receiver(struct.pack("<4sI", b"HELO", len(data)) + data, disks=[disk])
+    box = feed_receiver([(b"HELO", json.dumps(body).encode())], disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
 
 
@@ -324,21 +346,21 @@ class ParsingTarget:
         conn, _ = self.srv.accept()
         self.srv.close()
         with conn:
+            wire = Wire(conn, b"T")
+            wire.greet()
             while True:
-                head = conn.recv(8, socket.MSG_WAITALL)
-                if len(head) < 8:
+                try:
+                    kind, _ = wire.recv()
+                except EOFError:
                     return
-                kind, n = struct.unpack("<4sI", head)
-                if n:
-                    conn.recv(n, socket.MSG_WAITALL)
                 if kind == b"HELO":
-                    conn.sendall(struct.pack("<4sI", b"REDY", 0))
+                    wire.send(b"REDY")
                 elif kind == b"SYNC":
                     time.sleep(self.sync_after)
-                    conn.sendall(struct.pack("<4sI", b"SYNC", 0))
+                    wire.send(b"SYNC")
                 elif kind == b"STAT":
                     if self.on_stat == "fail":
-                        conn.sendall(struct.pack("<4sI", b"FAIL", 2) + b"no")
+                        wire.send(b"FAIL", b"no")
                     return
 
 
