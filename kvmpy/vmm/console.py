@@ -20,7 +20,7 @@ import threading
 from typing import BinaryIO, Callable
 
 LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
-SETTLE_S = 1.0               # at the end of a run, how long to wait for the stream to take the queue
+SETTLE_S = 0.5               # at the end of a run, how long to wait for the stream to take the queue
 
 
 class Console:
@@ -139,7 +139,7 @@ class Console:
                 self._writer = None         # the next output starts a new writer
             return err
 
-    def close(self, timeout: float = SETTLE_S) -> None:
+    def close(self, timeout: float = 0.2) -> None:
         """Let the writer finish what is queued (up to ``timeout``), then end it."""
         self.flush(timeout)
         with self._cond:
