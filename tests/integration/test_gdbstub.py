@@ -1,4 +1,5 @@
 """The GDB stub, driven by the real gdb in batch mode and by a raw protocol client."""
+import atexit
 import os
 import re
 import shutil
@@ -51,9 +52,15 @@ def data_breakpoints_fire() -> bool:
 def sock_path() -> str:
     """A fresh path for a socket: short (pytest's tmp_path can exceed AF_UNIX's 108
     bytes) and in a world-searchable directory, so another user meets the file's mode."""
-    d = tempfile.mkdtemp(prefix="kvmpy-gdb-", dir="/tmp")
-    os.chmod(d, 0o755)
-    return os.path.join(d, "gdb.sock")
+    global SOCK_DIR
+    if SOCK_DIR is None:
+        SOCK_DIR = tempfile.mkdtemp(prefix="kvmpy-gdb-", dir="/tmp")
+        os.chmod(SOCK_DIR, 0o755)
+        atexit.register(shutil.rmtree, SOCK_DIR, ignore_errors=True)
+    return tempfile.mktemp(suffix=".sock", dir=SOCK_DIR)    # noqa: S306 - the stub creates it
+
+
+SOCK_DIR = None
 
 
 class Served:
