@@ -41,6 +41,20 @@ positive_int = _positive(int, "a positive number")
 seconds = _positive(float, "a positive number of seconds")
 
 
+def gdb_address(text: str) -> str | int:
+    """--gdb PATH (a Unix socket, the default) or tcp:PORT (on 127.0.0.1): what
+    kvmpy.debug.gdbstub.GdbStub listens on, a str path or an int port."""
+    if text.startswith("tcp:"):
+        port = text[4:]
+        if not port.isdigit() or int(port) > 65535:
+            raise argparse.ArgumentTypeError(f"expected tcp:PORT with a port number up to 65535, got {text!r}")
+        return int(port)
+    if not text or text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected the path of a Unix socket to create, got {text!r}"
+                                         + (f" (for TCP on 127.0.0.1 say tcp:{text})" if text else ""))
+    return text
+
+
 def parse_int(text: str) -> int:
     try:
         return int(text, 0)
@@ -255,10 +269,13 @@ def _running_options(g) -> None:
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
     _trace_options(g)
-    g.add_argument("--gdb", type=int, default=None, metavar="PORT",
-                   help="wait for gdb (target remote 127.0.0.1:PORT) and let it drive the guest: registers, "
-                        "memory through the page tables, continue, stepi, hardware breakpoints and "
-                        "watchpoints (software breakpoints become hardware ones), Ctrl-C, vCPUs as threads")
+    g.add_argument("--gdb", type=gdb_address, default=None, metavar="PATH|tcp:PORT",
+                   help="wait for gdb and let it drive the guest: registers, memory through the page tables, "
+                        "continue, stepi, hardware breakpoints and watchpoints (software breakpoints become "
+                        "hardware ones), Ctrl-C, vCPUs as threads. PATH: a Unix socket only you can use "
+                        "(mode 0600, the peer's user checked); connect with gdb -ex 'target remote PATH'. "
+                        "tcp:PORT: TCP on 127.0.0.1 instead (only your user's connections are accepted). "
+                        "--timeout bounds the wait for gdb to connect")
     g.add_argument("--stats-svg", metavar="FILE", default=None,
                    help="also draw the statistics as an SVG chart in FILE")
     g.add_argument("--stats", action="store_true",

@@ -160,13 +160,14 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     control = None
     if not getattr(args, "replay", None):       # a replay's input comes from the recording
         _start_input(machine, done, sample_input)
-    old = signal.signal(signal.SIGINT, lambda *_: machine.request_stop("interrupted")) \
+    stop = [machine.request_stop]           # the gdb stub takes over Ctrl-C while it serves
+    old = signal.signal(signal.SIGINT, lambda *_: stop[0]("interrupted")) \
         if threading.current_thread() is threading.main_thread() else None
     try:
         if getattr(args, "gdb", None) is not None:
-            result = _serve_gdb(machine, args.gdb)
-            if result is None:
-                return EXIT_OK              # gdb detached before the guest stopped
+            result = _serve_gdb(machine, args, stop)
+            if isinstance(result, int):
+                return result               # gdb never came, or detached before the guest stopped
         else:
             if not started:
                 machine.start(timeout=args.timeout, trace=tracer)
@@ -225,13 +226,26 @@ def _tracer(args):
     return Tracer.to_stream(sys.stderr, **filters)
 
 
-def _serve_gdb(machine, port: int):
-    """Wait for gdb on 127.0.0.1:PORT and let it drive the guest (kvmpy.debug.gdbstub)."""
-    from ..debug.gdbstub import GdbStub
-    stub = GdbStub(machine, port=port)
-    print(f"kvmpy: waiting for gdb on 127.0.0.1:{stub.port} "
-          f"(gdb -ex 'target remote 127.0.0.1:{stub.port}' IMAGE)", file=sys.stderr, flush=True)
-    return stub.serve()
+def _serve_gdb(machine, args, stop: list):
+    """Wait for gdb on ``--gdb``'s socket (at most ``--timeout`` seconds) and let it drive
+    the guest (kvmpy.debug.gdbstub). The RunResult, or an exit status if there is none."""
+    from ..debug.gdbstub import GdbStub, GdbStubError
+    try:
+        stub = GdbStub(machine, args.gdb)
+    except GdbStubError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    stop[0] = stub.request_stop
+    print(f"kvmpy: waiting for gdb on {stub.address} "
+          f"(gdb -ex 'target remote {stub.address}' IMAGE)", file=sys.stderr, flush=True)
+    result = stub.serve(timeout=args.timeout)
+    if stub.stopping == "interrupted" or stub.stopped_waiting == "interrupted":
+        print("kvmpy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if stub.stopped_waiting == "timeout":
+        print(f"kvmpy: timeout: no debugger connected within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_OK if result is None else result
 
 
 # --- the terminal: guest serial output and input ----------------------------------

@@ -1,4 +1,14 @@
-"""A GDB remote stub: debug a kvmpy guest with ``gdb -ex "target remote HOST:PORT"``.
+"""A GDB remote stub: debug a kvmpy guest with ``gdb -ex "target remote /path/to/sock"``.
+
+Who may connect
+---------------
+By default the stub listens on a Unix socket created with mode 0600, and it checks each
+connection's peer credentials (SO_PEERCRED): only the VM's owner gets a session, since a
+debugger reads and writes all of the guest. TCP is there for those who need it, on the
+loopback interface only, and the connecting socket's owner (from /proc/net/tcp) must be
+us too (kvmpy/localsock.py, shared with the control socket). Another user's connection
+is closed unanswered and the stub goes on waiting. ``serve(timeout)`` waits at most
+``timeout`` seconds for gdb, and ``request_stop()`` (Ctrl-C) ends the wait or the session.
 
 The GDB Remote Serial Protocol, as far as this stub speaks it
 -------------------------------------------------------------
@@ -6,6 +16,13 @@ gdb sends packets ``$payload#cs`` (``cs``: the payload's byte sum modulo 256, tw
 digits) and the receiver acknowledges each one with ``+`` (or ``-``: send it again).
 A lone byte 0x03 (outside any packet) is Ctrl-C: stop the running target. Replies are
 packets too; an empty reply means "not supported". Numbers are hex; ``E nn`` is an error.
+
+A peer is not trusted to be gdb. Payloads are at most PACKET_SIZE bytes (advertised in
+``qSupported``): a longer packet is skipped and answered ``E01``, and a peer that sends
+more than MAX_JUNK bytes of anything but good packets in a row, or MAX_NAKS packets
+with a bad checksum, is disconnected. ``m``
+and ``M`` move at most MAX_MEMORY bytes, ``G`` at most gdb's 536; numbers are 64-bit hex
+(no sign), and any packet the stub cannot parse or serve gets ``E01``, never an exception.
 
 =================  ======================================================================
 ``?``              why the target last stopped (a stop reply, below)
@@ -50,12 +67,16 @@ the chosen one while the others run until it has stepped (minimal all-stop).
 """
 from __future__ import annotations
 
+import os
+import re
 import select
 import socket
 import threading
+import time
 
 from ..kvm.abi import GuestDebug
-from ..errors import GuestMemoryError
+from ..errors import GuestMemoryError, KvmpyError
+from ..localsock import LOOPBACK, listen_private, peer_uid
 from ..x86.pagewalk import PAGE, LinearMemory, TranslationError
 
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
@@ -65,25 +86,81 @@ SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
 UNAVAILABLE = {**{n: 10 for n in range(24, 32)}, **{n: 4 for n in range(32, 40)},
                **{n: 16 for n in range(40, 56)}, 56: 4, 57: 8}     # 57: orig_rax
 FS_BASE, GS_BASE = 58, 59
+G_SIZE = 8 * 17 + 4 * 7 + sum(UNAVAILABLE[n] for n in range(24, 57))    # 536 bytes: gdb's amd64 'g'
 SIGINT, SIGTRAP, SIGABRT = 2, 5, 6
 # Z type -> (DR7 R/W bits, stop-reply keyword); 0 and 1 are execution breakpoints
 ZTYPES = {0: (0b00, None), 1: (0b00, None), 2: (0b01, "watch"), 3: (0b11, "rwatch"), 4: (0b11, "awatch")}
 DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
+
+#: the largest payload accepted, advertised in qSupported; gdb sizes its m/M/G packets by it
+PACKET_SIZE = 0x4000
+#: the most bytes one m or M moves (an m reply is two hex digits a byte)
+MAX_MEMORY = PACKET_SIZE // 2
+#: bytes outside good packets (acks, noise, bad checksums, oversized packets) a peer may
+#: send in a row before the connection is dropped: gdb sends a few acks at most
+MAX_JUNK = 4 * PACKET_SIZE
+#: bad checksums in a row before the connection is dropped (gdb gives up after 3 tries)
+MAX_NAKS = 16
+#: while the guest runs gdb sends only Ctrl-C; more than this unread means a runaway peer
+MAX_PENDING = PACKET_SIZE + 4096
+POLL = 0.1                          # seconds between looks at stop requests and deadlines
+SEND_TIMEOUT = 30.0                 # a peer that stops reading is gone
+LINGER = 2.0                        # at the end, how long gdb may take to ack and hang up
+HEX = re.compile(r"[0-9a-fA-F]{1,16}")
+HEXBYTES = re.compile(r"(?:[0-9a-fA-F]{2})*")
+BAD = (ValueError, IndexError, KeyError, OverflowError, OSError, KvmpyError)   # -> an E reply
+
+
+class GdbStubError(KvmpyError):
+    """The gdb stub cannot listen where it was asked to."""
 
 
 def checksum(payload: bytes) -> bytes:
     return b"%02x" % (sum(payload) & 0xFF)
 
 
-class GdbStub:
-    """Serve one gdb connection for ``machine`` on ``host:port`` (port 0: any free one)."""
+def hexnum(text: str) -> int:
+    """A 64-bit number as gdb writes it (1-16 hex digits, no sign); ValueError otherwise."""
+    if not HEX.fullmatch(text):
+        raise ValueError(f"not a 64-bit hex number: {text[:20]!r}")
+    return int(text, 16)
 
-    def __init__(self, machine, port: int = 0, host: str = "127.0.0.1"):
+
+def hexbytes(text: str) -> bytes:
+    """Bytes as pairs of hex digits; ValueError otherwise (no spaces, no odd digit)."""
+    if not HEXBYTES.fullmatch(text):
+        raise ValueError("not hex bytes")
+    return bytes.fromhex(text)
+
+
+class GdbStub:
+    """Serve one gdb connection for ``machine``. ``listen`` is a path (a Unix socket, mode
+    0600) or a TCP port on the loopback ``host`` (0: any free one). Either way only our
+    own user may connect: SO_PEERCRED, or the peer socket's owner in /proc/net/tcp."""
+
+    def __init__(self, machine, listen: str | os.PathLike | int, host: str = "127.0.0.1"):
         self.machine = machine
-        self.listener = socket.create_server((host, port))
-        self.port = self.listener.getsockname()[1]
+        self.path = self.port = None
+        if isinstance(listen, int):
+            if host not in LOOPBACK:
+                raise GdbStubError(f"the gdb stub listens on loopback only ({', '.join(LOOPBACK)}), not {host}")
+            try:
+                self.listener = socket.create_server((host, listen))
+            except OSError as e:
+                raise GdbStubError(f"gdb stub on {host}:{listen}: {e.strerror or e}") from None
+            self.port = self.listener.getsockname()[1]
+            self.address = f"{host}:{self.port}"
+        else:
+            self.path = self.address = os.fspath(listen)
+            self.listener = listen_private(self.path, "gdb socket", GdbStubError, backlog=1)
+            st = os.lstat(self.path)
+            self._ident = (st.st_dev, st.st_ino)
         self.conn: socket.socket | None = None
         self.buf = bytearray()
+        self.junk = 0                               # bytes outside good packets, in a row
+        self.naks = 0                               # packets with a bad checksum, in a row
+        self.skipping = False                       # inside a packet longer than PACKET_SIZE
+        self.gone = False                           # the peer closed, reset or stopped reading
         self.last_sent = b""
         self.g_cpu = self.c_cpu = 0                 # vCPU index for registers/memory, for c/s
         self.slots: list[tuple[int, int, int] | None] = [None] * 4    # (Z type, addr, length)
@@ -91,30 +168,36 @@ class GdbStub:
         self.result = None
         self.error: BaseException | None = None
         self.done = False
+        self.stopping: str | None = None            # request_stop()'s reason
+        self.stopped_waiting: str | None = None     # "timeout" or the stop reason, if no gdb came
+        self.refused = 0                            # connections from other users
 
     # --- session -----------------------------------------------------------------------
     def serve(self, timeout: float | None = None):
         """Wait up to ``timeout`` seconds (None: forever) for gdb, then serve it until it
-        detaches or kills, or the guest's run ends. Returns the last RunResult (None if
-        gdb never connected or never resumed the guest); re-raises a guest error."""
-        self.listener.settimeout(timeout)
+        detaches or kills, the guest's run ends or ``request_stop()`` is called. Returns
+        the last RunResult (None if gdb never connected or never resumed the guest: then
+        ``stopped_waiting`` says why, "timeout" or the stop's reason); re-raises a guest error."""
         try:
-            conn, _ = self.listener.accept()
-        except socket.timeout:
-            return None
+            conn = self.accept(timeout)
         finally:
-            self.listener.close()
+            self.close()
+        if conn is None:
+            return None
         self.conn = conn
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(SEND_TIMEOUT)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while not self.done:
                 pkt = self.read_packet()
-                if pkt is None:                     # gdb went away: like a detach
+                if pkt is None:                     # gdb went away (or was sent away): a detach
                     break
                 reply = self.handle(pkt)
                 if reply is not None:
                     self.send(reply)
         finally:
+            self._linger()
             conn.close()
             for v in self.machine.vcpus:
                 v.set_guest_debug(0)
@@ -122,101 +205,219 @@ class GdbStub:
             raise self.error
         return self.result
 
+    def accept(self, timeout: float | None) -> socket.socket | None:
+        """The first connection from our own user, or None once ``timeout`` has passed or
+        a stop was requested. Other users' connections are closed unanswered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.stopping is None:
+            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
+            if left <= 0:
+                self.stopped_waiting = "timeout"
+                return None
+            if not select.select([self.listener], [], [], left)[0]:
+                continue
+            conn, _ = self.listener.accept()
+            if peer_uid(conn) == os.getuid():
+                return conn
+            self.refused += 1
+            conn.close()
+        self.stopped_waiting = self.stopping
+        return None
+
+    def _linger(self) -> None:
+        """Let gdb ack our last reply before the socket closes (writing to a closed Unix
+        socket fails at once, and gdb reports that instead of the reply): shut our side,
+        then read to its EOF, for LINGER seconds at most."""
+        if self.gone:
+            return
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([self.conn], [], [], left)[0] and not self.conn.recv(4096):
+                    return
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop listening; the socket file goes too (if it is still ours)."""
+        self.listener.close()
+        if self.path is not None:
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """End the session from any thread (Ctrl-C, a timeout): the wait for gdb, a
+        running guest (gdb gets its stop reply first) and an idle session alike."""
+        self.stopping = reason
+        self.machine.request_stop(reason)
+
     def _recv(self) -> bool:
-        data = self.conn.recv(65536)
+        """Append what the peer sent to ``buf``; False at EOF or when the peer is gone."""
+        try:
+            data = self.conn.recv(4096)
+        except OSError:
+            data = b""
         self.buf += data
+        self.gone = self.gone or not data
         return bool(data)
 
+    def _write(self, data: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            self.conn.sendall(data)
+        except OSError:                             # reset, closed, or not reading for 30 s
+            self.gone = True
+
     def read_packet(self) -> str | None:
-        """The next packet's payload (acks and stray Ctrl-C dropped); None at EOF."""
-        while True:
-            start = self.buf.find(b"$")
-            if start >= 0:
-                if b"-" in self.buf[:start] and self.last_sent:
-                    self.conn.sendall(self.last_sent)
-                end = self.buf.find(b"#", start)
-                if end >= 0 and len(self.buf) >= end + 3:
-                    payload, cs = bytes(self.buf[start + 1:end]), bytes(self.buf[end + 1:end + 3])
-                    del self.buf[:end + 3]
-                    if cs.lower() != checksum(payload):
-                        self.conn.sendall(b"-")
-                        continue
-                    self.conn.sendall(b"+")
-                    return payload.decode("latin-1")
-            elif self.buf:
-                if b"-" in self.buf and self.last_sent:
-                    self.conn.sendall(self.last_sent)
-                self.buf.clear()
-            try:
-                if not self._recv():
-                    return None
-            except OSError:
+        """The next good packet's payload; None when the peer is gone, has sent more than
+        MAX_JUNK bytes of anything else or MAX_NAKS bad packets in a row, or a stop was
+        requested."""
+        while not self.gone and self.stopping is None:
+            pkt = self._take_packet()
+            if pkt is not None:
+                return pkt
+            if self.junk > MAX_JUNK or self.naks > MAX_NAKS:
+                self.gone = True                # dropped: no lingering for its acks either
                 return None
+            if select.select([self.conn], [], [], POLL)[0]:
+                self._recv()
+        return None
+
+    def _take_packet(self) -> str | None:
+        """Take one packet out of ``buf`` (acking it), or None if more bytes are needed.
+        Acks, noise and packets with a bad checksum count as junk; ``-`` resends our last
+        reply. A packet longer than PACKET_SIZE is skipped to its end and answered E01."""
+        while self.buf and not self.gone:
+            if self.skipping:
+                end = self.buf.find(b"#")
+                drop = len(self.buf) if end < 0 else min(end + 3, len(self.buf))
+                self.junk += drop
+                del self.buf[:drop]
+                if end >= 0 and drop == end + 3:
+                    self.skipping = False
+                    self._write(b"+")
+                    self.send("E01")            # too long for the PacketSize we advertised
+                continue
+            start = self.buf.find(b"$")
+            noise = self.buf if start < 0 else self.buf[:start]
+            if b"-" in noise and self.last_sent:
+                self._write(self.last_sent)
+            self.junk += len(noise)
+            del self.buf[:len(noise)]
+            if not self.buf:
+                return None
+            end = self.buf.find(b"#", 1, PACKET_SIZE + 2)
+            if end < 0:
+                if len(self.buf) > PACKET_SIZE + 1:
+                    self.skipping = True
+                    continue
+                return None
+            if len(self.buf) < end + 3:
+                return None
+            payload, cs = bytes(self.buf[1:end]), bytes(self.buf[end + 1:end + 3])
+            del self.buf[:end + 3]
+            if cs.lower() != checksum(payload):
+                self.junk += len(payload) + 4
+                self.naks += 1
+                if self.naks <= MAX_NAKS:
+                    self._write(b"-")
+                continue
+            self.junk = self.naks = 0
+            self._write(b"+")
+            return payload.decode("latin-1")
+        return None
 
     def send(self, payload: str) -> None:
         data = payload.encode("latin-1")
         self.last_sent = b"$" + data + b"#" + checksum(data)
-        self.conn.sendall(self.last_sent)
+        self._write(self.last_sent)
 
     # --- packets -----------------------------------------------------------------------
     def handle(self, pkt: str) -> str | None:
+        """The reply to one packet (None: none is sent). Bad input gets ``E01``."""
         cmd, arg = pkt[:1], pkt[1:]
-        ncpu = len(self.machine.vcpus)
         try:
-            if cmd == "?":
-                return self.last_stop
-            if cmd == "g":
-                return self.read_registers()
-            if cmd == "G":
-                return self.write_registers(bytes.fromhex(arg.replace("x", "0")))
-            if cmd == "p":
-                return self.read_register(int(arg, 16))
-            if cmd == "P":
-                n, value = arg.split("=")
-                return self.write_register(int(n, 16), int.from_bytes(bytes.fromhex(value), "little"))
-            if cmd == "m":
-                addr, length = (int(x, 16) for x in arg.split(","))
-                return self.read_memory(addr, length)
-            if cmd == "M":
-                where, data = arg.split(":")
-                addr, _ = (int(x, 16) for x in where.split(","))
-                return self.write_memory(addr, bytes.fromhex(data))
+            if cmd == "q":
+                return self.query(pkt)
+            if cmd in "gGpPmM" and cmd:
+                return self.data_packet(cmd, arg)
             if cmd in "cs" and cmd:
                 if arg:                             # c ADDR / s ADDR: resume at ADDR
-                    self.write_register(16, int(arg, 16), self.c_cpu)
+                    self.write_register(16, hexnum(arg), self.c_cpu)
                 return self.resume(step=cmd == "s")
             if cmd in "Zz" and cmd:
-                t, addr, kind = (int(x, 16) for x in arg.split(",")[:3])
+                t, addr, kind = (hexnum(x) for x in arg.split(",")[:3])
                 return self.insert(t, addr, kind) if cmd == "Z" else self.remove(t, addr, kind)
             if cmd == "H":
-                tid = int(arg[1:], 16) if arg[1:] not in ("", "-1") else 0
-                if tid > ncpu:
-                    return "E01"
-                if tid > 0:
-                    setattr(self, "g_cpu" if arg[0] == "g" else "c_cpu", tid - 1)
-                return "OK"
+                return self.choose_thread(arg[:1], arg[1:])
             if cmd == "T":
-                return "OK" if 1 <= int(arg, 16) <= ncpu else "E01"
-            if cmd == "D":
+                return "OK" if 1 <= hexnum(arg) <= len(self.machine.vcpus) else "E01"
+            if cmd == "?":
+                return self.last_stop
+            if cmd in "Dk" and cmd:
                 self.done = True
-                return "OK"
-            if cmd == "k":
-                self.done = True
-                return None
-            if pkt.startswith("qSupported"):
-                return "PacketSize=4000"
-            if pkt == "qAttached":
-                return "1"
-            if pkt == "qC":
-                return "QC%x" % (self.g_cpu + 1)
-            if pkt == "qfThreadInfo":
-                return "m" + ",".join("%x" % (i + 1) for i in range(ncpu))
-            if pkt == "qsThreadInfo":
-                return "l"
-            if pkt.startswith("qThreadExtraInfo,"):
-                return ("vCPU %d" % (int(pkt.split(",")[1], 16) - 1)).encode().hex()
-        except (ValueError, IndexError):
+                return "OK" if cmd == "D" else None
+        except BAD:
             return "E01"
+        return ""
+
+    def data_packet(self, cmd: str, arg: str) -> str:
+        """g G p P m M: registers and memory, every number and length checked."""
+        if cmd == "g":
+            return self.read_registers()
+        if cmd == "G":
+            if len(arg) > 2 * G_SIZE:
+                return "E01"
+            return self.write_registers(hexbytes(arg.replace("x", "0")))
+        if cmd == "p":
+            return self.read_register(hexnum(arg))
+        if cmd == "P":
+            n, value = arg.split("=")
+            data = hexbytes(value)
+            if not 0 < len(data) <= 8:
+                return "E01"
+            return self.write_register(hexnum(n), int.from_bytes(data, "little"))
+        if cmd == "m":
+            addr, length = (hexnum(x) for x in arg.split(","))
+            return self.read_memory(addr, length) if length <= MAX_MEMORY else "E01"
+        where, hexdata = arg.split(":")
+        addr, length = (hexnum(x) for x in where.split(","))
+        if length > MAX_MEMORY or len(hexdata) != 2 * length:
+            return "E01"
+        return self.write_memory(addr, hexbytes(hexdata))
+
+    def choose_thread(self, op: str, tid: str) -> str:
+        """``Hg``/``Hc``: thread 0 or -1 means any (keep the current vCPU)."""
+        if op not in ("g", "c"):
+            return "E01"
+        n = 0 if tid in ("0", "-1") else hexnum(tid)
+        if n > len(self.machine.vcpus):
+            return "E01"
+        if n > 0:
+            setattr(self, "g_cpu" if op == "g" else "c_cpu", n - 1)
+        return "OK"
+
+    def query(self, pkt: str) -> str:
+        ncpu = len(self.machine.vcpus)
+        if pkt.startswith("qSupported"):
+            return "PacketSize=%x" % PACKET_SIZE
+        if pkt == "qAttached":
+            return "1"
+        if pkt == "qC":
+            return "QC%x" % (self.g_cpu + 1)
+        if pkt == "qfThreadInfo":
+            return "m" + ",".join("%x" % (i + 1) for i in range(ncpu))
+        if pkt == "qsThreadInfo":
+            return "l"
+        if pkt.startswith("qThreadExtraInfo,"):
+            tid = hexnum(pkt.split(",", 1)[1])
+            return ("vCPU %d" % (tid - 1)).encode().hex() if 1 <= tid <= ncpu else "E01"
         return ""
 
     # --- registers ---------------------------------------------------------------------
@@ -342,10 +543,14 @@ class GdbStub:
                 elif b"\x03" in self.buf:
                     interrupt = True
                     self.buf[:] = self.buf.replace(b"\x03", b"")
-            if interrupt:                       # repeated: a request before run() began is lost
-                m.request_stop("interrupted")
+                if len(self.buf) > MAX_PENDING:     # a peer that floods while the guest runs
+                    self.buf.clear()
+                    interrupt, self.done, self.gone = True, True, True
+            if interrupt or self.stopping:      # repeated: a request before run() began is lost
+                m.request_stop(self.stopping or "interrupted")
             thread.join(0)
         thread.join()
+        self.done = self.done or self.stopping is not None
         if "error" in box:
             self.error, self.done = box["error"], True
             return "X%02x" % SIGABRT

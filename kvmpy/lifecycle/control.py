@@ -16,19 +16,19 @@ followed by one ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT}``.
     stop                      end the run (reason "stopped")
 
 Only the socket's owner may use it: the file is created with mode 0600, and each
-connection's peer credentials (SO_PEERCRED) must show the same user id.
+connection's peer credentials (SO_PEERCRED) must show the same user id
+(kvmpy/localsock.py, shared with the gdb stub).
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
-import stat
-import struct
 import threading
 import time
 
 from ..errors import KvmpyError
+from ..localsock import listen_private, peer_uid
 
 MAX_REQUEST = 64 * 1024
 
@@ -45,7 +45,7 @@ class ControlServer:
 
     def __init__(self, machine, path: str):
         self.machine, self.path = machine, os.fspath(path)
-        self._sock = _listen(self.path)
+        self._sock = listen_private(self.path, "control socket", ControlError)
         st = os.lstat(self.path)
         self._ident = (st.st_dev, st.st_ino)
         self._closed = False
@@ -114,8 +114,7 @@ class ControlServer:
 
     def _serve_client(self, conn: socket.socket) -> None:
         with conn:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
+            uid = peer_uid(conn)
             reply = conn.makefile("w", encoding="utf-8")
             if uid != os.getuid():
                 _send(reply, {"ok": False, "error": f"user {uid} may not control this VM"})
@@ -227,46 +226,6 @@ def _cmd_name(request) -> str:
 def _send(stream, obj: dict) -> None:
     stream.write(json.dumps(obj) + "\n")
     stream.flush()
-
-
-def _listen(path: str) -> socket.socket:
-    """A listening Unix socket at ``path`` with mode 0600; a stale socket file is replaced,
-    a live one (another VM's) or any other file is left alone."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ControlError(f"control socket {path}: {e.strerror or e}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"control socket {path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise ControlError(f"control socket {path}: another process is listening on it")
-        except (ConnectionRefusedError, FileNotFoundError):
-            try:
-                os.unlink(path)                 # left behind by a process that died
-            except FileNotFoundError:
-                pass
-        except OSError as e:
-            raise ControlError(f"control socket {path}: {e.strerror or e}") from None
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Born 0600: Linux gives the socket file the socket inode's mode (less the umask),
-        # so no window with wider permissions, and no os.umask(): the umask is per
-        # process, and changing it would also narrow files other threads create meanwhile.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-    except OSError as e:
-        sock.close()
-        raise ControlError(f"control socket {path}: {e.strerror or e}") from None
-    sock.listen(4)
-    return sock
 
 
 def request(socket_path: str, cmd: str, progress=None, timeout: float | None = None, **args) -> dict:

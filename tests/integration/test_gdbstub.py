@@ -1,10 +1,13 @@
 """The GDB stub, driven by the real gdb in batch mode and by a raw protocol client."""
+import atexit
 import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -46,18 +49,34 @@ def data_breakpoints_fire() -> bool:
         return m.run(timeout=10).reason == "debug"
 
 
-class Served:
-    """A Machine with a GdbStub serving in a thread; ``result``/``error`` once it ends."""
+def sock_path() -> str:
+    """A fresh path for a socket: short (pytest's tmp_path can exceed AF_UNIX's 108
+    bytes) and in a world-searchable directory, so another user meets the file's mode."""
+    global SOCK_DIR
+    if SOCK_DIR is None:
+        SOCK_DIR = tempfile.mkdtemp(prefix="kvmpy-gdb-", dir="/tmp")
+        os.chmod(SOCK_DIR, 0o755)
+        atexit.register(shutil.rmtree, SOCK_DIR, ignore_errors=True)
+    return tempfile.mktemp(suffix=".sock", dir=SOCK_DIR)    # noqa: S306 - the stub creates it
 
-    def __init__(self, machine):
-        self.stub = GdbStub(machine)
+
+SOCK_DIR = None
+
+
+class Served:
+    """A Machine with a GdbStub serving in a thread; ``result``/``error`` once it ends.
+    ``listen``: a socket path (default: a fresh one) or a TCP port."""
+
+    def __init__(self, machine, listen=None, timeout=30):
+        self.stub = GdbStub(machine, sock_path() if listen is None else listen)
+        self.timeout = timeout
         self.result = self.error = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
         try:
-            self.result = self.stub.serve(timeout=30)
+            self.result = self.stub.serve(timeout=self.timeout)
         except BaseException as e:  # noqa: BLE001
             self.error = e
 
@@ -66,9 +85,9 @@ class Served:
         assert not self.thread.is_alive()
 
 
-def gdb(port: int, *commands: str) -> str:
+def gdb(address: str, *commands: str) -> str:
     args = ["gdb", "-batch", "-nx", "-ex", "set architecture i386:x86-64",
-            "-ex", f"target remote 127.0.0.1:{port}"]
+            "-ex", f"target remote {address}"]
     for c in commands:
         args += ["-ex", c]
     p = subprocess.run(args + [str(HELLO.path)], capture_output=True, text=True, timeout=120)
@@ -86,7 +105,7 @@ def test_gdb_hbreak_stepi_memory_and_exit():
     with kvmpy.Machine() as m:
         m.load(HELLO.path)
         s = Served(m)
-        out = gdb(s.stub.port, "info registers rip", "x/2i $pc", f"hbreak *{puts:#x}", "continue",
+        out = gdb(s.stub.address, "info registers rip", "x/2i $pc", f"hbreak *{puts:#x}", "continue",
                   "info registers rip", "stepi", "info registers rip", f"x/4xb {puts:#x}", "continue")
         s.join()
     assert s.error is None, out
@@ -111,7 +130,7 @@ def test_gdb_watchpoint_on_the_return_address():
     with kvmpy.Machine() as m:
         m.load(HELLO.path)
         s = Served(m)
-        out = gdb(s.stub.port, f"watch *(long *){slot:#x}", "continue", "info registers rip",
+        out = gdb(s.stub.address, f"watch *(long *){slot:#x}", "continue", "info registers rip",
                   "delete", "continue")
         s.join()
     assert s.error is None, out
@@ -124,8 +143,13 @@ def test_gdb_watchpoint_on_the_return_address():
 class Client:
     """A raw GDB remote protocol client: enough to test what gdb's batch mode cannot."""
 
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    def __init__(self, address):
+        if isinstance(address, int):
+            self.sock = socket.create_connection(("127.0.0.1", address), timeout=20)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(20)
+            self.sock.connect(address)
         self.buf = b""
 
     def send(self, payload: str) -> None:
@@ -141,7 +165,10 @@ class Client:
         self.buf = self.buf[match.end():]
         payload = match.group(1)
         assert int(match.group(2), 16) == sum(payload) & 0xFF
-        self.sock.sendall(b"+")
+        try:
+            self.sock.sendall(b"+")
+        except BrokenPipeError:     # after the last reply (D, W) the stub may be gone
+            pass
         return payload.decode()
 
     def ask(self, payload: str) -> str:
@@ -153,7 +180,7 @@ def test_ctrl_c_breakpoint_slots_memory_errors_and_kill():
     with kvmpy.Machine(mem_size=1 << 20) as m:
         m.load(guests.path("spin"), format="raw", mode="real")
         s = Served(m)
-        c = Client(s.stub.port)
+        c = Client(s.stub.address)
         assert c.ask("qSupported:multiprocess+").startswith("PacketSize=")
         assert c.ask("?") == "T05thread:1;"
         assert c.ask("qfThreadInfo") == "m1" and c.ask("qsThreadInfo") == "l"
@@ -184,7 +211,7 @@ def test_threads_are_vcpus():
     with kvmpy.Machine(cpus=2, irqchip=True) as m:
         m.load(HELLO.path)
         s = Served(m)
-        c = Client(s.stub.port)
+        c = Client(s.stub.address)
         assert c.ask("qfThreadInfo") == "m1,2"
         assert c.ask("T2") == "OK" and c.ask("T3") == "E01"
         assert c.ask("Hg2") == "OK" and c.ask("qC") == "QC2"
@@ -196,30 +223,47 @@ def test_threads_are_vcpus():
     assert s.error is None and s.result is None
 
 
-def test_cli_gdb_option_serves_a_real_gdb(tmp_path):
-    """kvmpy demo hello-long --gdb PORT waits for gdb, which can break, step and let the guest finish."""
+def kvmpy_cmd(*args) -> subprocess.Popen:
+    """``python -m kvmpy ARGS`` from this checkout, in its own session (so a test's SIGINT
+    reaches only it), with stderr piped."""
     import sys
-    import kvmpy as _k
-    from kvmpy import guests as _g
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(_k.__file__)))}
-    vmm = subprocess.Popen([sys.executable, "-m", "kvmpy", "demo", "hello-long", "--gdb", str(port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    return subprocess.Popen([sys.executable, "-m", "kvmpy", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd="/", start_new_session=True)
+
+
+@needs_gdb
+def test_cli_gdb_option_serves_a_real_gdb():
+    """kvmpy demo hello-long --gdb SOCK waits for gdb, which can break, step and let the guest finish."""
+    path = sock_path()
+    vmm = kvmpy_cmd("demo", "hello-long", "--gdb", path)
     try:
         line = vmm.stderr.readline()
-        assert b"waiting for gdb" in line
-        elf = str(_g.get("hello-long").path)
-        gdb = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set architecture i386:x86-64",
-                              "-ex", f"target remote 127.0.0.1:{port}", "-ex", "hbreak *puts",
-                              "-ex", "continue", "-ex", "info registers rip", "-ex", "continue", elf],
-                             capture_output=True, timeout=120)
-        out, _ = vmm.communicate(timeout=60)
+        assert b"waiting for gdb on " + path.encode() in line
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        out = gdb(path, "hbreak *puts", "continue", "info registers rip", "continue")
+        out_vmm, _ = vmm.communicate(timeout=60)
     finally:
         if vmm.poll() is None:
             vmm.kill()
-    text = gdb.stdout.decode()
-    assert re.search(r"rip\s+0x100050", text), text + gdb.stderr.decode()
-    assert "exited with code 0125" in text
-    assert out == _g.get("hello-long").expect_output and vmm.returncode == 0    # it kept its promise
+    assert re.search(r"rip\s+0x100050", out), out
+    assert "exited with code 0125" in out
+    assert out_vmm == HELLO.expect_output and vmm.returncode == 0    # it kept its promise
+    assert not os.path.exists(path)                                  # the socket file is gone
+
+
+@needs_gdb
+def test_cli_gdb_over_loopback_tcp():
+    """--gdb tcp:PORT keeps TCP for those who need it, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    vmm = kvmpy_cmd("demo", "hello-long", "--gdb", f"tcp:{port}")
+    try:
+        assert f"waiting for gdb on 127.0.0.1:{port}".encode() in vmm.stderr.readline()
+        out = gdb(f"127.0.0.1:{port}", "continue")
+        vmm.communicate(timeout=60)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+    assert "exited with code 0125" in out and vmm.returncode == 0

@@ -6,7 +6,7 @@ nothing of kvmpy is imported, so it needs neither /dev/kvm nor the compiled exte
 
 The floors, bottom first, as the imports show them:
 
-  L0            errors, _native
+  L0            errors, localsock (owner-only sockets, standard library), _native
   L1            kvm/
   L2 (pure)     x86/, devices/, loader/    siblings; only loader -> x86 (layout, boot params)
   L3 tools      debug/, images/            the vCPU loop uses trace and disasm; gdbstub and
@@ -41,7 +41,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "kvmpy"
 
 LAYOUT = Layout(
     floors=[
-        ("L0", {"kvmpy.errors", "kvmpy._native"}),
+        ("L0", {"kvmpy.errors", "kvmpy.localsock", "kvmpy._native"}),
         ("L1", {"kvmpy.kvm"}),
         ("L2", {"kvmpy.x86", "kvmpy.devices", "kvmpy.loader"}),
         ("L3 tools", {"kvmpy.debug", "kvmpy.images"}),
