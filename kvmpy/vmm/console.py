@@ -20,6 +20,7 @@ import threading
 from typing import BinaryIO, Callable
 
 LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
+BATCH = 64 << 10             # the writer hands the stream at most this much at a time
 SETTLE_S = 0.5               # at the end of a run, how long to wait for the stream to take the queue
 
 
@@ -104,7 +105,8 @@ class Console:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                data, self._queue = bytes(self._queue), bytearray()
+                data = bytes(self._queue[:BATCH])
+                del self._queue[:BATCH]
                 self._writing = True
             try:
                 self.out.write(data)
