@@ -3,12 +3,14 @@
 All derive from :class:`KvmpyError`, so a library user can catch everything
 kvmpy-specific with one ``except``. Failure is never a return value.
 :func:`read_file` is the one place a host file the user named (an image, an
-initrd, a fw_cfg blob) is read, so every such error names the file and its role.
+initrd, a fw_cfg blob) is read, so every such error names the file and its role;
+:func:`file_size` sizes a host file or block device (a disk, an image).
 """
 from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import stat as _stat
 
 
 class KvmpyError(Exception):
@@ -87,3 +89,26 @@ def read_file(source, what: str, error: type[KvmpyError] = LoaderError) -> bytes
             return f.read()
     except OSError as e:
         raise error(f"cannot read {what} {name!r}: {e.strerror or e}") from None
+
+
+def file_size(path) -> int:
+    """The size in bytes of the regular file or block device at ``path``.
+
+    ``st_size`` (``os.path.getsize``) is 0 for a block device, so one is opened read-only
+    and sized with ``lseek(SEEK_END)``, as virtio-blk sizes the disk it serves (the value
+    BLKGETSIZE64 gives). Anything else (a directory, a FIFO, a character device) raises
+    OSError(EINVAL); an unreadable path raises the OS's error.
+    """
+    name = _os.fspath(path)
+    st = _os.stat(name)
+    if _stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not _stat.S_ISBLK(st.st_mode):
+        raise OSError(_errno.EINVAL, "not a regular file or block device", name)
+    fd = _os.open(name, _os.O_RDONLY | _os.O_CLOEXEC)
+    try:
+        if not _stat.S_ISBLK(_os.fstat(fd).st_mode):        # replaced since the stat
+            raise OSError(_errno.EINVAL, "not a regular file or block device", name)
+        return _os.lseek(fd, 0, _os.SEEK_END)
+    finally:
+        _os.close(fd)

@@ -10,6 +10,8 @@ every hypothesis test by N, including tests that set their own with ``@settings`
 how many examples each test ran.
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -77,3 +79,22 @@ def kvm_required():
         if REQUIRE_KVM:
             pytest.fail(f"KVMPY_REQUIRE_KVM=1 but {_PROBLEM}")
         pytest.skip(_PROBLEM)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A block device: a loop device over an 8 MiB file (-> (device path, backing file)).
+    Skipped unless root with losetup(8) and a free loop device."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup(8)")
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"losetup cannot attach a loop device here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
