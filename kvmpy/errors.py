@@ -73,11 +73,14 @@ class DeviceError(KvmpyError):
     """A device was misconfigured (overlapping bus ranges, bad options)."""
 
 
-def read_file(source, what: str, error: type[KvmpyError] = LoaderError) -> bytes:
+def read_file(source, what: str, error: type[KvmpyError] = LoaderError, limit: int | None = None,
+              room: str = "guest RAM") -> bytes:
     """The bytes of ``source``: a path (str or os.PathLike) is read, bytes-like is copied.
 
     An unreadable file raises ``error`` naming ``what`` it is, the path and the OS's
-    reason: ``cannot read initrd '/x': No such file or directory``.
+    reason: ``cannot read initrd '/x': No such file or directory``. A file larger than
+    ``limit`` bytes (the ``room`` it must fit in) is refused from its size before any of
+    it is read; a pipe, which has no size, is read up to ``limit + 1`` bytes at most.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
@@ -86,9 +89,31 @@ def read_file(source, what: str, error: type[KvmpyError] = LoaderError) -> bytes
     name = _os.fspath(source)
     try:
         with open(name, "rb") as f:
-            return f.read()
+            if limit is None:
+                return f.read()
+            size = _fd_size(f.fileno())
+            if size is not None and size > limit:
+                raise error(f"cannot load {what} {name!r}: it is {size} bytes, more than the {limit} bytes of {room}")
+            data = f.read(limit + 1)
     except OSError as e:
         raise error(f"cannot read {what} {name!r}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise error(f"cannot load {what} {name!r}: it is more than the {limit} bytes of {room}")
+    return data
+
+
+def _fd_size(fd: int) -> int | None:
+    """The size of an open regular file or block device (st_size is 0 for the latter:
+    lseek to its end, then back); None for anything else (a pipe, a terminal)."""
+    mode = _os.fstat(fd).st_mode
+    if _stat.S_ISREG(mode):
+        return _os.fstat(fd).st_size
+    if _stat.S_ISBLK(mode):
+        pos = _os.lseek(fd, 0, _os.SEEK_CUR)
+        end = _os.lseek(fd, 0, _os.SEEK_END)
+        _os.lseek(fd, pos, _os.SEEK_SET)
+        return end
+    return None
 
 
 def file_size(path) -> int:
@@ -105,10 +130,11 @@ def file_size(path) -> int:
         return st.st_size
     if not _stat.S_ISBLK(st.st_mode):
         raise OSError(_errno.EINVAL, "not a regular file or block device", name)
-    fd = _os.open(name, _os.O_RDONLY | _os.O_CLOEXEC)
+    fd = _os.open(name, _os.O_RDONLY | _os.O_CLOEXEC | _os.O_NONBLOCK)   # never waits, even if replaced by a FIFO
     try:
-        if not _stat.S_ISBLK(_os.fstat(fd).st_mode):        # replaced since the stat
-            raise OSError(_errno.EINVAL, "not a regular file or block device", name)
-        return _os.lseek(fd, 0, _os.SEEK_END)
+        size = _fd_size(fd)
     finally:
         _os.close(fd)
+    if size is None:
+        raise OSError(_errno.EINVAL, "not a regular file or block device", name)
+    return size
