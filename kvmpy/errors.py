@@ -94,12 +94,27 @@ def read_file(source, what: str, error: type[KvmpyError] = LoaderError, limit: i
             size = _fd_size(f.fileno())
             if size is not None and size > limit:
                 raise error(f"cannot load {what} {name!r}: it is {size} bytes, more than the {limit} bytes of {room}")
-            data = f.read(limit + 1)
+            data = f.read(size) if size is not None else b""
+            rest = _read_at_most(f, limit + 1 - len(data))        # a pipe, or a file that grew
+            if rest:
+                data += rest
     except OSError as e:
         raise error(f"cannot read {what} {name!r}: {e.strerror or e}") from None
     if len(data) > limit:
         raise error(f"cannot load {what} {name!r}: it is more than the {limit} bytes of {room}")
     return data
+
+
+def _read_at_most(f, n: int, chunk: int = 1 << 16) -> bytes:
+    """Up to ``n`` bytes of ``f``, read in chunks (``f.read(n)`` would allocate all ``n`` first)."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(min(n - got, chunk))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _fd_size(fd: int) -> int | None:
