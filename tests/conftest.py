@@ -3,8 +3,15 @@
 Integration tests need a usable /dev/kvm and the compiled extension. Without them
 they are skipped, except when KVMPY_REQUIRE_KVM=1 (as in CI), where a missing KVM
 is a failure: CI must never pass by skipping everything.
+
+A longer fuzz campaign on demand: ``KVMPY_FUZZ=N`` multiplies the ``max_examples`` of
+every hypothesis test by N, including tests that set their own with ``@settings``
+(which a settings profile cannot override). ``--hypothesis-show-statistics`` reports
+how many examples each test ran.
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -28,6 +35,43 @@ def kvm_problem() -> str | None:
 _PROBLEM = kvm_problem()
 
 
+def fuzz_factor() -> int:
+    """N from ``KVMPY_FUZZ=N`` (1 when unset); anything but a positive integer is an error."""
+    raw = os.environ.get("KVMPY_FUZZ", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"KVMPY_FUZZ must be a positive integer (the examples multiplier), not {raw!r}")
+    return int(raw)
+
+
+def scale_examples(test, factor: int) -> bool:
+    """Multiply a hypothesis test's max_examples by ``factor``; False if ``test`` is not one.
+
+    A test's own ``@settings`` lives on the wrapped function (hypothesis reads it from
+    there on each run), so this replaces it with a copy whose only change is
+    max_examples. Each function is scaled once, however many parametrized items share it.
+    """
+    test = getattr(test, "__func__", test)          # a method's function
+    if not getattr(test, "is_hypothesis_test", False) or getattr(test, "_kvmpy_fuzz_scaled", False):
+        return False
+    from hypothesis import settings
+    current = getattr(test, "_hypothesis_internal_use_settings", None) or settings.default
+    test._hypothesis_internal_use_settings = settings(current, max_examples=current.max_examples * factor)
+    test._kvmpy_fuzz_scaled = True
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    factor = fuzz_factor()
+    if factor > 1:
+        for item in items:
+            scale_examples(getattr(item, "obj", None), factor)
+
+
+def pytest_report_header(config):
+    factor = fuzz_factor()
+    return [f"KVMPY_FUZZ={factor}: every hypothesis test runs {factor}x its max_examples"] if factor > 1 else []
+
+
 @pytest.fixture
 def kvm_required():
     """Skip (or, with KVMPY_REQUIRE_KVM=1, fail) when KVM is not usable."""
@@ -35,3 +79,22 @@ def kvm_required():
         if REQUIRE_KVM:
             pytest.fail(f"KVMPY_REQUIRE_KVM=1 but {_PROBLEM}")
         pytest.skip(_PROBLEM)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A block device: a loop device over an 8 MiB file (-> (device path, backing file)).
+    Skipped unless root with losetup(8) and a free loop device."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup(8)")
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"losetup cannot attach a loop device here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)

@@ -85,14 +85,18 @@ def _header(ino: int, e: CpioEntry, name: bytes, size: int) -> bytes:
 def newc_archive(entries) -> bytes:
     """A newc cpio archive of ``entries`` (in order), ending with the trailer.
 
-    Names are made relative ("/bin/sh" -> "bin/sh"); "..", NUL and duplicate names
-    are refused with ValueError, since the kernel would unpack them surprisingly.
+    Names are made relative ("/bin/sh" -> "bin/sh"); "..", NUL, duplicate names and the
+    trailer's own name are refused with ValueError, since the kernel would unpack them
+    surprisingly (a member named "TRAILER!!!" would end the archive there).
     """
     out, seen = [], set()
     for ino, e in enumerate(entries, start=1):
         name = _clean_name(e.name)
         if name in seen:
             raise ValueError(f"duplicate cpio member {name!r}")
+        if name == TRAILER:
+            raise ValueError(f"a cpio member named {e.name!r} would mark the end of the archive "
+                             "and hide every member after it")
         seen.add(name)
         if not (stat.S_ISREG(e.mode) or stat.S_ISLNK(e.mode)) and e.data:
             raise ValueError(f"{name!r}: only regular files and symlinks carry data")

@@ -43,12 +43,14 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
     and ``entry`` place a raw image. ``mode`` picks a raw image's CPU mode (default
     real) and a bzImage's 32- or 64-bit entry; for other images it must be theirs.
     ``reserved``: ``(start, end)`` ranges to keep clear; by default the VMM's first
-    MiB (:func:`default_reserved`). Errors name the image.
+    MiB (:func:`default_reserved`). Errors name the image. A file larger than guest RAM
+    is refused from its size, before it is read.
     """
     name = "image" if isinstance(image, _BYTES) else os.fspath(image)
-    data = read_file(image, "image")
-    rd = None if initrd is None else read_file(initrd, "initrd")
-    mods = [_module(m) for m in modules]
+    ram = mem.size                          # no file larger than guest RAM is read at all
+    data = read_file(image, "image", limit=ram)
+    rd = None if initrd is None else read_file(initrd, "initrd", limit=ram)
+    mods = [_module(m, ram) for m in modules]
     try:
         found = detect(data, format)
         _check_options(found, mode, load_addr, entry, rd, mods)
@@ -78,12 +80,12 @@ def load_path(mem, path, format: str = "auto", **kw) -> LoadedImage:
     return load(mem, path, format, **kw)
 
 
-def _module(m) -> tuple[bytes, str]:
-    """A multiboot module as (bytes, string); see :func:`load`."""
+def _module(m, limit: int) -> tuple[bytes, str]:
+    """A multiboot module as (bytes, string), if a file, at most ``limit`` bytes; see :func:`load`."""
     source, args = (m, "") if isinstance(m, (str, os.PathLike, *_BYTES)) else m
     if isinstance(source, _BYTES):
         return bytes(source), args
-    return read_file(source, "module"), module_string(os.fspath(source), args)
+    return read_file(source, "module", limit=limit), module_string(os.fspath(source), args)
 
 
 #: The CPU mode each loader other than raw enters its image in; None: the image says.

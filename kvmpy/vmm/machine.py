@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import warnings
+import weakref
 from typing import BinaryIO
 
 from ..devices import FwCfg
@@ -67,7 +69,8 @@ class Machine:
         self.stats = Stats()
         self.image: LoadedImage | None = None
         self.console = Console(serial)
-        self.gate = PauseGate(self.kick)
+        me = weakref.proxy(self)      # the parts' callbacks must not keep the Machine alive (a cycle)
+        self.gate = PauseGate(lambda: me.kick())
         self.migration_lock = threading.Lock()     # one live migration at a time (lifecycle/migration.py)
         self.vcpus: list = []
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -91,7 +94,13 @@ class Machine:
         except BaseException:
             self.close()
             raise
-        self.console.on_error = lambda e: self.gate.stop.set("error", error=e) and self.kick()
+        self.console.on_error = lambda e: me.gate.stop.set("error", error=e) and me.kick()
+        # A machine nobody closed is finalized when its last reference goes: what close() releases,
+        # held without the Machine (no user device), in close()'s order; never at exit, under a run.
+        self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
+                                           [s.backend for s in self.platform.disks], self.vm,
+                                           self.kvm if self._own_kvm else None)
+        self._finalizer.atexit = False
 
     # --- construction ----------------------------------------------------------------
     def _create_platform(self, irqchip: bool) -> None:
@@ -131,10 +140,10 @@ class Machine:
         return self._cpuid_cache
 
     def _create_devices(self, cpus: int, files: dict) -> None:
-        p = self.platform
+        p, gate = self.platform, self.gate
         p.add_console_uart(self.console)
-        p.add_debug_exit(lambda status: self.gate.stop.set("exit", status, current_vcpu()))
-        p.add_i8042(lambda: self.gate.stop.set("reset", None, current_vcpu()))
+        p.add_debug_exit(lambda status: gate.stop.set("exit", status, current_vcpu()))
+        p.add_i8042(lambda: gate.stop.set("reset", None, current_vcpu()))
         self.fw_cfg = FwCfg(self.mem_size, cpus)
         for name, content in files.items():
             self.fw_cfg.add_file(name, read_file(content, f"fw_cfg file {name!r}", error=DeviceError))
@@ -405,12 +414,24 @@ class Machine:
         if self._own_kvm and self.kvm is not None:
             self.kvm.close()
             self.kvm = None
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()
 
     def __enter__(self) -> "Machine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _finalize(shape: str, disks: list, vm, kvm) -> None:
+    """close() for a Machine that was dropped unclosed: disks, then the vCPUs, VM and RAM, then /dev/kvm."""
+    warnings.warn(f"unclosed kvmpy.Machine {shape}: close() it or use 'with'", ResourceWarning)
+    for d in disks:
+        d.close()
+    vm.close()
+    if kvm is not None:
+        kvm.close()
 
 
 def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
-from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError
+from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError, file_size
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 # Machine() arguments a saved state fixes: a restore takes only host-side ones.
@@ -93,7 +92,7 @@ def disk_list(body: dict, disks, where: str) -> list:
             raise SnapshotError(f"{where}: the snapshot has {len(saved)} disks, {len(disks)} were given")
     for i, (disk, d) in enumerate(zip(disks, saved)):
         try:
-            size = os.path.getsize(disk.path)
+            size = file_size(disk.path)          # st_size would say 0 for a block device
         except OSError as e:
             raise SnapshotError(f"{where}: disk {i} ({disk.path}): {e.strerror}") from None
         if size != d["size"]:

@@ -23,7 +23,7 @@ def test_one_file_archive_is_byte_exact():
 
 
 names = st.lists(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="/."),
-                         min_size=1, max_size=12), min_size=1, max_size=3).map("/".join)
+                         min_size=1, max_size=12), min_size=1, max_size=3).map("/".join) | st.just("TRAILER!!!")
 entries = st.lists(st.builds(lambda n, kind, data, uid, rdev: CpioEntry(
     n, kind | 0o644, data if kind in (stat.S_IFREG, stat.S_IFLNK) else b"", uid=uid,
     rdevmajor=rdev if kind == stat.S_IFCHR else 0),
@@ -32,9 +32,15 @@ entries = st.lists(st.builds(lambda n, kind, data, uid, rdev: CpioEntry(
     max_size=8, unique_by=lambda e: e.name)
 
 
+@settings(max_examples=1000)
 @given(entries)
 def test_round_trip(es):
-    """What newc_archive writes, read_newc reads back unchanged, every header 4-byte aligned."""
+    """What newc_archive writes, read_newc reads back unchanged, every header 4-byte aligned;
+    a member named like the trailer is refused (it would end the archive early)."""
+    if any(e.name == "TRAILER!!!" for e in es):
+        with pytest.raises(ValueError, match="end of the archive"):
+            newc_archive(es)
+        return
     blob = newc_archive(es)
     assert read_newc(blob) == es
     assert len(blob) % 4 == 0
@@ -56,11 +62,24 @@ def test_reader_rejects_garbage_with_value_error(blob):
     (CpioEntry("a\0b", stat.S_IFREG), "NUL"),
     (CpioEntry("big", stat.S_IFREG, uid=1 << 32), "32 bits"),
     (CpioEntry("dir", stat.S_IFDIR | 0o755, b"data"), "carry data"),
+    (CpioEntry("TRAILER!!!", stat.S_IFREG | 0o644, b"x"), "TRAILER!!!"),
+    (CpioEntry("/./TRAILER!!!/", stat.S_IFDIR | 0o755), "TRAILER!!!"),
 ])
 def test_writer_refuses_what_the_kernel_would_unpack_badly(entry, message):
     """Escaping names, NULs, oversized fields and data on directories are ValueErrors."""
     with pytest.raises(ValueError, match=message):
         newc_archive([entry])
+
+
+def test_a_member_named_like_the_trailer_is_refused_not_written():
+    """Found by hypothesis: a member named TRAILER!!! ended the archive, silently dropping every
+    later member (the kernel's unpacker and GNU cpio stop there too). Such a name is refused."""
+    later = CpioEntry("init", stat.S_IFREG | 0o755, b"#!/bin/sh\n")
+    with pytest.raises(ValueError, match="end of the archive"):
+        newc_archive([CpioEntry("TRAILER!!!", stat.S_IFREG | 0o644), later])
+    # A name that only contains it, or differs from it, is an ordinary member.
+    for name in ("dir/TRAILER!!!", "TRAILER!!", "trailer!!!"):
+        assert read_newc(newc_archive([CpioEntry(name, stat.S_IFREG | 0o644), later]))[1] == later
 
 
 def test_duplicate_and_absolute_names():
