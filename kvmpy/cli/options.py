@@ -222,6 +222,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     _machine_options(p.add_argument_group("machine"))
     _image_options(p.add_argument_group("image"))
     _running_options(p.add_argument_group("run"))
+    _sandbox_options(p)
 
 
 def _machine_options(g) -> None:
@@ -322,3 +323,21 @@ def _host_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", action="store_true", help="print exit statistics on stderr at the end")
     g.add_argument("--inspect", action="store_true", help="print the stopping vCPU's state on stderr at the end")
     _control_option(g)
+    _sandbox_options(p)
+
+
+def _sandbox_options(p: argparse.ArgumentParser) -> None:
+    """The sandbox the machine runs in once built (kvmpy.vmm.confine, docs/security.md)."""
+    g = p.add_argument_group("sandbox", "On by default: once the machine is built and before the "
+                             "guest runs, kvmpy confines itself: a seccomp filter allowing only the "
+                             "system calls a running VM needs (a refused one ends the run with an "
+                             "error naming it), no_new_privs, no core files, a cap on open files. "
+                             "--control and --gdb widen the filter (sockets, snapshot files); see "
+                             "docs/security.md")
+    g.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="run unconfined: no seccomp filter, no_new_privs or resource limits "
+                        "(for a device or feature the filter refuses, or without libseccomp)")
+    g.add_argument("--run-as", metavar="USER[:GROUP]", default=None,
+                   help="after /dev/kvm, the disks and the serial streams are open, become this user "
+                        "(and group; default its own) for good, e.g. nobody:kvm; needs root. "
+                        "A --control socket is then created by that user, and 'kvmpy ctl' must run as it")

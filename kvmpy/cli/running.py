@@ -49,11 +49,12 @@ def cmd_demo(args) -> int:
     output = bytearray() if g.demo_status is not None else None
     if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
         import tempfile
-        with tempfile.NamedTemporaryFile(prefix="kvmpy-demo-", suffix=".img") as scratch:
+        with tempfile.TemporaryFile(prefix="kvmpy-demo-", suffix=".img") as scratch:
             scratch.truncate(1 << 20)
             print(f"kvmpy: {g.name} drives a disk; using a scratch 1 MiB file of zeros "
                   "(pass --disk FILE[,ro] to use your own)", file=sys.stderr)
-            args.disk = [scratch.name]
+            # nameless, so nothing is left to unlink after the run (the sandbox refuses unlink)
+            args.disk = [f"/proc/self/fd/{scratch.fileno()}"]
             code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
     else:
         code = _run(args, g.path, load, sample_input=g.stdin, keep=output)
@@ -156,6 +157,9 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     """Run ``machine`` to its end (or wait for it, if ``started``), with stdin as its serial
     input, Ctrl-C, the control socket, and the end-of-run reports; returns the exit status."""
     from ..errors import GuestError
+    status = _confine(args, machine)
+    if status is not None:
+        return status
     done = threading.Event()
     control = None
     if not getattr(args, "replay", None):       # a replay's input comes from the recording
@@ -182,6 +186,10 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
         _print_inspect(args, machine)
         _print_stats(args, machine)
         return EXIT_TRIPLE_FAULT if getattr(e, "reason", "") == "triple-fault" else EXIT_INTERNAL_ERROR
+    except OSError as e:                    # the sandbox refused a call: say which, no traceback
+        if not _refused(e, machine):
+            raise
+        return EXIT_VMM_ERROR
     except BaseException:
         if machine.running:                 # a bad --control path, Ctrl-C before the handler...
             machine.request_stop("interrupted")
@@ -196,6 +204,36 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     _print_inspect(args, machine)
     _print_stats(args, machine)
     return _exit_code(result, args)
+
+
+def _confine(args, machine) -> int | None:
+    """Confine this process before the guest runs (kvmpy.vmm.confine), as the sandbox options
+    say; an error status if that fails. Creating files later (--control's snapshots, the gdb
+    stub's and the control socket, --stats-svg's chart) widens the filter."""
+    if not getattr(args, "sandbox", True) and getattr(args, "run_as", None) is None:
+        return None
+    from ..vmm.confine import ConfineError, confine
+    widen = bool(getattr(args, "control", None) or getattr(args, "gdb", None) is not None
+                 or getattr(args, "stats_svg", None))
+    try:
+        confine(machine, control=widen, run_as=args.run_as, seccomp=args.sandbox, limits=args.sandbox)
+    except ConfineError as e:
+        print(f"kvmpy: cannot confine the VMM: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    return None
+
+
+def _refused(error: OSError, machine) -> bool:
+    """If the sandbox refused the call behind ``error``: stop the run, say so, True."""
+    from ..vmm.confine import refusal_message
+    message = refusal_message(error)
+    if message is None:
+        return False
+    if machine.running:
+        machine.request_stop("error")
+        machine.wait()
+    print(f"kvmpy: {message}", file=sys.stderr)
+    return True
 
 
 def _modules(specs: list[str]) -> list[tuple[str, str]]:
