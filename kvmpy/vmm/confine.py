@@ -74,7 +74,7 @@ BASE = (
 #: and written, fsync, rename), live migration over TCP (``ctl migrate HOST:PORT``).
 CONTROL = (
     "socket", "bind", "listen", "accept4", "connect", "shutdown", "getsockopt", "setsockopt",
-    "getsockname", "recvfrom", "sendto", "getuid",
+    "getsockname", "getpeername", "recvfrom", "sendto", "getuid",
     "mkdir", "rename", "unlink", "chmod", "fchmod", "ftruncate", "fsync", "getcwd",
 )
 

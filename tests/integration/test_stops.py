@@ -193,7 +193,8 @@ def test_ctl_stop_ends_a_hostile_guest(kvm_required, feeding_disk, tmp_path, nam
         assert p.poll() is None
         t = time.monotonic()
         assert request(sock, "stop", timeout=5)["ok"]
-        assert exited_within(p, 10) + (time.monotonic() - t) < WITHIN + 0.5
+        exited_within(p, 10)
+        assert time.monotonic() - t < WITHIN + 0.5      # from the request to the process's exit
     finally:
         p.kill()
         p.stdout.close()
