@@ -315,7 +315,9 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 {
 	if (off >= Config) {
 		off -= Config;
-		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > KVMPY_BLK_CONFIG_SIZE)
+		/* overflow-safe bound: never off + size, which a guest could wrap past 2^64 */
+		if ((size != 1 && size != 2 && size != 4 && size != 8) ||
+		    size > KVMPY_BLK_CONFIG_SIZE || off > KVMPY_BLK_CONFIG_SIZE - size)
 			return 0;
 		return kvmpy_get_le(b->config + off, size);
 	}
