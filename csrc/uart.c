@@ -147,7 +147,11 @@ static void update_irq(struct kvmpy_uart *u)
 	if (u->gsi >= 0) {
 		struct kvm_irq_level irq = { .irq = (uint32_t)u->gsi, .level = (uint32_t)level };
 
-		ioctl(u->vm_fd, KVM_IRQ_LINE, &irq);
+		/* level stays the model's: a failure is counted for Python to see, not retried */
+		if (ioctl(u->vm_fd, KVM_IRQ_LINE, &irq) < 0) {
+			u->s.irq_errors++;
+			u->s.irq_errno = errno;
+		}
 	}
 }
 

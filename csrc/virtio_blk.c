@@ -83,7 +83,11 @@ static void update_irq(struct kvmpy_blk *b)
 	if (b->gsi >= 0) {
 		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
 
-		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
+		/* level stays the model's: a failure is counted for Python to see, not retried */
+		if (ioctl(b->vm_fd, KVM_IRQ_LINE, &irq) < 0) {
+			b->s.irq_errors++;
+			b->s.irq_errno = errno;
+		}
 	}
 }
 

@@ -2,7 +2,11 @@
 
 * Configuration-space reads are bounded without integer overflow: an offset near
   2^64 reads as zero in both virtio twins, for any (offset, size).
+* A failed KVM_IRQ_LINE is counted (irq_errors, irq_errno), not ignored, in the C
+  UART and the C virtio-blk.
 """
+import errno
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,3 +61,45 @@ def test_config_read_near_2_64_is_refused(tmp_path):
     finally:
         c.close()
         py.device.close()
+
+
+# --- KVM_IRQ_LINE failures ------------------------------------------------------------
+
+def test_uart_counts_failed_irq_line():
+    """No VM behind vm_fd: each level change is an ioctl failure, counted with its errno."""
+    from kvmpy.vmm.native import NativeUart
+    u = NativeUart(vm_fd=-1, gsi=4)
+    u.write(1, 1, 0x02)          # IER: THRI
+    u.write(4, 1, 0x08)          # MCR: OUT2 -> the line rises
+    s = u.state()
+    assert s["level"] == 1
+    assert s["irq_errors"] == 1 and s["irq_errno"] == errno.EBADF
+    u.read(2, 1)                 # IIR read clears THRE -> the line falls
+    assert u.irq_errors == 2
+    # without a line nothing is attempted, so nothing fails
+    quiet = NativeUart()
+    quiet.write(1, 1, 0x02)
+    quiet.write(4, 1, 0x08)
+    assert quiet.state()["level"] == 1 and quiet.irq_errors == 0
+
+
+def test_blk_counts_failed_irq_line(tmp_path):
+    """A device error with DRIVER_OK raises the config interrupt: the failed ioctl is counted."""
+    from kvmpy.vmm.native import NativeVirtioBlk
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4096))
+    c = NativeVirtioBlk(path, GuestMemory.anonymous(RAM), vm_fd=-1, gsi=5)
+    try:
+        c.write(R.Status, 4, R.ACKNOWLEDGE | R.DRIVER)
+        c.write(R.DriverFeaturesSel, 4, 1)
+        c.write(R.DriverFeatures, 4, 1)                  # VIRTIO_F_VERSION_1
+        c.write(R.Status, 4, R.ACKNOWLEDGE | R.DRIVER | R.FEATURES_OK | R.DRIVER_OK)
+        c.write(R.QueueNum, 4, 3)                        # not a power of two
+        c.write(R.QueueReady, 4, 1)                      # -> DEVICE_NEEDS_RESET, config interrupt
+        s = c.raw_state()
+        assert s.level == 1 and s.status & R.DEVICE_NEEDS_RESET
+        assert s.irq_errors == 1 and s.irq_errno == errno.EBADF
+        c.write(R.InterruptACK, 4, R.VIRTIO_MMIO_INT_CONFIG)
+        assert c.irq_errors == 2 and not c.irq_level
+    finally:
+        c.close()
