@@ -33,7 +33,7 @@ struct kvmpy_uart_state {
 	int32_t irq_errno;		/* ... and the errno of the last one (0: none) */
 };
 /* gsi < 0: no interrupt line (level is tracked only). A failed KVM_IRQ_LINE is counted
- * in irq_errors/irq_errno. NULL on bad sizes or ENOMEM. */
+ * in irq_errors/irq_errno. NULL on bad sizes, ENOMEM or a failed pthread_mutex_init. */
 struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, int gsi);
 void kvmpy_uart_free(struct kvmpy_uart *u);
 uint32_t kvmpy_uart_read(struct kvmpy_uart *u, uint32_t off);
@@ -73,7 +73,8 @@ struct kvmpy_blk_state {
 };
 struct kvmpy_blk;
 /* fd stays owned by the caller; id is 20 bytes. gsi < 0: no interrupt line; a failed
- * KVM_IRQ_LINE is counted in irq_errors/irq_errno. NULL on bad arguments or ENOMEM. */
+ * KVM_IRQ_LINE is counted in irq_errors/irq_errno. NULL on bad arguments, ENOMEM or a
+ * failed pthread_mutex_init (nothing is left allocated). */
 struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const uint8_t *id,
 				const struct kvmpy_guest_mem *mem, int vm_fd, int gsi);
 void kvmpy_blk_free(struct kvmpy_blk *b);

@@ -77,13 +77,10 @@ struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, i
 		return NULL;
 	u->rx = malloc(rx_cap);
 	u->tx = malloc(tx_cap);
-	if (!u->rx || !u->tx) {
-		free(u->rx);
-		free(u->tx);
-		free(u);
-		return NULL;
-	}
-	pthread_mutex_init(&u->lock, NULL);
+	if (!u->rx || !u->tx)
+		goto err_free;
+	if (pthread_mutex_init(&u->lock, NULL))
+		goto err_free;
 	u->s.rx_cap = rx_cap;
 	u->tx_cap = tx_cap;
 	u->s.dll = DEFAULT_DIVISOR;
@@ -91,6 +88,12 @@ struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, i
 	u->vm_fd = vm_fd;
 	u->gsi = gsi;
 	return u;
+
+err_free:
+	free(u->rx);
+	free(u->tx);
+	free(u);
+	return NULL;
 }
 
 void kvmpy_uart_free(struct kvmpy_uart *u)

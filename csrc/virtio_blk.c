@@ -452,8 +452,10 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return NULL;
-	pthread_mutex_init(&b->io_lock, NULL);
-	pthread_mutex_init(&b->lock, NULL);
+	if (pthread_mutex_init(&b->io_lock, NULL))
+		goto err_free;
+	if (pthread_mutex_init(&b->lock, NULL))
+		goto err_io_lock;
 	b->mem = *mem;
 	b->fd = fd;
 	b->vm_fd = vm_fd;
@@ -467,6 +469,12 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	kvmpy_put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	return b;
+
+err_io_lock:
+	pthread_mutex_destroy(&b->io_lock);
+err_free:
+	free(b);
+	return NULL;
 }
 
 void kvmpy_blk_free(struct kvmpy_blk *b)
