@@ -42,6 +42,7 @@ int kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value);
 uint32_t kvmpy_uart_peek(struct kvmpy_uart *u, uint32_t off);
 uint32_t kvmpy_uart_feed(struct kvmpy_uart *u, const uint8_t *data, uint32_t len);
 uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
+/* free output bytes now (under the lock): a snapshot, advice only; the writes decide */
 uint32_t kvmpy_uart_tx_space(struct kvmpy_uart *u);
 void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out);
 uint32_t kvmpy_uart_rx_copy(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
