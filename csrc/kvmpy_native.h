@@ -29,8 +29,11 @@ struct kvmpy_uart_state {
 	uint32_t rx_head, rx_count, rx_cap;
 	uint32_t tx_len;
 	uint64_t irq_changes, tx_dropped;
+	uint64_t irq_errors;		/* KVM_IRQ_LINE calls that failed ... */
+	int32_t irq_errno;		/* ... and the errno of the last one (0: none) */
 };
-/* gsi < 0: no interrupt line (level is tracked only). NULL on bad sizes/ENOMEM. */
+/* gsi < 0: no interrupt line (level is tracked only). A failed KVM_IRQ_LINE is counted
+ * in irq_errors/irq_errno. NULL on bad sizes, ENOMEM or a failed pthread_mutex_init. */
 struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, int gsi);
 void kvmpy_uart_free(struct kvmpy_uart *u);
 uint32_t kvmpy_uart_read(struct kvmpy_uart *u, uint32_t off);
@@ -39,6 +42,7 @@ int kvmpy_uart_write(struct kvmpy_uart *u, uint32_t off, uint32_t value);
 uint32_t kvmpy_uart_peek(struct kvmpy_uart *u, uint32_t off);
 uint32_t kvmpy_uart_feed(struct kvmpy_uart *u, const uint8_t *data, uint32_t len);
 uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
+/* free output bytes now (under the lock): a snapshot, advice only; the writes decide */
 uint32_t kvmpy_uart_tx_space(struct kvmpy_uart *u);
 void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out);
 uint32_t kvmpy_uart_rx_copy(struct kvmpy_uart *u, uint8_t *out, uint32_t cap);
@@ -65,9 +69,13 @@ struct kvmpy_blk_state {
 	uint64_t driver_features, device_features, capacity, irq_changes;
 	struct kvmpy_vq_state q;
 	char last_error[96];
+	uint64_t irq_errors;		/* KVM_IRQ_LINE calls that failed ... */
+	int32_t irq_errno;		/* ... and the errno of the last one (0: none) */
 };
 struct kvmpy_blk;
-/* fd stays owned by the caller; id is 20 bytes. NULL on bad arguments or ENOMEM. */
+/* fd stays owned by the caller; id is 20 bytes. gsi < 0: no interrupt line; a failed
+ * KVM_IRQ_LINE is counted in irq_errors/irq_errno. NULL on bad arguments, ENOMEM or a
+ * failed pthread_mutex_init (nothing is left allocated). */
 struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const uint8_t *id,
 				const struct kvmpy_guest_mem *mem, int vm_fd, int gsi);
 void kvmpy_blk_free(struct kvmpy_blk *b);
@@ -78,9 +86,9 @@ void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
 /* Restore the registers and the queue from a saved (hostile) state: status,
  * feature selectors, driver_features, queue_sel, interrupt_status, level and q's
  * num/ready/desc/driver/device/last_avail_idx/used_idx. The disk's identity
- * (device_features, capacity, readonly), irq_changes, q.used_count and last_error
- * are not taken from s. The level is only recorded, never driven (KVM_IRQ_LINE):
- * the in-kernel irqchip is restored separately. -EINVAL, changing nothing, unless
+ * (device_features, capacity, readonly), irq_changes, irq_errors, irq_errno,
+ * q.used_count and last_error are not taken from s. The level is only recorded, never
+ * driven (KVM_IRQ_LINE): the in-kernel irqchip is restored separately. -EINVAL, changing nothing, unless
  * s is a state the device could have reached (mmio.py check_state). */
 int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s);
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len);

@@ -143,6 +143,8 @@ int kvmpy_run(struct kvmpy_loop *l)
 		}
 		if (!served)
 			return KVMPY_RUN_EXIT;
+		/* advice only (a snapshot other vCPUs may change at once): the UART itself
+		 * refuses, under its lock, a THR byte that does not fit */
 		if (l->uart && kvmpy_uart_tx_space(l->uart) < l->tx_low_water)
 			return KVMPY_RUN_DRAIN;	/* let Python write the burst out */
 	}

@@ -6,7 +6,8 @@
  *  - transmitted bytes collect in tx_buf; Python drains them with
  *    kvmpy_uart_take() (a burst of guest output becomes one host write);
  *  - the interrupt line is driven with KVM_IRQ_LINE on vm_fd when gsi >= 0;
- *  - a mutex serialises the vCPU thread with host input and draining.
+ *  - a mutex serialises the vCPU threads (several may write THR at once) with each
+ *    other, with host input and with draining; every entry point takes it.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -77,13 +78,10 @@ struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, i
 		return NULL;
 	u->rx = malloc(rx_cap);
 	u->tx = malloc(tx_cap);
-	if (!u->rx || !u->tx) {
-		free(u->rx);
-		free(u->tx);
-		free(u);
-		return NULL;
-	}
-	pthread_mutex_init(&u->lock, NULL);
+	if (!u->rx || !u->tx)
+		goto err_free;
+	if (pthread_mutex_init(&u->lock, NULL))
+		goto err_free;
 	u->s.rx_cap = rx_cap;
 	u->tx_cap = tx_cap;
 	u->s.dll = DEFAULT_DIVISOR;
@@ -91,6 +89,12 @@ struct kvmpy_uart *kvmpy_uart_new(uint32_t rx_cap, uint32_t tx_cap, int vm_fd, i
 	u->vm_fd = vm_fd;
 	u->gsi = gsi;
 	return u;
+
+err_free:
+	free(u->rx);
+	free(u->tx);
+	free(u);
+	return NULL;
 }
 
 void kvmpy_uart_free(struct kvmpy_uart *u)
@@ -147,7 +151,11 @@ static void update_irq(struct kvmpy_uart *u)
 	if (u->gsi >= 0) {
 		struct kvm_irq_level irq = { .irq = (uint32_t)u->gsi, .level = (uint32_t)level };
 
-		ioctl(u->vm_fd, KVM_IRQ_LINE, &irq);
+		/* level stays the model's: a failure is counted for Python to see, not retried */
+		if (ioctl(u->vm_fd, KVM_IRQ_LINE, &irq) < 0) {
+			u->s.irq_errors++;
+			u->s.irq_errno = errno;
+		}
 	}
 }
 
@@ -228,7 +236,7 @@ static void transmit(struct kvmpy_uart *u, uint8_t b)
 	} else if (u->s.tx_len < u->tx_cap) {
 		u->tx[u->s.tx_len++] = b;
 	} else {
-		u->s.tx_dropped++;	/* callers drain first (kvmpy_uart_tx_space) */
+		u->s.tx_dropped++;	/* not reached: kvmpy_uart_write/_pio refuse what does not fit */
 	}
 	u->s.thr_pending = 1;
 }
@@ -352,9 +360,21 @@ uint32_t kvmpy_uart_take(struct kvmpy_uart *u, uint8_t *out, uint32_t cap)
 	return n;
 }
 
+/*
+ * Free output space, read under the lock. Only a snapshot: with several vCPUs, any of
+ * them may fill the buffer (and Python drain it) as soon as the lock is released, so
+ * this is advice (kvmpy_run's KVMPY_RUN_DRAIN), never permission to write. Whether a
+ * THR byte fits is decided under the same lock hold that stores it: kvmpy_uart_write
+ * and kvmpy_uart_pio refuse what does not fit, whole.
+ */
 uint32_t kvmpy_uart_tx_space(struct kvmpy_uart *u)
 {
-	return u->tx_cap - u->s.tx_len;	/* only the vCPU thread adds, so this can only grow */
+	uint32_t n;
+
+	pthread_mutex_lock(&u->lock);
+	n = u->tx_cap - u->s.tx_len;
+	pthread_mutex_unlock(&u->lock);
+	return n;
 }
 
 void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out)
@@ -365,7 +385,8 @@ void kvmpy_uart_get_state(struct kvmpy_uart *u, struct kvmpy_uart_state *out)
 }
 
 /* The run loop's fast path: serve an I/O exit on the UART's 8 ports. Returns 1 if
- * handled, 0 if Python must handle it (a THR burst larger than the free tx space). */
+ * handled, 0 if Python must handle it (a THR burst larger than the free tx space,
+ * checked under the lock that also stores it, so another vCPU cannot fill it between). */
 int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data,
 		   uint32_t size, uint32_t count)
 {

@@ -95,12 +95,15 @@ int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_gu
 
 /* Bytes in the n buffers at b. */
 uint64_t kvmpy_vq_bufs_len(const struct kvmpy_vq_buf *b, uint32_t n);
-/* Copy bytes [0, len) of the buffers' concatenation to out / from in (marking them dirty). */
-void kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
-		     uint32_t n, uint8_t *out, uint64_t len);
-void kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
-		      uint32_t n, const uint8_t *in, uint64_t len);
-/* iov[] for bytes [skip, skip+len) of the buffers (at most n entries); returns how many. */
+/* Copy bytes [0, len) of the buffers' concatenation to out, each byte loaded once
+ * (READ_ONCE: parse the copy, never the guest's bytes), or from in (marking them dirty).
+ * 0, or -EFAULT if a buffer is not in mem (gather then zeroes out). */
+int kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		    uint32_t n, uint8_t *out, uint64_t len);
+int kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		     uint32_t n, const uint8_t *in, uint64_t len);
+/* iov[] for bytes [skip, skip+len) of the buffers (at most n entries); returns how many,
+ * 0 if a buffer is not in mem (so 0 for len > 0 is a failure). */
 uint32_t kvmpy_vq_iov(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
 		      uint32_t n, uint64_t skip, uint64_t len, struct iovec *iov);
 /* Mark bytes [skip, skip+len) of the buffers dirty, after the device wrote them. */

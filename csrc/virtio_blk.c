@@ -83,7 +83,11 @@ static void update_irq(struct kvmpy_blk *b)
 	if (b->gsi >= 0) {
 		struct kvm_irq_level irq = { .irq = (uint32_t)b->gsi, .level = level };
 
-		ioctl(b->vm_fd, KVM_IRQ_LINE, &irq);
+		/* level stays the model's: a failure is counted for Python to see, not retried */
+		if (ioctl(b->vm_fd, KVM_IRQ_LINE, &irq) < 0) {
+			b->s.irq_errors++;
+			b->s.irq_errno = errno;
+		}
 	}
 }
 
@@ -155,6 +159,8 @@ static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32
 	if (b->fd < 0 || !inside_file(b, sector * KVMPY_BLK_SECTOR_SIZE, n))
 		return 0;
 	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
+	if (n && !niov)
+		return 0;	/* a buffer not in b->mem (kvmpy_vq_iov) */
 	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
 	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
 	if (!write)
@@ -173,7 +179,8 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 	*data_written = 0;
 	if (rlen < KVMPY_BLK_HEADER_SIZE)
 		return VIRTIO_BLK_S_IOERR;
-	kvmpy_vq_gather(&b->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE);	/* read once */
+	if (kvmpy_vq_gather(&b->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE))	/* read once */
+		return VIRTIO_BLK_S_IOERR;
 	type = (uint32_t)kvmpy_get_le(hdr, 4);
 	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
@@ -201,7 +208,8 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_writte
 		if (rlen != KVMPY_BLK_HEADER_SIZE)
 			return VIRTIO_BLK_S_IOERR;
 		n = wlen - 1 < VIRTIO_BLK_ID_BYTES ? wlen - 1 : VIRTIO_BLK_ID_BYTES;
-		kvmpy_vq_scatter(&b->mem, c->wr, c->nwr, b->id, n);
+		if (kvmpy_vq_scatter(&b->mem, c->wr, c->nwr, b->id, n))
+			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
 		return VIRTIO_BLK_S_OK;
 	}
@@ -213,10 +221,15 @@ static void put_status(struct kvmpy_blk *b, uint8_t status)
 {
 	const struct kvmpy_vq_buf *last = &b->chain.wr[b->chain.nwr - 1];
 	uint64_t gpa = last->gpa + last->len - 1;
+	uint8_t *p;
 
-	/* SAFETY: the last byte of a buffer kvmpy_vq_pop found inside one region of b->mem
-	 * (kvmpy_mem_hva; len >= 1), and nwr >= 1: serve_queue refused wlen == 0 */
-	*kvmpy_mem_hva(&b->mem, gpa, 1) = status;
+	/* SAFETY: kvmpy_mem_hva: NULL unless gpa lies inside one region of b->mem (it is the
+	 * last byte of a buffer kvmpy_vq_pop checked, len >= 1; nwr >= 1: serve_queue
+	 * refused wlen == 0) */
+	p = kvmpy_mem_hva(&b->mem, gpa, 1);
+	if (!p)
+		return;
+	*p = status;
 	kvmpy_mem_mark_dirty(&b->mem, gpa, 1);		/* dirty: the status byte */
 }
 
@@ -315,7 +328,9 @@ static uint64_t reg_read(struct kvmpy_blk *b, uint64_t off, uint32_t size)
 {
 	if (off >= Config) {
 		off -= Config;
-		if ((size != 1 && size != 2 && size != 4 && size != 8) || off + size > KVMPY_BLK_CONFIG_SIZE)
+		/* overflow-safe bound: never off + size, which a guest could wrap past 2^64 */
+		if ((size != 1 && size != 2 && size != 4 && size != 8) ||
+		    size > KVMPY_BLK_CONFIG_SIZE || off > KVMPY_BLK_CONFIG_SIZE - size)
 			return 0;
 		return kvmpy_get_le(b->config + off, size);
 	}
@@ -446,8 +461,10 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	b = calloc(1, sizeof(*b));
 	if (!b)
 		return NULL;
-	pthread_mutex_init(&b->io_lock, NULL);
-	pthread_mutex_init(&b->lock, NULL);
+	if (pthread_mutex_init(&b->io_lock, NULL))
+		goto err_free;
+	if (pthread_mutex_init(&b->lock, NULL))
+		goto err_io_lock;
 	b->mem = *mem;
 	b->fd = fd;
 	b->vm_fd = vm_fd;
@@ -461,6 +478,12 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	kvmpy_put_le(b->config + 12, KVMPY_BLK_QUEUE_NUM_MAX - 2, 4);	/* seg_max */
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	return b;
+
+err_io_lock:
+	pthread_mutex_destroy(&b->io_lock);
+err_free:
+	free(b);
+	return NULL;
 }
 
 void kvmpy_blk_free(struct kvmpy_blk *b)

@@ -259,7 +259,9 @@ int kvmpy_vq_should_notify(const struct kvmpy_vq_state *q, const struct kvmpy_gu
 /* --- the buffers of a popped chain ----------------------------------------------------
  * b[0..n) must be buffers of a chain kvmpy_vq_pop returned for the same mem (whose
  * regions do not change while the device lives): each lies inside one RAM region,
- * so every slice of one does too, and kvmpy_mem_hva cannot return NULL for it. */
+ * so every slice of one does too, and kvmpy_mem_hva should not return NULL for it.
+ * Each use still checks for NULL and fails (-EFAULT, or no iov) rather than trust a
+ * caller to have kept that promise. */
 
 uint64_t kvmpy_vq_bufs_len(const struct kvmpy_vq_buf *b, uint32_t n)
 {
@@ -287,35 +289,50 @@ static uint64_t slice(const struct kvmpy_vq_buf *b, uint64_t *skip, uint64_t len
 	return n < len ? n : len;
 }
 
-void kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
-		     uint32_t n, uint8_t *out, uint64_t len)
+int kvmpy_vq_gather(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		    uint32_t n, uint8_t *out, uint64_t len)
 {
 	uint64_t skip = 0, gpa = 0, k;
 	uint32_t i;
 
 	for (i = 0; i < n && len; i++) {
-		k = slice(&b[i], &skip, len, &gpa);
-		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
-		memcpy(out, kvmpy_mem_hva(mem, gpa, k), k);
+		k = slice(&b[i], &skip, len, &gpa);	/* k <= b[i].len, a uint32_t */
+		if (!k)
+			continue;
+		/* kvmpy_mem_read: NULL-checked (kvmpy_mem_hva) and each byte loaded once
+		 * (volatile), so what the caller parses from out is what it checks */
+		if (kvmpy_mem_read(mem, gpa, out, (uint32_t)k)) {
+			memset(out, 0, len);
+			return -EFAULT;
+		}
 		out += k;
 		len -= k;
 	}
+	return 0;
 }
 
-void kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
-		      uint32_t n, const uint8_t *in, uint64_t len)
+int kvmpy_vq_scatter(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
+		     uint32_t n, const uint8_t *in, uint64_t len)
 {
 	uint64_t skip = 0, gpa = 0, k;
 	uint32_t i;
+	uint8_t *p;
 
 	for (i = 0; i < n && len; i++) {
 		k = slice(&b[i], &skip, len, &gpa);
-		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
-		memcpy(kvmpy_mem_hva(mem, gpa, k), in, k);
+		if (!k)
+			continue;
+		/* SAFETY: kvmpy_mem_hva: NULL unless [gpa, gpa+k) lies inside one region of
+		 * mem (it does: a slice of b[i], which walk() checked the same way) */
+		p = kvmpy_mem_hva(mem, gpa, k);
+		if (!p)
+			return -EFAULT;
+		memcpy(p, in, k);
 		kvmpy_mem_mark_dirty(mem, gpa, k);	/* dirty: the bytes just copied in */
 		in += k;
 		len -= k;
 	}
+	return 0;
 }
 
 uint32_t kvmpy_vq_iov(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_buf *b,
@@ -323,13 +340,18 @@ uint32_t kvmpy_vq_iov(const struct kvmpy_guest_mem *mem, const struct kvmpy_vq_b
 {
 	uint64_t gpa = 0, k;
 	uint32_t i, niov = 0;
+	uint8_t *p;
 
 	for (i = 0; i < n && len; i++) {
 		k = slice(&b[i], &skip, len, &gpa);
 		if (!k)
 			continue;
-		/* SAFETY: inside b[i], which walk() found in one region of mem (kvmpy_mem_hva) */
-		iov[niov].iov_base = kvmpy_mem_hva(mem, gpa, k);
+		/* SAFETY: kvmpy_mem_hva: NULL unless [gpa, gpa+k) lies inside one region of
+		 * mem (it does: a slice of b[i], which walk() checked the same way) */
+		p = kvmpy_mem_hva(mem, gpa, k);
+		if (!p)
+			return 0;
+		iov[niov].iov_base = p;
 		iov[niov++].iov_len = k;
 		len -= k;
 	}

@@ -93,6 +93,11 @@ class NativeUart:
     def irq_level(self) -> bool:
         return bool(self.state()["level"])
 
+    @property
+    def irq_errors(self) -> int:
+        """How many KVM_IRQ_LINE calls failed (state()["irq_errno"]: the last errno)."""
+        return self.state()["irq_errors"]
+
 
 def guest_mem_table(mem: GuestMemory):
     """``struct kvmpy_guest_mem`` describing ``mem``'s regions for C: gpa, size, host
@@ -201,6 +206,11 @@ class NativeVirtioBlk:
     @property
     def irq_level(self) -> bool:
         return bool(self.raw_state().level)
+
+    @property
+    def irq_errors(self) -> int:
+        """How many KVM_IRQ_LINE calls failed (raw_state().irq_errno: the last errno)."""
+        return self.raw_state().irq_errors
 
     def close(self) -> None:
         """Stop I/O (later requests get IOERR) and close the backing file; idempotent."""

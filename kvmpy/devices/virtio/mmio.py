@@ -460,13 +460,19 @@ class VirtioMmioTransport:
             self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
         self._update_irq()
 
+    def _config_fits(self, offset: int, size: int) -> bool:
+        """[offset, offset+size) inside the configuration space; written as the C twin
+        must write it (virtio_blk.c reg_read), where offset + size could wrap past 2^64."""
+        limit = self.device.config_size
+        return size <= limit and offset <= limit - size
+
     def _read_config(self, offset: int, size: int) -> int:
-        if size not in _CONFIG_WIDTHS or offset + size > self.device.config_size:
+        if size not in _CONFIG_WIDTHS or not self._config_fits(offset, size):
             return 0
         return self.device.read_config(offset, size)
 
     def _write_config(self, offset: int, size: int, value: int) -> None:
-        if size not in _CONFIG_WIDTHS or offset + size > self.device.config_size:
+        if size not in _CONFIG_WIDTHS or not self._config_fits(offset, size):
             return
         self.device.write_config(offset, size, value & ((1 << (8 * size)) - 1))
 
