@@ -5,13 +5,16 @@ machine; the console is the plumbing around it that a user sees: the output stre
 an in-memory buffer), the lock that orders host input with guest accesses, and the path
 of output bytes from the UART to the stream.
 
-Output never blocks a vCPU. Bytes go to the in-memory buffer at once, or, for a stream
+Output never blocks a stop. Bytes go to the in-memory buffer at once, or, for a stream
 the user gave, into a bounded queue (``LIMIT``) that a writer thread empties into the
-stream. A stream that stops taking bytes (a pipe nobody reads) stalls only that thread;
-once the queue is full further output is dropped and counted in ``dropped``, and the
-guest, its stops and its timeout go on. The C UART collects output in its own buffer;
-``drain()`` moves it into the queue (called by the vCPU loop when that buffer is nearly
-full, and every 20 ms by the run's flusher). The Python UART writes into ``write()``.
+stream. When the queue is full, the guest is throttled: its vCPU waits for room in
+slices of ``WAIT_SLICE`` while ``throttle()`` says it may (the Machine: a vCPU thread, no
+stop and no pause asked for), so a slow reader loses nothing. A stream that stops taking
+bytes (a pipe nobody reads) stalls only the writer thread and the guest; once a stop or a
+pause is asked for, output that does not fit is dropped and counted in ``dropped``. The C
+UART collects output in its own buffer; ``drain()`` moves what fits into the queue
+(called by the vCPU loop when that buffer is nearly full, and every 20 ms by the run's
+flusher, which never waits). The Python UART writes into ``write()``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import BinaryIO, Callable
 
 LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
 BATCH = 64 << 10             # the writer hands the stream at most this much at a time
+WAIT_SLICE = 0.05            # a throttled vCPU looks at stop and pause requests this often
 SETTLE_S = 0.5               # at the end of a run, how long to wait for the stream to take the queue
 
 
@@ -40,6 +44,7 @@ class Console:
         self.error: BaseException | None = None
         self.on_error: Callable[[BaseException], None] = lambda e: None
         self.dropped = 0                        # output bytes the stream could not take in time
+        self.throttle: Callable[[], bool] = lambda: False   # may this caller wait for room?
         self._queue = bytearray()
         self._cond = threading.Condition()
         self._writing = False
@@ -67,19 +72,21 @@ class Console:
 
     # --- output --------------------------------------------------------------------------
     def write(self, data: bytes) -> int:
-        """Guest output: to memory at once, or queued for the writer thread; never blocks.
-        Beyond LIMIT queued bytes (or after the stream failed) output is dropped and counted."""
+        """Guest output: to memory at once, or queued for the writer thread. With the queue
+        full the caller waits for room while ``throttle()`` allows; what still does not fit
+        (a stop or pause asked for, or the stream failed) is dropped and counted."""
         n = len(data)                           # all taken: queued, or dropped and counted
         if self.buffer is not None:
             return self.buffer.write(data)
         with self._cond:
+            self._wait_for_room(len(data))
             if self.error is not None or self._closed:
                 self.dropped += n
                 return n
-            room = LIMIT - len(self._queue)
+            room = max(LIMIT - len(self._queue), 0)
             if room < len(data):
-                self.dropped += len(data) - max(room, 0)
-                data = data[:max(room, 0)]
+                self.dropped += len(data) - room
+                data = data[:room]
             self._queue += data
             self._cond.notify_all()
             if self._writer is None:
@@ -87,13 +94,28 @@ class Console:
                 self._writer.start()
         return n
 
+    def _wait_for_room(self, need: int) -> None:
+        """With the condition held: wait while the queue lacks ``need`` bytes of room, the
+        stream works and the caller may be throttled."""
+        need = min(need, LIMIT)
+        while (LIMIT - len(self._queue) < need and self.error is None and not self._closed
+               and self._writer is not None and self.throttle()):
+            self._cond.wait(WAIT_SLICE)
+
     def drain(self) -> bool:
-        """Move the C UART's collected output on (``write``); never blocks. Returns False
-        once the stream has failed (the run is being stopped with that error)."""
+        """Move the C UART's collected output on, as much as the queue has room for (after
+        waiting for some, if the caller may be throttled). Returns False once the stream
+        has failed (the run is being stopped with that error)."""
         take = getattr(self.uart, "take_output", None)
         if take is not None:
+            if self.buffer is None:
+                with self._cond:
+                    self._wait_for_room(BATCH)
+                    room = max(LIMIT - len(self._queue), 0)
+            else:
+                room = None
             with self.lock:
-                data = take()
+                data = take(room)
             if data:
                 self.write(data)
         return self.error is None

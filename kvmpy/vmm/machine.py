@@ -95,6 +95,9 @@ class Machine:
             self.close()
             raise
         self.console.on_error = lambda e: me.gate.stop.set("error", error=e) and me.kick()
+        gate = self.gate                # a slow output stream throttles a vCPU until a stop or pause
+        self.console.throttle = lambda: current_vcpu() is not None and not gate.requested \
+            and gate.stop.reason is None
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
         # held without the Machine (no user device), in close()'s order; never at exit, under a run.
         self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
@@ -288,7 +291,7 @@ class Machine:
                 return run_loops(loops, self.gate, self.console, timeout,
                                  flush=any(loop.native is not None for loop in loops))
             finally:
-                self.stats.serial_dropped = self.console.dropped
+                self.stats.serial_dropped = self.console.dropped + getattr(self.console.uart, "dropped", 0)
                 for v in self.vcpus if stepping else ():
                     v.single_step(False)
         finally:

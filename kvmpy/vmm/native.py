@@ -31,6 +31,7 @@ class NativeUart:
         self._out = ffi.new("uint8_t[]", tx_buffer)
         self.tx_buffer = tx_buffer
         self.on_full = None             # called when the output buffer is full: should drain it
+        self.dropped = 0                # THR bytes refused for want of room even after a drain
 
     @property
     def ptr(self):
@@ -40,10 +41,16 @@ class NativeUart:
         return lib.kvmpy_uart_read(self._p, offset)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        while not lib.kvmpy_uart_write(self._p, offset, value & 0xFF):
-            if self.on_full is None:
-                raise RuntimeError("native UART output buffer is full and nobody drains it")
-            self.on_full()
+        """A register write; a THR byte that finds the output buffer full waits for the
+        drain (``on_full``, the console: it may throttle the guest) and is dropped and
+        counted in ``dropped`` if there is still no room (a stop is under way)."""
+        if lib.kvmpy_uart_write(self._p, offset, value & 0xFF):
+            return
+        if self.on_full is None:
+            raise RuntimeError("native UART output buffer is full and nobody drains it")
+        self.on_full()
+        if not lib.kvmpy_uart_write(self._p, offset, value & 0xFF):
+            self.dropped += 1
 
     def peek(self, offset: int) -> int:
         return lib.kvmpy_uart_peek(self._p, offset)
@@ -51,9 +58,11 @@ class NativeUart:
     def feed(self, data: bytes) -> int:
         return lib.kvmpy_uart_feed(self._p, data, len(data)) if data else 0
 
-    def take_output(self) -> bytes:
-        """Guest output collected since the last call (the UART's transmit side)."""
-        n = lib.kvmpy_uart_take(self._p, self._out, self.tx_buffer)
+    def take_output(self, limit: int | None = None) -> bytes:
+        """Guest output collected since the last call (the UART's transmit side), at most
+        ``limit`` bytes of it (None: all)."""
+        cap = self.tx_buffer if limit is None else max(0, min(limit, self.tx_buffer))
+        n = lib.kvmpy_uart_take(self._p, self._out, cap) if cap else 0
         return bytes(ffi.buffer(self._out, n)) if n else b""
 
     @property

@@ -29,7 +29,7 @@ def test_output_to_a_stalled_stream_never_blocks_and_is_bounded():
         assert c.write(chunk) == len(chunk)
     assert time.monotonic() - t < 1.0             # no write waited for the stream
     assert not c.flush(timeout=0.1)               # the stream has not taken it
-    assert LIMIT <= 48 * len(chunk) - c.dropped <= LIMIT + BATCH   # at most the queue and the batch in hand
+    assert LIMIT <= 48 * len(chunk) - c.dropped <= LIMIT + BATCH   # at most the queue and the batch in hand (no throttling here)
     out.release.set()
     assert c.flush(timeout=5)
     assert len(out.data) == 48 * len(chunk) - c.dropped
