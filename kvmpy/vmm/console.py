@@ -12,12 +12,21 @@ once the queue is full further output is dropped and counted in ``dropped``, and
 guest, its stops and its timeout go on. The C UART collects output in its own buffer;
 ``drain()`` moves it into the queue (called by the vCPU loop when that buffer is nearly
 full, and every 20 ms by the run's flusher). The Python UART writes into ``write()``.
+
+``bps`` limits the bytes per second the writer hands the stream (a token bucket,
+devices/ratelimit.py, holding one second's worth): the writer waits for tokens, the
+queue fills behind it, and output beyond LIMIT is dropped and counted as for a slow
+stream. Output still queued when the console is closed is dropped and counted too.
+In-memory output (no stream) is not limited.
 """
 from __future__ import annotations
 
 import io
 import threading
+import time
 from typing import BinaryIO, Callable
+
+from ..devices.ratelimit import NS, TokenBucket
 
 LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
 BATCH = 64 << 10             # the writer hands the stream at most this much at a time
@@ -32,7 +41,12 @@ class Console:
     the Machine points at "stop the run with this error".
     """
 
-    def __init__(self, out: BinaryIO | None):
+    def __init__(self, out: BinaryIO | None, bps: int | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns):
+        if bps is not None and (not isinstance(bps, int) or isinstance(bps, bool) or bps < 1):
+            raise ValueError(f"serial_bps must be a whole number of at least 1, not {bps!r}")
+        self.clock = clock
+        self.bucket = TokenBucket(bps, NS, 0, clock()) if bps is not None else None
         self.buffer = io.BytesIO() if out is None else None
         self.out = out if out is not None else self.buffer
         self.lock = threading.Lock()            # host input vs guest accesses (Python UART)
@@ -103,10 +117,16 @@ class Console:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
+                if self._closed and (not self._queue or self.bucket is not None):
+                    self.dropped += len(self._queue)        # a limited stream is not waited for
+                    self._queue.clear()
+                    self._cond.notify_all()
                     return
-                data = bytes(self._queue[:BATCH])
-                del self._queue[:BATCH]
+                n = self._batch()
+                if not n:
+                    continue
+                data = bytes(self._queue[:n])
+                del self._queue[:n]
                 self._writing = True
             try:
                 self.out.write(data)
@@ -124,6 +144,21 @@ class Console:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+    def _batch(self) -> int:
+        """Bytes the writer may take now (called with ``_cond`` held): at most BATCH, and
+        with a limit what the bucket holds, after waiting (on ``_cond``) for tokens."""
+        n = min(len(self._queue), BATCH)
+        if self.bucket is None:
+            return n
+        n = min(n, self.bucket.size)
+        self.bucket.refill(self.clock())
+        wait = self.bucket.wait_ns(self.bucket.missing(n))
+        if wait:
+            self._cond.wait(wait / NS)      # close() wakes it early
+            return 0
+        self.bucket.take(n)
+        return n
 
     def flush(self, timeout: float = SETTLE_S) -> bool:
         """Wait up to ``timeout`` seconds for the stream to take what is queued; True if it
