@@ -89,7 +89,8 @@ uint64_t kvmpy_bucket_wait_ns(const struct kvmpy_bucket *b, uint64_t missing)
 	if (!missing)
 		return 0;
 	need = (u128)missing * b->refill_ns - b->frac;	/* frac < refill_ns <= missing * refill_ns */
-	return (uint64_t)((need + b->size - 1) / b->size);
+	need = (need + b->size - 1) / b->size;
+	return need < KVMPY_RL_MAX ? (uint64_t)need : KVMPY_RL_MAX;	/* ratelimit.py MAX_WAIT_NS */
 }
 
 /* ratelimit.py RateLimiter.admit: every bucket's tokens, or none and throttled_until */

@@ -26,6 +26,7 @@ from typing import Callable
 NS = 1_000_000_000
 MAX_SIZE = 1 << 62            # tokens a bucket may hold (C: int64 with room for a debt)
 MAX_REFILL_NS = 1 << 62
+MAX_WAIT_NS = 1 << 62         # a wait is at most this (a huge debt on a tiny bucket: ~146 years)
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -66,10 +67,11 @@ class TokenBucket:
         self.tokens -= cost - from_burst
 
     def wait_ns(self, missing: int) -> int:
-        """Nanoseconds until ``missing`` more tokens have arrived (rounded up)."""
+        """Nanoseconds until ``missing`` more tokens have arrived (rounded up, at most
+        MAX_WAIT_NS)."""
         if missing <= 0:
             return 0
-        return -(-(missing * self.refill_ns - self.frac) // self.size)
+        return min(-(-(missing * self.refill_ns - self.frac) // self.size), MAX_WAIT_NS)
 
     def state(self) -> dict:
         return {"size": self.size, "refill_ns": self.refill_ns, "burst": self.burst,
