@@ -21,6 +21,7 @@ import statistics
 import tempfile
 
 
+from . import _common
 from ._common import BenchError
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -74,7 +75,7 @@ def run_limited(blk, image, disk: pathlib.Path, capacity: int, native: bool, kin
 
 
 def measure(blk, args, progress) -> dict:
-    image = blk._common.guest_image(blk.GUEST)
+    image = _common.guest_image(blk.GUEST)
     from kvmpy.kvm import Kvm
     Kvm().close()
     cases = [("iops", n) for n in IOPS] + [("bps", n) for n in BPS]
@@ -103,7 +104,7 @@ def _result(blk, args, image, rows) -> dict:
     worst = max(abs(r["ratio"] - 1) for r in rows)
     return {
         "benchmark": blk.NAME, "mode": "limits",
-        "host": blk._common.host_info(),
+        "host": _common.host_info(),
         "params": {"rounds": args.rounds, "guest": blk.GUEST, "image": str(image), "iops": list(IOPS),
                    "bps": list(BPS), "tolerance": TOLERANCE,
                    "achieved": "(moved - one second's bucket) / window, window = mark before phase 1 "
@@ -122,13 +123,12 @@ def table(result: dict) -> str:
     rows = [[r["variant"], f"{r['limit']}={amount(r)}", f"{r['disk_size'] // MiB}M",
              f"{r['achieved']:.0f}" if r["limit"] == "iops" else f"{r['achieved'] / MiB:.2f}M",
              f"{r['ratio']:.3f}", "yes" if r["within_5pct"] else "NO"] for r in result["limits"]]
-    from ._common import format_table, host_line
     s = result["summary"]
     return "\n".join([
         f"virtio-blk rate limits, guest {result['params']['guest']}: {result['params']['rounds']} round(s), "
         "achieved = (moved - bucket) / window",
-        host_line(result["host"]),
-        format_table(["variant", "limit", "disk", "achieved/s", "achieved/limit", "within 5 %"], rows),
+        _common.host_line(result["host"]),
+        _common.format_table(["variant", "limit", "disk", "achieved/s", "achieved/limit", "within 5 %"], rows),
         f"worst deviation {s['worst_deviation'] * 100:.1f} %: "
         f"{'every limit held within 5 %' if s['all_within_5pct'] else 'NOT every limit held within 5 %'}"])
 

@@ -147,15 +147,14 @@ class Console:
 
     def _batch(self) -> int:
         """Bytes the writer may take now (called with ``_cond`` held): at most BATCH, and
-        with a limit what the bucket holds, after waiting (on ``_cond``) for tokens."""
+        with a limit what the bucket holds; 0 after waiting (on ``_cond``) for a token."""
         n = min(len(self._queue), BATCH)
         if self.bucket is None:
             return n
-        n = min(n, self.bucket.size)
         self.bucket.refill(self.clock())
-        wait = self.bucket.wait_ns(self.bucket.missing(n))
-        if wait:
-            self._cond.wait(wait / NS)      # close() wakes it early
+        n = min(n, self.bucket.tokens + self.bucket.burst)
+        if n <= 0:
+            self._cond.wait(self.bucket.wait_ns(self.bucket.missing(1)) / NS)   # close() wakes it
             return 0
         self.bucket.take(n)
         return n
