@@ -52,6 +52,24 @@ int kvmpy_uart_set_state(struct kvmpy_uart *u, const struct kvmpy_uart_state *s,
 int kvmpy_uart_pio(struct kvmpy_uart *u, uint32_t off, int is_out, uint8_t *data,
 		   uint32_t size, uint32_t count);
 
+/* ---- ratelimit.c: token buckets (same semantics as kvmpy/devices/ratelimit.py) ---- */
+/* size tokens when full, refilled from empty in refill_ns; size 0 = no bucket (unlimited).
+ * tokens < 0 is a debt; frac / refill_ns is the partial token; burst is one-time. */
+struct kvmpy_bucket { uint64_t size, refill_ns, burst; int64_t tokens; uint64_t frac, last_ns; };
+/* operations, bytes and flushes of one device; throttled_until: when a refused request may go */
+struct kvmpy_limiter { struct kvmpy_bucket ops, bytes, flushes; uint64_t throttled_until, throttled; };
+uint64_t kvmpy_now_ns(void);		/* CLOCK_MONOTONIC, as Python's time.monotonic_ns() */
+/* a full bucket; -EINVAL unless 1 <= size, refill_ns <= 2^62 and burst <= 2^62 */
+int kvmpy_bucket_init(struct kvmpy_bucket *b, uint64_t size, uint64_t refill_ns, uint64_t burst,
+		      uint64_t now);
+void kvmpy_bucket_refill(struct kvmpy_bucket *b, uint64_t now);
+uint64_t kvmpy_bucket_missing(const struct kvmpy_bucket *b, uint64_t cost);
+void kvmpy_bucket_take(struct kvmpy_bucket *b, uint64_t cost);
+uint64_t kvmpy_bucket_wait_ns(const struct kvmpy_bucket *b, uint64_t missing);
+/* 1: the tokens were taken from every bucket; 0: from none, throttled_until set */
+int kvmpy_limiter_admit(struct kvmpy_limiter *l, uint64_t now, uint64_t ops, uint64_t bytes,
+			uint64_t flushes);
+
 /* ---- virtio_blk.c: virtio-blk over virtio-mmio (same semantics as kvmpy/devices/virtio/) ---- */
 #define KVMPY_MAX_REGIONS 8
 #define KVMPY_BLK_QUEUE_NUM_MAX 256
@@ -92,6 +110,18 @@ void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
  * s is a state the device could have reached (mmio.py check_state). */
 int kvmpy_blk_set_state(struct kvmpy_blk *b, const struct kvmpy_blk_state *s);
 void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *data, uint32_t len);
+/* Rate limits (0 = none for a rate); -EINVAL for a rate or burst out of range. The
+ * buckets start full; a throttled request stays in the ring until kvmpy_blk_serve_pending
+ * (or the next QueueNotify) finds its tokens. */
+int kvmpy_blk_set_limits(struct kvmpy_blk *b, uint64_t iops, uint64_t bps, uint64_t fps,
+			 uint64_t iops_burst, uint64_t bps_burst);
+void kvmpy_blk_get_limiter(struct kvmpy_blk *b, struct kvmpy_limiter *out);
+/* CLOCK_MONOTONIC time at which a throttled request may go; 0: nothing waits */
+uint64_t kvmpy_blk_throttled_until(struct kvmpy_blk *b);
+/* a QueueNotify of queue 0 from the host: serve what the buckets allow now */
+void kvmpy_blk_serve_pending(struct kvmpy_blk *b);
+/* tests: the limiter's clock reads now_ns (0: CLOCK_MONOTONIC again) */
+void kvmpy_blk_set_clock(struct kvmpy_blk *b, uint64_t now_ns);
 
 /* ---- dirty.c: VMM-side dirty-page bitmaps, page p = bit p%64 of word p/64 ---- */
 /* atomically OR in pages [first_page, first_page + npages); no-op for a NULL bitmap */

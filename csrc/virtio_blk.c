@@ -22,6 +22,11 @@
  *             write or a restored state in between bumps gen, and the completion of
  *             a chain popped before is dropped (it belongs to a queue that is gone).
  * One QueueNotify serves at most QueueNum chains (see serve_queue).
+ *
+ * Rate limits (ratelimit.c, under lock): a chain whose tokens are not there is put
+ * back (last_avail_idx--, as if never popped) and the notify ends; the limiter
+ * remembers when it may go, and kvmpy_blk_serve_pending (a host-side QueueNotify,
+ * called by the Machine's disk timer) or the guest's next QueueNotify serves it.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -67,6 +72,8 @@ struct kvmpy_blk {
 	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
 	struct kvmpy_vq_chain chain;			/* one request at a time (io_lock) */
 	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain (io_lock) */
+	struct kvmpy_limiter rl;			/* rate limits (lock); all sizes 0: none */
+	uint64_t fake_now;				/* tests: the limiter's clock; 0: CLOCK_MONOTONIC */
 };
 
 /* --- interrupts and errors (mmio.py: _update_irq, _device_error) ------------------ */
@@ -168,19 +175,19 @@ static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32
 	return ok;
 }
 
-static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, uint32_t *data_written)
+/* hdr: the request header serve_queue copied out of guest RAM (read once) */
+static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr, uint32_t *data_written)
 {
 	const struct kvmpy_vq_chain *c = &b->chain;
 	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), n;
-	uint8_t hdr[KVMPY_BLK_HEADER_SIZE];
 	uint32_t type;
 	uint64_t sector;
 
 	*data_written = 0;
 	if (rlen < KVMPY_BLK_HEADER_SIZE)
 		return VIRTIO_BLK_S_IOERR;
-	if (kvmpy_vq_gather(&b->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE))	/* read once */
-		return VIRTIO_BLK_S_IOERR;
+	if (!hdr)
+		return VIRTIO_BLK_S_IOERR;	/* serve_queue could not copy it (a buffer not in b->mem) */
 	type = (uint32_t)kvmpy_get_le(hdr, 4);
 	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
@@ -241,6 +248,36 @@ static int live(const struct kvmpy_blk *b)
 	return (b->s.status & (want | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) == want;
 }
 
+/* --- rate limits (blk.py: _cost, notify) ------------------------------------------ */
+
+static int limited(const struct kvmpy_blk *b)
+{
+	return b->rl.ops.size || b->rl.bytes.size || b->rl.flushes.size;
+}
+
+/*
+ * The chain's tokens, or 0 and throttled_until (blk.py _cost): one operation for every
+ * request; the data length for IN (writable bytes but the status) and OUT (readable
+ * bytes after the header); one flush for FLUSH. Called with b->lock held.
+ */
+static int admit(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr)
+{
+	const struct kvmpy_vq_chain *c = &b->chain;
+	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), nbytes = 0, flushes = 0;
+
+	if (!limited(b))
+		return 1;
+	if (rlen >= KVMPY_BLK_HEADER_SIZE) {
+		switch ((uint32_t)kvmpy_get_le(hdr, 4)) {
+		case VIRTIO_BLK_T_IN: nbytes = wlen - 1; break;
+		case VIRTIO_BLK_T_OUT: nbytes = rlen - KVMPY_BLK_HEADER_SIZE; break;
+		case VIRTIO_BLK_T_FLUSH: flushes = 1; break;
+		}
+	}
+	return kvmpy_limiter_admit(&b->rl, b->fake_now ? b->fake_now : kvmpy_now_ns(), 1, nbytes,
+				   flushes);
+}
+
 /*
  * blk.py notify(): serve the available requests in ring order, at most QueueNum of
  * them, so one QueueNotify is bounded work even when the device's own writes keep
@@ -252,7 +289,8 @@ static int live(const struct kvmpy_blk *b)
 static int serve_queue(struct kvmpy_blk *b, uint64_t gen, const char **why)
 {
 	uint64_t i, num = b->s.q.num;
-	int r;
+	uint8_t hdr[KVMPY_BLK_HEADER_SIZE] = { 0 };
+	int r, hdr_ok;
 
 	for (i = 0; i < num; i++) {
 		uint64_t wlen;
@@ -260,13 +298,23 @@ static int serve_queue(struct kvmpy_blk *b, uint64_t gen, const char **why)
 		uint8_t status;
 
 		r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why);
+		if (r == 0)
+			b->rl.throttled_until = 0;	/* the ring is empty: nothing waits */
 		if (r <= 0)
 			return r;
 		wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
 		if (wlen == 0)
 			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
+		hdr_ok = kvmpy_vq_bufs_len(b->chain.rd, b->chain.nrd) < KVMPY_BLK_HEADER_SIZE ||	/* execute refuses */
+			 kvmpy_vq_gather(&b->mem, b->chain.rd, b->chain.nrd, hdr, KVMPY_BLK_HEADER_SIZE) == 0;	/* read once */
+		if (!hdr_ok)
+			memset(hdr, 0, sizeof(hdr));
+		if (!admit(b, wlen, hdr)) {
+			b->s.q.last_avail_idx--;	/* over budget: back in the ring, untouched */
+			return 0;
+		}
 		pthread_mutex_unlock(&b->lock);
-		status = execute(b, wlen, &written);	/* file I/O without the register lock */
+		status = execute(b, wlen, hdr_ok ? hdr : NULL, &written);	/* file I/O without the register lock */
 		pthread_mutex_lock(&b->lock);
 		if (b->gen != gen)
 			return 0;	/* reset or restored meanwhile: this chain's queue is gone */
@@ -316,6 +364,7 @@ static void reset(struct kvmpy_blk *b)
 	memset(&b->s.q, 0, sizeof(b->s.q));
 	b->s.q.num = KVMPY_BLK_QUEUE_NUM_MAX;
 	b->s.interrupt_status = 0;
+	b->rl.throttled_until = 0;	/* the ring is gone; the buckets keep their tokens */
 	update_irq(b);
 }
 
@@ -606,4 +655,61 @@ void kvmpy_blk_mmio(struct kvmpy_blk *b, uint64_t off, int is_write, uint8_t *da
 		memset(data, 0, 8);
 		kvmpy_put_le(data, v, len);
 	}
+}
+
+/* --- rate limits ----------------------------------------------------------------- */
+
+int kvmpy_blk_set_limits(struct kvmpy_blk *b, uint64_t iops, uint64_t bps, uint64_t fps,
+			 uint64_t iops_burst, uint64_t bps_burst)
+{
+	struct kvmpy_limiter rl = { 0 };
+	uint64_t now, ns = 1000000000ull;
+	int r = 0;
+
+	pthread_mutex_lock(&b->lock);
+	now = b->fake_now ? b->fake_now : kvmpy_now_ns();
+	if (iops)
+		r |= kvmpy_bucket_init(&rl.ops, iops, ns, iops_burst, now);
+	if (bps)
+		r |= kvmpy_bucket_init(&rl.bytes, bps, ns, bps_burst, now);
+	if (fps)
+		r |= kvmpy_bucket_init(&rl.flushes, fps, ns, 0, now);
+	if (!r)
+		b->rl = rl;
+	pthread_mutex_unlock(&b->lock);
+	return r ? -EINVAL : 0;
+}
+
+void kvmpy_blk_get_limiter(struct kvmpy_blk *b, struct kvmpy_limiter *out)
+{
+	pthread_mutex_lock(&b->lock);
+	*out = b->rl;
+	pthread_mutex_unlock(&b->lock);
+}
+
+uint64_t kvmpy_blk_throttled_until(struct kvmpy_blk *b)
+{
+	uint64_t t;
+
+	pthread_mutex_lock(&b->lock);
+	t = b->rl.throttled_until;
+	pthread_mutex_unlock(&b->lock);
+	return t;
+}
+
+/* throttled_until is cleared first: a device that is not live (or whose ring is gone)
+ * has nothing to serve and must not look throttled for ever */
+void kvmpy_blk_serve_pending(struct kvmpy_blk *b)
+{
+	pthread_mutex_lock(&b->lock);
+	b->rl.throttled_until = 0;
+	pthread_mutex_unlock(&b->lock);
+	notify(b, 0);		/* bounded like any QueueNotify: at most QueueNum chains */
+}
+
+void kvmpy_blk_set_clock(struct kvmpy_blk *b, uint64_t now_ns)
+{
+	pthread_mutex_lock(&b->lock);
+	b->fake_now = now_ns;
+	pthread_mutex_unlock(&b->lock);
 }

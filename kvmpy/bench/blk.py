@@ -97,6 +97,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dir", type=pathlib.Path, metavar="DIR",
                    help="where to create the scratch disk (default: the system temp dir); "
                         "its file system decides what fdatasync costs")
+    p.add_argument("--limits", action="store_true",
+                   help="instead: rate-limited disks (iops=, bps=), achieved/limit per limit "
+                        "(kvmpy/bench/blk_limits.py; the disk size is chosen per limit, at most --disk-size)")
 
 
 # --- what the guest does, computed on the host ---------------------------------------
@@ -245,6 +248,9 @@ def run_guest(image: pathlib.Path, disk: pathlib.Path, capacity: int, native: bo
 
 # --- the run -------------------------------------------------------------------------
 def measure(args, progress) -> dict:
+    if args.limits:
+        from . import blk_limits
+        return blk_limits.measure(sys.modules[__name__], args, progress)
     image = _common.guest_image(GUEST)
     from kvmpy.kvm import Kvm
     Kvm().close()                                   # KvmUnavailable (exit 2) before anything long
@@ -326,6 +332,9 @@ def _result(args, image, capacity, samples) -> dict:
 
 
 def table(result: dict) -> str:
+    if result.get("mode") == "limits":
+        from . import blk_limits
+        return blk_limits.table(result)
     p, r = result["params"], result["ratios"]
     val = {(x["variant"], x["metric"]): x["value"] for x in result["results"]}
     rows = []

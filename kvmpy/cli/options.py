@@ -15,6 +15,15 @@ from .status import DEMO_CODES_HELP, EXIT_CODES_HELP
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
 
+def disk_spec(text: str):
+    """'PATH[,ro][,iops=N][,bps=N][,fps=N]' -> a Disk (vmm/platform.py)."""
+    from ..vmm.platform import Disk
+    try:
+        return Disk.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
     m = _SIZE_RE.match(text)
@@ -231,8 +240,12 @@ def _machine_options(g) -> None:
                    help="guest RAM, e.g. 64M or 1G (default 64M)")
     g.add_argument("--cpus", type=positive_int, default=None, metavar="N",
                    help="number of vCPUs (default 1; a demo may ask for more); the others wait for INIT/SIPI")
-    g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                   help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only)")
+    g.add_argument("--disk", action="append", default=[], type=disk_spec, metavar="PATH[,ro][,iops=N,bps=N,fps=N]",
+                   help="attach a file as a virtio-blk disk (repeatable; ',ro' for read-only; iops=, bps=, "
+                        "fps= limit requests, bytes and flushes per second, e.g. bps=10M)")
+    g.add_argument("--serial-bps", type=positive_size, default=None, metavar="N",
+                   help="write at most N bytes per second of serial output (e.g. 64K); beyond a 1 MiB "
+                        "backlog output is dropped and counted")
     g.add_argument("--python", action="store_true",
                    help="serve every exit and the UART in Python (the readable path) instead of the C loop")
     g.add_argument("--no-irqchip", dest="irqchip", action="store_false",
@@ -313,7 +326,8 @@ def _control_option(g) -> None:
 def _host_options(p: argparse.ArgumentParser) -> None:
     """Options of commands that continue a saved or migrated guest: host side only."""
     g = p.add_argument_group("host options")
-    g.add_argument("--disk", action="append", default=None, metavar="PATH[,ro]",
+    g.add_argument("--disk", action="append", default=None, type=disk_spec,
+                   metavar="PATH[,ro][,iops=N,bps=N,fps=N]",
                    help="the file for the guest's next disk (repeat, in order; each the size of the "
                         "original). restore: instead of the saved paths. receive: required when the "
                         "guest has disks (the same files, for shared storage)")

@@ -15,12 +15,21 @@ pause is asked for, output that does not fit is dropped and counted in ``dropped
 UART collects output in its own buffer; ``drain()`` moves what fits into the queue
 (called by the vCPU loop when that buffer is nearly full, and every 20 ms by the run's
 flusher, which never waits). The Python UART writes into ``write()``.
+
+``bps`` limits the bytes per second the writer hands the stream (a token bucket,
+devices/ratelimit.py, holding one second's worth): the writer waits for tokens and the
+queue fills behind it, which throttles the guest as a slow stream does. Output still
+queued when the console is closed is dropped and counted. In-memory output (no stream)
+is not limited.
 """
 from __future__ import annotations
 
 import io
 import threading
+import time
 from typing import BinaryIO, Callable
+
+from ..devices.ratelimit import NS, TokenBucket
 
 LIMIT = 1 << 20              # bytes of output queued for a slow stream before output is dropped
 BATCH = 64 << 10             # the writer hands the stream at most this much at a time
@@ -36,7 +45,12 @@ class Console:
     the Machine points at "stop the run with this error".
     """
 
-    def __init__(self, out: BinaryIO | None):
+    def __init__(self, out: BinaryIO | None, bps: int | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns):
+        if bps is not None and (not isinstance(bps, int) or isinstance(bps, bool) or bps < 1):
+            raise ValueError(f"serial_bps must be a whole number of at least 1, not {bps!r}")
+        self.clock = clock
+        self.bucket = TokenBucket(bps, NS, 0, clock()) if bps is not None else None
         self.buffer = io.BytesIO() if out is None else None
         self.out = out if out is not None else self.buffer
         self.lock = threading.Lock()            # host input vs guest accesses (Python UART)
@@ -125,10 +139,16 @@ class Console:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
+                if self._closed and (not self._queue or self.bucket is not None):
+                    self.dropped += len(self._queue)        # a limited stream is not waited for
+                    self._queue.clear()
+                    self._cond.notify_all()
                     return
-                data = bytes(self._queue[:BATCH])
-                del self._queue[:BATCH]
+                n = self._batch()
+                if not n:
+                    continue
+                data = bytes(self._queue[:n])
+                del self._queue[:n]
                 self._writing = True
             try:
                 self.out.write(data)
@@ -146,6 +166,20 @@ class Console:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+    def _batch(self) -> int:
+        """Bytes the writer may take now (called with ``_cond`` held): at most BATCH, and
+        with a limit what the bucket holds; 0 after waiting (on ``_cond``) for a token."""
+        n = min(len(self._queue), BATCH)
+        if self.bucket is None:
+            return n
+        self.bucket.refill(self.clock())
+        n = min(n, self.bucket.tokens + self.bucket.burst)
+        if n <= 0:
+            self._cond.wait(self.bucket.wait_ns(self.bucket.missing(1)) / NS)   # close() wakes it
+            return 0
+        self.bucket.take(n)
+        return n
 
     def flush(self, timeout: float = SETTLE_S) -> bool:
         """Wait up to ``timeout`` seconds for the stream to take what is queued; True if it

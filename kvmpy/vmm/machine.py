@@ -58,17 +58,19 @@ class Machine:
     exit and the UART in Python, for teaching and differential tests. ``ram_files`` maps
     a RAM region's address to a file mapped copy-on-write as that region (how a restore
     shares a snapshot's RAM); each file must have the region's size (``ram_layout``).
+    ``serial_bps`` limits the bytes per second written to ``serial`` (the console's writer
+    thread waits, never a vCPU); a disk's limits are its ``Disk``'s (``iops=``, ``bps=``).
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
-                 ram_files: dict[int, str] | None = None):
+                 ram_files: dict[int, str] | None = None, serial_bps: int | None = None):
         check_shape(mem_size, cpus, irqchip, len(disks))
         self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
         self.stats = Stats()
         self.image: LoadedImage | None = None
-        self.console = Console(serial)
+        self.console = Console(serial, bps=serial_bps)
         me = weakref.proxy(self)      # the parts' callbacks must not keep the Machine alive (a cycle)
         self.gate = PauseGate(lambda: me.kick())
         self.migration_lock = threading.Lock()     # one live migration at a time (lifecycle/migration.py)
@@ -115,7 +117,7 @@ class Machine:
         if irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        self.platform = Platform(vm, self.native, irqchip)
+        self.platform = Platform(vm, self.native, irqchip, self.gate)
 
     @staticmethod
     def ram_layout(size: int) -> list[tuple[int, int]]:

@@ -132,9 +132,11 @@ class NativeVirtioBlk:
     """
 
     def __init__(self, path: str | os.PathLike, mem: GuestMemory, readonly: bool = False,
-                 serial_id: str | bytes | None = None, vm_fd: int = -1, gsi: int = -1):
+                 serial_id: str | bytes | None = None, vm_fd: int = -1, gsi: int = -1,
+                 limits=None, clock_ns: int | None = None):
         from ..devices.virtio.blk import VirtioBlk          # loaded for machines with disks only
         self.disk = VirtioBlk(path, readonly=readonly, serial_id=serial_id)
+        self.limits = limits
         self.mem = mem
         p = lib.kvmpy_blk_new(self.disk.fd, int(self.disk.readonly), self.disk.file_size,
                               self.disk.serial_id, guest_mem_table(mem), vm_fd, gsi)
@@ -142,6 +144,37 @@ class NativeVirtioBlk:
             self.disk.close()
             raise ValueError("cannot create the native virtio-blk device")
         self._p = ffi.gc(p, lib.kvmpy_blk_free)
+        if clock_ns is not None:
+            self.set_clock(clock_ns)
+        if limits:
+            if lib.kvmpy_blk_set_limits(self._p, limits.iops or 0, limits.bps or 0, limits.fps or 0,
+                                        limits.iops_burst, limits.bps_burst) < 0:
+                self.disk.close()
+                raise ValueError(f"rate limits out of range: {limits}")
+
+    # --- rate limits (VirtioBlk.limiter in Python) ----------------------------------------
+    def throttled_until(self) -> int:
+        """CLOCK_MONOTONIC ns at which a request left in the ring may go; 0: none waits."""
+        return lib.kvmpy_blk_throttled_until(self._p)
+
+    def serve_pending(self) -> None:
+        """A host-side QueueNotify: serve what the buckets allow now (bounded)."""
+        lib.kvmpy_blk_serve_pending(self._p)
+
+    def limiter_state(self) -> dict:
+        """The buckets as ``TokenBucket.state()`` dicts (None: no such bucket)."""
+        rl = ffi.new("struct kvmpy_limiter *")
+        lib.kvmpy_blk_get_limiter(self._p, rl)
+        out = {"throttled_until": rl.throttled_until, "throttled": rl.throttled}
+        for name in ("ops", "bytes", "flushes"):
+            b = getattr(rl, name)
+            out[name] = None if not b.size else {k: getattr(b, k) for k in
+                                                 ("size", "refill_ns", "burst", "tokens", "frac", "last_ns")}
+        return out
+
+    def set_clock(self, now_ns: int) -> None:
+        """Tests: the limiter's clock reads ``now_ns`` (0: CLOCK_MONOTONIC again)."""
+        lib.kvmpy_blk_set_clock(self._p, now_ns)
 
     @property
     def ptr(self):

@@ -19,32 +19,68 @@ import threading
 from dataclasses import dataclass, field
 
 from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
+from ..devices.ratelimit import Limits, parse_amount
 from ..errors import DeviceError
 from ..x86 import layout
 from .console import Console
 from .native import FastPath, NativeUart, NativeVirtioBlk
+from .throttle import DiskTimer
+
+_LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
+QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 
 
 @dataclass(frozen=True)
 class Disk:
     """A disk for the guest: a host file (or block device) exposed as virtio-blk.
 
-    ``Disk.parse("PATH[,ro]")`` reads the CLI form. The file is never created,
-    truncated or grown; ``readonly`` opens it O_RDONLY and offers VIRTIO_BLK_F_RO.
+    ``Disk.parse("PATH[,ro][,iops=N][,bps=N][,fps=N]")`` reads the CLI form. The file is
+    never created, truncated or grown; ``readonly`` opens it O_RDONLY and offers
+    VIRTIO_BLK_F_RO. ``iops``, ``bps`` and ``fps`` limit requests, data bytes and
+    flushes per second (token buckets holding one second's worth, full at the start;
+    ``iops_burst``/``bps_burst`` add one-time extra tokens); amounts may be ints or
+    strings with K, M, G suffixes (binary). docs/virtio.md, "Rate limits".
     """
 
     path: str
     readonly: bool = False
+    iops: int | str | None = None
+    bps: int | str | None = None
+    fps: int | str | None = None
+    iops_burst: int | str = 0
+    bps_burst: int | str = 0
+
+    def __post_init__(self):
+        for name in _LIMITS:
+            v = getattr(self, name)
+            if isinstance(v, str):
+                object.__setattr__(self, name, parse_amount(v))
+        self.limits                     # noqa: B018 - checks the values (ValueError)
+
+    @property
+    def limits(self) -> Limits | None:
+        """The rate limits, or None for an unlimited disk."""
+        limits = Limits(**{n: getattr(self, n) for n in _LIMITS})
+        return limits if limits else None
 
     @classmethod
     def parse(cls, spec: str) -> "Disk":
         path, _, opts = spec.partition(",")
-        flags = {o.strip() for o in opts.split(",") if o.strip()}
+        flags, values = set(), {}
+        for o in (o.strip() for o in opts.split(",")):
+            key, eq, value = o.partition("=")
+            if eq and key in _LIMITS:
+                values[key] = value
+            elif o:
+                flags.add(o)
         unknown = flags - {"ro", "rw"}
         if not path or unknown:
-            raise ValueError(f"bad disk {spec!r}: expected PATH or PATH,ro"
+            raise ValueError(f"bad disk {spec!r}: expected PATH[,ro][,iops=N][,bps=N][,fps=N]"
                              + (f" (unknown option {', '.join(sorted(unknown))})" if unknown else ""))
-        return cls(path, readonly="ro" in flags)
+        try:
+            return cls(path, readonly="ro" in flags, **values)
+        except ValueError as e:
+            raise ValueError(f"bad disk {spec!r}: {e}") from None
 
 
 class IrqLine:
@@ -73,6 +109,23 @@ class Locked:
             self.device.write(offset, size, value)
 
 
+class PythonPending:
+    """What the disk timer needs of a Python virtio-blk (NativeVirtioBlk has the same):
+    when a throttled request may go, and a host-side QueueNotify under the device's lock."""
+
+    def __init__(self, device: Locked, blk):
+        self.device, self.blk = device, blk
+
+    def throttled_until(self) -> int:
+        return self.blk.limiter.throttled_until if self.blk.limiter is not None else 0
+
+    def serve_pending(self) -> None:
+        with self.device.lock:
+            if self.blk.limiter is not None:
+                self.blk.limiter.clear()    # not live: nothing to serve, and nothing waits
+            self.device.device.write(QUEUE_NOTIFY, 4, 0)
+
+
 @dataclass(eq=False)
 class Slot:
     """One attached device.
@@ -94,6 +147,7 @@ class Slot:
     disk: Disk | None = None
     identity: dict = field(default_factory=dict)    # what a restore checks before loading state
     backend: object = None                          # a disk's VirtioBlk (its file)
+    pending: object = None                          # a disk's throttled_until()/serve_pending()
 
     def save_state(self) -> dict:
         state = self.model.save_state()
@@ -110,10 +164,11 @@ class Platform:
     ``irqchip`` says whether interrupt lines reach an in-kernel irqchip or nothing.
     """
 
-    def __init__(self, vm, native: bool, irqchip: bool):
+    def __init__(self, vm, native: bool, irqchip: bool, gate=None):
         self.vm, self.native, self.irqchip = vm, native, irqchip
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.slots: list[Slot] = []
+        self.timer = DiskTimer(gate) if gate is not None else None    # rate-limited disks
 
     def attach(self, slot: Slot, device=None) -> Slot:
         """Claim the slot's range on its bus for ``device`` (default: the model)."""
@@ -165,18 +220,21 @@ class Platform:
         from ..devices.virtio.mmio import VirtioMmioTransport
         try:
             if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
-                model = NativeVirtioBlk(disk.path, memory, readonly=disk.readonly,
+                model = NativeVirtioBlk(disk.path, memory, readonly=disk.readonly, limits=disk.limits,
                                         vm_fd=self.vm.fd if self.irqchip else -1, gsi=gsi if self.irqchip else -1)
-                device, fast, blk = model, "virtio-mmio", model
+                device, fast, blk, pending = model, "virtio-mmio", model, model
             else:
-                blk = VirtioBlk(disk.path, readonly=disk.readonly)
+                blk = VirtioBlk(disk.path, readonly=disk.readonly, limits=disk.limits)
                 model = VirtioMmioTransport(blk, memory, self.trigger(gsi))
                 device, fast = Locked(model, threading.Lock()), None
+                pending = PythonPending(device, blk)
         except DeviceError as e:
             raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
         identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
+        if disk.limits and self.timer is not None:
+            self.timer.watch(pending)
         return self.attach(Slot(f"virtio-blk{i}", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "disks",
-                                fast, disk, identity, blk), device)
+                                fast, disk, identity, blk, pending if self.timer is not None else None), device)
 
     # --- what others ask of the platform ---------------------------------------------
     @property
@@ -228,7 +286,11 @@ class Platform:
                 s.load_state(d)
             except ValueError as e:
                 raise ValueError(f"disk {i}: bad virtio state: {e}") from None
+            if s.pending is not None:       # a request a rate limit held back may be in its ring
+                self.timer.kick(s.pending)
 
     def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()          # first: it serves the disks
         for s in self.disks:
             s.backend.close()

@@ -33,6 +33,12 @@ Request checks, in order (docs/virtio.md has the table):
    NUL-padded ID. Unknown type -> UNSUPP.
 ``used.len`` is 1 (the status byte) plus the data bytes written: the data length
 for a successful IN, min(len, 20) for GET_ID, 0 otherwise.
+
+Rate limits (``limits=``, kvmpy/devices/ratelimit.py): every request costs one
+operation, IN and OUT their data length in bytes, FLUSH one flush. A request whose
+tokens are not there yet is put back in the ring (as if never popped) and the notify
+ends; ``limiter.throttled_until`` says when it may go, and whoever calls ``notify``
+again then (the Machine's disk timer, or the guest's next QueueNotify) serves it.
 """
 from __future__ import annotations
 
@@ -40,9 +46,12 @@ import errno
 import os
 import stat
 import struct
+import time
+from typing import Callable
 
 from ...errors import DeviceError
 from ...kvm.memory import GuestMemory
+from ..ratelimit import Limits, RateLimiter
 from .queue import DescriptorChain, VirtQueue, VirtqueueError
 from .mmio import VIRTIO_F_VERSION_1
 
@@ -91,7 +100,8 @@ class VirtioBlk:
     config_size = CONFIG_SIZE
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False,
-                 serial_id: str | bytes | None = None):
+                 serial_id: str | bytes | None = None, limits: Limits | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns):
         ident = serial_id.encode("ascii") if isinstance(serial_id, str) else bytes(serial_id or b"")
         if len(ident) > VIRTIO_BLK_ID_BYTES:
             raise DeviceError(f"virtio-blk: serial_id {serial_id!r} is longer than "
@@ -99,6 +109,7 @@ class VirtioBlk:
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.serial_id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        self.limiter = RateLimiter(limits, clock) if limits else None
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags)
@@ -129,7 +140,10 @@ class VirtioBlk:
         """Every field we expose is read-only (no VIRTIO_BLK_F_CONFIG_WCE): ignored."""
 
     def reset(self) -> None:
-        """Requests complete synchronously, so there is nothing in flight to drop."""
+        """Requests complete synchronously, so there is nothing in flight to drop; a
+        throttled request's ring is gone (the buckets keep their tokens)."""
+        if self.limiter is not None:
+            self.limiter.clear()
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
         """Serve the available requests of ``queue`` in ring order, at most ``queue.size``.
@@ -143,29 +157,38 @@ class VirtioBlk:
         for _ in range(queue.size):
             chain = queue.pop()
             if chain is None:
+                if self.limiter is not None:
+                    self.limiter.clear()        # the ring is empty: nothing waits
                 return
-            written = self.handle(queue.mem, chain)
+            _check_status_byte(chain)
+            header = _header(queue.mem, chain)
+            if self.limiter is not None and not self.limiter.admit(*_cost(chain, header)):
+                queue.last_avail_idx = (queue.last_avail_idx - 1) & 0xFFFF   # back, untouched
+                return
+            written = self.handle(queue.mem, chain, header)
             queue.push_used(chain.head, written)
 
     # --- requests --------------------------------------------------------------------
 
-    def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int:
-        """Execute one request; write its status byte; return used.len."""
+    def handle(self, mem: GuestMemory, chain: DescriptorChain, header: bytes | None = None) -> int:
+        """Execute one request; write its status byte; return used.len. ``header`` is
+        the request header already copied out of guest RAM (read once), if it was."""
+        _check_status_byte(chain)
         wlen = chain.writable_len
-        if wlen == 0:
-            raise VirtqueueError(f"virtio-blk request at descriptor {chain.head} has no "
-                                 "device-writable status byte")
         status_addr = chain.writable[-1][0] + chain.writable[-1][1] - 1
-        status, data_written = self._execute(mem, chain, wlen)
+        if header is None:
+            header = _header(mem, chain)
+        status, data_written = self._execute(mem, chain, wlen, header)
         mem.write(status_addr, bytes([status]))
         return data_written + 1
 
-    def _execute(self, mem: GuestMemory, chain: DescriptorChain, wlen: int) -> tuple[int, int]:
+    def _execute(self, mem: GuestMemory, chain: DescriptorChain, wlen: int,
+                 header: bytes | None) -> tuple[int, int]:
         """(status, data bytes written to the guest) for a chain with a status byte."""
         rlen = chain.readable_len
-        if rlen < REQ_HEADER.size:
+        if header is None:
             return VIRTIO_BLK_S_IOERR, 0
-        rtype, _reserved, sector = REQ_HEADER.unpack(_gather(mem, chain.readable, REQ_HEADER.size))
+        rtype, _reserved, sector = REQ_HEADER.unpack(header)
         if rtype == VIRTIO_BLK_T_IN:
             n = wlen - 1
             if rlen != REQ_HEADER.size or not self._in_range(sector, n):
@@ -266,6 +289,31 @@ class VirtioBlk:
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""
         return f"VirtioBlk({self.path!r}, {self.capacity} sectors{ro})"
+
+
+# --- one request's header and what it costs ----------------------------------------------
+
+def _check_status_byte(chain: DescriptorChain) -> None:
+    if chain.writable_len == 0:
+        raise VirtqueueError(f"virtio-blk request at descriptor {chain.head} has no "
+                             "device-writable status byte")
+
+
+def _header(mem: GuestMemory, chain: DescriptorChain) -> bytes | None:
+    """The 16-byte request header, copied once; None if fewer bytes are readable."""
+    if chain.readable_len < REQ_HEADER.size:
+        return None
+    return _gather(mem, chain.readable, REQ_HEADER.size)
+
+
+def _cost(chain: DescriptorChain, header: bytes | None) -> tuple[int, int, int]:
+    """(operations, bytes, flushes) a request takes from the rate limiter (csrc admit)."""
+    rtype = REQ_HEADER.unpack(header)[0] if header is not None else None
+    if rtype == VIRTIO_BLK_T_IN:
+        return 1, chain.writable_len - 1, 0
+    if rtype == VIRTIO_BLK_T_OUT:
+        return 1, chain.readable_len - REQ_HEADER.size, 0
+    return 1, 0, 1 if rtype == VIRTIO_BLK_T_FLUSH else 0
 
 
 # --- scatter/gather over (gpa, len) segment lists ---------------------------------------
