@@ -282,6 +282,13 @@ _GUESTS: tuple[Guest, ...] = (
          "request publishes the next, and it notifies forever (tests of the notify bound and of "
          "stopping a run); exits 0x46 for another disk size",
          b"blk-selffeed: one request that republishes itself\n", None, demo=False),
+    _blk("blk-smprace",
+         "hostile virtio-blk driver on 8 vCPUs: the BSP sets up blk-selffeed's self-republishing "
+         "request, starts the 7 APs with INIT-SIPI-SIPI, and all 8 write QueueNotify forever, the "
+         "odd APs also flipping avail.flags and republishing head 0 in the ring (tests of stopping "
+         "and pausing a run); needs the in-kernel irqchip; exits 0x46 for another disk size",
+         b"blk-smprace: 8 vCPUs on one self-feeding queue\n", None, demo=False,
+         cpus=8, needs_irqchip=True),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),
