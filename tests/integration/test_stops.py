@@ -2,9 +2,11 @@
 close(), Ctrl-C and `ctl stop` end its run within about a second, in both loops.
 
 The hostile guests: a virtio-blk request that republishes itself (blk-selffeed), COM1
-flooded into a pipe nobody reads, an endless port-I/O loop, and tight loops at CPL 0
-(emulated on kvm_pvm) and at CPL 3. Each run is waited for with a limit, so a
-regression fails the test instead of hanging the suite.
+flooded into a pipe nobody reads, an endless port-I/O loop, tight loops at CPL 0
+(emulated on kvm_pvm) and at CPL 3, and eight vCPUs racing on that self-feeding queue
+(blk-smprace: every vCPU writes QueueNotify, half the APs also rewrite the available
+ring). Each run is waited for with a limit, so a regression fails the test instead of
+hanging the suite.
 """
 import fcntl
 import os
@@ -29,7 +31,8 @@ FLOOD = bytes.fromhex("baf803 b078 ee ebfd")     # mov dx,0x3f8; mov al,'x'; out
 SPIN3 = bytes.fromhex("ebfe")                      # jmp . (loaded in long mode, ring 3)
 SELFFEED_SECTORS, FEED_AT = 65536, 0x102
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-GUESTS = ["selffeed", "serial-flood", "pio-flood", "spin-cpl0", "spin-cpl3"]
+GUESTS = ["selffeed", "serial-flood", "pio-flood", "spin-cpl0", "spin-cpl3", "smp-race"]
+RACING = b"blk-smprace: 8 vCPUs notifying\n"       # all 7 APs checked in, the BSP joins the race
 STUCK = []                       # machines a regression left running: kept, never closed
 
 
@@ -61,6 +64,10 @@ def hostile(name, native, disk, pipe):
         g = guests.get("blk-selffeed")
         m = kvmpy.Machine(disks=[disk], native=native, irqchip=False)
         m.load(g.path, user=True)
+    elif name == "smp-race":
+        g = guests.get("blk-smprace")
+        m = kvmpy.Machine(disks=[disk], cpus=g.cpus, native=native, irqchip=True)
+        m.load(g.path, user=True)
     elif name == "serial-flood":
         m = kvmpy.Machine(mem_size=1 << 20, serial=pipe, native=native)
         m.load(FLOOD, format="raw", mode="real")
@@ -79,6 +86,8 @@ def started(m, name, timeout=None):
     m.start(timeout=timeout)
     if name == "selffeed":
         wait_until(lambda: b"blk-selffeed: feeding\n" in m.serial_output, 20, "the guest to feed")
+    elif name == "smp-race":
+        wait_until(lambda: RACING in m.serial_output, 20, "the eight vCPUs to race")
     time.sleep(0.3)
     return m
 
@@ -135,6 +144,8 @@ def cli_args(name, disk, image_dir):
     """`kvmpy run` arguments for guest ``name``."""
     if name == "selffeed":
         return [str(guests.get("blk-selffeed").path), "--disk", disk, "--user", "--no-irqchip"]
+    if name == "smp-race":
+        return [str(guests.get("blk-smprace").path), "--disk", disk, "--user", "--cpus", "8"]
     if name in ("pio-flood", "spin-cpl0"):
         return [str(guests.get("pio-loop" if name == "pio-flood" else "spin").path), "--format", "raw",
                 "--mode", "real"]
@@ -198,3 +209,30 @@ def test_ctl_stop_ends_a_hostile_guest(kvm_required, feeding_disk, tmp_path, nam
     finally:
         p.kill()
         p.stdout.close()
+
+
+# --- pause() parks all eight racing vCPUs ------------------------------------------------------
+def used_idx(m):
+    return m.platform.disks[0].model.save_state()["queues"][0]["used_idx"]
+
+
+@NATIVE
+def test_pause_parks_every_vcpu_of_the_smp_race(kvm_required, feeding_disk, native):
+    m = started(hostile("smp-race", native, feeding_disk, None), "smp-race")
+    t = time.monotonic()
+    assert m.pause(timeout=10)
+    assert time.monotonic() - t < WITHIN
+    try:
+        before = used_idx(m), m.live_stats().devices["virtio-blk0"]
+        for v in m.vcpus[1:]:                   # every AP got past its trampoline into the race
+            sregs = v.get_sregs()
+            assert sregs.cr0 & 1 and not sregs.cr0 & (1 << 31)        # protected mode, paging off
+            assert 0x100000 <= v.get_regs().rip < 0x200000             # in the image at 1 MiB
+        time.sleep(0.2)
+        assert (used_idx(m), m.live_stats().devices["virtio-blk0"]) == before   # nobody notifies
+    finally:
+        m.resume()
+    wait_until(lambda: m.live_stats().devices["virtio-blk0"] > before[1], 5, "the race to go on")
+    m.request_stop()
+    assert ended_within(m, 10) < WITHIN
+    m.close()
