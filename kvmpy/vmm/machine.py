@@ -72,7 +72,7 @@ class Machine:
         self.image: LoadedImage | None = None
         self.console = Console(serial, bps=serial_bps)
         me = weakref.proxy(self)      # the parts' callbacks must not keep the Machine alive (a cycle)
-        self.gate = PauseGate(lambda: me.kick())
+        self.gate = PauseGate(_kicker(me))
         self.migration_lock = threading.Lock()     # one live migration at a time (lifecycle/migration.py)
         self.vcpus: list = []
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -96,8 +96,9 @@ class Machine:
         except BaseException:
             self.close()
             raise
-        self.console.on_error = lambda e: me.gate.stop.set("error", error=e) and me.kick()
-        gate = self.gate                # a slow output stream throttles a vCPU until a stop or pause
+        gate = self.gate                # a failing output stream stops the run with its error
+        self.console.on_error = lambda e: gate.stop.set("error", error=e) and gate.kick()
+        # a slow output stream throttles a vCPU until a stop or pause
         self.console.throttle = lambda: current_vcpu() is not None and not gate.requested \
             and gate.stop.reason is None
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
@@ -450,3 +451,14 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if disks > layout.MAX_VIRTIO_DEVICES:
         raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} disks, got {disks}")
+
+
+def _kicker(machine):
+    """``machine.kick`` through a weak proxy: a late caller (the console's writer thread
+    failing after the machine is gone) finds no vCPU to kick, not a ReferenceError."""
+    def kick() -> None:
+        try:
+            machine.kick()
+        except ReferenceError:
+            pass
+    return kick
