@@ -143,9 +143,10 @@ class ControlServer:
                 except (ValueError, TypeError, KeyError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}"}
                 except KvmpyError as e:
-                    answer = {"ok": False, "error": str(e)}
+                    answer = {"ok": False, "error": _refusal(e) or str(e)}
                 except Exception as e:          # every request gets an answer; the server goes on
-                    answer = {"ok": False, "error": f"{_cmd_name(request)} failed: {type(e).__name__}: {e}"}
+                    answer = {"ok": False, "error": _refusal(e) or
+                              f"{_cmd_name(request)} failed: {type(e).__name__}: {e}"}
                 try:
                     _send(reply, answer)
                 except OSError:
@@ -217,6 +218,12 @@ def _key(text) -> bytes | None:
         raise ValueError("\"key\" is the migration key in hex") from None
     from .channel import check_key
     return check_key(key)
+
+
+def _refusal(error: BaseException) -> str | None:
+    """The sandbox's one line if ``error`` is (or was caused by) a refused system call."""
+    from ..vmm.confine import refusal_message
+    return refusal_message(error)
 
 
 def _cmd_name(request) -> str:
