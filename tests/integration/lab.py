@@ -1,4 +1,6 @@
 """Helpers shared by the tests that pause, snapshot, migrate and control the counter guest."""
+import json
+import struct
 import time
 
 import kvmpy
@@ -37,3 +39,26 @@ def wait_until(predicate, timeout=10.0, what="condition", poll=0.005):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
+
+
+SELFFEED_SECTORS, SELFFEED_AT = 65536, 0x102
+
+
+def selffeed_disk(path) -> str:
+    """blk-selffeed's and blk-smprace's food: 32 MiB where sector s holds (s + 1) mod 65536
+    as a le16 at byte 0x102 (the IN buffer's byte that lands on avail.idx), zeros elsewhere."""
+    body = bytearray(SELFFEED_SECTORS * 512)
+    for s in range(SELFFEED_SECTORS):
+        struct.pack_into("<H", body, s * 512 + SELFFEED_AT, (s + 1) & 0xFFFF)
+    path.write_bytes(bytes(body))
+    return str(path)
+
+
+def rewrite_manifest(snap, edit):
+    """Edit a snapshot's manifest and fix its checksum, as a hostile or buggy tool could."""
+    from kvmpy.vmm.state import body_sha
+    manifest = snap / "manifest.json"
+    body = json.loads(manifest.read_text())
+    edit(body)
+    body["sha256"] = body_sha(body)
+    manifest.write_text(json.dumps(body))

@@ -5,11 +5,9 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 

@@ -11,7 +11,6 @@ A regression must fail, not hang the suite: each run is waited for with a timeou
 and a machine whose vCPU is stuck is kept alive (never closed, never finalized) so
 nothing waits on it.
 """
-import struct
 import threading
 import time
 
@@ -20,20 +19,14 @@ import pytest
 import kvmpy
 from kvmpy import guests
 
-SECTORS = 65536
-FEED_AT = 0x102
+from . import lab
+
 STUCK = []                       # machines a regression left running: never closed, never collected
 
 
 @pytest.fixture(scope="module")
 def feeding_disk(tmp_path_factory):
-    """32 MiB; sector s holds (s + 1) mod 65536 as a le16 at FEED_AT, zeros elsewhere."""
-    body = bytearray(SECTORS * 512)
-    for s in range(SECTORS):
-        struct.pack_into("<H", body, s * 512 + FEED_AT, (s + 1) & 0xFFFF)
-    path = tmp_path_factory.mktemp("selffeed") / "disk.img"
-    path.write_bytes(bytes(body))
-    return str(path)
+    return lab.selffeed_disk(tmp_path_factory.mktemp("selffeed") / "disk.img")
 
 
 def feeding(disk, native, timeout=None):

@@ -22,10 +22,9 @@ from kvmpy import migration
 from kvmpy.lifecycle import channel
 from kvmpy.lifecycle.migration import MigrationError
 
-from . import lab
 from .lab import fresh_disk
 from .migwire import MAGIC, Wire, greeting
-from .test_migration import CMDLINE, counter, drain, feed_receiver, hello, hello_body, page_frame, receiver
+from .test_migration import counter, drain, feed_receiver, hello, hello_body, page_frame, receiver
 
 KEY = b"k" * 32
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}

@@ -15,7 +15,7 @@ from kvmpy import guests
 from kvmpy.lifecycle.snapshot import SnapshotError
 
 from . import lab
-from .lab import DISK_BYTES, fresh_disk, wait_until
+from .lab import DISK_BYTES, fresh_disk, rewrite_manifest, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
 
@@ -170,14 +170,6 @@ def test_snapshot_of_a_machine_with_a_disk_in_flight_state(tmp_path, counter_ref
         assert copy.read_bytes() == ref_disk
 
 
-def rewrite_manifest(snap, edit):
-    """Edit a snapshot's manifest and fix its checksum, as a hostile or buggy tool could."""
-    from kvmpy.vmm.state import body_sha
-    manifest = snap / "manifest.json"
-    body = json.loads(manifest.read_text())
-    edit(body)
-    body["sha256"] = body_sha(body)
-    manifest.write_text(json.dumps(body))
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -7,14 +7,9 @@ import pytest
 import kvmpy
 from kvmpy.lifecycle.snapshot import SnapshotError
 
+from .lab import rewrite_manifest
 
-def rewrite_manifest(snap, edit):
-    from kvmpy.vmm.state import body_sha
-    manifest = snap / "manifest.json"
-    body = json.loads(manifest.read_text())
-    edit(body)
-    body["sha256"] = body_sha(body)
-    manifest.write_text(json.dumps(body))
+
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])

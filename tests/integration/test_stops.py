@@ -11,7 +11,6 @@ hanging the suite.
 import fcntl
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,12 +23,11 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.lifecycle.control import request
 
-from .lab import wait_until
+from .lab import selffeed_disk, wait_until
 
 WITHIN = 1.0                     # seconds from the stop to the end of the run
 FLOOD = bytes.fromhex("baf803 b078 ee ebfd")     # mov dx,0x3f8; mov al,'x'; out dx,al; jmp back to the out
 SPIN3 = bytes.fromhex("ebfe")                      # jmp . (loaded in long mode, ring 3)
-SELFFEED_SECTORS, FEED_AT = 65536, 0x102
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 GUESTS = ["selffeed", "serial-flood", "pio-flood", "spin-cpl0", "spin-cpl3", "smp-race"]
 RACING = b"blk-smprace: 8 vCPUs notifying\n"       # all 7 APs checked in, the BSP joins the race
@@ -38,13 +36,7 @@ STUCK = []                       # machines a regression left running: kept, nev
 
 @pytest.fixture(scope="module")
 def feeding_disk(tmp_path_factory):
-    """32 MiB; sector s holds (s + 1) mod 65536 as a le16 at FEED_AT (blk-selffeed's food)."""
-    body = bytearray(SELFFEED_SECTORS * 512)
-    for s in range(SELFFEED_SECTORS):
-        struct.pack_into("<H", body, s * 512 + FEED_AT, (s + 1) & 0xFFFF)
-    path = tmp_path_factory.mktemp("stops") / "disk.img"
-    path.write_bytes(bytes(body))
-    return str(path)
+    return selffeed_disk(tmp_path_factory.mktemp("stops") / "disk.img")
 
 
 @pytest.fixture
