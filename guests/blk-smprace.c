@@ -33,31 +33,12 @@
  * device" and exit 0x4E; with a disk of another size "blk-smprace: needs a 32 MiB
  * disk" and exit 0x46.
  */
-#include "runtime/runtime.h"
-#include "runtime/virtio_blk.h"
+#include "runtime/selffeed.h"
 
 #define EXIT_BAD_DISK 0x46
-#define DISK_SECTORS 65536
-#define QUEUE_NUM 16
-#define FEED_AT 0x102			/* the IN buffer's byte that lands on avail.idx */
 #define MAX_APS 7			/* 8 vCPUs */
 
-/* virtio-mmio registers (virtio 1.2, 4.2.2) and descriptor flags (2.7.5) */
-#define QUEUE_SEL 0x030
-#define QUEUE_NUM_REG 0x038
-#define QUEUE_READY 0x044
-#define QUEUE_NOTIFY 0x050
-#define QUEUE_DESC_LOW 0x080
-#define QUEUE_DRIVER_LOW 0x090
-#define QUEUE_DEVICE_LOW 0x0a0
-#define VIRTQ_DESC_F_NEXT 1
-#define VIRTQ_DESC_F_WRITE 2
-
-/* race_page: descriptors at 0, available ring at 0x800 (blk-smprace-ap.S knows it),
- * used ring at 0xc00, status byte at 0xf00; the IN buffer covers 0x700..0x900. */
-#define AVAIL_OFF 0x800
-#define USED_OFF 0xc00
-#define STATUS_OFF 0xf00
+/* race_page holds the queue (runtime/selffeed.h); blk-smprace-ap.S knows AVAIL_OFF is 0x800. */
 
 /* Local APIC (SDM vol. 3A, table 10-1) at its default base, identity-mapped. */
 #define LAPIC_BASE 0xfee00000UL
@@ -75,27 +56,6 @@
 u8 race_page[4096] __attribute__((aligned(4096)));	/* shared with the APs */
 volatile u32 ap_count;					/* APs that checked in */
 extern const char ap_trampoline[], ap_trampoline_end[];
-
-static void reg(unsigned off, u32 v)
-{
-	*(volatile u32 *)(VIRTIO_MMIO_BASE + off) = v;
-}
-
-static void reg_addr(unsigned low, u64 a)
-{
-	reg(low, (u32)a);
-	reg(low + 4, (u32)(a >> 32));
-}
-
-static void desc(unsigned i, u64 addr, u32 len, u16 flags, u16 next)
-{
-	volatile u8 *d = race_page + 16 * i;
-
-	*(volatile u64 *)d = addr;
-	*(volatile u32 *)(d + 8) = len;
-	*(volatile u16 *)(d + 12) = flags;
-	*(volatile u16 *)(d + 14) = next;
-}
 
 static u32 lapic_read(unsigned off)
 {
@@ -132,25 +92,6 @@ static void ipi_all_but_self(u32 icr)
 		__asm__ volatile("pause");
 }
 
-/* Blk-selffeed's queue: one IN request at head 0 that republishes itself. */
-static void feed(void)
-{
-	u64 base = (unsigned long)race_page, avail = base + AVAIL_OFF;	/* identity map */
-
-	reg(QUEUE_SEL, 0);
-	reg(QUEUE_READY, 0);			/* drop the runtime's queue 0 */
-	reg(QUEUE_NUM_REG, QUEUE_NUM);
-	reg_addr(QUEUE_DESC_LOW, base);
-	reg_addr(QUEUE_DRIVER_LOW, avail);
-	reg_addr(QUEUE_DEVICE_LOW, base + USED_OFF);
-	/* .bss is zero: header type IN, avail.flags 0, every ring slot head 0 */
-	desc(0, avail + 2 - 8, 16, VIRTQ_DESC_F_NEXT, 1);
-	desc(1, avail + 2 - FEED_AT, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2);
-	desc(2, base + STATUS_OFF, 1, VIRTQ_DESC_F_WRITE, 0);
-	*(volatile u16 *)(avail + 2) = 1;	/* publish head 0: the header says sector 1 */
-	reg(QUEUE_READY, 1);
-}
-
 /* INIT-SIPI-SIPI to every AP at once; the number that checked in within ~2 s. */
 static u32 start_aps(void)
 {
@@ -178,14 +119,14 @@ int main(void)
 	err = blk_start("blk-smprace");
 	if (err)
 		return err;
-	if (blk_capacity() != DISK_SECTORS) {
+	if (blk_capacity() != SELFFEED_SECTORS) {
 		puts("blk-smprace: needs a 32 MiB disk\n");
 		return EXIT_BAD_DISK;
 	}
-	feed();
+	selffeed_setup(race_page);
 	puts("blk-smprace: ");
 	print_dec(start_aps() + 1);
 	puts(" vCPUs notifying\n");
 	for (;;)
-		reg(QUEUE_NOTIFY, 0);
+		selffeed_reg(QUEUE_NOTIFY, 0);
 }
