@@ -1,4 +1,4 @@
-"""isa-debug-exit, the i8042 reset stub and the IRQ triggers."""
+"""isa-debug-exit, the i8042 reset line and the IRQ triggers (the rest of the i8042: test_i8042.py)."""
 import pytest
 
 from kvmpy.devices.debugexit import DebugExit
@@ -48,11 +48,10 @@ def test_i8042_other_writes_do_not_reset(offset, value):
     assert resets == []
 
 
-def test_i8042_status_and_data_read_zero():
-    """Status reads 0 (no data, input buffer empty) and data reads 0."""
+def test_i8042_power_on_status_has_nothing_to_read():
+    """Status at power-on: no data, input buffer empty, POST passed, not keylocked."""
     kbd = I8042(lambda: None)
-    assert kbd.read(4, 1) == 0
-    assert kbd.read(0, 1) == 0
+    assert kbd.read(4, 1) == 0x14       # STR_SYSFLAG | STR_KEYLOCK
 
 
 def test_recording_trigger_keeps_every_change():
