@@ -18,7 +18,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
+from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Rtc, Serial16550
 from ..devices.ratelimit import Limits, parse_amount
 from ..errors import DeviceError
 from ..x86 import layout
@@ -28,6 +28,9 @@ from .throttle import DiskTimer
 
 _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
+# Devices whose state joined version 2 of the saved state later: a state without them
+# (an older snapshot or migration peer) leaves them in their power-on state.
+LATER_DEVICES = frozenset({"i8042", "rtc"})
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,16 @@ class Platform:
                                 DebugExit(on_exit=on_exit)))
 
     def add_i8042(self, on_reset) -> Slot:
-        """The keyboard controller's reset line (and the answers Linux probes for)."""
-        return self.attach(Slot("i8042", "pio", layout.I8042_PORT, layout.I8042_PORT_COUNT,
-                                I8042(on_reset=on_reset)))
+        """The keyboard controller: its reset line and the answers Linux probes for."""
+        kbd = I8042(on_reset=on_reset)
+        return self.attach(Slot("i8042", "pio", layout.I8042_PORT, layout.I8042_PORT_COUNT, kbd,
+                                saved_as="i8042"), Locked(kbd, threading.Lock()))
+
+    def add_rtc(self, clock=None) -> Slot:
+        """The CMOS real-time clock at 0x70, reading the host's clock (``clock``: for tests)."""
+        rtc = Rtc(clock) if clock is not None else Rtc()
+        return self.attach(Slot("rtc", "pio", layout.RTC_PORT, layout.RTC_PORT_COUNT, rtc, saved_as="rtc"),
+                           Locked(rtc, threading.Lock()))
 
     def add_fw_cfg(self, fw_cfg: FwCfg) -> Slot:
         """QEMU's fw_cfg at 0x510."""
@@ -279,6 +289,8 @@ class Platform:
         if len(saved["disks"]) != len(disks):
             raise ValueError(f"the state has {len(saved['disks'])} disks, the machine {len(disks)}")
         for s in self.slots:
+            if s.saved_as in LATER_DEVICES and s.saved_as not in saved:
+                continue                # a version-2 state from before it had state: power-on
             if s.saved_as and s.saved_as != "disks":
                 s.load_state(saved[s.saved_as])
         for i, (s, d) in enumerate(zip(disks, saved["disks"])):

@@ -48,6 +48,8 @@ COM1_PORT, COM1_IRQ = 0x3F8, 4     # PC standard: first serial port, ISA IRQ 4
 COM_PORT_COUNT = 8                 # 16550 registers occupy 8 consecutive ports
 I8042_PORT = 0x60                  # PS/2 controller: data 0x60, command/status 0x64
 I8042_PORT_COUNT = 5
+RTC_PORT = 0x70                    # CMOS/RTC (MC146818): index 0x70 (bit 7 masks NMI), data 0x71
+RTC_PORT_COUNT = 2                 # no IRQ: IRQ 8 (the RTC's line) is never raised
 DEBUG_EXIT_PORT = 0xF4             # QEMU's isa-debug-exit default iobase
 DEBUG_EXIT_PORT_COUNT = 1
 # QEMU's fw_cfg on x86 (docs/specs/fw_cfg.rst, "Register Locations"): the 16-bit selector
