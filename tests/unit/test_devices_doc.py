@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.devices import fwcfg, i8042, serial
+from kvmpy.devices import fwcfg, i8042, rtc, serial
 from kvmpy.devices.virtio import blk, mmio
 from kvmpy.x86 import layout
 
@@ -19,11 +19,13 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "devices.md"
 # section heading -> module whose constants the register table names
 SECTION_MODULES = {
     "16550A UART (COM1)": serial,
-    "i8042 reset": i8042,
+    "i8042 keyboard controller": i8042,
+    "CMOS RTC (MC146818)": rtc,
     "fw_cfg": fwcfg,
     "virtio-mmio transport and virtio-blk": mmio,
 }
-EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 reset", "fw_cfg",
+EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard controller",
+                     "CMOS RTC (MC146818)", "fw_cfg",
                      "virtio-mmio transport and virtio-blk", "Unclaimed ports and MMIO"]
 
 
@@ -81,7 +83,8 @@ def test_where_it_lives_constants_match_layout():
 
 def test_where_it_lives_port_ranges_match_base_and_count():
     ranges = {"16550A UART (COM1)": (layout.COM1_PORT, layout.COM_PORT_COUNT),
-              "i8042 reset": (layout.I8042_PORT, layout.I8042_PORT_COUNT),
+              "i8042 keyboard controller": (layout.I8042_PORT, layout.I8042_PORT_COUNT),
+              "CMOS RTC (MC146818)": (layout.RTC_PORT, layout.RTC_PORT_COUNT),
               "fw_cfg": (layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT)}
     lines = dict(_where_lines())
     for section, (base, count) in ranges.items():
@@ -99,7 +102,8 @@ def test_where_it_lives_irqs_match_layout():
     assert tuple(int(x) for x in irqs.strip(" ,").split(",")) == layout.VIRTIO_MMIO_IRQS
     m = re.search(r"MMIO (0x[0-9A-Fa-f]+) \+ i \* (0x[0-9A-Fa-f]+)", lines["virtio-mmio transport and virtio-blk"])
     assert (int(m[1], 16), int(m[2], 16)) == (layout.VIRTIO_MMIO_BASE, layout.VIRTIO_MMIO_SIZE)
-    for section in ("isa-debug-exit", "i8042 reset", "fw_cfg", "Unclaimed ports and MMIO"):
+    for section in ("isa-debug-exit", "i8042 keyboard controller", "CMOS RTC (MC146818)", "fw_cfg",
+                    "Unclaimed ports and MMIO"):
         assert lines[section].rstrip().endswith("no IRQ.") or "no IRQ." in lines[section], section
 
 
@@ -141,3 +145,20 @@ def test_virtio_numbers_quoted_in_the_doc_match_the_code():
     assert f"{mmio.VIRTIO_MMIO_VENDOR:#X}".replace("0X", "0x") in body
     assert f"{blk.QUEUE_NUM_MAX} (`QUEUE_NUM_MAX`)" in body
     assert f"({blk.CONFIG_SIZE} bytes" in body
+
+
+def test_rtc_cmos_table_names_are_constants_with_the_same_index():
+    rows = [ln for ln in _sections()["CMOS RTC (MC146818)"].splitlines() if re.match(r"\| 0x[0-9A-F]{2} \|", ln)]
+    assert len(rows) == 15
+    for line in rows:
+        index, name = re.match(r"\| (0x[0-9A-F]+) \| `([A-Z_0-9]+)`", line).groups()
+        assert getattr(rtc, name) == int(index, 16), name
+
+
+def test_every_backticked_i8042_and_rtc_name_exists():
+    for section, module in (("i8042 keyboard controller", i8042), ("CMOS RTC (MC146818)", rtc)):
+        for name in re.findall(r"`((?:STR|CTR|CMD|OUTP|REG|RTC|POWER_ON|AUX|SELFTEST|UIP|NMI|CMOS)_?[A-Z0-9_]*)`",
+                               _sections()[section]):
+            if name.startswith("RTC_PORT"):
+                continue                # a layout constant, checked above
+            assert hasattr(module, name), f"{section}: {name}"
