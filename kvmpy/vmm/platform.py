@@ -18,7 +18,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Serial16550
+from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, ResetControl, Serial16550, SystemControlA
 from ..devices.ratelimit import Limits, parse_amount
 from ..errors import DeviceError
 from ..x86 import layout
@@ -28,6 +28,9 @@ from .throttle import DiskTimer
 
 _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
+# Device states added after snapshot version 2 was fixed: a saved machine from before
+# lacks them, and such a device keeps its power-on state on restore.
+ADDED_LATER = frozenset({"port92", "reset_control"})
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,15 @@ class Platform:
         return self.attach(Slot("i8042", "pio", layout.I8042_PORT, layout.I8042_PORT_COUNT,
                                 I8042(on_reset=on_reset)))
 
+    def add_reset_lines(self, on_reset) -> tuple[Slot, Slot]:
+        """System Control Port A (0x92, bit 0) and the Reset Control Register (0xcf9, one byte),
+        each serialised by its own lock (a read-modify-write from two vCPUs)."""
+        a92, rcr = SystemControlA(on_reset), ResetControl(on_reset)
+        return (self.attach(Slot("port92", "pio", layout.SYS_CTRL_A_PORT, layout.SYS_CTRL_A_PORT_COUNT,
+                                 a92, saved_as="port92"), Locked(a92, threading.Lock())),
+                self.attach(Slot("reset-control", "pio", layout.RESET_CONTROL_PORT, layout.RESET_CONTROL_PORT_COUNT,
+                                 rcr, saved_as="reset_control"), Locked(rcr, threading.Lock())))
+
     def add_fw_cfg(self, fw_cfg: FwCfg) -> Slot:
         """QEMU's fw_cfg at 0x510."""
         return self.attach(Slot("fw_cfg", "pio", layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, fw_cfg,
@@ -279,7 +291,7 @@ class Platform:
         if len(saved["disks"]) != len(disks):
             raise ValueError(f"the state has {len(saved['disks'])} disks, the machine {len(disks)}")
         for s in self.slots:
-            if s.saved_as and s.saved_as != "disks":
+            if s.saved_as and s.saved_as != "disks" and (s.saved_as in saved or s.saved_as not in ADDED_LATER):
                 s.load_state(saved[s.saved_as])
         for i, (s, d) in enumerate(zip(disks, saved["disks"])):
             try:
