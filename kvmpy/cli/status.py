@@ -24,7 +24,7 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_OK:<10} the guest halted (HLT; only with --no-irqchip: by default HLT waits for interrupts)
   {EXIT_USAGE:<10} bad command line
   {EXIT_VMM_ERROR:<10} kvmpy could not start the guest (bad image, KVM unavailable)
-  {EXIT_RESET:<10} the guest reset the machine (i8042 0xFE)
+  {EXIT_RESET:<10} the guest reset the machine (i8042 0xFE, port 0x92 bit 0, 0xcf9)
   {EXIT_TRIPLE_FAULT:<10} the guest triple-faulted (register dump and code on stderr)
   {EXIT_TIMEOUT:<10} --timeout expired
   {EXIT_INTERNAL_ERROR:<10} KVM internal error, entry failure or unsupported exit

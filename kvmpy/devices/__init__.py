@@ -11,10 +11,12 @@ from .debugexit import DebugExit
 from .fwcfg import FwCfg
 from .i8042 import I8042
 from .irq import NullTrigger, RecordingTrigger, Trigger
+from .reset import ResetControl, SystemControlA
 from .rtc import Rtc
 from .serial import Serial16550
 
 __all__ = [
     "Attachment", "Bus", "Device", "DebugExit", "FwCfg", "I8042",
     "NullTrigger", "RecordingTrigger", "Rtc", "Trigger", "Serial16550",
+    "ResetControl", "SystemControlA",
 ]

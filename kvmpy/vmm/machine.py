@@ -151,6 +151,7 @@ class Machine:
         p.add_debug_exit(lambda status: gate.stop.set("exit", status, current_vcpu()))
         p.add_i8042(lambda: gate.stop.set("reset", None, current_vcpu()))
         p.add_rtc()
+        p.add_reset_lines(lambda: gate.stop.set("reset", None, current_vcpu()))
         self.fw_cfg = FwCfg(self.mem_size, cpus)
         for name, content in files.items():
             self.fw_cfg.add_file(name, read_file(content, f"fw_cfg file {name!r}", error=DeviceError))

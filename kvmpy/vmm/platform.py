@@ -18,7 +18,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from ..devices import Bus, DebugExit, FwCfg, I8042, NullTrigger, Rtc, Serial16550
+from ..devices import (Bus, DebugExit, FwCfg, I8042, NullTrigger, ResetControl, Rtc, Serial16550,
+                       SystemControlA)
 from ..devices.ratelimit import Limits, parse_amount
 from ..errors import DeviceError
 from ..x86 import layout
@@ -30,7 +31,7 @@ _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
-LATER_DEVICES = frozenset({"i8042", "rtc"})
+LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control"})
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,15 @@ class Platform:
         rtc = Rtc(clock) if clock is not None else Rtc()
         return self.attach(Slot("rtc", "pio", layout.RTC_PORT, layout.RTC_PORT_COUNT, rtc, saved_as="rtc"),
                            Locked(rtc, threading.Lock()))
+
+    def add_reset_lines(self, on_reset) -> tuple[Slot, Slot]:
+        """System Control Port A (0x92, bit 0) and the Reset Control Register (0xcf9, one byte),
+        each serialised by its own lock (a read-modify-write from two vCPUs)."""
+        a92, rcr = SystemControlA(on_reset), ResetControl(on_reset)
+        return (self.attach(Slot("port92", "pio", layout.SYS_CTRL_A_PORT, layout.SYS_CTRL_A_PORT_COUNT,
+                                 a92, saved_as="port92"), Locked(a92, threading.Lock())),
+                self.attach(Slot("reset-control", "pio", layout.RESET_CONTROL_PORT, layout.RESET_CONTROL_PORT_COUNT,
+                                 rcr, saved_as="reset_control"), Locked(rcr, threading.Lock())))
 
     def add_fw_cfg(self, fw_cfg: FwCfg) -> Slot:
         """QEMU's fw_cfg at 0x510."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -32,9 +33,12 @@ _UNCLAIMED = (None, 0, "unclaimed-pio")
 FOLD_NS = 20_000_000        # the Python loop adds its counts to the run's stats at least this often
 _tls = threading.local()
 
-INTERNAL_ERROR_HINT = ("on hosts without hardware virtualisation (kvm_pvm) int3, int $n, lock cmpxchg16b "
-                       "and xrstor at CPL 0 cannot be emulated: run a 64-bit guest in ring 3 (--user) "
-                       "or see docs/host-notes.md in kvmpy's source")
+INTERNAL_ERROR_HINT = ("on hosts without hardware virtualisation (kvm_pvm) ring-0 code is emulated and some "
+                       "instructions cannot be (int3, int $n, lock cmpxchg16b, xrstor, xgetbv, clac, ...): "
+                       "run a 64-bit guest in ring 3 (--user) or see docs/host-notes.md in kvmpy's source")
+# The first line of x86.disasm.disassemble(): "=> ADDR: BYTES  MNEMONIC OPERANDS", BYTES being
+# two-digit hex pairs, each followed by a space (no x86 mnemonic is two hex digits).
+_FIRST_INSN = re.compile(r"=> (0x[0-9a-f]+): ((?:[0-9a-f]{2} )+)\s*(\S.*)")
 
 
 def current_vcpu() -> int | None:
@@ -239,7 +243,7 @@ class VcpuLoop:
                 reason = "entry-failure"
                 message = f"KVM could not enter the guest (hardware reason {hw:#x}): invalid CPU state"
             case exits.InternalError():
-                reason, message = "internal-error", f"KVM internal error ({ex.kind}); {INTERNAL_ERROR_HINT}"
+                reason, message = "internal-error", lambda code: internal_error_message(ex, code)
             case _:
                 reason, message = "unsupported-exit", f"unsupported exit: {ex}"
         raise guest_error(vcpu, self.memory, ex, reason, message)
@@ -280,8 +284,26 @@ class VcpuLoop:
         return dev.read(off, size) & ((1 << (8 * size)) - 1)
 
 
-def guest_error(vcpu, memory, ex, reason: str, message: str) -> GuestError:
-    """A GuestError with the vCPU's registers and the code at RIP, disassembled."""
+def internal_error_message(ex, code: str) -> str:
+    """What KVM_EXIT_INTERNAL_ERROR means, naming the instruction at RIP when ``code``
+    (the disassembly there) decodes; the host-specific advice follows as advice."""
+    m = _FIRST_INSN.match(code.splitlines()[0] if code else "")
+    if m is None:
+        insn = None
+    elif m[3].startswith("("):              # capstone cannot decode it: show its bytes
+        insn = f"the instruction at {m[1]} (bytes {m[2].strip()})"
+    else:
+        insn = f"`{m[3]}` at {m[1]}"
+    if ex.kind == "emulation":
+        what = f"KVM could not emulate {insn or 'the instruction at RIP'} (internal error, emulation failure)"
+    else:
+        what = f"KVM internal error ({ex.kind})" + (f" on {insn}" if insn else "")
+    return f"{what}; {INTERNAL_ERROR_HINT}"
+
+
+def guest_error(vcpu, memory, ex, reason: str, message) -> GuestError:
+    """A GuestError with the vCPU's registers and the code at RIP, disassembled.
+    ``message`` is a string, or a function of that disassembly giving one."""
     regs = sregs = None
     code = ""
     try:
@@ -290,6 +312,8 @@ def guest_error(vcpu, memory, ex, reason: str, message: str) -> GuestError:
         code = inspect.code_at(regs, sregs, memory, 6)
     except Exception as e:              # the report must not hide the original failure
         code = f"(cannot read guest code: {e})"
+    if callable(message):
+        message = message(code)
     err = GuestError(f"vCPU {vcpu.id}: {message}", exit=ex, regs=regs, sregs=sregs, disassembly=code)
     err.reason = reason
     return err

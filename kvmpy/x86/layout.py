@@ -58,6 +58,13 @@ DEBUG_EXIT_PORT_COUNT = 1
 # implemented (FW_CFG_ID says so), so those ports stay unclaimed.
 FW_CFG_PORT = 0x510
 FW_CFG_PORT_COUNT = 2
+# The reset lines besides the i8042's (devices/reset.py): System Control Port A and the
+# PIIX/ICH Reset Control Register. 0xcf9 lies inside PCI configuration mechanism #1's
+# CONFIG_ADDRESS (0xcf8-0xcfb); only the byte port is claimed (docs/devices.md, "Reset lines").
+SYS_CTRL_A_PORT = 0x92
+SYS_CTRL_A_PORT_COUNT = 1
+RESET_CONTROL_PORT = 0xCF9
+RESET_CONTROL_PORT_COUNT = 1
 
 # --- GDT selectors (index << 3 | RPL), matching gdt.boot_gdt() ----------------------
 SEL_CODE64 = 0x08

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.devices import fwcfg, i8042, rtc, serial
+from kvmpy.devices import fwcfg, i8042, reset, rtc, serial
 from kvmpy.devices.virtio import blk, mmio
 from kvmpy.x86 import layout
 
@@ -22,10 +22,11 @@ SECTION_MODULES = {
     "i8042 keyboard controller": i8042,
     "CMOS RTC (MC146818)": rtc,
     "fw_cfg": fwcfg,
+    "Reset lines (port 0x92, 0xcf9)": reset,
     "virtio-mmio transport and virtio-blk": mmio,
 }
 EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard controller",
-                     "CMOS RTC (MC146818)", "fw_cfg",
+                     "CMOS RTC (MC146818)", "fw_cfg", "Reset lines (port 0x92, 0xcf9)",
                      "virtio-mmio transport and virtio-blk", "Unclaimed ports and MMIO"]
 
 
@@ -91,6 +92,8 @@ def test_where_it_lives_port_ranges_match_base_and_count():
         m = re.search(r"ports (0x[0-9A-Fa-f]+)-(0x[0-9A-Fa-f]+)", lines[section])
         assert m, section
         assert (int(m[1], 16), int(m[2], 16)) == (base, base + count - 1), section
+    ports = re.findall(r"port (0x[0-9A-Fa-f]+)", lines["Reset lines (port 0x92, 0xcf9)"])
+    assert [int(p, 16) for p in ports] == [layout.SYS_CTRL_A_PORT, layout.RESET_CONTROL_PORT]
     m = re.search(r"port (0x[0-9A-Fa-f]+)", lines["isa-debug-exit"])
     assert int(m[1], 16) == layout.DEBUG_EXIT_PORT and layout.DEBUG_EXIT_PORT_COUNT == 1
 
@@ -103,6 +106,7 @@ def test_where_it_lives_irqs_match_layout():
     m = re.search(r"MMIO (0x[0-9A-Fa-f]+) \+ i \* (0x[0-9A-Fa-f]+)", lines["virtio-mmio transport and virtio-blk"])
     assert (int(m[1], 16), int(m[2], 16)) == (layout.VIRTIO_MMIO_BASE, layout.VIRTIO_MMIO_SIZE)
     for section in ("isa-debug-exit", "i8042 keyboard controller", "CMOS RTC (MC146818)", "fw_cfg",
+                    "Reset lines (port 0x92, 0xcf9)",
                     "Unclaimed ports and MMIO"):
         assert lines[section].rstrip().endswith("no IRQ.") or "no IRQ." in lines[section], section
 
