@@ -248,7 +248,7 @@ class Vcpu(Fd):
         self.set_xcrs(bytes.fromhex(state["xcrs"]))
         msrs = {int(k): v for k, v in state["msrs"].items()}
         if self.set_msrs(msrs) != len(msrs):
-            raise ValueError("KVM refused one of the saved MSRs")
+            self._set_msrs_each(msrs)
         if "lapic" in state:
             self.set_lapic(bytes.fromhex(state["lapic"]))
             if MSR_IA32_TSC_DEADLINE in msrs:
@@ -257,6 +257,16 @@ class Vcpu(Fd):
         self.set_mp_state(state["mp_state"])
         dr = state["debugregs"]
         self.set_debugregs(dr["db"], dr["dr6"], dr["dr7"])
+
+    def _set_msrs_each(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS stops at the first MSR it refuses. Set them one by one instead: a
+        refused MSR that already holds the saved value loses nothing (without the in-kernel
+        irqchip KVM refuses e.g. MSR_KVM_POLL_CONTROL, which it reads back as 1); any
+        other refusal is a ValueError naming the MSR."""
+        current = self.get_msrs(list(msrs))
+        for index, value in msrs.items():
+            if self.set_msrs({index: value}) != 1 and current.get(index) != value:
+                raise ValueError(f"KVM refused the saved MSR {index:#x} = {value:#x}")
 
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         """KVM_SET_GUEST_DEBUG: ``control`` from GuestDebug (ENABLE|SINGLESTEP|USE_HW_BP)."""

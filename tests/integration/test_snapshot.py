@@ -332,3 +332,25 @@ def test_a_pending_tsc_deadline_timer_survives_a_restore():
     with snapshot.machine_for(body, None, "test") as r:
         snapshot.apply(r, body)
         assert r.vcpus[0].get_msrs([deadline_msr])[deadline_msr] == deadline
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_machine_without_the_in_kernel_irqchip_restores(tmp_path, native):
+    """Without the irqchip KVM refuses to set some MSRs it reads back (MSR_KVM_POLL_CONTROL):
+    one that already holds its saved value must not make the restore fail."""
+    disk = fresh_disk(tmp_path / "disk.img")
+    g = guests.get("counter")
+    with kvmpy.Machine(disks=[disk], irqchip=False, native=native) as m:
+        m.load(g.path, g.format, mode=g.mode, cmdline="n=40 pages=16")
+        m.start(timeout=120)
+        wait_until(lambda: b"count 3 " in m.serial_output, 30, "the guest to count")
+        assert m.pause()
+        m.snapshot(str(tmp_path / "snap"))
+        before = m.serial_output
+        m.resume()
+        assert m.wait(120).reason == "exit"
+        full = m.serial_output
+    shutil.copyfile(disk, tmp_path / "copy.img")
+    with kvmpy.Machine.restore(str(tmp_path / "snap"), disks=[str(tmp_path / "copy.img")], native=native) as r:
+        assert r.run(timeout=120).reason == "exit"
+        assert before + r.serial_output == full
