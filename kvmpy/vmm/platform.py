@@ -87,6 +87,10 @@ class Disk:
             raise ValueError(f"bad disk {spec!r}: {e}") from None
 
 
+
+class DeviceStateError(ValueError):
+    """A saved device state this platform's device refuses (the message names the device)."""
+
 class IrqLine:
     """A device's interrupt line wired to a GSI of the in-kernel irqchip (KVM_IRQ_LINE)."""
 
@@ -307,7 +311,7 @@ class Platform:
             try:
                 s.load_state(d)
             except ValueError as e:
-                raise ValueError(f"disk {i}: bad virtio state: {e}") from None
+                raise DeviceStateError(f"disk {i}: bad virtio state: {e}") from None
             if s.pending is not None:       # a request a rate limit held back may be in its ring
                 self.timer.kick(s.pending)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 
 from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError, file_size
+from .platform import DeviceStateError, Disk
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 # Machine() arguments a saved state fixes: a restore takes only host-side ones.
@@ -54,10 +55,8 @@ def apply(m, body: dict) -> None:
         m.vm.load_state_clock(body["vm"])
         try:
             m.platform.load_state(body["devices"])
-        except ValueError as e:
-            if str(e).startswith("disk "):
-                raise SnapshotError(str(e)) from None
-            raise
+        except DeviceStateError as e:
+            raise SnapshotError(str(e)) from None
     except SnapshotError:
         raise
     except BAD_STATE + (KvmError,) as e:
@@ -78,7 +77,6 @@ def check_body(body, where: str) -> dict:
 def disk_list(body: dict, disks, where: str) -> list:
     """The Disk list a restore opens: the saved paths, or ``disks`` in their place; each
     file must still have the size it had when the state was saved."""
-    from .platform import Disk
     saved = body["devices"]["disks"]
     if not isinstance(saved, list) or not all(
             isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("readonly"), bool)
