@@ -17,6 +17,9 @@
 
 #include "kvmpy_native.h"
 
+#define SERVED 1
+#define SERVED_UART 2
+
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -38,14 +41,15 @@ static int mmio_claimed(const struct kvmpy_loop *l, uint64_t addr, uint32_t len)
 	return 0;
 }
 
-/* Serve an I/O exit in C if the fast-path table allows; 1 = served, 0 = for Python. */
+/* Serve an I/O exit in C if the fast-path table allows: SERVED, SERVED_UART (the UART took
+ * it: its output buffer may have filled), or 0 = for Python. */
 static int serve_io(struct kvmpy_loop *l, struct kvm_run *run)
 {
 	uint16_t port = run->io.port;
 	uint32_t size = run->io.size, count = run->io.count;
 	uint64_t off = run->io.data_offset;
 	uint8_t *data;
-	int is_out = run->io.direction == KVM_EXIT_IO_OUT;
+	int is_out = run->io.direction == KVM_EXIT_IO_OUT, served = SERVED;
 
 	/* data lies inside the kvm_run mapping: KVM sets the offset, we still check it */
 	if (size == 0 || size > 4 || off > l->run_size || (uint64_t)size * count > l->run_size - off)
@@ -66,6 +70,7 @@ static int serve_io(struct kvmpy_loop *l, struct kvm_run *run)
 		if (!kvmpy_uart_pio(l->uart, port - l->uart_base, is_out, data, size, count))
 			return 0;
 		l->c.uart += count;
+		served = SERVED_UART;
 		break;
 	default:
 		return 0;
@@ -74,7 +79,7 @@ static int serve_io(struct kvmpy_loop *l, struct kvm_run *run)
 		l->c.io_out++;
 	else
 		l->c.io_in++;
-	return 1;
+	return served;
 }
 
 static int serve_mmio(struct kvmpy_loop *l, struct kvm_run *run)
@@ -143,9 +148,10 @@ int kvmpy_run(struct kvmpy_loop *l)
 		}
 		if (!served)
 			return KVMPY_RUN_EXIT;
-		/* advice only (a snapshot other vCPUs may change at once): the UART itself
-		 * refuses, under its lock, a THR byte that does not fit */
-		if (l->uart && kvmpy_uart_tx_space(l->uart) < l->tx_low_water)
+		/* Only after the UART took a byte can its buffer have filled (a flusher
+		 * drains what other vCPUs add). Advice only: the UART itself refuses, under
+		 * its lock, a THR byte that does not fit. */
+		if (served == SERVED_UART && kvmpy_uart_tx_space(l->uart) < l->tx_low_water)
 			return KVMPY_RUN_DRAIN;	/* let Python write the burst out */
 	}
 }
