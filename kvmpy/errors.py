@@ -45,7 +45,12 @@ class LoaderError(KvmpyError):
 class GuestError(KvmpyError):
     """The guest stopped in a way that is a failure: triple fault, entry failure,
     emulation failure. ``.exit`` is the decoded exit, ``.regs``/``.sregs`` the vCPU
-    state at the time, ``.disassembly`` the instructions at RIP (may be empty)."""
+    state at the time, ``.disassembly`` the instructions at RIP (may be empty).
+    ``.state_lost`` is True when KVM had already reset the vCPU (kvm_amd does before
+    it reports a triple fault): then ``regs``, ``sregs`` and ``disassembly`` are empty."""
+
+    reason: str = ""
+    state_lost: bool = False
 
     def __init__(self, message: str, exit=None, regs=None, sregs=None, disassembly: str = ""):
         super().__init__(message)

@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 
+from ..kvm.system import backend_modules
+
 EXIT_OK = 0
 EXIT_CANNOT_RUN = 2          # no KVM, no compiler/assembler, guests not built (argparse errors are 2 too)
 
@@ -48,20 +50,6 @@ def _cpuinfo_field(prefix: str) -> str | None:
     return None
 
 
-def kvm_backends() -> list[str]:
-    """Loaded KVM vendor modules (kvm_intel, kvm_amd, kvm_pvm, ...), from /proc/modules or /sys/module."""
-    names: set[str] = set()
-    try:
-        with open("/proc/modules") as f:
-            names = {line.split()[0] for line in f if line.strip()}
-    except OSError:
-        try:
-            names = set(os.listdir("/sys/module"))
-        except OSError:
-            pass
-    return sorted(n for n in names if n.startswith("kvm_"))
-
-
 def tool_version(argv: list[str]) -> str | None:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
@@ -78,7 +66,7 @@ def host_info() -> dict:
         "system": u.system, "release": u.release, "version": u.version, "machine": u.machine,
         "cpu_model": _cpuinfo_field("model name") or platform.processor() or None,
         "cpus": os.cpu_count(), "hw_virt_flags": sorted(flags & {"vmx", "svm"}),
-        "kvm_backends": kvm_backends(),
+        "kvm_backends": backend_modules(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "cc": tool_version([os.environ.get("CC", "gcc"), "--version"]),
     }

@@ -13,25 +13,17 @@ from .status import EXIT_OK, EXIT_USAGE, EXIT_VMM_ERROR, progress
 def cmd_info(args) -> int:
     from ..kvm.abi import Cap
     from ..kvm import Kvm
+    from ..kvm.system import backend_modules
     with Kvm() as kvm:
         print("KVM: usable (/dev/kvm)")
         print(f"API version: {kvm.api_version()}")
-        print(f"backend module: {_kvm_backend()}")
+        print(f"backend module: {', '.join(backend_modules()) or 'unknown'}")
         print(f"vCPU mmap size: {kvm.vcpu_mmap_size()} bytes")
         print(f"supported CPUID leaves: {len(kvm.supported_cpuid())}; MSRs to save: {len(kvm.msr_index_list())}")
         print("capabilities:")
         for cap in Cap:
             print(f"  {cap.name:<28} {kvm.check_extension(cap)}")
     return EXIT_OK
-
-
-def _kvm_backend() -> str:
-    """Which KVM module serves /dev/kvm (kvm_intel, kvm_amd, kvm_pvm, ...)."""
-    try:
-        found = sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm_"))
-    except OSError:
-        return "unknown"
-    return ", ".join(found) or "unknown"
 
 
 def cmd_demos(args) -> int:

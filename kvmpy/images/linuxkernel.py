@@ -371,6 +371,49 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
     return LinuxFiles(k / "vmlinuz", k / "vmlinux", b / "busybox", k.name)
 
 
+def kernel_modules(files: LinuxFiles, names, cache: Path | None = None) -> dict[str, Path]:
+    """The kernel's own loadable modules ``names`` (file names such as ``"kvm-amd.ko"``).
+
+    They come out of the same ``linux-image`` package as :func:`fetch`'s kernel (its
+    ``lib/modules/<release>/`` tree; Debian ships them uncompressed) and are kept in
+    that kernel's cache slot under ``modules/``, so the package is downloaded again
+    only when a module not yet cached is asked for. Returns ``{name: path}``.
+    """
+    names = sorted(set(names))
+    slot = Path(files.vmlinuz).parent
+    have = {n: slot / "modules" / n for n in names}
+    if all(p.is_file() for p in have.values()):
+        return have
+    name, _, version = files.kernel_package.partition("_")
+    if not name.startswith("linux-image-") or not version:
+        raise FetchError(f"cannot tell the kernel package from {files.kernel_package!r}")
+    version = version.replace("%3a", ":")
+    with tempfile.TemporaryDirectory(dir=slot, prefix=".modules-") as tmp:
+        sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+        _run(["apt-get", "download", "-qq", *sandbox, f"{name}={version}"], cwd=tmp)
+        debs = [p for p in os.listdir(tmp) if p.endswith(".deb")]
+        if len(debs) != 1:
+            raise FetchError(f"apt-get download {name} left {debs!r} instead of one .deb")
+        wanted = set(names)
+        members = deb_members(Path(tmp, debs[0]).read_bytes(),
+                              lambda p: p.startswith("lib/modules/") and p.rsplit("/", 1)[-1] in wanted)
+        found = {path.rsplit("/", 1)[-1]: data for path, data in members.items()}
+        missing = wanted - set(found)
+        if missing:
+            raise FetchError(f"{name} has no module {', '.join(sorted(missing))}")
+        out = Path(tmp, "modules")
+        out.mkdir()
+        for n, data in found.items():
+            (out / n).write_bytes(data)
+        for old in (slot / "modules").glob("*"):   # keep what was cached before
+            if not (out / old.name).exists():
+                shutil.copyfile(old, out / old.name)
+        if (slot / "modules").is_dir():
+            shutil.rmtree(slot / "modules")
+        os.rename(out, slot / "modules")
+    return have
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvmpy.images.linuxkernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=None, help="cache directory (default $KVMPY_CACHE or ~/.cache/kvmpy)")

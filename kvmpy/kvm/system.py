@@ -12,6 +12,23 @@ from .fd import Fd, get_cpuid, ioctl
 from .regs import CpuidEntry
 from .vm import Vm
 
+
+def backend_modules() -> list[str]:
+    """The loaded KVM vendor modules (``kvm_intel``, ``kvm_amd``, ``kvm_pvm``, ...), from
+    /proc/modules or, without procfs, /sys/module. They differ in ways a VMM sees (for
+    one, kvm_amd resets a vCPU before it reports a shutdown); docs/host-notes.md lists them."""
+    names: set[str] = set()
+    try:
+        with open("/proc/modules") as f:
+            names = {line.split()[0] for line in f if line.strip()}
+    except OSError:
+        try:
+            names = set(os.listdir("/sys/module"))
+        except OSError:
+            pass
+    return sorted(n for n in names if n.startswith("kvm_"))
+
+
 class Kvm(Fd):
     """The KVM subsystem (/dev/kvm)."""
 

@@ -306,14 +306,24 @@ def guest_error(vcpu, memory, ex, reason: str, message) -> GuestError:
     ``message`` is a string, or a function of that disassembly giving one."""
     regs = sregs = None
     code = ""
+    state_lost = False
     try:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         from ..x86 import inspect           # page walks and capstone: only when a guest fails
-        code = inspect.code_at(regs, sregs, memory, 6)
+        if isinstance(ex, exits.Shutdown) and inspect.at_reset_vector(regs, sregs):
+            state_lost, regs, sregs = True, None, None
+        else:
+            code = inspect.code_at(regs, sregs, memory, 6)
     except Exception as e:              # the report must not hide the original failure
         code = f"(cannot read guest code: {e})"
     if callable(message):
         message = message(code)
+    if state_lost:                      # what the registers would show is the reset state: say so
+        from ..kvm.system import backend_modules
+        backend = ", ".join(backend_modules()) or "this host's KVM"
+        message += (f"; the registers at the fault are lost: {backend} reset the vCPU before reporting "
+                    "the shutdown (AMD SVM does, Intel VMX keeps them), so no faulting instruction can be shown")
     err = GuestError(f"vCPU {vcpu.id}: {message}", exit=ex, regs=regs, sregs=sregs, disassembly=code)
     err.reason = reason
+    err.state_lost = state_lost
     return err

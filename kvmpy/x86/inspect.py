@@ -69,6 +69,17 @@ def cpu_mode(sregs: Sregs, rflags: int = 0) -> CpuMode:
     return CpuMode("protected", sregs.ss.dpl & 3, paging, pae, False, 32 if sregs.cs.db else 16, pmode)
 
 
+RESET_CS_SELECTOR, RESET_CS_BASE, RESET_RIP = 0xF000, 0xFFFF_0000, 0xFFF0
+
+
+def at_reset_vector(regs: Regs, sregs: Sregs) -> bool:
+    """True when the vCPU holds the state of INIT or power-on (SDM 10.1.1, APM 14.1.3):
+    real mode, CS 0xf000 with base 0xffff0000, RIP 0xfff0. A vCPU reported as shut
+    down in this state was reset by KVM before the report (kvm_amd does that)."""
+    return (regs.rip == RESET_RIP and sregs.cs.selector == RESET_CS_SELECTOR
+            and sregs.cs.base == RESET_CS_BASE and not sregs.cr0 & CR0_PE)
+
+
 # --- the report -----------------------------------------------------------------------
 
 _CR0 = ((0, "PE"), (1, "MP"), (2, "EM"), (3, "TS"), (4, "ET"), (5, "NE"), (16, "WP"), (18, "AM"),

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import kvmpy
+from kvmpy.images import guests
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Run the same kvmpy the tests imported (installed or built in place).
@@ -180,7 +181,7 @@ def test_boot_via_cli(tmp_path):
     assert {(x["metric"], x["unit"]) for x in data["results"]} == {("to_exit", "ms")}
     assert set(data["split"]["kvmpy-lib"]) == {"machine_ms", "load_ms", "run_ms", "close_ms"}
     assert data["split"]["kvmpy-cli"]["python_startup_ms"] > 0
-    assert data["outputs"]["kvmpy-lib"] == kvmpy.images.guests.get("multiboot-hello").expect_output.decode()
+    assert data["outputs"]["kvmpy-lib"] == guests.get("multiboot-hello").expect_output.decode()
     assert json.loads(out.read_text()) == data
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from kvmpy import guests
+from kvmpy.kvm.system import backend_modules
 from kvmpy.cli import EXIT_DEMO_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
 
 
@@ -139,7 +140,10 @@ def test_triple_fault_exit_status_and_report():
     """A triple fault exits 122 with a register dump and the code at RIP, not a traceback."""
     r = kvmpy("demo", "triple-fault")
     assert r.returncode == EXIT_TRIPLE_FAULT
-    assert b"ud2" in r.stderr and b"rip=" in r.stderr
+    if "kvm_amd" in backend_modules():      # KVM reset the vCPU before reporting: nothing to show
+        assert b"registers at the fault are lost" in r.stderr
+    else:
+        assert b"ud2" in r.stderr and b"rip=" in r.stderr
     assert b"Traceback" not in r.stderr
 
 

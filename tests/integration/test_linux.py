@@ -19,6 +19,7 @@ import pytest
 import kvmpy
 from kvmpy import linuxkernel
 from kvmpy.errors import GuestError
+from kvmpy.kvm.system import backend_modules
 from kvmpy.loader.linux import load_linux
 from kvmpy.x86 import layout
 
@@ -134,6 +135,34 @@ def test_bzimage_reaches_the_banner_and_echoes_the_command_line(linux, initrd):
                         timeout=BZIMAGE_TIMEOUT)
     assert img.format == "bzimage" and img.mode == "long"
     print(f"bzImage: banner after {console.seen[b'Linux version ']:.1f} s")
+
+
+RING0_EMULATED = "kvm_pvm" in backend_modules()
+SHELL_INIT = """#!/bin/sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+echo "kvmpy-shell: $((6 * 7)) from $(uname -r)"
+reboot -f
+"""
+
+
+@pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
+                                           "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
+@pytest.mark.parametrize("entry", ["pvh", "bzimage"])
+def test_stock_kernel_boots_to_a_shell_command_and_reboots(linux, entry):
+    """Debian's kernel runs its init, whose shell computes a line only a working shell prints,
+    and `reboot -f` ends the run as a reset (kvmpy's exit status 120)."""
+    initrd = linux.initramfs(SHELL_INIT)
+    kernel = (linux.vmlinux if entry == "pvh" else linux.vmlinuz).read_bytes()
+    console = Console([b"Linux version ", b"Run /init", b"kvmpy-shell: 42 from "])
+    with kvmpy.Machine(mem_size=MEM, serial=console) as m:
+        img = m.load(kernel, cmdline="console=ttyS0 panic=-1", initrd=initrd)
+        console.start = time.monotonic()
+        result = m.run(timeout=BZIMAGE_TIMEOUT)
+    assert img.format == entry
+    assert len(console.seen) == 3, f"run ended ({result.reason}); console:\n{console.text[-3000:]}"
+    assert result.reason == "reset", console.text[-2000:]
+    print(f"{entry}: " + ", ".join(f"{k.decode().strip()!r} at {t:.1f} s" for k, t in console.seen.items()))
 
 
 def test_disks_are_announced_on_the_kernel_command_line(linux, initrd, tmp_path):

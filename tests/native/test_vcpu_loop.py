@@ -151,6 +151,29 @@ def test_a_triple_fault_becomes_a_guest_error_on_the_stop_token():
     assert "triple-faulted" in str(stop.error) and stats.exits["shutdown"] == 1
 
 
+def test_a_triple_fault_reported_after_kvm_reset_the_vcpu_says_the_state_is_lost(monkeypatch):
+    """kvm_amd INITs a vCPU before it reports KVM_EXIT_SHUTDOWN: registers at the reset vector
+    are not the faulting state, so the error says so instead of disassembling 0xffff0."""
+    from kvmpy.kvm import system
+    from kvmpy.kvm.regs import Segment, Sregs
+    monkeypatch.setattr(system, "backend_modules", lambda: ["kvm_amd"])
+
+    class ResetVcpu(FakeVcpu):
+        def get_regs(self):
+            return Regs(rip=0xFFF0, rflags=2)
+
+        def get_sregs(self):
+            return Sregs(cs=Segment(base=0xFFFF_0000, selector=0xF000), cr0=0x6000_0010)
+    vcpu, stats = ResetVcpu([exits.Shutdown()]), Stats()
+    gate = PauseGate(kick=lambda: None)
+    gate.begin(1)
+    VcpuLoop(vcpu, Bus("pio"), Bus("mmio"), stats, gate, memory=None).run()
+    err = gate.stop.error
+    assert gate.stop.reason == "triple-fault" and err.state_lost
+    assert "registers at the fault are lost" in str(err) and "kvm_amd" in str(err)
+    assert err.regs is None and err.disassembly == "" and "rip=" not in str(err)
+
+
 def test_a_bug_in_a_device_stops_the_run_with_that_error():
     class Broken(Register):
         def write(self, offset, size, value):
