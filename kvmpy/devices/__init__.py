@@ -14,9 +14,10 @@ from .irq import NullTrigger, RecordingTrigger, Trigger
 from .reset import ResetControl, SystemControlA
 from .rtc import Rtc
 from .serial import Serial16550
+from .testdev import PcTestdev
 
 __all__ = [
     "Attachment", "Bus", "Device", "DebugExit", "FwCfg", "I8042",
     "NullTrigger", "RecordingTrigger", "Rtc", "Trigger", "Serial16550",
-    "ResetControl", "SystemControlA",
+    "ResetControl", "SystemControlA", "PcTestdev",
 ]

@@ -199,6 +199,14 @@ _GUESTS: tuple[Guest, ...] = (
                          b"smp: 4 CPUs up\n"),
           expect_status=_status(0x58), expect_rax=0x58,
           marker=rb"^smp: \d+ CPUs up$"),                  # --cpus N: N CPUs
+    Guest("testdev", "testdev.elf",
+          "ELF32 for QEMU's pc-testdev (Machine(test_devices=True), --test-devices): the latch's "
+          "byte lanes, string I/O, page flushes, IRQ lines through the 8259 and the IOAPIC, the "
+          "window at 0xff000000; prints a line per feature, exits 0x54 (without the device: "
+          "'testdev: absent', 0x55)",
+          format="elf", mode="protected", demo=False,
+          expect_output=b"testdev: absent\n",             # as run without test devices
+          expect_status=_status(0x55), expect_rax=0x55),
     Guest("hello-long", "hello-long.elf",
           "ELF64 in 64-bit long mode (CPL 0): prints a line, exits with RAX=42",
           format="elf", mode="long",

@@ -21,9 +21,19 @@ when done, as virtio-blk does). ``MemoryRegion.take_dirty`` returns and clears t
 bitmap. With the compiled extension both go through csrc/dirty.c (atomic OR,
 atomic exchange per word), so marks from Python and from C threads are never lost;
 without it the same bit layout is kept in pure Python under the lock.
+
+Flushing a page (``GuestMemory.flush_page``, for QEMU's pc-testdev port 0xe4). Changing
+the protection of a host range makes the kernel tell KVM (an MMU-notifier invalidation),
+which drops its mappings of those guest pages; the next guest access faults them in again,
+contents untouched. QEMU does it with PROT_NONE and back, which leaves a moment in which
+another host thread touching the page (a second vCPU's virtio-blk request, a live
+migration reading RAM) dies of SIGSEGV. kvmpy adds PROT_EXEC and takes it away instead:
+a change of protection all the same (the same invalidation: VM statistic ``pages_4k``
+drops), and the page stays readable and writable all along.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -37,6 +47,18 @@ except ImportError:             # pragma: no cover - exercised by the pure-Pytho
     _ffi = _lib = None
 
 PAGE_SIZE = 4096                # the one home of the 4 KiB page size (x86 paging, KVM slots, dirty logs)
+_RW = mmap.PROT_READ | mmap.PROT_WRITE      # how every region is mapped
+_libc = None                    # ctypes' libc, for mprotect (loaded on the first flush_page)
+
+
+def _mprotect(addr: int, length: int, prot: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if _libc.mprotect(addr, length, prot) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mprotect: {os.strerror(e)}")
 
 
 def _bitmap_bytes(size: int) -> int:
@@ -178,6 +200,24 @@ class MemoryRegion:
         bits = int.from_bytes(self.take_dirty(), "little")
         return [p for p in range(self.dirty_words * 64) if bits >> p & 1]
 
+    def flush_page(self, offset: int) -> None:
+        """Change the protection of the page at region offset ``offset`` (page-aligned) and
+        change it back, so KVM drops its mapping of it (module docstring); OSError if the
+        kernel refuses (e.g. PROT_EXEC on a file mapped from a noexec mount)."""
+        if offset % PAGE_SIZE or not 0 <= offset < self.size:
+            raise GuestMemoryError(f"page offset {offset:#x} is not a page of this region")
+        if self.mm is None or self.mm.closed:
+            raise GuestMemoryError("the region is closed")
+        anchor = ctypes.c_char.from_buffer(self.mm)      # the mapping's address; pins it while held
+        try:
+            addr = ctypes.addressof(anchor) + offset
+            try:
+                _mprotect(addr, PAGE_SIZE, _RW | mmap.PROT_EXEC)
+            finally:
+                _mprotect(addr, PAGE_SIZE, _RW)
+        finally:
+            del anchor
+
     def close(self) -> None:
         if self.mm is not None and not self.mm.closed:
             try:
@@ -274,6 +314,18 @@ class GuestMemory:
         """Record that the VMM wrote ``[gpa, gpa+length)`` (one region) some other way."""
         r = self.region_for(gpa, length)
         r.mark_dirty(gpa - r.gpa, length)
+
+    def flush_page(self, gpa: int) -> bool:
+        """Make KVM drop its mapping of the RAM page holding ``gpa``: the guest's next access
+        faults it in again, contents kept (module docstring). False, and nothing done, if
+        ``gpa`` is not RAM; OSError if the kernel refuses the protection change."""
+        page = gpa - gpa % PAGE_SIZE
+        try:
+            r = self.region_for(page, PAGE_SIZE)
+        except GuestMemoryError:
+            return False
+        r.flush_page(page - r.gpa)
+        return True
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

@@ -60,14 +60,18 @@ class Machine:
     shares a snapshot's RAM); each file must have the region's size (``ram_layout``).
     ``serial_bps`` limits the bytes per second written to ``serial`` (the console's writer
     thread waits, never a vCPU); a disk's limits are its ``Disk``'s (``iops=``, ``bps=``).
+    ``test_devices`` adds QEMU's pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO at
+    0xff000000), which kernels written for ``qemu -device pc-testdev`` (kvm-unit-tests) use.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
-                 ram_files: dict[int, str] | None = None, serial_bps: int | None = None):
+                 ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
+                 test_devices: bool = False):
         check_shape(mem_size, cpus, irqchip, len(disks))
         self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
+        self.test_devices = bool(test_devices)
         self.stats = Stats()
         self.image: LoadedImage | None = None
         self.console = Console(serial, bps=serial_bps)
@@ -156,6 +160,8 @@ class Machine:
         for name, content in files.items():
             self.fw_cfg.add_file(name, read_file(content, f"fw_cfg file {name!r}", error=DeviceError))
         p.add_fw_cfg(self.fw_cfg)
+        if self.test_devices:
+            p.add_testdev(self.memory)
 
     # --- the parts, and sugar over them ----------------------------------------------
     @property
@@ -194,7 +200,8 @@ class Machine:
 
     def shape(self) -> dict:
         """What a Machine() continuing this one is built with (snapshots, migration)."""
-        return {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
+        shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
+        return {**shape, "test_devices": True} if self.test_devices else shape
 
     def virtio_mmio_cmdline(self) -> str:
         """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""

@@ -18,8 +18,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from ..devices import (Bus, DebugExit, FwCfg, I8042, NullTrigger, ResetControl, Rtc, Serial16550,
-                       SystemControlA)
+from ..devices import (Bus, DebugExit, FwCfg, I8042, NullTrigger, PcTestdev, ResetControl, Rtc, Serial16550,
+                       SystemControlA, testdev)
 from ..devices.ratelimit import Limits, parse_amount
 from ..errors import DeviceError
 from ..x86 import layout
@@ -31,7 +31,7 @@ _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
-LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control"})
+LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev"})
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,19 @@ class Platform:
                                  a92, saved_as="port92"), Locked(a92, threading.Lock())),
                 self.attach(Slot("reset-control", "pio", layout.RESET_CONTROL_PORT, layout.RESET_CONTROL_PORT_COUNT,
                                  rcr, saved_as="reset_control"), Locked(rcr, threading.Lock())))
+
+    def add_testdev(self, memory) -> Slot:
+        """QEMU's pc-testdev (``Machine(test_devices=True)``): ports 0xe0-0xeb, the 24 IRQ-line
+        ports at 0x2000 and the window at 0xff000000, one lock for the three; saved as "pc_testdev"."""
+        dev = PcTestdev(memory.flush_page, [self.trigger(n) for n in range(testdev.IRQ_LINES)])
+        lock = threading.Lock()
+        slot = self.attach(Slot("pc-testdev", "pio", testdev.PORT_BASE, testdev.PORT_COUNT, dev,
+                                saved_as="pc_testdev"), Locked(dev.ports, lock))
+        self.attach(Slot("pc-testdev-irq", "pio", testdev.IRQ_PORT_BASE, testdev.IRQ_LINES, dev.irq),
+                    Locked(dev.irq, lock))
+        self.attach(Slot("pc-testdev-iomem", "mmio", testdev.IOMEM_BASE, testdev.IOMEM_SIZE, dev.window),
+                    Locked(dev.window, lock))
+        return slot
 
     def add_fw_cfg(self, fw_cfg: FwCfg) -> Slot:
         """QEMU's fw_cfg at 0x510."""

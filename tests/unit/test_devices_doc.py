@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.devices import fwcfg, i8042, reset, rtc, serial
+from kvmpy.devices import fwcfg, i8042, reset, rtc, serial, testdev
 from kvmpy.devices.virtio import blk, mmio
 from kvmpy.x86 import layout
 
@@ -24,10 +24,14 @@ SECTION_MODULES = {
     "fw_cfg": fwcfg,
     "Reset lines (port 0x92, 0xcf9)": reset,
     "virtio-mmio transport and virtio-blk": mmio,
+    "pc-testdev (QEMU's test device, off by default)": testdev,
 }
+# sections whose "Where it lives" constants live in the device's module, not in layout.py
+WHERE_MODULES = {"pc-testdev (QEMU's test device, off by default)": testdev}
 EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard controller",
                      "CMOS RTC (MC146818)", "fw_cfg", "Reset lines (port 0x92, 0xcf9)",
-                     "virtio-mmio transport and virtio-blk", "Unclaimed ports and MMIO"]
+                     "virtio-mmio transport and virtio-blk", "pc-testdev (QEMU's test device, off by default)",
+                     "Unclaimed ports and MMIO"]
 
 
 def _sections() -> dict[str, str]:
@@ -75,9 +79,10 @@ def test_every_device_has_a_section_with_spec_threats_and_location():
 def test_where_it_lives_constants_match_layout():
     checked = 0
     for section, line in _where_lines():
+        home = WHERE_MODULES.get(section, layout)
         for const, value in re.findall(r"`([A-Z][A-Z0-9_]+)` = (\([^)]*\)|0x[0-9A-Fa-f]+|\d+)", line):
-            assert hasattr(layout, const), f"{section}: layout has no {const}"
-            assert getattr(layout, const) == ast.literal_eval(value), f"{section}: {const} = {value}"
+            assert hasattr(home, const), f"{section}: {home.__name__} has no {const}"
+            assert getattr(home, const) == ast.literal_eval(value), f"{section}: {const} = {value}"
             checked += 1
     assert checked >= 10
 
@@ -96,6 +101,11 @@ def test_where_it_lives_port_ranges_match_base_and_count():
     assert [int(p, 16) for p in ports] == [layout.SYS_CTRL_A_PORT, layout.RESET_CONTROL_PORT]
     m = re.search(r"port (0x[0-9A-Fa-f]+)", lines["isa-debug-exit"])
     assert int(m[1], 16) == layout.DEBUG_EXIT_PORT and layout.DEBUG_EXIT_PORT_COUNT == 1
+    spans = re.findall(r"(?:ports|MMIO) (0x[0-9A-Fa-f]+)-(0x[0-9A-Fa-f]+)", lines["pc-testdev (QEMU's test device, off by default)"])
+    assert [(int(a, 16), int(b, 16) + 1) for a, b in spans] == [
+        (testdev.PORT_BASE, testdev.PORT_BASE + testdev.PORT_COUNT),
+        (testdev.IRQ_PORT_BASE, testdev.IRQ_PORT_BASE + testdev.IRQ_LINES),
+        (testdev.IOMEM_BASE, testdev.IOMEM_BASE + testdev.IOMEM_SIZE)]
 
 
 def test_where_it_lives_irqs_match_layout():
