@@ -1,5 +1,6 @@
 """Helpers shared by the tests that pause, snapshot, migrate and control the counter guest."""
 import json
+import os
 import struct
 import time
 
@@ -7,6 +8,12 @@ import kvmpy
 from kvmpy import guests
 
 DISK_BYTES = 64 * 512            # the counter guest writes sectors 0..63
+
+#: The environment for a child `python -m kvmpy`: this kvmpy first, the caller's path kept
+#: (the nested testbed's site directory is on PYTHONPATH).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    p for p in (PKG_PARENT, os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def fresh_disk(path) -> str:

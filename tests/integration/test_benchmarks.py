@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-import kvmpy
 from kvmpy.images import guests
+from . import lab
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Run the same kvmpy the tests imported (installed or built in place).
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 
 
 def run(argv, **kw):

@@ -1,5 +1,4 @@
 """Booting other people's kernels: multiboot as QEMU's -kernel does it, and fw_cfg."""
-import os
 import subprocess
 import sys
 
@@ -7,8 +6,9 @@ import pytest
 
 import kvmpy
 from kvmpy import guests
+from . import lab
 
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 
 
 def kvmpy_cli(*args, timeout=60):

@@ -1,5 +1,4 @@
 """The kvmpy command: demos, run, exit statuses, errors without tracebacks, Ctrl-C."""
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,10 @@ from kvmpy import guests
 from kvmpy.kvm.system import backend_modules
 from kvmpy.cli import EXIT_DEMO_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT, EXIT_VMM_ERROR
 
-
-import kvmpy as _kvmpy
+from . import lab
 
 # Run the same kvmpy the tests imported (installed or built in place), from a neutral cwd.
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_kvmpy.__file__)))
-ENV = {**os.environ, "PYTHONPATH": PKG_PARENT}
+ENV = lab.CHILD_ENV
 CMD = [sys.executable, "-m", "kvmpy"]
 
 

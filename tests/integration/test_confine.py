@@ -16,11 +16,9 @@ import pytest
 from kvmpy import guests
 from kvmpy.cli import EXIT_VMM_ERROR
 from kvmpy.vmm import confine
+from . import lab
 
-import kvmpy as _kvmpy
-
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_kvmpy.__file__)))
-ENV = {**os.environ, "PYTHONPATH": PKG_PARENT}
+ENV = lab.CHILD_ENV
 CMD = [sys.executable, "-m", "kvmpy"]
 
 #: Real mode at 0x7c00: mov dx, 0x500; mov al, 1; out dx, al; hlt

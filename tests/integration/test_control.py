@@ -22,8 +22,9 @@ from kvmpy import guests
 from kvmpy.lifecycle.control import ControlError, ControlServer, request
 
 from .lab import wait_until
+from . import lab
 
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 COUNTER = guests.get("counter")
 NOBODY = 65534
 

@@ -10,6 +10,7 @@ import pytest
 
 import kvmpy
 from kvmpy import guests
+from . import lab
 
 PATTERN_MUL = 0x9E3779B97F4A7C15
 LOOPS = [True, False]
@@ -78,7 +79,7 @@ def test_flushed_writes_survive_kill_9(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(64 * 512))
     g = guests.get("blk-durable")
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    env = lab.CHILD_ENV
     p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", str(g.path), "--user", "--disk", str(path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd="/")
     try:

@@ -17,6 +17,7 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.kvm.abi import GuestDebug
 from kvmpy.debug.gdbstub import GdbStub
+from . import lab
 
 HELLO = guests.get("hello-long")
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
@@ -227,7 +228,7 @@ def kvmpy_cmd(*args) -> subprocess.Popen:
     """``python -m kvmpy ARGS`` from this checkout, in its own session (so a test's SIGINT
     reaches only it), with stderr piped."""
     import sys
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    env = lab.CHILD_ENV
     return subprocess.Popen([sys.executable, "-m", "kvmpy", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd="/", start_new_session=True)
 

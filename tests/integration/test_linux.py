@@ -22,6 +22,7 @@ from kvmpy.errors import GuestError
 from kvmpy.kvm.system import backend_modules
 from kvmpy.loader.linux import load_linux
 from kvmpy.x86 import layout
+from . import lab
 
 SLOW = os.environ.get("KVMPY_SLOW_TESTS") == "1"
 MEM = 512 << 20
@@ -194,7 +195,7 @@ def test_cli_reports_a_bad_kernel_clearly(tmp_path):
     kernel.write_bytes(bytes(image))
     rd = tmp_path / "initrd"
     rd.write_bytes(b"x")
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    env = lab.CHILD_ENV
     r = subprocess.run([sys.executable, "-m", "kvmpy", "run", str(kernel), "--initrd", str(rd),
                         "--cmdline", "console=ttyS0"], capture_output=True, env=env, cwd="/", timeout=60)
     assert r.returncode == 4, r.stderr

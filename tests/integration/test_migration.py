@@ -27,7 +27,7 @@ from . import lab
 from .lab import fresh_disk, wait_until
 from .migwire import Wire
 
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
 
 

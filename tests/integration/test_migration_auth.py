@@ -17,17 +17,17 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kvmpy
 from kvmpy import migration
 from kvmpy.lifecycle import channel
 from kvmpy.lifecycle.migration import MigrationError
 
 from .lab import fresh_disk
+from . import lab
 from .migwire import MAGIC, Wire, greeting
 from .test_migration import counter, drain, feed_receiver, hello, hello_body, page_frame, receiver
 
 KEY = b"k" * 32
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 
 
 def connect(box) -> socket.socket:

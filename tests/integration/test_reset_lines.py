@@ -2,7 +2,6 @@
 
 Before they were wired, a guest resetting through either port hung until its timeout.
 """
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import kvmpy
 from kvmpy.cli import EXIT_RESET
 
 from .lab import rewrite_manifest
+from . import lab
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 # in al,0x92; or al,1; out 0x92,al; jmp $  (the usual fast reset: keep A20, set bit 0)
@@ -48,7 +48,7 @@ def test_latched_bits_read_back_and_cf8_dword_is_unclaimed(kvm_required, native)
 def test_cli_exits_with_the_reset_status(kvm_required, tmp_path, code):
     img = tmp_path / "reset.bin"
     img.write_bytes(code)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    env = lab.CHILD_ENV
     r = subprocess.run([sys.executable, "-m", "kvmpy", "run", str(img), "--format", "raw", "--mode", "real",
                         "--mem", "1M", "--timeout", "20"], capture_output=True, timeout=60, env=env, cwd="/")
     assert r.returncode == EXIT_RESET == 120, r.stderr

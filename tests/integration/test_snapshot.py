@@ -17,7 +17,7 @@ from kvmpy.lifecycle.snapshot import SnapshotError
 from . import lab
 from .lab import DISK_BYTES, fresh_disk, rewrite_manifest, wait_until
 
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 
 
 def snapshot_echo(path, native=True):

@@ -24,6 +24,7 @@ from kvmpy import guests
 from kvmpy.lifecycle.control import request
 
 from .lab import selffeed_disk, wait_until
+from . import lab
 
 WITHIN = 1.0                     # seconds from the stop to the end of the run
 FLOOD = bytes.fromhex("baf803 b078 ee ebfd")     # mov dx,0x3f8; mov al,'x'; out dx,al; jmp back to the out
@@ -155,7 +156,7 @@ def cli_run(name, native, disk, tmp_path, control=None):
         cmd.append("--python")
     if control:
         cmd += ["--control", control]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+    env = lab.CHILD_ENV
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             env=env, cwd="/")
 

@@ -21,6 +21,7 @@ from kvmpy.vmm.state import SnapshotError
 from kvmpy.vmm.vcpu_loop import VcpuLoop
 
 from .lab import rewrite_manifest
+from . import lab
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 GUEST = guests.get("testdev")
@@ -201,7 +202,7 @@ def test_restore_takes_no_test_devices_option(tmp_path):
 
 # --- the command line ---------------------------------------------------------------------------
 
-ENV = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))}
+ENV = lab.CHILD_ENV
 
 
 def kvmpy_run(*args):
