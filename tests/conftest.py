@@ -35,16 +35,22 @@ def kvm_problem() -> str | None:
 _PROBLEM = kvm_problem()
 
 
-def fuzz_factor() -> int:
-    """N from ``KVMPY_FUZZ=N`` (1 when unset); anything but a positive integer is an error."""
+def fuzz_factor() -> float:
+    """N from ``KVMPY_FUZZ=N`` (1 when unset): a positive number; below 1 it thins the
+    examples out (the nested testbed uses 0.25, where every example is slow)."""
     raw = os.environ.get("KVMPY_FUZZ", "").strip() or "1"
-    if not raw.isdigit() or int(raw) < 1:
-        raise pytest.UsageError(f"KVMPY_FUZZ must be a positive integer (the examples multiplier), not {raw!r}")
-    return int(raw)
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = 0.0
+    if not factor > 0 or factor != factor or factor == float("inf"):
+        raise pytest.UsageError(f"KVMPY_FUZZ must be a positive number (the examples multiplier), not {raw!r}")
+    return factor
 
 
-def scale_examples(test, factor: int) -> bool:
-    """Multiply a hypothesis test's max_examples by ``factor``; False if ``test`` is not one.
+def scale_examples(test, factor: float) -> bool:
+    """Multiply a hypothesis test's max_examples by ``factor`` (at least one example is
+    left); False if ``test`` is not one.
 
     A test's own ``@settings`` lives on the wrapped function (hypothesis reads it from
     there on each run), so this replaces it with a copy whose only change is
@@ -55,14 +61,14 @@ def scale_examples(test, factor: int) -> bool:
         return False
     from hypothesis import settings
     current = getattr(test, "_hypothesis_internal_use_settings", None) or settings.default
-    test._hypothesis_internal_use_settings = settings(current, max_examples=current.max_examples * factor)
+    test._hypothesis_internal_use_settings = settings(current, max_examples=max(1, round(current.max_examples * factor)))
     test._kvmpy_fuzz_scaled = True
     return True
 
 
 def pytest_collection_modifyitems(config, items):
     factor = fuzz_factor()
-    if factor > 1:
+    if factor != 1:
         for item in items:
             scale_examples(getattr(item, "obj", None), factor)
 

@@ -1,5 +1,6 @@
 """KVMPY_FUZZ=N (tests/conftest.py) multiplies every hypothesis test's max_examples, those that
-set their own with @settings included, once per test however many parametrized items share it."""
+set their own with @settings included, once per test however many parametrized items share it;
+a factor below 1 thins them out, leaving at least one."""
 import os
 import re
 import subprocess
@@ -58,7 +59,13 @@ def test_the_switch_multiplies_every_count(tmp_path):
                                "test_parametrized[1]": 15, "test_parametrized[2]": 15}
 
 
-@pytest.mark.parametrize("bad", ["0", "-2", "x", "1.5"])
+def test_a_fraction_thins_every_count_out_but_keeps_one(tmp_path):
+    rc, got = examples(tmp_path, "0.1")
+    assert rc == 0 and got == {"test_explicit": 1, "test_default": 10,
+                               "test_parametrized[1]": 1, "test_parametrized[2]": 1}
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "x", "nan", "inf"])
 def test_a_bad_value_is_a_usage_error(tmp_path, bad):
     rc, _ = examples(tmp_path, bad)
     assert rc == pytest.ExitCode.USAGE_ERROR
