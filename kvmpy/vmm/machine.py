@@ -32,7 +32,7 @@ from ..kvm.abi import Cap
 from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
-from ..x86 import cpuid, layout, modes, mptable, msrs
+from ..x86 import cpuid, layout, mce, modes, mptable, msrs
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -130,6 +130,8 @@ class Machine:
     def _create_vcpu(self, i: int, n: int):
         vcpu = self.vm.create_vcpu(i)
         vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
+        if self._mcg_cap():                        # machine-check banks, as QEMU (x86/mce.py)
+            vcpu.setup_mce(self._mcg_cap())
         supported = self.supported_msrs()
         vcpu.set_msrs({k: v for k, v in msrs.boot_msrs().items() if k in supported})
         return vcpu
@@ -139,6 +141,14 @@ class Machine:
         if not hasattr(self, "_msr_cache"):
             self._msr_cache = set(self.kvm.msr_index_list()) | set(self.kvm.feature_msr_index_list())
         return self._msr_cache
+
+    def _mcg_cap(self) -> int:
+        """IA32_MCG_CAP for every vCPU, or 0 if KVM (KVM_CAP_MCE) or the CPUID has no MCA."""
+        if not hasattr(self, "_mcg_cap_cache"):
+            banks = self.kvm.check_extension(Cap.MCE)
+            use = banks > 0 and mce.has_mca(self._supported_cpuid())
+            self._mcg_cap_cache = mce.mcg_cap(self.kvm.mce_cap_supported(), banks) if use else 0
+        return self._mcg_cap_cache
 
     def _supported_cpuid(self):
         if not hasattr(self, "_cpuid_cache"):

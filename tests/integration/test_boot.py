@@ -71,3 +71,24 @@ def test_bad_fw_cfg_option_is_a_clear_error():
     """--fw-cfg without NAME=FILE is refused with a message, not a traceback."""
     r = kvmpy_cli("demo", "fwcfg", "--fw-cfg", "justaname")
     assert r.returncode == 4 and b"NAME=FILE" in r.stderr and b"Traceback" not in r.stderr
+
+
+# --- the machine check architecture a kernel finds (QEMU's: 10 banks, MCG_CTL_P | MCG_SER_P) ---
+READ_MCG_CAP = bytes.fromhex("b979010000 0f32 e6f4 f4")   # mov ecx,0x179; rdmsr; out 0xf4,al; hlt
+
+
+def test_a_guest_reads_ten_machine_check_banks_from_ia32_mcg_cap():
+    """CPUID advertises MCE and MCA, and rdmsr IA32_MCG_CAP gives 10 banks with MCG_CTL_P and,
+    where KVM has it, MCG_SER_P: what KVM_X86_SETUP_MCE was asked for on every vCPU."""
+    from kvmpy.kvm.abi import Cap
+    from kvmpy.x86 import mce
+    with kvmpy.Machine(mem_size=2 << 20, cpus=2) as m:
+        if not m.kvm.check_extension(Cap.MCE):
+            pytest.skip("this KVM has no KVM_CAP_MCE")
+        expected = 10 | mce.MCG_CTL_P | (m.kvm.mce_cap_supported() & mce.MCG_SER_P)
+        for v in m.vcpus:
+            assert mce.has_mca(v.get_cpuid2()) and v.mcg_cap == expected
+        m.load(READ_MCG_CAP, "raw", mode="protected")
+        result = m.run(timeout=30)
+    assert (result.reason, result.status) == ("exit", 10 << 1 | 1)
+    assert result.regs.rax == expected and result.regs.rdx == 0
