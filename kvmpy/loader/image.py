@@ -23,7 +23,9 @@ class LoadedImage:
     :data:`MODES`, ``format`` the loader that placed it (one of ``loader.LOADERS``), and
     ``segments`` the ``(gpa, size)`` ranges written, in file order.
     ``registers`` are general-purpose register values the boot protocol hands the
-    image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot.
+    image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot;
+    ``control_registers`` the control registers it fixes where kvmpy's ``mode`` set-up
+    would differ, e.g. ``(("cr0", 0x11), ("cr4", 0))`` for multiboot (``x86.modes.setup``).
     ``cmdline`` is the command line :func:`kvmpy.loader.load` booted the image with
     (for Linux, with its extra entries), which the VMM also offers through fw_cfg.
     """
@@ -34,6 +36,7 @@ class LoadedImage:
     segments: tuple[tuple[int, int], ...]
     registers: tuple[tuple[str, int], ...] = ()
     cmdline: str = ""
+    control_registers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

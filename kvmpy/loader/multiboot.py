@@ -23,6 +23,10 @@ inside an executable segment whose ``p_vaddr != p_paddr`` is translated to physi
 **Entry.** 32-bit protected mode, flat segments, paging off, interrupts off,
 ``EAX = 0x2BADB002``, ``EBX`` = guest-physical address of the information structure
 (returned as ``LoadedImage.registers``); ESP is undefined, the kernel sets its own.
+The spec asks only CR0.PE set and CR0.PG clear; QEMU's option ROM enters with
+``mov $1, %eax; mov %eax, %cr0`` (CR0 = PE|ET = 0x11, ET being hardwired) and CR4 = 0,
+so that is what a multiboot kernel gets here too (``LoadedImage.control_registers``):
+caching on (CD and NW clear), no MP, NE or SSE bits it did not ask for.
 
 **Where things go** (QEMU's layout after the kernel, and the whole structure there):
 
@@ -55,7 +59,8 @@ API::
     is_multiboot(data) -> bool
     load_multiboot(mem, data, *, cmdline="", modules=(), reserved=(), image_name="kernel")
         -> LoadedImage(entry, "protected", "multiboot", segments,
-                       registers=(("rax", 0x2BADB002), ("rbx", info_gpa)))
+                       registers=(("rax", 0x2BADB002), ("rbx", info_gpa)),
+                       control_registers=(("cr0", 0x11), ("cr4", 0)))
     memory_map(mem) -> [(base, length, type)]
 
 ``modules`` is a sequence of ``(bytes, string)``; the string is written verbatim (QEMU
@@ -107,6 +112,10 @@ INFO_FLAGS = (MULTIBOOT_INFO_MEMORY | MULTIBOOT_INFO_BOOTDEV | MULTIBOOT_INFO_CM
 # Memory map entry types.
 MULTIBOOT_MEMORY_AVAILABLE = 1
 MULTIBOOT_MEMORY_RESERVED = 2
+
+#: CR0 and CR4 at entry: what QEMU's multiboot option ROM leaves (see the module docstring):
+#: CR0.PE (bit 0) and CR0.ET (bit 4, hardwired to 1), nothing else.
+ENTRY_CONTROL_REGISTERS = (("cr0", 1 << 0 | 1 << 4), ("cr4", 0))
 
 BOOT_DEVICE = 0x8000FFFF        # BIOS drive 0x80, no partition: what QEMU reports
 BOOT_LOADER_NAME = "kvmpy"
@@ -434,4 +443,5 @@ def load_multiboot(mem, data, *, cmdline: str = "", modules=(), reserved=(),
         mem.write(gpa, mod)
     segments = kernel.segments + ((info, info_size),) + tuple((gpa, len(mod)) for gpa, mod, _ in placed if len(mod))
     return LoadedImage(entry=kernel.entry, mode="protected", format="multiboot", segments=segments,
-                       registers=(("rax", MULTIBOOT_BOOTLOADER_MAGIC), ("rbx", info)))
+                       registers=(("rax", MULTIBOOT_BOOTLOADER_MAGIC), ("rbx", info)),
+                       control_registers=ENTRY_CONTROL_REGISTERS)

@@ -273,7 +273,8 @@ class Machine:
                           linux_cmdline_extra=self.virtio_mmio_cmdline())
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
-        setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user)
+        setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,
+                            control=img.control_registers)
         try:
             for gpa, blob in setup.writes:
                 self.memory.write(gpa, blob)

@@ -14,6 +14,8 @@ from ..kvm.regs import CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_O
 
 #: The CPU modes a vCPU can start in; the one list (loader/ and cli/ import it).
 MODES = ("real", "protected", "long")
+#: The registers a boot protocol may fix at entry besides the mode's (``setup(control=...)``).
+CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
 
 @dataclass
@@ -83,12 +85,27 @@ def real_mode_entry(entry: int) -> tuple[int, int]:
     return cs_base, entry - cs_base
 
 
-def setup(mode: str, entry: int, sregs: Sregs, mem_end: int, user: bool = False) -> CpuSetup:
-    """CPU state to start executing at ``entry`` in ``mode``."""
+def setup(mode: str, entry: int, sregs: Sregs, mem_end: int, user: bool = False,
+          control=()) -> CpuSetup:
+    """CPU state to start executing at ``entry`` in ``mode``.
+
+    ``control`` is ``(name, value)`` pairs from :data:`CONTROL_REGISTERS` a boot protocol
+    fixes over the mode's defaults: multiboot's kernel gets CR0 = PE|ET and CR4 = 0, what
+    QEMU's option ROM leaves, not the MP, NE and SSE bits kvmpy's own guests get.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if user and mode != "long":
         raise ValueError("starting in ring 3 is supported for long mode only")
+    result = _setup(mode, entry, sregs, mem_end, user)
+    for name, value in control:
+        if name not in CONTROL_REGISTERS:
+            raise ValueError(f"{name!r} is not one of the control registers {CONTROL_REGISTERS}")
+        setattr(result.sregs, name, value)
+    return result
+
+
+def _setup(mode: str, entry: int, sregs: Sregs, mem_end: int, user: bool) -> CpuSetup:
     if mode == "real":
         cs_base, ip = real_mode_entry(entry)
         sp = layout.REAL_MODE_LOAD if cs_base == 0 else 0xFFFE

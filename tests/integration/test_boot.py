@@ -1,5 +1,6 @@
 """Booting other people's kernels: multiboot as QEMU's -kernel does it, and fw_cfg."""
 import os
+import struct
 import subprocess
 import sys
 
@@ -33,6 +34,27 @@ def test_multiboot_kernel_gets_cmdline_modules_and_memory_map(tmp_path):
     assert "mmap 0x100000 +0x3f00000 type 1" in out
     assert f"mod 0: '{m1}' 10 bytes: 6d 6f 64 75 6c 65 20 6f" in out
     assert f"mod 1: '{m2} two args' 2048 bytes: 00 01 02 03 04 05 06 07" in out
+
+
+def tiny_multiboot(load_addr: int, code: bytes) -> bytes:
+    """A flat multiboot kernel (the a.out kludge, flags bit 16) loaded at ``load_addr``, entered
+    just after its 32-byte header."""
+    flags = 0x10003
+    header = struct.pack("<8I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF,
+                         load_addr, load_addr, 0, 0, load_addr + 32)
+    return header + code
+
+
+REPORT_CR0 = bytes.fromhex("0f20c0 e6f4 f4")          # mov eax,cr0; out 0xf4,al; hlt
+
+
+def test_a_multiboot_kernel_is_entered_with_cr0_pe_et_as_qemu_leaves_it():
+    """CR0 = 0x11 (PE|ET; CD, NW, MP, NE, PG clear) and CR4 = 0, what QEMU's option ROM hands over."""
+    with kvmpy.Machine(mem_size=4 << 20) as m:
+        m.load(tiny_multiboot(0x100000, REPORT_CR0))
+        assert (m.vcpus[0].get_sregs().cr0, m.vcpus[0].get_sregs().cr4) == (0x11, 0)
+        result = m.run(timeout=30)
+    assert (result.reason, result.status, result.regs.rax) == ("exit", 0x11 << 1 | 1, 0x11)
 
 
 def test_multiboot_from_the_cli(tmp_path):

@@ -169,6 +169,12 @@ def test_aout_kernel_loads_zeroes_bss_and_enters_with_magic(mem):
     assert untouched_outside(mem, img.segments)
 
 
+@pytest.mark.parametrize("kernel", [aout, elf_kernel], ids=["aout", "elf"])
+def test_entry_control_registers_are_qemus(mem, kernel):
+    """CR0 = PE|ET (0x11) and CR4 = 0 at entry, what QEMU's multiboot option ROM leaves."""
+    assert load_multiboot(mem, kernel()).control_registers == (("cr0", 0x11), ("cr4", 0))
+
+
 def test_aout_header_offset_selects_the_file_start(mem):
     """Bytes before offset - (header_addr - load_addr) are not loaded."""
     data = aout(skip=0x100, prefix=0x20)
