@@ -274,13 +274,13 @@ class Machine:
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,
-                            control=img.control_registers)
+                            control=img.control_registers, tables=img.tables)
         try:
             for gpa, blob in setup.writes:
                 self.memory.write(gpa, blob)
         except GuestMemoryError:
             raise LoaderError(f"{self.mem_size:#x} bytes of RAM is too small for the {img.mode}-mode "
-                              "boot tables (they live in the first 1 MiB)") from None
+                              "boot tables") from None
         for name, value in img.registers:          # what the boot protocol passes in registers
             setattr(setup.regs, name, value)
         vcpu.set_sregs(setup.sregs)

@@ -36,6 +36,18 @@ def test_multiboot_kernel_gets_cmdline_modules_and_memory_map(tmp_path):
     assert f"mod 1: '{m2} two args' 2048 bytes: 00 01 02 03 04 05 06 07" in out
 
 
+@pytest.mark.parametrize("user", [False, True])
+def test_a_long_mode_image_on_the_page_tables_home_runs_with_them_moved(user):
+    """A raw long-mode image at 0x9000, the PML4's home: the page tables (and GDT, TSS, ring-0
+    stack) go to the first free pages after it, and the identity map still works."""
+    with kvmpy.Machine(mem_size=8 << 20) as m:
+        img = m.load(bytes.fromhex("b02a e6f4 f4"), "raw", mode="long", load_addr=0x9000, user=user)
+        assert img.tables.pml4 != 0x9000 and m.vcpus[0].get_sregs().cr3 == img.tables.pml4
+        assert img.tables.gdt == 0xA000
+        result = m.run(timeout=30)
+    assert (result.reason, result.status) == ("exit", 42 << 1 | 1)
+
+
 def tiny_multiboot(load_addr: int, code: bytes) -> bytes:
     """A flat multiboot kernel (the a.out kludge, flags bit 16) loaded at ``load_addr``, entered
     just after its 32-byte header."""
