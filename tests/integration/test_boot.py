@@ -18,7 +18,9 @@ def kvmpy_cli(*args, timeout=60):
 
 
 def test_multiboot_kernel_gets_cmdline_modules_and_memory_map(tmp_path):
-    """A multiboot kernel is entered with EAX=0x2BADB002 and sees QEMU's cmdline form, modules and mmap."""
+    """A multiboot kernel is entered with EAX=0x2BADB002 and sees QEMU's cmdline form, modules and
+    a memory map in which the boot tables, the information (low memory) and the modules (after the
+    kernel, which ends at 0x105000) are reserved."""
     m1, m2 = tmp_path / "m1.bin", tmp_path / "m2.bin"
     m1.write_bytes(b"module one")
     m2.write_bytes(bytes(range(256)) * 8)
@@ -31,9 +33,34 @@ def test_multiboot_kernel_gets_cmdline_modules_and_memory_map(tmp_path):
     assert "magic 0x2badb002" in out
     assert "cmdline: 'multiboot-hello.elf hello=world'" in out
     assert "mem_lower 639K, mem_upper 64512K" in out
-    assert "mmap 0x100000 +0x3f00000 type 1" in out
+    assert "mmap 0x0 +0x1000 type 1\nmmap 0x1000 +0x5000 type 2\nmmap 0x6000 +0x99c00 type 1\n" in out
+    assert "mmap 0x100000 +0x5000 type 1\nmmap 0x105000 +0x2000 type 2\nmmap 0x107000 +0x3ef9000 type 1\n" in out
     assert f"mod 0: '{m1}' 10 bytes: 6d 6f 64 75 6c 65 20 6f" in out
     assert f"mod 1: '{m2} two args' 2048 bytes: 00 01 02 03 04 05 06 07" in out
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_multiboot_kernel_linked_below_1_mib_runs(native):
+    """multiboot-low, linked at 0x8000 (QEMU loads such kernels), runs and prints what it was given."""
+    g = guests.get("multiboot-low")
+    with kvmpy.Machine(mem_size=64 << 20, native=native) as m:
+        img = m.load(g.path)
+        result = m.run(timeout=30)
+    assert img.segments[0][0] == 0x8000 and img.tables.gdt == 0x1000      # the tables stayed home
+    assert (result.reason, result.status, m.serial_output) == ("exit", g.expect_status, g.expect_output)
+
+
+def test_a_kernel_on_the_boot_tables_homes_moves_them_and_runs():
+    """A kernel at 0x1000, where the GDT and TSS would go, is entered with them elsewhere (and
+    CR0 = 0x11); one at 0x9fc00 would lie on the MP table and the PC's legacy hole: refused."""
+    with kvmpy.Machine(mem_size=4 << 20, cpus=2) as m:
+        img = m.load(tiny_multiboot(0x1000, REPORT_CR0))
+        assert img.tables.gdt == 0x2000 and m.vcpus[0].get_sregs().gdt.base == 0x2000   # the next free page
+        result = m.run(timeout=30)
+        assert (result.reason, result.status, result.regs.rax) == ("exit", 0x11 << 1 | 1, 0x11)
+        with pytest.raises(kvmpy.LoaderError, match=r"multiboot kernel at 0x9f000\.\.0xa0000 overlaps the "
+                                                    r"reserved range 0x9fc00\.\.0x100000 \(the PC's legacy hole"):
+            m.load(tiny_multiboot(0x9F000, REPORT_CR0, bss_end=0xA0000))
 
 
 @pytest.mark.parametrize("user", [False, True])
@@ -48,12 +75,12 @@ def test_a_long_mode_image_on_the_page_tables_home_runs_with_them_moved(user):
     assert (result.reason, result.status) == ("exit", 42 << 1 | 1)
 
 
-def tiny_multiboot(load_addr: int, code: bytes) -> bytes:
+def tiny_multiboot(load_addr: int, code: bytes, bss_end: int = 0) -> bytes:
     """A flat multiboot kernel (the a.out kludge, flags bit 16) loaded at ``load_addr``, entered
-    just after its 32-byte header."""
+    just after its 32-byte header, with zeroes up to ``bss_end`` (0: none)."""
     flags = 0x10003
     header = struct.pack("<8I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF,
-                         load_addr, load_addr, 0, 0, load_addr + 32)
+                         load_addr, load_addr, 0, bss_end, load_addr + 32)
     return header + code
 
 
