@@ -136,6 +136,26 @@ _BLK_IO_ERROR = 0x4D
 _BLK_READ_ONLY = 0x45
 
 
+def _multiboot(name: str, what: str) -> Guest:
+    """A multiboot v1 kernel (multiboot-hello.S + .c) and what it prints with 64 MiB, no
+    arguments and no modules: the memory map has the host's GDT and TSS (0x1000-0x4FFF) and
+    the multiboot information (0x5000-0x5FFF) reserved; the kernel's path is cut to its name."""
+    return Guest(
+        name, f"{name}.elf",
+        f"multiboot v1 kernel ({what}): checks EAX=0x2BADB002, prints its command line, "
+        "mem_lower/mem_upper, the memory map and each module's string and first bytes; exits 0x2B",
+        format="multiboot", mode="protected",
+        expect_output=(b"multiboot-hello: magic 0x2badb002, flags 0x24f\n"
+                       b"cmdline: '" + name.encode() + b".elf '\n"
+                       b"mem_lower 639K, mem_upper 64512K\n"
+                       b"mmap 0x0 +0x1000 type 1\nmmap 0x1000 +0x5000 type 2\nmmap 0x6000 +0x99c00 type 1\n"
+                       b"mmap 0x9fc00 +0x400 type 2\n"
+                       b"mmap 0xf0000 +0x10000 type 2\nmmap 0x100000 +0x3f00000 type 1\n"
+                       b"mods 0\nboot loader: kvmpy\nmultiboot-hello: done\n"),
+        expect_status=_status(0x2B), expect_rax=0x2B,
+        marker=_line(b"multiboot-hello: done"))           # whatever --cmdline, --module and --mem say
+
+
 def _blk(name: str, description: str, first_line: bytes, disk_status: int | None, **kw) -> Guest:
     """A ring-3 guest of disk 0; without a disk it prints ``first_line`` and exits 0x4E."""
     return Guest(name, f"{name}.elf", description, format="elf", mode="long", user=True,
@@ -238,20 +258,8 @@ _GUESTS: tuple[Guest, ...] = (
                          b"fw_cfg: done\n"),                # 64 MiB, 1 CPU, no cmdline, no files
           expect_status=_status(0x50), expect_rax=0x50,
           marker=_line(b"fw_cfg: done")),                  # whatever --mem, --cmdline and --fw-cfg say
-    Guest("multiboot-hello", "multiboot-hello.elf",
-          "multiboot v1 kernel (ELF32, as for qemu -kernel): checks EAX=0x2BADB002, prints its "
-          "command line, mem_lower/mem_upper, the memory map and each module's string and first "
-          "bytes; exits 0x2B",
-          format="multiboot", mode="protected",
-          expect_output=(b"multiboot-hello: magic 0x2badb002, flags 0x24f\n"
-                         b"cmdline: 'multiboot-hello.elf '\n"
-                         b"mem_lower 639K, mem_upper 64512K\n"
-                         b"mmap 0x0 +0x9fc00 type 1\nmmap 0x9fc00 +0x400 type 2\n"
-                         b"mmap 0xf0000 +0x10000 type 2\nmmap 0x100000 +0x3f00000 type 1\n"
-                         b"mods 0\nboot loader: kvmpy\nmultiboot-hello: done\n"),
-          # 64 MiB, no arguments, no modules; the kernel's path is cut to its file name
-          expect_status=_status(0x2B), expect_rax=0x2B,
-          marker=_line(b"multiboot-hello: done")),         # whatever --cmdline, --module and --mem say
+    _multiboot("multiboot-hello", "ELF32 at 1 MiB, as for qemu -kernel"),
+    _multiboot("multiboot-low", "the same kernel linked at 0x8000, below 1 MiB"),
     _blk("blk-read",
          "virtio-blk: reads all of disk 0 and prints 'blk-read: <n> sectors, checksum 0x<h>' "
          "(h = FNV-1a 64 of the disk's bytes); exits 0x40",

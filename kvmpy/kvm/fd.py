@@ -15,7 +15,7 @@ from .regs import CpuidEntry
 MAX_CPUID_ENTRIES = 256
 
 REQUEST_NAMES = {getattr(lib, n): n for n in dir(lib) if n.startswith("KVM_") and n[4:8] in
-                 ("GET_", "SET_", "CREA", "RUN", "CHEC", "IRQ_", "IOEV", "IRQF", "INTE", "NMI")}
+                 ("GET_", "SET_", "CREA", "RUN", "CHEC", "IRQ_", "IOEV", "IRQF", "INTE", "NMI", "X86_")}
 
 
 def ioctl(fd: int, request: int, arg=None, hint: str = "") -> int:

@@ -21,6 +21,11 @@ RFLAGS_IOPL3 = 3 << 12
 # The TSC-deadline timer MSR (SDM vol. 3A, 11.5.4.1): KVM ignores a write to it unless the
 # LAPIC timer is in deadline mode, so restoring a vCPU sets it again after the LAPIC.
 MSR_IA32_TSC_DEADLINE = 0x6E0
+# The machine-check banks (SDM vol. 3B, 16.3.2): bank i has CTL, STATUS, ADDR and MISC at
+# IA32_MC0_CTL + 4 * i. KVM's MSR index list leaves them out; a vCPU set up with banks
+# (Vcpu.setup_mce) saves them with its other MSRs, as QEMU does.
+MSR_IA32_MC0_CTL = 0x400
+MCG_CAP_BANKS_MASK = 0xFF      # IA32_MCG_CAP bits 7:0: the number of banks
 
 
 @dataclass

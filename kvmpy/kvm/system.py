@@ -68,6 +68,13 @@ class Kvm(Fd):
     def supported_cpuid(self) -> list[CpuidEntry]:
         return get_cpuid(self.fd, lib.KVM_GET_SUPPORTED_CPUID)
 
+    def mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the IA32_MCG_CAP feature bits KVM can emulate (and,
+        in bits 7:0, its most banks); ``check_extension(Cap.MCE)`` also gives the bank limit."""
+        p = ffi.new("__u64 *")
+        ioctl(self.fd, lib.KVM_X86_GET_MCE_CAP_SUPPORTED, p)
+        return p[0]
+
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs a VMM should save and restore."""
         return self._msr_list(lib.KVM_GET_MSR_INDEX_LIST)

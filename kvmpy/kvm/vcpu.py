@@ -13,7 +13,7 @@ from ..errors import KvmError
 from . import exits
 from .abi import GuestDebug, ffi, lib
 from .fd import Fd, cdata_bytes, cdata_from, get_cpuid, ioctl
-from .regs import MSR_IA32_TSC_DEADLINE, REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
+from .regs import MCG_CAP_BANKS_MASK, MSR_IA32_MC0_CTL, MSR_IA32_TSC_DEADLINE, REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -35,6 +35,7 @@ class Vcpu(Fd):
         self.run_page = ffi.cast("struct kvm_run *", self._run_buf)
         self.run_size = run_size
         self.thread_id: int | None = None     # the thread running this vCPU, see set_thread()
+        self.mcg_cap = 0                      # IA32_MCG_CAP given to setup_mce(); 0: no machine-check banks
         self._thread_lock = threading.Lock()
 
     def close(self) -> None:
@@ -182,6 +183,17 @@ class Vcpu(Fd):
     def get_cpuid2(self) -> list[CpuidEntry]:
         return get_cpuid(self.fd, lib.KVM_GET_CPUID2)
 
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: emulate machine-check banks; the guest reads ``mcg_cap`` from
+        IA32_MCG_CAP (bits 7:0 the bank count, the rest feature bits KVM must support, see
+        ``Kvm.mce_cap_supported``). KVM sets IA32_MCG_CTL and every bank's CTL to all ones."""
+        ioctl(self.fd, lib.KVM_X86_SETUP_MCE, ffi.new("__u64 *", mcg_cap))
+        self.mcg_cap = mcg_cap
+
+    def mce_bank_msrs(self) -> list[int]:
+        """The MSRs of the banks setup_mce() asked for: CTL, STATUS, ADDR, MISC of each."""
+        return [MSR_IA32_MC0_CTL + i for i in range(4 * (self.mcg_cap & MCG_CAP_BANKS_MASK))]
+
     def get_lapic(self) -> bytes:
         return self._get_blob("struct kvm_lapic_state *", lib.KVM_GET_LAPIC)
 
@@ -226,11 +238,12 @@ class Vcpu(Fd):
     # --- the whole state ----------------------------------------------------------------
     def save_state(self, msrs: list[int]) -> dict:
         """Everything KVM holds for this vCPU, as plain data: registers, FPU, XSAVE, XCRs,
-        the MSRs listed in ``msrs``, mp_state, pending events, debug registers and, with
+        the MSRs listed in ``msrs`` and those of its machine-check banks, mp_state, pending events, debug registers and, with
         the in-kernel irqchip, the LAPIC. Blobs are the kernel's structs in hex."""
         state = {"regs": self.get_regs().to_dict(), "sregs": self.get_sregs().to_dict(),
                  "fpu": self.get_fpu().hex(), "xsave": self.get_xsave().hex(), "xcrs": self.get_xcrs().hex(),
-                 "msrs": {str(k): v for k, v in self.get_msrs(msrs).items()}, "mp_state": self.get_mp_state(),
+                 "msrs": {str(k): v for k, v in self.get_msrs([*msrs, *self.mce_bank_msrs()]).items()},
+                 "mp_state": self.get_mp_state(),
                  "events": self.get_vcpu_events().hex(), "debugregs": self.get_debugregs()}
         if self.vm.has_irqchip:
             state["lapic"] = self.get_lapic().hex()

@@ -17,7 +17,7 @@ import dataclasses
 import os
 
 from ..errors import LoaderError, read_file
-from ..x86 import layout
+from ..x86 import boottables, layout
 from .detect import FORMATS, LOADERS, detect
 from .elf import load_elf
 from .image import MODES, LoadedImage, check_mode
@@ -42,9 +42,12 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
     is "PATH ARGS" as QEMU passes it, or a ``(bytes, string)`` pair. ``load_addr``
     and ``entry`` place a raw image. ``mode`` picks a raw image's CPU mode (default
     real) and a bzImage's 32- or 64-bit entry; for other images it must be theirs.
-    ``reserved``: ``(start, end)`` ranges to keep clear; by default the VMM's first
-    MiB (:func:`default_reserved`). Errors name the image. A file larger than guest RAM
-    is refused from its size, before it is read.
+    ``reserved``: ``(start, end)`` ranges the image (and what its loader writes) must
+    keep clear of (:func:`default_reserved` by default). The returned image's ``tables``
+    say where the VMM's boot GDT, TSS and page tables go: their homes, or wherever the
+    image leaves room (``x86.boottables.place``).
+    Errors name the image. A file larger than guest RAM is refused from its size,
+    before it is read.
     """
     name = "image" if isinstance(image, _BYTES) else os.fspath(image)
     ram = mem.size                          # no file larger than guest RAM is read at all
@@ -60,17 +63,36 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
             cmdline = f"{cmdline} {linux_cmdline_extra}".strip()
         img = _load_as(found, mem, data, cmdline=cmdline, initrd=rd, modules=mods, load_addr=load_addr,
                        entry=entry, mode=mode, reserved=tuple(reserved), name=name)
+        if img.tables is None:
+            img = dataclasses.replace(img, tables=_place_tables(mem, img))
     except LoaderError as e:
         raise LoaderError(f"{name}: {e}") from None
     return dataclasses.replace(img, cmdline=cmdline)
 
 
 def default_reserved(found: str, mode: str | None) -> tuple[tuple[int, int], ...]:
-    """What an image must keep clear of: the first MiB, where the VMM puts the boot tables
-    (x86/layout.py), except for a raw real-mode image, which lives there as a boot sector."""
+    """What an image must keep clear of. A Linux kernel: the first MiB (its boot information
+    lives there, and its protocol loads it higher anyway). A raw real-mode image: nothing, it
+    lives in low memory as a boot sector. Any other: the PC's legacy hole 0x9FC00-0xFFFFF
+    (the EBDA with the MP table, the VGA window, the BIOS), which no memory map calls RAM.
+    The VMM's GDT, TSS and page tables are not reserved: they move out of the image's way."""
     if found == "raw" and (mode or "real") == "real":
         return ()
-    return (layout.LOW_RESERVED,)
+    if found in ("bzimage", "pvh"):
+        return (layout.LOW_RESERVED,)
+    return (layout.LEGACY_HOLE,)
+
+
+def _place_tables(mem, img: LoadedImage) -> boottables.BootTables:
+    """Where the boot tables go: clear of everything the loader wrote."""
+    taken = [(gpa, gpa + size) for gpa, size in img.segments]
+    if img.format in ("bzimage", "pvh"):
+        from .linux import BOOT_RANGES      # the zero page or start info, and the command line
+        taken += BOOT_RANGES
+    try:
+        return boottables.place(img.mode, mem.end, [(r.gpa, r.end) for r in mem.regions], taken)
+    except ValueError as e:
+        raise LoaderError(str(e)) from None
 
 
 def load_path(mem, path, format: str = "auto", **kw) -> LoadedImage:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LoaderError
+from ..x86 import layout
+from ..x86.boottables import BootTables
 from ..x86.modes import MODES     # the CPU modes an image can be entered in: their one home
 
 
@@ -23,9 +25,14 @@ class LoadedImage:
     :data:`MODES`, ``format`` the loader that placed it (one of ``loader.LOADERS``), and
     ``segments`` the ``(gpa, size)`` ranges written, in file order.
     ``registers`` are general-purpose register values the boot protocol hands the
-    image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot.
+    image at entry, e.g. ``(("rax", 0x2BADB002), ("rbx", info_gpa))`` for multiboot;
+    ``control_registers`` the control registers it fixes where kvmpy's ``mode`` set-up
+    would differ, e.g. ``(("cr0", 0x11), ("cr4", 0))`` for multiboot (``x86.modes.setup``).
     ``cmdline`` is the command line :func:`kvmpy.loader.load` booted the image with
     (for Linux, with its extra entries), which the VMM also offers through fw_cfg.
+    ``tables`` is where the VMM writes the boot GDT, TSS and page tables for this image,
+    clear of it (``x86.boottables.place``, called by :func:`kvmpy.loader.load` or by a
+    loader that must know before it writes, like multiboot's); None before that.
     """
 
     entry: int
@@ -34,6 +41,8 @@ class LoadedImage:
     segments: tuple[tuple[int, int], ...]
     registers: tuple[tuple[str, int], ...] = ()
     cmdline: str = ""
+    control_registers: tuple[tuple[str, int], ...] = ()
+    tables: BootTables | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,6 +60,14 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+#: What the default reserved ranges (``loader.default_reserved``) hold, for error messages.
+RESERVED_WHY = {
+    layout.LEGACY_HOLE: "the PC's legacy hole: the EBDA, where the VMM writes the MP table, the VGA "
+                        "window and the BIOS; no memory map calls it RAM",
+    layout.LOW_RESERVED: "the first MiB: a Linux kernel stays above the boot information the VMM writes there",
+}
+
+
 def check_placement(mem, gpa: int, size: int, reserved, what: str) -> None:
     """Raise LoaderError unless ``[gpa, gpa+size)`` is in RAM and clear of ``reserved``.
 
@@ -63,5 +80,6 @@ def check_placement(mem, gpa: int, size: int, reserved, what: str) -> None:
                           f"guest RAM (ends at {mem.end:#x})")
     for start, stop in reserved:
         if gpa < stop and start < end:
+            why = RESERVED_WHY.get((start, stop))
             raise LoaderError(f"{what} at {gpa:#x}..{end:#x} overlaps the reserved range "
-                              f"{start:#x}..{stop:#x}")
+                              f"{start:#x}..{stop:#x}" + (f" ({why})" if why else ""))

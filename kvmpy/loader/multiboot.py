@@ -23,21 +23,33 @@ inside an executable segment whose ``p_vaddr != p_paddr`` is translated to physi
 **Entry.** 32-bit protected mode, flat segments, paging off, interrupts off,
 ``EAX = 0x2BADB002``, ``EBX`` = guest-physical address of the information structure
 (returned as ``LoadedImage.registers``); ESP is undefined, the kernel sets its own.
+The spec asks only CR0.PE set and CR0.PG clear; QEMU's option ROM enters with
+``mov $1, %eax; mov %eax, %cr0`` (CR0 = PE|ET = 0x11, ET being hardwired) and CR4 = 0,
+so that is what a multiboot kernel gets here too (``LoadedImage.control_registers``):
+caching on (CD and NW clear), no MP, NE or SSE bits it did not ask for.
 
-**Where things go** (QEMU's layout after the kernel, and the whole structure there):
+**Where things go.** QEMU copies the kernel to its load address, puts the module list
+and the strings right after it, then the modules, each page-aligned; it builds the
+memory map at 0x9000 and the structure at 0x9500, in low memory. Its map does not say
+any of that is in use: a kernel that frees memory by the map, before it has copied what
+it needs, can overwrite its own boot information. kvmpy keeps QEMU's places and makes
+the map honest:
 
-* the kernel at its load address, bss zeroed, ending at ``kernel_end``;
-* at ``info = align_up(kernel_end, 4 KiB)``: the 88-byte information structure, the
-  module list (16 bytes per module), the memory map (24 bytes per entry), then the
-  strings: each module's, the kernel's command line, the boot loader name "kvmpy";
-* the modules, each at the next 4 KiB boundary after what precedes it.
+* the kernel at its load address, bss zeroed, ending at ``kernel_end``; anywhere in RAM
+  below 4 GiB clear of ``reserved`` (``kvmpy.loader.load`` reserves the PC's legacy hole
+  0x9FC00-0xFFFFF, so a kernel linked at 0x8000 loads, as under QEMU);
+* the VMM's boot GDT and TSS at their homes, or moved clear of the kernel
+  (``x86.boottables.place``);
+* the modules, each at the next free page after the kernel (and the module before it);
+* the information block, at the first free page of low memory (0x500-0x9FC00; past
+  1 MiB only if none is left): the 88-byte structure, the module list (16 bytes per
+  module), the memory map (24 bytes per entry, room for as many as it can have), then
+  the strings: each module's, the kernel's command line, the boot loader name "kvmpy".
 
-QEMU puts the module list and strings at the same place, and the modules after them,
-but builds the structure itself and the memory map at 0x9500 and 0x9000. kvmpy keeps
-them with the strings: guest-physical 0-1 MiB is the host's (boot GDT/TSS), and a
-kernel that takes "after the last module" as free memory (a common habit) then
-cannot overwrite any of it. Every range is checked to lie in one RAM region, below
-4 GiB (the structure holds 32-bit addresses) and clear of ``reserved``.
+Nothing the loader places overlaps the kernel, another placed range, ``reserved``, or
+the legacy hole (by pages), and all of it is below 4 GiB (the structure holds 32-bit
+addresses). The memory map marks the pages of the GDT, the TSS, the information block
+and every module reserved (type 2).
 
 **The information.** ``flags`` = MEMORY | BOOTDEV | CMDLINE | MODS | MEM_MAP |
 BOOT_LOADER_NAME (0x24F, what QEMU sets). ``cmdline`` is ``f"{image_name} {cmdline}"``
@@ -45,9 +57,11 @@ BOOT_LOADER_NAME (0x24F, what QEMU sets). ``cmdline`` is ``f"{image_name} {cmdli
 0x8000FFFF (first BIOS disk, no partition; QEMU's value). The memory map is built
 from the RAM regions with the low-memory holes SeaBIOS reports under QEMU:
 0x9FC00-0xA0000 (EBDA) and 0xF0000-0x100000 (BIOS) reserved, 0xA0000-0xF0000 (VGA
-and option ROMs) absent. ``mem_lower`` / ``mem_upper`` are derived from that map the
-way QEMU's option ROM does: KiB of available RAM from 0 (capped at 640 KiB: 639 with
-the EBDA hole), and KiB of available RAM contiguous from 1 MiB below 4 GiB.
+and option ROMs) absent, and then what kvmpy wrote reserved (above). ``mem_lower`` /
+``mem_upper`` are derived from the map of RAM alone (before kvmpy's ranges are marked)
+the way QEMU's option ROM and a BIOS's INT 12h do: KiB of available RAM from 0 (capped
+at 640 KiB: 639 with the EBDA hole), and KiB of available RAM contiguous from 1 MiB
+below 4 GiB. They describe the machine, not what is free in it; the map says that.
 
 API::
 
@@ -55,8 +69,9 @@ API::
     is_multiboot(data) -> bool
     load_multiboot(mem, data, *, cmdline="", modules=(), reserved=(), image_name="kernel")
         -> LoadedImage(entry, "protected", "multiboot", segments,
-                       registers=(("rax", 0x2BADB002), ("rbx", info_gpa)))
-    memory_map(mem) -> [(base, length, type)]
+                       registers=(("rax", 0x2BADB002), ("rbx", info_gpa)),
+                       control_registers=(("cr0", 0x11), ("cr4", 0)))
+    memory_map(mem, reserved=()) -> [(base, length, type)]
 
 ``modules`` is a sequence of ``(bytes, string)``; the string is written verbatim (QEMU
 writes the ``-initrd`` entry, i.e. ``"FILE ARGS"``, or just ``"FILE"``:
@@ -69,9 +84,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass
 
 from ..errors import LoaderError
+from ..x86 import boottables, layout
 from ..x86.layout import PAGE
 from . import elf
 from .image import LoadedImage, check_placement
@@ -108,6 +125,10 @@ INFO_FLAGS = (MULTIBOOT_INFO_MEMORY | MULTIBOOT_INFO_BOOTDEV | MULTIBOOT_INFO_CM
 MULTIBOOT_MEMORY_AVAILABLE = 1
 MULTIBOOT_MEMORY_RESERVED = 2
 
+#: CR0 and CR4 at entry: what QEMU's multiboot option ROM leaves (see the module docstring):
+#: CR0.PE (bit 0) and CR0.ET (bit 4, hardwired to 1), nothing else.
+ENTRY_CONTROL_REGISTERS = (("cr0", 1 << 0 | 1 << 4), ("cr4", 0))
+
 BOOT_DEVICE = 0x8000FFFF        # BIOS drive 0x80, no partition: what QEMU reports
 BOOT_LOADER_NAME = "kvmpy"
 _4GiB = 1 << 32
@@ -133,6 +154,7 @@ MMAP_ENTRY = struct.Struct("<IQQI")   # size (20: the bytes after it), base_addr
 LOW_MEMORY_HOLES = ((0x9FC00, 0xA0000, MULTIBOOT_MEMORY_RESERVED),    # EBDA
                     (0xA0000, 0xF0000, None),                         # VGA window, option ROMs
                     (0xF0000, 0x100000, MULTIBOOT_MEMORY_RESERVED))   # system BIOS
+_MODULE_WINDOW = ((layout.IVT_BDA[1], _4GiB),)   # modules: anywhere in RAM below 4 GiB
 _LOWER_LIMIT = 0xA0000                # mem_lower is at most 640 KiB
 _UPPER_START = 0x100000               # mem_upper counts from 1 MiB
 
@@ -318,8 +340,9 @@ def _plan_elf(buf: memoryview, mem, reserved) -> _Kernel:
 
 
 # --- the information structure -------------------------------------------------------------
-def memory_map(mem) -> list[tuple[int, int, int]]:
-    """``(base, length, type)`` for each RAM region, minus the PC's low-memory holes."""
+def memory_map(mem, reserved=()) -> list[tuple[int, int, int]]:
+    """``(base, length, type)`` for each RAM region, minus the PC's low-memory holes, with each
+    ``(start, end)`` of ``reserved`` that lies in available RAM marked reserved (type 2)."""
     out: list[tuple[int, int, int]] = []
 
     def add(base, end, kind):
@@ -333,17 +356,38 @@ def memory_map(mem) -> list[tuple[int, int, int]]:
     for r in mem.regions:
         ram = MULTIBOOT_MEMORY_RESERVED if r.readonly else MULTIBOOT_MEMORY_AVAILABLE
         pos = r.gpa
-        for start, end, kind in LOW_MEMORY_HOLES:
+        for start, end, kind in _holes(reserved):
             if end <= pos:
                 continue
             if start >= r.end:
                 break
             add(pos, start, ram)
             if kind is not None:
-                add(max(start, pos), min(end, r.end), kind)
+                add(max(start, pos), min(end, r.end), kind if ram == MULTIBOOT_MEMORY_AVAILABLE else ram)
             pos = min(end, r.end)
         add(pos, r.end, ram)
     return out
+
+
+def _holes(reserved) -> list[tuple[int, int, int | None]]:
+    """The PC's low-memory holes and the ``reserved`` ranges outside them, sorted, none overlapping."""
+    holes = list(LOW_MEMORY_HOLES)
+    for start, end in sorted(reserved):
+        for h_start, h_end, _ in LOW_MEMORY_HOLES:      # a hole stays what it is
+            if start < h_end and h_start < end:
+                if start < h_start:
+                    holes.append((start, h_start, MULTIBOOT_MEMORY_RESERVED))
+                start = max(start, h_end)
+        if start < end:
+            holes.append((start, end, MULTIBOOT_MEMORY_RESERVED))
+    holes.sort()
+    merged: list[tuple[int, int, int | None]] = []
+    for start, end, kind in holes:                   # reserved ranges may touch or overlap each other
+        if merged and merged[-1][2] == kind and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]), kind)
+        else:
+            merged.append((start, end, kind))
+    return merged
 
 
 def _mem_lower_upper(mmap) -> tuple[int, int]:
@@ -374,13 +418,6 @@ def module_string(path: str, args: str = "") -> str:
     return f"{path} {args}" if args else path
 
 
-def _check_range(mem, gpa: int, size: int, reserved, what: str) -> None:
-    if gpa + size > _4GiB - 1:
-        raise LoaderError(f"{what} at {gpa:#x}..{gpa + size:#x} is not below 4 GiB; the multiboot "
-                          "information holds 32-bit addresses")
-    check_placement(mem, gpa, size, reserved, what)
-
-
 def load_multiboot(mem, data, *, cmdline: str = "", modules=(), reserved=(),
                    image_name: str = "kernel") -> LoadedImage:
     """Load multiboot kernel ``data`` and its ``modules`` into ``mem``; see the module docstring."""
@@ -397,41 +434,74 @@ def load_multiboot(mem, data, *, cmdline: str = "", modules=(), reserved=(),
     kernel = (_plan_aout(buf, header, mem, reserved) if header.aout_kludge
               else _plan_elf(buf, mem, reserved))
 
-    # The information block: structure, module list, memory map, strings.
-    mmap = memory_map(mem)
-    info = _align(kernel.end)
-    mods_addr = info + INFO.size
-    mmap_addr = mods_addr + MODULE.size * len(modules)
-    strings_addr = mmap_addr + MMAP_ENTRY.size * len(mmap)
+    # The VMM's GDT and TSS, clear of the kernel; then what this loader writes, clear of
+    # both, of the reserved ranges and of the holes the memory map leaves out (all by pages).
+    ram = [(r.gpa, r.end) for r in mem.regions]
+    kernel_ranges = [(gpa, gpa + size) for gpa, size in kernel.segments]
+    try:
+        tables = boottables.place("protected", mem.end, ram, kernel_ranges)
+    except ValueError as e:
+        raise LoaderError(str(e)) from None
+    taken = boottables.pages([*kernel_ranges, *reserved, *tables.ranges("protected", mem.end),
+                              layout.LEGACY_HOLE])
+    placed = _place_modules(modules, ram, taken, kernel.end)
+    taken += boottables.pages((gpa, gpa + len(mod)) for gpa, mod in placed)
+
+    # The information block, in low memory: structure, module list, memory map, strings. The map
+    # marks the tables, the block and the modules reserved; each splits an entry at most in three.
+    slots = len(memory_map(mem)) + 2 * (2 + 1 + len(placed))
     strings = b"".join(mod_strings) + kernel_cmdline + loader_name
-    info_size = strings_addr + len(strings) - info
-    _check_range(mem, info, info_size, reserved, "multiboot information")
-
-    # The modules, page-aligned after it.
-    placed, pos, string_at = [], _align(info + info_size), strings_addr
-    for k, (mod, _) in enumerate(modules):
-        _check_range(mem, pos, len(mod), reserved, f"module {k} ({len(mod):#x} bytes)")
-        placed.append((pos, mod, string_at))
-        string_at += len(mod_strings[k])
-        pos = _align(pos + len(mod))
-
-    mem_lower, mem_upper = _mem_lower_upper(mmap)
-    values = dict.fromkeys(INFO_FIELDS, 0)
-    values.update(flags=INFO_FLAGS, mem_lower=mem_lower, mem_upper=mem_upper, boot_device=BOOT_DEVICE,
-                  cmdline=string_at, mods_count=len(modules), mods_addr=mods_addr, syms=bytes(16),
-                  mmap_length=MMAP_ENTRY.size * len(mmap), mmap_addr=mmap_addr,
-                  boot_loader_name=string_at + len(kernel_cmdline))
-    blob = b"".join([INFO.pack(*(values[f] for f in INFO_FIELDS)),
-                     *(MODULE.pack(gpa, gpa + len(mod), s, 0) for gpa, mod, s in placed),
-                     *(MMAP_ENTRY.pack(MMAP_ENTRY.size - 4, base, length, kind) for base, length, kind in mmap),
-                     strings])
+    info_size = INFO.size + MODULE.size * len(modules) + MMAP_ENTRY.size * slots + len(strings)
+    info = boottables.first_fit(info_size, ram, taken)
+    if info is None:
+        raise LoaderError(f"the multiboot information ({info_size:#x} bytes) does not fit in guest RAM "
+                          "below 4 GiB clear of the kernel, its modules and the boot tables")
+    mmap = memory_map(mem, boottables.pages([*tables.ranges("protected", mem.end), (info, info + info_size),
+                                             *((gpa, gpa + len(mod)) for gpa, mod in placed)]))
+    blob = _information(mem, info, slots, mmap, placed, mod_strings, kernel_cmdline, loader_name)
     assert len(blob) == info_size
 
     # Everything validated: only now touch guest memory.
     kernel.write(mem)
     mem.write(info, blob)
-    for gpa, mod, _ in placed:
+    for gpa, mod in placed:
         mem.write(gpa, mod)
-    segments = kernel.segments + ((info, info_size),) + tuple((gpa, len(mod)) for gpa, mod, _ in placed if len(mod))
+    segments = kernel.segments + ((info, info_size),) + tuple((gpa, len(mod)) for gpa, mod in placed if len(mod))
     return LoadedImage(entry=kernel.entry, mode="protected", format="multiboot", segments=segments,
-                       registers=(("rax", MULTIBOOT_BOOTLOADER_MAGIC), ("rbx", info)))
+                       registers=(("rax", MULTIBOOT_BOOTLOADER_MAGIC), ("rbx", info)),
+                       control_registers=ENTRY_CONTROL_REGISTERS, tables=tables)
+
+
+def _information(mem, info: int, slots: int, mmap, placed, mod_strings, kernel_cmdline: bytes,
+                 loader_name: bytes) -> bytes:
+    """The information block at ``info``: the structure, the module list, the memory map in
+    ``slots`` entries' room, then the strings (each module's, the command line, the loader's)."""
+    mods_addr = info + INFO.size
+    mmap_addr = mods_addr + MODULE.size * len(placed)
+    string_at = list(accumulate(map(len, mod_strings), initial=mmap_addr + MMAP_ENTRY.size * slots))
+    mem_lower, mem_upper = _mem_lower_upper(memory_map(mem))       # the machine's RAM, not what is free
+    values = dict.fromkeys(INFO_FIELDS, 0)
+    values.update(flags=INFO_FLAGS, mem_lower=mem_lower, mem_upper=mem_upper, boot_device=BOOT_DEVICE,
+                  cmdline=string_at[-1], mods_count=len(placed), mods_addr=mods_addr, syms=bytes(16),
+                  mmap_length=MMAP_ENTRY.size * len(mmap), mmap_addr=mmap_addr,
+                  boot_loader_name=string_at[-1] + len(kernel_cmdline))
+    assert len(mmap) <= slots
+    return b"".join([INFO.pack(*(values[f] for f in INFO_FIELDS)),
+                     *(MODULE.pack(gpa, gpa + len(mod), string_at[k], 0) for k, (gpa, mod) in enumerate(placed)),
+                     *(MMAP_ENTRY.pack(MMAP_ENTRY.size - 4, base, length, kind) for base, length, kind in mmap),
+                     bytes(MMAP_ENTRY.size * (slots - len(mmap))),
+                     *mod_strings, kernel_cmdline, loader_name])
+
+
+def _place_modules(modules, ram, taken, kernel_end: int) -> list[tuple[int, memoryview]]:
+    """Each module at the next free page after the kernel (and the module before it), below 4 GiB."""
+    placed, pos = [], kernel_end
+    for k, (mod, _) in enumerate(modules):
+        gpa = boottables.first_fit(len(mod), ram, taken, windows=_MODULE_WINDOW, start=pos)
+        if gpa is None:
+            raise LoaderError(f"module {k} ({len(mod):#x} bytes) does not fit in guest RAM after "
+                              f"{pos:#x}, below 4 GiB (the multiboot information holds 32-bit addresses)")
+        placed.append((gpa, mod))
+        taken = [*taken, *boottables.pages([(gpa, gpa + len(mod))])]
+        pos = gpa + len(mod)
+    return placed

@@ -7,7 +7,8 @@ enter it. The defaults follow the PC conventions:
   (the IBM PC BIOS boot specification; kvmpy enters with CS=DS=ES=SS=0), and
   the entry must be below 1 MiB, the most a real-mode CS:IP can reach;
 * protected/long mode: loaded and entered at 1 MiB, above the legacy
-  0-1 MiB area the host keeps for itself (see docs/CONTRACTS.md).
+  0-1 MiB area where the host keeps its boot structures by default (see
+  docs/CONTRACTS.md); ``load_addr`` may be lower, the host's tables move.
 
 Both addresses live in :mod:`kvmpy.x86.layout` with the other fixed addresses.
 """

@@ -32,7 +32,7 @@ from ..kvm.abi import Cap
 from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
-from ..x86 import cpuid, layout, modes, mptable, msrs
+from ..x86 import cpuid, layout, mce, modes, mptable, msrs
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -134,6 +134,8 @@ class Machine:
     def _create_vcpu(self, i: int, n: int):
         vcpu = self.vm.create_vcpu(i)
         vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
+        if self._mcg_cap():                        # machine-check banks, as QEMU (x86/mce.py)
+            vcpu.setup_mce(self._mcg_cap())
         supported = self.supported_msrs()
         vcpu.set_msrs({k: v for k, v in msrs.boot_msrs().items() if k in supported})
         return vcpu
@@ -143,6 +145,14 @@ class Machine:
         if not hasattr(self, "_msr_cache"):
             self._msr_cache = set(self.kvm.msr_index_list()) | set(self.kvm.feature_msr_index_list())
         return self._msr_cache
+
+    def _mcg_cap(self) -> int:
+        """IA32_MCG_CAP for every vCPU, or 0 if KVM (KVM_CAP_MCE) or the CPUID has no MCA."""
+        if not hasattr(self, "_mcg_cap_cache"):
+            banks = self.kvm.check_extension(Cap.MCE)
+            use = banks > 0 and mce.has_mca(self._supported_cpuid())
+            self._mcg_cap_cache = mce.mcg_cap(self.kvm.mce_cap_supported(), banks) if use else 0
+        return self._mcg_cap_cache
 
     def _supported_cpuid(self):
         if not hasattr(self, "_cpuid_cache"):
@@ -270,13 +280,14 @@ class Machine:
                           linux_cmdline_extra=self.virtio_mmio_cmdline())
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
-        setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user)
+        setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,
+                            control=img.control_registers, tables=img.tables)
         try:
             for gpa, blob in setup.writes:
                 self.memory.write(gpa, blob)
         except GuestMemoryError:
             raise LoaderError(f"{self.mem_size:#x} bytes of RAM is too small for the {img.mode}-mode "
-                              "boot tables (they live in the first 1 MiB)") from None
+                              "boot tables") from None
         for name, value in img.registers:          # what the boot protocol passes in registers
             setattr(setup.regs, name, value)
         vcpu.set_sregs(setup.sregs)

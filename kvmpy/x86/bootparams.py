@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from . import layout
+
 BOOT_PARAMS_SIZE = 0x1000
 
 # e820 types (ACPI 6.5 table 15.4; Linux's enum e820_type)
@@ -31,7 +33,7 @@ E820_ENTRY = struct.Struct("<QQI")   # struct boot_e820_entry, packed: 20 bytes
 # BIOS keeps its extended data area (and kvmpy may put an MP table there), 0xA0000-0xFFFFF
 # is the VGA window and the BIOS ROM. Left out of the map, as real firmware and
 # Firecracker do, so Linux never allocates from it.
-LEGACY_HOLE = (0x9FC00, 0x10_0000)
+LEGACY_HOLE = layout.LEGACY_HOLE
 
 # --- offsets in struct boot_params (bootparam.h; zero-page.rst) -------------------------
 BP_ACPI_RSDP_ADDR = 0x070

@@ -1,6 +1,7 @@
 """Segment descriptors and the boot GDT (Intel SDM vol. 3A, 3.4.5 and 7.2.3).
 
-``boot_gdt()`` builds the table the host writes at ``layout.BOOT_GDT``;
+``boot_gdt()`` builds the table the host writes at ``layout.BOOT_GDT`` (or wherever
+``boottables.place`` moved it, with the TSS at ``tss``);
 ``segment_for()`` gives the matching hidden segment state for ``kvm_sregs``, so
 the CPU state and the in-memory table always agree (a guest that reloads a
 segment register gets what it already had).
@@ -41,8 +42,8 @@ def _flat(selector: int, type_: int, *, dpl: int = 0, l: int = 0, db: int = 1) -
                    db=db, s=1, l=l, g=1)
 
 
-def segment_for(selector: int) -> Segment:
-    """Hidden segment state for one of the boot GDT's selectors."""
+def segment_for(selector: int, tss: int = layout.BOOT_TSS) -> Segment:
+    """Hidden segment state for one of the boot GDT's selectors (the TSS's at ``tss``)."""
     table = {
         layout.SEL_CODE64: _flat(layout.SEL_CODE64, TYPE_CODE_RX, l=1, db=0),
         layout.SEL_DATA: _flat(layout.SEL_DATA, TYPE_DATA_RW),
@@ -51,7 +52,7 @@ def segment_for(selector: int) -> Segment:
         layout.SEL_USER_DATA: _flat(layout.SEL_USER_DATA, TYPE_DATA_RW, dpl=3),
     }
     if selector == layout.SEL_TSS:
-        return Segment(base=layout.BOOT_TSS, limit=layout.BOOT_TSS_SIZE - 1, selector=layout.SEL_TSS,
+        return Segment(base=tss, limit=layout.BOOT_TSS_SIZE - 1, selector=layout.SEL_TSS,
                        type=TYPE_TSS64_BUSY, present=1, dpl=0, db=0, s=0, l=0, g=0)
     if selector not in table:
         raise ValueError(f"selector {selector:#x} is not in the boot GDT")
@@ -64,15 +65,16 @@ def _entry(seg: Segment) -> int:
                       l=seg.l, db=seg.db, g=seg.g)
 
 
-def boot_gdt() -> bytes:
-    """The boot GDT as bytes: null, code64, data, code32, user code64, user data, TSS (16 bytes)."""
+def boot_gdt(tss: int = layout.BOOT_TSS) -> bytes:
+    """The boot GDT as bytes: null, code64, data, code32, user code64, user data, and the
+    descriptor (16 bytes) of the TSS at ``tss``."""
     entries = [0]
     for sel in (layout.SEL_CODE64, layout.SEL_DATA, layout.SEL_CODE32,
                 layout.SEL_USER_CODE64, layout.SEL_USER_DATA):
         entries.append(_entry(segment_for(sel)))
-    tss = segment_for(layout.SEL_TSS)
-    entries.append(_entry(tss))
-    entries.append(tss.base >> 32)          # upper half of a 16-byte system descriptor
+    tss_segment = segment_for(layout.SEL_TSS, tss)
+    entries.append(_entry(tss_segment))
+    entries.append(tss_segment.base >> 32)  # upper half of a 16-byte system descriptor
     return struct.pack(f"<{len(entries)}Q", *entries)
 
 

@@ -1,8 +1,13 @@
 """Every fixed guest-physical address, port and IRQ kvmpy uses, each with its reason.
 
-Guest-physical 0x0-0xFFFFF (the first MiB) belongs to the VMM for boot structures;
-ELF guests are linked at 1 MiB (``KERNEL_START``), the traditional x86 kernel
-address, and raw real-mode images sit at 0x7C00 like a boot sector.
+The VMM's boot structures (GDT, TSS, page tables, Linux's boot information, the MP
+table) have their homes in the first MiB. Only the MP table's and Linux's are fixed:
+the GDT, TSS and page tables move out of the way of an image loaded where they would
+be (``boottables.place``). Images may load anywhere in RAM except the PC's legacy
+hole (``LEGACY_HOLE``: EBDA, VGA window, BIOS), which memory maps report as not RAM;
+Linux kernels stay above 1 MiB. kvmpy's own ELF guests are linked at 1 MiB
+(``KERNEL_START``), the traditional x86 kernel address, and raw real-mode images sit
+at 0x7C00 like a boot sector.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ RING0_STACK_TOP = 0x7000   # RSP0 in the TSS; 0x6000-0x6FFF is reserved for it
 PML4 = 0x9000              # 4-level paging: PML4 -> PDPT -> PD with 2 MiB pages
 PDPT = 0xA000
 PD_BASE = 0x10000          # one page directory (1 GiB of 2 MiB pages) per GiB mapped
-PD_MAX = (0x80000 - PD_BASE) // 0x1000   # page directories that fit below 0x80000
+PD_MAX = (0x80000 - PD_BASE) // PAGE     # page directories that fit below 0x80000
 IDENTITY_MAP_MIN = 4 * GiB  # always map the first 4 GiB (RAM and the MMIO hole below 4 GiB)
 
 # Linux's boot information (loader/linux.py): the boot_params "zero page", or for PVH the
@@ -36,7 +41,15 @@ LINUX_CMDLINE_MAX = 0x10000    # bytes reserved for the command line, NUL includ
 
 REAL_MODE_LOAD = 0x7C00    # where BIOSes load a boot sector; raw real-mode images go here
 KERNEL_START = MiB         # ELF and raw protected/long-mode images are linked at 1 MiB
-LOW_RESERVED = (0, MiB)    # images other than real-mode ones must keep out of the first MiB
+LOW_RESERVED = (0, MiB)    # Linux kernels (and their initrds) keep out of the first MiB
+
+# --- the PC's first MiB, as the memory maps kvmpy hands guests describe it ----------------
+IVT_BDA = (0, 0x500)       # real-mode interrupt vector table and BIOS data area: RAM in the
+#                            maps (as SeaBIOS reports it), but the VMM puts nothing there
+LEGACY_HOLE = (0x9FC00, MiB)   # EBDA (the MP table's home), VGA window, option ROMs, BIOS:
+#                            reserved or absent in every map, so no image may load there
+BASE_MEMORY = (IVT_BDA[1], LEGACY_HOLE[0])   # the rest of the first 640 KiB: where the VMM
+#                            prefers to put what it writes for an image (boottables.place)
 
 # --- KVM-internal pages (needed on Intel VMX for real-mode emulation) -------------
 # Placed in the 4 GiB hole where RAM never lives, as QEMU does.

@@ -15,24 +15,32 @@ ADDR_MASK = 0x000F_FFFF_FFFF_F000
 PAGE_2M = 2 << 20
 
 
-def identity_map_tables(mem_end: int, user: bool = False) -> list[tuple[int, bytes]]:
-    """(gpa, bytes) writes that identity-map max(4 GiB, mem_end) with 2 MiB pages.
+def directories(mem_end: int) -> int:
+    """How many page directories (one per GiB) identity-map max(4 GiB, mem_end)."""
+    gib = max(layout.IDENTITY_MAP_MIN, mem_end + layout.GiB - 1) // layout.GiB
+    if gib > layout.PD_MAX:
+        raise ValueError(f"cannot identity-map {gib} GiB: the boot page directories hold {layout.PD_MAX} GiB")
+    return gib
+
+
+def identity_map_tables(mem_end: int, user: bool = False, *, pml4: int = layout.PML4,
+                        pdpt: int = layout.PDPT, pd_base: int = layout.PD_BASE) -> list[tuple[int, bytes]]:
+    """(gpa, bytes) writes that identity-map max(4 GiB, mem_end) with 2 MiB pages: the PML4
+    at ``pml4``, the PDPT at ``pdpt`` and one page directory a GiB from ``pd_base`` on.
 
     With ``user`` every level allows CPL-3 access (the U/S bit), so a guest started
     in ring 3 can run anywhere in its RAM.
     """
-    gib = max(layout.IDENTITY_MAP_MIN, mem_end + layout.GiB - 1) // layout.GiB
-    if gib > layout.PD_MAX:
-        raise ValueError(f"cannot identity-map {gib} GiB: the boot page directories hold {layout.PD_MAX} GiB")
+    gib = directories(mem_end)
     flags = PTE_P | PTE_RW | (PTE_US if user else 0)
-    pml4 = struct.pack("<Q", layout.PDPT | flags) + bytes(PAGE - 8)
-    pdpt = b"".join(struct.pack("<Q", (layout.PD_BASE + i * PAGE) | flags) for i in range(gib))
-    pdpt += bytes(PAGE - len(pdpt))
-    writes = [(layout.PML4, pml4), (layout.PDPT, pdpt)]
+    top = struct.pack("<Q", pdpt | flags) + bytes(PAGE - 8)
+    middle = b"".join(struct.pack("<Q", (pd_base + i * PAGE) | flags) for i in range(gib))
+    middle += bytes(PAGE - len(middle))
+    writes = [(pml4, top), (pdpt, middle)]
     for i in range(gib):
         base = i * layout.GiB
         pd = struct.pack("<512Q", *((base + j * PAGE_2M) | flags | PTE_PS for j in range(512)))
-        writes.append((layout.PD_BASE + i * PAGE, pd))
+        writes.append((pd_base + i * PAGE, pd))
     return writes
 
 

@@ -194,3 +194,20 @@ def test_string_in_arrives_as_one_exit_with_a_count(vm):
         ex = cpu.run()
     assert ex == exits.Hlt()
     assert vm.memory.read(0x500, 4) == b"\x01\x02\x03\x04" == got
+
+
+def test_machine_check_ioctls():
+    """KVM_X86_GET_MCE_CAP_SUPPORTED gives the MCG_CAP bits KVM emulates; KVM_X86_SETUP_MCE
+    takes a value within them and refuses more banks than KVM_CAP_MCE, naming the ioctl."""
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        banks = kvm.check_extension(Cap.MCE)
+        if not banks:
+            pytest.skip("this KVM has no KVM_CAP_MCE")
+        supported = kvm.mce_cap_supported()
+        cpu = vm.create_vcpu(0)
+        with pytest.raises(kvmpy.KvmError, match="KVM_X86_SETUP_MCE") as e:
+            cpu.setup_mce(banks + 1)
+        assert e.value.errno == errno.EINVAL and cpu.mcg_cap == 0 and cpu.mce_bank_msrs() == []
+        cpu.setup_mce(3 | (supported & 0x100))
+        assert cpu.get_msrs([0x179]) == {0x179: 3 | (supported & 0x100)}
+        assert cpu.mce_bank_msrs() == list(range(0x400, 0x40C))

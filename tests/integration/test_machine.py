@@ -140,14 +140,16 @@ def test_several_vcpus_need_the_irqchip_and_aps_wait():
 
 
 def test_loader_errors_are_clear():
-    """Images that are garbage, too big, or in the VMM's first MiB give a LoaderError naming the problem."""
+    """Images that are garbage, too big, or in the PC's legacy hole (where the MP table goes) give a
+    LoaderError naming the problem; one where the boot tables would go loads, and they move."""
     with kvmpy.Machine(mem_size=2 << 20) as m:
         with pytest.raises(kvmpy.LoaderError, match="ELF"):
             m.load(b"\x7fELF" + b"\x00" * 10)
         with pytest.raises(kvmpy.LoaderError):
             m.load(b"\x90" * (3 << 20), format="raw", mode="long")
-        with pytest.raises(kvmpy.LoaderError):
-            m.load(b"\x90" * 16, format="raw", mode="long", load_addr=0x1000)
+        with pytest.raises(kvmpy.LoaderError, match="overlaps the reserved range 0x9fc00..0x100000"):
+            m.load(b"\x90" * 16, format="raw", mode="long", load_addr=0xA0000)
+        assert m.load(b"\x90" * 16, format="raw", mode="long", load_addr=0x1000).tables.gdt == 0x2000
 
 
 def _fds() -> int:

@@ -247,16 +247,31 @@ def test_a_bzimage_mode_picks_its_32_or_64_bit_entry(mem):
     assert img.mode == "protected" and img.entry == 0x100_0000
 
 
-def test_reserved_defaults_to_the_first_mib_except_for_real_mode_raw(mem):
+def test_reserved_defaults_to_the_legacy_hole_linux_to_the_first_mib_real_mode_raw_nothing(mem):
+    """Images may load below 1 MiB, but not in the EBDA/VGA/BIOS hole; Linux keeps above 1 MiB."""
     assert default_reserved("raw", None) == default_reserved("raw", "real") == ()
-    for found, mode in [("raw", "long"), ("elf", None), ("multiboot", None), ("bzimage", None)]:
-        assert default_reserved(found, mode) == (layout.LOW_RESERVED,)
+    for found, mode in [("raw", "long"), ("elf", None), ("multiboot", None)]:
+        assert default_reserved(found, mode) == (layout.LEGACY_HOLE,)
+    assert default_reserved("bzimage", None) == default_reserved("pvh", None) == (layout.LOW_RESERVED,)
     assert load(mem, CODE).entry == 0x7C00                     # a boot sector lives in the first MiB
+    with pytest.raises(LoaderError, match="overlaps the reserved range 0x9fc00..0x100000"):
+        load(mem, CODE, mode="long", load_addr=0xB8000)
+    with pytest.raises(LoaderError, match="overlaps the reserved range 0x9fc00..0x100000"):
+        load(mem, elf64(paddr=0x9F000))
     with pytest.raises(LoaderError, match="overlaps the reserved range 0x0..0x100000"):
-        load(mem, CODE, mode="long", load_addr=0x1000)
-    with pytest.raises(LoaderError, match="overlaps the reserved range"):
-        load(mem, elf64(paddr=0x2000))
-    assert load(mem, elf64(paddr=0x2000), reserved=()).entry == 0x2000
+        load(mem, elf64(paddr=0x2000), reserved=[layout.LOW_RESERVED])
+
+
+def test_an_image_in_low_memory_moves_the_boot_tables_out_of_its_way(mem):
+    """An image where the GDT/TSS/page tables live loads; their place moves clear of its pages."""
+    from kvmpy.x86 import boottables
+    img = load(mem, CODE, mode="protected", load_addr=0x8000)   # clear of the protected-mode tables
+    assert img.segments == ((0x8000, len(CODE)),) and img.tables == boottables.DEFAULT
+    img = load(mem, elf64(paddr=0x2000))                        # inside the TSS: the tables move
+    assert img.entry == 0x2000 and img.segments == ((0x2000, 0x1000),)
+    assert img.tables == boottables.BootTables.at(0x3000)      # the first free pages above it
+    used = boottables.pages(img.tables.ranges("long", mem.end))
+    assert not any(boottables.overlaps(u, (0x2000, 0x3000)) for u in used)
 
 
 def test_load_path_takes_paths_only(mem, tmp_path):

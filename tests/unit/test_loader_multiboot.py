@@ -12,6 +12,7 @@ from kvmpy.loader.multiboot import (INFO, INFO_FIELDS, MMAP_ENTRY, MODULE, MULTI
                                     MULTIBOOT_BOOTLOADER_MAGIC, MULTIBOOT_HEADER_MAGIC, MULTIBOOT_VIDEO_MODE,
                                     MultibootHeader, find_header, memory_map, module_string)
 from kvmpy.kvm.memory import GuestMemory, MemoryRegion
+from kvmpy.x86.boottables import BootTables
 
 from .guestram import RAM, fresh_mem, untouched_outside
 
@@ -21,6 +22,10 @@ TEXT = bytes(range(1, 0x41))
 KLUDGE = MULTIBOOT_AOUT_KLUDGE | 3           # page-aligned modules, memory info, address fields
 PF_X, PF_W, PF_R = 1, 2, 4
 MMAP_2MIB = [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2), (MiB, MiB, 1)]
+INFO_AT = 0x5000          # the first free page after the boot GDT (0x1000) and TSS (0x2000-0x4069)
+# What a kernel at 1 MiB without modules is told: the GDT, TSS and information pages reserved.
+MMAP_LOADED = [(0, 0x1000, 1), (0x1000, INFO_AT + PAGE - 0x1000, 2), (INFO_AT + PAGE, 0x9FC00 - INFO_AT - PAGE, 1),
+               (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2), (MiB, MiB, 1)]
 
 
 # --- building images ------------------------------------------------------------------------
@@ -165,8 +170,14 @@ def test_aout_kernel_loads_zeroes_bss_and_enters_with_magic(mem):
     assert mem.read(MiB + len(data), 0x2000) == bytes(0x2000)
     kernel_end = MiB + len(data) + 0x2000
     assert img.segments[0] == (MiB, kernel_end - MiB)
-    assert dict(img.registers) == {"rax": 0x2BADB002, "rbx": (kernel_end + PAGE - 1) & -PAGE}
+    assert dict(img.registers) == {"rax": 0x2BADB002, "rbx": INFO_AT}     # low memory, as QEMU
     assert untouched_outside(mem, img.segments)
+
+
+@pytest.mark.parametrize("kernel", [aout, elf_kernel], ids=["aout", "elf"])
+def test_entry_control_registers_are_qemus(mem, kernel):
+    """CR0 = PE|ET (0x11) and CR4 = 0 at entry, what QEMU's multiboot option ROM leaves."""
+    assert load_multiboot(mem, kernel()).control_registers == (("cr0", 0x11), ("cr4", 0))
 
 
 def test_aout_header_offset_selects_the_file_start(mem):
@@ -202,7 +213,7 @@ def test_elf_kernel_loads_its_segments(mem):
     assert img.entry == MiB + 0x30 and img.segments[:2] == ((MiB, 12 + 0x40), (MiB + PAGE, 0x3020))
     assert mem.read(MiB + 12, 0x40) == TEXT
     assert mem.read(MiB + PAGE + 0x20, 0x3000) == bytes(0x3000)
-    assert dict(img.registers)["rbx"] == MiB + 0x5000      # after the bss, page-aligned
+    assert dict(img.registers)["rbx"] == INFO_AT
 
 
 def test_elf_virtual_entry_is_translated_to_physical(mem):
@@ -227,7 +238,7 @@ def test_information_structure_fields(mem):
     assert info["boot_device"] == 0x8000FFFF
     assert cstr(mem, info["cmdline"]) == b"/boot/kernel.bin console=ttyS0 x=1"
     assert (info["mods_count"], info["mods"]) == (0, [])
-    assert info["mmap"] == MMAP_2MIB and info["mmap_length"] == 24 * 4
+    assert info["mmap"] == MMAP_LOADED and info["mmap_length"] == 24 * 6
     assert cstr(mem, info["boot_loader_name"]) == b"kvmpy"
     assert info["syms"] == bytes(16) and info["vbe_mode"] == 0 and info["drives_length"] == 0
     ebx = dict(img.registers)["rbx"]
@@ -242,17 +253,19 @@ def test_cmdline_is_image_name_space_args_even_without_args(mem):
 
 
 def test_modules_bytes_strings_and_placement(mem):
-    """Modules sit page-aligned after the information block, above kernel and bss, with their strings."""
+    """Modules sit page-aligned after the kernel and its bss (as QEMU puts them); their strings
+    are in the information block, in low memory."""
     mods = [(b"first module" * 100, "mod1.bin a=b"), (b"", "empty"), (bytes(range(256)) * 20, module_string("m3"))]
     data = aout(bss=0x1800)
     img = load_multiboot(mem, data, modules=mods, cmdline="x")
     info = decode(mem, img)
     kernel_end = MiB + len(data) + 0x1800
     ebx = dict(img.registers)["rbx"]
-    assert ebx == (kernel_end + PAGE - 1) & -PAGE
+    assert ebx == INFO_AT
     assert info["mods_count"] == 3 and len(info["mods"]) == 3
     info_end = img.segments[1][0] + img.segments[1][1]
-    prev_end = info_end
+    assert info["mods"][0][0] == (kernel_end + PAGE - 1) & -PAGE
+    prev_end = kernel_end
     for (start, end, string, reserved), (blob, name) in zip(info["mods"], mods):
         assert start % PAGE == 0 and start >= prev_end and end == start + len(blob) and reserved == 0
         assert mem.read(start, len(blob)) == blob
@@ -275,11 +288,14 @@ def test_memory_map_covers_regions_with_low_holes_and_high_ram():
     with mem:
         assert memory_map(mem) == MMAP_2MIB + [(1 << 32, RAM, 1)]
         info = decode(mem, load_multiboot(mem, aout()))
-        assert info["mmap"] == MMAP_2MIB + [(1 << 32, RAM, 1)] and info["mem_upper"] == 1024
+        assert info["mmap"] == MMAP_LOADED + [(1 << 32, RAM, 1)] and info["mem_upper"] == 1024
     with GuestMemory.anonymous(RAM, gpa=MiB) as high:
         assert memory_map(high) == [(MiB, RAM, 1)]
-        info = decode(high, load_multiboot(high, aout(load_addr=2 * MiB)))
+        img = load_multiboot(high, aout(load_addr=2 * MiB))
+        info = decode(high, img)
         assert (info["mem_lower"], info["mem_upper"]) == (0, 2048)
+        assert img.tables.gdt == MiB and dict(img.registers)["rbx"] == MiB + 4 * PAGE   # no low memory
+        assert info["mmap"] == [(MiB, 5 * PAGE, 2), (MiB + 5 * PAGE, RAM - 5 * PAGE, 1)]
 
 
 def test_mem_lower_is_capped_at_640k_and_mem_upper_follows_an_unordered_map():
@@ -291,24 +307,79 @@ def test_mem_lower_is_capped_at_640k_and_mem_upper_follows_an_unordered_map():
 
 
 def test_reserved_ranges_are_respected(mem):
-    """The kernel, the information block and the modules must each stay clear of reserved ranges."""
+    """The kernel must stay clear of reserved ranges; the information block and the modules are
+    placed clear of them."""
     data = aout(bss=0)
-    info = (MiB + len(data) + PAGE - 1) & -PAGE
+    after = (MiB + len(data) + PAGE - 1) & -PAGE
     with pytest.raises(LoaderError, match=r"multiboot kernel at 0x100000.* overlaps the reserved range"):
         load_multiboot(mem, data, reserved=[(0, MiB + 1)])
-    with pytest.raises(LoaderError, match=r"multiboot information at .* overlaps the reserved range"):
-        load_multiboot(mem, data, reserved=[(info + 8, info + 9)])
-    with pytest.raises(LoaderError, match=r"module 0 .* overlaps the reserved range"):
-        load_multiboot(mem, data, modules=[(b"m", "m")], reserved=[(info + PAGE, info + PAGE + 1)])
     assert untouched_outside(mem, ())
-    assert load_multiboot(mem, data, reserved=[(0, MiB)]).entry == MiB + 0x30
+    img = load_multiboot(mem, data, modules=[(b"m", "m")], reserved=[(INFO_AT + 8, INFO_AT + 9), (after, after + 1)])
+    info = decode(mem, img)
+    assert dict(img.registers)["rbx"] == INFO_AT + PAGE and info["mods"][0][0] == after + PAGE
+    img = load_multiboot(mem, data, reserved=[(0, MiB)])
+    assert img.entry == MiB + 0x30 and dict(img.registers)["rbx"] == after     # no low memory: after the kernel
+
+
+def available(mmap) -> list[tuple[int, int]]:
+    return [(base, base + length) for base, length, kind in mmap if kind == 1]
+
+
+def written_by_loader_and_vmm(mem, img, info) -> list[tuple[int, int]]:
+    """Ranges the kernel must not mistake for free memory: the boot GDT and TSS, the
+    information structure, its module list, memory map and strings, and every module."""
+    ranges = list(img.tables.ranges("protected", mem.end))
+    ranges.append((dict(img.registers)["rbx"], dict(img.registers)["rbx"] + INFO.size))
+    ranges.append((info["mods_addr"], info["mods_addr"] + MODULE.size * info["mods_count"]))
+    ranges.append((info["mmap_addr"], info["mmap_addr"] + info["mmap_length"]))
+    for gpa in [info["cmdline"], info["boot_loader_name"], *(string for _, _, string, _ in info["mods"])]:
+        ranges.append((gpa, gpa + len(cstr(mem, gpa)) + 1))
+    ranges += [(start, end) for start, end, _, _ in info["mods"] if end > start]
+    return ranges
+
+
+def test_the_memory_map_marks_the_information_modules_and_boot_tables_reserved(mem):
+    """No available entry overlaps what the loader or the VMM wrote: the kernel's allocator,
+    fed the map, can take no byte of it (QEMU's map does not say; kvmpy's does)."""
+    mods = [(b"a" * 5000, "first"), (b"", "empty"), (b"z", "last")]
+    img = load_multiboot(mem, aout(bss=0x1800), modules=mods, cmdline="root=/dev/ram0")
+    info = decode(mem, img)
+    for taken in written_by_loader_and_vmm(mem, img, info):
+        for free in available(info["mmap"]):
+            assert not (taken[0] < free[1] and free[0] < taken[1]), (hex(taken[0]), hex(free[0]))
+    assert dict(img.registers)["rbx"] < 0x9FC00                        # in low memory, as QEMU
+    assert (info["mem_lower"], info["mem_upper"]) == (639, 1024)       # RAM, as the BIOS would say
+
+
+@pytest.mark.parametrize("load_addr", [0x8000, 0x1000, 0x500, 0x90000])
+def test_a_kernel_loaded_below_1_mib_loads_and_nothing_lands_on_it(mem, load_addr):
+    """QEMU loads a kernel linked below 1 MiB; so does kvmpy, moving its GDT and TSS and the
+    information block out of the kernel's pages and telling it so in the memory map."""
+    data = aout(load_addr=load_addr, bss=0x3000)
+    img = load_multiboot(mem, data, modules=[(b"mod" * 100, "m")])
+    info = decode(mem, img)
+    kernel = (load_addr, load_addr + len(data) + 0x3000)
+    assert img.segments[0] == (kernel[0], kernel[1] - kernel[0]) and mem.read(load_addr, len(data)) == data
+    for taken in written_by_loader_and_vmm(mem, img, info):
+        assert not (taken[0] < kernel[1] and kernel[0] < taken[1]), hex(taken[0])
+    assert (img.tables == BootTables()) == (load_addr >= 0x5000)      # the GDT and TSS moved if they had to
+    assert untouched_outside(mem, img.segments)
+
+
+def test_an_information_block_that_fits_nowhere_is_a_loader_error(mem):
+    """A kernel that leaves one free page in low memory and one at the top, and a command line
+    longer than a page: refused, nothing written."""
+    data = aout(load_addr=0x6000, prefix=0, bss=RAM - 0x1000 - 0x6000 - 0x60, entry_off=0x20)
+    with pytest.raises(LoaderError, match=r"the multiboot information \(0x1[0-9a-f]{3} bytes\) does not fit in guest RAM below 4 GiB"):
+        load_multiboot(mem, data, cmdline="x" * 0x1800)
+    assert untouched_outside(mem, ())
 
 
 def test_everything_must_stay_below_4gib():
     """A module that would cross 4 GiB is refused: the structure holds 32-bit addresses."""
     with GuestMemory.anonymous(4 * MiB, gpa=(1 << 32) - 2 * MiB) as mem:
         data = aout(load_addr=(1 << 32) - 2 * MiB)
-        with pytest.raises(LoaderError, match=r"module 0 .* is not below 4 GiB"):
+        with pytest.raises(LoaderError, match=r"module 0 \(0x200000 bytes\) does not fit .* below 4 GiB"):
             load_multiboot(mem, data, modules=[(bytes(2 * MiB), "big")])
 
 
@@ -349,8 +420,8 @@ BAD = [
     ("ELF entry outside", elf_kernel(entry=0x200000), r"entry point e_entry=0x200000 is not inside any loaded segment"),
     ("ELF segment outside RAM", elf32([(RAM - 8, TEXT, 0, RAM - 8, PF_X)], RAM - 8, header=mb_header(3)),
      r"segment 0 at 0x1ffff8\.\.0x200044 .* does not fit in guest RAM"),
-    ("info outside RAM", aout(load_addr=RAM - 0x1000 - 0x70, bss=0x1000 - 8),
-     r"multiboot information at 0x200000\.\..* does not fit in guest RAM"),
+    ("no room for the tables", aout(load_addr=0, prefix=0, bss=RAM - 0x60, entry_off=0x20),
+     r"no room in guest RAM for the protected-mode boot tables"),
 ]
 
 
@@ -364,7 +435,7 @@ def test_bad_kernel_raises_loader_error_and_writes_nothing(mem, name, data, mess
 
 def test_modules_not_fitting_in_ram_raise_and_write_nothing(mem):
     """A module past the end of RAM is refused before the kernel is written."""
-    with pytest.raises(LoaderError, match=r"module 1 \(0x100000 bytes\) at 0x1.* does not fit in guest RAM"):
+    with pytest.raises(LoaderError, match=r"module 1 \(0x100000 bytes\) does not fit in guest RAM after 0x1"):
         load_multiboot(mem, elf_kernel(), modules=[(b"ok", "a"), (bytes(MiB), "b")])
     assert untouched_outside(mem, ())
 
@@ -415,9 +486,30 @@ def check_loaded_or_refused(mem, data, **kw):
     kernel = img.segments[:-1 - sum(1 for m, _ in kw.get("modules", ()) if m)]
     assert any(gpa <= img.entry < gpa + n for gpa, n in kernel)
     ebx = dict(img.registers)["rbx"]
-    assert ebx >= max(gpa + n for gpa, n in kernel) and ebx + 88 <= RAM
+    assert not any(gpa < ebx + 88 and ebx < gpa + n for gpa, n in kernel) and ebx + 88 <= RAM
     assert untouched_outside(mem, img.segments)
     return img
+
+
+@settings(HSET, max_examples=150)
+@given(load_addr=st.integers(0, RAM // PAGE - 8).map(lambda p: p * PAGE + 0x10),
+       bss=st.integers(0, 0x20000), sizes=st.lists(st.integers(0, 0x9000), max_size=4),
+       cmdline=st.text(max_size=300))
+def test_any_placement_keeps_available_memory_clear_of_what_was_written(load_addr, bss, sizes, cmdline):
+    """Wherever the kernel lies and whatever the modules, either LoaderError, or no available
+    map entry overlaps the tables, the information, its strings or the modules, and nothing
+    the loader or the VMM wrote overlaps the kernel."""
+    with fresh_mem() as mem:
+        mods = [(bytes([k]) * n, f"m{k}") for k, n in enumerate(sizes)]
+        img = check_loaded_or_refused(mem, aout(load_addr=load_addr, bss=bss), modules=mods, cmdline=cmdline,
+                                      reserved=[(0x9FC00, MiB)])
+        if img is None:
+            return
+        info = decode(mem, img)
+        kernel = img.segments[0]
+        for taken in written_by_loader_and_vmm(mem, img, info):
+            assert not (taken[0] < kernel[0] + kernel[1] and kernel[0] < taken[1])
+            assert not any(taken[0] < free[1] and free[0] < taken[1] for free in available(info["mmap"]))
 
 
 @HSET

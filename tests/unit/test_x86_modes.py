@@ -123,6 +123,18 @@ def test_protected_mode_segments_match_written_gdt():
         assert_segments_match_gdt(setup.sregs, mem)
 
 
+def test_a_boot_protocol_can_fix_control_registers():
+    """control= overrides the mode's CR0/CR4 (multiboot: CR0 = PE|ET, CR4 = 0); anything but a
+    control register is refused."""
+    reset = Sregs()
+    reset.cr0 = 0x6000_0010                               # CD | NW | ET: the value at power-on
+    setup = modes.setup("protected", MiB, reset, 64 * MiB, control=(("cr0", 0x11), ("cr4", 0)))
+    assert (setup.sregs.cr0, setup.sregs.cr4) == (0x11, 0)
+    assert modes.setup("protected", MiB, reset, 64 * MiB).sregs.cr0 == 0x6000_0033   # kvmpy's own
+    with pytest.raises(ValueError, match="not one of the control registers"):
+        modes.setup("protected", MiB, reset, 64 * MiB, control=(("rip", 0),))
+
+
 # --- long mode --------------------------------------------------------------------
 
 @pytest.mark.parametrize("user", [False, True])
