@@ -8,6 +8,15 @@
  * timeout kick through immediate_exit) or a full UART output buffer returns to
  * Python, which dispatches it through the same buses and calls kvmpy_run again.
  * It never calls back into Python and never allocates.
+ *
+ * A kick (Vcpu.kick: immediate_exit = 1, then the kick signal) is obeyed at the next
+ * exit boundary whatever KVM does: after serving an exit, the loop returns -EINTR
+ * instead of entering again when immediate_exit is set. KVM itself looks at
+ * immediate_exit only after completing the exit just served, and when that completion
+ * makes the next exit at once (the rest of a `rep ins/outs`, an MMIO access split in
+ * two) it returns that exit without looking: a loop relying on KVM alone would go on
+ * serving such exits, kick or not, for as long as they chain, the kick's signal having
+ * been spent on its empty handler while this thread was out of the kernel.
  */
 #include <errno.h>
 #include <string.h>
@@ -119,7 +128,7 @@ int kvmpy_run(struct kvmpy_loop *l)
 {
 	struct kvm_run *run = l->run;
 	uint64_t t_out = l->last_exit_ns ? l->last_exit_ns : now_ns(), t_in;
-	int r, served;
+	int r, err, served;
 
 	/*
 	 * VMM time runs from the last exit to the next entry, including Python's share
@@ -131,11 +140,12 @@ int kvmpy_run(struct kvmpy_loop *l)
 		t_in = now_ns();
 		l->c.vmm_ns += t_in - t_out;
 		r = ioctl(l->vcpu_fd, KVM_RUN, 0);
+		err = errno;			/* before anything else can change it */
 		t_out = now_ns();
 		l->c.kvm_ns += t_out - t_in;
 		l->last_exit_ns = t_out;
 		if (r < 0)
-			return -errno;		/* EINTR: a kick (stop request, timeout) */
+			return -err;		/* EINTR: a kick (stop request, timeout) */
 		switch (run->exit_reason) {
 		case KVM_EXIT_IO:
 			served = serve_io(l, run);
@@ -153,5 +163,10 @@ int kvmpy_run(struct kvmpy_loop *l)
 		 * its lock, a THR byte that does not fit. */
 		if (served == SERVED_UART && kvmpy_uart_tx_space(l->uart) < l->tx_low_water)
 			return KVMPY_RUN_DRAIN;	/* let Python write the burst out */
+		/* Kicked while serving: Python looks at the gate. The exit just served is
+		 * completed by the next KVM_RUN, whoever makes it (this loop, or settle). The
+		 * kicker's store is another thread's: read it afresh, with acquire. */
+		if (__atomic_load_n(&run->immediate_exit, __ATOMIC_ACQUIRE))
+			return -EINTR;
 	}
 }

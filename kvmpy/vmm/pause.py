@@ -8,15 +8,24 @@ until all are parked; each vCPU thread, back in Python, completes the exit it wa
 serving (its loop's ``settle``: see vcpu_loop.py) and waits at ``park()`` until every
 pause has had its ``resume()`` or the run stops. Pauses nest, so a snapshot taken while
 someone else holds the machine paused does not let it go when it is done.
+
+A kick is asked for again until it is answered: ``pause()`` kicks the vCPUs that have not
+parked every ``REKICK_S``, and so does the run's watchdog (run.py) from the stop until
+every vCPU loop has ended. One kick is enough when it lands; a vCPU that missed one (halted
+in the kernel's local APIC, where only a signal reaches it) costs ``REKICK_S``, not the run.
 """
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
+
+REKICK_S = 0.01             # seconds between kicks of vCPUs that have not answered the last one
 
 
 class Stop:
-    """Why a run ends. The first ``set()`` wins; later ones are ignored (and say False)."""
+    """Why a run ends. The first ``set()`` wins; later ones are ignored (and say False).
+    ``wait()`` blocks until it is set (the run's watchdog does)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -25,13 +34,19 @@ class Stop:
         self.vcpu: int | None = None
         self.exit = None
         self.error: BaseException | None = None
+        self.event = threading.Event()
 
     def set(self, reason, status=None, vcpu=None, exit=None, error=None) -> bool:
         with self.lock:
             if self.reason is not None:
                 return False
             self.reason, self.status, self.vcpu, self.exit, self.error = reason, status, vcpu, exit, error
-            return True
+        self.event.set()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the stop is set; False if ``timeout`` seconds passed first."""
+        return self.event.wait(timeout)
 
 
 class PauseGate:
@@ -82,6 +97,10 @@ class PauseGate:
     def request_stop(self, reason: str) -> None:
         """End the run (a paused one too) from any thread."""
         self.stop.set(reason)
+        self.wake_all()
+
+    def wake_all(self) -> None:
+        """Kick every vCPU out of KVM_RUN and wake the parked ones, so each looks at the gate."""
         self.kick()
         with self.cond:
             self.cond.notify_all()
@@ -101,16 +120,22 @@ class PauseGate:
 
     # --- pausing -----------------------------------------------------------------------
     def pause(self, timeout: float) -> bool:
-        """Ask every vCPU to park and wait until all have; see ``Machine.pause``."""
+        """Ask every vCPU to park and wait until all have; see ``Machine.pause``. The vCPUs
+        are kicked again every REKICK_S until all have parked."""
+        deadline = time.monotonic() + timeout
         with self.cond:
             if self._ended():
                 return False
             self.requested += 1
             self.kick()
-            if not self.cond.wait_for(lambda: self.parked >= self.active or self._ended(), timeout):
-                self.requested -= 1
-                self.cond.notify_all()
-                raise TimeoutError(f"the vCPUs did not pause within {timeout} s")
+            while not (self.parked >= self.active or self._ended()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.requested -= 1
+                    self.cond.notify_all()
+                    raise TimeoutError(f"the vCPUs did not pause within {timeout} s")
+                if not self.cond.wait(min(REKICK_S, left)):
+                    self.kick()
             if self._ended() or self.active == 0:      # the run ended instead: nothing is paused
                 self.requested -= 1
                 self.cond.notify_all()

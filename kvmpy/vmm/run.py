@@ -1,10 +1,17 @@
 """One run of a machine: every vCPU's loop in its own thread, until the first stop.
 
-vCPU 0 runs in the caller's thread, the others in theirs; a timer asks for the
-"timeout" stop, and with the C UART a flusher thread writes the guest's output out at
-least every 20 ms. When vCPU 0's loop ends the rest are stopped and joined, the console
-drained, and the outcome read from the run's stop token: a ``RunResult``, or the error
-that stopped it raised here.
+vCPU 0 runs in the caller's thread, the others in theirs; a watchdog thread asks for the
+"timeout" stop and delivers every stop, and with the C UART a flusher thread writes the
+guest's output out at least every 20 ms. When vCPU 0's loop ends the rest are stopped and
+joined, the console drained, and the outcome read from the run's stop token: a
+``RunResult``, or the error that stopped it raised here.
+
+The watchdog delivers a stop until it is answered: from the moment the stop token is set
+(by a device, a vCPU's failure, the timeout or ``request_stop()``) until every vCPU loop has
+ended, it kicks every vCPU and wakes the parked ones every ``REKICK_S``. The kick of whoever
+set the stop is then never the only one: a vCPU that missed it (an application processor
+halted inside KVM_RUN by the in-kernel local APIC, which nothing but a signal wakes) is
+kicked again instead of being joined forever.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from ..kvm.regs import Regs
+from .pause import REKICK_S
 
 FLUSH_EVERY = 0.02          # seconds between writes of buffered guest output
 
@@ -42,11 +50,10 @@ def run_loops(loops: list, gate, console, timeout: float | None, flush: bool) ->
     for loop in loops:                  # a pause already asked for keeps its kick
         with gate.cond:
             loop.vcpu.immediate_exit = bool(gate.requested) or stop.reason is not None
-    timer = None
-    if timeout is not None:
-        timer = threading.Timer(timeout, gate.request_stop, args=("timeout",))
-        timer.daemon = True
-        timer.start()
+    ended = threading.Event()           # every vCPU loop has ended: the watchdog's work is done
+    watchdog = threading.Thread(target=_watchdog, args=(gate, stop, timeout, ended), daemon=True,
+                                name="vcpu-watchdog")
+    watchdog.start()
     threads = [threading.Thread(target=loop.run, daemon=True, name=f"vcpu{loop.vcpu.id}") for loop in loops[1:]]
     done = threading.Event()
     if flush:
@@ -56,13 +63,12 @@ def run_loops(loops: list, gate, console, timeout: float | None, flush: bool) ->
             t.start()
         loops[0].run()
     finally:
-        if timer is not None:
-            timer.cancel()
-            timer.join()                # a callback already under way must finish first
         gate.request_stop("stopped")    # wake the other vCPUs if vCPU 0 ended first
         done.set()
         for t in threads:
-            t.join()
+            t.join()                    # the watchdog kicks a vCPU that missed the stop again
+        ended.set()
+        watchdog.join()                 # no timeout or kick of this run may reach the next one
         console.drain()
         console.flush()                 # up to SETTLE_S for the stream; a stalled one is left behind
     if stop.error is not None:
@@ -73,6 +79,17 @@ def run_loops(loops: list, gate, console, timeout: float | None, flush: bool) ->
         raise err
     vcpu = loops[stop.vcpu if stop.vcpu is not None else 0].vcpu
     return RunResult(stop.reason, stop.status, vcpu.get_regs(), vcpu.id, stop.exit)
+
+
+def _watchdog(gate, stop, timeout: float | None, ended: threading.Event) -> None:
+    """The run's timeout, then its stop's delivery: until every vCPU loop has ended, kick
+    every vCPU and wake the parked ones, at once and then every REKICK_S."""
+    if not stop.wait(timeout):
+        gate.request_stop("timeout")
+    while True:
+        gate.wake_all()
+        if ended.wait(REKICK_S):
+            return
 
 
 def _flusher(console, done: threading.Event) -> None:

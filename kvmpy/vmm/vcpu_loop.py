@@ -17,10 +17,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import threading
 import time
 from collections import defaultdict
 
+from .._native import lib
 from ..errors import GuestError, KvmError
 from ..kvm import exits
 from ..kvm.abi import SystemEventType
@@ -71,9 +73,11 @@ class VcpuLoop:
     # --- the thread --------------------------------------------------------------------
     def run(self) -> None:
         """The vCPU thread's body: a loop until the run's stop, then settle. A guest failure
-        or a bug stops every vCPU; run() re-raises it."""
+        or a bug stops every vCPU; run() re-raises it. The kick signal is unblocked in this
+        thread while it runs the vCPU (see ``unblock_kick_signal``)."""
         vcpu, stop = self.vcpu, self.gate.stop
         _tls.vcpu = vcpu.id
+        blocked = unblock_kick_signal()
         vcpu.set_thread(threading.get_ident())
         ticks = guest_ticks()
         try:
@@ -90,6 +94,8 @@ class VcpuLoop:
             self.stats.guest_ns += (guest_ticks() - ticks) * 1_000_000_000 // _CLK_TCK
             _tls.vcpu = None
             vcpu.set_thread(None)
+            if blocked is not None:         # vCPU 0 runs in the caller's thread: give its mask back
+                signal.pthread_sigmask(signal.SIG_BLOCK, {blocked})
             self.gate.vcpu_done()
             self.gate.kick()                # the first vCPU to stop stops them all
 
@@ -282,6 +288,28 @@ class VcpuLoop:
             dev.write(off, size, value)
             return 0
         return dev.read(off, size) & ((1 << (8 * size)) - 1)
+
+
+def unblock_kick_signal() -> int | None:
+    """Make sure the kick signal can reach this thread: install its (empty) handler, then
+    unblock it. Returns the signal if it was blocked here (the caller blocks it again when
+    its vCPU is done), else None.
+
+    A kick only ends a KVM_RUN that is under way through its signal: ``immediate_exit``
+    is read once, on entry. A thread inherits its creator's signal mask, and a process
+    its parent's across exec, so a program (or a test runner, or the service that starts
+    it) that blocks the real-time signals hands that to every vCPU thread. Each kick then
+    stays pending while the vCPU is halted in the kernel's local APIC, waiting in KVM_RUN
+    for an interrupt that never comes: an application processor that has done its work
+    and executed HLT is never kicked out, however often it is kicked, and the run never
+    ends. The handler goes in first: a kick already pending here must find it, not the
+    default action, which ends the process.
+    """
+    sig = lib.kvmpy_kick_signal()
+    if sig <= 0:
+        return None
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    return sig if sig in old else None
 
 
 def internal_error_message(ex, code: str) -> str:
