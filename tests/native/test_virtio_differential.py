@@ -255,7 +255,8 @@ def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, feed_at, chain_l
     body = bytearray(DISK)
     for s in range(chain_len):
         struct.pack_into("<H", body, s * 512 + feed_at, s + 1)
-        body[s * 512 + feed_at + 2:s * 512 + feed_at + 2 + len(extra)] = extra[:510 - feed_at]
+        tail = extra[:510 - feed_at]                    # what fits in the sector after the u16
+        body[s * 512 + feed_at + 2:s * 512 + feed_at + 2 + len(tail)] = tail
     d = tmp_path_factory.mktemp("f")
     paths = [d / "py.img", d / "c.img"]
     for p in paths:
