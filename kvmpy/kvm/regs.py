@@ -25,6 +25,7 @@ MSR_IA32_TSC_DEADLINE = 0x6E0
 # IA32_MC0_CTL + 4 * i. KVM's MSR index list leaves them out; a vCPU set up with banks
 # (Vcpu.setup_mce) saves them with its other MSRs, as QEMU does.
 MSR_IA32_MC0_CTL = 0x400
+MSR_IA32_MCG_CAP = 0x179
 MCG_CAP_BANKS_MASK = 0xFF      # IA32_MCG_CAP bits 7:0: the number of banks
 
 

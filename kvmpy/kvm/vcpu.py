@@ -13,7 +13,7 @@ from ..errors import KvmError
 from . import exits
 from .abi import GuestDebug, ffi, lib
 from .fd import Fd, cdata_bytes, cdata_from, get_cpuid, ioctl
-from .regs import MCG_CAP_BANKS_MASK, MSR_IA32_MC0_CTL, MSR_IA32_TSC_DEADLINE, REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
+from .regs import MCG_CAP_BANKS_MASK, MSR_IA32_MC0_CTL, MSR_IA32_MCG_CAP, MSR_IA32_TSC_DEADLINE, REGS_FIELDS, SEGMENT_FIELDS, CpuidEntry, DTable, Regs, Segment, Sregs
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -186,9 +186,12 @@ class Vcpu(Fd):
     def setup_mce(self, mcg_cap: int) -> None:
         """KVM_X86_SETUP_MCE: emulate machine-check banks; the guest reads ``mcg_cap`` from
         IA32_MCG_CAP (bits 7:0 the bank count, the rest feature bits KVM must support, see
-        ``Kvm.mce_cap_supported``). KVM sets IA32_MCG_CTL and every bank's CTL to all ones."""
+        ``Kvm.mce_cap_supported``). KVM sets IA32_MCG_CTL and every bank's CTL to all ones.
+
+        ``self.mcg_cap`` is what the vCPU got, read back: kvm_amd drops MCG_SER_P (an Intel
+        feature) although KVM_X86_GET_MCE_CAP_SUPPORTED reports it on every host."""
         ioctl(self.fd, lib.KVM_X86_SETUP_MCE, ffi.new("__u64 *", mcg_cap))
-        self.mcg_cap = mcg_cap
+        self.mcg_cap = self.get_msrs([MSR_IA32_MCG_CAP]).get(MSR_IA32_MCG_CAP, mcg_cap)
 
     def mce_bank_msrs(self) -> list[int]:
         """The MSRs of the banks setup_mce() asked for: CTL, STATUS, ADDR, MISC of each."""

@@ -14,9 +14,9 @@ KVM_X86_GET_MCE_CAP_SUPPORTED reports. QEMU refuses to start on a KVM with fewer
 """
 from __future__ import annotations
 
-from ..kvm.regs import MCG_CAP_BANKS_MASK, CpuidEntry
+from ..kvm.regs import MCG_CAP_BANKS_MASK, MSR_IA32_MCG_CAP, CpuidEntry
 
-IA32_MCG_CAP = 0x179        # read-only: banks and features
+IA32_MCG_CAP = MSR_IA32_MCG_CAP   # 0x179, read-only: banks and features
 IA32_MCG_STATUS = 0x17A
 IA32_MCG_CTL = 0x17B        # present when MCG_CTL_P
 

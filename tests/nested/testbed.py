@@ -395,6 +395,9 @@ def run_l1(kernel: Path, initrd: Path, log: Path, timeout: float, steps, echo: b
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none"]
     if debug_socket is not None:                # L1's ttyS1: a shell, e.g. `socat - UNIX:PATH`
         argv += ["-serial", f"unix:{debug_socket},server=on,wait=off"]
+        # and QEMU's monitor beside it: `info registers -a` shows where each L1 vCPU (or
+        # the L2 guest it is running) is, even when L1 no longer answers on ttyS1
+        argv[argv.index("-monitor") + 1] = f"unix:{debug_socket}.monitor,server=on,wait=off"
     say(f"booting L1: {' '.join(argv)}")
     result = Result()
     start = time.monotonic()
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="build directory (default: temporary, removed)")
     p.add_argument("--quiet-console", action="store_true", help="show only markers while L1 runs")
     p.add_argument("--debug-socket", type=Path, default=None, metavar="PATH",
-                   help="put a shell on L1's second serial port at this UNIX socket (socat - UNIX:PATH)")
+                   help="put a shell on L1's second serial port at this UNIX socket (socat - UNIX:PATH), "
+                        "and QEMU's monitor at PATH.monitor")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
     unknown = set(steps) - set(STEPS)
