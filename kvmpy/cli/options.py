@@ -324,6 +324,9 @@ def _control_option(g) -> None:
     g.add_argument("--control", metavar="PATH", default=None,
                    help="serve a control socket at PATH (mode 0600) for 'kvmpy ctl PATH pause|resume|"
                         "snapshot DIR|migrate HOST:PORT|stats|inspect|stop'")
+    g.add_argument("--paused", action="store_true",
+                   help="pause the guest as soon as its vCPUs have started (within milliseconds; QEMU's -S), "
+                        "before the control socket opens: 'kvmpy ctl PATH resume' lets it run (needs --control)")
 
 
 def _host_options(p: argparse.ArgumentParser) -> None:

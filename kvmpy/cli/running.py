@@ -127,6 +127,9 @@ def cmd_receive(args) -> int:
 def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | None = None) -> int:
     from ..errors import KvmpyError
     from ..vmm.machine import Machine
+    if getattr(args, "paused", False) and not getattr(args, "control", None):
+        print("kvmpy: --paused needs --control PATH (nothing else could resume the guest)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         tracer = _tracer(args)
     except (ValueError, OSError) as e:
@@ -176,6 +179,8 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
         else:
             if not started:
                 machine.start(timeout=args.timeout, trace=tracer)
+            if getattr(args, "paused", False):
+                machine.pause()
             if getattr(args, "control", None):      # once the run is under way: ctl pause works at once
                 from ..lifecycle.control import ControlServer
                 control = ControlServer(machine, args.control)

@@ -133,7 +133,7 @@ class Machine:
 
     def _create_vcpu(self, i: int, n: int):
         vcpu = self.vm.create_vcpu(i)
-        vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n))
+        vcpu.set_cpuid2(cpuid.guest_cpuid(self._supported_cpuid(), i, n, tsc_deadline=self._tsc_deadline()))
         if self._mcg_cap():                        # machine-check banks, as QEMU (x86/mce.py)
             vcpu.setup_mce(self._mcg_cap())
         supported = self.supported_msrs()
@@ -145,6 +145,12 @@ class Machine:
         if not hasattr(self, "_msr_cache"):
             self._msr_cache = set(self.kvm.msr_index_list()) | set(self.kvm.feature_msr_index_list())
         return self._msr_cache
+
+    def _tsc_deadline(self) -> bool:
+        """KVM's LAPIC emulates the TSC-deadline timer (QEMU offers it the same way)."""
+        if not hasattr(self, "_tsc_deadline_cache"):
+            self._tsc_deadline_cache = self.irqchip and bool(self.kvm.check_extension(Cap.TSC_DEADLINE_TIMER))
+        return self._tsc_deadline_cache
 
     def _mcg_cap(self) -> int:
         """IA32_MCG_CAP for every vCPU, or 0 if KVM (KVM_CAP_MCE) or the CPUID has no MCA."""

@@ -40,6 +40,29 @@ def reference_run(tmp_dir, cmdline: str):
         return m.serial_output, open(disk, "rb").read(), r.status
 
 
+def lasting_run(tmp_dir, n: int, pages: int, seconds: float, most: int = 50_000):
+    """A counter command line whose uninterrupted run lasts at least ``seconds`` on this host,
+    and that run (``reference_run``'s triple). Tests that pause or migrate a running guest
+    need it still running when they act: on hardware virtualisation the counter's ring-0
+    loop runs hundreds of times faster than where ring 0 is emulated, so ``n`` is scaled
+    up from a first run where it finishes too soon."""
+    cmdline = f"n={n} pages={pages}"
+    t0 = time.monotonic()
+    ref = reference_run(_fresh_dir(tmp_dir, "calibrate"), cmdline)
+    took = time.monotonic() - t0
+    if took >= seconds:
+        return cmdline, ref
+    n = min(most, max(n + 1, int(n * seconds * 1.5 / max(took, 1e-3))))
+    cmdline = f"n={n} pages={pages}"
+    return cmdline, reference_run(_fresh_dir(tmp_dir, "scaled"), cmdline)
+
+
+def _fresh_dir(parent, name):
+    d = parent / name
+    d.mkdir()
+    return d
+
+
 def wait_until(predicate, timeout=10.0, what="condition", poll=0.005):
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -528,3 +528,29 @@ def test_kvmpy_inspect_pauses_for_the_report_and_the_guest_goes_on(pio_machine):
     r = kvmpy_cli("inspect", path, "5")
     assert r.returncode == 4 and "no vCPU 5" in r.stderr and "Traceback" not in r.stderr
     request(path, "resume", timeout=10)
+
+
+def test_a_run_started_paused_waits_for_ctl_resume(sockdir):
+    """`kvmpy run --paused --control PATH` holds the guest until `kvmpy ctl PATH resume`, then
+    the guest runs to its normal end; without --control, --paused is a usage error."""
+    r = kvmpy_cli("run", str(COUNTER.path), "--paused")
+    assert r.returncode == 2 and "--paused needs --control" in r.stderr
+    path = os.path.join(sockdir, "vm.sock")
+    vm = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", str(COUNTER.path), "--cmdline", "n=5 pages=1",
+                           "--control", path, "--paused", "--timeout", "60"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
+    try:
+        wait_until(lambda: os.path.exists(path) or vm.poll() is not None, 10, "the control socket")
+        r = ctl(path, "status")
+        assert (r.returncode, r.stdout) == (0, "paused\n"), r.stderr
+        time.sleep(0.2)
+        assert ctl(path, "status").stdout == "paused\n"          # still held
+        r = ctl(path, "resume")
+        assert (r.returncode, r.stdout) == (0, "running\n")
+        out, err = vm.communicate(timeout=60)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.communicate()
+    assert vm.returncode == COUNTER.expect_status & 0xFF, err
+    assert out == guests.counter_output(5, 1)

@@ -16,6 +16,7 @@ import pytest
 import kvmpy
 from kvmpy import guests
 from kvmpy.kvm.abi import GuestDebug
+from kvmpy.kvm.system import backend_modules
 from kvmpy.debug.gdbstub import GdbStub
 from . import lab
 
@@ -48,6 +49,25 @@ def data_breakpoints_fire() -> bool:
         m.vcpus[0].set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP,
                                    [slot, 0, 0, 0, 0, 0, 0, 1 | (0b01 << 16) | (0b10 << 18)])
         return m.run(timeout=10).reason == "debug"
+
+
+def execution_breakpoints_fire() -> bool:
+    """Does a hardware execution breakpoint (DR7 R/W=00) at ``puts`` end a run with a debug exit?
+    Every KVM does; L2 in the nested testbed does not: QEMU 7.2's TCG loads the guest's DR7
+    on VMRUN without arming its breakpoints (docs/host-notes.md)."""
+    with kvmpy.Machine() as m:
+        m.load(HELLO.path)
+        m.vcpus[0].set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP,
+                                   [symbols(HELLO.path)["puts"], 0, 0, 0, 0, 0, 0, 1])
+        return m.run(timeout=10).reason == "debug"
+
+
+def needs_execution_breakpoints():
+    if not execution_breakpoints_fire():
+        if "kvm_amd" not in backend_modules():
+            pytest.fail("a hardware execution breakpoint never fired on this host")
+        pytest.skip("this KVM never reports hardware execution breakpoints (QEMU TCG's nested SVM; "
+                    "docs/host-notes.md)")
 
 
 def sock_path() -> str:
@@ -101,6 +121,7 @@ def rip_values(out: str) -> list[int]:
 
 @needs_gdb
 def test_gdb_hbreak_stepi_memory_and_exit():
+    needs_execution_breakpoints()
     sym = symbols(HELLO.path)
     puts = sym["puts"]
     with kvmpy.Machine() as m:
@@ -236,6 +257,7 @@ def kvmpy_cmd(*args) -> subprocess.Popen:
 @needs_gdb
 def test_cli_gdb_option_serves_a_real_gdb():
     """kvmpy demo hello-long --gdb SOCK waits for gdb, which can break, step and let the guest finish."""
+    needs_execution_breakpoints()
     path = sock_path()
     vmm = kvmpy_cmd("demo", "hello-long", "--gdb", path)
     try:

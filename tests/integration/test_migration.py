@@ -28,16 +28,23 @@ from .lab import fresh_disk, wait_until
 from .migwire import Wire
 
 ENV = lab.CHILD_ENV
-CMDLINE = "n=120 pages=512"          # 2 MiB of array, rewritten every 8 iterations
+MIN_RUN_S = 3.0                      # an uninterrupted run lasts at least this long (see lab.lasting_run)
 
 
-def counter(disk, native=True, cmdline=CMDLINE, **kw):
-    return lab.counter(disk, cmdline, native, **kw)
+class Workload:
+    """The counter's command line: n=120 (or more, where the guest runs fast) with 2 MiB of
+    array rewritten every 8 iterations. The ``reference`` fixture sets it."""
+    cmdline = "n=120 pages=512"
+
+
+def counter(disk, native=True, cmdline=None, **kw):
+    return lab.counter(disk, cmdline or Workload.cmdline, native, **kw)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return lab.reference_run(tmp_path_factory.mktemp("ref"), CMDLINE)
+    Workload.cmdline, ref = lab.lasting_run(tmp_path_factory.mktemp("ref"), 120, 512, MIN_RUN_S)
+    return ref
 
 
 def start_receiver(disk, *extra):
@@ -113,8 +120,9 @@ def test_migration_driven_through_the_control_socket(tmp_path, reference):
     key.write_bytes(os.urandom(32).hex().encode() + b"\n")
     key.chmod(0o600)
     g = guests.get("counter")
-    source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", CMDLINE,
-                               "--control", sock, "--timeout", "120"],
+    # --paused: where the guest runs fast it would end before the child `kvmpy ctl` has started
+    source = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", g.path, "--disk", disk, "--cmdline", Workload.cmdline,
+                               "--control", sock, "--timeout", "120", "--paused"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/")
     target, host, port = start_receiver(disk, "--key-file", str(key))
     deadline = time.monotonic() + 30

@@ -25,7 +25,7 @@ Usage (from the repository root; ``--help`` lists every option)::
 Nothing is installed on the host: Debian packages come with ``apt-get download``,
 wheels with ``pip download``; both are cached under ``$KVMPY_CACHE/nested`` (default
 ``~/.cache/kvmpy``). It needs ``qemu-system-x86_64`` and ``/usr/bin/python3.11``
-(Debian packages ``qemu-system-x86``, ``python3.11`` and ``python3.11-dev``) and gcc.
+(Debian packages ``qemu-system-x86``, ``python3.11``, ``python3.11-dev`` and ``gdb``) and gcc.
 """
 from __future__ import annotations
 
@@ -209,6 +209,8 @@ def shared_libraries(binaries) -> set[str]:
     return libs
 
 
+#: Host programs the tests run in L1, and the Debian package of each.
+TOOLS = (("gdb", "gdb"), ("nm", "binutils"))
 #: Libraries kvmpy opens with ctypes at run time, which ldd cannot see.
 DLOPENED = ("libseccomp.so.2",)
 
@@ -334,6 +336,13 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
     tree.copy_tree(src, "opt/src")
     elves += [p for p in site_copy.rglob("*.so*") if p.is_file() and is_elf(p)]
     elves += [src / "kvmpy" / "_native.so"]
+    for tool, package in TOOLS:                       # the gdb stub's tests drive a real gdb
+        found = shutil.which(tool)
+        if found is None:
+            raise TestbedError(f"{tool} is missing: apt-get install {package}")
+        tree.copy(Path(found), f"usr/bin/{tool}")
+        elves.append(Path(found))
+    tree.copy_tree(Path("/usr/share/gdb"), "usr/share/gdb")
     for lib in sorted(shared_libraries(elves) | set(dlopened_libraries())):
         real = Path(os.path.realpath(lib))
         if str(real).startswith(str(site_copy)):
@@ -343,6 +352,7 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
         if os.path.islink(f"/{top}"):
             tree.link(top, os.readlink(f"/{top}").lstrip("/"))
     tree.add("usr/bin/kvmpy", b'#!/bin/sh\nexec python3.11 -m kvmpy "$@"\n', 0o755)
+
     for name, path in modules.items():
         tree.copy(path, f"opt/modules/{name}")
     kslot = Path(linux.vmlinuz).parent
