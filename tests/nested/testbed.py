@@ -60,7 +60,7 @@ L1_CPUS = 2
 DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boot.py",
                  "tests/integration/test_kvm_lowlevel.py", "tests/integration/test_linux.py",
                  "tests/integration/test_snapshot.py", "tests/integration/test_gdbstub.py",
-                 "tests/integration/test_migration.py", "tests/integration/test_smp_stops.py",
+                 "tests/integration/test_smp_stops.py",
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py")
 STEPS = ("info", "demos", "pytest")
 OPTIONAL_STEPS = ("shell",)     # `--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1
