@@ -66,6 +66,8 @@ BASE = (
     "pselect6", "poll",
     # read-only opens (ARG_RULES) and what Python's imports look at
     "openat", "getdents64", "readlink",
+    # virtio-rng's entropy (os.getrandom); live migration's nonce too
+    "getrandom",
 )
 
 #: Added with a control socket (``--control``), a gdb stub (``--gdb``) or a chart to
@@ -76,7 +78,6 @@ CONTROL = (
     "socket", "bind", "listen", "accept4", "connect", "shutdown", "getsockopt", "setsockopt",
     "getsockname", "getpeername", "recvfrom", "sendto", "getuid",
     "mkdir", "rename", "unlink", "chmod", "fchmod", "ftruncate", "fsync", "getcwd",
-    "getrandom",                        # migration: the nonce of its key exchange (secrets)
 )
 
 #: The calls a running guest makes most, first first: the filter tests them before the rest
