@@ -45,6 +45,7 @@ def cmd_demo(args) -> int:
                 cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
     if args.cpus is None:
         args.cpus = g.cpus
+    args.rng = args.rng or g.needs_rng
     # a guest that promises nothing (spin, triple-fault: test guests) ends with the run's status
     output = bytearray() if g.demo_status is not None else None
     if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
@@ -137,7 +138,7 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
-                          test_devices=args.test_devices)
+                          test_devices=args.test_devices, rng=args.rng)
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
