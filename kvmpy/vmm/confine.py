@@ -56,6 +56,8 @@ BASE = (
     # threads and signals: clone only for threads (ARG_RULES); vCPU kicks are pthread_kill
     "clone", "futex", "set_robust_list", "rseq", "rt_sigaction", "rt_sigprocmask",
     "rt_sigreturn", "tgkill", "gettid", "getpid", "exit", "exit_group",
+    # a sleep or wait a stop (SIGSTOP, Ctrl-Z) interrupted goes on through restart_syscall
+    "restart_syscall",
     # time: the vDSO's fallbacks, time.sleep
     "clock_gettime", "gettimeofday", "clock_nanosleep",
     # the fds already open: disks (C: preadv/pwritev, Python: preadv2/pwritev2), the
