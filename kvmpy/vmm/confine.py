@@ -89,8 +89,9 @@ HOT = ("ioctl", "futex", "write", "read", "ppoll", "poll", "select", "clock_nano
        "pread64", "tgkill", "rt_sigreturn", "clock_gettime")
 
 _KVMIO = 0xAE                   # the type byte of every KVM ioctl (linux/kvm.h)
-#: Harmless requests on any fd: isatty(), a socket's timeout (non-blocking), close-on-exec.
-_TTY_AND_FD = {"TCGETS": 0x5401, "FIONBIO": 0x5421, "FIONCLEX": 0x5450, "FIOCLEX": 0x5451}
+#: Harmless requests on any fd: isatty(), a socket's timeout (non-blocking), close-on-exec, and
+#: setting a terminal's attributes (the console's raw mode ends, or resumes after SIGCONT).
+_TTY_AND_FD = {"TCGETS": 0x5401, "TCSETS": 0x5402, "FIONBIO": 0x5421, "FIONCLEX": 0x5450, "FIOCLEX": 0x5451}
 _CLONE_THREAD = 0x00010000
 _O_WRITE_OR_CREATE = 0o3 | 0o100 | 0o1000       # O_ACCMODE | O_CREAT | O_TRUNC
 
