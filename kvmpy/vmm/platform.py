@@ -118,7 +118,7 @@ class Locked:
 
 
 class PythonPending:
-    """What the disk timer needs of a Python virtio-blk (NativeVirtioBlk has the same):
+    """What the disk timer needs of a Python virtio-blk or virtio-rng (NativeVirtioBlk has the same):
     when a throttled request may go, and a host-side QueueNotify under the device's lock."""
 
     def __init__(self, device: Locked, blk):
