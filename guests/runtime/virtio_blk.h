@@ -1,8 +1,9 @@
 /*
  * virtio_blk.h - a small polling virtio-blk driver over virtio-mmio.
  *
- * Spec: virtio 1.2, section 2.7 (split virtqueues), 4.2 (virtio-mmio,
- * "modern" Version 2 register layout) and 5.2 (block device).
+ * Spec: virtio 1.2, section 5.2 (block device), over virtio_mmio.h (2.7
+ * split virtqueues, 4.2 virtio-mmio, which has the register layout, the
+ * queue and the polling).
  *
  * One device, one queue (queue 0), one request in flight: each call builds
  * a descriptor chain, publishes it in the available ring, writes
@@ -19,22 +20,19 @@
 #define KVMPY_GUEST_VIRTIO_BLK_H
 
 #include "runtime.h"
-
-/* Where the host puts virtio-mmio devices (kvmpy/x86/layout.py). */
-#define VIRTIO_MMIO_BASE 0xD0000000UL
-#define VIRTIO_MMIO_SIZE 0x1000UL
+#include "virtio_mmio.h"
 
 #define BLK_SECTOR_SIZE 512
 
 /* Return values: 0 on success, one of these (negative) otherwise. */
-#define BLK_ENODEV   (-1) /* no virtio-blk at that base (MagicValue/Version/DeviceID) */
-#define BLK_EFEATURE (-2) /* no VIRTIO_F_VERSION_1, or FEATURES_OK did not stick */
-#define BLK_EQUEUE   (-3) /* queue 0 missing, already live, or under 4 entries */
-#define BLK_EIO      (-4) /* the device answered VIRTIO_BLK_S_IOERR (e.g. write to a read-only disk) */
-#define BLK_EUNSUPP  (-5) /* the device answered VIRTIO_BLK_S_UNSUPP */
-#define BLK_EINVAL   (-6) /* not initialised, bad length, or past the end of the disk */
-#define BLK_EDEVICE  (-7) /* the device broke the protocol (bad used entry, status unset, NEEDS_RESET) */
-#define BLK_ETIMEOUT (-8) /* the used ring never advanced */
+#define BLK_ENODEV   VIO_ENODEV   /* no virtio-blk at that base (MagicValue/Version/DeviceID) */
+#define BLK_EFEATURE VIO_EFEATURE /* no VIRTIO_F_VERSION_1, or FEATURES_OK did not stick */
+#define BLK_EQUEUE   VIO_EQUEUE   /* queue 0 missing, already live, or under 4 entries */
+#define BLK_EIO      (-4)         /* the device answered VIRTIO_BLK_S_IOERR (e.g. write to a read-only disk) */
+#define BLK_EUNSUPP  (-5)         /* the device answered VIRTIO_BLK_S_UNSUPP */
+#define BLK_EINVAL   VIO_EINVAL   /* not initialised, bad length, or past the end of the disk */
+#define BLK_EDEVICE  VIO_EDEVICE  /* the device broke the protocol (bad used entry, status unset, NEEDS_RESET) */
+#define BLK_ETIMEOUT VIO_ETIMEOUT /* the used ring never advanced */
 
 /*
  * Probe and initialise the virtio-blk device whose registers start at
@@ -73,10 +71,5 @@ int blk_get_id(char buf[BLK_ID_BYTES]);
 
 /* A short name for a BLK_E* code ("I/O error", ...). */
 const char *blk_strerror(int err);
-
-/*
- * Unsigned decimal to COM1.  A general helper the blk guests need; it
- * lives here only because serial.c has no decimal printer.
- */
 
 #endif

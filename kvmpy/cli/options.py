@@ -254,6 +254,9 @@ def _machine_options(g) -> None:
     g.add_argument("--test-devices", action="store_true",
                    help="add QEMU's pc-testdev (ports 0xe0-0xeb, IRQ-line ports 0x2000-0x2017, MMIO "
                         "0xff000000), for kernels written for 'qemu -device pc-testdev' such as kvm-unit-tests")
+    g.add_argument("--rng", action="store_true",
+                   help="add a virtio-rng entropy device fed from the host's getrandom, in the virtio-mmio "
+                        "window after the disks (at most 1 MiB and 4096 requests per second)")
 
 
 def _image_options(g) -> None:

@@ -1,8 +1,9 @@
 """The commands that run a guest here: ``run``, ``demo``, ``restore`` and ``receive``.
 
 Each builds (or restores, or receives) a Machine, then ``_drive`` runs it to its end: the
-guest's serial port is our stdin and stdout (``_Console``, ``_feed_stdin``), Ctrl-C stops
-it, ``--gdb``, ``--trace`` and ``--control`` hook into the run, and ``--inspect`` and
+guest's serial port is our stdin and stdout (``_Console``, ``_feed_stdin``; a terminal on
+stdin is the guest's console, raw, with Ctrl-A commands: kvmpy.cli.terminal), Ctrl-C
+(SIGINT) stops it, ``--gdb``, ``--trace`` and ``--control`` hook into the run, and ``--inspect`` and
 ``--stats`` report at the end. ``_exit_code`` turns how the run ended into the exit
 status (kvmpy.cli.status); ``demo`` then judges it against the guest's promise.
 
@@ -45,6 +46,7 @@ def cmd_demo(args) -> int:
                 cmdline=args.cmdline, modules=_modules(args.module), initrd=args.initrd)
     if args.cpus is None:
         args.cpus = g.cpus
+    args.rng = args.rng or g.needs_rng
     # a guest that promises nothing (spin, triple-fault: test guests) ends with the run's status
     output = bytearray() if g.demo_status is not None else None
     if g.needs_disk and not args.disk:          # a disk demo without a disk: lend it a scratch one
@@ -140,7 +142,7 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
-                          test_devices=args.test_devices)
+                          test_devices=args.test_devices, rng=args.rng)
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -161,14 +163,16 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     """Run ``machine`` to its end (or wait for it, if ``started``), with stdin as its serial
     input, Ctrl-C, the control socket, and the end-of-run reports; returns the exit status."""
     from ..errors import GuestError
+    from .terminal import RawTerminal
+    interactive = RawTerminal.wanted(0)     # asked before the sandbox (which refuses getpgrp)
     status = _confine(args, machine)
     if status is not None:
         return status
     done = threading.Event()
-    control = None
-    if not getattr(args, "replay", None):       # a replay's input comes from the recording
-        _start_input(machine, done, sample_input)
+    control = terminal = None
     stop = [machine.request_stop]           # the gdb stub takes over Ctrl-C while it serves
+    if not getattr(args, "replay", None):       # a replay's input comes from the recording
+        terminal = _start_input(machine, done, sample_input, lambda: stop[0]("interrupted"), interactive)
     old = signal.signal(signal.SIGINT, lambda *_: stop[0]("interrupted")) \
         if threading.current_thread() is threading.main_thread() else None
     try:
@@ -186,7 +190,7 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
                 control = ControlServer(machine, args.control)
                 print(f"kvmpy: control socket at {args.control} (kvmpy ctl {args.control} --help)",
                       file=sys.stderr, flush=True)
-            result = machine.wait()
+            result = _wait(machine)
     except GuestError as e:
         print(f"kvmpy: {e.args[0] if args.inspect else e}", file=sys.stderr)
         _print_inspect(args, machine)
@@ -203,6 +207,8 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
         raise
     finally:
         done.set()
+        if terminal is not None:            # raw mode ends on every way out (SIGTERM: its handler)
+            terminal.restore()
         if old is not None:
             signal.signal(signal.SIGINT, old)
         if control is not None:
@@ -210,6 +216,16 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     _print_inspect(args, machine)
     _print_stats(args, machine)
     return _exit_code(result, args)
+
+
+def _wait(machine, slice_s: float = 0.25):
+    """``machine.wait()``, waking every ``slice_s``: a signal the kernel hands another thread
+    (SIGCONT after a stop does) has its Python handler run only when the main thread wakes."""
+    while True:
+        try:
+            return machine.wait(slice_s)
+        except TimeoutError:
+            continue
 
 
 def _confine(args, machine) -> int | None:
@@ -316,14 +332,28 @@ class _Console:
         self.out.flush()
 
 
-def _start_input(machine, done: threading.Event, sample_input: bytes | None) -> None:
+def _start_input(machine, done: threading.Event, sample_input: bytes | None, quit, interactive: bool):
+    """Feed stdin to the guest's UART from a thread. With ``interactive`` (a terminal on stdin,
+    ours to change) it becomes the guest's console (kvmpy.cli.terminal: raw mode, Ctrl-A
+    commands; ``quit`` ends the run) and is returned, to be restored when the run ends."""
     first = b""
     if sample_input is not None and not sys.stdin.isatty():
         first = os.read(0, 4096) if _stdin_has_data() else b""
         if not first:                       # no input of our own: the demo's sample input
             machine.feed_serial(sample_input)
-            return
-    threading.Thread(target=_feed_stdin, args=(machine, done, first), daemon=True, name="stdin").start()
+            return None
+    terminal = keys = None
+    if interactive:
+        from .terminal import HINT, Escapes, RawTerminal
+        terminal = RawTerminal(0)
+        if terminal.enter():
+            keys = (Escapes(), quit)
+            sys.stderr.write(HINT)
+            sys.stderr.flush()
+        else:
+            terminal = None
+    threading.Thread(target=_feed_stdin, args=(machine, done, first, keys), daemon=True, name="stdin").start()
+    return terminal
 
 
 def _stdin_has_data(timeout: float = 0.05) -> bool:
@@ -333,21 +363,36 @@ def _stdin_has_data(timeout: float = 0.05) -> bool:
         return False
 
 
-def _feed_stdin(machine, done: threading.Event, first: bytes = b"") -> None:
-    """Copy stdin to the guest's UART, waiting while its FIFO is full."""
-    data = first
+def _feed_stdin(machine, done: threading.Event, first: bytes = b"", keys=None) -> None:
+    """Copy stdin to the guest's UART, waiting while its FIFO is full. With ``keys`` (a
+    terminal's ``(Escapes, quit)``) Ctrl-A commands are obeyed instead of sent."""
+    from .terminal import HELP, KEYS_HELP, QUIT
+    queue = [first] if first else []
     while not done.is_set():
-        if not data:
+        if not queue:
             try:
                 data = os.read(0, 4096)
             except OSError:
                 return
             if not data:
                 return
-        n = machine.feed_serial(data)
-        data = data[n:]
-        if data:
+            queue = keys[0].feed(data) if keys is not None else [data]
+            continue
+        item = queue[0]
+        if item == QUIT:
+            keys[1]()
+            return
+        if item == HELP:
+            sys.stderr.write(KEYS_HELP)
+            sys.stderr.flush()
+            queue.pop(0)
+            continue
+        n = machine.feed_serial(item)
+        if n < len(item):
+            queue[0] = item[n:]
             time.sleep(0.005)
+        else:
+            queue.pop(0)
 
 
 # --- the end of a run: reports and the exit status ---------------------------------

@@ -28,7 +28,7 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_TRIPLE_FAULT:<10} the guest triple-faulted (register dump and code on stderr)
   {EXIT_TIMEOUT:<10} --timeout expired
   {EXIT_INTERNAL_ERROR:<10} KVM internal error, entry failure or unsupported exit
-  {EXIT_INTERRUPTED:<10} interrupted with Ctrl-C
+  {EXIT_INTERRUPTED:<10} interrupted: Ctrl-C (SIGINT), or Ctrl-A x when stdin is a terminal
   {EXIT_OK:<10} (also) the guest was migrated away or stopped through --control"""
 
 DEMO_CODES_HELP = f"""exit status of kvmpy demo:

@@ -60,6 +60,8 @@ class Guest:
     their ``expect_*`` fields describe a run *without* one (the fixed first
     line, then ``no virtio-blk device``); ``disk_status`` is the exit status
     with a suitable disk attached, and the description says what they print.
+    ``needs_rng`` guests drive the virtio-rng device (``Machine(rng=True)``) the same
+    way: ``expect_*`` without it, ``disk_status`` with it.
 
     ``cpus`` is how many vCPUs to run the guest with (its ``expect_*`` values are
     for that count); ``needs_irqchip`` guests need the in-kernel PIC/IOAPIC/LAPIC,
@@ -87,6 +89,7 @@ class Guest:
     demo: bool = True
     needs_disk: bool = False
     disk_status: int | None = None
+    needs_rng: bool = False
     cpus: int = 1
     needs_irqchip: bool = False
     marker: bytes | None = None
@@ -99,8 +102,9 @@ class Guest:
     @property
     def demo_status(self) -> int | None:
         """The exit status ``kvmpy demo`` expects: a disk guest always runs with a disk
-        (the demo lends it a scratch one), so ``disk_status``; else ``expect_status``."""
-        return self.disk_status if self.needs_disk else self.expect_status
+        (the demo lends it a scratch one) and an rng guest with the rng, so ``disk_status``;
+        else ``expect_status``."""
+        return self.disk_status if self.needs_disk or self.needs_rng else self.expect_status
 
     def kept_promise(self, status: int, output: bytes) -> str | None:
         """None if a run that ended with ``status`` and printed ``output`` did what the
@@ -271,6 +275,14 @@ _GUESTS: tuple[Guest, ...] = (
          "'blk-write: <n> sectors ok', exits 0x44 (0x45 'write failed (read-only?)')",
          b"blk-write: pattern, flush, read back\n", _status(0x44),
          marker=rb"^blk-write: \d+ sectors ok$"),
+    Guest("rng-read", "rng-read.elf",
+          "virtio-rng (--rng): reads 4 KiB from the entropy device twice, checks the two differ "
+          "and neither is all zero; 'rng-read: 2 x 4096 random bytes, different and not all zero', "
+          "exits 0x52 (0x53 'no virtio-rng device' without it)",
+          format="elf", mode="long", user=True,
+          expect_output=b"rng-read: reading 4096 random bytes twice\nno virtio-rng device\n",
+          expect_status=_status(0x53), expect_rax=0x53, needs_rng=True, disk_status=_status(0x52),
+          marker=_line(b"rng-read: 2 x 4096 random bytes, different and not all zero")),
     Guest("counter", "counter.elf",
           "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
           "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "

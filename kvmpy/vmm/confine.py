@@ -56,6 +56,8 @@ BASE = (
     # threads and signals: clone only for threads (ARG_RULES); vCPU kicks are pthread_kill
     "clone", "futex", "set_robust_list", "rseq", "rt_sigaction", "rt_sigprocmask",
     "rt_sigreturn", "tgkill", "gettid", "getpid", "exit", "exit_group",
+    # a sleep or wait a stop (SIGSTOP, Ctrl-Z) interrupted goes on through restart_syscall
+    "restart_syscall",
     # time: the vDSO's fallbacks, time.sleep
     "clock_gettime", "gettimeofday", "clock_nanosleep",
     # the fds already open: disks (C: preadv/pwritev, Python: preadv2/pwritev2), the
@@ -66,6 +68,8 @@ BASE = (
     "pselect6", "poll",
     # read-only opens (ARG_RULES) and what Python's imports look at
     "openat", "getdents64", "readlink",
+    # virtio-rng's entropy (os.getrandom); live migration's nonce too
+    "getrandom",
 )
 
 #: Added with a control socket (``--control``), a gdb stub (``--gdb``) or a chart to
@@ -76,7 +80,6 @@ CONTROL = (
     "socket", "bind", "listen", "accept4", "connect", "shutdown", "getsockopt", "setsockopt",
     "getsockname", "getpeername", "recvfrom", "sendto", "getuid",
     "mkdir", "rename", "unlink", "chmod", "fchmod", "ftruncate", "fsync", "getcwd",
-    "getrandom",                        # migration: the nonce of its key exchange (secrets)
 )
 
 #: The calls a running guest makes most, first first: the filter tests them before the rest
@@ -86,8 +89,9 @@ HOT = ("ioctl", "futex", "write", "read", "ppoll", "poll", "select", "clock_nano
        "pread64", "tgkill", "rt_sigreturn", "clock_gettime")
 
 _KVMIO = 0xAE                   # the type byte of every KVM ioctl (linux/kvm.h)
-#: Harmless requests on any fd: isatty(), a socket's timeout (non-blocking), close-on-exec.
-_TTY_AND_FD = {"TCGETS": 0x5401, "FIONBIO": 0x5421, "FIONCLEX": 0x5450, "FIOCLEX": 0x5451}
+#: Harmless requests on any fd: isatty(), a socket's timeout (non-blocking), close-on-exec, and
+#: setting a terminal's attributes (the console's raw mode ends, or resumes after SIGCONT).
+_TTY_AND_FD = {"TCGETS": 0x5401, "TCSETS": 0x5402, "FIONBIO": 0x5421, "FIONCLEX": 0x5450, "FIOCLEX": 0x5451}
 _CLONE_THREAD = 0x00010000
 _O_WRITE_OR_CREATE = 0o3 | 0o100 | 0o1000       # O_ACCMODE | O_CREAT | O_TRUNC
 

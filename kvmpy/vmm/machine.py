@@ -25,6 +25,7 @@ import weakref
 from typing import BinaryIO
 
 from ..devices import FwCfg
+from ..devices.ratelimit import Limits
 from ..errors import DeviceError, GuestMemoryError, KvmpyError, LoaderError, read_file
 from .. import loader
 from ..kvm import Kvm
@@ -62,14 +63,17 @@ class Machine:
     thread waits, never a vCPU); a disk's limits are its ``Disk``'s (``iops=``, ``bps=``).
     ``test_devices`` adds QEMU's pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO at
     0xff000000), which kernels written for ``qemu -device pc-testdev`` (kvm-unit-tests) use.
+    ``rng`` adds a virtio-rng entropy device fed from the host's getrandom, after the disks:
+    True with ``devices.virtio.rng.DEFAULT_LIMITS``, or a ``Limits`` (docs/virtio.md, "virtio-rng").
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False):
-        check_shape(mem_size, cpus, irqchip, len(disks))
+                 test_devices: bool = False, rng: bool | Limits = False):
+        self.rng = rng is not False and rng is not None
+        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng)
         self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
         self.test_devices = bool(test_devices)
         self.stats = Stats()
@@ -97,6 +101,8 @@ class Machine:
             self._create_devices(cpus, fw_cfg or {})
             for d in disks:
                 self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
+            if self.rng:
+                self.platform.add_rng(self.memory, rng)
         except BaseException:
             self.close()
             raise
@@ -217,11 +223,12 @@ class Machine:
     def shape(self) -> dict:
         """What a Machine() continuing this one is built with (snapshots, migration)."""
         shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
-        return {**shape, "test_devices": True} if self.test_devices else shape
+        optional = {"test_devices": self.test_devices, "rng": self.rng}     # only when on: older peers
+        return {**shape, **{k: True for k, on in optional.items() if on}}
 
     def virtio_mmio_cmdline(self) -> str:
-        """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
-        return " ".join(f"virtio_mmio.device={s.length // 1024}K@{s.base:#x}:{s.irq}" for s in self.platform.disks)
+        """How a Linux guest learns about the disks and the rng: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
+        return " ".join(f"virtio_mmio.device={s.length // 1024}K@{s.base:#x}:{s.irq}" for s in self.platform.virtio_mmio)
 
     def inspect(self, vcpu: int | None = None) -> str:
         """A readable report of a vCPU: CPU mode, registers, segments, GDT and IDT, the page
@@ -476,7 +483,7 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if disks > layout.MAX_VIRTIO_DEVICES:
-        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} disks, got {disks}")
+        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks and the rng), got {disks}")
 
 
 def _kicker(machine):

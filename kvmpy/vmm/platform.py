@@ -31,7 +31,7 @@ _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
-LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev"})
+LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng"})
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Locked:
 
 
 class PythonPending:
-    """What the disk timer needs of a Python virtio-blk (NativeVirtioBlk has the same):
+    """What the disk timer needs of a Python virtio-blk or virtio-rng (NativeVirtioBlk has the same):
     when a throttled request may go, and a host-side QueueNotify under the device's lock."""
 
     def __init__(self, device: Locked, blk):
@@ -141,7 +141,8 @@ class Slot:
     ``model`` keeps the device's state (``save_state()``/``load_state()``), ``saved_as``
     names it in a saved machine's "devices" (None: stateless), ``fast`` says which of its
     accesses C serves ("uart", "virtio-mmio"; None: every access returns to Python),
-    ``disk`` is the Disk a virtio-blk slot serves.
+    ``disk`` is the Disk a virtio-blk slot serves, ``virtio`` the virtio device ID of a
+    virtio-mmio slot (0: not one).
     """
 
     name: str
@@ -156,6 +157,7 @@ class Slot:
     identity: dict = field(default_factory=dict)    # what a restore checks before loading state
     backend: object = None                          # a disk's VirtioBlk (its file)
     pending: object = None                          # a disk's throttled_until()/serve_pending()
+    virtio: int = 0                                 # virtio device ID of a virtio-mmio window
 
     def save_state(self) -> dict:
         state = self.model.save_state()
@@ -249,11 +251,8 @@ class Platform:
     def add_disk(self, disk: Disk, memory) -> Slot:
         """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
         i = len(self.disks)
-        if i >= layout.MAX_VIRTIO_DEVICES:
-            raise DeviceError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices")
-        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE
-        gsi = layout.VIRTIO_MMIO_IRQS[i]
-        from ..devices.virtio.blk import VirtioBlk          # loaded for machines with disks only
+        base, gsi = self._virtio_window()
+        from ..devices.virtio.blk import VIRTIO_ID_BLOCK, VirtioBlk     # loaded for machines with disks only
         from ..devices.virtio.mmio import VirtioMmioTransport
         try:
             if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
@@ -271,12 +270,43 @@ class Platform:
         if disk.limits and self.timer is not None:
             self.timer.watch(pending)
         return self.attach(Slot(f"virtio-blk{i}", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "disks",
-                                fast, disk, identity, blk, pending if self.timer is not None else None), device)
+                                fast, disk, identity, blk, pending if self.timer is not None else None,
+                                virtio=VIRTIO_ID_BLOCK), device)
+
+    def add_rng(self, memory, limits: Limits | bool = True) -> Slot:
+        """virtio-rng (``Machine(rng=...)``) in the next free slot of the virtio window, after
+        the disks: the Python model only (not a hot path), rate-limited by ``limits`` (True:
+        the device's DEFAULT_LIMITS); saved as "virtio_rng"."""
+        from ..devices.virtio.mmio import VirtioMmioTransport
+        from ..devices.virtio.rng import DEFAULT_LIMITS, VirtioRng
+        base, gsi = self._virtio_window()
+        rng = VirtioRng(DEFAULT_LIMITS if limits is True else limits or None)
+        model = VirtioMmioTransport(rng, memory, self.trigger(gsi))
+        device = Locked(model, threading.Lock())
+        pending = PythonPending(device, rng) if self.timer is not None else None
+        if rng.limiter is not None and pending is not None:
+            self.timer.watch(pending)
+        return self.attach(Slot("virtio-rng", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_rng",
+                                backend=rng, pending=pending, virtio=rng.device_id), device)
+
+    def _virtio_window(self) -> tuple[int, int]:
+        """(base, GSI) of the next free virtio-mmio window (layout.py)."""
+        i = len(self.virtio_mmio)
+        if i >= layout.MAX_VIRTIO_DEVICES:
+            raise DeviceError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices")
+        return layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i]
 
     # --- what others ask of the platform ---------------------------------------------
     @property
     def disks(self) -> list[Slot]:
         return [s for s in self.slots if s.disk is not None]
+
+    @property
+    def virtio_mmio(self) -> list[Slot]:
+        """Every virtio-mmio device (the disks, then the rng), by window: each slot's ``base``,
+        ``length``, ``irq`` and ``virtio`` (device ID). The one list of them, from which the
+        kernel command line (``Machine.virtio_mmio_cmdline``) and firmware tables are made."""
+        return sorted((s for s in self.slots if s.virtio), key=lambda s: s.base)
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -319,7 +349,14 @@ class Platform:
             if s.saved_as in LATER_DEVICES and s.saved_as not in saved:
                 continue                # a version-2 state from before it had state: power-on
             if s.saved_as and s.saved_as != "disks":
-                s.load_state(saved[s.saved_as])
+                try:
+                    s.load_state(saved[s.saved_as])
+                except ValueError as e:
+                    if not s.virtio:
+                        raise
+                    raise DeviceStateError(f"{s.name}: bad virtio state: {e}") from None
+                if s.pending is not None:   # the rng: a chain its limit held back may be in its ring
+                    self.timer.kick(s.pending)
         for i, (s, d) in enumerate(zip(disks, saved["disks"])):
             try:
                 s.load_state(d)

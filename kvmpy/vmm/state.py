@@ -18,7 +18,7 @@ from .platform import DeviceStateError, Disk
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 # Machine() arguments a saved state fixes: a restore takes only host-side ones.
-FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "ram_files", "disks", "test_devices")
+FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "ram_files", "disks", "test_devices", "rng")
 # What a hostile or damaged value can raise on its way into KVM and the devices (a missing
 # key, a string for a number, a negative register, a KVM refusal).
 BAD_STATE = (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, DeviceError, OSError)
@@ -111,10 +111,11 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
         if "ram" in body and \
                 sorted(Machine.ram_layout(mc["mem_size"])) != sorted((r["gpa"], r["size"]) for r in body["ram"]):
             raise SnapshotError(f"{where}: the RAM regions do not match the machine's {mc['mem_size']} bytes of RAM")
-        test_devices = mc.get("test_devices", False)        # absent before pc-testdev existed
-        if type(test_devices) is not bool:
-            raise SnapshotError(f"{where}: test_devices must be true or false, not {test_devices!r}")
-        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], test_devices=test_devices,
+        flags = {k: mc.get(k, False) for k in ("test_devices", "rng")}   # absent before those devices
+        for k, v in flags.items():
+            if type(v) is not bool:
+                raise SnapshotError(f"{where}: {k} must be true or false, not {v!r}")
+        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **flags,
                        disks=disk_list(body, disks, where), ram_files=ram_files, **host_options)
     except (GuestMemoryError, DeviceError) + BAD_STATE as e:
         raise SnapshotError(f"{where}: the saved machine cannot be built: {type(e).__name__}: {e}") from None

@@ -1,4 +1,5 @@
-"""The disk timer: serves the requests a rate limit left in a virtio-blk ring.
+"""The disk timer: serves the requests a rate limit left in a virtio-blk ring (and in the
+virtio-rng's, which is limited the same way and watched the same way).
 
 A rate-limited disk (devices/ratelimit.py) that runs out of tokens leaves the request
 in the ring, untouched, and notes when its tokens will be there (``throttled_until``,

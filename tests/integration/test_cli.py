@@ -1,4 +1,5 @@
 """The kvmpy command: demos, run, exit statuses, errors without tracebacks, Ctrl-C."""
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def test_demo_that_keeps_its_promise_exits_0(name):
     if g.needs_disk:                        # the demo lends itself a scratch disk of zeros
         assert r.stdout.startswith(g.expect_output.splitlines(keepends=True)[0])
         assert b"scratch 1 MiB" in r.stderr
+        return
+    if g.needs_rng:                         # the demo adds the rng: the marker's line, not "no device"
+        assert r.stdout.startswith(g.expect_output.splitlines(keepends=True)[0])
+        assert re.search(g.marker, r.stdout, re.M)
         return
     assert r.stdout == g.expect_output
 

@@ -152,6 +152,32 @@ def test_echo_under_the_filter():
     assert r.returncode == 0 and b"piped\n" in r.stdout and r.stdout.endswith(b"bye\n"), r.stderr
 
 
+@pytest.mark.parametrize("loop", [[], ["--python"]], ids=["native", "python"])
+def test_a_stopped_and_continued_run_goes_on_under_the_filter(loop):
+    """SIGSTOP then SIGCONT (Ctrl-Z, fg): the sleeps and waits the stop interrupted go on through
+    restart_syscall, which the filter allows (refused, a thread's futex wait failed: SIGABRT)."""
+    p = subprocess.Popen([*CMD, "run", str(guests.get("echo").path), *loop], env=ENV, cwd="/",
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not _status(p.pid).get("Seccomp", "0").startswith("2"):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)                          # the vCPU and the other threads wait now
+        for _ in range(3):
+            p.send_signal(signal.SIGSTOP)
+            time.sleep(0.2)
+            p.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+        out, err = p.communicate(b"still here\nquit\n", timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == guests.get("echo").expect_status & 0xFF, err
+    assert out.endswith(b"still here\nquit\nbye\n")
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)

@@ -107,11 +107,11 @@ def fnv1a64(data: bytes) -> int:
 
 @pytest.mark.parametrize("g", PROMISING, ids=lambda g: g.name)
 def test_guest_keeps_the_promise_kvmpy_demo_checks(g, tmp_path):
-    """Run as kvmpy demo runs it (disk guests with a 1 MiB disk of zeros), each guest ends with
-    its demo status and prints the line its marker describes."""
+    """Run as kvmpy demo runs it (disk guests with a 1 MiB disk of zeros, rng guests with the
+    rng), each guest ends with its demo status and prints the line its marker describes."""
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(1 << 20))
-    result, out, _ = run_guest(g, disks=[str(disk)] if g.needs_disk else [])
+    result, out, _ = run_guest(g, disks=[str(disk)] if g.needs_disk else [], rng=g.needs_rng)
     assert result.reason == "exit"
     assert g.kept_promise(result.status & 0xFF, out) is None, out
 

@@ -167,13 +167,15 @@ def test_stock_kernel_boots_to_a_shell_command_and_reboots(linux, entry):
 
 
 def test_disks_are_announced_on_the_kernel_command_line(linux, initrd, tmp_path):
-    """With a disk attached, Linux's command line carries virtio_mmio.device=SIZE@ADDR:IRQ for it."""
+    """With a disk and the rng attached, Linux's command line carries virtio_mmio.device=SIZE@ADDR:IRQ
+    for each, the disk first."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     cmdline = "console=ttyS0 earlyprintk=serial"
-    want = [b"Linux version ", f"Command line: {cmdline} virtio_mmio.device=4K@0xd0000000:5\r\n".encode()]
+    want = [b"Linux version ", f"Command line: {cmdline} virtio_mmio.device=4K@0xd0000000:5 "
+                               "virtio_mmio.device=4K@0xd0001000:6\r\n".encode()]
     console = Console(want)
-    with kvmpy.Machine(mem_size=MEM, serial=console, disks=[str(disk)]) as m:
+    with kvmpy.Machine(mem_size=MEM, serial=console, disks=[str(disk)], rng=True) as m:
         m.load(linux.vmlinux, cmdline=cmdline, initrd=initrd)
         console.machine = m
         try:

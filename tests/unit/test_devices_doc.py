@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.devices import fwcfg, i8042, reset, rtc, serial, testdev
-from kvmpy.devices.virtio import blk, mmio
+from kvmpy.devices.virtio import blk, mmio, rng
 from kvmpy.x86 import layout
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "devices.md"
@@ -30,8 +30,8 @@ SECTION_MODULES = {
 WHERE_MODULES = {"pc-testdev (QEMU's test device, off by default)": testdev}
 EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard controller",
                      "CMOS RTC (MC146818)", "fw_cfg", "Reset lines (port 0x92, 0xcf9)",
-                     "virtio-mmio transport and virtio-blk", "pc-testdev (QEMU's test device, off by default)",
-                     "Unclaimed ports and MMIO"]
+                     "virtio-mmio transport and virtio-blk", "virtio-rng (entropy device, off by default)",
+                     "pc-testdev (QEMU's test device, off by default)", "Unclaimed ports and MMIO"]
 
 
 def _sections() -> dict[str, str]:
@@ -159,6 +159,13 @@ def test_virtio_numbers_quoted_in_the_doc_match_the_code():
     assert f"{mmio.VIRTIO_MMIO_VENDOR:#X}".replace("0X", "0x") in body
     assert f"{blk.QUEUE_NUM_MAX} (`QUEUE_NUM_MAX`)" in body
     assert f"({blk.CONFIG_SIZE} bytes" in body
+
+
+def test_rng_numbers_quoted_in_the_doc_match_the_code():
+    body = _sections()["virtio-rng (entropy device, off by default)"]
+    assert rng.MAX_REQUEST_BYTES == 64 << 10 and "at most 64 KiB (`MAX_REQUEST_BYTES`)" in body
+    assert rng.DEFAULT_LIMITS.iops == 4096 and rng.DEFAULT_LIMITS.bps == 1 << 20
+    assert "`DEFAULT_LIMITS`, 4096 requests and 1 MiB a" in body and f"Device ID {rng.VIRTIO_ID_ENTROPY}" in body
 
 
 def test_rtc_cmos_table_names_are_constants_with_the_same_index():

@@ -1,8 +1,8 @@
 """virtio devices over the virtio-mmio transport (OASIS virtio 1.2).
 
 ``queue`` is the split virtqueue (section 2.7), ``mmio`` the version-2 MMIO
-register layout (section 4.2), ``blk`` the block device (section 5.2). Wiring,
-as the Machine does it::
+register layout (section 4.2), ``blk`` the block device (section 5.2), ``rng`` the
+entropy device (section 5.4). Wiring, as the Machine does it::
 
     blk = VirtioBlk("disk.img")
     dev = VirtioMmioTransport(blk, mem, trigger)
@@ -13,6 +13,7 @@ See docs/virtio.md for every register, feature and error case.
 from .blk import VirtioBlk
 from .mmio import VirtioDevice, VirtioMmioTransport
 from .queue import DescriptorChain, VirtQueue, VirtqueueError
+from .rng import VirtioRng
 
 __all__ = ["DescriptorChain", "VirtioBlk", "VirtioDevice", "VirtioMmioTransport",
-           "VirtQueue", "VirtqueueError"]
+           "VirtioRng", "VirtQueue", "VirtqueueError"]
