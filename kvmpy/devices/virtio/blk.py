@@ -154,12 +154,7 @@ class VirtioBlk:
         ``queue.size`` chains available, so one notify still serves all of its work
         (docs/virtio.md, "Notification and interrupts").
         """
-        for _ in range(queue.size):
-            chain = queue.pop()
-            if chain is None:
-                if self.limiter is not None:
-                    self.limiter.clear()        # the ring is empty: nothing waits
-                return
+        for chain in queue.one_notify(self.limiter):
             _check_status_byte(chain)
             header = _header(queue.mem, chain)
             if self.limiter is not None and not self.limiter.admit(*_cost(chain, header)):

@@ -157,6 +157,20 @@ class VirtQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
+    def one_notify(self, limiter=None):
+        """The chains one QueueNotify serves: those available, in ring order, at most
+        ``size`` of them. The bound keeps a notify finite when a device-writable buffer
+        overlaps the available ring and serving a chain publishes the next (a self-feeding
+        ring); a driver that follows the spec never has more than ``size`` outstanding.
+        An empty ring clears ``limiter``'s mark of a chain waiting for tokens."""
+        for _ in range(self.size):
+            chain = self.pop()
+            if chain is None:
+                if limiter is not None:
+                    limiter.clear()             # the ring is empty: nothing waits
+                return
+            yield chain
+
     def _walk(self, head: int) -> DescriptorChain:
         """Follow ``next`` links from ``head`` applying every check in the module docstring."""
         chain = DescriptorChain(head)

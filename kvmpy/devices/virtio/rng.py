@@ -87,12 +87,7 @@ class VirtioRng:
         """Fill the available chains of ``queue`` in ring order, at most ``queue.size`` of
         them (a device-writable buffer may overlap the available ring and republish
         itself: the bound keeps one QueueNotify finite, as virtio-blk's does)."""
-        for _ in range(queue.size):
-            chain = queue.pop()
-            if chain is None:
-                if self.limiter is not None:
-                    self.limiter.clear()        # the ring is empty: nothing waits
-                return
+        for chain in queue.one_notify(self.limiter):
             if chain.readable:
                 raise VirtqueueError(f"virtio-rng chain at descriptor {chain.head} has "
                                      f"{chain.readable_len} device-readable bytes")
