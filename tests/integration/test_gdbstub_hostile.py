@@ -18,8 +18,7 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.debug.gdbstub import MAX_JUNK, MAX_MEMORY, PACKET_SIZE, GdbStub, GdbStubError, checksum
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_gdbstub import HELLO, Client, Served, kvmpy_cmd, sock_path  # noqa: E402
+from .test_gdbstub import HELLO, Client, Served, kvmpy_cmd, sock_path
 
 NOBODY = 65534
 
