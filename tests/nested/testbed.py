@@ -61,6 +61,8 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_kvm_lowlevel.py", "tests/integration/test_linux.py",
                  "tests/integration/test_snapshot.py", "tests/integration/test_gdbstub.py")
 STEPS = ("info", "demos", "pytest")
+#: Steps run only when named in --steps (CI does not): bench, see add_qemu() and bench_block().
+OPTIONAL_STEPS = ("bench",)
 
 #: Parts of Debian's standard library no test or demo imports (saves ~40 MB of archive).
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
@@ -266,7 +268,63 @@ poweroff -f
 """
 
 
-def step_script(steps, pytest_args: list[str]) -> str:
+# --- the bench step: Linux to init, kvmpy against QEMU microvm on the same L1 KVM ----------
+#: What -M microvm loads from QEMU's data directory: its firmware (qboot) and the option ROMs
+#: that boot a -kernel (PVH vmlinux, bzImage, multiboot). Symlinks are followed (Debian's point
+#: into other packages).
+QEMU_FIRMWARE = ("bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "multiboot_dma.bin")
+QEMU_DATA = Path("/usr/share/qemu")
+BENCH_JSON_MARK = f"{MARK} bench-json"          # the next console line: the JSON, gzip + base64
+
+
+def add_qemu(tree: Tree) -> list[Path]:
+    """Debian's qemu-system-x86_64 and the microvm firmware; returns the ELF files it brings."""
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise TestbedError(f"{QEMU} is missing: apt-get install qemu-system-x86")
+    qemu = Path(os.path.realpath(qemu))
+    tree.copy(qemu, f"usr/bin/{QEMU}")
+    for name in QEMU_FIRMWARE:
+        if not (QEMU_DATA / name).is_file():
+            raise TestbedError(f"{QEMU_DATA / name} is missing: apt-get install qemu-system-x86 qemu-system-data")
+        tree.copy(QEMU_DATA / name, f"{QEMU_DATA}/{name}")
+    return [qemu]
+
+
+def bench_block(bench_args: list[str]) -> str:
+    """The bench step's shell: `kvmpy bench boot --subject linux-init` (kvmpy-lib, kvmpy-cli and
+    qemu-microvm; -M pc's firmware is not in the image), debugfs mounted so the benchmark reads
+    KVM's counters, then the JSON on one console line after BENCH_JSON_MARK."""
+    args = " ".join(shlex.quote(a) for a in ["--subject", "linux-init", "--no-pc", *bench_args])
+    return ("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n"
+            f"kvmpy bench boot {args} --out /tmp/bench-boot.json; rc=$?\n"
+            "if [ -f /tmp/bench-boot.json ]; then\n"
+            "  echo '" + BENCH_JSON_MARK + "'\n"
+            "  python3 -c 'import base64, gzip, sys; print(base64.b64encode(gzip.compress("
+            "open(sys.argv[1], \"rb\").read())).decode())' /tmp/bench-boot.json\n"
+            "fi\n"
+            "[ $rc = 0 ]")
+
+
+def save_bench_json(log: Path, out: Path) -> bool:
+    """The bench step's JSON from L1's console log, written to ``out`` with its table shown."""
+    import base64
+    import gzip
+    import json
+    lines = log.read_text(errors="replace").splitlines()
+    if BENCH_JSON_MARK not in lines or lines.index(BENCH_JSON_MARK) + 1 >= len(lines):
+        say("bench: no JSON in L1's console")
+        return False
+    data = json.loads(gzip.decompress(base64.b64decode(lines[lines.index(BENCH_JSON_MARK) + 1])))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    from kvmpy.bench import boot
+    print(boot.table(data), flush=True)
+    say(f"bench: JSON written to {out}")
+    return True
+
+
+def step_script(steps, pytest_args: list[str], bench_args: list[str] = ()) -> str:
     """The steps L1 runs, one shell block each, framed by begin/end markers."""
     blocks = []
     if "info" in steps:
@@ -279,6 +337,8 @@ def step_script(steps, pytest_args: list[str]) -> str:
                                 "  mark demo $d rc=$r; [ $r = 0 ] || rc=1\n"
                                 "done\n"
                                 "[ $rc = 0 ]"))
+    if "bench" in steps:
+        blocks.append(("bench", bench_block(list(bench_args))))
     if "pytest" in steps:
         args = " ".join(shlex.quote(a) for a in pytest_args)
         blocks.append(("pytest", f"python3 -m pytest -q -p no:cacheprovider --color=no -rfEs -o faulthandler_timeout=600 {args}"))
@@ -288,7 +348,7 @@ def step_script(steps, pytest_args: list[str]) -> str:
     return "".join(out)
 
 
-def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
+def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str] = ()) -> tuple[Path, Path]:
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
@@ -315,6 +375,8 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
     for d in ("proc", "sys", "sbin", "usr/sbin"):
         tree.entries[d] = CpioEntry(d, stat.S_IFDIR | 0o755)
     elves = add_python(tree)
+    if "bench" in steps:
+        elves += add_qemu(tree)
     tree.copy_tree(site_copy, "opt/site")
     tree.copy_tree(src, "opt/src")
     elves += [p for p in site_copy.rglob("*.so*") if p.is_file() and is_elf(p)]
@@ -335,7 +397,7 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
-    tree.add("opt/steps.sh", step_script(steps, pytest_args).encode())
+    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"
     out.write_bytes(tree.archive())
@@ -435,11 +497,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-console", action="store_true", help="show only markers while L1 runs")
     p.add_argument("--debug-socket", type=Path, default=None, metavar="PATH",
                    help="put a shell on L1's second serial port at this UNIX socket (socat - UNIX:PATH)")
+    p.add_argument("--bench-args", default="--rounds 3", metavar="ARGS",
+                   help="step bench: more options for 'kvmpy bench boot --subject linux-init --no-pc' "
+                        "in L1 (default '--rounds 3')")
+    p.add_argument("--bench-json", type=Path, default=REPO / "benchmarks" / "results" / "boot-linux-init-l1.json",
+                   metavar="PATH", help="step bench: where the host writes its JSON "
+                                        "(default benchmarks/results/boot-linux-init-l1.json)")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
-    unknown = set(steps) - set(STEPS)
+    unknown = set(steps) - set(STEPS) - set(OPTIONAL_STEPS)
     if unknown:
-        p.error(f"unknown step {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}")
+        p.error(f"unknown step {', '.join(sorted(unknown))}; choose from {', '.join(STEPS + OPTIONAL_STEPS)}")
     pytest_args = pytest_args or list(DEFAULT_TESTS)
     t0 = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="kvmpy-l1-"))
@@ -447,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or cache_dir() / "l1-console.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        kernel, initrd = build_image(work, steps, pytest_args)
+        kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args))
         t_built = time.monotonic()
         result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
                         debug_socket=args.debug_socket)
@@ -458,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     bad = result.failures(steps)
+    if "bench" in steps and not save_bench_json(log, args.bench_json):
+        bad.append("bench (no JSON)")
     total = time.monotonic() - t0
     say(f"build {t_built - t0:.0f} s, L1 {time.monotonic() - t_built:.0f} s, total {total:.0f} s")
     for s in ("modules", *steps):
