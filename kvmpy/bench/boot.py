@@ -16,6 +16,24 @@ a host without hardware virtualisation each run takes ~13-16 s (docs/host-notes.
 Without the kernel (empty cache and no apt or network) the subject cannot run
 (exit 2, saying so).
 
+``linux-init``: the same vmlinux (PVH) and a busybox initramfs
+(kvmpy.images.linuxkernel: ``files.initramfs(LINUX_INIT_SCRIPT)``, written once
+into the kernel cache under its hash) whose /init prints ``kvmpy-init: 42``,
+computed by the shell, then resets; 512 MiB, ``console=ttyS0
+earlyprintk=serial panic=-1`` (``--append`` adds parameters, for every
+variant alike). The time is from start to that marker on the serial port (the
+run is then stopped), with splits: when ``Linux version `` and ``Run /init``
+arrived (``marks_ms``), the phases between them (``phases_ms``, with
+kvmpy/QEMU ratios in ``phase_ratios``), kvmpy-lib's exits at the end and at
+each mark (``kvmpy_stats``), and, where debugfs shows them
+(/sys/kernel/debug/kvm), KVM's own counters for each variant's VM
+(``kvm_counters``: exits, io_exits, pf_taken, ...). Every variant gets the
+same kernel file, initrd file, command line and memory; QEMU also gets
+``-cpu host``, as kvmpy passes KVM's supported CPUID on. Where KVM emulates
+guest ring 0 (kvm_pvm) Linux stops after its banner, so the subject refuses
+to start there (exit 2, saying so); tests/nested/testbed.py --steps bench
+runs it on kvm_amd inside QEMU's TCG.
+
 Variants:
 
   kvmpy-lib     in this process: Machine(mem_size=--mem) construction, load()
@@ -56,9 +74,10 @@ A subject is a function (see SUBJECTS) returning a Subject: the image, how
 kvmpy loads it, QEMU's arguments per machine type, the expected status and
 output, and where the timing ends: at the guest's exit (``end="exit"``), or
 at the first appearance of its banner on the serial port (``end="banner"``:
-the run is then stopped), as ``linux`` does ("Linux version "). With the
-native UART kvmpy's output reaches the host up to 20 ms late (its flusher),
-so a banner time carries that much (kvmpy-cli's also waits for the end of the
+the run is then stopped), as ``linux`` does ("Linux version "), or at its
+``marker`` (``end="marker"``, linux-init; ``splits`` are timed on the way).
+With the native UART kvmpy's output reaches the host up to 20 ms late (its
+flusher), so a banner or marker time carries that much (kvmpy-cli's also waits for the end of the
 line: `kvmpy run` flushes its stdout at newlines); QEMU writes each byte as it
 comes. SUBJECTS also gives each subject its default --mem and --rounds.
 """
@@ -81,8 +100,8 @@ from . import _common
 from ._common import BenchError
 
 NAME = "boot"
-DESCRIPTION = ("boot a multiboot kernel to its exit (or Linux to its banner): kvmpy in-process and CLI "
-               "vs qemu-system-x86_64 -enable-kvm")
+DESCRIPTION = ("boot a multiboot kernel to its exit (or Linux to its banner or to its /init): kvmpy "
+               "in-process and CLI vs qemu-system-x86_64 -enable-kvm")
 KVMPY_VARIANTS = ("kvmpy-lib", "kvmpy-cli")
 QEMU_VARIANTS = ("qemu", "qemu-microvm")
 EXTRAS = ("python-startup", "python-import")
@@ -114,6 +133,7 @@ class Subject:
     differences: str = ""                   # what normalize hides, for the JSON
     marker: bytes = b""                     # end == "marker": the output that ends the timing
     splits: tuple[tuple[str, bytes], ...] = ()   # (name, output) timed on the way, besides the banner
+    note: str = ""                          # how the machines were made alike, for the JSON
 
     @property
     def metric(self) -> str:
@@ -210,6 +230,12 @@ echo "kvmpy-init: $((6 * 7))"
 exec /bin/busybox reboot -f
 """
 LINUX_INIT_SPLITS = (("run_init", b"Run /init"),)
+#: Why linux-init gives microvm an RTC by default (--microvm-rtc on).
+MICROVM_RTC_NOTE = ("under KVM, -M microvm has no CMOS RTC unless rtc=on, and Linux (no ACPI or PNP word "
+                    "that it is absent) probes it anyway: rtc_cmos polls the missing chip's update flag for "
+                    "a second of udelay(100), ~40,000 port exits (measured 4-6 s of QEMU's boot in the "
+                    "nested testbed); kvmpy has an RTC, so the default compares machines with the same "
+                    "legacy devices")
 #: KVM backends that emulate guest ring 0: Linux stops after its banner there (docs/host-notes.md).
 RING0_EMULATING = ("kvm_pvm",)
 
@@ -235,18 +261,24 @@ def _linux_init_initrd(files) -> pathlib.Path:
     return path
 
 
-def linux_init_subject(files, initrd: pathlib.Path, mem: int, append: str = "") -> Subject:
-    """linux-init's Subject for a kernel and an initrd file (no host check: see linux_init)."""
+def linux_init_subject(files, initrd: pathlib.Path, mem: int, append: str = "", microvm_rtc: str = "on") -> Subject:
+    """linux-init's Subject for a kernel and an initrd file (no host check: see linux_init).
+
+    ``microvm_rtc``: "on" gives QEMU's microvm the CMOS RTC that kvmpy has (MICROVM_RTC_NOTE);
+    "auto" is microvm's own default (none under KVM)."""
     cmdline = f"{LINUX_INIT_CMDLINE} {append}".strip()
     kernel = ("-cpu", "host", "-kernel", str(files.vmlinux), "-initrd", str(initrd), "-append", cmdline)
+    microvm = "microvm" if microvm_rtc == "auto" else f"microvm,rtc={microvm_rtc}"
     return Subject(
         name="linux-init", title=f"Debian {files.kernel_package} vmlinux (PVH entry) + busybox initramfs, "
                                  f"{mem // MiB} MiB, cmdline {cmdline!r}",
         image=files.vmlinux, load={"format": "pvh", "cmdline": cmdline, "initrd": str(initrd)},
         cli=("--format", "pvh", "--cmdline", cmdline, "--initrd", str(initrd)),
-        qemu={"qemu": ("-M", "pc", *kernel), "qemu-microvm": ("-M", "microvm", *kernel)},
+        qemu={"qemu": ("-M", "pc", *kernel), "qemu-microvm": ("-M", microvm, *kernel)},
         banner=LINUX_BANNER, end="marker", marker=LINUX_INIT_MARKER, splits=LINUX_INIT_SPLITS,
-        differences="only the marks' presence is checked (the run is stopped at the marker)")
+        differences="only the marks' presence is checked (the run is stopped at the marker)",
+        note=f"qemu-microvm has rtc={microvm_rtc}: {MICROVM_RTC_NOTE}; QEMU gets -cpu host, as kvmpy "
+             "passes KVM's supported CPUID on")
 
 
 def linux_init(args) -> Subject:
@@ -259,7 +291,7 @@ def linux_init(args) -> Subject:
                          "(docs/host-notes.md); run it where KVM has VMX or SVM, e.g. in the nested "
                          "testbed: python tests/nested/testbed.py --steps bench")
     files = _linux_files("linux-init")
-    return linux_init_subject(files, _linux_init_initrd(files), args.mem, args.append)
+    return linux_init_subject(files, _linux_init_initrd(files), args.mem, args.append, args.microvm_rtc)
 
 
 class SubjectSpec(NamedTuple):
@@ -291,6 +323,10 @@ def add_arguments(p) -> None:
                         "variant can run here (default 1; with 0 the first timed run decides)")
     p.add_argument("--mem", type=_common.positive, default=None, metavar="SIZE",
                    help="guest RAM for every variant (default: multiboot 64M, linux and linux-init 512M)")
+    p.add_argument("--microvm-rtc", choices=("on", "auto"), default="on",
+                   help="linux-init: the qemu-microvm variant's RTC, on (default, like kvmpy's machine) or "
+                        "auto (microvm's default: none under KVM, and Linux then spends ~40,000 port exits "
+                        "probing for it)")
     p.add_argument("--append", default="", metavar="TEXT",
                    help="linux, linux-init: more kernel parameters after the subject's command line, "
                         "for every variant alike (e.g. 'quiet')")
@@ -355,6 +391,21 @@ class _Sink:
         pass
 
 
+def _offset_2m(machine) -> int | None:
+    """Where guest RAM (its first region, at guest-physical 0) starts in this process, modulo
+    2 MiB: KVM maps guest memory with 2 MiB pages only where this is 0 (and the host backs it
+    with huge pages); otherwise every 4 KiB page the guest touches costs a nested page fault."""
+    import ctypes
+    try:
+        anchor = ctypes.c_char.from_buffer(machine.memory.regions[0].mm)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    try:
+        return ctypes.addressof(anchor) % (2 * MiB)
+    finally:
+        del anchor
+
+
 def _missing(subject: "Subject", seen: dict) -> str:
     return f"before printing {subject.marks[subject.stop_at]!r}" if subject.stop_at not in seen else ""
 
@@ -391,7 +442,7 @@ def run_lib(subject: Subject, mem: int, timeout: float, before_close: Callable[[
         except GuestError as e:             # e.g. a kernel that dies before its banner
             result, why = None, f"guest error: {str(e).splitlines()[0]}"
         t3 = time.perf_counter_ns()
-        stats = {**machine.stats.as_dict(), "at": at}
+        stats = {**machine.stats.as_dict(), "at": at, "ram_host_offset_2m": _offset_2m(machine)}
         if before_close is not None:
             before_close()
     finally:
@@ -670,6 +721,7 @@ def _add_phases(result: dict, subject: Subject, variants, samples, counters, lib
     kvmpy/QEMU ratios, kvmpy-lib's exit statistics (the last round's, and at each mark), and
     KVM's own counters per run where debugfs shows them."""
     result["params"]["marks"] = {m: x.decode() for m, x in subject.marks.items()}
+    result["params"]["note"] = subject.note
     result["marks_ms"] = {v: {m: round(x, 3) for m in subject.marks
                               if (x := _med(samples[v], f"{m}_ms")) is not None} for v in variants}
     phases = result["phases_ms"] = {v: _phases(subject, samples[v]) for v in variants}
@@ -770,7 +822,8 @@ def _phase_lines(result: dict, refs: list[str]) -> list[str]:
     if st:
         top = lambda c: ", ".join(f"{k} {n}" for k, n in sorted(c.items(), key=lambda kv: -kv[1])[:8])  # noqa: E731
         lines.append(f"kvmpy-lib exits in its last round: {st['total_exits']} ({top(st['exits'])}); "
-                     f"by device: {top(st['devices']) or '-'}")
+                     f"by device: {top(st['devices']) or '-'}; guest RAM at host address "
+                     f"{st.get('ram_host_offset_2m')} mod 2 MiB")
         prev: dict = {"exits": {}, "devices": {}}
         for m, at in st["at"].items():
             d = {k: n - prev["devices"].get(k, 0) for k, n in at["devices"].items()}
