@@ -269,10 +269,10 @@ poweroff -f
 
 
 # --- the bench step: Linux to init, kvmpy against QEMU microvm on the same L1 KVM ----------
-#: What -M microvm loads from QEMU's data directory: its firmware (qboot) and the option ROMs
-#: that boot a -kernel (PVH vmlinux, bzImage, multiboot). Symlinks are followed (Debian's point
-#: into other packages).
-QEMU_FIRMWARE = ("bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "multiboot_dma.bin")
+#: What -M microvm loads from QEMU's data directory: its firmware (bios-microvm.bin; qboot.rom
+#: with acpi=off) and the option ROMs that boot a -kernel (PVH vmlinux, bzImage, multiboot).
+#: Symlinks are followed (Debian's point into other packages).
+QEMU_FIRMWARE = ("bios-microvm.bin", "qboot.rom", "pvh.bin", "linuxboot_dma.bin", "multiboot_dma.bin")
 QEMU_DATA = Path("/usr/share/qemu")
 BENCH_JSON_MARK = f"{MARK} bench-json"          # the next console line: the JSON, gzip + base64
 
