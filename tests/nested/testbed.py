@@ -21,6 +21,7 @@ Usage (from the repository root; ``--help`` lists every option)::
 
     python tests/nested/testbed.py                       # everything, as CI runs it
     python tests/nested/testbed.py --steps pytest tests/integration/test_snapshot.py -k clone
+    python tests/nested/testbed.py --steps bench         # Linux to /init, kvmpy vs QEMU microvm (not in CI)
 
 Nothing is installed on the host: Debian packages come with ``apt-get download``,
 wheels with ``pip download``; both are cached under ``$KVMPY_CACHE/nested`` (default
