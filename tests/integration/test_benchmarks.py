@@ -255,6 +255,111 @@ def test_boot_linux_to_the_banner(tmp_path):
     assert runner.argv["qemu"][-6:-4] == ["-M", "pc"]
 
 
+RING0_EMULATED = "kvm_pvm" in __import__("kvmpy.kvm.system", fromlist=["x"]).backend_modules()
+
+
+@pytest.mark.skipif(not RING0_EMULATED, reason="this host's KVM does not emulate ring 0 (see the in-process test)")
+def test_boot_linux_init_refuses_where_ring0_is_emulated(tmp_path):
+    """`--subject linux-init` on a kvm_pvm host exits 2 at once, saying why Linux cannot reach init
+    there and where it can run; it neither fetches a kernel (none cached, no apt) nor writes JSON."""
+    env = {**ENV, "KVMPY_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "boot", "--subject", "linux-init",
+                        "--out", str(tmp_path / "x.json")], capture_output=True, timeout=120, env=env, cwd="/")
+    assert r.returncode == 2, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "subject linux-init cannot run here" in err and "kvm_pvm" in err and "emulates guest ring 0" in err
+    assert "testbed.py --steps bench" in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_boot_linux_init_refusal_in_process(tmp_path, monkeypatch, capsys):
+    """The same refusal wherever the tests run, with kvm_pvm faked into the loaded modules."""
+    from kvmpy.bench import boot
+    monkeypatch.setattr("kvmpy.kvm.system.backend_modules", lambda: ["kvm", "kvm_pvm"])
+    monkeypatch.setenv("KVMPY_CACHE", str(tmp_path / "cache"))
+    assert boot.ring0_emulated() == ["kvm_pvm"]
+    assert boot.main(["--subject", "linux-init", "--out", str(tmp_path / "x.json")]) == 2
+    assert "subject linux-init cannot run here: this host's KVM (kvm_pvm) emulates guest ring 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_boot_linux_init_gives_every_variant_the_same_boot(tmp_path):
+    """linux-init's kvmpy-lib load, kvmpy-cli and QEMU commands name the same kernel, initrd file,
+    command line and memory (checked without a kernel: the paths need not exist)."""
+    from kvmpy.bench import boot
+    from kvmpy.images.linuxkernel import LinuxFiles
+    files = LinuxFiles(tmp_path / "vmlinuz", tmp_path / "vmlinux", tmp_path / "busybox", "linux-image-test")
+    args = boot._common.build_parser(boot, None).parse_args(["--subject", "linux-init", "--append", "quiet"])
+    args.mem = boot.SUBJECTS["linux-init"].mem
+    s = boot.linux_init_subject(files, tmp_path / "initrd.cpio", args.mem, args.append)
+    cmdline = "console=ttyS0 earlyprintk=serial panic=-1 quiet"
+    assert (s.end, s.metric, s.stop_at) == ("marker", "to_marker", "marker")
+    assert list(s.marks) == ["banner", "run_init", "marker"] and s.marks["marker"] == b"kvmpy-init: 42"
+    assert s.load == {"format": "pvh", "cmdline": cmdline, "initrd": str(tmp_path / "initrd.cpio")}
+    runner = boot.Runner(s, args, "qemu-system-x86_64", None)
+    kernel, initrd = str(files.vmlinux), str(tmp_path / "initrd.cpio")
+    assert runner.argv["kvmpy-cli"][-9:] == ["--mem", str(512 << 20), "--format", "pvh", "--cmdline", cmdline,
+                                             "--initrd", initrd, kernel]
+    assert runner.argv["qemu-microvm"][-12:] == ["-m", "512M", "-M", "microvm,rtc=on", "-cpu", "host", "-kernel",
+                                                 kernel, "-initrd", initrd, "-append", cmdline]
+    stock = boot.linux_init_subject(files, tmp_path / "initrd.cpio", args.mem, microvm_rtc="auto")
+    assert stock.qemu["qemu-microvm"][:2] == ("-M", "microvm") and "rtc=auto" in stock.note
+    assert "-no-reboot" in runner.argv["qemu-microvm"]
+    assert boot.LINUX_INIT_MARKER not in boot.LINUX_INIT_SCRIPT.encode()   # only a running shell prints it
+
+
+def test_boot_marks_are_found_across_pieces():
+    """The serial watcher finds each mark once, when its last byte arrives, however the output is cut."""
+    from kvmpy.bench import boot
+    out = b"noise Linux version 6.1 ...\r\nRun /init as init process\r\nkvmpy-init: 42\r\n"
+    seen = []
+    m = boot._Marks({"banner": b"Linux version ", "run_init": b"Run /init", "marker": b"kvmpy-init: 42"},
+                    "marker", seen.append)
+    stops = [m.feed(out[i:i + 1]) for i in range(len(out))]
+    assert seen == ["banner", "run_init", "marker"]
+    assert stops.index(True) == out.index(b"kvmpy-init: 42") + len(b"kvmpy-init: 42") - 1
+    assert m.ns["banner"] <= m.ns["run_init"] <= m.ns["marker"] and bytes(m.buf) == out
+    subject = boot.Subject(name="t", title="t", image=None, load={}, cli=(), qemu={}, banner=b"B", end="marker",
+                           marker=b"M", splits=(("run_init", b"R"),))
+    phases = boot._phases(subject, [{"banner_ms": 10.0, "run_init_ms": 25.0, "marker_ms": 26.0},
+                                    {"banner_ms": 12.0, "run_init_ms": None, "marker_ms": 30.0}])
+    assert phases == {"start-banner": 11.0, "banner-run_init": 15.0, "run_init-marker": 1.0,
+                      "banner-marker": 18.0}
+
+
+@pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates ring 0 (kvm_pvm); "
+                                           "the nested testbed runs this (--steps pytest or bench)")
+def test_boot_linux_init_to_the_marker(tmp_path):
+    """`--subject linux-init` boots Debian's kernel with the busybox initramfs to the line /init
+    prints, in-process and via the CLI (one round, no warm-up, no QEMU), with its phases and exits."""
+    from kvmpy import linuxkernel
+    try:
+        linuxkernel.fetch()
+    except linuxkernel.FetchError as e:
+        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
+            pytest.fail(f"cannot fetch Debian's kernel: {e}")
+        pytest.skip(f"cannot fetch Debian's kernel: {e}")
+    out = tmp_path / "boot.json"
+    path = os.pathsep.join(p for p in (ENV["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)   # L1: /opt/site
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "boot", "--subject", "linux-init", "--rounds", "1",
+                        "--warmup", "0", "--no-qemu", "--no-extras", "--json", "--out", str(out)],
+                       capture_output=True, timeout=300, env={**ENV, "PYTHONPATH": path}, cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "boot", {"kvmpy-lib", "kvmpy-cli"}, {"kvmpy-cli/kvmpy-lib"})
+    assert {(x["metric"], x["unit"]) for x in data["results"]} == {("to_marker", "ms")}
+    assert data["params"]["end"] == "marker" and data["params"]["marks"]["marker"] == "kvmpy-init: 42"
+    for v in ("kvmpy-lib", "kvmpy-cli"):
+        assert "kvmpy-init: 42" in data["outputs"][v] and "Run /init" in data["outputs"][v]
+        marks = data["marks_ms"][v]
+        assert 0 < marks["banner"] <= marks["run_init"] <= marks["marker"]
+        assert set(data["phases_ms"][v]) == {"start-banner", "banner-run_init", "run_init-marker"}
+    st = data["kvmpy_stats"]
+    assert st["total_exits"] > 0 and list(st["at"]) == ["banner", "run_init", "marker"]
+    assert 0 <= st["ram_host_offset_2m"] < 2 << 20
+    assert b"phases" in r.stderr
+
+
 def test_boot_without_warmup_skips_a_failing_qemu(tmp_path):
     """With --warmup 0 a QEMU that fails its first (timed) run is skipped with the reason, not an error."""
     import shutil

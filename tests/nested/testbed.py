@@ -21,6 +21,7 @@ Usage (from the repository root; ``--help`` lists every option)::
 
     python tests/nested/testbed.py                       # everything, as CI runs it
     python tests/nested/testbed.py --steps pytest tests/integration/test_snapshot.py -k clone
+    python tests/nested/testbed.py --steps bench         # Linux to /init, kvmpy vs QEMU microvm (not in CI)
 
 Nothing is installed on the host: Debian packages come with ``apt-get download``,
 wheels with ``pip download``; both are cached under ``$KVMPY_CACHE/nested`` (default
@@ -63,7 +64,9 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_smp_stops.py",
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py")
 STEPS = ("info", "demos", "pytest")
-OPTIONAL_STEPS = ("shell",)     # `--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1
+#: Steps run only when named in --steps (CI does not): bench (see add_qemu() and bench_block()),
+#: and shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1).
+OPTIONAL_STEPS = ("bench", "shell")
 
 #: Parts of Debian's standard library no test or demo imports (saves ~40 MB of archive).
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
@@ -281,7 +284,63 @@ poweroff -f
 """
 
 
-def step_script(steps, pytest_args: list[str]) -> str:
+# --- the bench step: Linux to init, kvmpy against QEMU microvm on the same L1 KVM ----------
+#: What -M microvm loads from QEMU's data directory: its firmware (bios-microvm.bin; qboot.rom
+#: with acpi=off) and the option ROMs that boot a -kernel (PVH vmlinux, bzImage, multiboot).
+#: Symlinks are followed (Debian's point into other packages).
+QEMU_FIRMWARE = ("bios-microvm.bin", "qboot.rom", "pvh.bin", "linuxboot_dma.bin", "multiboot_dma.bin")
+QEMU_DATA = Path("/usr/share/qemu")
+BENCH_JSON_MARK = f"{MARK} bench-json"          # the next console line: the JSON, gzip + base64
+
+
+def add_qemu(tree: Tree) -> list[Path]:
+    """Debian's qemu-system-x86_64 and the microvm firmware; returns the ELF files it brings."""
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise TestbedError(f"{QEMU} is missing: apt-get install qemu-system-x86")
+    qemu = Path(os.path.realpath(qemu))
+    tree.copy(qemu, f"usr/bin/{QEMU}")
+    for name in QEMU_FIRMWARE:
+        if not (QEMU_DATA / name).is_file():
+            raise TestbedError(f"{QEMU_DATA / name} is missing: apt-get install qemu-system-x86 qemu-system-data")
+        tree.copy(QEMU_DATA / name, f"{QEMU_DATA}/{name}")
+    return [qemu]
+
+
+def bench_block(bench_args: list[str]) -> str:
+    """The bench step's shell: `kvmpy bench boot --subject linux-init` (kvmpy-lib, kvmpy-cli and
+    qemu-microvm; -M pc's firmware is not in the image), debugfs mounted so the benchmark reads
+    KVM's counters, then the JSON on one console line after BENCH_JSON_MARK."""
+    args = " ".join(shlex.quote(a) for a in ["--subject", "linux-init", "--no-pc", *bench_args])
+    return ("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n"
+            f"kvmpy bench boot {args} --out /tmp/bench-boot.json; rc=$?\n"
+            "if [ -f /tmp/bench-boot.json ]; then\n"
+            "  echo '" + BENCH_JSON_MARK + "'\n"
+            "  python3 -c 'import base64, gzip, sys; print(base64.b64encode(gzip.compress("
+            "open(sys.argv[1], \"rb\").read())).decode())' /tmp/bench-boot.json\n"
+            "fi\n"
+            "[ $rc = 0 ]")
+
+
+def save_bench_json(log: Path, out: Path) -> bool:
+    """The bench step's JSON from L1's console log, written to ``out`` with its table shown."""
+    import base64
+    import gzip
+    import json
+    lines = log.read_text(errors="replace").splitlines()
+    if BENCH_JSON_MARK not in lines or lines.index(BENCH_JSON_MARK) + 1 >= len(lines):
+        say("bench: no JSON in L1's console")
+        return False
+    data = json.loads(gzip.decompress(base64.b64decode(lines[lines.index(BENCH_JSON_MARK) + 1])))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    from kvmpy.bench import boot
+    print(boot.table(data), flush=True)
+    say(f"bench: JSON written to {out}")
+    return True
+
+
+def step_script(steps, pytest_args: list[str], bench_args: list[str] = ()) -> str:
     """The steps L1 runs, one shell block each, framed by begin/end markers."""
     blocks = []
     if "info" in steps:
@@ -296,6 +355,8 @@ def step_script(steps, pytest_args: list[str]) -> str:
                                 "[ $rc = 0 ]"))
     if "shell" in steps:
         blocks.append(("shell", "while [ ! -e /tmp/go ]; do sleep 1; done"))
+    if "bench" in steps:
+        blocks.append(("bench", bench_block(list(bench_args))))
     if "pytest" in steps:
         args = " ".join(shlex.quote(a) for a in pytest_args)
         blocks.append(("pytest", f"python3 -m pytest -q -p no:cacheprovider --color=no -rfEs -o faulthandler_timeout=600 {args}"))
@@ -305,7 +366,7 @@ def step_script(steps, pytest_args: list[str]) -> str:
     return "".join(out)
 
 
-def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
+def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str] = ()) -> tuple[Path, Path]:
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
@@ -332,6 +393,8 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
     for d in ("proc", "sys", "sbin", "usr/sbin"):
         tree.entries[d] = CpioEntry(d, stat.S_IFDIR | 0o755)
     elves = add_python(tree)
+    if "bench" in steps:
+        elves += add_qemu(tree)
     tree.copy_tree(site_copy, "opt/site")
     tree.copy_tree(src, "opt/src")
     elves += [p for p in site_copy.rglob("*.so*") if p.is_file() and is_elf(p)]
@@ -360,7 +423,7 @@ def build_image(work: Path, steps, pytest_args: list[str]) -> tuple[Path, Path]:
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
-    tree.add("opt/steps.sh", step_script(steps, pytest_args).encode())
+    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"
     out.write_bytes(tree.archive())
@@ -458,12 +521,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default=",".join(STEPS),
                    help=f"comma-separated steps to run inside L1 (default: {','.join(STEPS)})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before L1 is killed (default 1800)")
-    p.add_argument("--log", type=Path, default=None, help="write L1's console here (default: a temporary file)")
+    p.add_argument("--log", type=Path, default=None, help="write L1's console here (default: ~/.cache/kvmpy/nested/l1-console.log)")
     p.add_argument("--work", type=Path, default=None, help="build directory (default: temporary, removed)")
     p.add_argument("--quiet-console", action="store_true", help="show only markers while L1 runs")
     p.add_argument("--debug-socket", type=Path, default=None, metavar="PATH",
                    help="put a shell on L1's second serial port at this UNIX socket (socat - UNIX:PATH), "
                         "and QEMU's monitor at PATH.monitor")
+    p.add_argument("--bench-args", default="--rounds 3", metavar="ARGS",
+                   help="step bench: more options for 'kvmpy bench boot --subject linux-init --no-pc' "
+                        "in L1 (default '--rounds 3')")
+    p.add_argument("--bench-json", type=Path, default=REPO / "benchmarks" / "results" / "boot-linux-init-l1.json",
+                   metavar="PATH", help="step bench: where the host writes its JSON "
+                                        "(default benchmarks/results/boot-linux-init-l1.json)")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
     unknown = set(steps) - set(STEPS) - set(OPTIONAL_STEPS)
@@ -476,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or cache_dir() / "l1-console.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        kernel, initrd = build_image(work, steps, pytest_args)
+        kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args))
         t_built = time.monotonic()
         result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
                         debug_socket=args.debug_socket)
@@ -487,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     bad = result.failures(steps)
+    if "bench" in steps and not save_bench_json(log, args.bench_json):
+        bad.append("bench (no JSON)")
     total = time.monotonic() - t0
     say(f"build {t_built - t0:.0f} s, L1 {time.monotonic() - t_built:.0f} s, total {total:.0f} s")
     for s in ("modules", *steps):
