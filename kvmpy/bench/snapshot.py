@@ -106,7 +106,9 @@ class Lines:
         pass
 
     def last_line(self) -> str:
-        return self.buf.rstrip(b"\n").rsplit(b"\n", 1)[-1].decode(errors="replace")
+        """The last complete line: a running guest may be in the middle of the next one."""
+        end = self.buf.rfind(b"\n")
+        return "" if end < 0 else self.buf[:end].rsplit(b"\n", 1)[-1].decode(errors="replace")
 
 
 def wait_lines(m, out: Lines, n: int, timeout: float = LINE_TIMEOUT_S) -> None:
