@@ -284,11 +284,13 @@ def test_a_stop_ends_a_guest_whose_exits_chain(native):
     """Each exit of a long `rep insb` is completed by the next KVM_RUN, which then makes the
     next exit at once, before KVM looks at immediate_exit: the C loop looks at it itself
     after each exit it serves, so request_stop() still ends the run at once."""
+    chained = 0
     for _ in range(4 * STRESS):
         with kvmpy.Machine(mem_size=1 << 20, native=native) as m:
             m.load(REP_INSB, format="raw", mode="real")
             m.start()
-            time.sleep(0.02)
+            time.sleep(0.05)
             m.request_stop()
             assert ended(m).reason == "interrupted"
-            assert m.stats.exits["io-in"] > 0
+            chained += m.stats.exits["io-in"] > 0   # on a loaded host the vCPU may not have begun yet
+    assert chained > 0
