@@ -1,0 +1,1 @@
+"""ACPI for kvmpy machines: an AML encoder (:mod:`.aml`)."""
