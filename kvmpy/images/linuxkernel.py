@@ -371,6 +371,22 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
     return LinuxFiles(k / "vmlinuz", k / "vmlinux", b / "busybox", k.name)
 
 
+def fetch_package(name: str, wanted, outputs, cache: Path | None = None) -> Path:
+    """The cache slot of Debian package ``name`` (its candidate version), made on first use:
+    ``wanted(path)`` picks the package's files and ``outputs(members, slot)`` writes what the
+    slot keeps (see :func:`fetch`, which does the same for the kernel). If apt cannot answer,
+    the newest slot of ``name`` already cached is used; FetchError if there is none."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    try:
+        version = _apt_show([name])[name]["Version"]
+    except FetchError:
+        found = _newest(cache, name + "_")
+        if found is None:
+            raise
+        return found
+    return _download(cache, name, version, wanted, outputs)
+
+
 def kernel_modules(files: LinuxFiles, names, cache: Path | None = None) -> dict[str, Path]:
     """The kernel's own loadable modules ``names`` (file names such as ``"kvm-amd.ko"``).
 
