@@ -67,10 +67,10 @@ class LinuxFiles:
     busybox: Path
     kernel_package: str             # e.g. "linux-image-6.1.0-50-cloud-amd64_6.1.176-1"
 
-    def initramfs(self, init_script: str | None = None) -> bytes:
+    def initramfs(self, init_script: str | None = None, files: dict | None = None) -> bytes:
         """A busybox initramfs (see :func:`kvmpy.images.initramfs.build_busybox_initramfs`)."""
         from .initramfs import build_busybox_initramfs
-        return build_busybox_initramfs(self.busybox, init_script)
+        return build_busybox_initramfs(self.busybox, init_script, files)
 
 
 # --- decompressing a bzImage payload ---------------------------------------------------
