@@ -33,6 +33,7 @@ from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
 from ..x86 import cpuid, layout, mce, modes, mptable, msrs
+from . import firmware
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -62,14 +63,21 @@ class Machine:
     thread waits, never a vCPU); a disk's limits are its ``Disk``'s (``iops=``, ``bps=``).
     ``test_devices`` adds QEMU's pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO at
     0xff000000), which kernels written for ``qemu -device pc-testdev`` (kvm-unit-tests) use.
+    ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
+    ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
+    is on with the irqchip the tables describe, ``acpi=False`` turns it off.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False):
+                 test_devices: bool = False, acpi: bool | None = None):
         check_shape(mem_size, cpus, irqchip, len(disks))
+        if acpi and not irqchip:
+            raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
+                             "IOAPIC and local APICs")
+        self.acpi = irqchip if acpi is None else bool(acpi)
         self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
         self.test_devices = bool(test_devices)
         self.stats = Stats()
@@ -214,7 +222,8 @@ class Machine:
         return {**shape, "test_devices": True} if self.test_devices else shape
 
     def virtio_mmio_cmdline(self) -> str:
-        """How a Linux guest learns about the disks: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
+        """``virtio_mmio.device=SIZE@ADDR:IRQ`` for each disk: how a Linux kernel without ACPI (the
+        machine's ``acpi=False``) learns about them, if built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES."""
         return " ".join(f"virtio_mmio.device={s.length // 1024}K@{s.base:#x}:{s.irq}" for s in self.platform.disks)
 
     def inspect(self, vcpu: int | None = None) -> str:
@@ -272,12 +281,14 @@ class Machine:
         """Load a guest image (path or bytes) and point vCPU 0 at its entry.
 
         ``kvmpy.loader.load`` places the image (its docstring has the formats and the
-        options); Linux also gets a ``virtio_mmio.device=`` entry per disk. The command
-        line goes to fw_cfg as well. ``user`` starts a long-mode guest in ring 3.
+        options); Linux also gets the ACPI tables (``acpi``), or else a ``virtio_mmio.device=``
+        entry per disk. The command line goes to fw_cfg as well. ``user`` starts a long-mode
+        guest in ring 3.
         """
+        tables = firmware.acpi_tables(self.platform, len(self.vcpus)) if self.acpi else None
         img = loader.load(self.memory, image, format, cmdline=cmdline, initrd=initrd, modules=modules,
-                          load_addr=load_addr, entry=entry, mode=mode,
-                          linux_cmdline_extra=self.virtio_mmio_cmdline())
+                          load_addr=load_addr, entry=entry, mode=mode, acpi=tables,
+                          linux_cmdline_extra="" if tables else self.virtio_mmio_cmdline())
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,

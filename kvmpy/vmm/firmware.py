@@ -1,0 +1,34 @@
+"""The ACPI tables of a Machine: what its platform's slots say, as ``x86.acpi`` describes it.
+
+kvmpy has no firmware; what a BIOS would leave a kernel, the VMM writes (the MP table in
+``Machine.__init__``, these tables at ``Machine.load`` of a Linux kernel). The
+description is read off the slots, so a device attached in its usual place is
+described wherever it was attached from: COM1, the RTC, the i8042, fw_cfg, the reset
+control register, and every device in the virtio-mmio window (layout.VIRTIO_MMIO_BASE,
+one page each) with its GSI.
+"""
+from __future__ import annotations
+
+from ..x86 import acpi, layout
+
+_VIRTIO_WINDOW = (layout.VIRTIO_MMIO_BASE,
+                  layout.VIRTIO_MMIO_BASE + layout.MAX_VIRTIO_DEVICES * layout.VIRTIO_MMIO_SIZE)
+
+
+def describe(platform, cpus: int) -> acpi.Platform:
+    """The ``acpi.Platform`` of a machine with ``cpus`` vCPUs and ``platform``'s slots."""
+    port = {s.name: s.base for s in platform.slots if s.bus == "pio"}
+    virtio = sorted((s for s in platform.slots
+                     if s.bus == "mmio" and _VIRTIO_WINDOW[0] <= s.base < _VIRTIO_WINDOW[1] and s.irq is not None),
+                    key=lambda s: s.base)
+    return acpi.Platform(
+        cpus=cpus,
+        virtio_mmio=tuple(acpi.VirtioMmio(s.base, s.length, s.irq) for s in virtio),
+        serial=tuple((s.base, s.irq) for s in platform.slots if s.name == "com1"),
+        rtc_port=port.get("rtc"), i8042_port=port.get("i8042"), fw_cfg_port=port.get("fw_cfg"),
+        reset_port=port.get("reset-control"))
+
+
+def acpi_tables(platform, cpus: int) -> acpi.Tables:
+    """The tables for ``describe(platform, cpus)``, laid out at ``layout.ACPI_BASE``."""
+    return acpi.build(describe(platform, cpus))
