@@ -1,15 +1,15 @@
-"""The ACPI tables of a Machine: what its platform's slots say, as ``x86.acpi`` describes it.
+"""What a Machine leaves a Linux kernel where a PC's firmware would: the ACPI tables
+(``x86.acpi``) and a reset entry at F000:FFF0 (``x86.bios``).
 
 kvmpy has no firmware; what a BIOS would leave a kernel, the VMM writes (the MP table in
-``Machine.__init__``, these tables at ``Machine.load`` of a Linux kernel). The
-description is read off the slots, so a device attached in its usual place is
-described wherever it was attached from: COM1, the RTC, the i8042, fw_cfg, the reset
-control register, and every device in the virtio-mmio window (layout.VIRTIO_MMIO_BASE,
-one page each) with its GSI.
+``Machine.__init__``, these at ``Machine.load`` of a Linux kernel). The description is
+read off the slots, so a device attached in its usual place is described wherever it was
+attached from: COM1, the RTC, the i8042, fw_cfg, the reset control register, and every
+device in the virtio-mmio window (layout.VIRTIO_MMIO_BASE, one page each) with its GSI.
 """
 from __future__ import annotations
 
-from ..x86 import acpi, layout
+from ..x86 import acpi, bios, layout
 
 _VIRTIO_WINDOW = (layout.VIRTIO_MMIO_BASE,
                   layout.VIRTIO_MMIO_BASE + layout.MAX_VIRTIO_DEVICES * layout.VIRTIO_MMIO_SIZE)
@@ -32,3 +32,9 @@ def describe(platform, cpus: int) -> acpi.Platform:
 def acpi_tables(platform, cpus: int) -> acpi.Tables:
     """The tables for ``describe(platform, cpus)``, laid out at ``layout.ACPI_BASE``."""
     return acpi.build(describe(platform, cpus))
+
+
+def reset_entry(platform) -> tuple[int, bytes]:
+    """``(address, code)`` of the BIOS reset entry for ``platform``'s reset lines."""
+    port = {s.name: s.base for s in platform.slots if s.bus == "pio"}
+    return bios.RESET_ENTRY, bios.reset_entry(port.get("reset-control"), port.get("i8042"))

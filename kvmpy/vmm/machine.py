@@ -282,13 +282,15 @@ class Machine:
 
         ``kvmpy.loader.load`` places the image (its docstring has the formats and the
         options); Linux also gets the ACPI tables (``acpi``), or else a ``virtio_mmio.device=``
-        entry per disk. The command line goes to fw_cfg as well. ``user`` starts a long-mode
-        guest in ring 3.
+        entry per disk, and a BIOS reset entry (``x86.bios``). The command line goes to fw_cfg
+        as well. ``user`` starts a long-mode guest in ring 3.
         """
         tables = firmware.acpi_tables(self.platform, len(self.vcpus)) if self.acpi else None
         img = loader.load(self.memory, image, format, cmdline=cmdline, initrd=initrd, modules=modules,
                           load_addr=load_addr, entry=entry, mode=mode, acpi=tables,
                           linux_cmdline_extra="" if tables else self.virtio_mmio_cmdline())
+        if img.format in ("bzimage", "pvh"):        # where Linux jumps to reboot "through the BIOS"
+            self.memory.write(*firmware.reset_entry(self.platform))
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,

@@ -14,7 +14,7 @@ from kvmpy.cli.options import build_parser
 from kvmpy.loader import pvh
 from kvmpy.loader.linux import BOOT_INFO
 from kvmpy.vmm import firmware
-from kvmpy.x86 import acpi, layout
+from kvmpy.x86 import acpi, bios, layout, modes
 
 ENTRY = 0x100_0040
 
@@ -84,3 +84,18 @@ def test_the_cli_has_no_acpi():
     args = build_parser("run").parse_args(["run", "vmlinux", "--no-acpi"])
     assert args.acpi is False
     assert build_parser("run").parse_args(["run", "vmlinux"]).acpi is None
+
+
+@pytest.mark.parametrize("acpi_on", [True, False])
+def test_a_jump_to_the_bios_reset_entry_resets_the_machine(acpi_on):
+    """Linux with a hardware-reduced FADT reboots through F000:FFF0 (x86/bios.py): the code
+    there writes the Reset Control Register, and the run ends as a reset."""
+    with kvmpy.Machine(mem_size=64 << 20, acpi=acpi_on) as m:
+        m.load(vmlinux())
+        assert m.memory.read(bios.RESET_ENTRY, 16) == bios.reset_entry(0xCF9, 0x60)
+        v = m.vcpus[0]
+        setup = modes.setup("real", bios.RESET_ENTRY, v.get_sregs(), m.memory.end)
+        v.set_sregs(setup.sregs)
+        v.set_regs(setup.regs)
+        result = m.run(timeout=30)
+    assert result.reason == "reset" and m.stats.devices["reset-control"] == 1

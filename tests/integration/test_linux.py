@@ -241,7 +241,8 @@ DISK_MARK = b"kvmpy-acpi-disk!"
 def test_stock_kernel_finds_every_cpu_and_the_disk_through_acpi(linux, entry, tmp_path):
     """Debian's kernel, built without MP-table parsing and without virtio_mmio.device=, brings up
     all 4 vCPUs from the MADT and binds virtio_mmio to the DSDT's LNRO0005 device: /dev/vda
-    holds what the disk file holds. ``reboot -f`` then resets through the FADT's reset register."""
+    holds what the disk file holds. ``reboot -f`` then resets: with a hardware-reduced FADT,
+    Linux jumps to the BIOS reset entry, where kvmpy's stub writes the Reset Control Register."""
     try:
         modules = linuxkernel.kernel_modules(linux, VIRTIO_MODULES)
     except linuxkernel.FetchError as e:
