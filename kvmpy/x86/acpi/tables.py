@@ -188,18 +188,20 @@ def fadt(dsdt_addr: int, p: Platform) -> bytes:
     def put(offset: int, fmt: str, *values) -> None:
         struct.pack_into(fmt, body, offset - HEADER.size, *values)
 
-    put(40, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)
+    # Offsets from the table's start (ACPI 6.5 table 5.9). Everything not set stays 0:
+    # FIRMWARE_CTRL/X_FIRMWARE_CTRL (no FACS), SCI_INT, SMI_CMD, every PM and GPE block.
+    put(40, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)             # DSDT
     put(96, "<HH", C_STATE_LATENCY_NONE, C_STATE_LATENCY_NONE)          # P_LVL2_LAT, P_LVL3_LAT
     if p.rtc_port is not None:
-        put(108, "<B", CMOS_CENTURY)
-    put(109, "<H", iapc_boot_arch(p))
+        put(108, "<B", CMOS_CENTURY)                                    # CENTURY
+    put(109, "<H", iapc_boot_arch(p))                                   # IAPC_BOOT_ARCH
     if p.reset_port is not None:
         flags |= FADT_RESET_REG_SUP
-        put(116, "<12sB", _gas_io(p.reset_port), RESET_VALUE)
-    put(112, "<I", flags)
-    put(131, "<B", FADT_MINOR)
+        put(116, "<12sB", _gas_io(p.reset_port), RESET_VALUE)           # RESET_REG, RESET_VALUE
+    put(112, "<I", flags)                                               # Flags
+    put(131, "<B", FADT_MINOR)                                          # FADT Minor Version
     put(140, "<Q", dsdt_addr)                                           # X_DSDT
-    put(268, "<8s", HYPERVISOR_VENDOR)
+    put(268, "<8s", HYPERVISOR_VENDOR)                                  # Hypervisor Vendor Identity
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
