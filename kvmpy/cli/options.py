@@ -251,6 +251,9 @@ def _machine_options(g) -> None:
     g.add_argument("--no-irqchip", dest="irqchip", action="store_false",
                    help="no in-kernel PIC/IOAPIC/LAPIC and PIT: HLT exits to the VMM (teaching guests); "
                         "by default the machine is PC-like and HLT waits for interrupts")
+    g.add_argument("--no-acpi", dest="acpi", action="store_false", default=None,
+                   help="give a Linux kernel no ACPI tables (CPUs, IOAPIC, devices): the disks go on its command "
+                        "line as virtio_mmio.device= instead (by default ACPI describes them, with --no-irqchip never)")
     g.add_argument("--test-devices", action="store_true",
                    help="add QEMU's pc-testdev (ports 0xe0-0xeb, IRQ-line ports 0x2000-0x2017, MMIO "
                         "0xff000000), for kernels written for 'qemu -device pc-testdev' such as kvm-unit-tests")

@@ -150,13 +150,15 @@ def _dir(name: str) -> CpioEntry:
     return CpioEntry(name, stat.S_IFDIR | 0o755)
 
 
-def build_busybox_initramfs(busybox_path, init_script: str | None = None) -> bytes:
+def build_busybox_initramfs(busybox_path, init_script: str | None = None, files: dict | None = None) -> bytes:
     """An initramfs (newc cpio bytes) with a static busybox and ``init_script`` as /init.
 
     ``busybox_path`` must be a statically linked busybox (Debian's busybox-static);
     the default /init mounts /proc, /sys and /dev, prints :data:`INIT_READY_MARKER`
     and starts a shell on the console. /bin/sh links to busybox, so a script
-    starting ``#!/bin/sh`` works before ``busybox --install`` has run.
+    starting ``#!/bin/sh`` works before ``busybox --install`` has run. ``files`` adds
+    regular files (archive path -> bytes, mode 0644; kernel modules, say), with the
+    directories they need.
     """
     with open(busybox_path, "rb") as f:
         busybox = f.read()
@@ -175,4 +177,17 @@ def build_busybox_initramfs(busybox_path, init_script: str | None = None) -> byt
         CpioEntry("etc/passwd", stat.S_IFREG | 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
         CpioEntry("init", stat.S_IFREG | 0o755, script.encode("utf-8")),
     ]
+    have = {e.name for e in entries}
+    for path, data in sorted((files or {}).items()):
+        path = _clean_name(path)
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in have:
+                entries.append(_dir(d))
+                have.add(d)
+        if path in have:
+            raise ValueError(f"initramfs file {path!r} is already in the archive")
+        entries.append(CpioEntry(path, stat.S_IFREG | 0o644, bytes(data)))
+        have.add(path)
     return newc_archive(entries)

@@ -67,10 +67,10 @@ class LinuxFiles:
     busybox: Path
     kernel_package: str             # e.g. "linux-image-6.1.0-50-cloud-amd64_6.1.176-1"
 
-    def initramfs(self, init_script: str | None = None) -> bytes:
+    def initramfs(self, init_script: str | None = None, files: dict | None = None) -> bytes:
         """A busybox initramfs (see :func:`kvmpy.images.initramfs.build_busybox_initramfs`)."""
         from .initramfs import build_busybox_initramfs
-        return build_busybox_initramfs(self.busybox, init_script)
+        return build_busybox_initramfs(self.busybox, init_script, files)
 
 
 # --- decompressing a bzImage payload ---------------------------------------------------
@@ -369,6 +369,22 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
     b = _download(cache, bname, bver, lambda p: p == "bin/busybox", _busybox_outputs)
     _prune(cache, keep=(k, b))
     return LinuxFiles(k / "vmlinuz", k / "vmlinux", b / "busybox", k.name)
+
+
+def fetch_package(name: str, wanted, outputs, cache: Path | None = None) -> Path:
+    """The cache slot of Debian package ``name`` (its candidate version), made on first use:
+    ``wanted(path)`` picks the package's files and ``outputs(members, slot)`` writes what the
+    slot keeps (see :func:`fetch`, which does the same for the kernel). If apt cannot answer,
+    the newest slot of ``name`` already cached is used; FetchError if there is none."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    try:
+        version = _apt_show([name])[name]["Version"]
+    except FetchError:
+        found = _newest(cache, name + "_")
+        if found is None:
+            raise
+        return found
+    return _download(cache, name, version, wanted, outputs)
 
 
 def kernel_modules(files: LinuxFiles, names, cache: Path | None = None) -> dict[str, Path]:

@@ -32,12 +32,14 @@ _BYTES = (bytes, bytearray, memoryview)
 
 def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_extra: str = "",
          initrd=None, modules=(), load_addr: int | None = None, entry: int | None = None,
-         mode: str | None = None, reserved=None) -> LoadedImage:
+         mode: str | None = None, reserved=None, acpi=None) -> LoadedImage:
     """Load ``image`` (a path or bytes) into ``mem`` as ``format`` (see :func:`detect`).
 
     ``cmdline`` goes to Linux and multiboot kernels and is returned as the image's
     ``cmdline``; ``linux_cmdline_extra`` is appended to it for Linux only (the VMM's
-    ``virtio_mmio.device=`` entries). ``initrd`` (path or bytes) is Linux's.
+    ``virtio_mmio.device=`` entries). ``initrd`` (path or bytes) is Linux's, and so is
+    ``acpi``, the ACPI tables (``x86.acpi.Tables``) a Linux kernel is given (other
+    formats are loaded without them).
     ``modules`` are multiboot's: each a path, or a ``(path, args)`` pair whose string
     is "PATH ARGS" as QEMU passes it, or a ``(bytes, string)`` pair. ``load_addr``
     and ``entry`` place a raw image. ``mode`` picks a raw image's CPU mode (default
@@ -62,9 +64,9 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
         if found in ("bzimage", "pvh"):
             cmdline = f"{cmdline} {linux_cmdline_extra}".strip()
         img = _load_as(found, mem, data, cmdline=cmdline, initrd=rd, modules=mods, load_addr=load_addr,
-                       entry=entry, mode=mode, reserved=tuple(reserved), name=name)
+                       entry=entry, mode=mode, reserved=tuple(reserved), name=name, acpi=acpi)
         if img.tables is None:
-            img = dataclasses.replace(img, tables=_place_tables(mem, img))
+            img = dataclasses.replace(img, tables=_place_tables(mem, img, acpi))
     except LoaderError as e:
         raise LoaderError(f"{name}: {e}") from None
     return dataclasses.replace(img, cmdline=cmdline)
@@ -83,12 +85,14 @@ def default_reserved(found: str, mode: str | None) -> tuple[tuple[int, int], ...
     return (layout.LEGACY_HOLE,)
 
 
-def _place_tables(mem, img: LoadedImage) -> boottables.BootTables:
+def _place_tables(mem, img: LoadedImage, acpi) -> boottables.BootTables:
     """Where the boot tables go: clear of everything the loader wrote."""
     taken = [(gpa, gpa + size) for gpa, size in img.segments]
     if img.format in ("bzimage", "pvh"):
         from .linux import BOOT_RANGES      # the zero page or start info, and the command line
         taken += BOOT_RANGES
+        if acpi is not None:
+            taken.append((acpi.base, acpi.end))
     try:
         return boottables.place(img.mode, mem.end, [(r.gpa, r.end) for r in mem.regions], taken)
     except ValueError as e:
@@ -135,7 +139,7 @@ def _check_options(found: str, mode, load_addr, entry, initrd, modules) -> None:
 
 
 def _load_as(found: str, mem, data: bytes, *, cmdline, initrd, modules, load_addr, entry, mode,
-             reserved, name) -> LoadedImage:
+             reserved, name, acpi) -> LoadedImage:
     if found == "raw":
         return load_raw(mem, data, load_addr=load_addr, entry=entry, mode=mode, reserved=reserved)
     if found == "elf":
@@ -144,7 +148,8 @@ def _load_as(found: str, mem, data: bytes, *, cmdline, initrd, modules, load_add
         return load_multiboot(mem, data, cmdline=cmdline, modules=modules, reserved=reserved, image_name=name)
     bits = {"protected": 32, "long": 64}.get(mode)
     from .linux import load_linux           # bzImage, PVH and boot_params: loaded for Linux only
-    return load_linux(mem, data, cmdline=cmdline, initrd=initrd, reserved=reserved, format=found, bits=bits)
+    return load_linux(mem, data, cmdline=cmdline, initrd=initrd, reserved=reserved, format=found, bits=bits,
+                      acpi=acpi)
 
 
 def __getattr__(name):

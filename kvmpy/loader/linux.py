@@ -19,9 +19,13 @@ Where things go (guest-physical; the first MiB is the VMM's, see kvmpy/x86/layou
 * the initrd: as high as possible in RAM below 4 GiB (and below the bzImage's
   ``initrd_addr_max``), page-aligned, clear of the kernel, as boot.rst advises.
 
+* the ACPI tables (``acpi=``, built by :mod:`kvmpy.x86.acpi`): where they were built for,
+  0xE0000 by default, in the BIOS area where Linux also scans for the RSDP; their address
+  goes in ``boot_params.acpi_rsdp_addr`` or ``hvm_start_info.rsdp_paddr``.
+
 Linux copies the zero page, the start info and the command line early in boot, so
 none of these need to stay reserved; the e820 map reports all RAM except the PC's
-legacy hole 0x9FC00-0xFFFFF.
+legacy hole 0x9FC00-0xFFFFF, and the ACPI tables' pages as ACPI data (type 3).
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ def _check_boot_ranges(mem) -> None:
 
 
 def load_linux(mem, kernel, *, cmdline: str = "", initrd=None, mem_regions=None, reserved=(),
-               format: str = "auto", bits: int | None = None) -> LoadedImage:
+               format: str = "auto", bits: int | None = None, acpi=None) -> LoadedImage:
     """Load a Linux kernel with its command line and initrd; see the module docstring.
 
     ``kernel`` and ``initrd`` are bytes-like. ``mem_regions`` are the guest's RAM
@@ -134,6 +138,7 @@ def load_linux(mem, kernel, *, cmdline: str = "", initrd=None, mem_regions=None,
     ``reserved`` are ranges the kernel and initrd must stay out of (the Machine
     passes the first MiB). ``format`` is "auto", "bzimage" or "pvh"; ``bits``
     picks a bzImage's 32- or 64-bit entry (default 64 when the kernel has one).
+    ``acpi`` is an ``x86.acpi.Tables`` to install, or None for none.
     """
     if format not in FORMATS:
         raise LoaderError(f"unknown Linux image format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -143,9 +148,46 @@ def load_linux(mem, kernel, *, cmdline: str = "", initrd=None, mem_regions=None,
     ram = _ram(mem, mem_regions)
     reserved = tuple(reserved)
     _check_boot_ranges(mem)
+    firmware = Firmware(acpi)
+    firmware.check(mem)
     if found == "pvh":
-        return _load_pvh(mem, kernel, cmdline, initrd, ram, reserved)
-    return _load_bzimage(mem, kernel, cmdline, initrd, ram, reserved, bits)
+        return _load_pvh(mem, kernel, cmdline, initrd, ram, reserved, firmware)
+    return _load_bzimage(mem, kernel, cmdline, initrd, ram, reserved, bits, firmware)
+
+
+class Firmware:
+    """The ACPI tables a kernel gets (or none): their range, e820 entry and RSDP address."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return () if self.tables is None else ((self.tables.base, self.tables.end),)
+
+    @property
+    def rsdp(self) -> int:
+        return 0 if self.tables is None else self.tables.rsdp
+
+    def e820(self) -> list:
+        if self.tables is None:
+            return []
+        start = self.tables.base // layout.PAGE * layout.PAGE
+        end = -(-self.tables.end // layout.PAGE) * layout.PAGE
+        return [bootparams.E820Entry(start, end - start, bootparams.E820_ACPI)]
+
+    def check(self, mem) -> None:
+        for start, end in self.ranges:
+            if not mem.contains(start, end - start):
+                raise LoaderError(f"the ACPI tables at {start:#x}..{end:#x} are not in guest RAM")
+            for lo, hi in BOOT_RANGES:
+                if _overlaps((start, end), (lo, hi)):
+                    raise LoaderError(f"the ACPI tables at {start:#x}..{end:#x} overlap the boot "
+                                      f"information at {lo:#x}..{hi:#x}")
+
+    def write(self, mem) -> None:
+        if self.tables is not None:
+            mem.write(self.tables.base, self.tables.data)
 
 
 def _initrd(mem, initrd, ram, limit, avoid) -> tuple[int, int]:
@@ -158,7 +200,7 @@ def _initrd(mem, initrd, ram, limit, avoid) -> tuple[int, int]:
     return addr, size
 
 
-def _load_bzimage(mem, data, cmdline, initrd, ram, reserved, bits) -> LoadedImage:
+def _load_bzimage(mem, data, cmdline, initrd, ram, reserved, bits, firmware) -> LoadedImage:
     h = bzimage.parse_setup_header(data)
     if bits is None:
         bits = 64 if h.has_entry64 else 32
@@ -170,17 +212,18 @@ def _load_bzimage(mem, data, cmdline, initrd, ram, reserved, bits) -> LoadedImag
     start, end = bzimage.kernel_extent(h, load_addr)
     check_placement(mem, start, end - start, reserved,
                     f"kernel (load address {load_addr:#x}, init_size {h.init_size:#x})")
-    for lo, hi in BOOT_RANGES:
+    for lo, hi in (*BOOT_RANGES, *firmware.ranges):
         if _overlaps((start, end), (lo, hi)):
             raise LoaderError(f"kernel at {start:#x}..{end:#x} overlaps the boot information at {lo:#x}..{hi:#x}")
     cmd = encode_cmdline(cmdline, min(h.cmdline_size, CMDLINE_MAX - 1))
     limit = min(h.initrd_addr_max + 1, INITRD_LIMIT)
-    rd_addr, rd_size = _initrd(mem, initrd, ram, limit, ((start, end), *BOOT_RANGES, *reserved))
-    e820 = _e820(ram)
+    rd_addr, rd_size = _initrd(mem, initrd, ram, limit, ((start, end), *BOOT_RANGES, *firmware.ranges, *reserved))
+    e820 = _e820(ram, firmware)
     zero_page = bootparams.boot_params(h.header, cmd_line_ptr=CMDLINE, e820=e820, ramdisk_image=rd_addr,
-                                       ramdisk_size=rd_size, code32_start=load_addr)
+                                       ramdisk_size=rd_size, code32_start=load_addr, acpi_rsdp_addr=firmware.rsdp)
     # Everything validated: only now touch guest memory.
     code = bzimage.kernel_code(data, h)
+    firmware.write(mem)
     mem.write(load_addr, code)
     mem.write(BOOT_INFO, zero_page)
     mem.write(CMDLINE, cmd)
@@ -195,33 +238,34 @@ def _load_bzimage(mem, data, cmdline, initrd, ram, reserved, bits) -> LoadedImag
                        registers=(("rsi", BOOT_INFO), ("rbp", 0), ("rdi", 0), ("rbx", 0)))
 
 
-def _e820(ram) -> list:
+def _e820(ram, firmware: Firmware) -> list:
     try:
-        return bootparams.e820_map(ram)
+        return bootparams.e820_map(ram, extra=firmware.e820())
     except ValueError as e:
         raise LoaderError(f"cannot describe guest RAM to Linux: {e}") from None
 
 
-def _load_pvh(mem, data, cmdline, initrd, ram, reserved) -> LoadedImage:
+def _load_pvh(mem, data, cmdline, initrd, ram, reserved, firmware) -> LoadedImage:
     k = pvh.parse_pvh(data)
     for i, (gpa, size) in enumerate(k.segments):
         check_placement(mem, gpa, size, reserved, f"kernel segment {i}")
-        for lo, hi in BOOT_RANGES:
+        for lo, hi in (*BOOT_RANGES, *firmware.ranges):
             if _overlaps((gpa, gpa + size), (lo, hi)):
                 raise LoaderError(f"kernel segment {i} at {gpa:#x}..{gpa + size:#x} overlaps the boot "
                                   f"information at {lo:#x}..{hi:#x}")
     cmd = encode_cmdline(cmdline, CMDLINE_MAX - 1)
     rd_addr, rd_size = _initrd(mem, initrd, ram, INITRD_LIMIT,
-                               (*((a, a + n) for a, n in k.segments), *BOOT_RANGES, *reserved))
-    e820 = _e820(ram)
+                               (*((a, a + n) for a, n in k.segments), *BOOT_RANGES, *firmware.ranges, *reserved))
+    e820 = _e820(ram, firmware)
     memmap = pvh.memmap_table(e820)
     if PVH_MEMMAP + len(memmap) > BOOT_INFO + BOOT_INFO_SIZE:
         raise LoaderError(f"{len(e820)} memory map entries do not fit in the PVH boot page")
     info = pvh.start_info(cmdline_paddr=CMDLINE, memmap_paddr=PVH_MEMMAP, memmap_entries=len(e820),
                           modlist_paddr=PVH_MODLIST if initrd is not None else 0,
-                          nr_modules=1 if initrd is not None else 0)
+                          nr_modules=1 if initrd is not None else 0, rsdp_paddr=firmware.rsdp)
     # Everything validated: only now touch guest memory.
     img = load_elf(mem, data, reserved=reserved)
+    firmware.write(mem)
     page = bytearray(BOOT_INFO_SIZE)
     page[0:len(info)] = info
     if initrd is not None:

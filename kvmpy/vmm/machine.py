@@ -34,6 +34,7 @@ from ..kvm.memory import PAGE_SIZE
 from ..kvm.regs import Regs, Sregs
 from ..loader import LoadedImage
 from ..x86 import cpuid, layout, mce, modes, mptable, msrs
+from . import firmware
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
@@ -65,15 +66,22 @@ class Machine:
     0xff000000), which kernels written for ``qemu -device pc-testdev`` (kvm-unit-tests) use.
     ``rng`` adds a virtio-rng entropy device fed from the host's getrandom, after the disks:
     True with ``devices.virtio.rng.DEFAULT_LIMITS``, or a ``Limits`` (docs/virtio.md, "virtio-rng").
+    ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
+    ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
+    is on with the irqchip the tables describe, ``acpi=False`` turns it off.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False, rng: bool | Limits = False):
+                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None):
         self.rng = rng is not False and rng is not None
         check_shape(mem_size, cpus, irqchip, len(disks) + self.rng)
+        if acpi and not irqchip:
+            raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
+                             "IOAPIC and local APICs")
+        self.acpi = irqchip if acpi is None else bool(acpi)
         self.mem_size, self.native, self.irqchip = mem_size, native, irqchip
         self.test_devices = bool(test_devices)
         self.stats = Stats()
@@ -227,7 +235,8 @@ class Machine:
         return {**shape, **{k: True for k, on in optional.items() if on}}
 
     def virtio_mmio_cmdline(self) -> str:
-        """How a Linux guest learns about the disks and the rng: ``virtio_mmio.device=SIZE@ADDR:IRQ`` each."""
+        """``virtio_mmio.device=SIZE@ADDR:IRQ`` for each disk and the rng: how a Linux kernel without
+        ACPI (the machine's ``acpi=False``) learns about them, if built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES."""
         return " ".join(f"virtio_mmio.device={s.length // 1024}K@{s.base:#x}:{s.irq}" for s in self.platform.virtio_mmio)
 
     def inspect(self, vcpu: int | None = None) -> str:
@@ -285,12 +294,16 @@ class Machine:
         """Load a guest image (path or bytes) and point vCPU 0 at its entry.
 
         ``kvmpy.loader.load`` places the image (its docstring has the formats and the
-        options); Linux also gets a ``virtio_mmio.device=`` entry per disk. The command
-        line goes to fw_cfg as well. ``user`` starts a long-mode guest in ring 3.
+        options); Linux also gets the ACPI tables (``acpi``), or else a ``virtio_mmio.device=``
+        entry per disk, and a BIOS reset entry (``x86.bios``). The command line goes to fw_cfg
+        as well. ``user`` starts a long-mode guest in ring 3.
         """
+        tables = firmware.acpi_tables(self.platform, len(self.vcpus)) if self.acpi else None
         img = loader.load(self.memory, image, format, cmdline=cmdline, initrd=initrd, modules=modules,
-                          load_addr=load_addr, entry=entry, mode=mode,
-                          linux_cmdline_extra=self.virtio_mmio_cmdline())
+                          load_addr=load_addr, entry=entry, mode=mode, acpi=tables,
+                          linux_cmdline_extra="" if tables else self.virtio_mmio_cmdline())
+        if img.format in ("bzimage", "pvh"):        # where Linux jumps to reboot "through the BIOS"
+            self.memory.write(*firmware.reset_entry(self.platform))
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,

@@ -91,12 +91,14 @@ def _subtract(ranges: list[tuple[int, int]], hole: tuple[int, int]) -> list[tupl
     return out
 
 
-def e820_map(ram, holes=(LEGACY_HOLE,)) -> list[E820Entry]:
+def e820_map(ram, holes=(LEGACY_HOLE,), extra=()) -> list[E820Entry]:
     """The e820 map of a machine whose RAM is the ``(gpa, size)`` ranges in ``ram``.
 
     RAM becomes E820_RAM entries, sorted and with adjacent ranges merged; the
-    ``holes`` (by default the PC's legacy 0x9FC00-0xFFFFF) are cut out. Raises
-    ValueError for empty or overlapping ranges or a map too big for the zero page.
+    ``holes`` (by default the PC's legacy 0x9FC00-0xFFFFF) are cut out. ``extra``
+    entries (E820Entry: the ACPI tables' E820_ACPI range, say) are cut out of the RAM
+    too and listed in address order. Raises ValueError for empty or overlapping ranges
+    or a map too big for the zero page.
     """
     ranges = sorted((int(gpa), int(gpa) + int(size)) for gpa, size in ram)
     for (start, end) in ranges:
@@ -110,26 +112,35 @@ def e820_map(ram, holes=(LEGACY_HOLE,)) -> list[E820Entry]:
             merged[-1] = (merged[-1][0], end)
         else:
             merged.append((start, end))
-    for hole in holes:
+    extra = sorted(extra, key=lambda e: e.addr)
+    for a, b in zip(extra, extra[1:]):
+        if b.addr < a.end:
+            raise ValueError(f"e820 entries overlap at {b.addr:#x}")
+    for hole in (*holes, *((e.addr, e.end) for e in extra)):
         merged = _subtract(merged, hole)
-    if len(merged) > E820_MAX_ENTRIES_ZEROPAGE:
-        raise ValueError(f"{len(merged)} e820 entries do not fit in the zero page "
+    entries = sorted([E820Entry(start, end - start, E820_RAM) for start, end in merged] + extra,
+                     key=lambda e: e.addr)
+    if len(entries) > E820_MAX_ENTRIES_ZEROPAGE:
+        raise ValueError(f"{len(entries)} e820 entries do not fit in the zero page "
                          f"(at most {E820_MAX_ENTRIES_ZEROPAGE})")
-    return [E820Entry(start, end - start, E820_RAM) for start, end in merged]
+    return entries
 
 
 def boot_params(setup_header: bytes, *, cmd_line_ptr: int, e820: list[E820Entry],
                 ramdisk_image: int = 0, ramdisk_size: int = 0, code32_start: int | None = None,
-                type_of_loader: int = LOADER_TYPE_UNDEFINED) -> bytes:
+                type_of_loader: int = LOADER_TYPE_UNDEFINED, acpi_rsdp_addr: int = 0) -> bytes:
     """A 4 KiB zero page for the 32-bit/64-bit boot protocols.
 
     ``setup_header`` is the image's bytes from offset 0x1f1 to the end of its
     header (0x202 + the byte at 0x201); it is copied in place and then edited:
     loader type, the command line pointer, the initrd, ``code32_start`` (where
     the protected-mode kernel was loaded), and the e820 table. Values above
-    32 bits go to the ``ext_*`` fields (boot protocol 2.12+). Everything else
-    stays zero: no ACPI RSDP (Linux then scans for one), no setup_data chain,
-    hardware_subarch 0 (a normal PC), and sentinel 0 so Linux trusts the page.
+    32 bits go to the ``ext_*`` fields (boot protocol 2.12+). ``acpi_rsdp_addr`` is
+    where the ACPI RSDP is (``boot_params.acpi_rsdp_addr``, which Linux 5.0 and later read
+    whatever the header's protocol version; 0, or an older kernel: Linux scans the BIOS
+    area for it). Everything
+    else stays zero: no setup_data chain, hardware_subarch 0 (a normal PC), and sentinel 0
+    so Linux trusts the page.
     """
     end = BP_HDR + len(setup_header)
     if not BP_HDR < end <= BP_HDR_MAX_END:
@@ -140,7 +151,7 @@ def boot_params(setup_header: bytes, *, cmd_line_ptr: int, e820: list[E820Entry]
     if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ValueError(f"{len(e820)} e820 entries do not fit (at most {E820_MAX_ENTRIES_ZEROPAGE})")
     for name, value in (("cmd_line_ptr", cmd_line_ptr), ("ramdisk_image", ramdisk_image),
-                        ("ramdisk_size", ramdisk_size)):
+                        ("ramdisk_size", ramdisk_size), ("acpi_rsdp_addr", acpi_rsdp_addr)):
         if not 0 <= value < 1 << 64:
             raise ValueError(f"{name}={value:#x} is not a 64-bit value")
     bp = bytearray(BOOT_PARAMS_SIZE)
@@ -159,6 +170,7 @@ def boot_params(setup_header: bytes, *, cmd_line_ptr: int, e820: list[E820Entry]
         struct.pack_into("<I", bp, HDR_HARDWARE_SUBARCH, 0)
     if end >= HDR_SETUP_DATA + 8:
         struct.pack_into("<Q", bp, HDR_SETUP_DATA, 0)
+    struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, acpi_rsdp_addr)
     bp[BP_E820_ENTRIES] = len(e820)
     for i, entry in enumerate(e820):
         bp[BP_E820_TABLE + i * E820_ENTRY.size:BP_E820_TABLE + (i + 1) * E820_ENTRY.size] = entry.pack()

@@ -105,6 +105,12 @@ IOAPIC_ADDR = 0xFEC0_0000  # the in-kernel IOAPIC of KVM_CREATE_IRQCHIP, at the 
 # configuration table follows it (past 0xA0000 with many CPUs: plain RAM here, no VGA hole).
 MP_TABLE_BASE = 0x9FC00
 MP_TABLE_MAX_SIZE = 0x1800  # 6 KiB: mptable.mp_table_size(255) is 5320 bytes
+# ACPI (kvmpy/x86/acpi/): the RSDP and then the other tables, in the BIOS area where an OS
+# scans for the RSDP (16-byte aligned in 0xE0000-0xFFFFF, ACPI 6.5 5.2.5.1), as Firecracker
+# puts its RSDP. A Linux kernel is also told the address (boot_params.acpi_rsdp_addr,
+# hvm_start_info.rsdp_paddr); the e820 map lists their pages as ACPI data.
+ACPI_BASE = 0xE0000
+ACPI_MAX_SIZE = 0x10000     # up to 0xF0000; 255 CPUs and 6 disks take about 3.2 KiB
 # Free page below 1 MiB for a guest's application-processor start-up code: a SIPI starts an
 # AP in real mode at vector << 12 (SDM 10.4.4.1), so it must be a page below 1 MiB. The
 # smp demo guest copies its trampoline here (SIPI vector 0x08).

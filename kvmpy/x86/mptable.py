@@ -78,6 +78,12 @@ def _with_checksum(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([checksum(data)]) + data[offset + 1:]
 
 
+def default_ioapic_id(ncpus: int) -> int:
+    """The IOAPIC's ID beside ``ncpus`` processors: ``ncpus``, the first ID no processor has
+    (as SeaBIOS does), or 0 when all 255 are taken (see :func:`mp_table`). The MADT uses it too."""
+    return ncpus if ncpus < MAX_CPUS else 0
+
+
 def _processor(apic_id: int, bsp: bool) -> bytes:
     flags = CPU_FLAG_EN | (CPU_FLAG_BP if bsp else 0)
     return struct.pack("<BBBBII8x", ENTRY_PROCESSOR, apic_id, LAPIC_VERSION, flags,
@@ -104,7 +110,7 @@ def mp_table(ncpus: int, *, base: int = layout.MP_TABLE_BASE, ioapic_id: int | N
     if not 1 <= ncpus <= MAX_CPUS:
         raise ValueError(f"an MP table describes 1 to {MAX_CPUS} CPUs, got {ncpus}")
     if ioapic_id is None:
-        ioapic_id = ncpus if ncpus < MAX_CPUS else 0
+        ioapic_id = default_ioapic_id(ncpus)
     if not 0 <= ioapic_id < ALL_LAPICS:
         raise ValueError(f"ioapic_id must be 0..254, got {ioapic_id}")
     if base % 16:

@@ -166,16 +166,16 @@ def test_stock_kernel_boots_to_a_shell_command_and_reboots(linux, entry):
     print(f"{entry}: " + ", ".join(f"{k.decode().strip()!r} at {t:.1f} s" for k, t in console.seen.items()))
 
 
-def test_disks_are_announced_on_the_kernel_command_line(linux, initrd, tmp_path):
-    """With a disk and the rng attached, Linux's command line carries virtio_mmio.device=SIZE@ADDR:IRQ
-    for each, the disk first."""
+def test_without_acpi_disks_are_announced_on_the_kernel_command_line(linux, initrd, tmp_path):
+    """With a disk and the rng attached and acpi=False, Linux's command line carries
+    virtio_mmio.device=SIZE@ADDR:IRQ for each, the disk first."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     cmdline = "console=ttyS0 earlyprintk=serial"
     want = [b"Linux version ", f"Command line: {cmdline} virtio_mmio.device=4K@0xd0000000:5 "
                                "virtio_mmio.device=4K@0xd0001000:6\r\n".encode()]
     console = Console(want)
-    with kvmpy.Machine(mem_size=MEM, serial=console, disks=[str(disk)], rng=True) as m:
+    with kvmpy.Machine(mem_size=MEM, serial=console, disks=[str(disk)], rng=True, acpi=False) as m:
         m.load(linux.vmlinux, cmdline=cmdline, initrd=initrd)
         console.machine = m
         try:
@@ -183,6 +183,91 @@ def test_disks_are_announced_on_the_kernel_command_line(linux, initrd, tmp_path)
         except GuestError:
             pass
     assert len(console.seen) == len(want), console.text[-2000:]
+
+
+ACPI_EARLY = [b"ACPI: RSDP 0x00000000000E0000 000024 (v02 KVMPY )", b"ACPI: XSDT 0x00000000000E0030",
+              b"ACPI: FACP ", b"ACPI: APIC ", b"ACPI: DSDT ",
+              b"ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])",
+              b"IOAPIC[0]: apic_id 4, version 17, address 0xfec00000, GSI 0-23",
+              b"ACPI: INT_SRC_OVR (bus 0 bus_irq 5 global_irq 5 high level)",
+              b"ACPI: Using ACPI (MADT) for SMP configuration information",
+              b"smpboot: Allowing 4 CPUs, 0 hotplug CPUs"]
+NO_ACPI_EARLY = [b"ACPI BIOS Error (bug): A valid RSDP was not found", b"smpboot: Allowing 1 CPUs, 0 hotplug CPUs"]
+ACPI_COMPLAINTS = ("ACPI Error", "ACPI BIOS Error", "ACPI Warning", "ACPI BIOS Warning", "[Firmware Bug]",
+                   "[Firmware Warn]", "Incorrect checksum")
+
+
+@pytest.mark.parametrize("acpi", [True, False], ids=["acpi", "no-acpi"])
+def test_pvh_kernel_reads_the_acpi_tables_and_counts_the_cpus(linux, initrd, tmp_path, acpi):
+    """Early boot, so it runs where ring 0 is emulated too: Debian's kernel (no MP-table support)
+    finds kvmpy's RSDP, the tables, the IOAPIC, the disk line's override and 4 CPUs in the MADT;
+    with acpi=False it finds no RSDP and allows one CPU."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    want = ACPI_EARLY if acpi else NO_ACPI_EARLY
+    console = Console([b"Linux version ", *want])
+    with kvmpy.Machine(mem_size=MEM, cpus=4, serial=console, disks=[str(disk)], acpi=acpi) as m:
+        m.load(linux.vmlinux, cmdline="console=ttyS0 earlyprintk=serial", initrd=initrd)
+        console.machine = m
+        try:
+            result = m.run(timeout=PVH_TIMEOUT)
+            stop = result.reason
+        except GuestError as e:
+            stop = f"guest error: {str(e).splitlines()[0]}"
+    missing = [w.decode() for w in want if w not in console.seen]
+    assert not missing, f"run ended ({stop}) before the kernel printed {missing}:\n{console.text[-3000:]}"
+    if acpi:
+        assert not [c for c in ACPI_COMPLAINTS if c in console.text], console.text
+        assert "BIOS-e820: [mem 0x00000000000e0000-0x00000000000e0fff] ACPI data" in console.text
+    print(f"acpi={acpi}: " + ", ".join(f"{k.decode()[:40]!r} at {t:.1f} s" for k, t in console.seen.items()))
+
+
+ACPI_INIT = """#!/bin/sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio virtio_ring virtio_mmio virtio_blk; do insmod /lib/modules/$m.ko || echo "kvmpy-acpi: insmod $m failed"; done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
+echo "kvmpy-acpi: nproc=$(nproc) online=$(cat /sys/devices/system/cpu/online)" \
+     "virtio=$(ls /sys/bus/virtio/devices | tr '\\n' ' ')vda=$(head -c 16 /dev/vda) end"
+reboot -f
+"""
+VIRTIO_MODULES = ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_blk.ko")
+DISK_MARK = b"kvmpy-acpi-disk!"
+
+
+@pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
+                                           "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
+@pytest.mark.parametrize("entry", ["pvh", "bzimage"])
+def test_stock_kernel_finds_every_cpu_and_the_disk_through_acpi(linux, entry, tmp_path):
+    """Debian's kernel, built without MP-table parsing and without virtio_mmio.device=, brings up
+    all 4 vCPUs from the MADT and binds virtio_mmio to the DSDT's LNRO0005 device: /dev/vda
+    holds what the disk file holds. ``reboot -f`` then resets: with a hardware-reduced FADT,
+    Linux jumps to the BIOS reset entry, where kvmpy's stub writes the Reset Control Register."""
+    try:
+        modules = linuxkernel.kernel_modules(linux, VIRTIO_MODULES)
+    except linuxkernel.FetchError as e:
+        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
+            pytest.fail(f"cannot fetch the virtio modules: {e}")
+        pytest.skip(f"cannot fetch the virtio modules: {e}")
+    initrd = linux.initramfs(ACPI_INIT, files={f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()})
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(DISK_MARK + bytes((1 << 20) - len(DISK_MARK)))
+    kernel = (linux.vmlinux if entry == "pvh" else linux.vmlinuz).read_bytes()
+    console = Console([b"Run /init", b"kvmpy-acpi: "])
+    with kvmpy.Machine(mem_size=MEM, cpus=4, serial=console, disks=[str(disk)]) as m:
+        m.load(kernel, cmdline="console=ttyS0 panic=-1", initrd=initrd)
+        result = m.run(timeout=BZIMAGE_TIMEOUT)
+    text = console.text
+    line = re.search(r"kvmpy-acpi: (.*) end", text)
+    assert line, f"run ended ({result.reason}); console:\n{text[-4000:]}"
+    assert line.group(1) == f"nproc=4 online=0-3 virtio=virtio0 vda={DISK_MARK.decode()}", text[-4000:]
+    assert "virtio_mmio" not in text.split("Command line: ", 1)[1].split("\n", 1)[0]
+    assert "smpboot: Allowing 4 CPUs" in text and "smp: Brought up 1 node, 4 CPUs" in text
+    assert not [c for c in ACPI_COMPLAINTS if c in text], text
+    assert result.reason == "reset", text[-2000:]
+    print(f"{entry}: " + ", ".join(f"{k.decode().strip()!r} at {t:.1f} s" for k, t in console.seen.items()))
 
 
 def test_cli_reports_a_bad_kernel_clearly(tmp_path):

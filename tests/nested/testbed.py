@@ -54,6 +54,8 @@ from kvmpy.images.initramfs import CpioEntry, newc_archive  # noqa: E402
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 QEMU = "qemu-system-x86_64"
 L1_MODULES = ("irqbypass.ko", "kvm.ko", "kvm-amd.ko")     # in load order
+#: Modules test_linux.py puts in its L2 kernels' initramfs (from L1's copy of the kernel cache).
+L2_MODULES = ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_blk.ko")
 L1_MEM = "3G"
 L1_CPUS = 2
 
@@ -370,7 +372,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
-    modules = linuxkernel.kernel_modules(linux, L1_MODULES)
+    modules = linuxkernel.kernel_modules(linux, L1_MODULES + L2_MODULES)
     site = wheels(python_requirements())
     src = work / "src"
     say("staging this checkout and building its C extension and guests with Debian's python3.11")
@@ -415,11 +417,10 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
         if os.path.islink(f"/{top}"):
             tree.link(top, os.readlink(f"/{top}").lstrip("/"))
     tree.add("usr/bin/kvmpy", b'#!/bin/sh\nexec python3.11 -m kvmpy "$@"\n', 0o755)
-
-    for name, path in modules.items():
-        tree.copy(path, f"opt/modules/{name}")
     kslot = Path(linux.vmlinuz).parent
     bslot = Path(linux.busybox).parent
+    for name, path in modules.items():
+        tree.copy(path, f"opt/modules/{name}" if name in L1_MODULES else f"opt/cache/debian/{kslot.name}/modules/{name}")
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")

@@ -116,6 +116,21 @@ def test_custom_init_and_reproducible_output(tmp_path):
     assert {e.name: e.data for e in read_newc(a)}["init"] == b"#!/bin/sh\necho hi\n"
 
 
+def test_extra_files_come_with_their_directories(tmp_path):
+    """files= adds regular files (kernel modules for /init to insmod) and the directories above them."""
+    blob = build_busybox_initramfs(fake_busybox(tmp_path), files={"lib/modules/virtio.ko": b"\x7fELF mod",
+                                                                 "/etc/motd": b"hi\n"})
+    entries = read_newc(blob)
+    got = {e.name: e for e in entries}
+    assert got["lib/modules/virtio.ko"].data == b"\x7fELF mod" and got["lib/modules/virtio.ko"].mode == stat.S_IFREG | 0o644
+    assert stat.S_ISDIR(got["lib"].mode) and stat.S_ISDIR(got["lib/modules"].mode)
+    assert got["etc/motd"].data == b"hi\n" and [e.name for e in entries].count("etc") == 1
+    names = [e.name for e in entries]
+    assert names.index("lib") < names.index("lib/modules") < names.index("lib/modules/virtio.ko")
+    with pytest.raises(ValueError, match="already"):
+        build_busybox_initramfs(fake_busybox(tmp_path), files={"init": b"x"})
+
+
 def test_busybox_must_be_an_elf_file(tmp_path):
     """A non-ELF 'busybox' is refused: the kernel could not run it."""
     path = tmp_path / "busybox"

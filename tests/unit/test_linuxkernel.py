@@ -234,3 +234,35 @@ def test_cache_dir_honours_kvmpy_cache(monkeypatch, tmp_path):
     assert lk.cache_dir() == tmp_path
     monkeypatch.delenv("KVMPY_CACHE")
     assert lk.cache_dir().parts[-2:] == (".cache", "kvmpy")
+
+
+def test_acpica_tools_are_fetched_once_and_then_come_from_the_cache(tmp_path, monkeypatch):
+    """kvmpy.images.acpica: apt-cache names the version, apt-get download brings the .deb,
+    iasl and acpiexec land executable in its cache slot; later calls download nothing and,
+    without apt, use the slot."""
+    from kvmpy.images import acpica
+    deb = make_deb({"usr/bin/iasl": b"\x7fELF iasl", "usr/bin/acpiexec": b"\x7fELF acpiexec",
+                    "usr/share/man/man1/iasl.1.gz": b"man"})
+    calls = []
+
+    def apt(argv, cwd=None):
+        calls.append(argv[0])
+        if argv[0] == "apt-cache":
+            return "Package: acpica-tools\nVersion: 20200925-8\n\n"
+        assert argv[0] == "apt-get" and argv[-1] == "acpica-tools=20200925-8"
+        (tmp_path / cwd / "acpica-tools_20200925-8_amd64.deb").write_bytes(deb)
+        return ""
+    monkeypatch.setattr(lk, "_run", apt)
+    tools = acpica.fetch(tmp_path)
+    assert tools.iasl == tmp_path / "debian" / "acpica-tools_20200925-8" / "iasl"
+    assert tools.iasl.read_bytes() == b"\x7fELF iasl" and tools.acpiexec.stat().st_mode & 0o111
+    assert sorted(p.name for p in tools.iasl.parent.iterdir()) == ["acpiexec", "iasl"]
+    assert calls == ["apt-cache", "apt-get"]
+    assert acpica.fetch(tmp_path) == tools and calls[2:] == ["apt-cache"]
+
+    def no_apt(argv, cwd=None):
+        raise lk.FetchError("apt-cache not found")
+    monkeypatch.setattr(lk, "_run", no_apt)
+    assert acpica.fetch(tmp_path) == tools
+    with pytest.raises(lk.FetchError):
+        acpica.fetch(tmp_path / "empty")

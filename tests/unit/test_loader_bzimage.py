@@ -282,3 +282,24 @@ def test_linux_format_recognises_a_bzimage():
     """Auto-detection: HdrS at 0x202 means 'bzimage'; random data means None."""
     assert linux.linux_format(make_bzimage()) == "bzimage"
     assert linux.linux_format(bytes(0x1000)) is None
+
+
+def test_acpi_tables_are_written_and_their_rsdp_goes_in_the_zero_page():
+    """boot_params.acpi_rsdp_addr (0x070) names the RSDP; the e820 map lists the tables' page
+    as ACPI data between the two low RAM entries."""
+    from kvmpy.x86 import acpi
+    tables = acpi.build(acpi.Platform(cpus=4))
+    mem = memory()
+    load_linux(mem, make_bzimage(), cmdline="", reserved=LOW, acpi=tables)
+    assert mem.read(tables.base, len(tables.data)) == tables.data
+    assert struct.unpack("<Q", mem.read(BOOT_INFO + 0x70, 8))[0] == tables.rsdp == 0xE0000
+    assert mem.read(BOOT_INFO + 0x1E8, 1) == b"\x03"
+    e820 = [struct.unpack("<QQI", mem.read(BOOT_INFO + 0x2D0 + 20 * i, 20)) for i in range(3)]
+    assert e820 == [(0, 0x9FC00, 1), (0xE0000, 0x1000, 3), (MiB, RAM - MiB, 1)]
+
+
+def test_without_acpi_tables_the_zero_page_has_no_rsdp():
+    mem = memory()
+    load_linux(mem, make_bzimage(), cmdline="", reserved=LOW)
+    assert struct.unpack("<Q", mem.read(BOOT_INFO + 0x70, 8))[0] == 0
+    assert mem.read(0xE0000, 4) == bytes([FILL]) * 4

@@ -190,3 +190,30 @@ def test_linux_format_tells_pvh_kernels_from_other_elf_files():
     assert linux_format(make_vmlinux(note(b"GNU\0", 3, b"x" * 20))) is None
     assert linux_format(make_vmlinux()[:70]) is None
     assert linux_format(b"") is None
+
+
+def test_pvh_acpi_tables_are_written_announced_in_the_start_info_and_kept_in_the_memory_map():
+    from kvmpy.x86 import acpi
+    tables = acpi.build(acpi.Platform(cpus=2))
+    mem = memory()
+    load_linux(mem, make_vmlinux(), cmdline="", reserved=LOW, acpi=tables)
+    assert mem.read(tables.base, len(tables.data)) == tables.data
+    rsdp = pvh.START_INFO.unpack(mem.read(BOOT_INFO, pvh.START_INFO.size))[6]
+    assert rsdp == tables.rsdp == 0xE0000 and mem.read(rsdp, 8) == b"RSD PTR "
+    entries = [pvh.MEMMAP_ENTRY.unpack(mem.read(PVH_MEMMAP + 24 * i, 24)) for i in range(3)]
+    assert entries == [(0, 0x9FC00, 1, 0), (0xE0000, 0x1000, 3, 0), (MiB, RAM - MiB, 1, 0)]   # type 3: ACPI data
+    assert pvh.START_INFO.unpack(mem.read(BOOT_INFO, pvh.START_INFO.size))[8] == 3
+
+
+def test_acpi_tables_that_clash_with_the_kernel_are_refused_before_anything_is_written():
+    from kvmpy.x86 import acpi
+    mem = memory()
+    tables = acpi.build(acpi.Platform(cpus=1), base=0x100_0000)       # where the vmlinux loads
+    with pytest.raises(LoaderError, match="overlaps"):
+        load_linux(mem, make_vmlinux(), cmdline="", reserved=LOW, acpi=tables)
+    with pytest.raises(LoaderError, match="boot information"):
+        load_linux(mem, make_vmlinux(), cmdline="", reserved=LOW, acpi=acpi.build(acpi.Platform(cpus=1), base=0x7000))
+    with pytest.raises(LoaderError, match="not in guest RAM"):
+        load_linux(mem, make_vmlinux(), cmdline="", reserved=LOW,
+                   acpi=acpi.build(acpi.Platform(cpus=1), base=RAM - 16))
+    assert mem.read(BOOT_INFO, 8) == mem.read(0x100_0000, 8) == mem.read(0xE0000, 8) == b"\xaa" * 8   # untouched

@@ -92,3 +92,21 @@ def test_boot_params_rejects_a_header_of_impossible_size(size):
     """Shorter than cmd_line_ptr or longer than the header area: ValueError."""
     with pytest.raises(ValueError):
         boot_params(bytes(size), cmd_line_ptr=0, e820=[])
+
+
+def test_boot_params_carries_the_acpi_rsdp_address():
+    """acpi_rsdp_addr is the u64 at 0x070 (zero-page.rst); 0 when none is given."""
+    assert struct.unpack_from("<Q", boot_params(header(), cmd_line_ptr=0, e820=[]), 0x70)[0] == 0
+    page = boot_params(header(), cmd_line_ptr=0, e820=[], acpi_rsdp_addr=0xE0000)
+    assert struct.unpack_from("<Q", page, 0x70)[0] == 0xE0000
+
+
+def test_e820_lists_extra_entries_in_address_order_and_cuts_them_out_of_ram():
+    """An ACPI range in the legacy hole sits between the two low RAM entries; one in RAM splits it."""
+    acpi = E820Entry(0xE0000, 0x1000, bp.E820_ACPI)
+    assert e820_map([(0, 64 * MiB)], extra=[acpi]) == [E820Entry(0, 0x9FC00), acpi, E820Entry(MiB, 63 * MiB)]
+    high = E820Entry(8 * MiB, 0x2000, bp.E820_ACPI)
+    assert e820_map([(0, 64 * MiB)], extra=[high, acpi]) == [
+        E820Entry(0, 0x9FC00), acpi, E820Entry(MiB, 7 * MiB), high, E820Entry(8 * MiB + 0x2000, 56 * MiB - 0x2000)]
+    with pytest.raises(ValueError, match="overlap"):
+        e820_map([(0, 64 * MiB)], extra=[acpi, E820Entry(0xE0800, 0x1000, bp.E820_RESERVED)])
