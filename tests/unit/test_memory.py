@@ -1,9 +1,11 @@
 """GuestMemory: bounds-checked access to guest-physical RAM across one or more regions."""
+import ctypes
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvmpy.errors import GuestMemoryError, KvmpyError
-from kvmpy.kvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from kvmpy.kvm.memory import HUGE_PAGE, PAGE_SIZE, GuestMemory, MemoryRegion
 
 LOW = (0, 0x10000)                  # [0, 64 KiB)
 HIGH = (0x100000, 0x20000)          # [1 MiB, 1 MiB + 128 KiB); a gap in between
@@ -384,3 +386,27 @@ def test_random_writes_mark_the_model_pages(ops, python):
             if length:
                 model |= set(range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1))
         assert pages_of(region.take_dirty()) == model
+
+
+@pytest.mark.parametrize("size", [2 << 20, 6 << 20, (64 << 20) + 4096])
+def test_ram_of_2_mib_or_more_starts_2_mib_aligned_so_the_host_can_use_huge_pages(size):
+    region = MemoryRegion.anonymous(0, size)
+    try:
+        anchor = ctypes.c_char.from_buffer(region.mm)
+        assert ctypes.addressof(anchor) % HUGE_PAGE == 0
+        del anchor
+        assert len(region.mm) == size
+        region.mm[size - 1:size] = b"\x7f"              # the last byte is the region's, and writable
+        assert region.mm[size - 1] == 0x7f
+    finally:
+        region.close()
+    assert region.closed
+
+
+def test_closing_ram_while_a_view_is_held_keeps_the_view_valid():
+    mem = GuestMemory.anonymous(4 << 20)
+    view = mem.view(0x1000, 4)
+    view[:] = b"abcd"
+    mem.close()
+    assert bytes(view) == b"abcd"                       # the mapping goes with the last view
+    view.release()
