@@ -254,6 +254,14 @@ class NativeVirtioBlk:
         """How many KVM_IRQ_LINE calls failed (raw_state().irq_errno: the last errno)."""
         return self.raw_state().irq_errors
 
+    def use_overlay(self, fd: int | None, written=None) -> None:
+        """``VirtioBlk.use_overlay`` for the C data path: C marks the written blocks in
+        ``written`` (a writable buffer of u64 words, kept alive by the caller)."""
+        self.disk.use_overlay(fd, written)
+        self.disk.written = None                # C marks; the Python side moves no data
+        ptr = ffi.cast("uint64_t *", ffi.from_buffer(written)) if written is not None else ffi.NULL
+        lib.kvmpy_blk_set_overlay(self._p, self.disk.fd, ptr)
+
     def close(self) -> None:
         """Stop I/O (later requests get IOERR) and close the backing file; idempotent."""
         lib.kvmpy_blk_set_fd(self._p, -1)

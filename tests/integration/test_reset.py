@@ -1,0 +1,172 @@
+"""Reset in place (lifecycle/reset.py, docs/reset.md): after any case, a reset machine is
+indistinguishable from its checkpoint.
+
+The reset-case guest (guests/reset-case.c, CPL 3) runs cases a hypothesis strategy
+chooses: RAM pages dirtied (how many, where, with what), COM1 output, a CMOS write, a disk
+sector written through virtio-blk, registers and XMM left changed; the host writes RAM and
+feeds COM1 input too. After reset() every observable equals the checkpoint: all RAM, every
+vCPU's saved state, the irqchips and PIT, every device's save_state(), the disk as the
+guest reads it; the disk's file is never written. Time moves on: the TSC, the kvmclock and
+the PIT's load times are compared as time, not as bytes (see time_fields).
+"""
+import hashlib
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvmpy import Machine
+from kvmpy.images import guests
+from kvmpy.lifecycle.reset import ResetError
+from kvmpy.vmm.state import SnapshotError
+
+MAILBOX, ARRAY = 0x300000, 0x400000
+MEM = 16 << 20
+DISK = 256 << 10
+READY, DONE = (0x52 << 1) | 1, (0x44 << 1) | 1
+NO_SECTOR = (1 << 64) - 1
+MSR_IA32_TSC = 0x10
+PIT_LOAD_TIME = [(24 * i + 16, 24 * i + 24) for i in range(3)]   # kvm_pit_channel_state.count_load_time
+
+
+def _pit_without_load_times(blob: str) -> bytes:
+    b = bytearray.fromhex(blob)
+    for lo, hi in PIT_LOAD_TIME:
+        b[lo:hi] = bytes(hi - lo)
+    return bytes(b)
+
+
+def observe(m) -> dict:
+    """Everything a case could change, with the time fields split off (see time_fields)."""
+    msrs = sorted(m.supported_msrs() & set(m.kvm.msr_index_list()))
+    vcpus = [v.save_state(msrs) for v in m.vcpus]
+    tsc = [v["msrs"].pop(str(MSR_IA32_TSC)) for v in vcpus]
+    vm = m.vm.save_state()
+    clock = vm.pop("clock")
+    vm["pit2"] = _pit_without_load_times(vm["pit2"])
+    ram = [hashlib.sha256(r.mm[:]).hexdigest() for r in m.memory.regions]
+    return {"vcpus": vcpus, "vm": vm, "devices": m.platform.save_state(), "ram": ram,
+            "time": {"tsc": tsc, "clock": clock}}
+
+
+def guest_disk(m) -> bytes:
+    """The disk as the guest reads it: the overlay while a checkpoint is held."""
+    fd = m.reset_point.overlays[0].fd
+    return os.pread(fd, DISK + 1, 0)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["native", "python"])
+def rig(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("reset") / "disk.img"
+    path.write_bytes(os.urandom(DISK))
+    m = Machine(mem_size=MEM, disks=[str(path)], native=request.param)
+    m.load(guests.path("reset-case"), user=True)
+    r = m.run(timeout=10)
+    assert (r.reason, r.status) == ("exit", READY), m.serial_output
+    m.checkpoint()
+    rig = {"m": m, "path": path, "file": path.read_bytes(), "seen": observe(m), "disk": guest_disk(m)}
+    yield rig
+    m.close()
+
+
+case_st = st.fixed_dictionaries({
+    "pages": st.one_of(st.integers(0, 20), st.integers(0, 600)),
+    "first": st.integers(0, 3071), "stride": st.integers(0, 700), "seed": st.integers(0, (1 << 64) - 1),
+    "serial": st.integers(0, 40), "sector": st.one_of(st.just(NO_SECTOR), st.integers(0, DISK // 512 - 1)),
+    "cmos": st.booleans(), "regs": st.booleans(),
+    "host": st.lists(st.tuples(st.integers(MAILBOX + 64, MEM - 64), st.binary(min_size=1, max_size=64)),
+                     max_size=4),
+    "feed": st.binary(max_size=8),
+})
+
+
+def run_case(m, c) -> None:
+    m.memory.write(MAILBOX, struct.pack("<8Q", c["pages"], c["first"], c["stride"], c["seed"], c["serial"],
+                                        c["sector"], int(c["cmos"]), int(c["regs"])))
+    for gpa, data in c["host"]:
+        m.memory.write(gpa, data)
+    if c["feed"]:
+        m.feed_serial(c["feed"])
+    r = m.run(timeout=10)
+    assert (r.reason, r.status) == ("exit", DONE), (r, m.serial_output[-200:])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases=st.lists(case_st, min_size=1, max_size=3))
+def test_a_reset_machine_equals_its_checkpoint(rig, cases):
+    m, seen = rig["m"], rig["seen"]
+    for c in cases:
+        run_case(m, c)
+        if c["pages"] or c["regs"] or c["sector"] != NO_SECTOR:
+            assert observe(m) != seen                 # the case did change something
+        m.reset()
+        now = observe(m)
+        t_seen, t_now = seen.pop("time"), now.pop("time")
+        try:
+            assert now == seen
+            # time goes back for the kvmclock; the TSC keeps counting (docs/reset.md)
+            assert abs(t_now["clock"] - t_seen["clock"]) < 2_000_000_000
+        finally:
+            seen["time"] = t_seen
+        assert guest_disk(m) == rig["disk"]
+        assert rig["path"].read_bytes() == rig["file"]          # the file is never written
+
+
+def test_the_next_case_starts_from_the_checkpoint(rig):
+    """Serial output of the same case twice, reset in between, is the same (the guest sees
+    the checkpoint's RAM and registers, not the last case's)."""
+    m = rig["m"]
+    c = {"pages": 3, "first": 5, "stride": 1, "seed": 9, "serial": 12, "sector": 4, "cmos": True,
+         "regs": True, "host": [], "feed": b""}
+    outs = []
+    for _ in range(2):
+        before = len(m.serial_output)
+        run_case(m, c)
+        outs.append(m.serial_output[before:])
+        m.reset()
+    assert outs[0] == outs[1] == bytes(ord("a") + (9 + i) % 26 for i in range(12))
+
+
+def test_checkpointed_machines_refuse_snapshots_and_reset_needs_a_checkpoint(tmp_path):
+    with Machine(mem_size=MEM) as m:
+        with pytest.raises(Exception, match="checkpoint"):
+            m.reset()
+        m.load(guests.path("reset-case"), user=True)
+        m.run(timeout=10)
+        m.checkpoint()
+        with pytest.raises(SnapshotError, match="drop_checkpoint"):
+            m.snapshot(tmp_path / "snap")
+        m.drop_checkpoint()
+        assert not m.checkpointed
+        m.snapshot(tmp_path / "snap")           # fine again
+
+
+def test_checkpoint_needs_a_stopped_machine():
+    with Machine(mem_size=MEM) as m:
+        m.load(guests.path("spin"))
+        m.start(timeout=5)
+        try:
+            with pytest.raises(ResetError, match="stopped"):
+                m.checkpoint()
+        finally:
+            m.request_stop()
+            m.wait()
+
+
+def test_drop_checkpoint_sends_the_disk_back_to_its_file(tmp_path):
+    """After drop_checkpoint() the guest's writes reach the file again (the overlay is gone)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(DISK))
+    with Machine(mem_size=MEM, disks=[str(path)]) as m:
+        m.load(guests.path("reset-case"), user=True)
+        m.run(timeout=10)
+        m.checkpoint()
+        c = {"pages": 0, "first": 0, "stride": 1, "seed": 7, "serial": 0, "sector": 2, "cmos": False,
+             "regs": False, "host": [], "feed": b""}
+        run_case(m, c)
+        assert path.read_bytes() == bytes(DISK)
+        m.drop_checkpoint()                      # back at the checkpoint: the next run is a case
+        run_case(m, c)
+        data = path.read_bytes()
+        assert data[1024:1032] == struct.pack("<Q", 7) and data[:1024] == bytes(1024)
