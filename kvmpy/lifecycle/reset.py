@@ -276,7 +276,8 @@ class Checkpoint:
         self._keep = chips + vcpus + clock              # the cdata the op arrays point to
         self.ops = {"irqchip": (_op_array(chips), len(chips)), "vcpu": (_op_array(vcpus), len(vcpus)),
                     "clock": (_op_array(clock), len(clock))}
-        self.op_names = {"vcpu": [_name(op[1]) for op in vcpus], "irqchip": [_name(op[1]) for op in chips]}
+        self.op_names = {part: [_name(op[1]) for op in ops]
+                         for part, ops in (("vcpu", vcpus), ("irqchip", chips), ("clock", clock))}
         self.devices = [(s, s.save_state()) for s in m.platform.slots if s.saved_as]
         # a rate-limited device's ring may hold a request its limit held back: the disk timer
         # serves it early in the next run (as Platform.load_state does); the others need nothing
@@ -304,7 +305,7 @@ class Checkpoint:
         arr, n = self.ops[part]
         r = lib.kvmpy_reset_ops(arr, n, ffi.NULL)
         if r < 0:
-            name = self.op_names.get(part, ["KVM_SET_CLOCK"])[-r - 1] if part != "clock" else "KVM_SET_CLOCK"
+            name = self.op_names[part][-r - 1]
             raise ResetError(f"reset: {name} was refused (the machine is in an unknown state)")
 
     def reset_devices(self) -> None:
