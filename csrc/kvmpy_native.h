@@ -162,6 +162,11 @@ int64_t kvmpy_reset_region(int vm_fd, const struct kvmpy_reset_region *r, int ma
 /* ops[0..n) in order; 0, or -(i+1) for the first op that failed or returned another
  * value than its expect. ns (NULL: not measured): per-op nanoseconds, added to. */
 int kvmpy_reset_ops(const struct kvmpy_reset_op *ops, uint32_t n, uint64_t *ns);
+/* KVM_CAP_SYNC_REGS: regs, sregs and events into the kvm_run page, marked dirty, and one
+ * KVM_RUN with immediate_exit that applies them and returns without entering the guest.
+ * 0, or -errno (-EIO: KVM did not take them). */
+int kvmpy_reset_sync_regs(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
+			  const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events);
 /* Copy every 4 KiB block set in written (taken) from backing_fd to overlay_fd (the last
  * block may be short: size is the disk's bytes); buf: 4096 bytes of scratch.
  * Blocks copied, or -errno. */

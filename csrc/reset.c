@@ -137,6 +137,28 @@ int kvmpy_reset_ops(const struct kvmpy_reset_op *ops, uint32_t n, uint64_t *ns)
 	return 0;
 }
 
+int kvmpy_reset_sync_regs(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
+			  const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events)
+{
+	int r;
+
+	/* SAFETY: run is the vCPU's own mapped kvm_run page (Vcpu.run_page), and the
+	 * machine is stopped: no KVM_RUN of this vCPU is in progress. */
+	run->s.regs.regs = *regs;
+	run->s.regs.sregs = *sregs;
+	run->s.regs.events = *events;
+	run->kvm_dirty_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+	run->immediate_exit = 1;
+	r = ioctl(vcpu_fd, KVM_RUN, 0);
+	r = r < 0 ? -errno : 0;
+	run->immediate_exit = 0;
+	if (run->kvm_dirty_regs) {		/* not applied: do not let a later KVM_RUN do it */
+		run->kvm_dirty_regs = 0;
+		return r == -EINTR ? -EIO : r;
+	}
+	return r == -EINTR ? 0 : (r ? r : -EIO);
+}
+
 /* pread/pwrite the whole of [pos, pos+n): 0, or -errno (-EIO on a short file) */
 static int copy_block(int from, int to, uint8_t *buf, uint64_t pos, uint64_t n)
 {

@@ -19,10 +19,12 @@ page). Measured, over the cases of each count:
   copied        the pages the reset copied back (the case's, plus the guest's stack
                 and the mailbox page the host wrote)
 
-Both ways of reading KVM's dirty log are measured, each on its own machine: ``get``
-(KVM_GET_DIRTY_LOG, which re-protects the pages it returns) and ``clear``
-(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of just
-those pages). References in the same run: ``restore`` (``Machine.restore(verify=False)``
+Three modes, each on its own machine: ``get`` (KVM_GET_DIRTY_LOG, which re-protects the
+pages it returns; regs, sregs and events through the kvm_run page with KVM_CAP_SYNC_REGS
+and one KVM_RUN that does not enter the guest), ``clear`` (the same with
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of just those
+pages) and ``ioctls`` (``get`` with KVM_SET_REGS, KVM_SET_SREGS and KVM_SET_VCPU_EVENTS
+instead of the kvm_run page). References in the same run: ``restore`` (``Machine.restore(verify=False)``
 of the snapshot of the ready point, --restores times) and ``fresh boot`` (Machine(),
 load, run to the ready point, --boots times); ratios are over the 16-page reset.
 The issue's target (issue 14): a median of at most 50 us for 16 dirty pages at CPL 3.
@@ -49,7 +51,7 @@ MAILBOX = 0x300000
 READY, DONE = (0x52 << 1) | 1, (0x44 << 1) | 1
 NO_SECTOR = (1 << 64) - 1
 PARTS = ("pages", "vcpu", "irqchip", "devices", "disks")
-MODES = ("get", "clear")
+MODES = ("get", "clear", "ioctls")
 TARGET_US = 50.0
 
 
@@ -74,7 +76,7 @@ def add_arguments(p) -> None:
     p.add_argument("--boots", type=_common.positive, default=None, metavar="B",
                    help="fresh-boot timings (default 10; --quick: 2)")
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=list(MODES), metavar="LIST",
-                   help="dirty-log modes to measure: get, clear (default both)")
+                   help="modes to measure: get, clear, ioctls (default all three)")
     p.add_argument("--quick", action="store_true", help="20 cases per count, 2 restores and boots (a smoke test)")
 
 
@@ -146,7 +148,7 @@ def _op_split(m, rounds: int = 200) -> dict:
 def _mode(image, args, disk: str, mode: str, progress) -> dict:
     m = _ready_machine(image, args.mem, disk)
     try:
-        m.checkpoint(clear_dirty_log=mode == "clear")
+        m.checkpoint(clear_dirty_log=mode == "clear", sync_regs=None if mode != "ioctls" else False)
         out = {"counts": {}, "ops_us": _op_split(m)}
         for count in args.pages:
             n = max(2, args.cases // 10) if count == "all" else args.cases

@@ -36,6 +36,7 @@ disks' files are not the machine's disks, and the dirty bitmaps belong to the re
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import time
@@ -48,6 +49,7 @@ from ..kvm.memory import PAGE_SIZE
 MSR_IA32_TSC_DEADLINE = 0x6E0
 BLOCK = 4096                    # a disk overlay's unit of copying back
 PARTS = ("pages", "vcpu", "irqchip", "devices", "disks")
+SYNC_ALL = 0x7                  # KVM_SYNC_X86_REGS | _SREGS | _EVENTS
 
 
 class ResetError(KvmpyError):
@@ -189,12 +191,16 @@ def _msr_ops(v, indices: list[int], irqchip: bool) -> list[tuple]:
     return [_op(v.fd, lib.KVM_SET_MSRS, p, len(keep))], deadline
 
 
-def _vcpu_ops(v, msrs: list[int], irqchip: bool, xsave: bool) -> list[tuple]:
+def _vcpu_ops(v, msrs: list[int], irqchip: bool, xsave: bool, sync: list | None) -> list[tuple]:
     """``Vcpu.load_state``'s order: sregs, regs, FPU (inside XSAVE when KVM has it), XSAVE,
-    XCRs, MSRs, LAPIC, TSC deadline, events, mp_state, debug registers."""
+    XCRs, MSRs, LAPIC, TSC deadline, events, mp_state, debug registers. With ``sync`` (a
+    list), sregs, regs and events are not ops: their structs go into it, for
+    KVM_CAP_SYNC_REGS after the ops (kvmpy_reset_sync_regs)."""
     fd = v.fd
-    ops = [_got(fd, lib.KVM_GET_SREGS, lib.KVM_SET_SREGS, "struct kvm_sregs *"),
-           _got(fd, lib.KVM_GET_REGS, lib.KVM_SET_REGS, "struct kvm_regs *")]
+    first = [_got(fd, lib.KVM_GET_SREGS, lib.KVM_SET_SREGS, "struct kvm_sregs *"),
+             _got(fd, lib.KVM_GET_REGS, lib.KVM_SET_REGS, "struct kvm_regs *")]
+    events = _got(fd, lib.KVM_GET_VCPU_EVENTS, lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events *")
+    ops = [] if sync is not None else first
     if xsave:
         ops += [_got(fd, lib.KVM_GET_XSAVE, lib.KVM_SET_XSAVE, "struct kvm_xsave *"),
                 _got(fd, lib.KVM_GET_XCRS, lib.KVM_SET_XCRS, "struct kvm_xcrs *")]
@@ -206,7 +212,10 @@ def _vcpu_ops(v, msrs: list[int], irqchip: bool, xsave: bool) -> list[tuple]:
         ops.append(_got(fd, lib.KVM_GET_LAPIC, lib.KVM_SET_LAPIC, "struct kvm_lapic_state *"))
         if deadline is not None:
             ops.append(deadline)
-    ops.append(_got(fd, lib.KVM_GET_VCPU_EVENTS, lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events *"))
+    if sync is None:
+        ops.append(events)
+    else:
+        sync.append((v, first[1][2], first[0][2], events[2]))
     ops.append(_got(fd, lib.KVM_GET_MP_STATE, lib.KVM_SET_MP_STATE, "struct kvm_mp_state *"))
     dr = _got(fd, lib.KVM_GET_DEBUGREGS, lib.KVM_SET_DEBUGREGS, "struct kvm_debugregs *")
     dr[2].flags = 0                     # KVM_SET_DEBUGREGS refuses any flag
@@ -227,6 +236,17 @@ def _vm_ops(vm) -> tuple[list[tuple], list[tuple]]:
     return chips, [_op(vm.fd, lib.KVM_SET_CLOCK, clock)]
 
 
+def _loader(slot):
+    """A call that puts the slot's device back to its state now: the model's
+    ``prepare_load`` if it has one (the C twins: their struct built once), else
+    ``slot.load_state`` of the ``save_state()`` dict taken now."""
+    saved = slot.save_state()
+    prepare = getattr(slot.model, "prepare_load", None)
+    if prepare is not None:
+        return prepare(saved["state"] if slot.identity else saved)
+    return functools.partial(slot.load_state, saved)
+
+
 def _op_array(ops: list[tuple]):
     arr = ffi.new("struct kvmpy_reset_op[]", max(len(ops), 1))
     for i, (fd, request, arg, expect) in enumerate(ops):
@@ -237,7 +257,7 @@ def _op_array(ops: list[tuple]):
 class Checkpoint:
     """A stopped machine's whole state, kept ready to apply (see the module docstring)."""
 
-    def __init__(self, m, manual_protect: bool = False):
+    def __init__(self, m, manual_protect: bool = False, sync_regs: bool | None = None):
         if m.running:
             raise ResetError("checkpoint() needs a stopped machine: call it after run() returned")
         if lib is None:
@@ -247,12 +267,12 @@ class Checkpoint:
         self.m, self.regions, self.overlays, self.manual = m, [], [], False
         self._keep: list = []
         try:
-            self._take(m, manual_protect)
+            self._take(m, manual_protect, sync_regs)
         except BaseException:
             self.close()
             raise
 
-    def _take(self, m, manual_protect: bool) -> None:
+    def _take(self, m, manual_protect: bool, sync_regs: bool | None) -> None:
         m.console.drain()
         vm = m.vm
         # the dirty log: on, then emptied; the VMM's marks so far dropped; then the copy
@@ -272,13 +292,16 @@ class Checkpoint:
         msrs = sorted(m.supported_msrs() & set(m.kvm.msr_index_list()))
         xsave = bool(vm.check_extension(lib.KVM_CAP_XSAVE))
         chips, clock = _vm_ops(vm)
-        vcpus = [op for v in m.vcpus for op in _vcpu_ops(v, msrs, vm.has_irqchip, xsave)]
+        if sync_regs is None:           # regs, sregs and events through the kvm_run page, if KVM can
+            sync_regs = (vm.check_extension(lib.KVM_CAP_SYNC_REGS) & SYNC_ALL) == SYNC_ALL
+        self.sync = [] if sync_regs else None
+        vcpus = [op for v in m.vcpus for op in _vcpu_ops(v, msrs, vm.has_irqchip, xsave, self.sync)]
         self._keep = chips + vcpus + clock              # the cdata the op arrays point to
         self.ops = {"irqchip": (_op_array(chips), len(chips)), "vcpu": (_op_array(vcpus), len(vcpus)),
                     "clock": (_op_array(clock), len(clock))}
         self.op_names = {part: [_name(op[1]) for op in ops]
                          for part, ops in (("vcpu", vcpus), ("irqchip", chips), ("clock", clock))}
-        self.devices = [(s, s.save_state()) for s in m.platform.slots if s.saved_as]
+        self.devices = [_loader(s) for s in m.platform.slots if s.saved_as]
         # a rate-limited device's ring may hold a request its limit held back: the disk timer
         # serves it early in the next run (as Platform.load_state does); the others need nothing
         self.kicks = [s.pending for s in m.platform.slots if s.saved_as and s.pending is not None
@@ -308,9 +331,17 @@ class Checkpoint:
             name = self.op_names[part][-r - 1]
             raise ResetError(f"reset: {name} was refused (the machine is in an unknown state)")
 
+    def reset_vcpus(self) -> None:
+        """Every vCPU's ops, then (with KVM_CAP_SYNC_REGS) regs, sregs and events in one KVM_RUN."""
+        self.reset_ops("vcpu")
+        for v, regs, sregs, events in self.sync or ():
+            r = lib.kvmpy_reset_sync_regs(v.fd, v.run_page, regs, sregs, events)
+            if r < 0:
+                raise ResetError(f"reset: vCPU {v.id}: regs through the kvm_run page: {os.strerror(-r)}")
+
     def reset_devices(self) -> None:
-        for slot, saved in self.devices:
-            slot.load_state(saved)
+        for load in self.devices:
+            load()
         for pending in self.kicks:
             self.timer.kick(pending)
 
@@ -327,7 +358,7 @@ class Checkpoint:
         if times is None:
             n = self.reset_pages()
             self.reset_ops("irqchip")
-            self.reset_ops("vcpu")
+            self.reset_vcpus()
             self.reset_ops("clock")
             self.reset_devices()
             self.reset_disks()
@@ -338,7 +369,7 @@ class Checkpoint:
         t1 = clock()
         self.reset_ops("irqchip")
         t2 = clock()
-        self.reset_ops("vcpu")
+        self.reset_vcpus()
         t3 = clock()
         self.reset_ops("clock")
         t4 = clock()
@@ -362,6 +393,11 @@ class Checkpoint:
         out: dict[str, int] = {}
         for i, name in enumerate(self.op_names[part]):
             out[name] = out.get(name, 0) + ns[i]
+        for v, regs, sregs, events in self.sync or () if part == "vcpu" else ():
+            t0 = time.perf_counter_ns()
+            if lib.kvmpy_reset_sync_regs(v.fd, v.run_page, regs, sregs, events) < 0:
+                raise ResetError(f"reset: vCPU {v.id}: regs through the kvm_run page were refused")
+            out["KVM_RUN(sync regs)"] = out.get("KVM_RUN(sync regs)", 0) + time.perf_counter_ns() - t0
         return out
 
     # --- the end ------------------------------------------------------------------------

@@ -289,14 +289,15 @@ class Machine:
         return clone(self, 1, **host_options)[0]
 
     # --- reset in place (lifecycle/reset.py, docs/reset.md) ------------------------------
-    def checkpoint(self, clear_dirty_log: bool = False) -> None:
+    def checkpoint(self, clear_dirty_log: bool = False, sync_regs: bool | None = None) -> None:
         """Keep this stopped machine's whole state in memory (RAM, vCPUs, irqchip, PIT, clock,
         devices, disk contents) for ``reset()``; replaces an earlier checkpoint. Call it after
         ``run()`` returned, typically where the guest is ready for a case. ``clear_dirty_log``
-        reads KVM's dirty log with KVM_CLEAR_DIRTY_LOG (manual protection: the VM keeps it)."""
+        reads KVM's dirty log with KVM_CLEAR_DIRTY_LOG (manual protection: the VM keeps it);
+        ``sync_regs`` puts regs, sregs and events back through the kvm_run page (None: if KVM can)."""
         from ..lifecycle.reset import Checkpoint
         self.drop_checkpoint()
-        self.reset_point = Checkpoint(self, manual_protect=clear_dirty_log)
+        self.reset_point = Checkpoint(self, manual_protect=clear_dirty_log, sync_regs=sync_regs)
 
     def reset(self, times: dict | None = None) -> int:
         """Put the stopped machine back to its ``checkpoint()``, in place; returns the RAM pages

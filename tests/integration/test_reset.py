@@ -56,15 +56,20 @@ def guest_disk(m) -> bytes:
     return os.pread(fd, DISK + 1, 0)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["native", "python"])
+@pytest.fixture(scope="module", params=[(True, False, None), (False, True, False)],
+                ids=["native-get-syncregs", "python-clear-ioctls"])
 def rig(request, tmp_path_factory):
+    """The C devices with KVM_GET_DIRTY_LOG and the kvm_run page for regs; the Python devices
+    with KVM_CLEAR_DIRTY_LOG and KVM_SET_REGS/SREGS/VCPU_EVENTS."""
+    native, clear, sync = request.param
     path = tmp_path_factory.mktemp("reset") / "disk.img"
     path.write_bytes(os.urandom(DISK))
-    m = Machine(mem_size=MEM, disks=[str(path)], native=request.param)
+    m = Machine(mem_size=MEM, disks=[str(path)], native=native)
     m.load(guests.path("reset-case"), user=True)
     r = m.run(timeout=10)
     assert (r.reason, r.status) == ("exit", READY), m.serial_output
-    m.checkpoint()
+    m.checkpoint(clear_dirty_log=clear, sync_regs=sync)
+    assert (m.reset_point.manual, m.reset_point.sync is not None) == (clear, sync is None)
     rig = {"m": m, "path": path, "file": path.read_bytes(), "seen": observe(m), "disk": guest_disk(m)}
     yield rig
     m.close()
