@@ -40,6 +40,7 @@ import functools
 import mmap
 import os
 import time
+import weakref
 
 from ..errors import KvmpyError
 from ..kvm.abi import ffi, lib
@@ -197,6 +198,8 @@ def _vcpu_ops(v, msrs: list[int], irqchip: bool, xsave: bool, sync: list | None)
     list), sregs, regs and events are not ops: their structs go into it, for
     KVM_CAP_SYNC_REGS after the ops (kvmpy_reset_sync_regs)."""
     fd = v.fd
+    if sync is not None and v.get_mp_state() != lib.KVM_MP_STATE_RUNNABLE:
+        sync = None     # KVM_RUN of a vCPU waiting for INIT/SIPI returns before it takes the regs
     first = [_got(fd, lib.KVM_GET_SREGS, lib.KVM_SET_SREGS, "struct kvm_sregs *"),
              _got(fd, lib.KVM_GET_REGS, lib.KVM_SET_REGS, "struct kvm_regs *")]
     events = _got(fd, lib.KVM_GET_VCPU_EVENTS, lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events *")
@@ -264,7 +267,10 @@ class Checkpoint:
             raise ResetError("reset in place needs kvmpy's compiled extension (python csrc/build.py)")
         if not m.migration_lock.acquire(blocking=False):
             raise ResetError("a live migration of this machine is under way")
-        self.m, self.regions, self.overlays, self.manual = m, [], [], False
+        self.lock = m.migration_lock                    # held while the checkpoint is
+        # a proxy: the Machine holds its checkpoint, which must not keep the Machine alive
+        self.m = weakref.proxy(m)
+        self.regions, self.overlays, self.manual, self.sync = [], [], False, None
         self._keep: list = []
         try:
             self._take(m, manual_protect, sync_regs)
@@ -315,10 +321,10 @@ class Checkpoint:
         self.reset()
 
     # --- the reset ----------------------------------------------------------------------
-    def reset_pages(self) -> int:
+    def reset_pages(self, timed: bool = False) -> int:
         n = 0
         for reg in self.regions:
-            r = lib.kvmpy_reset_region(self.m.vm.fd, reg.c, int(self.manual), self.times)
+            r = lib.kvmpy_reset_region(self.m.vm.fd, reg.c, int(self.manual), self.times if timed else ffi.NULL)
             if r < 0:
                 raise ResetError(f"RAM slot {reg.region.slot}: dirty log: {os.strerror(-r)}")
             n += r
@@ -345,6 +351,11 @@ class Checkpoint:
         for pending in self.kicks:
             self.timer.kick(pending)
 
+    def page_times(self) -> dict[str, int]:
+        """Nanoseconds so far in reading KVM's dirty logs and in copying pages, and the pages
+        copied, over every reset with ``times`` (C's kvmpy_reset_times)."""
+        return {"log_ns": self.times.log_ns, "copy_ns": self.times.copy_ns, "pages": self.times.pages}
+
     def reset_disks(self) -> int:
         return sum(o.reset() for o in self.overlays)
 
@@ -365,7 +376,7 @@ class Checkpoint:
             return n
         clock = time.perf_counter_ns
         t0 = clock()
-        n = self.reset_pages()
+        n = self.reset_pages(timed=True)
         t1 = clock()
         self.reset_ops("irqchip")
         t2 = clock()
@@ -415,8 +426,9 @@ class Checkpoint:
         for reg in self.regions:
             reg.close()
         self.regions = []
-        if self.m.migration_lock.locked():
-            self.m.migration_lock.release()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 _NAMES = {}
