@@ -10,6 +10,8 @@ from kvmpy.devices.virtio.blk import mark_blocks
 from kvmpy.kvm.memory import PAGE_SIZE
 from kvmpy.lifecycle.reset import copy_pages_model
 
+from .test_virtio_differential import DISK, Side
+
 
 def _pages(draw, n: int) -> bytes:
     seeds = draw(st.lists(st.integers(0, 255), min_size=n, max_size=n))
@@ -85,3 +87,38 @@ def test_disk_copy_back_restores_the_written_blocks(tmp_path_factory, size, writ
     finally:
         os.close(fd_file)
         os.close(fd_over)
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 140), st.integers(1, 16),
+                               st.integers(1, 3)), min_size=1, max_size=4))
+def test_both_virtio_blk_twins_mark_the_same_blocks_and_spare_the_file(tmp_path_factory, reqs):
+    """With an overlay (use_overlay), the C virtio-blk and the Python model send writes to the
+    overlay, never to the file, mark the same 4 KiB blocks (reads mark nothing), and read
+    back what was written."""
+    d = tmp_path_factory.mktemp("twins")
+    content = os.urandom(DISK)
+    results = []
+    for native in (True, False):
+        path = d / f"disk-{native}.img"
+        path.write_bytes(content)
+        side = Side(path, native)
+        side.apply(("init", True))
+        over = os.memfd_create("overlay")
+        os.pwrite(over, content, 0)
+        written = mmap.mmap(-1, 8 * (-(-DISK // 4096 // 64) or 1))
+        (side.dev if native else side.blk).use_overlay(over, written)
+        try:
+            statuses = [side.request(t, sector, 512 * n, t == 0, 1, split, 16) for t, sector, n, split in reqs]
+            results.append((statuses, bytes(written), os.pread(over, DISK, 0)))
+            assert path.read_bytes() == content             # the file is never written
+        finally:
+            side.close()
+            os.close(over)
+    assert results[0] == results[1]
+    statuses, bits, data = results[0]
+    expect = bytearray(len(bits))
+    for (t, sector, n, _), status in zip(reqs, statuses):
+        if t == 1 and status == b"\0":
+            mark_blocks(expect, 512 * sector, 512 * n)
+    assert bits == bytes(expect)
