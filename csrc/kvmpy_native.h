@@ -100,6 +100,9 @@ void kvmpy_blk_free(struct kvmpy_blk *b);
 uint64_t kvmpy_blk_read(struct kvmpy_blk *b, uint64_t off, uint32_t size);
 void kvmpy_blk_write(struct kvmpy_blk *b, uint64_t off, uint32_t size, uint64_t value);
 void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd);
+/* I/O goes to fd, and each 4 KiB block a write touches is marked in written (dirty.c
+ * layout; NULL: none): a reset overlay (reset.c kvmpy_reset_disk). */
+void kvmpy_blk_set_overlay(struct kvmpy_blk *b, int fd, uint64_t *written);
 void kvmpy_blk_get_state(struct kvmpy_blk *b, struct kvmpy_blk_state *out);
 /* Restore the registers and the queue from a saved (hostile) state: status,
  * feature selectors, driver_features, queue_sel, interrupt_status, level and q's
@@ -130,6 +133,45 @@ void kvmpy_dirty_mark(uint64_t *bitmap, uint64_t first_page, uint64_t npages);
 void kvmpy_dirty_take(uint64_t *bitmap, uint64_t *out, uint64_t words);
 /* 1 if the len bytes at p (whole pages: 8-byte aligned, len a multiple of 8) are all zero */
 int kvmpy_all_zero(const uint8_t *p, uint64_t len);
+
+/* ---- reset.c: back to an in-memory checkpoint (kvmpy/lifecycle/reset.py) ---- */
+/* One RAM slot: ram and saved are pages * 4096 bytes; log is scratch of (pages+63)/64 words
+ * for KVM's dirty log; vmm_dirty the region's dirty.c bitmap (NULL: none). */
+struct kvmpy_reset_region {
+	uint32_t slot;
+	uint64_t pages;
+	uint8_t *ram;
+	const uint8_t *saved;
+	uint64_t *vmm_dirty;
+	uint64_t *log;
+};
+/* where the time went (added to; NULL: not measured) */
+struct kvmpy_reset_times { uint64_t log_ns, copy_ns, pages; };
+/* a prepared ioctl: fd, request, its argument; the result must equal expect */
+struct kvmpy_reset_op { int fd; uint32_t expect; unsigned long request; void *arg; };
+/* Copy back from saved every page set in log (read) or vmm (taken: cleared atomically);
+ * either may be NULL; bits past pages are ignored. Returns the pages copied. */
+uint64_t kvmpy_reset_copy_pages(uint8_t *ram, const uint8_t *saved, uint64_t pages,
+				const uint64_t *log, uint64_t *vmm);
+/* KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): 0 or -errno */
+int kvmpy_reset_enable_manual_protect(int vm_fd);
+/* KVM_GET_DIRTY_LOG (+ KVM_CLEAR_DIRTY_LOG of what it returned if manual) and the copy;
+ * pages copied or -errno */
+int64_t kvmpy_reset_region(int vm_fd, const struct kvmpy_reset_region *r, int manual,
+			   struct kvmpy_reset_times *t);
+/* ops[0..n) in order; 0, or -(i+1) for the first op that failed or returned another
+ * value than its expect. ns (NULL: not measured): per-op nanoseconds, added to. */
+int kvmpy_reset_ops(const struct kvmpy_reset_op *ops, uint32_t n, uint64_t *ns);
+/* KVM_CAP_SYNC_REGS: regs, sregs and events into the kvm_run page, marked dirty, and one
+ * KVM_RUN with immediate_exit that applies them and returns without entering the guest.
+ * 0, or -errno (-EIO: KVM did not take them). */
+int kvmpy_reset_sync_regs(int vcpu_fd, struct kvm_run *run, const struct kvm_regs *regs,
+			  const struct kvm_sregs *sregs, const struct kvm_vcpu_events *events);
+/* Copy every 4 KiB block set in written (taken) from backing_fd to overlay_fd (the last
+ * block may be short: size is the disk's bytes); buf: 4096 bytes of scratch.
+ * Blocks copied, or -errno. */
+int64_t kvmpy_reset_disk(int backing_fd, int overlay_fd, uint64_t *written, uint64_t size,
+			 uint8_t *buf);
 
 /* ---- runloop.c: the native vCPU loop ---- */
 #define KVMPY_OWNER_NONE 0	/* unclaimed: writes dropped, reads all ones */

@@ -68,6 +68,7 @@ struct kvmpy_blk {
 	struct kvmpy_blk_state s;
 	struct kvmpy_guest_mem mem;
 	int fd, vm_fd, gsi;
+	uint64_t *written;				/* a reset overlay's written blocks (NULL: none) */
 	uint8_t id[VIRTIO_BLK_ID_BYTES];
 	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
 	struct kvmpy_vq_chain chain;			/* one request at a time (io_lock) */
@@ -169,6 +170,11 @@ static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32
 	if (n && !niov)
 		return 0;	/* a buffer not in b->mem (kvmpy_vq_iov) */
 	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
+	/* a reset overlay: every block the write may have touched (even a failed one) */
+	if (write && b->written && n)
+		kvmpy_dirty_mark(b->written, sector * KVMPY_BLK_SECTOR_SIZE / 4096,
+				 (sector * KVMPY_BLK_SECTOR_SIZE + n - 1) / 4096 -
+				 sector * KVMPY_BLK_SECTOR_SIZE / 4096 + 1);
 	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
 	if (!write)
 		kvmpy_vq_mark_dirty(&b->mem, bufs, nbufs, skip, n);
@@ -571,6 +577,16 @@ void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd)
 	pthread_mutex_lock(&b->io_lock);
 	pthread_mutex_lock(&b->lock);
 	b->fd = fd;
+	pthread_mutex_unlock(&b->lock);
+	pthread_mutex_unlock(&b->io_lock);
+}
+
+void kvmpy_blk_set_overlay(struct kvmpy_blk *b, int fd, uint64_t *written)
+{
+	pthread_mutex_lock(&b->io_lock);
+	pthread_mutex_lock(&b->lock);
+	b->fd = fd;
+	b->written = written;
 	pthread_mutex_unlock(&b->lock);
 	pthread_mutex_unlock(&b->io_lock);
 }

@@ -216,6 +216,16 @@ class FwCfg:
         fresh._offset = offset
         self.__dict__.update(fresh.__dict__)
 
+    def prepare_load(self, state: dict):
+        """``load_state(state)`` now, and a call that puts that state back cheaply (a reset
+        checkpoint's): its attributes, the file table copied so later additions are undone."""
+        self.load_state(state)
+        saved = {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+
+        def load() -> None:
+            self.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()})
+        return load
+
     def _rebuild(self) -> None:
         names = sorted(self._files)
         directory = [FILE_COUNT.pack(len(names))]

@@ -169,3 +169,9 @@ class I8042:
         if type(pending) is not int or pending not in (0, *_TAKES_DATA):
             raise DeviceError(f"bad i8042 state: pending command {pending!r}")
         self.__dict__.update(b, **f, pending=pending)
+
+    def prepare_load(self, state: dict):
+        """``load_state(state)`` now, and a call that puts it back cheaply (a reset checkpoint's)."""
+        self.load_state(state)
+        saved = {k: getattr(self, k) for k in ("ctr", "outp", "out", "obf", "cmd_last", "pending")}
+        return lambda: self.__dict__.update(saved)

@@ -317,6 +317,13 @@ _GUESTS: tuple[Guest, ...] = (
          "and pausing a run); needs the in-kernel irqchip; exits 0x46 for another disk size",
          b"blk-smprace: 8 vCPUs on one self-feeding queue\n", None, demo=False,
          cpus=8, needs_irqchip=True),
+    Guest("reset-case", "reset-case.elf",
+          "cases for reset in place (CPL 3): prints 'reset-case: ready', exits 0x52 (the host "
+          "checkpoints there), then each run does the case in the mailbox at 0x300000 (dirty pages, "
+          "serial, CMOS, a disk sector, registers) and exits 0x44; docs/reset.md",
+          format="elf", mode="long", user=True,
+          expect_output=b"reset-case: ready\n", expect_status=_status(0x52), expect_rax=0x52,
+          demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),

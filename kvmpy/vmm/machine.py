@@ -97,6 +97,7 @@ class Machine:
         self._loops_for: tuple | None = None       # the bus generations the native loops were built for
         self._native_loops: dict = {}
         self._background = None
+        self.reset_point = None                    # Machine.checkpoint()'s (lifecycle/reset.py)
         try:
             self.vm = self.kvm.create_vm()
             for gpa, n in self.ram_layout(mem_size):   # before the irqchip: a slot added after it costs ~7 ms on kvm_pvm
@@ -287,6 +288,40 @@ class Machine:
         from ..lifecycle.snapshot import clone
         return clone(self, 1, **host_options)[0]
 
+    # --- reset in place (lifecycle/reset.py, docs/reset.md) ------------------------------
+    def checkpoint(self, clear_dirty_log: bool = False, sync_regs: bool | None = None) -> None:
+        """Keep this stopped machine's whole state in memory (RAM, vCPUs, irqchip, PIT, clock,
+        devices, disk contents) for ``reset()``; replaces an earlier checkpoint. Call it after
+        ``run()`` returned, typically where the guest is ready for a case. ``clear_dirty_log``
+        reads KVM's dirty log with KVM_CLEAR_DIRTY_LOG (manual protection: the VM keeps it);
+        ``sync_regs`` puts regs, sregs and events back through the kvm_run page (None: if KVM can)."""
+        from ..lifecycle.reset import Checkpoint
+        self.drop_checkpoint()
+        self.reset_point = Checkpoint(self, manual_protect=clear_dirty_log, sync_regs=sync_regs)
+
+    def reset(self, times: dict | None = None) -> int:
+        """Put the stopped machine back to its ``checkpoint()``, in place; returns the RAM pages
+        copied back. ``times``: a dict that gets each part's nanoseconds added (benchmarks)."""
+        if self.reset_point is None:
+            raise KvmpyError("reset() needs a checkpoint(): take one after run() returned")
+        return self.reset_point.reset(times)
+
+    @property
+    def checkpointed(self) -> bool:
+        """True while a ``checkpoint()`` is held."""
+        return self.reset_point is not None
+
+    def drop_checkpoint(self) -> None:
+        """Reset to the checkpoint once more, send the disks back to their files (which hold
+        its contents) and forget it; nothing happens without one."""
+        cp, self.reset_point = self.reset_point, None
+        if cp is not None:
+            try:
+                cp.reset()
+                cp.release()
+            finally:
+                cp.close()
+
     # --- loading ---------------------------------------------------------------------
     def load(self, image, format: str = "auto", *, entry: int | None = None, mode: str | None = None,
              load_addr: int | None = None, user: bool = False, cmdline: str = "",
@@ -460,6 +495,9 @@ class Machine:
         self.console.close()
         if self.platform is not None:
             self.platform.close()
+        if self.reset_point is not None:
+            self.reset_point.close()
+            self.reset_point = None
         if self.vm is not None:
             self.vm.close()
             self.vm = None

@@ -84,10 +84,19 @@ class NativeUart:
         return out
 
     def load_state(self, state: dict) -> None:
+        self.prepare_load(state)()
+
+    def prepare_load(self, state: dict):
+        """``load_state(state)`` as a call that can be repeated cheaply (a reset checkpoint's):
+        the C struct is built once; each call sets the registers and FIFO again."""
         s = ffi.new("struct kvmpy_uart_state *", {k: int(state[k]) for k in UART_STATE_FIELDS})
         rx = bytes.fromhex(state["rx"])
-        if lib.kvmpy_uart_set_state(self._p, s, rx, len(rx)) < 0:
-            raise ValueError(f"UART state has {len(rx)} bytes of input, more than the FIFO holds")
+        p = self._p
+
+        def load() -> None:
+            if lib.kvmpy_uart_set_state(p, s, rx, len(rx)) < 0:
+                raise ValueError(f"UART state has {len(rx)} bytes of input, more than the FIFO holds")
+        return load
 
     @property
     def rx_space(self) -> int:
@@ -230,6 +239,11 @@ class NativeVirtioBlk:
         """Restore a saved state; ValueError (nothing changed) in exactly the cases the
         Python transport refuses. C validates on its own (kvmpy_blk_set_state); the
         Python check only supplies the message. The irq level is recorded, not driven."""
+        self.prepare_load(state)()
+
+    def prepare_load(self, state: dict):
+        """``load_state(state)`` as a call that can be repeated cheaply (a reset checkpoint's):
+        checked and built into the C struct once; each call sets it again."""
         from ..devices.virtio.mmio import check_state, check_state_shape
         check_state_shape(state, 1)          # every value fits its C field
         q = state["queues"][0]
@@ -241,9 +255,13 @@ class NativeVirtioBlk:
             "q": {"num": q["num"], "ready": int(q["ready"]), "desc": q["desc"], "driver": q["driver"],
                   "device": q["device"], "last_avail_idx": q["last_avail_idx"],
                   "used_idx": q["used_idx"]}})
-        if lib.kvmpy_blk_set_state(self._p, s) < 0:
-            check_state(state, self.disk.device_features, 1, lib.KVMPY_BLK_QUEUE_NUM_MAX, self.mem)
-            raise ValueError("virtio state refused by the native virtio-blk")
+        p = self._p
+
+        def load() -> None:
+            if lib.kvmpy_blk_set_state(p, s) < 0:
+                check_state(state, self.disk.device_features, 1, lib.KVMPY_BLK_QUEUE_NUM_MAX, self.mem)
+                raise ValueError("virtio state refused by the native virtio-blk")
+        return load
 
     @property
     def irq_level(self) -> bool:
@@ -253,6 +271,14 @@ class NativeVirtioBlk:
     def irq_errors(self) -> int:
         """How many KVM_IRQ_LINE calls failed (raw_state().irq_errno: the last errno)."""
         return self.raw_state().irq_errors
+
+    def use_overlay(self, fd: int | None, written=None) -> None:
+        """``VirtioBlk.use_overlay`` for the C data path: C marks the written blocks in
+        ``written`` (a writable buffer of u64 words, kept alive by the caller)."""
+        self.disk.use_overlay(fd, written)
+        self.disk.written = None                # C marks; the Python side moves no data
+        ptr = ffi.cast("uint64_t *", ffi.from_buffer(written)) if written is not None else ffi.NULL
+        lib.kvmpy_blk_set_overlay(self._p, self.disk.fd, ptr)
 
     def close(self) -> None:
         """Stop I/O (later requests get IOERR) and close the backing file; idempotent."""

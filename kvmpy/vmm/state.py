@@ -38,6 +38,9 @@ def capture(m) -> dict:
     """Every vCPU's, the VM's and each device's state (no RAM) of a stopped or paused machine."""
     if m.running and not m.paused:
         raise SnapshotError("the machine is running: pause() it (or let run() return) first")
+    if m.checkpointed:
+        raise SnapshotError("the machine holds a reset checkpoint (its disks write to overlays, "
+                            "its dirty logs belong to the reset): drop_checkpoint() first")
     m.console.drain()
     msrs = sorted(m.supported_msrs() & set(m.kvm.msr_index_list()))
     return {"magic": MAGIC, "version": VERSION, "machine": m.shape(),

@@ -406,3 +406,27 @@ def test_snapshot_quick_via_cli(tmp_path):
     assert b"restore verify=False" in r.stderr                   # the table, on stderr with --json
     assert json.loads(out.read_text()) == data
     assert list(tmp_path.iterdir()) == [out]                     # the snapshots are gone
+
+
+def test_reset_quick_via_cli(tmp_path):
+    """`kvmpy bench reset --quick --json`: every dirty-page count in both dirty-log modes, its
+    median, p99 and split, the pages copied (at least the count), the references and ratios."""
+    out = tmp_path / "reset.json"
+    r = run(["-m", "kvmpy", "bench", "reset", "--quick", "--cases", "6", "--pages", "1,16,all",
+             "--mem", "16M", "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    modes = ("get", "clear", "ioctls")
+    variants = {f"{m} {c}" for m in modes for c in ("1", "16", "all")} | {"reference"}
+    check_shape(data, "reset", variants, {"restore/reset get 16", "fresh_boot/reset clear 16"})
+    for mode in modes:
+        counts = data["modes"][mode]["counts"]
+        assert counts["1"]["copied"] >= 1 and counts["16"]["copied"] >= 16
+        assert counts["all"]["copied"] == (16 << 20) // 4096                # every page of RAM
+        for d in counts.values():
+            assert d["p99_us"] >= d["median_us"] > 0
+            assert set(d["split_us"]) == {"pages", "vcpu", "irqchip", "devices", "disks"}
+        ops = data["modes"][mode]["ops_us"]
+        assert "KVM_SET_XSAVE" in ops and ("KVM_SET_REGS" in ops) == (mode == "ioctls")
+    assert b"target median <= 50 us at 16 pages" in r.stderr
+    assert json.loads(out.read_text()) == data

@@ -126,6 +126,8 @@ class VirtioBlk:
             os.close(self.fd)
             raise
         self.capacity = self.file_size // SECTOR_SIZE
+        self.written = None                # a reset overlay's bitmap of written 4 KiB blocks
+        self._file_fd = None               # the file's fd while I/O goes to an overlay
         self.device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
                                 | (1 << VIRTIO_BLK_F_FLUSH)
                                 | ((1 << VIRTIO_BLK_F_RO) if self.readonly else 0))
@@ -240,6 +242,8 @@ class VirtioBlk:
             if not write:                  # dirty again now the data is in (view() marked before)
                 for addr, n in segments:
                     mem.mark_dirty(addr, n)
+            elif self.written is not None:  # every block the write may have touched
+                mark_blocks(self.written, sector * SECTOR_SIZE, sum(n for _, n in segments))
 
     def _inside_file(self, end: int) -> bool:
         """The transfer ends inside the file as it is now. Someone may have shrunk it under
@@ -269,8 +273,25 @@ class VirtioBlk:
                 "file_size": self.file_size, "device_features": self.device_features,
                 "serial_id": self.serial_id, "closed": self.fd < 0}
 
+    def use_overlay(self, fd: int | None, written=None) -> None:
+        """Send all I/O to ``fd`` instead of the file (a reset overlay: lifecycle/reset.py) and
+        mark each 4 KiB block a write touches in ``written``, a writable buffer (block b is bit
+        b % 8 of byte b // 8); ``None``: back to the file. The overlay's fd stays its owner's."""
+        if fd is None:
+            if self._file_fd is not None:
+                self.fd, self._file_fd = self._file_fd, None
+            self.written = None
+            return
+        if self.fd < 0 and self._file_fd is None:
+            raise DeviceError(f"virtio-blk: {self.path!r} is closed")
+        if self._file_fd is None:
+            self._file_fd = self.fd
+        self.fd, self.written = fd, written
+
     def close(self) -> None:
         """Close the backing file; idempotent. Later requests complete with IOERR."""
+        if self._file_fd is not None:      # an overlay's fd is not ours to close
+            self.fd, self._file_fd, self.written = self._file_fd, None, None
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -287,6 +308,15 @@ class VirtioBlk:
 
 
 # --- one request's header and what it costs ----------------------------------------------
+
+def mark_blocks(bitmap, pos: int, length: int, block: int = 4096) -> None:
+    """Set the bits of the ``block``-byte blocks holding bytes ``[pos, pos+length)`` in
+    ``bitmap`` (block b is bit b % 8 of byte b // 8: the u64-word layout of csrc/dirty.c)."""
+    if length <= 0:
+        return
+    for b in range(pos // block, (pos + length - 1) // block + 1):
+        bitmap[b >> 3] |= 1 << (b & 7)
+
 
 def _check_status_byte(chain: DescriptorChain) -> None:
     if chain.writable_len == 0:
