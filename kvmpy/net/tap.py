@@ -29,6 +29,9 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")   # struct ifreq: ifr_name, ifr_flags, the rest of the union
+_OPEN_HINTS = {errno.ENOENT: " (no TUN/TAP support: modprobe tun)",
+               errno.EACCES: " (this user may not open it: a TAP interface needs read-write access to "
+                             "/dev/net/tun, and CAP_NET_ADMIN to create one)"}
 #: Frames read from the interface per ``receive`` at most (the network thread's turn).
 READ_FRAMES = 256
 
@@ -55,7 +58,7 @@ class Tap:
             self.fd = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise NetBackendError(f"tap:{name}: cannot open {device}: {e.strerror}"
-                                  + (" (no TUN/TAP support: modprobe tun)" if e.errno == errno.ENOENT else "")) from None
+                                  + _OPEN_HINTS.get(e.errno, "")) from None
         try:
             fcntl.ioctl(self.fd, TUNSETIFF, _IFREQ.pack(self.name.encode(), IFF_TAP | IFF_NO_PI))
         except OSError as e:
