@@ -142,7 +142,8 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
-                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi)
+                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
+                          net=getattr(args, "net", None))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -155,6 +156,9 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
         try:
             return _drive(args, machine, tracer, sample_input)
         finally:
+            for s in machine.platform.slots:        # a network that failed under the guest: say so
+                if s.saved_as == "virtio_net" and s.backend.error:
+                    print(f"kvmpy: the network stopped: {s.backend.error}", file=sys.stderr)
             if args.trace_json:
                 tracer.stream.close()
 
