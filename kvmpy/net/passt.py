@@ -53,6 +53,19 @@ def _die_with_parent() -> None:                      # runs in the child, betwee
         pass
 
 
+def _stop(child: subprocess.Popen) -> None:
+    """Wait for ``child`` to end (it does once its socket is closed), then make it."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            child.send_signal(sig)
+            deadline = time.monotonic() + STOP_WAIT_S
+    child.wait()
+
+
 class Passt(StreamBackend):
     """A connection to passt (see the module docstring); ``child`` is the passt kvmpy started."""
 
@@ -115,16 +128,11 @@ class Passt(StreamBackend):
         super().close()
         child, self.child = self.child, None
         if child is not None:
-            deadline = time.monotonic() + STOP_WAIT_S
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    child.wait(max(0.0, deadline - time.monotonic()))
-                    break
-                except subprocess.TimeoutExpired:
-                    child.send_signal(sig)
-                    deadline = time.monotonic() + STOP_WAIT_S
-            else:
-                child.wait()
+            try:
+                _stop(child)
+            except OSError:
+                pass                    # a sandbox refused wait4/kill (vmm/confine.py): the child ends
+                                        # by itself (its socket closed) and is reaped when we exit
         if self.log is not None:
             self.log.close()
 
