@@ -32,7 +32,7 @@
 #define CLIENT_PORT 40124
 #define DHCP_XID    0x6b766d70u
 #define WAIT_SPINS  (1UL << 25)   /* polls of the used ring per frame waited for */
-#define TRIES       40            /* waits before giving up; every 4th resends */
+#define TRIES       40            /* empty waits before giving up; every 4th resends */
 
 static struct net_dev net;
 static u8 frame[NET_FRAME_MAX], pkt[NET_FRAME_MAX];
@@ -200,8 +200,8 @@ int main(void)
 	print_mac(net.mac);
 	putc('\n');
 
-	for (int t = 0; t < TRIES && !got; t++) {
-		if (t % 4 == 0) {          /* (again, if nothing came: a DHCP client retransmits) */
+	for (int t = 0, resend = 1; !got; resend = 0) {
+		if (resend) {              /* first, and again after every 4 empty waits */
 			err = net_send(&net, pkt, dhcp_discover());
 			if (err)
 				return fail("send", err);
@@ -209,7 +209,13 @@ int main(void)
 		n = net_recv(&net, frame, WAIT_SPINS);
 		if (n < 0)
 			return fail("receive", n);
-		got = n > 0 && take_offer(frame, n);
+		if (n == 0) {
+			if (++t == TRIES)
+				break;
+			resend = t % 4 == 0;
+			continue;
+		}
+		got = take_offer(frame, n);
 	}
 	if (!got) {
 		puts("net-udp: no DHCP offer\n");
@@ -221,8 +227,8 @@ int main(void)
 	print_ip(router);
 	putc('\n');
 
-	for (int t = 0; t < TRIES; t++) {
-		if (t % 4 == 0) {          /* UDP may be lost: say it again if nothing came */
+	for (int t = 0, resend = 1; t < TRIES; resend = 0) {
+		if (resend) {              /* first, and again after every 4 empty waits */
 			err = net_send(&net, pkt, udp_frame(server_mac, my_ip, router, CLIENT_PORT, SERVER_PORT,
 							      (const u8 *)hello, sizeof(hello) - 1));
 			if (err)
@@ -231,7 +237,12 @@ int main(void)
 		n = net_recv(&net, frame, WAIT_SPINS);
 		if (n < 0)
 			return fail("receive", n);
-		answer = n > 0 ? udp_payload(frame, n, CLIENT_PORT, &len) : 0;
+		if (n == 0) {
+			t++;
+			resend = t % 4 == 0;
+			continue;
+		}
+		answer = udp_payload(frame, n, CLIENT_PORT, &len);
 		if (answer) {
 			puts("net-udp: the host says '");
 			for (u32 i = 0; i < len && i < 200; i++)

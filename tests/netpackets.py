@@ -62,3 +62,12 @@ def dhcp_offer(frame: bytes):
             router = bootp[i + 2:i + 6]
         i += 2 + n
     return yiaddr, router, u[0]
+
+
+def has_default_route() -> bool:
+    """True if the host has an IPv4 default route (what passt copies its addresses from)."""
+    try:
+        lines = open("/proc/net/route").read().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] == "00000000" for line in lines if len(line.split()) > 2)

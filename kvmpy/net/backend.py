@@ -100,6 +100,11 @@ class StreamBackend:
                 frames += self.reader.feed(data)
             except StreamError as e:
                 raise NetBackendError(f"{self.what}: {e}") from None
+            if self.reader.broken is not None:     # deliver what came before, then stop
+                self.error = f"{self.what}: {self.reader.broken}"
+                break
+        if not frames and self.reader.broken is not None:
+            raise NetBackendError(f"{self.what}: {self.reader.broken}")
         short = [f for f in frames if len(f) < MIN_FRAME]
         self.rx_dropped += len(short)
         return [f for f in frames if len(f) >= MIN_FRAME] if short else frames

@@ -22,9 +22,10 @@ Two ways to get one (``Passt.start``/``Passt.connect``):
   the same protocol, such as another VMM's ``-netdev stream,server=on``).
 
 Addresses: passt copies the host's (the guest gets the host's address and default
-gateway by DHCP), unless ``-a``/``-n``/``-g`` in ``args`` say otherwise. A host with no
-default route needs those (and ``-i`` naming an interface): passt then says why it cannot start,
-and we pass its words on.
+gateway by DHCP), unless ``-a``/``-n``/``-g`` in ``args`` say otherwise. On a host with
+no default route passt exits at once ("External interface not usable") unless given
+``-i IFACE -g GATEWAY`` with IFACE a non-loopback interface holding an address (this
+passt refuses ``-i lo``); we pass its words on.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ class Passt(StreamBackend):
         words = self.output()
         self.close()
         raise NetBackendError(f"passt exited at once (status {child.returncode}): {words or 'no output'}"
-                              " (a host without a default route needs passt's -a, -n, -g and -i options)")
+                              " (on a host without a default route give passt an interface that has an "
+                              "address, and a gateway: passt_args=('-i', IFACE, '-g', GATEWAY); docs/net.md)")
 
     @classmethod
     def connect(cls, path: str) -> "Passt":

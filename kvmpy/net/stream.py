@@ -8,7 +8,7 @@ Both directions are here, as pure byte functions a test drives without sockets:
   back whole frames. The peer is hostile: a length of 0 is dropped (counted in
   ``zero_length``; nothing to deliver, and the stream stays in step); a length above
   ``max_frame`` (default MAX_FRAME, the biggest frame the virtio-net device carries) is
-  a :class:`StreamError`, since nothing after it can be trusted to be in step and
+  a :class:`StreamError` (after the frames before it are handed out), since nothing after it can be trusted to be in step and
   buffering it would let a peer make us hold 4 GiB. So the reader never holds more than
   4 + ``max_frame`` bytes of a partial frame, whatever the peer sends. A stream that
   ends inside a frame (``eof()`` with bytes pending) is a StreamError too.
@@ -43,16 +43,25 @@ class FrameReader:
         self.buf = bytearray()
         self.zero_length = 0            # frames of length 0 the peer sent (dropped)
         self.frames = 0                 # frames handed out
+        self.broken: str | None = None  # why the stream can no longer be read
 
     def feed(self, data: bytes) -> list[bytes]:
-        """The frames ``data`` completes, in order; StreamError on a length over ``max_frame``."""
+        """The frames ``data`` completes, in order. A length over ``max_frame`` ends the
+        stream: the frames before it are returned, and this call or the next raises
+        StreamError (``broken`` says why); nothing after it is buffered."""
+        if self.broken is not None:
+            raise StreamError(self.broken)
         self.buf += data
         out = []
         while len(self.buf) >= _LEN.size:
             (n,) = _LEN.unpack_from(self.buf)
             if n > self.max_frame:
-                raise StreamError(f"the peer sent a frame length of {n} bytes; at most "
-                                  f"{self.max_frame} are allowed (a broken or hostile peer)")
+                self.broken = (f"the peer sent a frame length of {n} bytes; at most "
+                               f"{self.max_frame} are allowed (a broken or hostile peer)")
+                self.buf.clear()
+                if not out:
+                    raise StreamError(self.broken)
+                break
             if len(self.buf) < _LEN.size + n:
                 break
             frame = bytes(self.buf[_LEN.size:_LEN.size + n])

@@ -23,7 +23,9 @@ import netpackets as P  # noqa: E402
 G = guests.get("net-udp")
 PORT = 40123                                    # the guest's server port (guests/net-udp.c)
 LOOPS = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-need_passt = pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed (apt-get install passt)")
+need_passt = pytest.mark.skipif(shutil.which("passt") is None or not P.has_default_route(),
+                                reason="passt is not installed (apt-get install passt), or this host has no default "
+                                       "route for it to take its addresses from (docs/net.md)")
 need_root = pytest.mark.skipif(os.geteuid() != 0, reason="a TAP interface needs CAP_NET_ADMIN")
 OK = G.expect_status ^ (0x63 << 1) ^ (0x62 << 1)      # exit 0x62
 
@@ -198,3 +200,68 @@ def test_dhcp_and_udp_over_a_tap_interface(native):
         assert "net-udp: address 10.213.9.2 router 10.213.9.1\n" in m.serial_output.decode()
         assert udp.got[0] == (b"hello from the guest", ("10.213.9.2", 40124))
     assert subprocess.run(["ip", "link", "show", name], capture_output=True).returncode != 0   # gone with the machine
+
+
+# --- a hostile peer: the test plays passt on a UNIX socket (--net passt:SOCKET), answers the
+#     guest, floods it, and then breaks the stream; the machine and the guest go on.
+
+def fake_passt(conn, flood, stop):
+    """Serve DHCP and UDP like passt, but send ``flood`` junk frames before the offer and end
+    the stream with a 4 GiB length after the answer."""
+    from kvmpy.net.stream import FrameReader, encode
+    mine, reader = bytes.fromhex("02fc00000001"), FrameReader()
+    ip, gw = socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2")
+    conn.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            data = conn.recv(1 << 16)
+        except socket.timeout:
+            continue
+        if not data:
+            return
+        for f in reader.feed(data):
+            u = P.parse_udp(f)
+            if u and u[4] == 67:
+                xid, mac = u[5][4:8], u[5][28:34]
+                junk = encode(P.BROADCAST + mine + b"\x88\xb5" + bytes(50))
+                conn.sendall(junk * flood)
+                bootp = struct.pack("!BBBB4sHH4s4s4s4s16s64s128s", 2, 1, 6, 0, xid, 0, 0, bytes(4), ip, gw,
+                                    bytes(4), mac.ljust(16, b"\0"), b"", b"")
+                opts = b"\x63\x82\x53\x63\x35\x01\x02\x03\x04" + gw + b"\xff"
+                stop.wait(0.3)                      # the guest empties the backlog first
+                conn.sendall(encode(P.eth(mac, mine, P.ETH_IP, P.ipv4_udp(gw, P.BROADCAST[:4], 67, 68, bootp + opts))))
+            elif u and u[4] == PORT:
+                answer = P.eth(u[0], mine, P.ETH_IP, P.ipv4_udp(gw, ip, PORT, u[3], b"fake passt says hi"))
+                conn.sendall(encode(answer) + b"\xff\xff\xff\xff" + encode(answer))
+
+
+@LOOPS
+def test_a_hostile_peer_floods_the_guest_then_breaks_the_stream(tmp_path, native):
+    path = str(tmp_path / "p.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    with start(native=native, net=f"passt:{path}") as m:
+        conn, _ = listener.accept()
+        stop = threading.Event()
+        peer = threading.Thread(target=fake_passt, args=(conn, 1000, stop), daemon=True)
+        peer.start()
+        try:
+            result = m.run(timeout=30)
+        finally:
+            stop.set()
+            peer.join()
+        assert (result.reason, result.status) == ("exit", OK), m.serial_output
+        assert m.serial_output.endswith(b"net-udp: address 10.0.2.15 router 10.0.2.2\n"
+                                        b"net-udp: the host says 'fake passt says hi'\n")
+        slot = m.platform.slot("virtio-net")
+        c = slot.model.device.counters
+        assert c["rx_dropped"] > 0 and len(slot.model.device.backlog) <= 256     # the flood hit the bound
+        assert c["rx_frames"] + c["rx_dropped"] >= 1000
+        pump = slot.backend
+        pump.thread.join(5)
+        assert pump.error == f"the socket {path}: the peer sent a frame length of 4294967295 bytes; " \
+                             "at most 65550 are allowed (a broken or hostile peer)"
+        assert not slot.model.status & 0x40                # the device is fine: the cable was pulled
+        conn.close()
+    listener.close()

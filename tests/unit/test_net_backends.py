@@ -19,7 +19,9 @@ from kvmpy.net.passt import Passt  # noqa: E402
 from kvmpy.net.tap import Tap  # noqa: E402
 
 MAC = bytes.fromhex("026b766d7001")
-need_passt = pytest.mark.skipif(shutil.which("passt") is None, reason="passt is not installed (apt-get install passt)")
+need_passt = pytest.mark.skipif(shutil.which("passt") is None or not P.has_default_route(),
+                                reason="passt is not installed (apt-get install passt), or this host has no default "
+                                       "route for it to take its addresses from (docs/net.md)")
 need_root = pytest.mark.skipif(os.geteuid() != 0, reason="a TAP interface needs CAP_NET_ADMIN")
 
 

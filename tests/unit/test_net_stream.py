@@ -34,8 +34,10 @@ def test_hostile_bytes_give_frames_or_a_stream_error_and_bounded_memory(data, li
             for f in r.feed(chunk):
                 assert 1 <= len(f) <= limit
             assert r.pending < 4 + limit + len(chunk) + 4       # never more than one frame and a length
+            if r.broken:
+                assert r.pending == 0                           # nothing after a bad length is kept
     except StreamError as e:
-        assert "frame length" in str(e)
+        assert "frame length" in str(e) and r.broken == str(e)
 
 
 def test_huge_zero_and_truncated_lengths():
@@ -47,6 +49,10 @@ def test_huge_zero_and_truncated_lengths():
     assert r.feed(too_big[:3]) == []                           # not yet a whole length: waits
     with pytest.raises(StreamError):
         r.feed(too_big[3:])
+    r = FrameReader()
+    assert r.feed(encode(b"first") + b"\xff\xff\xff\xff" + encode(b"never")) == [b"first"]   # then the error
+    with pytest.raises(StreamError, match="frame length of 4294967295"):
+        r.feed(encode(b"more"))
     r = FrameReader()
     assert r.feed(b"\0\0\0\0" * 3 + encode(b"abc")) == [b"abc"] and r.zero_length == 3
     r.feed(encode(b"x" * 100)[:50])
