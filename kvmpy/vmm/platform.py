@@ -292,8 +292,9 @@ class Platform:
 
     def add_net(self, net, memory) -> Slot:
         """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, over the
-        backend ``net`` (a kvmpy.net.Net) opens, with its network thread (vmm/netpump.py): the
-        Python model only for now; saved as "virtio_net" (the backend is re-made on restore)."""
+        backend ``net`` (a kvmpy.net.Net) opens, with its network thread (vmm/netpump.py); with
+        ``native`` the queue work runs in C (vmm/native_net.py), the transport in Python; saved
+        as "virtio_net" (the backend is re-made on restore)."""
         from ..devices.virtio.mmio import VirtioMmioTransport
         from ..devices.virtio.net import VirtioNet
         from .netpump import NetPump
@@ -301,6 +302,9 @@ class Platform:
         backend = net.open()
         try:
             dev = VirtioNet(backend, mac=net.mac_bytes)
+            if self.native:         # the queue work in C (csrc/virtio_net.c); the transport stays Python
+                from .native_net import NativeNetQueues
+                dev.engine = NativeNetQueues(dev, memory)
             model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
             device = Locked(model, threading.Lock())
             pump = NetPump(backend, dev, device, self.gate)

@@ -94,6 +94,8 @@ class VirtioNet:
     config_size = CONFIG_SIZE
 
     def __init__(self, backend=None, mac: bytes = b"\x02\x6b\x76\x6d\x70\x01", mtu: int = MTU):
+        """``engine``, set after construction, runs the two queue methods instead of this
+        object (``vmm/native_net.py``: the same work in C); None: Python."""
         if len(mac) != 6 or mac[0] & 1:
             raise ValueError(f"MAC {mac.hex(':')} is not six bytes of a unicast address")
         if not 68 <= mtu <= MAX_FRAME - 18:
@@ -102,6 +104,7 @@ class VirtioNet:
         self._config = CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, mtu)
         self.backlog: deque[bytes] = deque()
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.engine = None
 
     # --- VirtioDevice ----------------------------------------------------------------
 
@@ -117,10 +120,11 @@ class VirtioNet:
         self.backlog.clear()
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
+        work = self.engine if self.engine is not None else self
         if queue_index == RECEIVEQ:
-            self.fill_rx(queue)
+            work.fill_rx(queue)
         elif queue_index == TRANSMITQ:
-            self.transmit(queue)
+            work.transmit(queue)
 
     # --- host side ----------------------------------------------------------------------
 
