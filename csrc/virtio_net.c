@@ -103,10 +103,19 @@ int kvmpy_net_rx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, co
 		niov = kvmpy_vq_iov(mem, chain->wr, chain->nwr, 0, total, iov);
 		if (!niov)
 			return *why = "receive buffer outside guest RAM", -1;
-		for (i = 0; i < niov; i++) {
-			for (k = 0; k < iov[i].iov_len; k++, done++)
-				((uint8_t *)iov[i].iov_base)[k] = done < NET_HDR_SIZE ? hdr[done]
-							  : frame[done - NET_HDR_SIZE];
+		for (i = 0; i < niov; i++) {		/* the header, then the frame, across the iovecs */
+			uint8_t *p = iov[i].iov_base;
+			uint64_t left = iov[i].iov_len;
+
+			if (done < NET_HDR_SIZE) {
+				k = left < NET_HDR_SIZE - done ? left : NET_HDR_SIZE - done;
+				memcpy(p, hdr + done, k);
+				p += k;
+				left -= k;
+				done += k;
+			}
+			memcpy(p, frame + (done - NET_HDR_SIZE), left);
+			done += left;
 		}
 		kvmpy_vq_mark_dirty(mem, chain->wr, chain->nwr, 0, total);
 		kvmpy_vq_push_used(q, mem, chain->head, (uint32_t)total);

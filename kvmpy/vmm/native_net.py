@@ -29,6 +29,7 @@ class NativeNetQueues:
         self.net = net
         self.mem = guest_mem_table(mem)
         self.chain = ffi.new("uint8_t[]", lib.kvmpy_net_chain_size())
+        self.chain_p = ffi.cast("struct kvmpy_vq_chain *", self.chain)
         self.out = ffi.new("uint8_t[]", TX_BUFFER)
         self.out_len = ffi.new("uint64_t *")
         self.q = ffi.new("struct kvmpy_vq_state *")
@@ -45,7 +46,7 @@ class NativeNetQueues:
         while left:
             self._load(queue)
             served = lib.kvmpy_net_tx(self.q, self.mem, left, self.out, TX_BUFFER, self.out_len, self.c,
-                                      ffi.cast("struct kvmpy_vq_chain *", self.chain), self.why)
+                                      self.chain_p, self.why)
             self._store(queue)
             self._send(ffi.buffer(self.out, self.out_len[0]))     # the frames before an error go too
             if served < 0:
@@ -56,18 +57,22 @@ class NativeNetQueues:
 
     def fill_rx(self, queue: VirtQueue) -> None:
         backlog = self.net.backlog
+        if not backlog:
+            return
         self.budget[0] = queue.size
-        while backlog and self.budget[0]:
-            frame = backlog[0]
-            self._load(queue)
-            r = lib.kvmpy_net_rx(self.q, self.mem, self.hdr, frame, len(frame), self.budget, self.c,
-                                 ffi.cast("struct kvmpy_vq_chain *", self.chain), self.why)
+        self._load(queue)                       # C keeps the indices in self.q between frames
+        try:
+            while backlog and self.budget[0]:
+                frame = backlog[0]
+                r = lib.kvmpy_net_rx(self.q, self.mem, self.hdr, frame, len(frame), self.budget, self.c,
+                                     self.chain_p, self.why)
+                if r < 0:
+                    raise VirtqueueError(ffi.string(self.why[0]).decode())
+                if r == 0:
+                    return
+                backlog.popleft()               # delivered (1) or too big for the chain (2)
+        finally:
             self._store(queue)
-            if r < 0:
-                raise VirtqueueError(ffi.string(self.why[0]).decode())
-            if r == 0:
-                return
-            backlog.popleft()                   # delivered (1) or too big for the chain (2)
 
     # --- between the Python queue and C -----------------------------------------------
 
