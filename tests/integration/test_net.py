@@ -4,12 +4,14 @@ TAP interface the test creates (root); snapshots carry the queues and re-make th
 Traffic stays on this machine."""
 import os
 import re
+import select
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -264,4 +266,71 @@ def test_a_hostile_peer_floods_the_guest_then_breaks_the_stream(tmp_path, native
                              "at most 65550 are allowed (a broken or hostile peer)"
         assert not slot.model.status & 0x40                # the device is fine: the cable was pulled
         conn.close()
+    listener.close()
+
+
+def flooding_passt(conn, stop, sent):
+    """Offer an address, then send junk frames (not the answer) every millisecond."""
+    from kvmpy.net.stream import FrameReader, encode
+    mine, reader = bytes.fromhex("02fc00000001"), FrameReader()
+    ip, gw = socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2")
+    offered = False
+    conn.settimeout(5)
+    while not stop.is_set():
+        if select.select([conn], [], [], 0.001)[0]:
+            data = conn.recv(1 << 16)
+            for f in reader.feed(data):
+                u = P.parse_udp(f)
+                if u and u[4] == 67 and not offered:
+                    xid, mac = u[5][4:8], u[5][28:34]
+                    bootp = struct.pack("!BBBB4sHH4s4s4s4s16s64s128s", 2, 1, 6, 0, xid, 0, 0, bytes(4), ip, gw,
+                                        bytes(4), mac.ljust(16, b"\0"), b"", b"")
+                    conn.sendall(encode(P.eth(mac, mine, P.ETH_IP, P.ipv4_udp(
+                        gw, P.BROADCAST[:4], 67, 68, bootp + b"\x63\x82\x53\x63\x35\x01\x02\x03\x04" + gw + b"\xff"))))
+                    offered = True
+        if offered:                                     # blocking: a frame is never cut short
+            try:
+                conn.sendall(encode(P.BROADCAST + mine + b"\x88\xb5" + bytes(50)))
+            except OSError:                             # timed out: nobody reads any more
+                return
+            sent[0] += 1
+
+
+def test_no_frame_lands_in_a_paused_guest(tmp_path):
+    """The network thread moves frames only while the run is on: paused, the receive
+    ring's used index stands still however many frames the peer sends; resumed, it moves."""
+    path = str(tmp_path / "p.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    with start(net=f"passt:{path}") as m:
+        conn, _ = listener.accept()
+        stop, sent = threading.Event(), [0]
+        peer = threading.Thread(target=flooding_passt, args=(conn, stop, sent), daemon=True)
+        peer.start()
+        slot = m.platform.slot("virtio-net")
+        used = lambda: slot.model.queues[0].live.used_idx if slot.model.queues[0].live else 0   # noqa: E731
+        m.start(timeout=30)
+        try:
+            wait_until = time.monotonic() + 20
+            while slot.model.device.counters["rx_frames"] < 20 and time.monotonic() < wait_until:
+                time.sleep(0.01)
+            assert slot.model.device.counters["rx_frames"] >= 20, m.serial_output
+            assert m.pause()
+            before, sent_before, ram = used(), sent[0], m.memory.read(0x100000, 0x100000)
+            time.sleep(0.5)
+            assert sent[0] > sent_before + 50                  # the peer kept sending ...
+            assert used() == before                             # ... and nothing reached the ring
+            assert m.memory.read(0x100000, 0x100000) == ram     # nor the guest's buffers
+            m.resume()
+            wait_until = time.monotonic() + 10
+            while used() == before and time.monotonic() < wait_until:
+                time.sleep(0.01)
+            assert used() != before
+        finally:
+            m.request_stop()
+            m.wait(10)
+            stop.set()
+            peer.join()
+            conn.close()
     listener.close()
