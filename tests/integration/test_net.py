@@ -28,7 +28,8 @@ LOOPS = pytest.mark.parametrize("native", [True, False], ids=["native", "python"
 need_passt = pytest.mark.skipif(shutil.which("passt") is None or not P.has_default_route(),
                                 reason="passt is not installed (apt-get install passt), or this host has no default "
                                        "route for it to take its addresses from (docs/net.md)")
-need_root = pytest.mark.skipif(os.geteuid() != 0, reason="a TAP interface needs CAP_NET_ADMIN")
+need_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                               reason="a TAP interface needs CAP_NET_ADMIN and /dev/net/tun")
 OK = G.expect_status ^ (0x63 << 1) ^ (0x62 << 1)      # exit 0x62
 
 

@@ -22,7 +22,8 @@ MAC = bytes.fromhex("026b766d7001")
 need_passt = pytest.mark.skipif(shutil.which("passt") is None or not P.has_default_route(),
                                 reason="passt is not installed (apt-get install passt), or this host has no default "
                                        "route for it to take its addresses from (docs/net.md)")
-need_root = pytest.mark.skipif(os.geteuid() != 0, reason="a TAP interface needs CAP_NET_ADMIN")
+need_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                               reason="a TAP interface needs CAP_NET_ADMIN and /dev/net/tun")
 
 
 def wait_frames(backend, want, timeout=5.0):
