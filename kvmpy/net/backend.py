@@ -18,7 +18,6 @@ which waits on ``fileno()`` with poll:
 """
 from __future__ import annotations
 
-import errno
 import os
 import socket
 
@@ -113,9 +112,4 @@ class StreamBackend:
         self.sock.close()               # idempotent
 
 
-def is_would_block(e: OSError) -> bool:
-    return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-
-
-__all__ = ["NetBackendError", "StreamBackend", "OUT_LIMIT", "READ_BUDGET", "MAX_FRAME", "MIN_FRAME",
-           "is_would_block"]
+__all__ = ["NetBackendError", "StreamBackend", "OUT_LIMIT", "READ_BUDGET", "MAX_FRAME", "MIN_FRAME"]
