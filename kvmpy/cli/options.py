@@ -358,6 +358,9 @@ def _host_options(p: argparse.ArgumentParser) -> None:
                    help="the file for the guest's next disk (repeat, in order; each the size of the "
                         "original). restore: instead of the saved paths. receive: required when the "
                         "guest has disks (the same files, for shared storage)")
+    g.add_argument("--net", type=net_spec, default=None, metavar="passt|passt:SOCKET|tap:NAME[,mac=MAC]",
+                   help="the backend of the guest's network card, if it has one (default: the saved spec "
+                        "made again: a new passt, the same TAP); docs/net.md")
     g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")

@@ -91,7 +91,8 @@ def cmd_restore(args) -> int:
     from ..vmm.machine import Machine
     try:
         machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
-                                  serial=_Console(sys.stdout.buffer), native=not args.python)
+                                  serial=_Console(sys.stdout.buffer), native=not args.python,
+                                  **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: cannot restore: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -117,7 +118,8 @@ def cmd_receive(args) -> int:
         machine, pages = receive(listen, key=key, disks=args.disk, timeout=args.wait, on_listen=listening,
                                  run_timeout=args.timeout, progress=progress, deadline=args.deadline,
                                  stream_timeout=args.frame_timeout, max_mem=args.max_mem,
-                                 serial=_Console(sys.stdout.buffer), native=not args.python)
+                                 serial=_Console(sys.stdout.buffer), native=not args.python,
+                                 **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, OSError, ValueError) as e:
         print(f"kvmpy: migration failed: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

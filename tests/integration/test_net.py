@@ -335,3 +335,23 @@ def test_no_frame_lands_in_a_paused_guest(tmp_path):
             peer.join()
             conn.close()
     listener.close()
+
+
+def test_kvmpy_restore_takes_another_backend_or_says_why_not(tmp_path):
+    """restore --net: the saved machine's network card gets this backend; one without a card
+    cannot be given one."""
+    path = str(tmp_path / "p.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    with start(net=f"passt:{path}") as m:
+        m.snapshot(tmp_path / "with")
+    with start() as m:
+        m.snapshot(tmp_path / "without")
+    restore = [sys.executable, "-m", "kvmpy", "restore", "--timeout", "1"]
+    bad = subprocess.run([*restore, str(tmp_path / "with"), "--net", f"passt:{tmp_path}/none.sock"],
+                         capture_output=True, timeout=60)
+    assert bad.returncode != 0 and b"cannot restore: passt: cannot connect to" in bad.stderr, bad.stderr
+    none = subprocess.run([*restore, str(tmp_path / "without"), "--net", "passt"], capture_output=True, timeout=60)
+    assert none.returncode != 0 and b"has no network device; net= cannot add one" in none.stderr, none.stderr
+    listener.close()
