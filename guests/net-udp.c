@@ -15,6 +15,10 @@
  *     net-udp: mac 02:6b:76:6d:70:01
  *     net-udp: address 192.0.2.2 router 192.0.2.1
  *     net-udp: the host says '<its answer>'
+ * With "flood=N" on the fw_cfg command line (kvmpy --cmdline) it then sends N
+ * datagrams of 1400 bytes (each starting with its sequence number) and one
+ * "flood done" to the same port, one frame per notify, and prints
+ * "net-udp: flooding N datagrams" and "net-udp: flood sent" (a throughput test).
  * Exits 0x62; 0x63 (after "no virtio-net device") without the device, 0x66
  * on a driver error ("net-udp: <what> error: <reason>"), 0x67 if no DHCP
  * offer or no answer came ("net-udp: no DHCP offer" / "net-udp: no answer").
@@ -29,6 +33,14 @@
 #define EXIT_NO_ANSWER 0x67
 
 #define SERVER_PORT 40123
+#define FLOOD_BYTES 1400          /* payload of each datagram of a flood */
+#define FLOOD_MAX   10000000UL
+#define CMDLINE_MAX 128
+#define FW_CFG_PORT_SEL     0x510 /* QEMU's fw_cfg (kvmpy/devices/fwcfg.py) */
+#define FW_CFG_PORT_DATA    0x511
+#define FW_CFG_SIGNATURE    0x00
+#define FW_CFG_CMDLINE_SIZE 0x14
+#define FW_CFG_CMDLINE_DATA 0x15
 #define CLIENT_PORT 40124
 #define DHCP_XID    0x6b766d70u
 #define WAIT_SPINS  (1UL << 25)   /* polls of the used ring per frame waited for */
@@ -38,6 +50,52 @@ static struct net_dev net;
 static u8 frame[NET_FRAME_MAX], pkt[NET_FRAME_MAX];
 static u8 my_ip[4], router[4], server_mac[6];
 static const char hello[] = "hello from the guest";
+
+static inline void outw(u16 port, u16 v)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static u32 fw_le32(u16 key)
+{
+	u32 v = 0;
+
+	outw(FW_CFG_PORT_SEL, key);
+	for (int i = 0; i < 4; i++)
+		v |= (u32)inb(FW_CFG_PORT_DATA) << (8 * i);
+	return v;
+}
+
+/* N of "flood=N" on the fw_cfg command line (kvmpy --cmdline), or 0. */
+static unsigned long flood_count(void)
+{
+	static char line[CMDLINE_MAX + 1];
+	static const char key[] = "flood=";
+	unsigned long n = 0;
+	u32 size;
+
+	if (fw_le32(FW_CFG_SIGNATURE) != 0x554d4551) /* "QEMU" */
+		return 0;
+	size = fw_le32(FW_CFG_CMDLINE_SIZE);
+	if (size > CMDLINE_MAX)
+		size = CMDLINE_MAX;
+	outw(FW_CFG_PORT_SEL, FW_CFG_CMDLINE_DATA);
+	for (u32 i = 0; i < size; i++)
+		line[i] = (char)inb(FW_CFG_PORT_DATA);
+	line[size] = 0;
+	for (u32 i = 0; i + sizeof(key) - 1 <= size; i++) {
+		u32 k = 0;
+
+		while (key[k] && line[i + k] == key[k])
+			k++;
+		if (key[k])
+			continue;
+		for (i += k; line[i] >= '0' && line[i] <= '9' && n <= FLOOD_MAX; i++)
+			n = n * 10 + (unsigned long)(line[i] - '0');
+		return n > FLOOD_MAX ? FLOOD_MAX : n;
+	}
+	return 0;
+}
 
 static u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
 static void put16(u8 *p, u16 v) { p[0] = v >> 8; p[1] = (u8)v; }
@@ -183,11 +241,38 @@ static int take_offer(const u8 *f, int n)
 	return router[0] | router[1] | router[2] | router[3];
 }
 
+/* After the exchange: n datagrams of FLOOD_BYTES to the server, then "flood done". */
+static int flood(unsigned long n)
+{
+	static u8 data[FLOOD_BYTES];
+	static const char done[] = "flood done";
+	int err;
+
+	puts("net-udp: flooding ");
+	print_dec(n);
+	puts(" datagrams\n");
+	for (unsigned long i = 0; i < n; i++) {
+		for (int k = 0; k < 8; k++)
+			data[k] = (u8)(i >> (8 * k));   /* the sequence number, little-endian */
+		err = net_send(&net, pkt, udp_frame(server_mac, my_ip, router, CLIENT_PORT, SERVER_PORT,
+						      data, FLOOD_BYTES));
+		if (err)
+			return fail("send", err);
+	}
+	err = net_send(&net, pkt, udp_frame(server_mac, my_ip, router, CLIENT_PORT, SERVER_PORT,
+					      (const u8 *)done, sizeof(done) - 1));
+	if (err)
+		return fail("send", err);
+	puts("net-udp: flood sent\n");
+	return EXIT_OK;
+}
+
 int main(void)
 {
 	u32 len;
 	const u8 *answer;
 	int n, err, got = 0;
+	unsigned long flood_n = flood_count();
 
 	err = net_init(&net);
 	if (err == VIO_ENODEV) {
@@ -248,7 +333,7 @@ int main(void)
 			for (u32 i = 0; i < len && i < 200; i++)
 				putc(answer[i] >= 32 && answer[i] < 127 ? answer[i] : '?');
 			puts("'\n");
-			return EXIT_OK;
+			return flood_n ? flood(flood_n) : EXIT_OK;
 		}
 	}
 	puts("net-udp: no answer\n");

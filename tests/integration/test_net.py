@@ -355,3 +355,45 @@ def test_kvmpy_restore_takes_another_backend_or_says_why_not(tmp_path):
     none = subprocess.run([*restore, str(tmp_path / "without"), "--net", "passt"], capture_output=True, timeout=60)
     assert none.returncode != 0 and b"has no network device; net= cannot add one" in none.stderr, none.stderr
     listener.close()
+
+
+@need_passt
+@LOOPS
+def test_a_flood_of_datagrams_reaches_the_host_in_order(native):
+    """net-udp with flood=N: N 1400-byte datagrams through passt, each one frame and one notify."""
+    n, got, done = 300, [], threading.Event()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    srv.bind(("127.0.0.1", PORT))
+    srv.settimeout(0.2)
+
+    def serve():
+        while not done.is_set():
+            try:
+                data, peer = srv.recvfrom(2048)
+            except socket.timeout:
+                continue
+            if data == b"hello from the guest":
+                srv.sendto(b"go", peer)
+            elif data == b"flood done":
+                done.set()
+            else:
+                got.append(data)
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        m = kvmpy.Machine(mem_size=16 << 20, net="passt", native=native)
+        with m:
+            m.load(G.path, G.format, mode=G.mode, user=G.user, cmdline=f"flood={n}")
+            result = m.run(timeout=60)
+            assert (result.reason, result.status) == ("exit", OK), m.serial_output
+            assert m.serial_output.endswith(b"net-udp: the host says 'go'\nnet-udp: flooding 300 datagrams\n"
+                                            b"net-udp: flood sent\n")
+            assert m.platform.slot("virtio-net").model.device.counters["tx_frames"] >= n + 2
+        assert done.wait(5)
+    finally:
+        done.set()
+        server.join()
+        srv.close()
+    assert [int.from_bytes(d[:8], "little") for d in got] == list(range(n))
+    assert all(len(d) == 1400 for d in got)
