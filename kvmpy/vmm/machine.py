@@ -22,7 +22,7 @@ import os
 import threading
 import warnings
 import weakref
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..devices import FwCfg
 from ..devices.ratelimit import Limits
@@ -38,14 +38,16 @@ from . import firmware
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
-from ..net import Net
 from .platform import Disk, Platform
 from .run import RunResult, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
 
+if TYPE_CHECKING:
+    from ..net import Net
 
-__all__ = ["Machine", "Disk", "Net", "RunResult"]
+
+__all__ = ["Machine", "Disk", "RunResult"]
 
 
 class Machine:
@@ -82,7 +84,7 @@ class Machine:
                  test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
                  net: str | Net | None = None):
         self.rng = rng is not False and rng is not None
-        self.net = Net.parse(net) if net is not None else None
+        self.net = _net_spec(net)
         check_shape(mem_size, cpus, irqchip, len(disks) + self.rng + (self.net is not None))
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
@@ -496,6 +498,14 @@ def _finalize(shape: str, disks: list, vm, kvm) -> None:
     vm.close()
     if kvm is not None:
         kvm.close()
+
+
+def _net_spec(net) -> "Net | None":
+    """``net=`` as a Net (kvmpy/net, loaded for machines with a network only); ValueError if bad."""
+    if net is None:
+        return None
+    from ..net import Net
+    return Net.parse(net)
 
 
 def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 
 from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError, file_size
-from ..net import Net
 from .platform import DeviceStateError, Disk
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
@@ -132,6 +131,7 @@ def _net(saved, given, where: str):
         return None
     if not isinstance(saved, str):
         raise SnapshotError(f"{where}: net must be a network spec string, not {saved!r}")
+    from ..net import Net
     try:
         Net.parse(saved)
     except ValueError as e:
