@@ -126,6 +126,27 @@ void kvmpy_blk_serve_pending(struct kvmpy_blk *b);
 /* tests: the limiter's clock reads now_ns (0: CLOCK_MONOTONIC again) */
 void kvmpy_blk_set_clock(struct kvmpy_blk *b, uint64_t now_ns);
 
+/* ---- virtio_net.c: virtio-net's queue work (same semantics as devices/virtio/net.py) ---- */
+struct kvmpy_vq_chain;
+uint64_t kvmpy_net_chain_size(void);	/* bytes of the chain scratch space the caller provides */
+struct kvmpy_net_counters {
+	uint64_t rx_frames, rx_bytes, rx_too_big, rx_bad_chain, tx_bad_chain, tx_bad_length;
+};
+/* Serve at most budget chains of the transmit queue q (VirtioNet.transmit): each good
+ * frame is appended to out as a stream record (be32 length, the frame without its
+ * header); stops early while less than 4 + 12 + 65550 bytes of cap are left. Returns the
+ * chains served, or -1 with *why set when the ring is broken (q then as at the error). */
+int kvmpy_net_tx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, uint32_t budget,
+		 uint8_t *out, uint64_t cap, uint64_t *out_len, struct kvmpy_net_counters *c,
+		 struct kvmpy_vq_chain *chain, const char **why);
+/* Put hdr (12 bytes) + frame into the next receive chain of q (one step of
+ * VirtioNet.fill_rx), popping at most *budget chains (decremented): 1 delivered,
+ * 2 dropped (too big for the chain, which is put back), 0 no chain (or no budget),
+ * -1 with *why set when the ring is broken. Bad chains are returned empty, counted. */
+int kvmpy_net_rx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, const uint8_t *hdr,
+		 const uint8_t *frame, uint32_t len, uint32_t *budget, struct kvmpy_net_counters *c,
+		 struct kvmpy_vq_chain *chain, const char **why);
+
 /* ---- dirty.c: VMM-side dirty-page bitmaps, page p = bit p%64 of word p/64 ---- */
 /* atomically OR in pages [first_page, first_page + npages); no-op for a NULL bitmap */
 void kvmpy_dirty_mark(uint64_t *bitmap, uint64_t first_page, uint64_t npages);

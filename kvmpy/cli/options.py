@@ -24,6 +24,15 @@ def disk_spec(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def net_spec(text: str):
+    """'passt', 'passt:SOCKET' or 'tap:NAME' [,mac=MAC] -> a Net (kvmpy/net)."""
+    from ..net import Net
+    try:
+        return Net.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
     m = _SIZE_RE.match(text)
@@ -260,6 +269,12 @@ def _machine_options(g) -> None:
     g.add_argument("--rng", action="store_true",
                    help="add a virtio-rng entropy device fed from the host's getrandom, in the virtio-mmio "
                         "window after the disks (at most 1 MiB and 4096 requests per second)")
+    g.add_argument("--net", type=net_spec, default=None, metavar="passt|passt:SOCKET|tap:NAME[,mac=MAC]",
+                   help="add a virtio-net network device (after the disks and the rng): 'passt' starts "
+                        "passt (Debian package passt; no privileges): DHCP, DNS and NAT to the host, and the "
+                        "gateway address reaches the host's 127.0.0.1; 'passt:SOCKET' connects to a running "
+                        "'passt -s SOCKET'; 'tap:NAME' uses the TAP interface NAME (CAP_NET_ADMIN to create "
+                        "it; bring it up and address it yourself). docs/net.md")
 
 
 def _image_options(g) -> None:
@@ -343,6 +358,9 @@ def _host_options(p: argparse.ArgumentParser) -> None:
                    help="the file for the guest's next disk (repeat, in order; each the size of the "
                         "original). restore: instead of the saved paths. receive: required when the "
                         "guest has disks (the same files, for shared storage)")
+    g.add_argument("--net", type=net_spec, default=None, metavar="passt|passt:SOCKET|tap:NAME[,mac=MAC]",
+                   help="the backend of the guest's network card, if it has one (default: the saved spec "
+                        "made again: a new passt, the same TAP); docs/net.md")
     g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")

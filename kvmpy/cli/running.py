@@ -91,7 +91,8 @@ def cmd_restore(args) -> int:
     from ..vmm.machine import Machine
     try:
         machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
-                                  serial=_Console(sys.stdout.buffer), native=not args.python)
+                                  serial=_Console(sys.stdout.buffer), native=not args.python,
+                                  **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: cannot restore: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -117,7 +118,8 @@ def cmd_receive(args) -> int:
         machine, pages = receive(listen, key=key, disks=args.disk, timeout=args.wait, on_listen=listening,
                                  run_timeout=args.timeout, progress=progress, deadline=args.deadline,
                                  stream_timeout=args.frame_timeout, max_mem=args.max_mem,
-                                 serial=_Console(sys.stdout.buffer), native=not args.python)
+                                 serial=_Console(sys.stdout.buffer), native=not args.python,
+                                 **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, OSError, ValueError) as e:
         print(f"kvmpy: migration failed: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -142,7 +144,8 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
-                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi)
+                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
+                          net=getattr(args, "net", None))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -155,6 +158,9 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
         try:
             return _drive(args, machine, tracer, sample_input)
         finally:
+            for s in machine.platform.slots:        # a network that failed under the guest: say so
+                if s.saved_as == "virtio_net" and s.backend.error:
+                    print(f"kvmpy: the network stopped: {s.backend.error}", file=sys.stderr)
             if args.trace_json:
                 tracer.stream.close()
 

@@ -283,6 +283,14 @@ _GUESTS: tuple[Guest, ...] = (
           expect_output=b"rng-read: reading 4096 random bytes twice\nno virtio-rng device\n",
           expect_status=_status(0x53), expect_rax=0x53, needs_rng=True, disk_status=_status(0x52),
           marker=_line(b"rng-read: 2 x 4096 random bytes, different and not all zero")),
+    Guest("net-udp", "net-udp.elf",
+          "virtio-net (--net passt): DHCP, then 'hello from the guest' from UDP port 40124 to port 40123 "
+          "of the router (behind passt: the host's 127.0.0.1), prints 'net-udp: the host says '<answer>'', "
+          "exits 0x62 (0x63 'no virtio-net device' without it, 0x67 'no DHCP offer'/'no answer'); "
+          "with 'flood=N' on the command line it then sends N 1400-byte datagrams; "
+          "needs a server on the host, so it is no demo",
+          format="elf", mode="long", user=True, demo=False,
+          expect_output=b"no virtio-net device\n", expect_status=_status(0x63), expect_rax=0x63),
     Guest("counter", "counter.elf",
           "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
           "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "

@@ -22,7 +22,7 @@ import os
 import threading
 import warnings
 import weakref
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..devices import FwCfg
 from ..devices.ratelimit import Limits
@@ -42,6 +42,9 @@ from .platform import Disk, Platform
 from .run import RunResult, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
+
+if TYPE_CHECKING:
+    from ..net import Net
 
 
 __all__ = ["Machine", "Disk", "RunResult"]
@@ -66,6 +69,9 @@ class Machine:
     0xff000000), which kernels written for ``qemu -device pc-testdev`` (kvm-unit-tests) use.
     ``rng`` adds a virtio-rng entropy device fed from the host's getrandom, after the disks:
     True with ``devices.virtio.rng.DEFAULT_LIMITS``, or a ``Limits`` (docs/virtio.md, "virtio-rng").
+    ``net`` adds a virtio-net network device after the rng: ``"passt"`` (kvmpy starts passt: DHCP,
+    NAT, the gateway address reaches the host's loopback), ``"passt:SOCKET"``, ``"tap:NAME"``, or
+    a ``kvmpy.net.Net`` (docs/net.md).
     ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
     ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
     is on with the irqchip the tables describe, ``acpi=False`` turns it off.
@@ -75,9 +81,11 @@ class Machine:
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None):
+                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
+                 net: str | Net | None = None):
         self.rng = rng is not False and rng is not None
-        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng)
+        self.net = _net_spec(net)
+        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng + (self.net is not None))
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -112,6 +120,8 @@ class Machine:
                 self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
             if self.rng:
                 self.platform.add_rng(self.memory, rng)
+            if self.net is not None:
+                self.platform.add_net(self.net, self.memory)
         except BaseException:
             self.close()
             raise
@@ -123,7 +133,8 @@ class Machine:
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
         # held without the Machine (no user device), in close()'s order; never at exit, under a run.
         self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
-                                           [s.backend for s in self.platform.disks], self.vm,
+                                           [s.backend for s in self.platform.disks]
+                                           + [s.backend for s in self.platform.slots if s.saved_as == "virtio_net"], self.vm,
                                            self.kvm if self._own_kvm else None)
         self._finalizer.atexit = False
 
@@ -233,7 +244,10 @@ class Machine:
         """What a Machine() continuing this one is built with (snapshots, migration)."""
         shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
         optional = {"test_devices": self.test_devices, "rng": self.rng}     # only when on: older peers
-        return {**shape, **{k: True for k, on in optional.items() if on}}
+        shape.update({k: True for k, on in optional.items() if on})
+        if self.net is not None:
+            shape["net"] = self.net.spec        # the backend is re-made (a restore may name another)
+        return shape
 
     def virtio_mmio_cmdline(self) -> str:
         """``virtio_mmio.device=SIZE@ADDR:IRQ`` for each disk and the rng: how a Linux kernel without
@@ -524,6 +538,14 @@ def _finalize(shape: str, disks: list, vm, kvm) -> None:
         kvm.close()
 
 
+def _net_spec(net) -> "Net | None":
+    """``net=`` as a Net (kvmpy/net, loaded for machines with a network only); ValueError if bad."""
+    if net is None:
+        return None
+    from ..net import Net
+    return Net.parse(net)
+
+
 def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
     """ValueError unless a Machine of this shape can be built."""
     if mem_size < 64 * 1024 or mem_size % PAGE_SIZE:
@@ -534,7 +556,7 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if disks > layout.MAX_VIRTIO_DEVICES:
-        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks and the rng), got {disks}")
+        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng and the network), got {disks}")
 
 
 def _kicker(machine):

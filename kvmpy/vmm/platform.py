@@ -31,7 +31,7 @@ _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
-LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng"})
+LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net"})
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,7 @@ class Platform:
         self.vm, self.native, self.irqchip = vm, native, irqchip
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.slots: list[Slot] = []
+        self.gate = gate
         self.timer = DiskTimer(gate) if gate is not None else None    # rate-limited disks
 
     def attach(self, slot: Slot, device=None) -> Slot:
@@ -289,6 +290,30 @@ class Platform:
         return self.attach(Slot("virtio-rng", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_rng",
                                 backend=rng, pending=pending, virtio=rng.device_id), device)
 
+    def add_net(self, net, memory) -> Slot:
+        """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, over the
+        backend ``net`` (a kvmpy.net.Net) opens, with its network thread (vmm/netpump.py); with
+        ``native`` the queue work runs in C (vmm/native_net.py), the transport in Python; saved
+        as "virtio_net" (the backend is re-made on restore)."""
+        from ..devices.virtio.mmio import VirtioMmioTransport
+        from ..devices.virtio.net import VirtioNet
+        from .netpump import NetPump
+        base, gsi = self._virtio_window()
+        backend = net.open()
+        try:
+            dev = VirtioNet(backend, mac=net.mac_bytes)
+            if self.native:         # the queue work in C (csrc/virtio_net.c); the transport stays Python
+                from .native_net import NativeNetQueues
+                dev.engine = NativeNetQueues(dev, memory)
+            model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
+            device = Locked(model, threading.Lock())
+            pump = NetPump(backend, dev, device, self.gate)
+        except BaseException:
+            backend.close()
+            raise
+        return self.attach(Slot("virtio-net", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_net",
+                                backend=pump, virtio=dev.device_id), device)
+
     def _virtio_window(self) -> tuple[int, int]:
         """(base, GSI) of the next free virtio-mmio window (layout.py)."""
         i = len(self.virtio_mmio)
@@ -370,3 +395,6 @@ class Platform:
             self.timer.close()          # first: it serves the disks
         for s in self.disks:
             s.backend.close()
+        for s in self.slots:
+            if s.saved_as == "virtio_net":
+                s.backend.close()       # the network thread, then its backend (a passt child ends)

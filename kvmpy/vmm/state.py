@@ -118,7 +118,25 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
         for k, v in flags.items():
             if type(v) is not bool:
                 raise SnapshotError(f"{where}: {k} must be true or false, not {v!r}")
-        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **flags,
+        net = _net(mc.get("net"), host_options.pop("net", None), where)
+        return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **flags, net=net,
                        disks=disk_list(body, disks, where), ram_files=ram_files, **host_options)
     except (GuestMemoryError, DeviceError) + BAD_STATE as e:
         raise SnapshotError(f"{where}: the saved machine cannot be built: {type(e).__name__}: {e}") from None
+
+
+def _net(saved, given, where: str):
+    """The network of a restored machine: the saved one's spec, its backend re-made, or
+    ``given`` (a host-side choice: another passt socket or TAP) if the saved machine had one."""
+    if saved is None:
+        if given is not None:
+            raise SnapshotError(f"{where}: the saved machine has no network device; net= cannot add one")
+        return None
+    if not isinstance(saved, str):
+        raise SnapshotError(f"{where}: net must be a network spec string, not {saved!r}")
+    from ..net import Net
+    try:
+        Net.parse(saved)
+    except ValueError as e:
+        raise SnapshotError(f"{where}: {e}") from None
+    return given if given is not None else saved

@@ -43,7 +43,7 @@ LAYOUT = Layout(
     floors=[
         ("L0", {"kvmpy.errors", "kvmpy.localsock", "kvmpy._native"}),
         ("L1", {"kvmpy.kvm"}),
-        ("L2", {"kvmpy.x86", "kvmpy.devices", "kvmpy.loader"}),
+        ("L2", {"kvmpy.x86", "kvmpy.devices", "kvmpy.loader", "kvmpy.net"}),
         ("L3 tools", {"kvmpy.debug", "kvmpy.images"}),
         ("L3 vmm", {"kvmpy.vmm"}),
         ("L3 lifecycle", {"kvmpy.lifecycle"}),
@@ -53,8 +53,9 @@ LAYOUT = Layout(
     sideways={
         "kvmpy.loader": {"kvmpy.x86"},         # loaders place images with x86.layout and write boot params
         "kvmpy.__main__": {"kvmpy.cli"},       # ``python -m kvmpy`` is the CLI
+        "kvmpy.net": {"kvmpy.devices"},        # network backends carry the virtio-net device's frame limits
     },
-    pure={"kvmpy.x86", "kvmpy.devices", "kvmpy.loader"},
+    pure={"kvmpy.x86", "kvmpy.devices", "kvmpy.loader", "kvmpy.net"},
     pure_may_use={"kvmpy.errors", "kvmpy.kvm", "kvmpy.kvm.regs", "kvmpy.kvm.memory"},
     exempt={"kvmpy"},
     extensions={"kvmpy._native"},

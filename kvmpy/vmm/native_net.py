@@ -1,0 +1,103 @@
+"""virtio-net's queue work in C (csrc/virtio_net.c) behind the Python model's interface.
+
+``NativeNetQueues(net, mem)`` has the two methods of :class:`VirtioNet` that touch the
+rings, ``transmit(queue)`` and ``fill_rx(queue)``, with the same results (the
+differential tests in tests/native/test_net_differential.py hold them to it); a
+``VirtioNet`` whose ``engine`` is one of these runs its queues in C. The transport and
+the backend stay in Python: C walks the chains, copies the frames and writes the used
+ring; Python hands the transmitted frames to the backend and keeps the counters, the
+backlog and the queue's indices (synced into a ``struct kvmpy_vq_state`` for each call
+and back). Everything C uses is allocated here once: the chain scratch space and a
+1 MiB buffer the transmitted frames come back in (at least 15 frames of the largest
+size per call; one notify still serves at most QueueNum chains).
+"""
+from __future__ import annotations
+
+from .._native import ffi, lib
+from ..devices.virtio.net import COUNTERS, RX_HDR
+from ..devices.virtio.queue import VirtQueue, VirtqueueError
+from .native import guest_mem_table
+
+TX_BUFFER = 1 << 20
+_C_COUNTERS = ("rx_frames", "rx_bytes", "rx_too_big", "rx_bad_chain", "tx_bad_chain", "tx_bad_length")
+
+
+class NativeNetQueues:
+    """The C twin of ``VirtioNet.transmit``/``fill_rx`` for the device ``net`` over ``mem``."""
+
+    def __init__(self, net, mem):
+        self.net = net
+        self.mem = guest_mem_table(mem)
+        self.chain = ffi.new("uint8_t[]", lib.kvmpy_net_chain_size())
+        self.chain_p = ffi.cast("struct kvmpy_vq_chain *", self.chain)
+        self.out = ffi.new("uint8_t[]", TX_BUFFER)
+        self.out_len = ffi.new("uint64_t *")
+        self.q = ffi.new("struct kvmpy_vq_state *")
+        self.c = ffi.new("struct kvmpy_net_counters *")
+        self.why = ffi.new("char **")
+        self.budget = ffi.new("uint32_t *")
+        self.hdr = ffi.new("uint8_t[]", RX_HDR)
+        assert set(_C_COUNTERS) <= set(COUNTERS)
+
+    # --- the two queue methods of VirtioNet ------------------------------------------
+
+    def transmit(self, queue: VirtQueue) -> None:
+        left = queue.size
+        while left:
+            self._load(queue)
+            served = lib.kvmpy_net_tx(self.q, self.mem, left, self.out, TX_BUFFER, self.out_len, self.c,
+                                      self.chain_p, self.why)
+            self._store(queue)
+            self._send(ffi.buffer(self.out, self.out_len[0]))     # the frames before an error go too
+            if served < 0:
+                raise VirtqueueError(ffi.string(self.why[0]).decode())
+            if served == 0 or self.out_len[0] + 4 + 12 + 65550 <= TX_BUFFER:
+                return                          # the ring is empty (C stopped for no other reason)
+            left -= served
+
+    def fill_rx(self, queue: VirtQueue) -> None:
+        backlog = self.net.backlog
+        if not backlog:
+            return
+        self.budget[0] = queue.size
+        self._load(queue)                       # C keeps the indices in self.q between frames
+        try:
+            while backlog and self.budget[0]:
+                frame = backlog[0]
+                r = lib.kvmpy_net_rx(self.q, self.mem, self.hdr, frame, len(frame), self.budget, self.c,
+                                     self.chain_p, self.why)
+                if r < 0:
+                    raise VirtqueueError(ffi.string(self.why[0]).decode())
+                if r == 0:
+                    return
+                backlog.popleft()               # delivered (1) or too big for the chain (2)
+        finally:
+            self._store(queue)
+
+    # --- between the Python queue and C -----------------------------------------------
+
+    def _load(self, queue: VirtQueue) -> None:
+        q = self.q
+        q.num, q.ready, q.desc, q.driver, q.device = queue.size, 1, queue.desc_addr, queue.driver_addr, \
+            queue.device_addr
+        q.last_avail_idx, q.used_idx, q.used_count = queue.last_avail_idx, queue.used_idx, queue.used_count
+        ffi.memmove(self.c, bytes(ffi.sizeof("struct kvmpy_net_counters")), ffi.sizeof("struct kvmpy_net_counters"))
+
+    def _store(self, queue: VirtQueue) -> None:
+        q, counters = self.q, self.net.counters
+        queue.last_avail_idx, queue.used_idx, queue.used_count = q.last_avail_idx, q.used_idx, q.used_count
+        for name in _C_COUNTERS:
+            counters[name] += getattr(self.c, name)
+
+    def _send(self, records) -> None:
+        """Hand the frames C copied out to the backend, counting as VirtioNet.transmit does."""
+        data, pos, counters, backend = bytes(records), 0, self.net.counters, self.net.backend
+        while pos < len(data):
+            n = int.from_bytes(data[pos:pos + 4], "big")
+            frame = data[pos + 4:pos + 4 + n]
+            pos += 4 + n
+            if backend is not None and backend.send(frame):
+                counters["tx_frames"] += 1
+                counters["tx_bytes"] += n
+            else:
+                counters["tx_dropped"] += 1
