@@ -24,6 +24,15 @@ def disk_spec(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def vsock_spec(text: str):
+    """'PATH[,cid=N]' -> a Vsock (vmm/platform.py)."""
+    from ..vmm.platform import Vsock
+    try:
+        return Vsock.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
     m = _SIZE_RE.match(text)
@@ -260,6 +269,11 @@ def _machine_options(g) -> None:
     g.add_argument("--rng", action="store_true",
                    help="add a virtio-rng entropy device fed from the host's getrandom, in the virtio-mmio "
                         "window after the disks (at most 1 MiB and 4096 requests per second)")
+    g.add_argument("--vsock", type=vsock_spec, default=None, metavar="PATH[,cid=N]",
+                   help="add a virtio-vsock device (guest CID N, default 3) whose host side is the UNIX "
+                        "socket PATH: a host program connects to PATH and writes 'CONNECT <port>\\n' to "
+                        "reach a guest port (the answer is 'OK <hostport>\\n'); a guest connecting to "
+                        "CID 2 port P reaches a listener on PATH_P. docs/vsock.md")
 
 
 def _image_options(g) -> None:
@@ -344,6 +358,10 @@ def _host_options(p: argparse.ArgumentParser) -> None:
                         "original). restore: instead of the saved paths. receive: required when the "
                         "guest has disks (the same files, for shared storage)")
     g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
+    g.add_argument("--vsock", default=None, metavar="PATH",
+                   help="the host socket of the guest's vsock device (its CID comes from the saved "
+                        "machine); its connections did not survive, and the guest is told so "
+                        "(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET). Without it the guest's connections are refused")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
     g.add_argument("--stats", action="store_true", help="print exit statistics on stderr at the end")

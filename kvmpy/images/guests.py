@@ -283,6 +283,14 @@ _GUESTS: tuple[Guest, ...] = (
           expect_output=b"rng-read: reading 4096 random bytes twice\nno virtio-rng device\n",
           expect_status=_status(0x53), expect_rax=0x53, needs_rng=True, disk_status=_status(0x52),
           marker=_line(b"rng-read: 2 x 4096 random bytes, different and not all zero")),
+    Guest("vsock-echo", "vsock-echo.elf",
+          "virtio-vsock (--vsock PATH): echoes one host connection to port 1234 ('CONNECT 1234' on PATH), "
+          "then connects to host port 5678 (a listener on PATH_5678) and prints the line it answers; "
+          "'vsock-echo: done', exits 0x60 (0x61 'no virtio-vsock device' without it). A test drives "
+          "its host side (tests/integration/test_vsock.py), so it is not a demo",
+          format="elf", mode="long", user=True, demo=False,
+          expect_output=b"vsock-echo: echo on port 1234, then call host port 5678\nno virtio-vsock device\n",
+          expect_status=_status(0x61), expect_rax=0x61, disk_status=_status(0x60)),
     Guest("counter", "counter.elf",
           "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
           "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "

@@ -38,13 +38,13 @@ from . import firmware
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
-from .platform import Disk, Platform
+from .platform import Disk, Platform, Vsock
 from .run import RunResult, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
 
 
-__all__ = ["Machine", "Disk", "RunResult"]
+__all__ = ["Machine", "Disk", "RunResult", "Vsock"]
 
 
 class Machine:
@@ -69,15 +69,19 @@ class Machine:
     ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
     ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
     is on with the irqchip the tables describe, ``acpi=False`` turns it off.
+    ``vsock`` adds a virtio-vsock device after the rng: a UNIX socket path for its host side
+    (guest CID 3) or a ``Vsock(path, cid)`` (docs/vsock.md).
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None):
+                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
+                 vsock: str | os.PathLike | Vsock | None = None):
         self.rng = rng is not False and rng is not None
-        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng)
+        self.vsock = vsock if isinstance(vsock, Vsock) or vsock is None else Vsock(os.fspath(vsock))
+        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng + (self.vsock is not None))
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -111,6 +115,8 @@ class Machine:
                 self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
             if self.rng:
                 self.platform.add_rng(self.memory, rng)
+            if self.vsock is not None:
+                self.platform.add_vsock(self.memory, self.vsock)
         except BaseException:
             self.close()
             raise
@@ -122,7 +128,8 @@ class Machine:
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
         # held without the Machine (no user device), in close()'s order; never at exit, under a run.
         self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
-                                           [s.backend for s in self.platform.disks], self.vm,
+                                           [s.backend for s in self.platform.disks + self.platform.vsocks
+                                            if s.backend is not None], self.vm,
                                            self.kvm if self._own_kvm else None)
         self._finalizer.atexit = False
 
@@ -232,6 +239,8 @@ class Machine:
         """What a Machine() continuing this one is built with (snapshots, migration)."""
         shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
         optional = {"test_devices": self.test_devices, "rng": self.rng}     # only when on: older peers
+        if self.vsock is not None:
+            shape["vsock_cid"] = self.vsock.cid
         return {**shape, **{k: True for k, on in optional.items() if on}}
 
     def virtio_mmio_cmdline(self) -> str:
@@ -496,7 +505,7 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if disks > layout.MAX_VIRTIO_DEVICES:
-        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks and the rng), got {disks}")
+        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng and vsock), got {disks}")
 
 
 def _kicker(machine):

@@ -341,11 +341,17 @@ def test_transport_reset_event_is_delivered_once():
     assert drv.used(2) == []
 
 
-def test_driver_reset_closes_every_connection():
+def test_driver_reset_closes_every_connection_the_guest_knew_of():
     drv, vs, host, _ = rig()
     drv.send(hdr(V.OP_REQUEST))
+    a, b = socket.socketpair()
+    waiting = vs.connect_from_host(80, a)               # its REQUEST is not delivered yet
     drv.wr(R.Status, 0)
-    assert not vs.conns and host.mine[1234][0].recv(10) == b""
+    assert list(vs.conns.values()) == [waiting] and host.mine[1234][0].recv(10) == b""
+    again = Driver(drv.dev, drv.mem)
+    again.init()
+    again.post_rx()
+    assert [h.op for h, _ in again.received()] == [V.OP_REQUEST]
 
 
 _packets = st.lists(st.tuples(

@@ -223,8 +223,12 @@ class VirtioVsock:
         """guest_cid is read-only: ignored."""
 
     def reset(self) -> None:
-        """The driver reset the device: every connection is gone (their peers are closed)."""
-        self.close_all()
+        """The driver reset the device: every connection it knew of is gone (their peers are
+        closed). A host connection whose REQUEST it has not seen yet waits for the new driver."""
+        for conn in list(self.conns.values()):
+            if conn.ops != [OP_REQUEST]:
+                self._close(conn)
+        self.rsts.clear()
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
         if queue_index == TXQ:
