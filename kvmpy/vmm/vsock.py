@@ -40,6 +40,11 @@ MAX_LINE = 32                       # "CONNECT 4294967295\n" is 19 bytes
 _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 
 
+def _prefix(seen: bytes) -> bool:
+    """Could ``seen`` still become ``CONNECT <port>\\n``?"""
+    return b"CONNECT ".startswith(seen[:8]) and (len(seen) <= 8 or seen[8:].isdigit())
+
+
 class VsockHostError(DeviceError):
     """The vsock socket cannot be set up (its path is taken, or not writable)."""
 
@@ -62,6 +67,7 @@ class VsockHost:
         self.handshakes: dict[socket.socket, float] = {}     # half-open sockets -> deadline
         self.watched: dict[int, tuple] = {}                   # fd -> (connection, events)
         self.refused = 0                                     # host connections refused
+        self.errors, self.last_error = 0, None               # the thread's own failures (none expected)
         self._stop = False
         device.host_connect = self.connect_to_host
         device.wake = self.wake
@@ -93,11 +99,20 @@ class VsockHost:
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop:
-            timeout = min(self.handshakes.values(), default=time.monotonic() + 1.0) - time.monotonic()
-            for key, mask in self.sel.select(max(0.0, timeout)):
-                self._event(key, mask)
+            try:
+                self._round()
+            except Exception as e:     # noqa: BLE001 - a bug must not end the host side silently
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                time.sleep(0.01)
+
+    def _round(self) -> None:
+        timeout = min(self.handshakes.values(), default=time.monotonic() + 1.0) - time.monotonic()
+        for key, mask in self.sel.select(max(0.0, timeout)):
             if self._stop:
-                break
+                return
+            self._event(key, mask)
+        if not self._stop:
             self._expire_handshakes()
             self._pump()
 
@@ -153,6 +168,9 @@ class VsockHost:
         except (BlockingIOError, OSError):
             return
         s.setblocking(False)
+        if s.fileno() in self.watched:  # a closed connection's fd number, reused
+            self.sel.unregister(s.fileno())
+            del self.watched[s.fileno()]
         if len(self.handshakes) >= MAX_HANDSHAKES:
             self._refuse(s, "too many connections waiting to send CONNECT")
             return
@@ -168,7 +186,7 @@ class VsockHost:
         except OSError:
             seen = b""
         end = seen.find(b"\n")
-        if end < 0 and len(seen) < MAX_LINE and seen and not seen.strip(b"CONNECT 0123456789"):
+        if end < 0 and len(seen) < MAX_LINE and seen and _prefix(seen):
             return                      # a prefix of a good line: wait for the rest
         self._drop_handshake(s)
         m = _CONNECT.fullmatch(seen[:end + 1]) if end >= 0 else None

@@ -112,7 +112,7 @@ def test_a_host_peer_sending_garbage_gets_an_error_line_and_a_close(tmp_path):
         assert m.platform.slot("virtio-vsock").backend.refused == 5
 
 
-def test_a_guest_port_nobody_listens_on_closes_the_host_socket(tmp_path):
+def test_closing_the_machine_closes_a_waiting_host_socket(tmp_path):
     """The guest is not running: its device is not live, so the REQUEST waits; closing the
     machine closes the waiting socket and removes PATH."""
     path = str(tmp_path / "vm.sock")
@@ -128,6 +128,40 @@ def test_a_guest_port_nobody_listens_on_closes_the_host_socket(tmp_path):
     finally:
         m.close()
     assert c.recv(10) == b"" and not os.path.exists(path)
+
+
+def test_host_connections_are_bounded(tmp_path):
+    """The guest never answers (it does not run): 64 connections wait in the device, the
+    others are told why and closed; a host program that sends half a line and stops waits
+    among at most 16 (MAX_HANDSHAKES) until its deadline."""
+    from kvmpy.devices.virtio.vsock import MAX_CONNECTIONS
+    from kvmpy.vmm.vsock import MAX_HANDSHAKES
+    path = str(tmp_path / "vm.sock")
+    socks = []
+    with start(path) as m:
+        host = m.platform.slot("virtio-vsock").backend
+        for port in range(MAX_CONNECTIONS + 6):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)                     # blocking: waits while the backlog is full
+            c.settimeout(10)
+            c.sendall(b"CONNECT %d\n" % port)
+            socks.append(c)
+        wait_until(lambda: host.refused == 6, 10, "the refusals")
+        assert len(host.device.conns) == MAX_CONNECTIONS
+        for c in socks[MAX_CONNECTIONS:]:
+            assert readline(c, 200) == b"ERROR the vsock device has its maximum of connections\n"
+        half = []
+        for _ in range(MAX_HANDSHAKES + 2):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            c.settimeout(10)
+            c.sendall(b"CONN")
+            half.append(c)
+        wait_until(lambda: host.refused == 8, 10, "the refusals of the extra half lines")
+        assert len(host.handshakes) == MAX_HANDSHAKES and host.errors == 0
+        socks += half
+    for c in socks:
+        c.close()
 
 
 def test_the_device_takes_the_window_after_the_rng_and_its_cid(tmp_path):
