@@ -40,9 +40,19 @@ MAX_LINE = 32                       # "CONNECT 4294967295\n" is 19 bytes
 _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 
 
-def _prefix(seen: bytes) -> bool:
-    """Could ``seen`` still become ``CONNECT <port>\\n``?"""
-    return b"CONNECT ".startswith(seen[:8]) and (len(seen) <= 8 or seen[8:].isdigit())
+def connect_request(seen: bytes) -> tuple[int, int] | None:
+    """The first bytes a host program sent: ``(port, length of the line)`` for a complete
+    ``CONNECT <port>\\n``; None while ``seen`` can still become one (an empty ``seen`` too);
+    ValueError (the reason, for the ERROR line) when it cannot."""
+    end = seen.find(b"\n")
+    line = seen[:end + 1] if end >= 0 else seen
+    m = _CONNECT.fullmatch(line)
+    if m is not None and int(m.group(1)) <= 0xFFFF_FFFF:
+        return int(m.group(1)), len(line)
+    if end < 0 and len(seen) < MAX_LINE and b"CONNECT ".startswith(seen[:8]) \
+            and (len(seen) <= 8 or (seen[8:].isdigit() and len(seen) <= 8 + 10)):
+        return None
+    raise ValueError("expected 'CONNECT <port>\\n' with a port in 0..4294967295")
 
 
 class VsockHostError(DeviceError):
@@ -185,21 +195,25 @@ class VsockHost:
             return
         except OSError:
             seen = b""
-        end = seen.find(b"\n")
-        if end < 0 and len(seen) < MAX_LINE and seen and _prefix(seen):
-            return                      # a prefix of a good line: wait for the rest
-        self._drop_handshake(s)
-        m = _CONNECT.fullmatch(seen[:end + 1]) if end >= 0 else None
-        if not seen:
+        try:
+            request = connect_request(seen)
+        except ValueError as e:
+            self._drop_handshake(s)
+            self._refuse(s, str(e))
+            return
+        if request is None:
+            if seen:
+                return                  # a prefix of a good line: wait for the rest
+            self._drop_handshake(s)
             s.close()                   # it went away
-        elif m is None or int(m.group(1)) > 0xFFFF_FFFF:
-            self._refuse(s, "expected 'CONNECT <port>\\n' with a port in 0..4294967295")
-        else:
-            s.recv(end + 1)             # consume the line
-            with self.lock:
-                conn = self.device.connect_from_host(int(m.group(1)), s)
-            if conn is None:
-                self._refuse(s, "the vsock device has its maximum of connections")
+            return
+        port, length = request
+        self._drop_handshake(s)
+        s.recv(length)                  # consume the line
+        with self.lock:
+            conn = self.device.connect_from_host(port, s)
+        if conn is None:
+            self._refuse(s, "the vsock device has its maximum of connections")
 
     def _expire_handshakes(self) -> None:
         now = time.monotonic()
