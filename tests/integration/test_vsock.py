@@ -209,7 +209,20 @@ def test_a_restored_guest_gets_a_transport_reset_event(tmp_path):
         head = int.from_bytes(used[:4], "little")
         desc = r.memory.read(ev.desc_addr + 16 * head, 16)
         assert r.memory.read(int.from_bytes(desc[:8], "little"), 4) == b"\0\0\0\0"
-        assert os.path.exists(path + "2")
+        listener = host_listener(path + "2")
+        r.start(timeout=60)                     # the guest goes on listening: now on the new socket
+        c, ok = connect(path + "2")
+        assert ok.startswith(b"OK ")
+        assert echo(c, b"after the restore" * 500) == b"after the restore" * 500
+        c.close()
+        s, _ = listener.accept()
+        assert readline(s) == b"hello from the guest\n"
+        s.sendall(b"restored\n")
+        result = r.wait(60)
+        assert result.status == G.disk_status and r.serial_output.endswith(
+            b"vsock-echo: host says: restored\nvsock-echo: done\n")
+    assert not os.path.exists(path + "2")
+    listener.close()
 
 
 def test_kvmpy_run_vsock_works_in_the_sandbox(tmp_path):
@@ -241,3 +254,46 @@ def test_kvmpy_run_refuses_a_bad_vsock_option():
     r = subprocess.run([sys.executable, "-m", "kvmpy", "run", str(G.path), "--vsock", "/tmp/x,cid=2"],
                        capture_output=True, timeout=60, env=lab.CHILD_ENV, cwd="/", stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and b"guest CID must be an integer in 3.." in r.stderr, r.stderr
+
+
+def test_a_migrated_guest_serves_on_the_targets_socket(tmp_path):
+    """Live migration in one process: the target has its own vsock socket (receive's host
+    option), the source's is gone, and the guest, told of the transport reset, answers there."""
+    from kvmpy import migration
+    src, dst = str(tmp_path / "src.sock"), str(tmp_path / "dst.sock")
+    box, ready = {}, threading.Event()
+
+    def receive():
+        try:
+            box["result"] = migration.receive(("127.0.0.1", 0), timeout=30, vsock=dst,
+                                              on_listen=lambda a: (box.update(addr=a), ready.set()))
+        except BaseException as e:      # noqa: BLE001 - reported below
+            box["error"] = e
+        ready.set()
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    assert ready.wait(20) and "addr" in box, box
+    with start(src) as m:
+        m.start(timeout=60)
+        wait_until(lambda: b"listening on port 1234" in m.serial_output, 30, "the guest's device")
+        migration.send(m, *box["addr"])
+        assert m.wait(10).reason == "migrated"
+    t.join(30)
+    assert "result" in box, box.get("error")
+    target, _ = box["result"]
+    listener = host_listener(dst)
+    with target:
+        assert not os.path.exists(src)
+        c, ok = connect(dst)
+        assert ok.startswith(b"OK ")
+        assert echo(c, b"migrated" * 2000) == b"migrated" * 2000
+        c.close()
+        s, _ = listener.accept()
+        assert readline(s) == b"hello from the guest\n"
+        s.sendall(b"moved\n")
+        result = target.wait(60)
+        assert result.status == G.disk_status, target.serial_output
+        assert target.serial_output.endswith(b"vsock-echo: host says: moved\nvsock-echo: done\n")
+    assert not os.path.exists(dst)
+    listener.close()
