@@ -381,13 +381,22 @@ def path(name: str) -> pathlib.Path:
     Raises KeyError for an unknown name and FileNotFoundError, saying how to
     build the images, when the image was never built.
     """
-    guest = get(name)
+    return built(get(name).file)
+
+
+#: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.
+LINUX_PROGRAMS = ("vsock-echo-linux",)
+
+
+def built(file: str) -> pathlib.Path:
+    """A file guests/Makefile built (a guest image, or one of LINUX_PROGRAMS), where
+    :func:`path` looks; FileNotFoundError, saying how to build it, if it is not there."""
     tried = []
-    for candidate in _candidates(guest.file):
+    for candidate in _candidates(file):
         if candidate.is_file():
             return candidate
         tried.append(str(candidate))
     raise FileNotFoundError(
-        f"guest image {guest.file!r} not found (looked in: {', '.join(dict.fromkeys(tried))}); "
+        f"guest image {file!r} not found (looked in: {', '.join(dict.fromkeys(tried))}); "
         f"build the images with `make -C guests` in the kvmpy source tree, "
         f"or reinstall kvmpy")

@@ -74,7 +74,7 @@ def test_stock_kernel_echoes_over_vsock_and_calls_the_host(tmp_path):
             pytest.fail(f"cannot fetch the kernel or its vsock modules: {e}")
         pytest.skip(f"cannot fetch the kernel or its vsock modules: {e}")
     files = {f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()}
-    files["bin/vsock-echo-linux"] = guests.path("vsock-echo-linux").read_bytes()
+    files["bin/vsock-echo-linux"] = guests.built("vsock-echo-linux").read_bytes()
     initrd = linux.initramfs(INIT, files=files)
     path = str(tmp_path / "vm.sock")
     listener = host_listener(path)
