@@ -155,7 +155,10 @@ def test_host_connections_are_bounded(tmp_path):
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             c.connect(path)
             c.settimeout(10)
-            c.sendall(b"CONN")
+            try:
+                c.sendall(b"CONN")
+            except (BrokenPipeError, ConnectionResetError):
+                pass                            # one of the 2 extra: refused and closed at once
             half.append(c)
         wait_until(lambda: host.refused == 8, 10, "the refusals of the extra half lines")
         assert len(host.handshakes) == MAX_HANDSHAKES and host.errors == 0
