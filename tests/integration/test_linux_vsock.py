@@ -32,6 +32,7 @@ mount -t devtmpfs devtmpfs /dev
 for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
     insmod /lib/modules/$m.ko || echo "kvmpy-vsock: insmod $m failed"
 done
+chmod 755 /bin/vsock-echo-linux
 /bin/vsock-echo-linux
 echo "kvmpy-vsock: rc=$?"
 reboot -f
