@@ -17,7 +17,7 @@ import kvmpy
 from kvmpy import guests, linuxkernel
 from kvmpy.kvm.system import backend_modules
 
-from .test_vsock import connect, echo, host_listener, readline
+from .test_vsock import connect, host_listener, readline
 
 RING0_EMULATED = "kvm_pvm" in backend_modules()
 MEM = 512 << 20
@@ -64,6 +64,36 @@ class Console:
             time.sleep(0.05)
 
 
+def diagnose(m, console, what: str) -> str:
+    """What the device and the host side looked like (for a failure's message)."""
+    slot = m.platform.slot("virtio-vsock")
+    dev, tr, host = slot.model.device, slot.model.transport, slot.backend
+    conns = [{k: getattr(c, k) for k in ("guest_port", "host_port", "state", "ops", "fwd_cnt", "fwd_cnt_sent",
+                                         "tx_cnt", "peer_buf_alloc", "peer_fwd_cnt", "readable", "host_eof",
+                                         "guest_shutdown")} | {"to_host": len(c.to_host)} for c in dev.conns.values()]
+    return (f"{what}; device {dev.state()}, conns {conns}, rsts {len(dev.rsts)}; transport status "
+            f"{tr.status:#x} irq {tr.interrupt_status} error {tr.last_error}, queues "
+            f"{[q.live.state() if q.live else None for q in tr.queues]}; host errors {host.errors} "
+            f"{host.last_error}, watched {len(host.watched)}; console:\n"
+            f"{console.buf[-3000:].decode('utf-8', 'replace')}")
+
+
+def echo_or_report(c, data: bytes, m, console) -> bytes:
+    """``echo`` that returns what came back when the stream stalls for 30 s."""
+    sender = threading.Thread(target=c.sendall, args=(data,), daemon=True)
+    sender.start()
+    got = b""
+    try:
+        while len(got) < len(data):
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        pass
+    return got
+
+
 @pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
                                            "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
 def test_stock_kernel_echoes_over_vsock_and_calls_the_host(tmp_path):
@@ -90,7 +120,8 @@ def test_stock_kernel_echoes_over_vsock_and_calls_the_host(tmp_path):
         assert ok.startswith(b"OK "), (ok, console.buf[-2000:])
         data = os.urandom(ECHO_BYTES)
         t1 = time.monotonic()
-        assert echo(c, data) == data
+        got = echo_or_report(c, data, m, console)
+        assert got == data, diagnose(m, console, f"echoed {len(got)} of {len(data)} bytes")
         took = time.monotonic() - t1
         rtts = []
         for _ in range(50):

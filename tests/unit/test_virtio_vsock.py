@@ -278,6 +278,7 @@ def test_host_connect_gets_ok_after_the_guests_response():
     drv.send(hdr(V.OP_RESPONSE, src_port=80, dst_port=conn.host_port))
     b.settimeout(2)
     assert b.recv(100) == f"OK {conn.host_port}\n".encode()
+    assert conn.fwd_cnt == 0                            # our line is not guest data
 
 
 def test_host_connect_refused_by_the_guest_closes_the_socket():

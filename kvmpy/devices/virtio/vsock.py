@@ -165,6 +165,7 @@ class Connection:
         self.guest_shutdown = 0         # SHUTDOWN flags the guest sent
         self.close_after_flush = False  # close the peer once to_host is written
         self.reply_line = b""           # "OK <port>\n" for a host-initiated connection
+        self.reply_pending = b""        # what of it the peer has not taken yet
         self.peer_shut = False          # we shut the peer's write direction (guest SHUTDOWN SEND)
 
     @property
@@ -186,7 +187,7 @@ class Connection:
                 and self.credit() > 0)
 
     def wants_write(self) -> bool:
-        return bool(self.to_host)
+        return bool(self.to_host or self.reply_pending)
 
     def op_ready(self) -> bool:
         """A control packet can go now (a closing RST waits until the guest's data is written)."""
@@ -297,7 +298,7 @@ class VirtioVsock:
 
     def _on_response(self, conn: Connection, hdr: Header, payload: bytes) -> None:
         conn.state = "established"
-        conn.to_host[:0] = conn.reply_line      # "OK <port>\n" before any data
+        conn.reply_pending = conn.reply_line    # "OK <port>\n" before any data (not counted in fwd_cnt)
         self.flush(conn)
 
     def _on_rw(self, conn: Connection, hdr: Header, payload: bytes) -> None:
@@ -352,6 +353,16 @@ class VirtioVsock:
 
     def flush(self, conn: Connection) -> None:
         """Give the host peer what it will take of the guest's data; close it when done."""
+        while conn.reply_pending:
+            try:
+                n = conn.peer.send(conn.reply_pending)
+            except BlockingIOError:
+                return
+            except OSError:
+                conn.reply_pending = b""
+                self.host_gone(conn)
+                return
+            conn.reply_pending = conn.reply_pending[n:]
         while conn.to_host:
             try:
                 n = conn.peer.send(bytes(conn.to_host[:MAX_PAYLOAD]))
@@ -387,7 +398,7 @@ class VirtioVsock:
 
     def flush_all(self) -> None:
         for conn in list(self.conns.values()):
-            if conn.to_host or conn.close_after_flush:
+            if conn.to_host or conn.reply_pending or conn.close_after_flush:
                 self.flush(conn)
 
     def has_rx_work(self) -> bool:
