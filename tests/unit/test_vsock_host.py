@@ -173,7 +173,7 @@ class LinuxLikeGuest:
             time.sleep(0.0005)
 
 
-def test_a_linux_like_guest_echoes_256_kib_both_ways_at_once(tmp_path):
+def test_a_linux_like_guest_echoes_1_mib_both_ways_at_once(tmp_path):
     mem = GuestMemory.anonymous(RAM)
     dev = V.VirtioVsock(7)
     transport = R.VirtioMmioTransport(dev, mem, RecordingTrigger())
@@ -193,7 +193,7 @@ def test_a_linux_like_guest_echoes_256_kib_both_ways_at_once(tmp_path):
         c.connect(path)
         c.sendall(b"CONNECT 80\n")
         assert c.recv(100).startswith(b"OK ")
-        data = os.urandom(256 << 10)
+        data = os.urandom(1 << 20)             # four times either side's credit: updates needed both ways
         sender = threading.Thread(target=c.sendall, args=(data,))
         sender.start()
         got = b""
@@ -203,6 +203,7 @@ def test_a_linux_like_guest_echoes_256_kib_both_ways_at_once(tmp_path):
             got += chunk
         sender.join(10)
         assert got == data and host.errors == 0 and dev.dropped == 0
+        assert not dev.rsts
     finally:
         guest.stop = True
         host.close()
