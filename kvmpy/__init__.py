@@ -15,7 +15,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Machine": "vmm.machine", "RunResult": "vmm.machine", "Disk": "vmm.machine", "Stats": "vmm.stats",
+    "Machine": "vmm.machine", "RunResult": "vmm.machine", "Disk": "vmm.machine", "Vsock": "vmm.machine", "Stats": "vmm.stats",
     "Kvm": "kvm.system", "Vm": "kvm.vm", "Vcpu": "kvm.vcpu",
     "GuestMemory": "kvm.memory", "MemoryRegion": "kvm.memory",
     "KvmpyError": "errors", "KvmError": "errors", "KvmUnavailable": "errors", "GuestError": "errors",

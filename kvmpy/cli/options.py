@@ -33,6 +33,15 @@ def net_spec(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def vsock_spec(text: str):
+    """'PATH[,cid=N]' -> a Vsock (vmm/platform.py)."""
+    from ..vmm.platform import Vsock
+    try:
+        return Vsock.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '512k', '2MiB' or plain bytes -> bytes."""
     m = _SIZE_RE.match(text)
@@ -275,6 +284,11 @@ def _machine_options(g) -> None:
                         "gateway address reaches the host's 127.0.0.1; 'passt:SOCKET' connects to a running "
                         "'passt -s SOCKET'; 'tap:NAME' uses the TAP interface NAME (CAP_NET_ADMIN to create "
                         "it; bring it up and address it yourself). docs/net.md")
+    g.add_argument("--vsock", type=vsock_spec, default=None, metavar="PATH[,cid=N]",
+                   help="add a virtio-vsock device (guest CID N, default 3) whose host side is the UNIX "
+                        "socket PATH: a host program connects to PATH and writes 'CONNECT <port>\\n' to "
+                        "reach a guest port (the answer is 'OK <hostport>\\n'); a guest connecting to "
+                        "CID 2 port P reaches a listener on PATH_P. docs/vsock.md")
 
 
 def _image_options(g) -> None:
@@ -362,6 +376,10 @@ def _host_options(p: argparse.ArgumentParser) -> None:
                    help="the backend of the guest's network card, if it has one (default: the saved spec "
                         "made again: a new passt, the same TAP); docs/net.md")
     g.add_argument("--python", action="store_true", help="all-Python run loop and devices")
+    g.add_argument("--vsock", default=None, metavar="PATH",
+                   help="the host socket of the guest's vsock device (its CID comes from the saved "
+                        "machine); its connections did not survive, and the guest is told so "
+                        "(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET). Without it the guest's connections are refused")
     g.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="stop the guest after this many seconds (exit status 124)")
     g.add_argument("--stats", action="store_true", help="print exit statistics on stderr at the end")

@@ -90,7 +90,7 @@ def cmd_restore(args) -> int:
     from ..errors import KvmpyError
     from ..vmm.machine import Machine
     try:
-        machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk,
+        machine = Machine.restore(args.snapshot, verify=args.verify, disks=args.disk, vsock=args.vsock,
                                   serial=_Console(sys.stdout.buffer), native=not args.python,
                                   **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, ValueError) as e:
@@ -117,7 +117,7 @@ def cmd_receive(args) -> int:
     try:
         machine, pages = receive(listen, key=key, disks=args.disk, timeout=args.wait, on_listen=listening,
                                  run_timeout=args.timeout, progress=progress, deadline=args.deadline,
-                                 stream_timeout=args.frame_timeout, max_mem=args.max_mem,
+                                 stream_timeout=args.frame_timeout, max_mem=args.max_mem, vsock=args.vsock,
                                  serial=_Console(sys.stdout.buffer), native=not args.python,
                                  **({"net": args.net} if args.net is not None else {}))
     except (KvmpyError, OSError, ValueError) as e:
@@ -145,7 +145,7 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
                           test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
-                          net=getattr(args, "net", None))
+                          net=getattr(args, "net", None), vsock=getattr(args, "vsock", None))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -237,12 +237,12 @@ def _wait(machine, slice_s: float = 0.25):
 def _confine(args, machine) -> int | None:
     """Confine this process before the guest runs (kvmpy.vmm.confine), as the sandbox options
     say; an error status if that fails. Creating files later (--control's snapshots, the gdb
-    stub's and the control socket, --stats-svg's chart) widens the filter."""
+    stub's and the control socket, --stats-svg's chart) and --vsock's sockets widen the filter."""
     if not getattr(args, "sandbox", True) and getattr(args, "run_as", None) is None:
         return None
     from ..vmm.confine import ConfineError, confine
     widen = bool(getattr(args, "control", None) or getattr(args, "gdb", None) is not None
-                 or getattr(args, "stats_svg", None))
+                 or getattr(args, "stats_svg", None) or getattr(args, "vsock", None))
     try:
         confine(machine, control=widen, run_as=args.run_as, seccomp=args.sandbox, limits=args.sandbox)
     except ConfineError as e:

@@ -291,6 +291,14 @@ _GUESTS: tuple[Guest, ...] = (
           "needs a server on the host, so it is no demo",
           format="elf", mode="long", user=True, demo=False,
           expect_output=b"no virtio-net device\n", expect_status=_status(0x63), expect_rax=0x63),
+    Guest("vsock-echo", "vsock-echo.elf",
+          "virtio-vsock (--vsock PATH): echoes one host connection to port 1234 ('CONNECT 1234' on PATH), "
+          "then connects to host port 5678 (a listener on PATH_5678) and prints the line it answers; "
+          "'vsock-echo: done', exits 0x60 (0x61 'no virtio-vsock device' without it). A test drives "
+          "its host side (tests/integration/test_vsock.py), so it is not a demo",
+          format="elf", mode="long", user=True, demo=False,
+          expect_output=b"vsock-echo: echo on port 1234, then call host port 5678\nno virtio-vsock device\n",
+          expect_status=_status(0x61), expect_rax=0x61, disk_status=_status(0x60)),
     Guest("counter", "counter.elf",
           "deterministic workload for snapshot/migration tests (CPL 0): n iterations (default 200) "
           "each rewrite a slice of a pages-page array (default 256) at 0x200000, print "
@@ -388,13 +396,22 @@ def path(name: str) -> pathlib.Path:
     Raises KeyError for an unknown name and FileNotFoundError, saying how to
     build the images, when the image was never built.
     """
-    guest = get(name)
+    return built(get(name).file)
+
+
+#: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.
+LINUX_PROGRAMS = ("vsock-echo-linux",)
+
+
+def built(file: str) -> pathlib.Path:
+    """A file guests/Makefile built (a guest image, or one of LINUX_PROGRAMS), where
+    :func:`path` looks; FileNotFoundError, saying how to build it, if it is not there."""
     tried = []
-    for candidate in _candidates(guest.file):
+    for candidate in _candidates(file):
         if candidate.is_file():
             return candidate
         tried.append(str(candidate))
     raise FileNotFoundError(
-        f"guest image {guest.file!r} not found (looked in: {', '.join(dict.fromkeys(tried))}); "
+        f"guest image {file!r} not found (looked in: {', '.join(dict.fromkeys(tried))}); "
         f"build the images with `make -C guests` in the kvmpy source tree, "
         f"or reinstall kvmpy")

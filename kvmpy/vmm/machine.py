@@ -38,7 +38,7 @@ from . import firmware
 from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
-from .platform import Disk, Platform
+from .platform import Disk, Platform, Vsock
 from .run import RunResult, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ..net import Net
 
 
-__all__ = ["Machine", "Disk", "RunResult"]
+__all__ = ["Machine", "Disk", "RunResult", "Vsock"]
 
 
 class Machine:
@@ -75,6 +75,8 @@ class Machine:
     ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
     ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
     is on with the irqchip the tables describe, ``acpi=False`` turns it off.
+    ``vsock`` adds a virtio-vsock device after the rng: a UNIX socket path for its host side
+    (guest CID 3) or a ``Vsock(path, cid)`` (docs/vsock.md).
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
@@ -82,10 +84,12 @@ class Machine:
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
                  test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
-                 net: str | Net | None = None):
+                 net: str | Net | None = None, vsock: str | os.PathLike | Vsock | None = None):
         self.rng = rng is not False and rng is not None
         self.net = _net_spec(net)
-        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng + (self.net is not None))
+        self.vsock = vsock if isinstance(vsock, Vsock) or vsock is None else Vsock(os.fspath(vsock))
+        check_shape(mem_size, cpus, irqchip,
+                    len(disks) + self.rng + (self.net is not None) + (self.vsock is not None))
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -122,6 +126,8 @@ class Machine:
                 self.platform.add_rng(self.memory, rng)
             if self.net is not None:
                 self.platform.add_net(self.net, self.memory)
+            if self.vsock is not None:
+                self.platform.add_vsock(self.memory, self.vsock)
         except BaseException:
             self.close()
             raise
@@ -133,8 +139,7 @@ class Machine:
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
         # held without the Machine (no user device), in close()'s order; never at exit, under a run.
         self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
-                                           [s.backend for s in self.platform.disks]
-                                           + [s.backend for s in self.platform.slots if s.saved_as == "virtio_net"], self.vm,
+                                           self.platform.backends_to_close(), self.vm,
                                            self.kvm if self._own_kvm else None)
         self._finalizer.atexit = False
 
@@ -247,6 +252,8 @@ class Machine:
         shape.update({k: True for k, on in optional.items() if on})
         if self.net is not None:
             shape["net"] = self.net.spec        # the backend is re-made (a restore may name another)
+        if self.vsock is not None:
+            shape["vsock_cid"] = self.vsock.cid
         return shape
 
     def virtio_mmio_cmdline(self) -> str:
@@ -528,11 +535,12 @@ class Machine:
         self.close()
 
 
-def _finalize(shape: str, disks: list, vm, kvm) -> None:
-    """close() for a Machine that was dropped unclosed: disks, then the vCPUs, VM and RAM, then /dev/kvm."""
+def _finalize(shape: str, backends: list, vm, kvm) -> None:
+    """close() for a Machine that was dropped unclosed: the devices' backends (Platform.backends_to_close),
+    then the vCPUs, VM and RAM, then /dev/kvm."""
     warnings.warn(f"unclosed kvmpy.Machine {shape}: close() it or use 'with'", ResourceWarning)
-    for d in disks:
-        d.close()
+    for b in backends:
+        b.close()
     vm.close()
     if kvm is not None:
         kvm.close()
@@ -556,7 +564,8 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if disks > layout.MAX_VIRTIO_DEVICES:
-        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng and the network), got {disks}")
+        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng, the network "
+                         f"and vsock), got {disks}")
 
 
 def _kicker(machine):

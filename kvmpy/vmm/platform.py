@@ -31,7 +31,9 @@ _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
-LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net"})
+LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net",
+                           "virtio_vsock"})
+CLOSED_BACKENDS = ("disks", "virtio_net", "virtio_vsock")   # slots whose ``backend`` close() closes, in order
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,36 @@ class Disk:
         except ValueError as e:
             raise ValueError(f"bad disk {spec!r}: {e}") from None
 
+
+
+@dataclass(frozen=True)
+class Vsock:
+    """A virtio-vsock device: the guest's CID (3..2**32-2, default 3) and the host's UNIX
+    socket ``path`` (None: no host side; guest connections are refused). ``Vsock.parse(
+    "PATH[,cid=N]")`` reads the CLI form. docs/vsock.md."""
+
+    path: str | None
+    cid: int = 3
+
+    def __post_init__(self):
+        from ..devices.virtio.vsock import check_cid
+        check_cid(self.cid)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Vsock":
+        path, _, opts = spec.partition(",")
+        cid = 3
+        for o in filter(None, (o.strip() for o in opts.split(","))):
+            key, eq, value = o.partition("=")
+            if key != "cid" or not eq or not value.isdigit():
+                raise ValueError(f"bad vsock {spec!r}: expected PATH[,cid=N] (unknown option {o!r})")
+            cid = int(value)
+        if not path:
+            raise ValueError(f"bad vsock {spec!r}: expected PATH[,cid=N]")
+        try:
+            return cls(path, cid)
+        except ValueError as e:
+            raise ValueError(f"bad vsock {spec!r}: {e}") from None
 
 
 class DeviceStateError(ValueError):
@@ -314,6 +346,21 @@ class Platform:
         return self.attach(Slot("virtio-net", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_net",
                                 backend=pump, virtio=dev.device_id), device)
 
+    def add_vsock(self, memory, vsock: Vsock) -> Slot:
+        """virtio-vsock in the next free slot of the virtio window (after the disks and the rng),
+        with its host side on ``vsock.path`` (vmm/vsock.py); saved as "virtio_vsock"."""
+        from ..devices.virtio.mmio import VirtioMmioTransport
+        from ..devices.virtio.vsock import VirtioVsock
+        from .vsock import VsockHost, VsockState
+        base, gsi = self._virtio_window()
+        dev = VirtioVsock(vsock.cid)
+        model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
+        device = Locked(model, threading.Lock())
+        host = VsockHost(vsock.path, dev, device.lock, lambda q: device.write(QUEUE_NOTIFY, 4, q)) \
+            if vsock.path else None
+        return self.attach(Slot("virtio-vsock", "mmio", base, layout.VIRTIO_MMIO_SIZE, VsockState(model, dev),
+                                gsi, "virtio_vsock", backend=host, virtio=dev.device_id), device)
+
     def _virtio_window(self) -> tuple[int, int]:
         """(base, GSI) of the next free virtio-mmio window (layout.py)."""
         i = len(self.virtio_mmio)
@@ -332,6 +379,10 @@ class Platform:
         ``length``, ``irq`` and ``virtio`` (device ID). The one list of them, from which the
         kernel command line (``Machine.virtio_mmio_cmdline``) and firmware tables are made."""
         return sorted((s for s in self.slots if s.virtio), key=lambda s: s.base)
+
+    @property
+    def vsocks(self) -> list[Slot]:
+        return [s for s in self.slots if s.saved_as == "virtio_vsock"]
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -393,8 +444,11 @@ class Platform:
     def close(self) -> None:
         if self.timer is not None:
             self.timer.close()          # first: it serves the disks
-        for s in self.disks:
-            s.backend.close()
-        for s in self.slots:
-            if s.saved_as == "virtio_net":
-                s.backend.close()       # the network thread, then its backend (a passt child ends)
+        for b in self.backends_to_close():
+            b.close()       # a disk's file; the network thread, then its backend; vsock's sockets
+
+    def backends_to_close(self) -> list:
+        """What close() closes (and a Machine's finalizer, without the Machine): each disk's file,
+        the network's thread and backend (a passt child ends), vsock's host side."""
+        return [s.backend for kind in CLOSED_BACKENDS for s in self.slots
+                if s.saved_as == kind and s.backend is not None]

@@ -14,7 +14,7 @@ import hashlib
 import json
 
 from ..errors import DeviceError, GuestMemoryError, KvmError, KvmpyError, file_size
-from .platform import DeviceStateError, Disk
+from .platform import DeviceStateError, Disk, Vsock
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 # Machine() arguments a saved state fixes: a restore takes only host-side ones.
@@ -119,6 +119,7 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
             if type(v) is not bool:
                 raise SnapshotError(f"{where}: {k} must be true or false, not {v!r}")
         net = _net(mc.get("net"), host_options.pop("net", None), where)
+        host_options["vsock"] = vsock_for(mc, host_options.get("vsock"), where)
         return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **flags, net=net,
                        disks=disk_list(body, disks, where), ram_files=ram_files, **host_options)
     except (GuestMemoryError, DeviceError) + BAD_STATE as e:
@@ -140,3 +141,21 @@ def _net(saved, given, where: str):
     except ValueError as e:
         raise SnapshotError(f"{where}: {e}") from None
     return given if given is not None else saved
+
+
+def vsock_for(mc: dict, given, where: str):
+    """The restored machine's Vsock: the saved guest CID, with the host socket the restore
+    was given (``vsock=PATH``; none: the guest's connections are refused)."""
+    cid = mc.get("vsock_cid")
+    if cid is None:
+        if given is not None:
+            raise SnapshotError(f"{where}: the saved machine has no vsock device")
+        return None
+    if isinstance(given, Vsock):
+        if given.cid != cid:
+            raise SnapshotError(f"{where}: the saved guest CID is {cid}, not {given.cid}")
+        return given
+    try:
+        return Vsock(None if given is None else str(given), cid)
+    except ValueError as e:
+        raise SnapshotError(f"{where}: bad vsock_cid: {e}") from None

@@ -31,6 +31,7 @@ WHERE_MODULES = {"pc-testdev (QEMU's test device, off by default)": testdev}
 EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard controller",
                      "CMOS RTC (MC146818)", "fw_cfg", "Reset lines (port 0x92, 0xcf9)",
                      "virtio-mmio transport and virtio-blk", "virtio-rng (entropy device, off by default)",
+                     "virtio-vsock (socket device, off by default)",
                      "pc-testdev (QEMU's test device, off by default)", "Unclaimed ports and MMIO"]
 
 
