@@ -69,15 +69,20 @@ class Machine:
     ``acpi`` gives a Linux kernel ACPI tables (CPUs, interrupt controllers, devices; see
     ``kvmpy.x86.acpi``) instead of ``virtio_mmio.device=`` on its command line; the default
     is on with the irqchip the tables describe, ``acpi=False`` turns it off.
+    ``virtio_transport`` puts the disks and the rng behind virtio-mmio ("mmio", the default) or
+    behind virtio-pci ("pci": a PCI host bridge with one function per device, MSI-X through
+    KVM's irqfds; docs/virtio.md, "virtio-pci").
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
                  irqchip: bool = True, kvm: str | Kvm = "/dev/kvm", native: bool = True,
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
-                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None):
+                 test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
+                 virtio_transport: str = "mmio"):
         self.rng = rng is not False and rng is not None
-        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng)
+        self.virtio_transport = virtio_transport
+        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng, virtio_transport)
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -136,7 +141,7 @@ class Machine:
         if irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        self.platform = Platform(vm, self.native, irqchip, self.gate)
+        self.platform = Platform(vm, self.native, irqchip, self.gate, self.virtio_transport)
 
     @staticmethod
     def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -232,6 +237,8 @@ class Machine:
         """What a Machine() continuing this one is built with (snapshots, migration)."""
         shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
         optional = {"test_devices": self.test_devices, "rng": self.rng}     # only when on: older peers
+        if self.virtio_transport != "mmio":
+            shape["virtio_transport"] = self.virtio_transport
         return {**shape, **{k: True for k, on in optional.items() if on}}
 
     def virtio_mmio_cmdline(self) -> str:
@@ -486,7 +493,7 @@ def _finalize(shape: str, disks: list, vm, kvm) -> None:
         kvm.close()
 
 
-def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
+def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int, virtio_transport: str = "mmio") -> None:
     """ValueError unless a Machine of this shape can be built."""
     if mem_size < 64 * 1024 or mem_size % PAGE_SIZE:
         raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
@@ -495,8 +502,11 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
     if cpus > 1 and not irqchip:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
-    if disks > layout.MAX_VIRTIO_DEVICES:
-        raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks and the rng), got {disks}")
+    if virtio_transport not in ("mmio", "pci"):
+        raise ValueError(f"virtio_transport must be 'mmio' or 'pci', got {virtio_transport!r}")
+    most = layout.MAX_PCI_DEVICES if virtio_transport == "pci" else layout.MAX_VIRTIO_DEVICES
+    if disks > most:
+        raise ValueError(f"at most {most} virtio-{virtio_transport} devices (disks and the rng), got {disks}")
 
 
 def _kicker(machine):
