@@ -260,6 +260,10 @@ def _machine_options(g) -> None:
     g.add_argument("--rng", action="store_true",
                    help="add a virtio-rng entropy device fed from the host's getrandom, in the virtio-mmio "
                         "window after the disks (at most 1 MiB and 4096 requests per second)")
+    g.add_argument("--virtio", choices=("mmio", "pci"), default="mmio", dest="virtio_transport",
+                   help="the transport of the disks and the rng: 'mmio' (default; virtio-mmio windows at "
+                        "0xd0000000, one IRQ each) or 'pci' (a PCI host bridge at 0xcf8 and ECAM 0xe0000000, "
+                        "one virtio-pci function per device with MSI-X, INTx as fallback; docs/virtio.md)")
 
 
 def _image_options(g) -> None:

@@ -142,7 +142,8 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
-                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi)
+                          test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
+                          virtio_transport=args.virtio_transport)
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

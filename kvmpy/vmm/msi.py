@@ -6,7 +6,8 @@ data word (which vector). KVM delivers messages for the VMM when a GSI is routed
 (``KVM_IRQFD``): writing the eventfd injects the interrupt without another ioctl.
 
 ``MsiRoutes`` gives each (function, vector) its own GSI (from ``layout.MSI_GSI_BASE``)
-and eventfd the first time it fires, and routes it to the vector's current message.
+and eventfd bound to it when the function is created (so a sandboxed run, which may not
+create eventfds, needs none), and routes it to the vector's current message.
 The routing table is only rewritten when a message changes (a driver reprogramming its
 table): KVM_SET_GSI_ROUTING replaces the whole table, so it always carries KVM's default
 routes for the PIC and IOAPIC inputs (GSI 0-15 to both, 16-23 to the IOAPIC) too.
@@ -44,31 +45,33 @@ class MsiRoutes:
         self.routes: dict[tuple[int, int], list] = {}     # (owner, vector) -> [gsi, eventfd, address, data]
         self.owners = 0
 
-    def sink(self) -> "MsiSinkFor":
-        """A sink for one function's vectors."""
+    def sink(self, vectors: int) -> "MsiSinkFor":
+        """A sink for one function's ``vectors`` vectors, each with its GSI and irqfd."""
+        from ..errors import DeviceError
         with self.lock:
+            if len(self.routes) + vectors > MAX_MSI_ROUTES:
+                raise DeviceError(f"more than {MAX_MSI_ROUTES} MSI vectors")
             self.owners += 1
+            for v in range(vectors):
+                gsi = layout.MSI_GSI_BASE + len(self.routes)
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self.routes[(self.owners, v)] = [gsi, fd, None, None]
+                self.vm.irqfd(fd, gsi)      # no route yet: a signal before the first message goes nowhere
             return MsiSinkFor(self, self.owners)
 
     def send(self, owner: int, vector: int, address: int, data: int) -> None:
         with self.lock:
             r = self.routes.get((owner, vector))
             if r is None:
-                if len(self.routes) >= MAX_MSI_ROUTES:
-                    return
-                gsi = layout.MSI_GSI_BASE + len(self.routes)
-                r = self.routes[(owner, vector)] = [gsi, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
-                                                    address, data]
-                self._commit()
-                self.vm.irqfd(r[1], gsi)
-            elif (r[2], r[3]) != (address, data):
+                return
+            if (r[2], r[3]) != (address, data):
                 r[2], r[3] = address, data
                 self._commit()
             fd = r[1]
         os.eventfd_write(fd, 1)
 
     def _commit(self) -> None:
-        msi = [(gsi, "msi", a, d) for gsi, _, a, d in self.routes.values()]
+        msi = [(gsi, "msi", a, d) for gsi, _, a, d in self.routes.values() if a is not None]
         self.vm.set_gsi_routing(default_gsi_routes() + msi)
 
     def close(self) -> None:

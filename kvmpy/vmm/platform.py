@@ -285,7 +285,8 @@ class Platform:
         if n > layout.MAX_PCI_DEVICES:
             raise DeviceError(f"at most {layout.MAX_PCI_DEVICES} virtio devices behind PCI")
         gsi = layout.PCI_INTX_GSIS[n - 1]
-        fn = VirtioPciFunction(model, memory, self.trigger(gsi), self.msi.sink() if self.msi else NullMsiSink())
+        sink = self.msi.sink(model.num_queues + 1) if self.msi else NullMsiSink()
+        fn = VirtioPciFunction(model, memory, self.trigger(gsi), sink)
         dev = self.pci.add(fn)
         s = Slot(name, "pci", dev, 1, fn, gsi, saved_as, **slot)
         self.slots.append(s)
