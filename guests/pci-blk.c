@@ -61,9 +61,21 @@ static void ioapic_write(unsigned reg, u32 v)
 	mmio32w(IOAPIC + 0x10, v);
 }
 
-static int irr_has(unsigned vector)
+static int irr_has_now(unsigned vector)
 {
 	return mmio32(LAPIC + LAPIC_IRR + 0x10 * (vector / 32)) >> (vector % 32) & 1;
+}
+
+/* The interrupt may land a moment after the used ring moved (a request the host
+ * served from another thread, such as a rate-limited disk's timer): wait a little. */
+static int irr_has(unsigned vector)
+{
+	for (int i = 0; i < 100000; i++) {
+		if (irr_has_now(vector))
+			return 1;
+		__asm__ volatile("pause");
+	}
+	return 0;
 }
 
 static int check(const char *what, int ok)
@@ -206,7 +218,7 @@ int main(void)
 	if (err)
 		return fail("read", err);
 	if (!check("msi-x irr", irr_has(MSIX_QUEUE_VECTOR)) || !check("msi-x isr", vpci_read_isr(&dev) == 0) ||
-	    !check("config vector quiet", !irr_has(MSIX_CONFIG_VECTOR)))
+	    !check("config vector quiet", !irr_has_now(MSIX_CONFIG_VECTOR)))
 		return EXIT_SELFCHECK_FAILED;
 	puts("pci-blk: msi-x ok\n");
 	for (int i = 0; i < 512; i++)

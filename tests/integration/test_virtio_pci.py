@@ -42,7 +42,8 @@ def expected_output(disk_bytes: bytes) -> bytes:
 
 
 def run_guest(disk, **options):
-    m = kvmpy.Machine(mem_size=16 << 20, disks=[str(disk)], virtio_transport="pci", **options)
+    m = kvmpy.Machine(mem_size=16 << 20, disks=[disk if isinstance(disk, kvmpy.Disk) else str(disk)],
+                      virtio_transport="pci", **options)
     m.load(GUEST, mode="long")
     return m, m.run(timeout=60)
 
@@ -127,3 +128,28 @@ def test_kvmpy_run_virtio_pci_in_its_sandbox(disk):
     assert proc.stdout == expected_output(before), proc.stderr
     bad = subprocess.run([sys.executable, "-m", "kvmpy", "run", GUEST, "--virtio", "isa"], capture_output=True)
     assert bad.returncode == 2 and b"invalid choice: 'isa'" in bad.stderr
+
+
+def test_a_clone_of_a_pci_machine_has_the_same_pci_state(disk, tmp_path):
+    m, result = run_guest(disk)
+    with m:
+        assert result.status == 0x40 << 1 | 1
+        copy = tmp_path / "copy.img"
+        copy.write_bytes(disk.read_bytes())
+        with m.clone(disks=[str(copy)]) as c:
+            ours, theirs = m.platform.save_state(), c.platform.save_state()
+            assert theirs["disks"][0]["path"] == str(copy)
+            for saved in (ours, theirs):
+                saved["disks"][0].pop("path")
+            assert theirs == ours
+
+
+def test_a_rate_limited_disk_behind_pci_is_served_by_the_disk_timer(disk):
+    """Three requests with two operations a second: the third waits in the ring until the
+    Machine's timer notifies the queue (PythonPending's virtio-pci path)."""
+    before = disk.read_bytes()
+    m, result = run_guest(kvmpy.Disk(str(disk), iops=2))
+    with m:
+        assert result.status == 0x40 << 1 | 1, m.serial_output
+        assert m.serial_output == expected_output(before)
+        assert m.platform.slot("virtio-blk0").backend.limiter.throttled >= 1
