@@ -506,7 +506,8 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int, virtio_tran
         raise ValueError(f"virtio_transport must be 'mmio' or 'pci', got {virtio_transport!r}")
     most = layout.MAX_PCI_DEVICES if virtio_transport == "pci" else layout.MAX_VIRTIO_DEVICES
     if disks > most:
-        raise ValueError(f"at most {most} virtio-{virtio_transport} devices (disks and the rng), got {disks}")
+        kind = "virtio-pci devices" if virtio_transport == "pci" else "virtio devices"
+        raise ValueError(f"at most {most} {kind} (disks and the rng), got {disks}")
 
 
 def _kicker(machine):
