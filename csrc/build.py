@@ -27,7 +27,7 @@ KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SE
 KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
 KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
-KVM_SET_GUEST_DEBUG KVM_INTERRUPT KVM_NMI
+KVM_SET_GUEST_DEBUG KVM_INTERRUPT KVM_NMI KVM_SET_GSI_ROUTING
 KVM_X86_SETUP_MCE KVM_X86_GET_MCE_CAP_SUPPORTED
 """.split()
 
@@ -48,6 +48,7 @@ KVM_MP_STATE_HALTED KVM_MP_STATE_SIPI_RECEIVED
 KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP KVM_GUESTDBG_USE_HW_BP
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
 KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI
 KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
 KVM_PIT_SPEAKER_DUMMY
 KVM_CAP_IRQCHIP KVM_CAP_HLT KVM_CAP_USER_MEMORY KVM_CAP_SET_TSS_ADDR KVM_CAP_EXT_CPUID
@@ -149,6 +150,11 @@ struct kvm_irqchip { __u32 chip_id; ...; };
 struct kvm_pit_state2 { __u32 flags; ...; };
 struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
 struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
+struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; ...; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; ...; };
+typedef union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi; ...; } kvmpy_routing_u_t;
+struct kvm_irq_routing_entry { __u32 gsi; __u32 type; __u32 flags; kvmpy_routing_u_t u; ...; };
+struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; ...; };
 """
 
 PREAMBLE = """
@@ -157,7 +163,7 @@ PREAMBLE = """
 #include "kvmpy_native.h"
 """ + "".join(
     f"typedef __typeof__(((struct kvm_run *)0)->{v}) kvmpy_run_{v}_t;\n" for v in RUN_VIEWS
-)
+) + "typedef __typeof__(((struct kvm_irq_routing_entry *)0)->u) kvmpy_routing_u_t;\n"
 
 
 def native_cdef() -> str:

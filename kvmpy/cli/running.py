@@ -145,7 +145,8 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                           serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
                           test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
-                          net=getattr(args, "net", None), vsock=getattr(args, "vsock", None))
+                          net=getattr(args, "net", None), vsock=getattr(args, "vsock", None),
+                          virtio_transport=getattr(args, "virtio_transport", "mmio"))
     except (KvmpyError, ValueError) as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

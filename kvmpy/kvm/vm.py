@@ -138,6 +138,22 @@ class Vm(Fd):
                                            "resamplefd": resamplefd or 0})
         ioctl(self.fd, lib.KVM_IRQFD, p)
 
+    def set_gsi_routing(self, routes) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole GSI routing table with ``routes``, each
+        ``(gsi, "irqchip", chip, pin)`` or ``(gsi, "msi", address, data)``. The table
+        replaces KVM's default one, so a caller keeping the irqchip's lines passes them too
+        (``default_gsi_routes``)."""
+        p = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for e, (gsi, kind, a, b) in zip(p.entries, routes):
+            e.gsi = gsi
+            if kind == "msi":
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data = a & 0xFFFF_FFFF, a >> 32, b
+            else:
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = a, b
+        ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, p)
+
     # --- clock -----------------------------------------------------------------------
     def get_clock(self) -> int:
         """KVM_GET_CLOCK: the guest's kvmclock in nanoseconds."""

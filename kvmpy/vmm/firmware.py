@@ -5,11 +5,12 @@ kvmpy has no firmware; what a BIOS would leave a kernel, the VMM writes (the MP 
 ``Machine.__init__``, these at ``Machine.load`` of a Linux kernel). The description is
 read off the slots, so a device attached in its usual place is described wherever it was
 attached from: COM1, the RTC, the i8042, fw_cfg, the reset control register, and every
-virtio-mmio device (``Platform.virtio_mmio``: the disks, then the rng) with its GSI.
+virtio-mmio device (``Platform.virtio_mmio``: the disks, then the rng) with its GSI, and
+with virtio-pci the host bridge (MCFG, PCI0 and its _PRT from ``Platform.virtio_pci``).
 """
 from __future__ import annotations
 
-from ..x86 import acpi, bios
+from ..x86 import acpi, bios, layout
 
 
 
@@ -22,7 +23,15 @@ def describe(platform, cpus: int) -> acpi.Platform:
         virtio_mmio=tuple(acpi.VirtioMmio(s.base, s.length, s.irq) for s in virtio),
         serial=tuple((s.base, s.irq) for s in platform.slots if s.name == "com1"),
         rtc_port=port.get("rtc"), i8042_port=port.get("i8042"), fw_cfg_port=port.get("fw_cfg"),
-        reset_port=port.get("reset-control"))
+        reset_port=port.get("reset-control"), pci=_pci(platform))
+
+
+def _pci(platform) -> acpi.Pci | None:
+    """The host bridge and each virtio-pci function's INTA# GSI, if the machine has PCI."""
+    if platform.pci is None:
+        return None
+    return acpi.Pci(layout.PCI_ECAM_BASE, layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE,
+                    tuple((s.base, s.irq) for s in platform.virtio_pci))
 
 
 def acpi_tables(platform, cpus: int) -> acpi.Tables:

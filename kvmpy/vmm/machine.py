@@ -77,6 +77,9 @@ class Machine:
     is on with the irqchip the tables describe, ``acpi=False`` turns it off.
     ``vsock`` adds a virtio-vsock device after the rng: a UNIX socket path for its host side
     (guest CID 3) or a ``Vsock(path, cid)`` (docs/vsock.md).
+    ``virtio_transport`` puts the disks and the rng behind virtio-mmio ("mmio", the default) or
+    behind virtio-pci ("pci": a PCI host bridge with one function per device, MSI-X through
+    KVM's irqfds; docs/virtio.md, "virtio-pci"); the network and vsock stay on virtio-mmio.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
@@ -84,12 +87,14 @@ class Machine:
                  disks: list[str | Disk] = (), fw_cfg: dict[str, bytes | str | os.PathLike] | None = None,
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
                  test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
-                 net: str | Net | None = None, vsock: str | os.PathLike | Vsock | None = None):
+                 net: str | Net | None = None, vsock: str | os.PathLike | Vsock | None = None,
+                 virtio_transport: str = "mmio"):
         self.rng = rng is not False and rng is not None
         self.net = _net_spec(net)
         self.vsock = vsock if isinstance(vsock, Vsock) or vsock is None else Vsock(os.fspath(vsock))
-        check_shape(mem_size, cpus, irqchip,
-                    len(disks) + self.rng + (self.net is not None) + (self.vsock is not None))
+        self.virtio_transport = virtio_transport
+        check_shape(mem_size, cpus, irqchip, len(disks) + self.rng, virtio_transport,
+                    (self.net is not None) + (self.vsock is not None))
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -153,7 +158,7 @@ class Machine:
         if irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        self.platform = Platform(vm, self.native, irqchip, self.gate)
+        self.platform = Platform(vm, self.native, irqchip, self.gate, self.virtio_transport)
 
     @staticmethod
     def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -250,6 +255,8 @@ class Machine:
         shape = {"mem_size": self.mem_size, "cpus": len(self.vcpus), "irqchip": self.irqchip}
         optional = {"test_devices": self.test_devices, "rng": self.rng}     # only when on: older peers
         shape.update({k: True for k, on in optional.items() if on})
+        if self.virtio_transport != "mmio":
+            shape["virtio_transport"] = self.virtio_transport
         if self.net is not None:
             shape["net"] = self.net.spec        # the backend is re-made (a restore may name another)
         if self.vsock is not None:
@@ -554,7 +561,8 @@ def _net_spec(net) -> "Net | None":
     return Net.parse(net)
 
 
-def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
+def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int, virtio_transport: str = "mmio",
+                mmio_only: int = 0) -> None:
     """ValueError unless a Machine of this shape can be built."""
     if mem_size < 64 * 1024 or mem_size % PAGE_SIZE:
         raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
@@ -563,9 +571,14 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int) -> None:
     if cpus > 1 and not irqchip:
         raise ValueError("several vCPUs need irqchip=True: application processors wait in the "
                          "in-kernel local APIC for the INIT/SIPI that starts them")
-    if disks > layout.MAX_VIRTIO_DEVICES:
+    if virtio_transport not in ("mmio", "pci"):
+        raise ValueError(f"virtio_transport must be 'mmio' or 'pci', got {virtio_transport!r}")
+    if virtio_transport == "pci" and disks > layout.MAX_PCI_DEVICES:
+        raise ValueError(f"at most {layout.MAX_PCI_DEVICES} virtio-pci devices (disks and the rng), got {disks}")
+    mmio = mmio_only + (disks if virtio_transport == "mmio" else 0)
+    if mmio > layout.MAX_VIRTIO_DEVICES:
         raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng, the network "
-                         f"and vsock), got {disks}")
+                         f"and vsock), got {mmio}")
 
 
 def _kicker(machine):

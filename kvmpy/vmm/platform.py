@@ -32,8 +32,9 @@ QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mm
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
 LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net",
-                           "virtio_vsock"})
+                           "virtio_vsock", "pci_host"})
 CLOSED_BACKENDS = ("disks", "virtio_net", "virtio_vsock")   # slots whose ``backend`` close() closes, in order
+VIRTIO_TRANSPORTS = ("mmio", "pci")
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,11 @@ class Locked:
 
 class PythonPending:
     """What the disk timer needs of a Python virtio-blk or virtio-rng (NativeVirtioBlk has the same):
-    when a throttled request may go, and a host-side QueueNotify under the device's lock."""
+    when a throttled request may go, and a host-side QueueNotify under the device's lock (a
+    virtio-pci function's is ``notify_queue(0)``, a virtio-mmio window's a write of QueueNotify)."""
 
-    def __init__(self, device: Locked, blk):
-        self.device, self.blk = device, blk
+    def __init__(self, device: Locked, blk, pci: bool = False):
+        self.device, self.blk, self.pci = device, blk, pci
 
     def throttled_until(self) -> int:
         return self.blk.limiter.throttled_until if self.blk.limiter is not None else 0
@@ -163,7 +165,10 @@ class PythonPending:
         with self.device.lock:
             if self.blk.limiter is not None:
                 self.blk.limiter.clear()    # not live: nothing to serve, and nothing waits
-            self.device.device.write(QUEUE_NOTIFY, 4, 0)
+            if self.pci:
+                self.device.device.notify_queue(0)
+            else:
+                self.device.device.write(QUEUE_NOTIFY, 4, 0)
 
 
 @dataclass(eq=False)
@@ -203,15 +208,21 @@ class Platform:
     """The buses and the slots on them, for one VM.
 
     ``native`` picks the C twins of the UART and virtio-blk (and with them the C loop);
-    ``irqchip`` says whether interrupt lines reach an in-kernel irqchip or nothing.
+    ``irqchip`` says whether interrupt lines reach an in-kernel irqchip or nothing;
+    ``virtio`` puts the disks and the rng behind virtio-mmio ("mmio") or virtio-pci ("pci").
     """
 
-    def __init__(self, vm, native: bool, irqchip: bool, gate=None):
-        self.vm, self.native, self.irqchip = vm, native, irqchip
+    def __init__(self, vm, native: bool, irqchip: bool, gate=None, virtio: str = "mmio"):
+        if virtio not in VIRTIO_TRANSPORTS:
+            raise ValueError(f"virtio transport must be one of {', '.join(VIRTIO_TRANSPORTS)}, not {virtio!r}")
+        self.vm, self.native, self.irqchip, self.virtio = vm, native, irqchip, virtio
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.slots: list[Slot] = []
         self.gate = gate
         self.timer = DiskTimer(gate) if gate is not None else None    # rate-limited disks
+        self.pci = self.msi = None
+        if virtio == "pci":
+            self._add_pci_host()
 
     def attach(self, slot: Slot, device=None) -> Slot:
         """Claim the slot's range on its bus for ``device`` (default: the model)."""
@@ -281,9 +292,45 @@ class Platform:
         return self.attach(Slot("fw_cfg", "pio", layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, fw_cfg,
                                 saved_as="fw_cfg"))
 
+    def _add_pci_host(self) -> None:
+        """The PCI host bridge (devices/pci/): 0xcf8, 0xcfc-0xcff, the ECAM window and the MMIO
+        window of the BARs, all four doors behind one lock; saved as "pci_host"."""
+        from ..devices.pci import PciHost
+        from .msi import MsiRoutes
+        self.pci = host = PciHost(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE)
+        self.pci_lock = lock = threading.Lock()
+        self.msi = MsiRoutes(self.vm) if self.irqchip else None
+        self.attach(Slot("pci-host", "pio", layout.PCI_CONFIG_ADDRESS_PORT, 1, host, saved_as="pci_host"),
+                    Locked(host.cf8, lock))
+        self.attach(Slot("pci-config-data", "pio", layout.PCI_CONFIG_DATA_PORT, layout.PCI_CONFIG_DATA_PORT_COUNT,
+                         host.cfc), Locked(host.cfc, lock))
+        self.attach(Slot("pci-ecam", "mmio", layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, host.ecam),
+                    Locked(host.ecam, lock))
+        self.attach(Slot("pci-mmio", "mmio", layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE, host.window),
+                    Locked(host.window, lock))
+
+    def _add_virtio_pci(self, name: str, model, memory, saved_as: str, **slot) -> tuple[Slot, Locked]:
+        """``model`` (a VirtioDevice) as a virtio-pci function in the next PCI slot, INTA# on its
+        own GSI, MSI-X through KVM's routing; the slot's ``base`` is its PCI device number."""
+        from ..devices.pci.msix import NullMsiSink
+        from ..devices.virtio.pci import VirtioPciFunction
+        n = len(self.pci.devices)                     # device 0 is the host bridge
+        if n > layout.MAX_PCI_DEVICES:
+            raise DeviceError(f"at most {layout.MAX_PCI_DEVICES} virtio devices behind PCI")
+        gsi = layout.PCI_INTX_GSIS[n - 1]
+        sink = self.msi.sink(model.num_queues + 1) if self.msi else NullMsiSink()
+        fn = VirtioPciFunction(model, memory, self.trigger(gsi), sink)
+        dev = self.pci.add(fn)
+        s = Slot(name, "pci", dev, 1, fn, gsi, saved_as, **slot)
+        self.slots.append(s)
+        return s, Locked(fn, self.pci_lock)
+
     def add_disk(self, disk: Disk, memory) -> Slot:
-        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py)."""
+        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py), or
+        over virtio-pci in the next PCI slot (the Python model: no C twin behind PCI yet)."""
         i = len(self.disks)
+        if self.virtio == "pci":
+            return self._add_pci_disk(i, disk, memory)
         base, gsi = self._virtio_window()
         from ..devices.virtio.blk import VIRTIO_ID_BLOCK, VirtioBlk     # loaded for machines with disks only
         from ..devices.virtio.mmio import VirtioMmioTransport
@@ -306,14 +353,40 @@ class Platform:
                                 fast, disk, identity, blk, pending if self.timer is not None else None,
                                 virtio=VIRTIO_ID_BLOCK), device)
 
+    def _add_pci_disk(self, i: int, disk: Disk, memory) -> Slot:
+        from ..devices.virtio.blk import VIRTIO_ID_BLOCK, VirtioBlk
+        try:
+            blk = VirtioBlk(disk.path, readonly=disk.readonly, limits=disk.limits)
+        except DeviceError as e:
+            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
+        identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
+        try:
+            s, locked = self._add_virtio_pci(f"virtio-blk{i}", blk, memory, "disks", disk=disk, identity=identity,
+                                             backend=blk, virtio=VIRTIO_ID_BLOCK)
+        except BaseException:
+            blk.close()
+            raise
+        if self.timer is not None:
+            s.pending = PythonPending(locked, blk, pci=True)
+            if disk.limits:
+                self.timer.watch(s.pending)
+        return s
+
     def add_rng(self, memory, limits: Limits | bool = True) -> Slot:
         """virtio-rng (``Machine(rng=...)``) in the next free slot of the virtio window, after
         the disks: the Python model only (not a hot path), rate-limited by ``limits`` (True:
         the device's DEFAULT_LIMITS); saved as "virtio_rng"."""
         from ..devices.virtio.mmio import VirtioMmioTransport
         from ..devices.virtio.rng import DEFAULT_LIMITS, VirtioRng
-        base, gsi = self._virtio_window()
         rng = VirtioRng(DEFAULT_LIMITS if limits is True else limits or None)
+        if self.virtio == "pci":
+            s, locked = self._add_virtio_pci("virtio-rng", rng, memory, "virtio_rng", backend=rng, virtio=rng.device_id)
+            if self.timer is not None:
+                s.pending = PythonPending(locked, rng, pci=True)
+                if rng.limiter is not None:
+                    self.timer.watch(s.pending)
+            return s
+        base, gsi = self._virtio_window()
         model = VirtioMmioTransport(rng, memory, self.trigger(gsi))
         device = Locked(model, threading.Lock())
         pending = PythonPending(device, rng) if self.timer is not None else None
@@ -378,7 +451,13 @@ class Platform:
         """Every virtio-mmio device (the disks, then the rng), by window: each slot's ``base``,
         ``length``, ``irq`` and ``virtio`` (device ID). The one list of them, from which the
         kernel command line (``Machine.virtio_mmio_cmdline``) and firmware tables are made."""
-        return sorted((s for s in self.slots if s.virtio), key=lambda s: s.base)
+        return sorted((s for s in self.slots if s.virtio and s.bus == "mmio"), key=lambda s: s.base)
+
+    @property
+    def virtio_pci(self) -> list[Slot]:
+        """Every virtio-pci function (the disks, then the rng): ``base`` is its PCI device number,
+        ``irq`` the GSI of its INTA#."""
+        return sorted((s for s in self.slots if s.virtio and s.bus == "pci"), key=lambda s: s.base)
 
     @property
     def vsocks(self) -> list[Slot]:
@@ -446,6 +525,8 @@ class Platform:
             self.timer.close()          # first: it serves the disks
         for b in self.backends_to_close():
             b.close()       # a disk's file; the network thread, then its backend; vsock's sockets
+        if self.msi is not None:
+            self.msi.close()
 
     def backends_to_close(self) -> list:
         """What close() closes (and a Machine's finalizer, without the Machine): each disk's file,

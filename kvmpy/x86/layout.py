@@ -96,6 +96,27 @@ VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11)
 MAX_VIRTIO_DEVICES = len(VIRTIO_MMIO_IRQS)
 
+# --- PCI (devices/pci/): one host bridge, bus 0 -----------------------------------------------
+# Configuration mechanism #1 (PCI 3.0, 3.2.2.3.2): CONFIG_ADDRESS at 0xcf8 (dword accesses
+# only: 0xcf9 is the reset control register above), CONFIG_DATA at 0xcfc-0xcff.
+PCI_CONFIG_ADDRESS_PORT = 0xCF8
+PCI_CONFIG_DATA_PORT = 0xCFC
+PCI_CONFIG_DATA_PORT_COUNT = 4
+# ECAM (PCI Express "MMCONFIG"): 1 MiB per bus, bus 0 only, in the hole below 4 GiB above
+# the virtio-mmio windows and below the IOAPIC. The ACPI MCFG table says where.
+PCI_ECAM_BASE = 0xE000_0000
+PCI_ECAM_SIZE = 1 * MiB
+# The window the memory BARs are placed in (and the DSDT's PCI0 forwards): the first 256 MiB
+# of the hole below 4 GiB, from where RAM stops (3 GiB) up to the virtio-mmio windows.
+PCI_MMIO_BASE = 0xC000_0000
+PCI_MMIO_SIZE = 0x1000_0000
+# INTA# of PCI device N (1-8) goes to IOAPIC input PCI_INTX_GSIS[N - 1] (the DSDT's _PRT says
+# so): the inputs above the 16 ISA lines, one per device, never shared.
+PCI_INTX_GSIS = tuple(range(16, 24))
+MAX_PCI_DEVICES = len(PCI_INTX_GSIS)
+# MSI-X vectors are routed to GSIs from here up (KVM_SET_GSI_ROUTING; the IOAPIC has 0-23).
+MSI_GSI_BASE = 24
+
 # --- several CPUs: APICs and the MP table (Intel MultiProcessor Specification 1.4) -------
 LAPIC_ADDR = 0xFEE0_0000   # each CPU's local APIC at its power-on default (IA32_APIC_BASE, SDM 10.4.4)
 IOAPIC_ADDR = 0xFEC0_0000  # the in-kernel IOAPIC of KVM_CREATE_IRQCHIP, at the PC default

@@ -36,17 +36,21 @@ def disks(n: int) -> tuple:
                  for i, g in enumerate(layout.VIRTIO_MMIO_IRQS[:n]))
 
 
+PCI = acpi.Pci(layout.PCI_ECAM_BASE, layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE, ((1, 16), (2, 17)))
 LEGACY = dict(serial=((0x3F8, 4),), rtc_port=0x70, i8042_port=0x60, fw_cfg_port=0x510, reset_port=0xCF9)
 PLATFORMS = {
     "bare": acpi.Platform(cpus=1),
     "pc": acpi.Platform(cpus=4, virtio_mmio=disks(2), **LEGACY),
     "largest": acpi.Platform(cpus=255, virtio_mmio=disks(6), **LEGACY),
     "x2apic": acpi.Platform(cpus=300, virtio_mmio=disks(1), **LEGACY),
+    "pci": acpi.Platform(cpus=2, virtio_mmio=disks(1), pci=PCI, **LEGACY),
 }
 
 
 def write_tables(t: acpi.Tables, where) -> None:
-    for sig, name in FILES.items():
+    for sig, name in {**FILES, "MCFG": "mcfg.dat"}.items():
+        if sig not in t.addresses:
+            continue
         off = t.addresses[sig] - t.base
         length = struct.unpack_from("<I", t.data, off + 4)[0]
         (where / name).write_bytes(t.data[off:off + length])
@@ -61,7 +65,8 @@ def run(argv, cwd) -> str:
 @pytest.mark.parametrize("kind", PLATFORMS)
 def test_iasl_disassembles_every_table_without_a_complaint(tools, tmp_path, kind):
     write_tables(acpi.build(PLATFORMS[kind]), tmp_path)
-    for sig, name in FILES.items():
+    files = {**FILES, "MCFG": "mcfg.dat"} if PLATFORMS[kind].pci else FILES
+    for sig, name in files.items():
         out = run([str(tools.iasl), "-d", name], tmp_path)
         dsl = (tmp_path / name.replace(".dat", ".dsl")).read_text()
         body = dsl.split("*/", 1)[1]               # past the banner, which names the file
@@ -124,3 +129,29 @@ def test_acpiexec_loads_the_tables_and_decodes_each_devices_resources(tools, tmp
     assert "Triggering : Edge Polarity : ActiveHigh Sharing : Exclusive Interrupt Count : 01 Interrupt List : 4" in text
     lines = [ln for ln in out.splitlines() if COMPLAINTS.search(ln) or re.search(r"fail|AE_|mismatch", ln, re.I)]
     assert lines == ["AcpiSetCurrentResources failed: AE_NOT_FOUND"] * len(devices), lines   # no _SRS: fixed devices
+
+
+def test_the_pci_host_bridge_and_the_mcfg_disassemble_to_what_kvmpy_means(tools, tmp_path):
+    write_tables(acpi.build(PLATFORMS["pci"]), tmp_path)
+    run([str(tools.iasl), "-d", "dsdt.dat"], tmp_path)
+    run([str(tools.iasl), "-d", "mcfg.dat"], tmp_path)
+    dsl = re.sub(r"//[^\n]*|/\*.*?\*/", "", (tmp_path / "dsdt.dsl").read_text(), flags=re.S)
+    dsl = re.sub(r"\s+\)", ")", re.sub(r"\s+", " ", dsl))
+    for e in ['Device (PCI0) { Name (_HID, EisaId ("PNP0A08")) Name (_CID, EisaId ("PNP0A03")) '
+              'Name (_SEG, Zero) Name (_BBN, Zero) Name (_UID, Zero)',
+              'WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0000, 0x0000, 0x0001, ,,)',
+              'WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0000, 0x0CF7, '
+              '0x0000, 0x0CF8, ,, , TypeStatic, DenseTranslation)',
+              'WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0D00, 0xFFFF, '
+              '0x0000, 0xF300, ,, , TypeStatic, DenseTranslation)',
+              'DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0x00000000, '
+              '0xC0000000, 0xCFFFFFFF, 0x00000000, 0x10000000, ,, , AddressRangeMemory, TypeStatic)',
+              'Name (_PRT, Package (0x02) { Package (0x04) { 0x0001FFFF, Zero, Zero, 0x10 }, '
+              'Package (0x04) { 0x0002FFFF, Zero, Zero, 0x11 } })',
+              'Device (MRES) { Name (_HID, EisaId ("PNP0C02")) Name (_UID, Zero) Name (_CRS, ResourceTemplate () '
+              '{ Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000,) }) }']:
+        assert e in dsl, f"missing {e!r} in\n{dsl}"
+    mcfg = re.sub(r"\s+", " ", (tmp_path / "mcfg.dsl").read_text())
+    for e in ["Base Address : 00000000E0000000", "Segment Group Number : 0000", "Start Bus Number : 00",
+              "End Bus Number : 00"]:
+        assert e in mcfg, f"missing {e!r} in\n{mcfg}"

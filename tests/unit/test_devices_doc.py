@@ -12,6 +12,7 @@ import pytest
 
 from kvmpy.devices import fwcfg, i8042, reset, rtc, serial, testdev
 from kvmpy.devices.virtio import blk, mmio, rng
+from kvmpy.devices.virtio import pci as virtio_pci
 from kvmpy.x86 import layout
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "devices.md"
@@ -25,6 +26,7 @@ SECTION_MODULES = {
     "Reset lines (port 0x92, 0xcf9)": reset,
     "virtio-mmio transport and virtio-blk": mmio,
     "pc-testdev (QEMU's test device, off by default)": testdev,
+    "PCI host bridge and virtio-pci (off by default)": virtio_pci,
 }
 # sections whose "Where it lives" constants live in the device's module, not in layout.py
 WHERE_MODULES = {"pc-testdev (QEMU's test device, off by default)": testdev}
@@ -32,7 +34,8 @@ EXPECTED_SECTIONS = ["16550A UART (COM1)", "isa-debug-exit", "i8042 keyboard con
                      "CMOS RTC (MC146818)", "fw_cfg", "Reset lines (port 0x92, 0xcf9)",
                      "virtio-mmio transport and virtio-blk", "virtio-rng (entropy device, off by default)",
                      "virtio-vsock (socket device, off by default)",
-                     "pc-testdev (QEMU's test device, off by default)", "Unclaimed ports and MMIO"]
+                     "pc-testdev (QEMU's test device, off by default)",
+                     "PCI host bridge and virtio-pci (off by default)", "Unclaimed ports and MMIO"]
 
 
 def _sections() -> dict[str, str]:

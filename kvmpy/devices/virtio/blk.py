@@ -53,7 +53,7 @@ from ...errors import DeviceError
 from ...kvm.memory import GuestMemory
 from ..ratelimit import Limits, RateLimiter
 from .queue import DescriptorChain, VirtQueue, VirtqueueError
-from .mmio import VIRTIO_F_VERSION_1
+from .core import VIRTIO_F_VERSION_1
 
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512

@@ -15,6 +15,9 @@ Decisions where the spec leaves room (each also in docs/virtio.md):
   read-only registers, are ignored. The configuration space accepts widths 1, 2,
   4 and 8 at any alignment when the access lies inside it; otherwise reads are 0
   and writes ignored.
+The transport-independent rules (status, features, queues, device errors,
+interrupts, saved state) are core.py's, shared with virtio-pci; here they read:
+
 - Status: writing 0 resets the device. Any other value is masked to 8 bits and
   ORed in: the driver cannot clear a bit (only reset can) and cannot set or clear
   DEVICE_NEEDS_RESET. FEATURES_OK is refused (left clear) if the driver accepted
@@ -50,12 +53,12 @@ Decisions where the spec leaves room (each also in docs/virtio.md):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
 from ...kvm.memory import GuestMemory
-from ..irq import NullTrigger, Trigger
-from .queue import VirtQueue, VirtqueueError
+from ..irq import Trigger
+from .core import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,  # noqa: F401 (re-exported)
+                   QUEUE_STATE_FIELDS, RESTORED_ERROR, STATE_FIELDS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
+                   VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, QueueRegisters, VirtioCore,
+                   VirtioDevice, check_state, check_state_shape)
 
 # --- register offsets (spec names) -----------------------------------------------
 MagicValue = 0x000
@@ -93,165 +96,23 @@ VIRTIO_MMIO_MAGIC = 0x74726976      # "virt" little-endian
 VIRTIO_MMIO_VERSION = 2             # non-legacy layout
 VIRTIO_MMIO_VENDOR = 0x706D766B     # "kvmp" little-endian; the spec leaves it to us
 
-# --- device status bits (section 2.1) ---------------------------------------------
-ACKNOWLEDGE = 1
-DRIVER = 2
-DRIVER_OK = 4
-FEATURES_OK = 8
-DEVICE_NEEDS_RESET = 0x40
-FAILED = 0x80
-
-# --- InterruptStatus bits ---------------------------------------------------------------
-VIRTIO_MMIO_INT_VRING = 1           # used buffer notification
-VIRTIO_MMIO_INT_CONFIG = 2          # configuration change notification
-
-# --- device-independent feature bits (section 6) ---------------------------------------
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-
 _U32 = 0xFFFF_FFFF
-_CONFIG_WIDTHS = (1, 2, 4, 8)
-
-# --- saved state (save_state / load_state) ------------------------------------------------
-# Key -> bits of its unsigned value, or bool. The transport's registers:
-STATE_FIELDS = {"status": 8, "device_features_sel": 32, "driver_features_sel": 32,
-                "driver_features": 64, "queue_sel": 32, "interrupt_status": 32,
-                "irq_level": bool, "queues": list}
-# ... and each entry of "queues":
-QUEUE_STATE_FIELDS = {"num": 32, "ready": bool, "desc": 64, "driver": 64, "device": 64,
-                      "last_avail_idx": 16, "used_idx": 16}
-# The error message is not saved (it differs between the C and Python models); a
-# state restored with DEVICE_NEEDS_RESET set records this one instead.
-RESTORED_ERROR = "DEVICE_NEEDS_RESET restored from a saved state"
-
-
-def _check_fields(d, fields: dict, what: str) -> None:
-    if not isinstance(d, dict) or set(d) != set(fields):
-        got = sorted(d) if isinstance(d, dict) else type(d).__name__
-        raise ValueError(f"virtio state: {what} must have exactly the keys {sorted(fields)}, got {got}")
-    for key, kind in fields.items():
-        v = d[key]
-        if kind is bool or kind is list:
-            if type(v) is not kind:
-                raise ValueError(f"virtio state: {what}[{key!r}] must be a {kind.__name__}, got {v!r}")
-        elif type(v) is not int or not 0 <= v < 1 << kind:
-            raise ValueError(f"virtio state: {what}[{key!r}] must be an integer in 0..2**{kind}-1, got {v!r}")
-
-
-def check_state_shape(state, num_queues: int) -> None:
-    """ValueError unless ``state`` has every key, of the right type and width, and no other."""
-    _check_fields(state, STATE_FIELDS, "state")
-    if len(state["queues"]) != num_queues:
-        raise ValueError(f"virtio state: {len(state['queues'])} queues saved, the device has {num_queues}")
-    for i, q in enumerate(state["queues"]):
-        _check_fields(q, QUEUE_STATE_FIELDS, f"queues[{i}]")
-
-
-def check_state(state, device_features: int, num_queues: int, queue_num_max: int,
-                mem: GuestMemory) -> list[VirtQueue | None]:
-    """Validate a saved transport state (hostile input: a snapshot file can be edited).
-
-    A state is accepted only if the transport could have reached it: FEATURES_OK
-    only with acceptable driver features (a subset of ``device_features`` including
-    VIRTIO_F_VERSION_1); InterruptStatus only bits 0 and 1, and the line level
-    equal to ``InterruptStatus != 0``; a ready queue passes every QueueReady check
-    (QueueNum a power of two in 1..queue_num_max, aligned rings inside guest RAM)
-    and has returned every chain it took (``last_avail_idx == used_idx``), except
-    one more taken when a driver error set DEVICE_NEEDS_RESET; a queue that is not
-    ready has both indices 0. Returns the live queues to install (None: not ready);
-    raises ValueError saying what is wrong. csrc/virtio_blk.c applies the same rules.
-    """
-    check_state_shape(state, num_queues)
-    status, feats = state["status"], state["driver_features"]
-    if status & FEATURES_OK and (feats & ~device_features or not feats >> VIRTIO_F_VERSION_1 & 1):
-        raise ValueError(f"virtio state: FEATURES_OK with driver features {feats:#x} the device "
-                         f"would have refused (offered {device_features:#x})")
-    irq = state["interrupt_status"]
-    if irq & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG):
-        raise ValueError(f"virtio state: InterruptStatus {irq:#x} has bits other than 0 and 1")
-    if state["irq_level"] != (irq != 0):
-        raise ValueError(f"virtio state: irq_level {state['irq_level']} does not match "
-                         f"InterruptStatus {irq:#x}")
-    live = []
-    for i, q in enumerate(state["queues"]):
-        if not q["ready"]:
-            if q["last_avail_idx"] or q["used_idx"]:
-                raise ValueError(f"virtio state: queue {i} is not ready but has ring indices")
-            live.append(None)
-            continue
-        if not 1 <= q["num"] <= queue_num_max:
-            raise ValueError(f"virtio state: queue {i} QueueNum {q['num']} is not in 1..{queue_num_max}")
-        try:
-            vq = VirtQueue(mem, q["num"], q["desc"], q["driver"], q["device"])
-        except VirtqueueError as e:
-            raise ValueError(f"virtio state: queue {i}: {e}") from None
-        taken = (q["last_avail_idx"] - q["used_idx"]) & 0xFFFF
-        if taken > (1 if status & DEVICE_NEEDS_RESET else 0):
-            raise ValueError(f"virtio state: queue {i} took {taken} chains it never returned "
-                             f"(last_avail_idx {q['last_avail_idx']}, used_idx {q['used_idx']})")
-        vq.last_avail_idx, vq.used_idx = q["last_avail_idx"], q["used_idx"]
-        live.append(vq)
-    return live
-
-
-@runtime_checkable
-class VirtioDevice(Protocol):
-    """What the transport needs from a device model."""
-
-    device_id: int          # DeviceID (virtio 1.2 section 5: 2 = block)
-    device_features: int    # the 64 feature bits offered
-    num_queues: int
-    queue_num_max: int      # QueueNumMax of every queue
-    config_size: int        # bytes of device-specific configuration space
-
-    def read_config(self, offset: int, size: int) -> int: ...
-
-    def write_config(self, offset: int, size: int, value: int) -> None: ...
-
-    def notify(self, queue_index: int, queue: VirtQueue) -> None:
-        """Process available buffers of ``queue``; may raise VirtqueueError."""
-
-    def reset(self) -> None: ...
-
-
-@dataclass
-class QueueRegisters:
-    """The per-queue registers as the driver wrote them, and the live queue if ready."""
-
-    num: int
-    desc: int = 0
-    driver: int = 0
-    device: int = 0
-    live: VirtQueue | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.live is not None
 
 
 class VirtioMmioTransport:
-    """virtio-mmio v2 register machine in front of a :class:`VirtioDevice`."""
+    """virtio-mmio v2 register machine in front of a :class:`VirtioDevice` (the meaning of
+    each register is :class:`~kvmpy.devices.virtio.core.VirtioCore`'s)."""
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, trigger: Trigger | None = None):
-        self.device = device
-        self.mem = mem
-        self.trigger = trigger if trigger is not None else NullTrigger()
-        self._level = False
-        self.last_error: str | None = None
-        self.status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
-        self.interrupt_status = 0
-        self.queues = [QueueRegisters(num=device.queue_num_max) for _ in range(device.num_queues)]
+        self.core = VirtioCore(device, mem, trigger)
+        self.device, self.mem, self.trigger = device, mem, self.core.trigger
 
     # --- Device protocol ---------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        core = self.core
         if offset >= Config:
-            return self._read_config(offset - Config, size)
+            return core.read_config(offset - Config, size)
         if size != 4 or offset % 4:
             return 0
         if offset == MagicValue:
@@ -263,16 +124,16 @@ class VirtioMmioTransport:
         if offset == VendorID:
             return VIRTIO_MMIO_VENDOR
         if offset == DeviceFeatures:
-            return self._feature_word(self.device.device_features, self.device_features_sel)
+            return core.device_feature_word()
         if offset == QueueNumMax:
-            return self.device.queue_num_max if self._selected() else 0
+            return self.device.queue_num_max if core.selected() else 0
         if offset == QueueReady:
-            q = self._selected()
+            q = core.selected()
             return int(q is not None and q.ready)
         if offset == InterruptStatus:
-            return self.interrupt_status
+            return core.interrupt_status
         if offset == Status:
-            return self.status
+            return core.status
         if offset in (SHMLenLow, SHMLenHigh, SHMBaseLow, SHMBaseHigh):
             return _U32           # "no such region": length -1, base all ones
         if offset == ConfigGeneration:
@@ -280,207 +141,75 @@ class VirtioMmioTransport:
         return 0                  # write-only or unassigned
 
     def write(self, offset: int, size: int, value: int) -> None:
+        core = self.core
         if offset >= Config:
-            self._write_config(offset - Config, size, value)
+            core.write_config(offset - Config, size, value)
             return
         if size != 4 or offset % 4:
             return
         value &= _U32
         if offset == DeviceFeaturesSel:
-            self.device_features_sel = value
+            core.device_features_sel = value
         elif offset == DriverFeatures:
-            self._write_driver_features(value)
+            core.write_driver_features(value)
         elif offset == DriverFeaturesSel:
-            self.driver_features_sel = value
+            core.driver_features_sel = value
         elif offset == QueueSel:
-            self.queue_sel = value
+            core.queue_sel = value
         elif offset == QueueNotify:
-            self._notify(value)
+            core.notify(value)
         elif offset == InterruptACK:
-            self.interrupt_status &= ~value
-            self._update_irq()
+            core.acknowledge(value)
         elif offset == Status:
-            self._write_status(value)
-        elif offset in _QUEUE_FIELDS or offset in (QueueNum, QueueReady):
-            self._write_queue(offset, value)
+            core.write_status(value)
+        elif offset == QueueReady:
+            core.set_queue_ready(bool(value))
+        elif offset == QueueNum:
+            core.set_queue_field("num", value, 0, 32)
+        elif offset in _QUEUE_FIELDS:
+            name, high = _QUEUE_FIELDS[offset]
+            core.set_queue_field(name, value, 32 if high else 0, 32)
         # everything else: read-only, reserved or unassigned -> ignored
 
-    # --- state -----------------------------------------------------------------
+    # --- state (core.py's) --------------------------------------------------------
 
     @property
     def irq_level(self) -> bool:
         """The level last driven on the interrupt line."""
-        return self._level
+        return self.core.irq_level
 
     @property
     def live(self) -> bool:
         """FEATURES_OK and DRIVER_OK set, DEVICE_NEEDS_RESET and FAILED clear."""
-        want = FEATURES_OK | DRIVER_OK
-        return self.status & (want | DEVICE_NEEDS_RESET | FAILED) == want
+        return self.core.live
+
+    @property
+    def last_error(self) -> str | None:
+        return self.core.last_error
+
+    @property
+    def status(self) -> int:
+        return self.core.status
+
+    @property
+    def interrupt_status(self) -> int:
+        return self.core.interrupt_status
+
+    @property
+    def queues(self) -> list[QueueRegisters]:
+        return self.core.queues
 
     def state(self) -> dict:
-        """Every register and queue index, for snapshots and debugging."""
-        return {**self.save_state(), "device_id": self.device.device_id,
-                "device_features": self.device.device_features, "config_generation": 0,
-                "last_error": self.last_error}
+        return self.core.state()
 
     def save_state(self) -> dict:
-        """The registers and ring indices as a JSON-able dict (keys: STATE_FIELDS).
-
-        I/O is synchronous (a QueueNotify is fully served before the write returns),
-        so there are never requests in flight inside the device at a save point.
-        The disk's identity (path, readonly, capacity) is not included.
-        """
-        return {
-            "status": self.status,
-            "device_features_sel": self.device_features_sel,
-            "driver_features_sel": self.driver_features_sel,
-            "driver_features": self.driver_features,
-            "queue_sel": self.queue_sel,
-            "interrupt_status": self.interrupt_status,
-            "irq_level": self._level,
-            "queues": [{
-                "num": q.num, "ready": q.ready, "desc": q.desc, "driver": q.driver,
-                "device": q.device,
-                "last_avail_idx": q.live.last_avail_idx if q.live else 0,
-                "used_idx": q.live.used_idx if q.live else 0,
-            } for q in self.queues],
-        }
+        return self.core.save_state()
 
     def load_state(self, state: dict) -> None:
-        """Restore :meth:`save_state` output; ValueError (changing nothing) if it is not
-        a state this transport could reach (see :func:`check_state`).
-
-        The interrupt level is recorded, not driven: the interrupt controller's
-        state is restored separately and already has the line at that level.
-        """
-        live = check_state(state, self.device.device_features, len(self.queues),
-                           self.device.queue_num_max, self.mem)
-        self.status = state["status"]
-        self.device_features_sel = state["device_features_sel"]
-        self.driver_features_sel = state["driver_features_sel"]
-        self.driver_features = state["driver_features"]
-        self.queue_sel = state["queue_sel"]
-        self.interrupt_status = state["interrupt_status"]
-        self._level = state["irq_level"]
-        self.last_error = RESTORED_ERROR if self.status & DEVICE_NEEDS_RESET else None
-        self.queues = [QueueRegisters(num=q["num"], desc=q["desc"], driver=q["driver"],
-                                      device=q["device"], live=vq)
-                       for q, vq in zip(state["queues"], live)]
+        self.core.load_state(state)
 
     def reset(self) -> None:
-        """What writing 0 to Status does: back to the power-on state."""
-        self.status = 0
-        self.device_features_sel = self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
-        self.last_error = None
-        self.queues = [QueueRegisters(num=self.device.queue_num_max) for _ in self.queues]
-        self.interrupt_status = 0
-        self.device.reset()
-        self._update_irq()
-
-    # --- internals ---------------------------------------------------------------
-
-    def _selected(self) -> QueueRegisters | None:
-        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
-    @staticmethod
-    def _feature_word(features: int, sel: int) -> int:
-        return (features >> (32 * sel)) & _U32 if sel < 2 else 0
-
-    def _write_driver_features(self, value: int) -> None:
-        if self.status & FEATURES_OK or self.driver_features_sel >= 2:
-            return
-        shift = 32 * self.driver_features_sel
-        self.driver_features = (self.driver_features & ~(_U32 << shift)) | (value << shift)
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        new = value & 0xFF & ~DEVICE_NEEDS_RESET
-        if new & FEATURES_OK and not self.status & FEATURES_OK and not self._features_acceptable():
-            new &= ~FEATURES_OK
-        self.status |= new
-
-    def _features_acceptable(self) -> bool:
-        feats = self.driver_features
-        return not feats & ~self.device.device_features and bool(feats >> VIRTIO_F_VERSION_1 & 1)
-
-    def _write_queue(self, offset: int, value: int) -> None:
-        q = self._selected()
-        if q is None:
-            return
-        if offset == QueueReady:
-            if not value:
-                q.live = None
-            elif not q.ready:
-                self._enable(q)
-            return
-        if q.ready:
-            return                            # the driver MUST NOT touch these while ready
-        if offset == QueueNum:
-            q.num = value
-            return
-        name, high = _QUEUE_FIELDS[offset]
-        shift = 32 if high else 0
-        setattr(q, name, (getattr(q, name) & ~(_U32 << shift)) | (value << shift))
-
-    def _enable(self, q: QueueRegisters) -> None:
-        if not 1 <= q.num <= self.device.queue_num_max:
-            self._device_error(f"QueueNum {q.num} is not in 1..{self.device.queue_num_max}")
-            return
-        try:
-            q.live = VirtQueue(self.mem, q.num, q.desc, q.driver, q.device)
-        except VirtqueueError as e:
-            self._device_error(str(e))
-
-    def _notify(self, index: int) -> None:
-        if not self.live or index >= len(self.queues):
-            return
-        vq = self.queues[index].live
-        if vq is None:
-            return
-        before = vq.used_count
-        try:
-            self.device.notify(index, vq)
-        except VirtqueueError as e:
-            self._device_error(str(e))
-        if vq.used_count != before and not vq.interrupts_suppressed():
-            self.interrupt_status |= VIRTIO_MMIO_INT_VRING
-        self._update_irq()
-
-    def _device_error(self, reason: str) -> None:
-        if self.status & DEVICE_NEEDS_RESET:
-            return
-        self.last_error = reason
-        self.status |= DEVICE_NEEDS_RESET
-        if self.status & DRIVER_OK:
-            self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-        self._update_irq()
-
-    def _config_fits(self, offset: int, size: int) -> bool:
-        """[offset, offset+size) inside the configuration space; written as the C twin
-        must write it (virtio_blk.c reg_read), where offset + size could wrap past 2^64."""
-        limit = self.device.config_size
-        return size <= limit and offset <= limit - size
-
-    def _read_config(self, offset: int, size: int) -> int:
-        if size not in _CONFIG_WIDTHS or not self._config_fits(offset, size):
-            return 0
-        return self.device.read_config(offset, size)
-
-    def _write_config(self, offset: int, size: int, value: int) -> None:
-        if size not in _CONFIG_WIDTHS or not self._config_fits(offset, size):
-            return
-        self.device.write_config(offset, size, value & ((1 << (8 * size)) - 1))
-
-    def _update_irq(self) -> None:
-        level = self.interrupt_status != 0
-        if level != self._level:
-            self._level = level
-            self.trigger.set_level(level)
+        self.core.reset()
 
 
 # Ring address registers: offset -> (QueueRegisters field, is the high word)

@@ -42,7 +42,7 @@ from typing import Callable
 
 from ...kvm.memory import GuestMemory
 from ..ratelimit import Limits, RateLimiter
-from .mmio import VIRTIO_F_VERSION_1
+from .core import VIRTIO_F_VERSION_1
 from .queue import DescriptorChain, VirtQueue, VirtqueueError
 
 VIRTIO_ID_ENTROPY = 4

@@ -6,6 +6,6 @@ finds the RSDP, plus the address of each. The Linux loader writes them, hands th
 address over in the boot protocol and keeps their memory in the e820 map; docs/linux.md
 says what a kernel then sees.
 """
-from .tables import Platform, Tables, VirtioMmio, build
+from .tables import Pci, Platform, Tables, VirtioMmio, build
 
-__all__ = ["Platform", "Tables", "VirtioMmio", "build"]
+__all__ = ["Pci", "Platform", "Tables", "VirtioMmio", "build"]

@@ -197,6 +197,15 @@ SMALL_IO = 0x08
 SMALL_END_TAG = 0x0F
 LARGE_MEMORY32_FIXED = 0x86
 LARGE_EXTENDED_IRQ = 0x89
+LARGE_DWORD_ADDRESS = 0x87
+LARGE_WORD_ADDRESS = 0x88
+LARGE_QWORD_ADDRESS = 0x8A
+# Address space descriptors (6.4.3.5): resource types, and the general flags of a bridge's
+# window: ResourceProducer (bit 0 clear), PosDecode, MinFixed (bit 2), MaxFixed (bit 3).
+RESOURCE_MEMORY, RESOURCE_IO, RESOURCE_BUS = 0, 1, 2
+WINDOW_FLAGS = 0x0C
+IO_ENTIRE_RANGE = 0x03              # _RNG: ISA and non-ISA ports
+MEMORY_READ_WRITE = 0x01            # _RW, non-cacheable
 
 
 def _small(item: int, body: bytes) -> bytes:
@@ -239,6 +248,31 @@ def interrupt(*gsis: int, level: bool, active_low: bool = False, shared: bool = 
         raise ValueError(f"Interrupt takes 1-255 32-bit interrupt numbers, got {gsis}")
     flags = 1 | (0 if level else 2) | (4 if active_low else 0) | (8 if shared else 0)   # bit 0: consumer
     return _large(LARGE_EXTENDED_IRQ, struct.pack(f"<BB{len(gsis)}I", flags, len(gsis), *gsis))
+
+
+def _address_space(kind: int, type_flags: int, lo: int, hi: int, width: int) -> bytes:
+    """A Word/DWord/QWord address space descriptor for the fixed window ``[lo, hi]`` that a
+    bridge produces (granularity 0, no translation), as iasl encodes it."""
+    if not 0 <= lo <= hi < 1 << (8 * width):
+        raise ValueError(f"bad {8 * width}-bit window {lo:#x}-{hi:#x}")
+    tag, fmt = {2: (LARGE_WORD_ADDRESS, "<5H"), 4: (LARGE_DWORD_ADDRESS, "<5I"), 8: (LARGE_QWORD_ADDRESS, "<5Q")}[width]
+    return _large(tag, struct.pack("<BBB", kind, WINDOW_FLAGS, type_flags) + struct.pack(fmt, 0, lo, hi, 0, hi - lo + 1))
+
+
+def word_bus_number(first: int, last: int) -> bytes:
+    """``WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, first, last, 0, n)``."""
+    return _address_space(RESOURCE_BUS, 0, first, last, 2)
+
+
+def word_io(first: int, last: int) -> bytes:
+    """``WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, first, last, 0, n)``."""
+    return _address_space(RESOURCE_IO, IO_ENTIRE_RANGE, first, last, 2)
+
+
+def dword_memory(first: int, last: int) -> bytes:
+    """``DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+    0, first, last, 0, n)``: a 32-bit MMIO window a bridge forwards."""
+    return _address_space(RESOURCE_MEMORY, MEMORY_READ_WRITE, first, last, 4)
 
 
 def resource_template(*descriptors: bytes) -> bytes:

@@ -4,7 +4,7 @@ What each says, and why:
 
 * **RSDP** (5.2.5): revision 2, pointing at the XSDT. No RSDT: an ACPI 2.0+ OS reads the
   XSDT (Linux, from 2.6 on), as with QEMU's microvm and Firecracker.
-* **XSDT** (5.2.8): the FADT and the MADT.
+* **XSDT** (5.2.8): the FADT and the MADT, and the MCFG when there is PCI.
 * **FADT** (5.2.9), revision 6.5, **hardware-reduced** (``HW_REDUCED_ACPI``): kvmpy has no
   PM1 event/control blocks, no PM timer, no GPEs and no SCI, and hardware-reduced ACPI is
   the mode in which an OS expects none (4.1). Linux then also leaves the 8259 PIC and the
@@ -29,6 +29,14 @@ What each says, and why:
   raises none, so Linux does not wait for alarms that never come), the i8042 (PNP0303,
   IRQ 1), fw_cfg (QEMU0002) and each virtio-mmio device (LNRO0005, the id Linux's
   virtio_mmio driver matches) with its MMIO window and its level-triggered GSI.
+  With PCI (:class:`Pci`), also the host bridge ``PCI0`` (PNP0A08, compatible with
+  PNP0A03): segment 0, bus 0 only; its _CRS is the bus number, the I/O ports other
+  than 0xcf8-0xcff and the MMIO window it forwards; its _PRT wires INTA# of each device
+  to its own GSI (16 and up: level-triggered, active low, which is what an OS assumes for
+  a GSI in a _PRT; KVM's IOAPIC takes asserted as 1 whatever the polarity). ``MCFG``'s
+  ECAM range is also claimed by a motherboard-resources device (PNP0C02), which Linux
+  wants to see before it trusts MMCONFIG.
+* **MCFG** (PCI Firmware 3.2, 4.1.2): one entry, segment 0, buses 0-0, the ECAM base.
 
 :func:`build` lays them out from one address (the RSDP first, 16-byte aligned, where a
 BIOS-area scan finds it) and returns the bytes with the address of each table.
@@ -100,6 +108,17 @@ class VirtioMmio:
 
 
 @dataclass(frozen=True)
+class Pci:
+    """A PCI host bridge: its ECAM window (bus 0), the MMIO window it forwards, and the
+    GSI of each device's INTA# as ``(device number, GSI)``."""
+
+    ecam_base: int
+    mmio_base: int
+    mmio_size: int
+    intx: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class Platform:
     """What the tables describe. ``None`` for a device the machine does not have; ``serial``
     lists the 16550s as ``(port, ISA IRQ)``; ``reset_port`` is the PIIX Reset Control Register."""
@@ -111,6 +130,7 @@ class Platform:
     i8042_port: int | None = None
     fw_cfg_port: int | None = None
     reset_port: int | None = None
+    pci: Pci | None = None
     ioapic_addr: int = layout.IOAPIC_ADDR
     lapic_addr: int = layout.LAPIC_ADDR
 
@@ -244,7 +264,29 @@ def dsdt_devices(p: Platform) -> list[bytes]:
         devices.append(a.device(f"VR{i:02d}", a.name("_HID", VIRTIO_MMIO_HID), a.name("_UID", i), a.name("_CCA", 1),
                                 a.name("_CRS", a.resource_template(a.memory32_fixed(d.base, d.size),
                                                                    a.interrupt(d.gsi, level=True)))))
+    if p.pci is not None:
+        devices += pci_devices(p.pci)
     return devices
+
+
+def pci_devices(pci: Pci) -> list[bytes]:
+    """``PCI0`` (the host bridge) and ``MRES`` (the ECAM window as a motherboard resource)."""
+    a = aml
+    prt = a.package(*(a.package(a.integer(dev << 16 | 0xFFFF), a.integer(0), a.integer(0), a.integer(gsi))
+                      for dev, gsi in pci.intx))     # (address, INTA#, no link device, GSI)
+    crs = a.resource_template(a.word_bus_number(0, 0), a.word_io(0, layout.PCI_CONFIG_ADDRESS_PORT - 1),
+                              a.word_io(layout.PCI_CONFIG_DATA_PORT + layout.PCI_CONFIG_DATA_PORT_COUNT, 0xFFFF),
+                              a.dword_memory(pci.mmio_base, pci.mmio_base + pci.mmio_size - 1))
+    return [a.device("PCI0", a.name("_HID", a.eisa_id("PNP0A08")), a.name("_CID", a.eisa_id("PNP0A03")),
+                     a.name("_SEG", 0), a.name("_BBN", 0), a.name("_UID", 0), a.name("_CRS", crs),
+                     a.name("_PRT", prt)),
+            a.device("MRES", a.name("_HID", a.eisa_id("PNP0C02")), a.name("_UID", 0),
+                     a.name("_CRS", a.resource_template(a.memory32_fixed(pci.ecam_base, layout.PCI_ECAM_SIZE))))]
+
+
+def mcfg(pci: Pci) -> bytes:
+    """The MCFG: 8 reserved bytes, then one allocation (base, segment 0, buses 0-0)."""
+    return sdt(b"MCFG", 1, bytes(8) + struct.pack("<QHBB4x", pci.ecam_base, 0, 0, 0))
 
 
 def dsdt(p: Platform) -> bytes:
@@ -260,6 +302,9 @@ def check(p: Platform) -> None:
         raise ValueError("at most 100 virtio-mmio devices (VR00-VR99) and 9 serial ports (COM1-COM9)")
     if len({d.gsi for d in p.virtio_mmio}) != len(p.virtio_mmio):
         raise ValueError("two virtio-mmio devices share a GSI; kvmpy's lines are exclusive")
+    if p.pci is not None and (any(not 0 < dev < 32 or gsi < 16 for dev, gsi in p.pci.intx)
+                              or len({g for _, g in p.pci.intx}) != len(p.pci.intx)):
+        raise ValueError("PCI devices are 1-31 and their INTx GSIs distinct and above the ISA lines")
     for name, addr in (("ioapic_addr", p.ioapic_addr), ("lapic_addr", p.lapic_addr)):
         if not 0 <= addr < 1 << 32:
             raise ValueError(f"{name} must be a 32-bit address, got {addr:#x}")
@@ -277,14 +322,15 @@ def build(p: Platform, base: int = layout.ACPI_BASE, max_size: int = layout.ACPI
     if base % ALIGN or not 0 <= base < 1 << 32:
         raise ValueError(f"the RSDP must be 16-byte aligned below 4 GiB, got {base:#x}")
     apic, dsdt_ = madt(p), dsdt(p)
+    extra = {"MCFG": mcfg(p.pci)} if p.pci is not None else {}
     at: dict[str, int] = {}
     pos = base
-    for sig, size in (("RSD PTR ", RSDP.size), ("XSDT", HEADER.size + 16), ("FACP", FADT_SIZE),
-                      ("APIC", len(apic)), ("DSDT", len(dsdt_))):
+    for sig, size in (("RSD PTR ", RSDP.size), ("XSDT", HEADER.size + 8 * (2 + len(extra))), ("FACP", FADT_SIZE),
+                      ("APIC", len(apic)), *((k, len(v)) for k, v in extra.items()), ("DSDT", len(dsdt_))):
         at[sig] = pos
         pos = _align(pos + size)
-    blobs = {"RSD PTR ": rsdp(at["XSDT"]), "XSDT": xsdt([at["FACP"], at["APIC"]]),
-             "FACP": fadt(at["DSDT"], p), "APIC": apic, "DSDT": dsdt_}
+    blobs = {"RSD PTR ": rsdp(at["XSDT"]), "XSDT": xsdt([at["FACP"], at["APIC"], *(at[k] for k in extra)]),
+             "FACP": fadt(at["DSDT"], p), "APIC": apic, **extra, "DSDT": dsdt_}
     data = bytearray(at["DSDT"] + len(dsdt_) - base)
     if len(data) > max_size:
         raise ValueError(f"the ACPI tables need {len(data)} bytes; {max_size} are reserved for them")
