@@ -125,14 +125,7 @@ class Machine:
                 for gpa, blob in mptable.mp_table(cpus):
                     self.memory.write(gpa, blob)
             self._create_devices(cpus, fw_cfg or {})
-            for d in disks:
-                self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
-            if self.rng:
-                self.platform.add_rng(self.memory, rng)
-            if self.net is not None:
-                self.platform.add_net(self.net, self.memory)
-            if self.vsock is not None:
-                self.platform.add_vsock(self.memory, self.vsock)
+            self._add_virtio_devices(disks, rng)
         except BaseException:
             self.close()
             raise
@@ -200,6 +193,17 @@ class Machine:
         if not hasattr(self, "_cpuid_cache"):
             self._cpuid_cache = self.kvm.supported_cpuid()
         return self._cpuid_cache
+
+    def _add_virtio_devices(self, disks, rng) -> None:
+        """The disks, then the rng, the network and vsock, in that order (their windows or PCI slots)."""
+        for d in disks:
+            self.platform.add_disk(d if isinstance(d, Disk) else Disk.parse(d), self.memory)
+        if self.rng:
+            self.platform.add_rng(self.memory, rng)
+        if self.net is not None:
+            self.platform.add_net(self.net, self.memory)
+        if self.vsock is not None:
+            self.platform.add_vsock(self.memory, self.vsock)
 
     def _create_devices(self, cpus: int, files: dict) -> None:
         p, gate = self.platform, self.gate
