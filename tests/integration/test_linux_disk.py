@@ -205,3 +205,15 @@ def test_kvmpy_demo_linux_boots_to_its_shell_and_takes_commands_from_a_pipe(disk
     assert rootfs.READY_MARKER in out and "\ndemo-says-42" in out, out[-4000:]
     assert b"Traceback" not in r.stderr
     assert disk.image.read_bytes() == before
+
+
+def test_demos_lists_demo_linux_and_offline_is_only_for_it():
+    """`kvmpy demos` mentions demo linux (on a line the testbed's demo loop does not pick up as a
+    bundled guest); `--offline` on another demo is a usage error."""
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "demos"], capture_output=True, text=True, env=lab.CHILD_ENV,
+                       timeout=60)
+    assert r.returncode == 0 and "'kvmpy demo linux'" in r.stdout
+    assert not [line for line in r.stdout.splitlines() if line.startswith("  ") and "linux" in line.split()[:1]]
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "demo", "hello-long", "--offline"], capture_output=True,
+                       text=True, env=lab.CHILD_ENV, timeout=60)
+    assert r.returncode == 2 and "--offline is for 'kvmpy demo linux'" in r.stderr
