@@ -13,7 +13,9 @@ path here, with no hardware support on the host. This script
 2. boots it with ``qemu-system-x86_64 -accel tcg -cpu EPYC,+svm``;
 3. inside L1 loads the modules and runs the steps: ``kvmpy info`` (the backend must be
    ``kvm_amd``), every bundled demo, and the KVM-facing integration tests with pytest
-   (Debian's stock kernel, PVH and bzImage, to a shell command among them);
+   (Debian's stock kernel, PVH and bzImage, to a shell command among them, and with its
+   root on a virtio disk: the disk is built here by kvmpy.images.rootfs, since L1 has
+   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs);
 4. reads the result from markers in L1's console (never from QEMU's exit status) and
    exits non-zero, with the console log shown, when a step failed or L1 died.
 
@@ -66,7 +68,7 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_snapshot.py", "tests/integration/test_gdbstub.py",
                  "tests/integration/test_smp_stops.py",
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
-                 "tests/integration/test_linux_disk.py")
+                 "tests/integration/test_linux_disk.py", "tests/integration/test_migration.py")
 STEPS = ("info", "demos", "pytest")
 #: Steps run only when named in --steps (CI does not): bench (see add_qemu() and bench_block()),
 #: and shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1).
