@@ -370,6 +370,18 @@ def _prune(keep: Path, keep_newest: int = 3) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+CLI_HELP = """\
+Build a root disk for Debian's cloud kernel from Debian packages only:
+  rootfs.img   ext4 (mke2fs -d, from e2fsprogs): busybox, busybox init, an rcS that loads
+               the drivers of the virtio devices present (net, vsock, rng) and runs udhcpc,
+               the kernel's virtio modules with a modules.dep
+  initrd.cpio  busybox and the root's modules (virtio_mmio, virtio_pci, virtio_blk): its
+               /init mounts root= (default /dev/vda) and switch_roots to it
+The kernel, busybox-static and the modules come with apt-get download (nothing is
+installed); everything is cached in $KVMPY_CACHE or ~/.cache/kvmpy, the disk by content.
+Prints shell assignments: vmlinux=, vmlinuz=, initrd=, rootfs= and cmdline=."""
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '512K' or bytes -> bytes (argparse type of --size)."""
     units = {"": 0, "K": 10, "M": 20, "G": 30}
@@ -383,7 +395,7 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m kvmpy.images.rootfs", description=__doc__.split("\n\n")[0],
+        prog="python -m kvmpy.images.rootfs", description=CLI_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="then boot it:\n"
                '  eval "$(python -m kvmpy.images.rootfs --output rootfs.img)"\n'

@@ -105,6 +105,20 @@ def test_without_mke2fs_the_build_says_what_to_install(disk, tmp_path, monkeypat
         rootfs.build(disk.kernel, size=9 << 20, cache=tmp_path)
 
 
+def test_the_command_writes_a_copy_and_prints_shell_assignments(disk, tmp_path):
+    """python -m kvmpy.images.rootfs -o FILE: a byte-exact copy, the paths as shell assignments
+    (eval-able), and no overwriting without --force."""
+    out = tmp_path / "mine.img"
+    argv = [sys.executable, "-m", "kvmpy.images.rootfs", "-q", "--offline", "-o", str(out)]
+    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"vmlinux={disk.kernel.vmlinux}", f"vmlinuz={disk.kernel.vmlinuz}",
+                                     f"initrd={disk.initrd}", f"rootfs={out}", f"cmdline='{disk.cmdline}'"]
+    assert out.read_bytes() == disk.image.read_bytes()
+    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, timeout=120)
+    assert r.returncode == 1 and "exists (--force to overwrite)" in r.stderr
+
+
 def test_offline_with_an_empty_cache_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmpy.images.rootfs", "--offline", "--cache", str(tmp_path / "c")],
                        capture_output=True, text=True, env=lab.CHILD_ENV, timeout=60)
