@@ -62,7 +62,7 @@ DEFAULT_SIZE = 64 << 20
 MIN_SIZE = 8 << 20
 MAX_SIZE = 64 << 30
 FAKE_TIME = 1700000000          # every time stamp in the image (2023-11-14)
-FORMAT = 1                      # bump when the layout changes in a way the scripts do not show
+FORMAT = 2                      # bump when the layout changes in a way the scripts do not show
 
 #: What the disk's rcS prints once the system is up; tests and docs look for it.
 READY_MARKER = "kvmpy-rootfs: ready"

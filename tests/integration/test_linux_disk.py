@@ -57,7 +57,8 @@ def disk():
 def debugfs(image, request: str) -> str:
     if DEBUGFS is None:
         _skip_or_fail("debugfs not found (apt-get install e2fsprogs)")
-    r = subprocess.run([DEBUGFS, "-R", request, str(image)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([DEBUGFS, "-R", request, str(image)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "TZ": "UTC"})
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -96,6 +97,21 @@ def test_a_second_build_is_a_cache_hit_without_mke2fs(disk, monkeypatch):
     monkeypatch.setattr(rootfs, "find_mke2fs", lambda: pytest.fail("mke2fs was needed for a cached disk"))
     again = rootfs.build(disk.kernel)
     assert again == disk
+
+
+def test_the_same_inputs_give_the_same_disk(disk, tmp_path):
+    """Two fresh builds in two caches: the same initramfs byte for byte, and images with the same
+    UUID and the same listings, owners, modes and times (mke2fs copies each file's ctime from
+    the build directory, so the images' bytes differ there)."""
+    if rootfs.shutil.which("mke2fs", path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) is None:
+        _skip_or_fail("mke2fs not found (apt-get install e2fsprogs)")
+    a = rootfs.build(disk.kernel, cache=tmp_path / "a")
+    b = rootfs.build(disk.kernel, cache=tmp_path / "b")
+    assert a.image != b.image
+    assert a.initrd.read_bytes() == b.initrd.read_bytes() == disk.initrd.read_bytes()
+    for request in ("stats", "ls -l /", "ls -l /etc", "ls -l /bin", f"ls -l /lib/modules/{disk.release}"):
+        assert debugfs(a.image, request) == debugfs(b.image, request) == debugfs(disk.image, request), request
+    assert "14-Nov-2023 22:13" in debugfs(a.image, "ls -l /etc")
 
 
 def test_without_mke2fs_the_build_says_what_to_install(disk, tmp_path, monkeypatch):
