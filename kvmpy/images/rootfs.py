@@ -211,12 +211,23 @@ def copy_sparse(src, dst) -> None:
 
 
 def find_mke2fs() -> str:
-    """The mke2fs program (also looked for in /sbin and /usr/sbin, off a user's PATH)."""
-    found = shutil.which("mke2fs") or shutil.which("mke2fs", path="/usr/sbin:/sbin")
-    if found is None:
-        raise RootfsError("mke2fs not found: building the root disk needs e2fsprogs "
-                          "(apt-get install e2fsprogs)")
-    return found
+    """e2fsprogs' mke2fs (looked for on PATH, then in /usr/sbin and /sbin, off a user's PATH).
+    busybox's mke2fs applet is passed over: it cannot write a directory into an image (-d)."""
+    seen = set()
+    for path in (os.environ.get("PATH", ""), "/usr/sbin:/sbin"):
+        found = shutil.which("mke2fs", path=path)
+        if found is None or os.path.realpath(found) in seen:
+            continue
+        seen.add(os.path.realpath(found))
+        try:
+            version = subprocess.run([found, "-V"], capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if "EXT2FS Library" in version.stdout + version.stderr:
+            return found
+    raise RootfsError("mke2fs from e2fsprogs not found: building the root disk needs it "
+                      "(apt-get install e2fsprogs)" + (" (busybox's mke2fs cannot write a directory into an image)"
+                                                      if seen else ""))
 
 
 def _modules(linux: linuxkernel.LinuxFiles, offline: bool) -> dict[str, Path]:

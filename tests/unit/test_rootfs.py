@@ -66,3 +66,16 @@ def test_missing_mke2fs_names_the_package(monkeypatch):
     monkeypatch.setattr(rootfs.shutil, "which", lambda *a, **k: None)
     with pytest.raises(rootfs.RootfsError, match=r"apt-get install e2fsprogs"):
         rootfs.find_mke2fs()
+
+
+def test_busybox_mke2fs_is_passed_over(tmp_path, monkeypatch):
+    """A mke2fs that is not e2fsprogs' (busybox's applet: no -d) is not used; the error says why."""
+    fake = tmp_path / "mke2fs"
+    fake.write_text("#!/bin/sh\necho 'BusyBox v1.35.0 multi-call binary.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    real = rootfs.shutil.which
+    monkeypatch.setattr(rootfs.shutil, "which",
+                        lambda name, path=None: real(name, path=path) if path == str(tmp_path) else None)
+    with pytest.raises(rootfs.RootfsError, match=r"e2fsprogs.*busybox's mke2fs cannot write a directory"):
+        rootfs.find_mke2fs()
