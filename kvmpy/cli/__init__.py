@@ -11,6 +11,7 @@ The package, in the order a command line meets it:
     __init__.py   main(): parse the line, call the command, turn errors into statuses
     options.py    the argparse parser (only the command given is built)
     running.py    run, demo, restore, receive: build a Machine, drive it, judge how it ended
+    linuxdemo.py  demo linux: Debian's kernel and a root disk (kvmpy.images.rootfs), to a shell
     commands.py   info, demos, ctl, inspect, bench: the commands that run no guest here
     status.py     the exit statuses and their help text; progress lines
 

@@ -33,6 +33,8 @@ def cmd_demos(args) -> int:
         if g.demo:
             print(f"  {g.name:<{width}}  {g.description}")
     print("\nrun one with: kvmpy demo NAME   (options: kvmpy demo --help)")
+    print("and a real Linux: 'kvmpy demo linux' boots Debian's cloud kernel with its root on a virtio disk\n"
+          "to a shell on your terminal (needs VMX or SVM; 'reboot' in the guest leaves)")
     return EXIT_OK
 
 

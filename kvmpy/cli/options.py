@@ -137,6 +137,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+LINUX_DEMO_HELP = """\
+kvmpy demo linux is different: it boots a real Linux to a shell on your terminal.
+  - fetches Debian's cloud kernel, busybox-static and the kernel's virtio modules
+    (apt-get download; cached in $KVMPY_CACHE or ~/.cache/kvmpy)
+  - builds an ext4 root disk and its initramfs (mke2fs -d; cached by content)
+  - boots the kernel (PVH) with 2 vCPUs, 512 MiB, the virtio-rng and its root on
+    /dev/vda: a scratch copy of the disk, so writes are gone after the run
+  - 'reboot' in the guest leaves (status 120), or Ctrl-A x
+  --cpus, --mem, --disk (more disks: /dev/vdb...), --cmdline (appended) and --timeout
+  apply. Commands on a pipe wait until the shell is up:
+      printf 'uname -a\\nreboot\\n' | kvmpy demo linux
+  It needs a KVM that runs guest ring 0 (VMX or SVM in /proc/cpuinfo): elsewhere
+  Linux stops after its banner, and the demo says so before it starts. To boot the
+  same disk with kvmpy run: python -m kvmpy.images.rootfs --help; docs/linux.md."""
+
+
 # --- one function per command -------------------------------------------------------
 def _demo_parser(sub: _Commands) -> None:
     d = sub.add_parser("demo", help="run a bundled demo guest and check that it does what it says",
@@ -145,8 +161,10 @@ def _demo_parser(sub: _Commands) -> None:
                        description="Run a bundled guest (see 'kvmpy demos') and check that it did what "
                                    "its description promises: its exit value and a line of its output. "
                                    "Works without a terminal: a demo that reads input gets its sample "
-                                   "input when stdin has none.")
-    d.add_argument("name", help="demo name, e.g. hello-long")
+                                   "input when stdin has none.\n\n" + LINUX_DEMO_HELP)
+    d.add_argument("name", help="demo name, e.g. hello-long, or linux")
+    d.add_argument("--offline", action="store_true",
+                   help="demo linux: use only what the cache holds (never run apt)")
     _run_options(d)
 
 

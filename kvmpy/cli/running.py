@@ -33,6 +33,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.name == "linux":                    # not a bundled guest: Debian's kernel and a root disk
+        from .linuxdemo import demo_linux
+        return demo_linux(args, _run)
+    if getattr(args, "offline", False):
+        print("kvmpy: --offline is for 'kvmpy demo linux'", file=sys.stderr)
+        return EXIT_USAGE
     from ..images import guests
     try:
         g = guests.get(args.name)
@@ -128,7 +134,10 @@ def cmd_receive(args) -> int:
 
 
 # --- building and driving a machine ------------------------------------------------
-def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | None = None) -> int:
+def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | None = None,
+         ready: tuple[bytes, threading.Event] | None = None) -> int:
+    """Build the Machine ``args`` describe, load ``image``, drive it. With ``ready`` (a marker
+    and an event), input from a pipe waits until the guest has printed the marker."""
     from ..errors import KvmpyError
     from ..vmm.machine import Machine
     if getattr(args, "paused", False) and not getattr(args, "control", None):
@@ -142,7 +151,7 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
     try:
         machine = Machine(mem_size=64 << 20 if args.mem is None else args.mem,
                           cpus=1 if args.cpus is None else args.cpus, irqchip=args.irqchip,
-                          serial=_Console(sys.stdout.buffer, keep), native=not args.python, disks=args.disk,
+                          serial=_Console(sys.stdout.buffer, keep, ready), native=not args.python, disks=args.disk,
                           fw_cfg=_fw_cfg_files(args.fw_cfg), serial_bps=args.serial_bps,
                           test_devices=args.test_devices, rng=args.rng, acpi=args.acpi,
                           net=getattr(args, "net", None), vsock=getattr(args, "vsock", None),
@@ -157,7 +166,7 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
             print(f"kvmpy: {e}", file=sys.stderr)
             return EXIT_VMM_ERROR
         try:
-            return _drive(args, machine, tracer, sample_input)
+            return _drive(args, machine, tracer, sample_input, input_gate=ready[1] if ready else None)
         finally:
             for s in machine.platform.slots:        # a network that failed under the guest: say so
                 if s.saved_as == "virtio_net" and s.backend.error:
@@ -166,7 +175,8 @@ def _run(args, image, load: dict, sample_input: bytes | None, keep: bytearray | 
                 tracer.stream.close()
 
 
-def _drive(args, machine, tracer=None, sample_input: bytes | None = None, started: bool = False) -> int:
+def _drive(args, machine, tracer=None, sample_input: bytes | None = None, started: bool = False,
+           input_gate: threading.Event | None = None) -> int:
     """Run ``machine`` to its end (or wait for it, if ``started``), with stdin as its serial
     input, Ctrl-C, the control socket, and the end-of-run reports; returns the exit status."""
     from ..errors import GuestError
@@ -179,7 +189,8 @@ def _drive(args, machine, tracer=None, sample_input: bytes | None = None, starte
     control = terminal = None
     stop = [machine.request_stop]           # the gdb stub takes over Ctrl-C while it serves
     if not getattr(args, "replay", None):       # a replay's input comes from the recording
-        terminal = _start_input(machine, done, sample_input, lambda: stop[0]("interrupted"), interactive)
+        terminal = _start_input(machine, done, sample_input, lambda: stop[0]("interrupted"), interactive,
+                                input_gate)
     old = signal.signal(signal.SIGINT, lambda *_: stop[0]("interrupted")) \
         if threading.current_thread() is threading.main_thread() else None
     try:
@@ -318,12 +329,14 @@ def _serve_gdb(machine, args, stop: list):
 # --- the terminal: guest serial output and input ----------------------------------
 class _Console:
     """Guest serial output to our stdout, flushed at each newline so prompts appear; with
-    ``keep`` (a bytearray) also its last KEEP bytes, for ``kvmpy demo`` to check."""
+    ``keep`` (a bytearray) also its last KEEP bytes, for ``kvmpy demo`` to check; with
+    ``ready`` (marker, event), the event is set once the output has shown the marker."""
 
     KEEP = 1 << 20
 
-    def __init__(self, out, keep: bytearray | None = None):
-        self.out, self.keep = out, keep
+    def __init__(self, out, keep: bytearray | None = None, ready: tuple[bytes, threading.Event] | None = None):
+        self.out, self.ready = out, ready
+        self.keep = bytearray() if keep is None and ready is not None else keep
 
     def write(self, data: bytes) -> int:
         self.out.write(data)
@@ -331,6 +344,8 @@ class _Console:
             self.out.flush()
         if self.keep is not None:
             self.keep += data
+            if self.ready is not None and not self.ready[1].is_set() and self.ready[0] in self.keep[-len(data) - 256:]:
+                self.ready[1].set()
             if len(self.keep) > 2 * self.KEEP:
                 del self.keep[:-self.KEEP]
         return len(data)
@@ -339,10 +354,12 @@ class _Console:
         self.out.flush()
 
 
-def _start_input(machine, done: threading.Event, sample_input: bytes | None, quit, interactive: bool):
+def _start_input(machine, done: threading.Event, sample_input: bytes | None, quit, interactive: bool,
+                 gate: threading.Event | None = None):
     """Feed stdin to the guest's UART from a thread. With ``interactive`` (a terminal on stdin,
     ours to change) it becomes the guest's console (kvmpy.cli.terminal: raw mode, Ctrl-A
-    commands; ``quit`` ends the run) and is returned, to be restored when the run ends."""
+    commands; ``quit`` ends the run) and is returned, to be restored when the run ends.
+    Otherwise, with a ``gate``, nothing is fed before the gate opens (a shell is ready)."""
     first = b""
     if sample_input is not None and not sys.stdin.isatty():
         first = os.read(0, 4096) if _stdin_has_data() else b""
@@ -359,7 +376,8 @@ def _start_input(machine, done: threading.Event, sample_input: bytes | None, qui
             sys.stderr.flush()
         else:
             terminal = None
-    threading.Thread(target=_feed_stdin, args=(machine, done, first, keys), daemon=True, name="stdin").start()
+    gate = gate if keys is None else None   # at a terminal the person typing sees the prompt
+    threading.Thread(target=_feed_stdin, args=(machine, done, first, keys, gate), daemon=True, name="stdin").start()
     return terminal
 
 
@@ -370,10 +388,15 @@ def _stdin_has_data(timeout: float = 0.05) -> bool:
         return False
 
 
-def _feed_stdin(machine, done: threading.Event, first: bytes = b"", keys=None) -> None:
-    """Copy stdin to the guest's UART, waiting while its FIFO is full. With ``keys`` (a
-    terminal's ``(Escapes, quit)``) Ctrl-A commands are obeyed instead of sent."""
+def _feed_stdin(machine, done: threading.Event, first: bytes = b"", keys=None,
+                gate: threading.Event | None = None) -> None:
+    """Copy stdin to the guest's UART, waiting while its FIFO is full (and, with a ``gate``,
+    until it opens). With ``keys`` (a terminal's ``(Escapes, quit)``) Ctrl-A commands are
+    obeyed instead of sent."""
     from .terminal import HELP, KEYS_HELP, QUIT
+    while gate is not None and not gate.wait(0.1):
+        if done.is_set():
+            return
     queue = [first] if first else []
     while not done.is_set():
         if not queue:

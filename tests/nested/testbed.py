@@ -13,7 +13,9 @@ path here, with no hardware support on the host. This script
 2. boots it with ``qemu-system-x86_64 -accel tcg -cpu EPYC,+svm``;
 3. inside L1 loads the modules and runs the steps: ``kvmpy info`` (the backend must be
    ``kvm_amd``), every bundled demo, and the KVM-facing integration tests with pytest
-   (Debian's stock kernel, PVH and bzImage, to a shell command among them);
+   (Debian's stock kernel, PVH and bzImage, to a shell command among them, and with its
+   root on a virtio disk: the disk is built here by kvmpy.images.rootfs, since L1 has
+   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs);
 4. reads the result from markers in L1's console (never from QEMU's exit status) and
    exits non-zero, with the console log shown, when a step failed or L1 died.
 
@@ -48,14 +50,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from kvmpy.images import linuxkernel  # noqa: E402
+from kvmpy.images import linuxkernel, rootfs  # noqa: E402
 from kvmpy.images.initramfs import CpioEntry, newc_archive  # noqa: E402
 
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 QEMU = "qemu-system-x86_64"
 L1_MODULES = ("irqbypass.ko", "kvm.ko", "kvm-amd.ko")     # in load order
-#: Modules test_linux.py puts in its L2 kernels' initramfs (from L1's copy of the kernel cache).
-L2_MODULES = ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_blk.ko")
+#: Modules the L2 kernels get (from L1's copy of the kernel cache): test_linux.py's initramfs
+#: and the root disk's (kvmpy.images.rootfs, which test_linux_disk.py boots).
+L2_MODULES = tuple(sorted({"virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_blk.ko", *rootfs.MODULE_FILES}))
 L1_MEM = "3G"
 L1_CPUS = 2
 
@@ -64,7 +67,15 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_kvm_lowlevel.py", "tests/integration/test_linux.py",
                  "tests/integration/test_snapshot.py", "tests/integration/test_gdbstub.py",
                  "tests/integration/test_smp_stops.py",
-                 "tests/integration/test_stops.py", "tests/integration/test_testdev.py")
+                 "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
+                 "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
+                 "tests/integration/test_vsock.py", "tests/integration/test_net.py",
+                 "tests/integration/test_linux_pci.py", "tests/integration/test_linux_vsock.py")
+#: Left out, run on demand (--steps pytest FILE):
+#: - test_migration.py: in L1 in the default order it passed twice and failed once (a migrated
+#:   counter guest triple-faulted on the target), and it adds ~90-100 s to the run;
+#: - test_linux_disk.py: 3 of 26 root-disk boots of Debian's kernel (2 vCPUs) ended in an L2
+#:   triple fault near the kernel's code patching, cause not known yet (docs/linux.md); ~47 s.
 STEPS = ("info", "demos", "pytest")
 #: Steps run only when named in --steps (CI does not): bench (see add_qemu() and bench_block()),
 #: and shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1).
@@ -215,7 +226,7 @@ def shared_libraries(binaries) -> set[str]:
 
 
 #: Host programs the tests run in L1, and the Debian package of each.
-TOOLS = (("gdb", "gdb"), ("nm", "binutils"))
+TOOLS = (("gdb", "gdb"), ("nm", "binutils"), ("debugfs", "e2fsprogs"))
 #: Libraries kvmpy opens with ctypes at run time, which ldd cannot see.
 DLOPENED = ("libseccomp.so.2",)
 
@@ -373,6 +384,8 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
     modules = linuxkernel.kernel_modules(linux, L1_MODULES + L2_MODULES)
+    say("building the L2 root disk (kvmpy.images.rootfs, cached)")
+    disk = rootfs.build(linux)          # L1 has no mke2fs and no apt: it finds this in its cache
     site = wheels(python_requirements())
     src = work / "src"
     say("staging this checkout and building its C extension and guests with Debian's python3.11")
@@ -424,6 +437,8 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
+    for f in (disk.image, disk.initrd):
+        tree.copy(f, f"opt/cache/rootfs/{f.parent.name}/{f.name}")
     tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"
