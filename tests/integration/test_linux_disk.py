@@ -128,18 +128,18 @@ def test_the_command_writes_a_copy_and_prints_shell_assignments(disk, tmp_path):
     (eval-able), and no overwriting without --force."""
     out = tmp_path / "mine.img"
     argv = [sys.executable, "-m", "kvmpy.images.rootfs", "-q", "--offline", "-o", str(out)]
-    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, timeout=120)
+    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, cwd="/", timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [f"vmlinux={disk.kernel.vmlinux}", f"vmlinuz={disk.kernel.vmlinuz}",
                                      f"initrd={disk.initrd}", f"rootfs={out}", f"cmdline='{disk.cmdline}'"]
     assert out.read_bytes() == disk.image.read_bytes()
-    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, timeout=120)
+    r = subprocess.run(argv, capture_output=True, text=True, env=lab.CHILD_ENV, cwd="/", timeout=120)
     assert r.returncode == 1 and "exists (--force to overwrite)" in r.stderr
 
 
 def test_offline_with_an_empty_cache_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmpy.images.rootfs", "--offline", "--cache", str(tmp_path / "c")],
-                       capture_output=True, text=True, env=lab.CHILD_ENV, timeout=60)
+                       capture_output=True, text=True, env=lab.CHILD_ENV, cwd="/", timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "no kernel in the cache" in r.stderr and "once online" in r.stderr
 
@@ -231,7 +231,7 @@ def test_kvmpy_demo_linux_boots_to_its_shell_and_takes_commands_from_a_pipe(disk
     before = disk.image.read_bytes()
     r = subprocess.run([sys.executable, "-m", "kvmpy", "demo", "linux", "--offline", "--timeout", str(BOOT_TIMEOUT)],
                        input=b"echo demo-says-$((6 * 7)) > /root/x; cat /root/x\nreboot\n",
-                       capture_output=True, env=lab.CHILD_ENV, timeout=BOOT_TIMEOUT + 60)
+                       capture_output=True, env=lab.CHILD_ENV, cwd="/", timeout=BOOT_TIMEOUT + 60)
     out = r.stdout.decode(errors="replace")
     assert r.returncode == 120, f"status {r.returncode}\n{r.stderr.decode()[-2000:]}\n{out[-4000:]}"
     assert rootfs.READY_MARKER in out and "\ndemo-says-42" in out, out[-4000:]
@@ -242,10 +242,10 @@ def test_kvmpy_demo_linux_boots_to_its_shell_and_takes_commands_from_a_pipe(disk
 def test_demos_lists_demo_linux_and_offline_is_only_for_it():
     """`kvmpy demos` mentions demo linux (on a line the testbed's demo loop does not pick up as a
     bundled guest); `--offline` on another demo is a usage error."""
-    r = subprocess.run([sys.executable, "-m", "kvmpy", "demos"], capture_output=True, text=True, env=lab.CHILD_ENV,
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "demos"], capture_output=True, text=True, env=lab.CHILD_ENV, cwd="/",
                        timeout=60)
     assert r.returncode == 0 and "'kvmpy demo linux'" in r.stdout
     assert not [line for line in r.stdout.splitlines() if line.startswith("  ") and "linux" in line.split()[:1]]
     r = subprocess.run([sys.executable, "-m", "kvmpy", "demo", "hello-long", "--offline"], capture_output=True,
-                       text=True, env=lab.CHILD_ENV, timeout=60)
+                       text=True, env=lab.CHILD_ENV, cwd="/", timeout=60)
     assert r.returncode == 2 and "--offline is for 'kvmpy demo linux'" in r.stderr

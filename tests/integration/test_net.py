@@ -19,6 +19,8 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.net import Net
 
+from . import lab
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import netpackets as P  # noqa: E402
 
@@ -147,10 +149,11 @@ def test_a_snapshot_carries_the_queues_and_remakes_the_backend(server, tmp_path)
 @need_passt
 def test_kvmpy_run_net_passt(server):
     out = subprocess.run([sys.executable, "-m", "kvmpy", "run", str(G.path), "--mode", "long", "--user",
-                          "--mem", "16M", "--net", "passt", "--timeout", "30"], capture_output=True, timeout=60)
+                          "--mem", "16M", "--net", "passt", "--timeout", "30"], capture_output=True, timeout=60,
+                         env=lab.CHILD_ENV, cwd="/")
     assert b"net-udp: the host says 'hello guest, you said hello from the guest'" in out.stdout, out
     bad = subprocess.run([sys.executable, "-m", "kvmpy", "run", str(G.path), "--net", "tap"],
-                         capture_output=True, timeout=60)
+                         capture_output=True, timeout=60, env=lab.CHILD_ENV, cwd="/")
     assert bad.returncode == 2 and b"a TAP network needs an interface name" in bad.stderr
 
 
@@ -350,9 +353,10 @@ def test_kvmpy_restore_takes_another_backend_or_says_why_not(tmp_path):
         m.snapshot(tmp_path / "without")
     restore = [sys.executable, "-m", "kvmpy", "restore", "--timeout", "1"]
     bad = subprocess.run([*restore, str(tmp_path / "with"), "--net", f"passt:{tmp_path}/none.sock"],
-                         capture_output=True, timeout=60)
+                         capture_output=True, timeout=60, env=lab.CHILD_ENV, cwd="/")
     assert bad.returncode != 0 and b"cannot restore: passt: cannot connect to" in bad.stderr, bad.stderr
-    none = subprocess.run([*restore, str(tmp_path / "without"), "--net", "passt"], capture_output=True, timeout=60)
+    none = subprocess.run([*restore, str(tmp_path / "without"), "--net", "passt"], capture_output=True, timeout=60,
+                          env=lab.CHILD_ENV, cwd="/")
     assert none.returncode != 0 and b"has no network device; net= cannot add one" in none.stderr, none.stderr
     listener.close()
 

@@ -15,6 +15,8 @@ from kvmpy.devices.virtio import pci as P
 from kvmpy.vmm import firmware
 from kvmpy.x86 import layout
 
+from . import lab
+
 GUEST = str(importlib.resources.files("kvmpy._guests") / "pci-blk.elf")
 LOOPS = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 SECTORS = 128
@@ -124,9 +126,11 @@ def test_kvmpy_run_virtio_pci_in_its_sandbox(disk):
     """The CLI's --virtio pci, under the default seccomp sandbox (the irqfds exist before it)."""
     before = disk.read_bytes()
     proc = subprocess.run([sys.executable, "-m", "kvmpy", "run", GUEST, "--mode", "long", "--mem", "16M",
-                           "--disk", str(disk), "--virtio", "pci"], capture_output=True, timeout=120)
+                           "--disk", str(disk), "--virtio", "pci"], capture_output=True, timeout=120,
+                          env=lab.CHILD_ENV, cwd="/")
     assert proc.stdout == expected_output(before), proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "kvmpy", "run", GUEST, "--virtio", "isa"], capture_output=True)
+    bad = subprocess.run([sys.executable, "-m", "kvmpy", "run", GUEST, "--virtio", "isa"], capture_output=True,
+                         env=lab.CHILD_ENV, cwd="/")
     assert bad.returncode == 2 and b"invalid choice: 'isa'" in bad.stderr
 
 
