@@ -429,10 +429,27 @@ class Platform:
         dev = VirtioVsock(vsock.cid)
         model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
         device = Locked(model, threading.Lock())
-        host = VsockHost(vsock.path, dev, device.lock, lambda q: device.write(QUEUE_NOTIFY, 4, q)) \
-            if vsock.path else None
-        return self.attach(Slot("virtio-vsock", "mmio", base, layout.VIRTIO_MMIO_SIZE, VsockState(model, dev),
+        host = VsockHost(vsock.path, dev, device.lock, self._running_notify(device)) if vsock.path else None
+        return self.attach(Slot("virtio-vsock", "mmio", base, layout.VIRTIO_MMIO_SIZE,
+                                VsockState(model, dev, device.lock),
                                 gsi, "virtio_vsock", backend=host, virtio=dev.device_id), device)
+
+    def _running_notify(self, device: Locked):
+        """A host thread's QueueNotify of ``device`` that happens only while the machine runs
+        (not paused, stopping or between runs: RAM and rings stay as a snapshot, a checkpoint or
+        a migration saw them); False when held back. As NetPump waits for the network."""
+        gate = self.gate
+
+        def notify(queue: int) -> bool:
+            if gate is None:
+                device.write(QUEUE_NOTIFY, 4, queue)
+                return True
+            with gate.cond:
+                if not gate.run_active.is_set() or gate.requested or gate.stop.reason is not None:
+                    return False
+                device.write(QUEUE_NOTIFY, 4, queue)
+                return True
+        return notify
 
     def _virtio_window(self) -> tuple[int, int]:
         """(base, GSI) of the next free virtio-mmio window (layout.py)."""
@@ -524,12 +541,10 @@ class Platform:
         if self.timer is not None:
             self.timer.close()          # first: it serves the disks
         for b in self.backends_to_close():
-            b.close()       # a disk's file; the network thread, then its backend; vsock's sockets
-        if self.msi is not None:
-            self.msi.close()
+            b.close()       # a disk's file; the network thread, then its backend; vsock's sockets; MSI's eventfds
 
     def backends_to_close(self) -> list:
         """What close() closes (and a Machine's finalizer, without the Machine): each disk's file,
-        the network's thread and backend (a passt child ends), vsock's host side."""
+        the network's thread and backend (a passt child ends), vsock's host side, then the MSI-X vectors' eventfds."""
         return [s.backend for kind in CLOSED_BACKENDS for s in self.slots
-                if s.saved_as == kind and s.backend is not None]
+                if s.saved_as == kind and s.backend is not None] + ([self.msi] if self.msi is not None else [])

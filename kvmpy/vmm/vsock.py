@@ -55,6 +55,9 @@ def connect_request(seen: bytes) -> tuple[int, int] | None:
     raise ValueError("expected 'CONNECT <port>\\n' with a port in 0..4294967295")
 
 
+HELD_S = 0.02                   # how soon work held back while the machine was not running is offered again
+
+
 class VsockHostError(DeviceError):
     """The vsock socket cannot be set up (its path is taken, or not writable)."""
 
@@ -63,7 +66,9 @@ class VsockHost:
     """The UNIX-socket side of one virtio-vsock device (see the module docstring).
 
     ``device`` is the model, ``lock`` the lock its transport is served under, ``notify(i)``
-    a host-side QueueNotify of queue ``i`` that takes that lock itself.
+    a host-side QueueNotify of queue ``i`` that takes that lock itself and returns False if
+    it was held back (the machine is not running: guest RAM must not change under a
+    snapshot, a checkpoint or a pause); held-back work is offered again every HELD_S.
     """
 
     def __init__(self, path: str, device: VirtioVsock, lock: threading.Lock, notify):
@@ -78,6 +83,7 @@ class VsockHost:
         self.watched: dict[int, tuple] = {}                   # fd -> (connection, events)
         self.refused = 0                                     # host connections refused
         self.errors, self.last_error = 0, None               # the thread's own failures (none expected)
+        self.held = False                                    # the last notify was held back
         self._stop = False
         device.host_connect = self.connect_to_host
         device.wake = self.wake
@@ -118,6 +124,8 @@ class VsockHost:
 
     def _round(self) -> None:
         timeout = min(self.handshakes.values(), default=time.monotonic() + 1.0) - time.monotonic()
+        if self.held:
+            timeout = min(timeout, HELD_S)
         for key, mask in self.sel.select(max(0.0, timeout)):
             if self._stop:
                 return
@@ -151,10 +159,12 @@ class VsockHost:
         with self.lock:
             self.device.flush_all()
             rx, event = self.device.has_rx_work(), self.device.reset_event
+        held = False
         if rx:
-            self.notify(RXQ)
+            held |= self.notify(RXQ) is False
         if event:
-            self.notify(EVENTQ)
+            held |= self.notify(EVENTQ) is False
+        self.held = held
         with self.lock:
             want = {}
             for conn in self.device.conns.values():
@@ -271,11 +281,12 @@ class VsockState:
     registers and rings. Connections are not kept; loading tells the guest with
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (when it has a buffer there)."""
 
-    def __init__(self, transport, device: VirtioVsock):
-        self.transport, self.device = transport, device
+    def __init__(self, transport, device: VirtioVsock, lock: threading.Lock):
+        self.transport, self.device, self.lock = transport, device, lock
 
     def save_state(self) -> dict:
-        return {"guest_cid": self.device.guest_cid, "transport": self.transport.save_state()}
+        with self.lock:
+            return {"guest_cid": self.device.guest_cid, "transport": self.transport.save_state()}
 
     def load_state(self, saved) -> None:
         if not isinstance(saved, dict) or set(saved) != {"guest_cid", "transport"}:
@@ -283,9 +294,10 @@ class VsockState:
         if saved["guest_cid"] != self.device.guest_cid:
             raise ValueError(f"the saved guest CID {saved['guest_cid']!r} is not this device's "
                              f"{self.device.guest_cid}")
-        self.transport.load_state(saved["transport"])
-        self.device.transport_reset()
-        self.transport.write(QUEUE_NOTIFY, 4, EVENTQ)   # the machine is not running: no lock needed
+        with self.lock:                 # the host thread serves the device under it
+            self.transport.load_state(saved["transport"])
+            self.device.transport_reset()
+            self.transport.write(QUEUE_NOTIFY, 4, EVENTQ)   # the machine is not running: RAM may change
 
     def state(self) -> dict:
         return {**self.transport.state(), **self.device.state()}

@@ -259,6 +259,9 @@ class VirtioCore:
         self.queues = [QueueRegisters(num=q["num"], desc=q["desc"], driver=q["driver"],
                                       device=q["device"], live=vq)
                        for q, vq in zip(state["queues"], live)]
+        restored = getattr(self.device, "restored", None)   # what the model keeps unsaved goes
+        if restored is not None:
+            restored()
 
     def reset(self) -> None:
         """What writing 0 to the status does: back to the power-on state."""

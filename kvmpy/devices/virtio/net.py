@@ -114,6 +114,12 @@ class VirtioNet:
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Every field is read-only (no VIRTIO_NET_F_CTRL_MAC_ADDR): ignored."""
 
+    def restored(self) -> None:
+        """The transport loaded a saved state (a restore, or Machine.reset()): frames still in
+        the backlog belong to the time before it and are dropped, as on a wire."""
+        self.counters["rx_dropped"] += len(self.backlog)
+        self.backlog.clear()
+
     def reset(self) -> None:
         """Frames waiting for this driver's buffers are dropped with its rings."""
         self.counters["rx_dropped"] += len(self.backlog)
