@@ -160,7 +160,7 @@ def confine(machine=None, *, control: bool = False, run_as: str | None = None,
     lib = _library() if seccomp else None          # a missing library fails before any change
     done = Confinement()
     if limits:
-        done.limits = set_limits(control)
+        done.limits = set_limits(control, extra_fds=_device_fds(machine))
     if run_as is not None:
         done.user = drop_privileges(*lookup_user(run_as))
     if lib is not None:
@@ -175,15 +175,25 @@ def confine(machine=None, *, control: bool = False, run_as: str | None = None,
 FD_HEADROOM = 64
 
 
-def set_limits(control: bool) -> dict[str, int]:
+def _device_fds(machine) -> int:
+    """Sockets the devices may open while the guest runs, beyond FD_HEADROOM (which control
+    clients and snapshots keep): each vsock host side's connections and half-open handshakes."""
+    from ..devices.virtio.vsock import MAX_CONNECTIONS
+    from .vsock import MAX_HANDSHAKES
+    slots = machine.platform.vsocks if machine is not None else ()     # None: confine() of the caller alone
+    return sum(MAX_CONNECTIONS + MAX_HANDSHAKES for s in slots if s.backend is not None)
+
+
+def set_limits(control: bool, extra_fds: int = 0) -> dict[str, int]:
     """RLIMIT_CORE 0: a crash writes no core file (it would hold guest RAM). RLIMIT_NOFILE:
-    the highest fd open now plus FD_HEADROOM (a guest cannot make the VMM hold more).
+    the highest fd open now plus FD_HEADROOM plus ``extra_fds`` (the devices' own sockets), so a
+    guest cannot make the VMM hold more, nor take the headroom control clients need.
     Not limited: RLIMIT_AS (guest RAM is mapped and big), RLIMIT_FSIZE (disks and the
     serial log are written), RLIMIT_NPROC (counted per user; seccomp allows threads only)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     highest = max((int(fd) for fd in os.listdir("/proc/self/fd")), default=2)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = highest + 1 + FD_HEADROOM
+    want = highest + 1 + FD_HEADROOM + extra_fds
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
