@@ -139,6 +139,18 @@ def test_bzimage_reaches_the_banner_and_echoes_the_command_line(linux, initrd):
 
 
 RING0_EMULATED = "kvm_pvm" in backend_modules()
+
+
+def module_files(linux, names, what: str = "the virtio modules") -> dict[str, bytes]:
+    """Kernel modules ``names`` of Debian's package as initramfs files (lib/modules/NAME); a
+    failed fetch fails the test under KVMPY_REQUIRE_KVM=1 and skips it otherwise."""
+    try:
+        modules = linuxkernel.kernel_modules(linux, names)
+    except linuxkernel.FetchError as e:
+        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
+            pytest.fail(f"cannot fetch {what}: {e}")
+        pytest.skip(f"cannot fetch {what}: {e}")
+    return {f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()}
 SHELL_INIT = """#!/bin/sh
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -245,13 +257,7 @@ def test_stock_kernel_finds_every_cpu_and_the_disk_through_acpi(linux, entry, tm
     all 4 vCPUs from the MADT and binds virtio_mmio to the DSDT's LNRO0005 device: /dev/vda
     holds what the disk file holds. ``reboot -f`` then resets: with a hardware-reduced FADT,
     Linux jumps to the BIOS reset entry, where kvmpy's stub writes the Reset Control Register."""
-    try:
-        modules = linuxkernel.kernel_modules(linux, VIRTIO_MODULES)
-    except linuxkernel.FetchError as e:
-        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
-            pytest.fail(f"cannot fetch the virtio modules: {e}")
-        pytest.skip(f"cannot fetch the virtio modules: {e}")
-    initrd = linux.initramfs(ACPI_INIT, files={f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()})
+    initrd = linux.initramfs(ACPI_INIT, files=module_files(linux, VIRTIO_MODULES))
     disk = tmp_path / "disk.img"
     disk.write_bytes(DISK_MARK + bytes((1 << 20) - len(DISK_MARK)))
     kernel = (linux.vmlinux if entry == "pvh" else linux.vmlinuz).read_bytes()

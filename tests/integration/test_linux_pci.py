@@ -6,15 +6,13 @@ Linux cannot run where KVM emulates guest ring 0 (kvm_pvm: it stops after its ba
 docs/host-notes.md), so this test skips there; the nested AMD-SVM testbed runs it
 (``python tests/nested/testbed.py --steps pytest tests/integration/test_linux_pci.py``).
 """
-import os
 import re
 
 import pytest
 
 import kvmpy
-from kvmpy import linuxkernel
 
-from .test_linux import BZIMAGE_TIMEOUT, MEM, RING0_EMULATED, Console
+from .test_linux import BZIMAGE_TIMEOUT, MEM, RING0_EMULATED, Console, linux, module_files  # noqa: F401 - a fixture
 
 PCI_INIT = """#!/bin/sh
 /bin/busybox --install -s
@@ -40,15 +38,8 @@ DISK_MARK = b"kvmpy-pci-disk!!"
 
 @pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
                                            "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
-def test_stock_kernel_finds_the_disk_behind_virtio_pci(tmp_path):
-    try:
-        linux = linuxkernel.fetch()
-        modules = linuxkernel.kernel_modules(linux, PCI_MODULES)
-    except linuxkernel.FetchError as e:
-        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
-            pytest.fail(f"cannot fetch Debian's kernel and its virtio modules: {e}")
-        pytest.skip(f"cannot fetch Debian's kernel and its virtio modules: {e}")
-    initrd = linux.initramfs(PCI_INIT, files={f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()})
+def test_stock_kernel_finds_the_disk_behind_virtio_pci(linux, tmp_path):
+    initrd = linux.initramfs(PCI_INIT, files=module_files(linux, PCI_MODULES))
     disk = tmp_path / "disk.img"
     disk.write_bytes(DISK_MARK + bytes((1 << 20) - len(DISK_MARK)))
     console = Console([b"Run /init", b"kvmpy-pci: pci="])

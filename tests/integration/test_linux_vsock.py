@@ -7,16 +7,16 @@ nested testbed (python tests/nested/testbed.py --steps pytest tests/integration/
 with the vsock modules in the testbed's L2_MODULES).
 """
 import os
-import socket
 import threading
 import time
 
 import pytest
 
 import kvmpy
-from kvmpy import guests, linuxkernel
+from kvmpy import guests
 from kvmpy.kvm.system import backend_modules
 
+from .test_linux import linux, module_files  # noqa: F401 - a fixture
 from .test_vsock import connect, host_listener, readline
 
 RING0_EMULATED = "kvm_pvm" in backend_modules()
@@ -96,15 +96,8 @@ def echo_or_report(c, data: bytes, m, console) -> bytes:
 
 @pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
                                            "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
-def test_stock_kernel_echoes_over_vsock_and_calls_the_host(tmp_path):
-    try:
-        linux = linuxkernel.fetch()
-        modules = linuxkernel.kernel_modules(linux, MODULES)
-    except linuxkernel.FetchError as e:
-        if os.environ.get("KVMPY_REQUIRE_KVM") == "1":
-            pytest.fail(f"cannot fetch the kernel or its vsock modules: {e}")
-        pytest.skip(f"cannot fetch the kernel or its vsock modules: {e}")
-    files = {f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()}
+def test_stock_kernel_echoes_over_vsock_and_calls_the_host(linux, tmp_path):
+    files = module_files(linux, MODULES, "the vsock modules")
     files["bin/vsock-echo-linux"] = guests.built("vsock-echo-linux").read_bytes()
     initrd = linux.initramfs(INIT, files=files)
     path = str(tmp_path / "vm.sock")
