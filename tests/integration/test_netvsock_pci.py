@@ -1,8 +1,9 @@
 """virtio-net and virtio-vsock behind virtio-pci on a real machine, with their real host
 threads (NetPump, VsockHost) and the real PCI host bridge, MSI-X routes and pause gate.
 
-The bare-metal net-udp and vsock-echo guests speak virtio-mmio only (guests/runtime), so
-here the test is the guest's driver: while a spinning guest runs, it drives each function
+The bare-metal net-udp and vsock-echo guests run behind PCI too (test_net.py, test_vsock.py),
+polling; here the test is the guest's driver, for what they do not use (interrupts, pause,
+snapshots of the PCI state): while a spinning guest runs, it drives each function
 through the machine's own buses (0xcf8/0xcfc and the BARs' MMIO window, under the PCI
 lock, as a vCPU's exit would) and keeps its rings in guest RAM. Frames and packets then
 flow both ways between the rings and the host's sockets, and each interrupt is seen (the
