@@ -91,10 +91,15 @@ int vio_init(struct vio_dev *d, unsigned long base, u32 device_id, u64 optional,
 	int err;
 
 	d->ready = 0;
-	d->base = base;
 	d->vq = vq;
-	if (!vio_probe(base, device_id))
-		return VIO_ENODEV;
+	if (base != VIO_PCI_BASE) {     /* a window; VIO_PCI_BASE: vio_find_pci() set d up */
+		d->base = base;
+		d->pci_read = 0;
+		d->pci_write = 0;
+		d->pci = 0;
+		if (!vio_probe(base, device_id))
+			return VIO_ENODEV;
+	}
 
 	/* 3.1.1 steps 1-3: reset (and wait for it), ACKNOWLEDGE, DRIVER. */
 	vio_write(d, MMIO_STATUS, 0);

@@ -113,6 +113,14 @@ struct virtq {
 /* One device as its driver sees it. */
 struct vio_dev {
 	unsigned long base;
+	/*
+	 * A virtio-pci function instead of a window (virtio_pci.c's vio_find_pci):
+	 * every register access goes through pci_read/pci_write, which translate
+	 * the virtio-mmio offsets to the function's capabilities.  NULL for a window.
+	 */
+	u32 (*pci_read)(const struct vio_dev *d, unsigned off);
+	void (*pci_write)(const struct vio_dev *d, unsigned off, u32 v);
+	void *pci;
 	struct virtq *vq; /* the driver's ring page */
 	u64 offered;      /* what the device offered */
 	u64 features;     /* negotiated */
@@ -124,13 +132,21 @@ struct vio_dev {
 
 static inline u32 vio_read(const struct vio_dev *d, unsigned off)
 {
+	if (d->pci_read)
+		return d->pci_read(d, off);
 	return *(volatile u32 *)(d->base + off);
 }
 
 static inline void vio_write(const struct vio_dev *d, unsigned off, u32 v)
 {
-	*(volatile u32 *)(d->base + off) = v;
+	if (d->pci_write)
+		d->pci_write(d, off, v);
+	else
+		*(volatile u32 *)(d->base + off) = v;
 }
+
+/* vio_init's `base` for a device vio_find_pci() (virtio_pci.h) already found. */
+#define VIO_PCI_BASE 1UL
 
 /* 1 if a version-2 virtio-mmio device with `device_id` answers at `base`. */
 int vio_probe(unsigned long base, u32 device_id);

@@ -66,10 +66,13 @@ static void post_rx(struct net_dev *n, u16 i)
 
 int net_init(struct net_dev *n)
 {
+	static struct vpci_dev fn;
 	struct vio_dev *d = &n->vio;
 	unsigned long base = vio_find(VIRTIO_ID_NET);
 	int err;
 
+	if (!base && vio_find_pci(d, &fn, VIRTIO_ID_NET) == 0)
+		base = VIO_PCI_BASE;    /* behind virtio-pci: the same steps through virtio_pci.c */
 	if (!base)
 		return VIO_ENODEV;
 	err = vio_init(d, base, VIRTIO_ID_NET, VIRTIO_NET_F_MAC, &rxq);
@@ -79,7 +82,8 @@ int net_init(struct net_dev *n)
 	if (err)
 		return err;
 	for (int i = 0; i < 6; i++)   /* 5.1.4: mac, read byte by byte */
-		n->mac[i] = *(volatile u8 *)(d->base + MMIO_CONFIG + i);
+		n->mac[i] = d->pci ? *(volatile u8 *)(((struct vpci_dev *)d->pci)->device + i)
+				   : *(volatile u8 *)(d->base + MMIO_CONFIG + i);
 	err = vio_driver_ok(d);
 	if (err)
 		return err;

@@ -1,6 +1,8 @@
 /*
  * virtio_net.h - a polling virtio-net driver for the test guests (virtio 1.2,
  * section 5.1) on top of virtio_mmio.c: queue 0 receives, queue 1 transmits.
+ * The device is a virtio-mmio window or, if there is none, a virtio-pci
+ * function (virtio_pci.c's vio_find_pci translates the registers).
  *
  * VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC only: every frame in either queue
  * follows a 12-byte struct virtio_net_hdr, all zeros on transmit.  NET_RX_BUFS
@@ -13,6 +15,7 @@
 #define KVMPY_GUEST_VIRTIO_NET_H
 
 #include "virtio_mmio.h"
+#include "virtio_pci.h"
 
 #define VIRTIO_ID_NET       1
 #define VIRTIO_NET_F_MAC    (1ULL << 5)

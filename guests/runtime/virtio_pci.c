@@ -205,3 +205,69 @@ u8 vpci_read_isr(struct vpci_dev *d)
 {
 	return *d->isr;
 }
+
+/* --- virtio_mmio.c's registers over a virtio-pci function (vio_find_pci) ------- */
+
+static u32 vio_pci_read(const struct vio_dev *vd, unsigned off)
+{
+	struct vpci_dev *d = vd->pci;
+
+	if (off >= MMIO_CONFIG)
+		return d->device ? *(volatile u32 *)(d->device + off - MMIO_CONFIG) : 0;
+	switch (off) {
+	case MMIO_DEVICE_FEATURES: return C32(VC_DEVICE_FEATURE);
+	case MMIO_QUEUE_NUM_MAX: return C16(VC_QUEUE_SIZE);     /* the maximum until the driver sets it */
+	case MMIO_QUEUE_READY: return C16(VC_QUEUE_ENABLE);
+	case MMIO_STATUS: return C8(VC_DEVICE_STATUS);
+	case MMIO_CONFIG_GENERATION: return C8(VC_CONFIG_GENERATION);
+	default: return 0;
+	}
+}
+
+static void vio_pci_write(const struct vio_dev *vd, unsigned off, u32 v)
+{
+	struct vpci_dev *d = vd->pci;
+
+	switch (off) {
+	case MMIO_DEVICE_FEATURES_SEL: C32(VC_DEVICE_FEATURE_SELECT) = v; break;
+	case MMIO_DRIVER_FEATURES_SEL: C32(VC_DRIVER_FEATURE_SELECT) = v; break;
+	case MMIO_DRIVER_FEATURES: C32(VC_DRIVER_FEATURE) = v; break;
+	case MMIO_QUEUE_SEL: d->queue_sel = (u16)v; C16(VC_QUEUE_SELECT) = (u16)v; break;
+	case MMIO_QUEUE_NUM: C16(VC_QUEUE_SIZE) = (u16)v; break;
+	case MMIO_QUEUE_READY:
+		if (v && d->queue_sel < VPCI_VIO_QUEUES) {
+			C16(VC_QUEUE_MSIX_VECTOR) = VIRTIO_NO_VECTOR;   /* we poll */
+			d->notify_off[d->queue_sel] = C16(VC_QUEUE_NOTIFY_OFF);
+		}
+		C16(VC_QUEUE_ENABLE) = (u16)v;
+		break;
+	case MMIO_QUEUE_NOTIFY:
+		if (v < VPCI_VIO_QUEUES)
+			*(volatile u16 *)(d->notify + d->notify_off[v] * d->notify_mult) = (u16)v;
+		break;
+	case MMIO_STATUS: C8(VC_DEVICE_STATUS) = (u8)v; break;
+	case MMIO_QUEUE_DESC_LOW: case MMIO_QUEUE_DESC_HIGH: C32(VC_QUEUE_DESC + (off & 4)) = v; break;
+	case MMIO_QUEUE_DRIVER_LOW: case MMIO_QUEUE_DRIVER_HIGH: C32(VC_QUEUE_DRIVER + (off & 4)) = v; break;
+	case MMIO_QUEUE_DEVICE_LOW: case MMIO_QUEUE_DEVICE_HIGH: C32(VC_QUEUE_DEVICE + (off & 4)) = v; break;
+	default: break;         /* InterruptACK: reading the ISR acknowledges behind PCI */
+	}
+}
+
+int vio_find_pci(struct vio_dev *vd, struct vpci_dev *f, u32 device_id)
+{
+	for (unsigned dev = 1; dev < 32; dev++) {
+		if (pci_cf8_read32(dev, 0) != ((0x1040u + device_id) << 16 | 0x1af4u))
+			continue;
+		if (vpci_probe(f, dev) != 0)
+			return VIO_ENODEV;
+		f->queue_sel = 0;
+		for (int i = 0; i < VPCI_VIO_QUEUES; i++)
+			f->notify_off[i] = 0;
+		vd->pci = f;
+		vd->pci_read = vio_pci_read;
+		vd->pci_write = vio_pci_write;
+		vd->base = 0;
+		return 0;
+	}
+	return VIO_ENODEV;
+}

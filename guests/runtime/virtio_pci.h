@@ -47,6 +47,7 @@
 #define VC_CONFIG_MSIX_VECTOR    0x10
 #define VC_NUM_QUEUES            0x12
 #define VC_DEVICE_STATUS         0x14
+#define VC_CONFIG_GENERATION     0x15
 #define VC_QUEUE_SELECT          0x16
 #define VC_QUEUE_SIZE            0x18
 #define VC_QUEUE_MSIX_VECTOR     0x1A
@@ -56,6 +57,7 @@
 #define VC_QUEUE_DRIVER          0x28
 #define VC_QUEUE_DEVICE          0x30
 #define VIRTIO_NO_VECTOR         0xffff
+#define VPCI_VIO_QUEUES          4      /* queues a vio_dev driver may use behind PCI */
 
 /* Configuration space of 00:dev.0: through 0xcf8/0xcfc, or through ECAM. */
 u32 pci_cf8_read32(unsigned dev, unsigned reg);
@@ -77,6 +79,8 @@ struct vpci_dev {
 	struct virtq *vq;
 	u16 qsize, avail_idx, used_seen;
 	volatile u16 *queue_notify;
+	/* behind a struct vio_dev (vio_find_pci): the selected queue, each queue's notify_off */
+	u16 queue_sel, notify_off[VPCI_VIO_QUEUES];
 };
 
 /* Map BAR 0 (sizing it), turn on memory decoding and bus mastering, and
@@ -91,5 +95,16 @@ void vpci_msix_entry(struct vpci_dev *d, unsigned vector, u64 address, u32 data)
 /* Submit the chain at desc[0] and poll until it is used. */
 int vpci_submit(struct vpci_dev *d, u32 *used_len);
 u8 vpci_read_isr(struct vpci_dev *d);
+
+/*
+ * The first function on bus 0 whose ID is virtio device `device_id`, probed
+ * into `f`, and `d` set up to drive it through virtio_mmio.c's helpers:
+ * vio_read/vio_write translate each virtio-mmio register to the common
+ * configuration, the notify slots, the ISR and the device configuration, so
+ * vio_init(d, VIO_PCI_BASE, ...) and the drivers above it work unchanged.
+ * Enumerates through 0xcf8/0xcfc (an empty bus reads all ones) and touches
+ * ECAM only once a function matched.  0 or VIO_ENODEV.
+ */
+int vio_find_pci(struct vio_dev *d, struct vpci_dev *f, u32 device_id);
 
 #endif

@@ -49,10 +49,13 @@ static void post(struct virtq *vq, u16 qsize, u16 *avail, u16 i, void *buf, u32 
 
 int vsock_init(struct vsock_dev *d)
 {
+	static struct vpci_dev fn;
 	unsigned long base = vio_find(VIRTIO_ID_VSOCK);
 	u16 ev_avail = 0;
 	int err;
 
+	if (!base && vio_find_pci(&d->vio, &fn, VIRTIO_ID_VSOCK) == 0)
+		base = VIO_PCI_BASE;    /* behind virtio-pci: the same steps through virtio_pci.c */
 	if (!base)
 		return VIO_ENODEV;
 	err = vio_init(&d->vio, base, VIRTIO_ID_VSOCK, 0, &rxq);

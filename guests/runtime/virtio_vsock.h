@@ -13,6 +13,7 @@
 #define KVMPY_GUEST_VIRTIO_VSOCK_H
 
 #include "virtio_mmio.h"
+#include "virtio_pci.h"
 
 #define VIRTIO_ID_VSOCK 19
 #define VSOCK_CID_HOST  2

@@ -308,9 +308,10 @@ def _machine_options(g) -> None:
                         "reach a guest port (the answer is 'OK <hostport>\\n'); a guest connecting to "
                         "CID 2 port P reaches a listener on PATH_P. docs/vsock.md")
     g.add_argument("--virtio", choices=("mmio", "pci"), default="mmio", dest="virtio_transport",
-                   help="the transport of the disks and the rng: 'mmio' (default; virtio-mmio windows at "
-                        "0xd0000000, one IRQ each) or 'pci' (a PCI host bridge at 0xcf8 and ECAM 0xe0000000, "
-                        "one virtio-pci function per device with MSI-X, INTx as fallback; docs/virtio.md)")
+                   help="the transport of the virtio devices (disks, rng, network, vsock): 'mmio' (default; "
+                        "virtio-mmio windows at 0xd0000000, one IRQ each) or 'pci' (a PCI host bridge at 0xcf8 "
+                        "and ECAM 0xe0000000, one virtio-pci function per device with MSI-X, INTx as fallback; "
+                        "docs/virtio.md)")
 
 
 def _image_options(g) -> None:

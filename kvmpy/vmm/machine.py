@@ -79,7 +79,10 @@ class Machine:
     (guest CID 3) or a ``Vsock(path, cid)`` (docs/vsock.md).
     ``virtio_transport`` puts the disks and the rng behind virtio-mmio ("mmio", the default) or
     behind virtio-pci ("pci": a PCI host bridge with one function per device, MSI-X through
-    KVM's irqfds; docs/virtio.md, "virtio-pci"); the network and vsock stay on virtio-mmio.
+    KVM's irqfds; docs/virtio.md, "virtio-pci"), and with them the network and vsock.
+    ``net_transport`` says where the network and vsock go instead: "mmio" keeps them on
+    virtio-mmio behind a "pci" machine (how kvmpy built such machines before they could sit
+    behind PCI, and how their snapshots restore); None follows ``virtio_transport``.
     """
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, serial: BinaryIO | None = None,
@@ -88,13 +91,14 @@ class Machine:
                  ram_files: dict[int, str] | None = None, serial_bps: int | None = None,
                  test_devices: bool = False, rng: bool | Limits = False, acpi: bool | None = None,
                  net: str | Net | None = None, vsock: str | os.PathLike | Vsock | None = None,
-                 virtio_transport: str = "mmio"):
+                 virtio_transport: str = "mmio", net_transport: str | None = None):
         self.rng = rng is not False and rng is not None
         self.net = _net_spec(net)
         self.vsock = vsock if isinstance(vsock, Vsock) or vsock is None else Vsock(os.fspath(vsock))
         self.virtio_transport = virtio_transport
+        self.net_transport = virtio_transport if net_transport is None else net_transport
         check_shape(mem_size, cpus, irqchip, len(disks) + self.rng, virtio_transport,
-                    (self.net is not None) + (self.vsock is not None))
+                    (self.net is not None) + (self.vsock is not None), self.net_transport)
         if acpi and not irqchip:
             raise ValueError("acpi=True needs irqchip=True: the ACPI tables describe the in-kernel "
                              "IOAPIC and local APICs")
@@ -151,7 +155,7 @@ class Machine:
         if irqchip:
             vm.create_irqchip()
             vm.create_pit2()
-        self.platform = Platform(vm, self.native, irqchip, self.gate, self.virtio_transport)
+        self.platform = Platform(vm, self.native, irqchip, self.gate, self.virtio_transport, self.net_transport)
 
     @staticmethod
     def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -261,6 +265,8 @@ class Machine:
         shape.update({k: True for k, on in optional.items() if on})
         if self.virtio_transport != "mmio":
             shape["virtio_transport"] = self.virtio_transport
+        if self.net_transport != "mmio" and (self.net is not None or self.vsock is not None):
+            shape["net_transport"] = self.net_transport     # absent: on virtio-mmio, as before
         if self.net is not None:
             shape["net"] = self.net.spec        # the backend is re-made (a restore may name another)
         if self.vsock is not None:
@@ -566,8 +572,10 @@ def _net_spec(net) -> "Net | None":
 
 
 def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int, virtio_transport: str = "mmio",
-                mmio_only: int = 0) -> None:
-    """ValueError unless a Machine of this shape can be built."""
+                net_devices: int = 0, net_transport: str | None = None) -> None:
+    """ValueError unless a Machine of this shape can be built. ``disks`` counts the disks and the
+    rng (on ``virtio_transport``), ``net_devices`` the network and vsock (on ``net_transport``,
+    None: the same)."""
     if mem_size < 64 * 1024 or mem_size % PAGE_SIZE:
         raise ValueError(f"mem_size must be a multiple of 4 KiB and at least 64 KiB, got {mem_size:#x}")
     if not 1 <= cpus <= 255:
@@ -577,9 +585,16 @@ def check_shape(mem_size: int, cpus: int, irqchip: bool, disks: int, virtio_tran
                          "in-kernel local APIC for the INIT/SIPI that starts them")
     if virtio_transport not in ("mmio", "pci"):
         raise ValueError(f"virtio_transport must be 'mmio' or 'pci', got {virtio_transport!r}")
-    if virtio_transport == "pci" and disks > layout.MAX_PCI_DEVICES:
-        raise ValueError(f"at most {layout.MAX_PCI_DEVICES} virtio-pci devices (disks and the rng), got {disks}")
-    mmio = mmio_only + (disks if virtio_transport == "mmio" else 0)
+    net_transport = virtio_transport if net_transport is None else net_transport
+    if net_transport not in ("mmio", "pci"):
+        raise ValueError(f"net_transport must be 'mmio' or 'pci', got {net_transport!r}")
+    if net_transport == "pci" and virtio_transport != "pci":
+        raise ValueError("net_transport='pci' needs virtio_transport='pci' (the PCI host bridge)")
+    pci = (disks if virtio_transport == "pci" else 0) + (net_devices if net_transport == "pci" else 0)
+    if pci > layout.MAX_PCI_DEVICES:
+        raise ValueError(f"at most {layout.MAX_PCI_DEVICES} virtio-pci devices (disks, the rng, the network "
+                         f"and vsock), got {pci}")
+    mmio = (disks if virtio_transport == "mmio" else 0) + (net_devices if net_transport == "mmio" else 0)
     if mmio > layout.MAX_VIRTIO_DEVICES:
         raise ValueError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices (disks, the rng, the network "
                          f"and vsock), got {mmio}")

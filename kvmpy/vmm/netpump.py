@@ -5,7 +5,8 @@ QueueNotify, and the backend's ``send`` never blocks). One thread per network de
 waits with poll(2) on the backend's fd and a wake-up pipe, and when frames arrive
 takes them (``backend.receive()``, bounded per turn), hands each to the device
 (``VirtioNet.receive``: a bounded backlog) and makes a host-side QueueNotify of the
-receive queue through the transport, under the device's lock, exactly as the guest's
+receive queue through the transport (``notify_queue``: virtio-mmio and virtio-pci alike),
+under the device's lock, exactly as the guest's
 own notify would run: the frames go into the chains the driver offered and the
 interrupt is raised by the transport. It also flushes a stream backend's held-back
 bytes when its socket can take them.
@@ -23,7 +24,6 @@ import os
 import select
 import threading
 
-from ..devices.virtio.mmio import QueueNotify
 from ..devices.virtio.net import RECEIVEQ
 from ..net import NetBackendError
 
@@ -83,7 +83,7 @@ class NetPump:
                 self.net.receive(f)
             if frames:
                 self.turns += 1
-                self.locked.device.write(QueueNotify, 4, RECEIVEQ)
+                self.locked.device.notify_queue(RECEIVEQ)
 
     def close(self) -> None:
         """Stop the thread, then close the backend (a passt child ends). Idempotent."""

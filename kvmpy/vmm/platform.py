@@ -28,7 +28,6 @@ from .native import FastPath, NativeUart, NativeVirtioBlk
 from .throttle import DiskTimer
 
 _LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
-QUEUE_NOTIFY = 0x050                # virtio-mmio QueueNotify (devices/virtio/mmio.py)
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
 LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net",
@@ -152,11 +151,11 @@ class Locked:
 
 class PythonPending:
     """What the disk timer needs of a Python virtio-blk or virtio-rng (NativeVirtioBlk has the same):
-    when a throttled request may go, and a host-side QueueNotify under the device's lock (a
-    virtio-pci function's is ``notify_queue(0)``, a virtio-mmio window's a write of QueueNotify)."""
+    when a throttled request may go, and a host-side notification of its queue under the device's
+    lock (``notify_queue(0)``, which a virtio-mmio window and a virtio-pci function both have)."""
 
-    def __init__(self, device: Locked, blk, pci: bool = False):
-        self.device, self.blk, self.pci = device, blk, pci
+    def __init__(self, device: Locked, blk):
+        self.device, self.blk = device, blk
 
     def throttled_until(self) -> int:
         return self.blk.limiter.throttled_until if self.blk.limiter is not None else 0
@@ -165,10 +164,7 @@ class PythonPending:
         with self.device.lock:
             if self.blk.limiter is not None:
                 self.blk.limiter.clear()    # not live: nothing to serve, and nothing waits
-            if self.pci:
-                self.device.device.notify_queue(0)
-            else:
-                self.device.device.write(QUEUE_NOTIFY, 4, 0)
+            self.device.device.notify_queue(0)
 
 
 @dataclass(eq=False)
@@ -209,13 +205,20 @@ class Platform:
 
     ``native`` picks the C twins of the UART and virtio-blk (and with them the C loop);
     ``irqchip`` says whether interrupt lines reach an in-kernel irqchip or nothing;
-    ``virtio`` puts the disks and the rng behind virtio-mmio ("mmio") or virtio-pci ("pci").
+    ``virtio`` puts the disks and the rng behind virtio-mmio ("mmio") or virtio-pci ("pci"), and
+    ``net_virtio`` the network and vsock (None: where ``virtio`` says; "mmio" behind "pci" is how
+    machines were built before those two could sit behind PCI, kept for their snapshots).
     """
 
-    def __init__(self, vm, native: bool, irqchip: bool, gate=None, virtio: str = "mmio"):
-        if virtio not in VIRTIO_TRANSPORTS:
-            raise ValueError(f"virtio transport must be one of {', '.join(VIRTIO_TRANSPORTS)}, not {virtio!r}")
-        self.vm, self.native, self.irqchip, self.virtio = vm, native, irqchip, virtio
+    def __init__(self, vm, native: bool, irqchip: bool, gate=None, virtio: str = "mmio",
+                 net_virtio: str | None = None):
+        net_virtio = virtio if net_virtio is None else net_virtio
+        for t in (virtio, net_virtio):
+            if t not in VIRTIO_TRANSPORTS:
+                raise ValueError(f"virtio transport must be one of {', '.join(VIRTIO_TRANSPORTS)}, not {t!r}")
+        if net_virtio == "pci" and virtio != "pci":
+            raise ValueError("the network and vsock go behind virtio-pci only with the disks and the rng")
+        self.vm, self.native, self.irqchip, self.virtio, self.net_virtio = vm, native, irqchip, virtio, net_virtio
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.slots: list[Slot] = []
         self.gate = gate
@@ -367,7 +370,7 @@ class Platform:
             blk.close()
             raise
         if self.timer is not None:
-            s.pending = PythonPending(locked, blk, pci=True)
+            s.pending = PythonPending(locked, blk)
             if disk.limits:
                 self.timer.watch(s.pending)
         return s
@@ -382,7 +385,7 @@ class Platform:
         if self.virtio == "pci":
             s, locked = self._add_virtio_pci("virtio-rng", rng, memory, "virtio_rng", backend=rng, virtio=rng.device_id)
             if self.timer is not None:
-                s.pending = PythonPending(locked, rng, pci=True)
+                s.pending = PythonPending(locked, rng)
                 if rng.limiter is not None:
                     self.timer.watch(s.pending)
             return s
@@ -396,37 +399,51 @@ class Platform:
                                 backend=rng, pending=pending, virtio=rng.device_id), device)
 
     def add_net(self, net, memory) -> Slot:
-        """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, over the
-        backend ``net`` (a kvmpy.net.Net) opens, with its network thread (vmm/netpump.py); with
-        ``native`` the queue work runs in C (vmm/native_net.py), the transport in Python; saved
-        as "virtio_net" (the backend is re-made on restore)."""
+        """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, or in the
+        next PCI slot (``net_virtio``), over the backend ``net`` (a kvmpy.net.Net) opens, with its
+        network thread (vmm/netpump.py); with ``native`` the queue work runs in C
+        (vmm/native_net.py), the transport in Python; saved as "virtio_net" (the backend is
+        re-made on restore)."""
         from ..devices.virtio.mmio import VirtioMmioTransport
         from ..devices.virtio.net import VirtioNet
         from .netpump import NetPump
-        base, gsi = self._virtio_window()
+        pci = self.net_virtio == "pci"
+        base, gsi = (0, 0) if pci else self._virtio_window()
         backend = net.open()
         try:
             dev = VirtioNet(backend, mac=net.mac_bytes)
             if self.native:         # the queue work in C (csrc/virtio_net.c); the transport stays Python
                 from .native_net import NativeNetQueues
                 dev.engine = NativeNetQueues(dev, memory)
-            model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
-            device = Locked(model, threading.Lock())
+            if pci:
+                s, device = self._add_virtio_pci("virtio-net", dev, memory, "virtio_net", virtio=dev.device_id)
+            else:
+                model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
+                device = Locked(model, threading.Lock())
             pump = NetPump(backend, dev, device, self.gate)
         except BaseException:
             backend.close()
             raise
+        if pci:
+            s.backend = pump
+            return s
         return self.attach(Slot("virtio-net", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_net",
                                 backend=pump, virtio=dev.device_id), device)
 
     def add_vsock(self, memory, vsock: Vsock) -> Slot:
-        """virtio-vsock in the next free slot of the virtio window (after the disks and the rng),
-        with its host side on ``vsock.path`` (vmm/vsock.py); saved as "virtio_vsock"."""
+        """virtio-vsock in the next free slot of the virtio window (after the disks, the rng and the
+        network), or in the next PCI slot (``net_virtio``), with its host side on ``vsock.path``
+        (vmm/vsock.py); saved as "virtio_vsock"."""
         from ..devices.virtio.mmio import VirtioMmioTransport
         from ..devices.virtio.vsock import VirtioVsock
         from .vsock import VsockHost, VsockState
-        base, gsi = self._virtio_window()
         dev = VirtioVsock(vsock.cid)
+        if self.net_virtio == "pci":
+            s, device = self._add_virtio_pci("virtio-vsock", dev, memory, "virtio_vsock", virtio=dev.device_id)
+            s.model = VsockState(device.device, dev, device.lock)   # the PCI lock: the host thread serves under it
+            s.backend = VsockHost(vsock.path, dev, device.lock, self._running_notify(device)) if vsock.path else None
+            return s
+        base, gsi = self._virtio_window()
         model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
         device = Locked(model, threading.Lock())
         host = VsockHost(vsock.path, dev, device.lock, self._running_notify(device)) if vsock.path else None
@@ -435,19 +452,24 @@ class Platform:
                                 gsi, "virtio_vsock", backend=host, virtio=dev.device_id), device)
 
     def _running_notify(self, device: Locked):
-        """A host thread's QueueNotify of ``device`` that happens only while the machine runs
-        (not paused, stopping or between runs: RAM and rings stay as a snapshot, a checkpoint or
-        a migration saw them); False when held back. As NetPump waits for the network."""
+        """A host thread's notification of ``device``'s queue (``notify_queue`` under its lock, on
+        either transport) that happens only while the machine runs (not paused, stopping or
+        between runs: RAM and rings stay as a snapshot, a checkpoint or a migration saw them);
+        False when held back. As NetPump waits for the network."""
         gate = self.gate
+
+        def notify_now(queue: int) -> None:
+            with device.lock:
+                device.device.notify_queue(queue)
 
         def notify(queue: int) -> bool:
             if gate is None:
-                device.write(QUEUE_NOTIFY, 4, queue)
+                notify_now(queue)
                 return True
             with gate.cond:
                 if not gate.run_active.is_set() or gate.requested or gate.stop.reason is not None:
                     return False
-                device.write(QUEUE_NOTIFY, 4, queue)
+                notify_now(queue)
                 return True
         return notify
 
@@ -472,7 +494,7 @@ class Platform:
 
     @property
     def virtio_pci(self) -> list[Slot]:
-        """Every virtio-pci function (the disks, then the rng): ``base`` is its PCI device number,
+        """Every virtio-pci function (the disks, the rng, the network, vsock): ``base`` is its PCI device number,
         ``irq`` the GSI of its INTA#."""
         return sorted((s for s in self.slots if s.virtio and s.bus == "pci"), key=lambda s: s.base)
 

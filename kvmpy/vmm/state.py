@@ -18,7 +18,8 @@ from .platform import DeviceStateError, Disk, Vsock
 
 MAGIC, VERSION = "kvmpy-snapshot", 2
 # Machine() arguments a saved state fixes: a restore takes only host-side ones.
-FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "ram_files", "disks", "test_devices", "rng", "virtio_transport")
+FIXED = ("mem_size", "cpus", "irqchip", "fw_cfg", "ram_files", "disks", "test_devices", "rng", "virtio_transport",
+         "net_transport")
 # What a hostile or damaged value can raise on its way into KVM and the devices (a missing
 # key, a string for a number, a negative register, a KVM refusal).
 BAD_STATE = (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, DeviceError, OSError)
@@ -123,8 +124,12 @@ def machine_for(body: dict, disks, where: str, ram_files=None, **host_options):
         transport = mc.get("virtio_transport", "mmio")                  # absent: virtio-mmio, as before PCI
         if transport not in ("mmio", "pci"):
             raise SnapshotError(f"{where}: virtio_transport must be 'mmio' or 'pci', not {transport!r}")
+        net_transport = mc.get("net_transport", "mmio")     # absent: the network and vsock on virtio-mmio
+        if net_transport not in ("mmio", "pci") or (net_transport == "pci" and transport != "pci"):
+            raise SnapshotError(f"{where}: net_transport must be 'mmio', or 'pci' with virtio_transport 'pci', "
+                                f"not {net_transport!r}")
         return Machine(mem_size=mc["mem_size"], cpus=mc["cpus"], irqchip=mc["irqchip"], **flags, net=net,
-                       virtio_transport=transport,
+                       virtio_transport=transport, net_transport=net_transport,
                        disks=disk_list(body, disks, where), ram_files=ram_files, **host_options)
     except (GuestMemoryError, DeviceError) + BAD_STATE as e:
         raise SnapshotError(f"{where}: the saved machine cannot be built: {type(e).__name__}: {e}") from None

@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 
-from ..devices.virtio.mmio import QueueNotify as QUEUE_NOTIFY
 from ..devices.virtio.vsock import EVENTQ, RXQ, VirtioVsock
 from ..errors import DeviceError
 from ..localsock import listen_private
@@ -278,7 +277,8 @@ class VsockHost:
 
 class VsockState:
     """What a snapshot keeps of a virtio-vsock slot: the guest's CID and the transport's
-    registers and rings. Connections are not kept; loading tells the guest with
+    registers and rings (``transport``: a virtio-mmio window or a virtio-pci function, each
+    saving its own form). Connections are not kept; loading tells the guest with
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (when it has a buffer there)."""
 
     def __init__(self, transport, device: VirtioVsock, lock: threading.Lock):
@@ -297,7 +297,7 @@ class VsockState:
         with self.lock:                 # the host thread serves the device under it
             self.transport.load_state(saved["transport"])
             self.device.transport_reset()
-            self.transport.write(QUEUE_NOTIFY, 4, EVENTQ)   # the machine is not running: RAM may change
+            self.transport.notify_queue(EVENTQ)     # the machine is not running: RAM may change
 
     def state(self) -> dict:
         return {**self.transport.state(), **self.device.state()}

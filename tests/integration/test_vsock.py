@@ -70,10 +70,14 @@ def host_listener(path) -> socket.socket:
 
 
 @LOOPS
-def test_the_guest_echoes_a_host_connection_then_calls_the_host(tmp_path, native):
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_the_guest_echoes_a_host_connection_then_calls_the_host(tmp_path, native, transport):
+    """The same guest and driver behind virtio-mmio and behind virtio-pci (guests/runtime/virtio_pci.c's
+    vio_find_pci carries virtio_vsock.c over to the PCI function)."""
     path = str(tmp_path / "vm.sock")
     listener = host_listener(path)
-    with start(path, native=native) as m:
+    with start(path, native=native, virtio_transport=transport) as m:
+        assert m.platform.slot("virtio-vsock").bus == transport
         m.start(timeout=120)
         wait_until(lambda: b"listening on port 1234" in m.serial_output, 30, "the guest's device")
         c, ok = connect(path)

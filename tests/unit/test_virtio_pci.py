@@ -193,6 +193,39 @@ def test_with_msix_each_completion_is_a_message_on_the_queue_s_vector(tmp_path):
     assert sink.sent == [(0, MSI_ADDR, MSI_DATA)] * 2 and irq.levels == [] and drv.rd(drv.isr, 1) == 0
 
 
+def offer_one_buffer(mem):
+    mem.write(DESC, struct.pack("<QIHH", DATA, 64, VIRTQ_DESC_F_WRITE, 0))
+    mem.write(AVAIL + 4, struct.pack("<H", 0))
+    mem.write(AVAIL + 2, struct.pack("<H", 1))
+
+
+def test_a_host_side_notify_is_the_guest_s_notify_on_both_transports(tmp_path):
+    """``notify_queue(i)``, which the disk timer, the network thread and vsock's host side call
+    under the device's lock, serves the queue and raises the interrupt as the driver's notify
+    does, behind virtio-pci and virtio-mmio; a queue that does not exist is ignored."""
+    drv, fn, irq, _ = rig(tmp_path, VirtioRng(source=lambda n: b"\x5a" * n))
+    drv.init()
+    offer_one_buffer(drv.mem)
+    fn.notify_queue(7)
+    assert drv.mem.read(USED + 2, 2) == b"\0\0" and irq.levels == []
+    fn.notify_queue(0)
+    assert struct.unpack("<HII", drv.mem.read(USED + 2, 10)) == (1, 0, 64) and irq.levels == [True]
+    assert drv.mem.read(DATA, 64) == b"\x5a" * 64
+    mem, trig = GuestMemory.anonymous(RAM), RecordingTrigger()
+    t = M.VirtioMmioTransport(VirtioRng(source=lambda n: b"\xa5" * n), mem, trig)
+    for off, value in ((M.Status, V.ACKNOWLEDGE | V.DRIVER), (M.DriverFeaturesSel, 1), (M.DriverFeatures, 1),
+                       (M.Status, V.FEATURES_OK), (M.QueueSel, 0), (M.QueueNum, QSIZE), (M.QueueDescLow, DESC),
+                       (M.QueueDriverLow, AVAIL), (M.QueueDeviceLow, USED), (M.QueueReady, 1), (M.Status, V.DRIVER_OK)):
+        t.write(off, 4, value)
+    assert t.live
+    offer_one_buffer(mem)
+    t.notify_queue(1)
+    assert mem.read(USED + 2, 2) == b"\0\0"
+    t.notify_queue(0)
+    assert struct.unpack("<HII", mem.read(USED + 2, 10)) == (1, 0, 64) and trig.levels == [True]
+    assert t.interrupt_status == V.VIRTIO_MMIO_INT_VRING and mem.read(DATA, 64) == b"\xa5" * 64
+
+
 def test_a_masked_vector_is_pending_until_unmasked(tmp_path):
     drv, fn, irq, sink = rig(tmp_path)
     drv.init(msix=True)

@@ -171,6 +171,11 @@ class VirtioMmioTransport:
             core.set_queue_field(name, value, 32 if high else 0, 32)
         # everything else: read-only, reserved or unassigned -> ignored
 
+    def notify_queue(self, index: int) -> None:
+        """A host-side notification of queue ``index``: what a guest's write of QueueNotify does
+        (the disk timer's, the network thread's, vsock's host side; virtio-pci's has the same name)."""
+        self.core.notify(index)
+
     # --- state (core.py's) --------------------------------------------------------
 
     @property

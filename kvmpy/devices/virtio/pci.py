@@ -283,7 +283,8 @@ class VirtioPciFunction:
         return True
 
     def notify_queue(self, index: int) -> None:
-        """A host-side notification of queue ``index`` (the disk timer's, for throttled requests)."""
+        """A host-side notification of queue ``index``: what a guest's write to its notify slot does
+        (the disk timer's, the network thread's, vsock's host side; virtio-mmio's has the same name)."""
         self.core.notify(index)
 
     # --- state ----------------------------------------------------------------------------------
