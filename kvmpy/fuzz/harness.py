@@ -44,13 +44,15 @@ class Outcome:
     mnemonic), "triple-fault", "timeout", or a name from ``reports``; ``exit`` is the
     value the guest last wrote to isa-debug-exit (None when it wrote none);
     ``coverage`` the edge map as the case left it; ``time`` the case's seconds (input
-    write, run and map read; the reset is not in it)."""
+    write, run and map read; the reset is not in it); ``stop`` how the run ended."""
 
     crashed: bool
     kind: str | None
     exit: int | None
     coverage: bytes
     time: float
+    stop: str = "exit"                      # how the run ended: "exit", "exception", "timeout",
+                                            # "guest-error", or Machine.run's "halt", "reset"...
     vector: int | None = None
     error_code: int | None = None
     fault_rip: int | None = None
@@ -76,6 +78,16 @@ class _Tail:
         pass
 
 
+def _image_path(image):
+    """A path as given, or the path of the bundled guest of that name."""
+    if not isinstance(image, str) or os.path.exists(image):
+        return image
+    try:
+        return guests.path(image)
+    except KeyError:
+        raise HarnessError(f"{image!r} is neither a file nor a bundled guest") from None
+
+
 def _where(syms: dict, what, size: int | None, role: str) -> tuple[int, int]:
     """(address, size) of ``what``: an ELF symbol's name or a guest address."""
     if isinstance(what, str):
@@ -96,7 +108,7 @@ class Harness:
                  ready: int = 0x52, done: int = 0x44, reports: dict[int, str] | None = None,
                  timeout: float = 1.0, mem_size: int = 16 << 20, user: bool = True,
                  exceptions: bool = True, ready_timeout: float = 10.0):
-        path = guests.path(image) if isinstance(image, str) and not os.path.exists(image) else image
+        path = _image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
         self.input, self.input_size = _where(syms, input, input_size, "input")
@@ -144,7 +156,7 @@ class Harness:
             try:
                 outcome = self._outcome(m.run(timeout=self.timeout))
             except GuestError as e:     # a triple fault (no IDT, or a broken one), a failed entry
-                outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None}
+                outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None, "stop": "guest-error"}
             cov = m.memory.read(self.coverage, self.coverage_size)
             t = time.perf_counter() - t0
         finally:
@@ -154,13 +166,14 @@ class Harness:
 
     def _outcome(self, r) -> dict:
         if r.reason == "timeout":
-            return {"crashed": True, "kind": "timeout", "exit": None}
-        if r.reason != "exit":
-            return {"crashed": False, "kind": None, "exit": None}
+            return {"crashed": True, "kind": "timeout", "exit": None, "stop": "timeout"}
+        if r.reason != "exit":              # a halt, a reset request...: the engine decides
+            return {"crashed": False, "kind": None, "exit": None, "stop": r.reason}
         value = r.status >> 1             # isa-debug-exit: (v << 1) | 1
         vector = traps.vector_at(r.regs.rip)
         if vector is not None:
-            return {"crashed": True, "kind": traps.name(vector), "exit": value, **self._fault(vector, r.regs.rsp)}
+            return {"crashed": True, "kind": traps.name(vector), "exit": value, "stop": "exception",
+                    **self._fault(vector, r.regs.rsp)}
         if value in self.reports:
             return {"crashed": True, "kind": self.reports[value], "exit": value}
         return {"crashed": False, "kind": None, "exit": value}

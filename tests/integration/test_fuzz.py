@@ -39,14 +39,14 @@ def ram_digest(h) -> str:
 
 def test_benign_input_is_not_a_crash(harness):
     o = harness.run(BENIGN)
-    assert (o.crashed, o.kind, o.exit) == (False, None, DONE)
+    assert (o.crashed, o.kind, o.exit, o.stop) == (False, None, DONE, "exit")
     assert o.edges > 0 and len(o.coverage) == SYMS["__fuzz_cov_map"].size
     assert o.time > 0
 
 
 def test_page_fault_is_named_with_its_frame(harness):
     o = harness.run(b"FZ\x01" + record(b"N", b"x") + record(b"K", b"kvm!"))
-    assert (o.crashed, o.kind, o.vector) == (True, "#PF", 14)
+    assert (o.crashed, o.kind, o.vector, o.stop) == (True, "#PF", 14, "exception")
     assert o.fault_address == WILD
     assert o.error_code & 0b110 == 0b110            # a write, from user mode (SDM 4.7)
     text_end = SYMS["__bss_start"].value
@@ -61,7 +61,7 @@ def test_invalid_opcode_assert_report_and_timeout(harness):
     bad = harness.run(b"FZ\x01" + record(b"A", b"\x06\x02\x03"))
     assert (bad.crashed, bad.kind, bad.exit) == (True, "assert", ASSERT)
     hang = harness.run(b"FZ\x01" + record(b"H", b"\x77"))
-    assert (hang.crashed, hang.kind, hang.exit) == (True, "timeout", None)
+    assert (hang.crashed, hang.kind, hang.exit, hang.stop) == (True, "timeout", None, "timeout")
     assert 0.5 <= hang.time < 5
     assert harness.run(BENIGN).exit == DONE
 
@@ -69,7 +69,7 @@ def test_invalid_opcode_assert_report_and_timeout(harness):
 def test_without_the_idt_an_exception_is_a_triple_fault():
     with Harness("fuzz-target", exceptions=False) as h:
         o = h.run(b"FZ\x01" + record(b"K", b"kvm!"))
-        assert (o.crashed, o.kind, o.vector) == (True, "triple-fault", None)
+        assert (o.crashed, o.kind, o.vector, o.stop) == (True, "triple-fault", None, "guest-error")
         assert h.run(BENIGN).exit == DONE           # reset after a shutdown exit
 
 
@@ -91,6 +91,8 @@ def test_input_bounds(harness):
 
 
 def test_harness_setup_errors():
+    with pytest.raises(HarnessError, match="neither a file nor a bundled guest"):
+        Harness("no-such-guest")
     with pytest.raises(HarnessError, match="no symbol 'nope'"):
         Harness("fuzz-target", input="nope")
     with pytest.raises(HarnessError, match="needs its size"):
@@ -115,7 +117,7 @@ def test_outcome_is_deterministic_and_the_checkpoint_comes_back(harness, data):
     m = harness.machine
     before, regs = ram_digest(harness), m.vcpus[0].get_regs()
     first, second = harness.run(data), harness.run(data)
-    key = lambda o: (o.crashed, o.kind, o.exit, o.vector, o.error_code, o.fault_rip, o.fault_address, o.coverage)
+    key = lambda o: (o.crashed, o.kind, o.exit, o.stop, o.vector, o.error_code, o.fault_rip, o.fault_address, o.coverage)
     assert key(first) == key(second)
     assert first.exit != STALE and first.kind != "timeout"
     assert ram_digest(harness) == before
