@@ -51,8 +51,9 @@ class Outcome:
     exit: int | None
     coverage: bytes
     time: float
-    stop: str = "exit"                      # how the run ended: "exit", "exception", "timeout",
-                                            # "guest-error", or Machine.run's "halt", "reset"...
+    stop: str = "exit"                      # how the run ended: "done", "exit" (another value),
+                                            # "exception", "timeout", "guest-error", or
+                                            # Machine.run's "halt", "reset"...
     vector: int | None = None
     error_code: int | None = None
     fault_rip: int | None = None
@@ -176,7 +177,7 @@ class Harness:
                     **self._fault(vector, r.regs.rsp)}
         if value in self.reports:
             return {"crashed": True, "kind": self.reports[value], "exit": value}
-        return {"crashed": False, "kind": None, "exit": value}
+        return {"crashed": False, "kind": None, "exit": value, "stop": "done" if value == self.done else "exit"}
 
     def _fault(self, vector: int, rsp: int) -> dict:
         """The exception frame the CPU pushed (read defensively: the guest owns its stack)."""

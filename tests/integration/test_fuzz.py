@@ -39,7 +39,7 @@ def ram_digest(h) -> str:
 
 def test_benign_input_is_not_a_crash(harness):
     o = harness.run(BENIGN)
-    assert (o.crashed, o.kind, o.exit, o.stop) == (False, None, DONE, "exit")
+    assert (o.crashed, o.kind, o.exit, o.stop) == (False, None, DONE, "done")
     assert o.edges > 0 and len(o.coverage) == SYMS["__fuzz_cov_map"].size
     assert o.time > 0
 
@@ -59,7 +59,7 @@ def test_invalid_opcode_assert_report_and_timeout(harness):
     assert (ud.crashed, ud.kind, ud.vector, ud.error_code) == (True, "#UD", 6, None)
     assert harness.run(b"FZ\x01" + record(b"A", b"\x05\x02\x03")).exit == DONE     # 2 + 3 == 5
     bad = harness.run(b"FZ\x01" + record(b"A", b"\x06\x02\x03"))
-    assert (bad.crashed, bad.kind, bad.exit) == (True, "assert", ASSERT)
+    assert (bad.crashed, bad.kind, bad.exit, bad.stop) == (True, "assert", ASSERT, "exit")
     hang = harness.run(b"FZ\x01" + record(b"H", b"\x77"))
     assert (hang.crashed, hang.kind, hang.exit, hang.stop) == (True, "timeout", None, "timeout")
     assert 0.5 <= hang.time < 5
