@@ -108,7 +108,7 @@ class Harness:
                  length="fuzz_input_len", coverage="__fuzz_cov_map", coverage_size: int | None = None,
                  ready: int = 0x52, done: int = 0x44, reports: dict[int, str] | None = None,
                  timeout: float = 1.0, mem_size: int = 16 << 20, user: bool = True,
-                 exceptions: bool = True, ready_timeout: float = 10.0):
+                 exceptions: bool = True, ready_timeout: float = 10.0, native: bool = False):
         path = _image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
@@ -120,7 +120,9 @@ class Harness:
             if size <= 0 or addr + size > mem_size:
                 raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
         self.serial = _Tail()
-        self.machine = Machine(mem_size=mem_size, serial=self.serial)
+        # the Python run loop by default: a case makes a few exits, and the C loop's run starts a
+        # serial flusher thread each time, which costs more than it saves here (docs/fuzz.md)
+        self.machine = Machine(mem_size=mem_size, serial=self.serial, native=native)
         try:
             self._start(path, user, exceptions, ready, ready_timeout)
         except BaseException:

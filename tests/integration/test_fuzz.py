@@ -167,3 +167,12 @@ def test_a_coverage_guided_loop_finds_the_planted_page_fault(harness):
     assert o is not None, f"no crash in {runs} runs"
     assert (o.kind, o.fault_address) == ("#PF", WILD)
     print(f"found the #PF after {runs} runs; {len(corpus)} inputs kept")
+
+
+def test_the_c_run_loop_gives_the_same_outcomes(harness):
+    """native=True (the C run loop) gives the outcomes and maps of the default Python loop."""
+    inputs = [BENIGN, b"FZ\x01" + record(b"K", b"kvm!"), b"FZ\x01" + record(b"U", b"\xff\xee"),
+              b"FZ\x01" + record(b"A", b"\x06\x02\x03"), b"FZ\x01" + record(b"K", b"kvxx")]
+    key = lambda o: (o.crashed, o.kind, o.exit, o.stop, o.vector, o.error_code, o.fault_rip, o.coverage)
+    with Harness("fuzz-target", reports=REPORTS, timeout=0.5, native=True) as c:
+        assert [key(c.run(d)) for d in inputs] == [key(harness.run(d)) for d in inputs]
