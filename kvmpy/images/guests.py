@@ -340,6 +340,13 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long", user=True,
           expect_output=b"reset-case: ready\n", expect_status=_status(0x52), expect_rax=0x52,
           demo=False),
+    Guest("fuzz-target", "fuzz-target.elf",
+          "a parser for kvmpy.fuzz (CPL 3, edge coverage from -fsanitize-coverage=trace-pc): prints "
+          "'fuzz-target: ready', exits 0x52 (the harness checkpoints there), then each run parses "
+          "fuzz_input and exits 0x44, or crashes on a planted bug; docs/fuzz.md",
+          format="elf", mode="long", user=True,
+          expect_output=b"fuzz-target: ready\n", expect_status=_status(0x52), expect_rax=0x52,
+          demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),

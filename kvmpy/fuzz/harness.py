@@ -1,0 +1,202 @@
+"""One fuzz case at a time: input in, ``Outcome`` out, the guest back to its ready point.
+
+A ``Harness`` owns a ``Machine`` running one ELF guest. At construction it loads the
+image, installs the exception IDT (:mod:`.traps`) and runs the guest until it writes
+``ready`` to isa-debug-exit; there it zeroes the coverage map and takes a checkpoint
+(``Machine.checkpoint()``, docs/reset.md). ``run(data)`` then:
+
+1. checks ``data`` fits the guest's input buffer and writes it there (and its length,
+   a little-endian u64, where ``length`` says);
+2. runs the guest until it stops: ``done`` written to isa-debug-exit (no crash), an
+   exception (an IDT stub's report: crash, named), a triple fault (crash), a report
+   code of ``reports`` (crash, named by the harness's caller), the time budget (crash
+   "timeout"), or another exit (no crash; ``Outcome.exit`` says which);
+3. reads the coverage map straight from guest RAM (the guest counted its edges there:
+   no exit per edge);
+4. resets in place, so the next case starts from the checkpoint and sees nothing of
+   this one.
+
+The guest is hostile: its exit values, its stack and its writes are only read, bounded.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from ..errors import GuestError, GuestMemoryError, KvmpyError
+from ..images import guests
+from ..loader.elfsym import symbols
+from ..vmm.machine import Machine
+from . import traps
+
+TAIL = 4096                 # bytes of the guest's serial output a harness keeps (for errors)
+
+
+class HarnessError(KvmpyError):
+    """The harness cannot be set up: a missing symbol, a guest that never gets ready..."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one case did. ``kind`` names a crash: "#PF" (an exception, by its SDM
+    mnemonic), "triple-fault", "timeout", or a name from ``reports``; ``exit`` is the
+    value the guest last wrote to isa-debug-exit (None when it wrote none);
+    ``coverage`` the edge map as the case left it; ``time`` the case's seconds (input
+    write, run and map read; the reset is not in it); ``stop`` how the run ended."""
+
+    crashed: bool
+    kind: str | None
+    exit: int | None
+    coverage: bytes
+    time: float
+    stop: str = "exit"                      # how the run ended: "done", "exit" (another value),
+                                            # "exception", "timeout", "guest-error", or
+                                            # Machine.run's "halt", "reset"...
+    vector: int | None = None
+    error_code: int | None = None
+    fault_rip: int | None = None
+    fault_address: int | None = None        # CR2, for a #PF
+
+    @property
+    def edges(self) -> int:
+        """How many map entries the case hit."""
+        return len(self.coverage) - self.coverage.count(0)
+
+
+class _Tail:
+    """A serial sink keeping the last TAIL bytes."""
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> int:
+        self.data = (self.data + bytes(data))[-TAIL:]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _image_path(image):
+    """A path as given, or the path of the bundled guest of that name."""
+    if not isinstance(image, str) or os.path.exists(image):
+        return image
+    try:
+        return guests.path(image)
+    except KeyError:
+        raise HarnessError(f"{image!r} is neither a file nor a bundled guest") from None
+
+
+def _where(syms: dict, what, size: int | None, role: str) -> tuple[int, int]:
+    """(address, size) of ``what``: an ELF symbol's name or a guest address."""
+    if isinstance(what, str):
+        sym = syms.get(what)
+        if sym is None:
+            raise HarnessError(f"the image has no symbol {what!r} for the {role}")
+        return sym.value, sym.size if size is None else size
+    if size is None:
+        raise HarnessError(f"the {role} at {what:#x} needs its size")
+    return int(what), size
+
+
+class Harness:
+    """A guest ready to run cases; see the module docstring and docs/fuzz.md."""
+
+    def __init__(self, image, *, input="fuzz_input", input_size: int | None = None,
+                 length="fuzz_input_len", coverage="__fuzz_cov_map", coverage_size: int | None = None,
+                 ready: int = 0x52, done: int = 0x44, reports: dict[int, str] | None = None,
+                 timeout: float = 1.0, mem_size: int = 16 << 20, user: bool = True,
+                 exceptions: bool = True, ready_timeout: float = 10.0, native: bool = False):
+        path = _image_path(image)
+        with open(path, "rb") as f:
+            syms = symbols(f.read())
+        self.input, self.input_size = _where(syms, input, input_size, "input")
+        self.length = None if length is None else _where(syms, length, 8, "input length")[0]
+        self.coverage, self.coverage_size = _where(syms, coverage, coverage_size, "coverage map")
+        self.done, self.reports, self.timeout = done, dict(reports or {}), timeout
+        for addr, size, role in ((self.input, self.input_size, "input"), (self.coverage, self.coverage_size, "map")):
+            if size <= 0 or addr + size > mem_size:
+                raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
+        self.serial = _Tail()
+        # the Python run loop by default: a case makes a few exits, and the C loop's run starts a
+        # serial flusher thread each time, which costs more than it saves here (docs/fuzz.md)
+        self.machine = Machine(mem_size=mem_size, serial=self.serial, native=native)
+        try:
+            self._start(path, user, exceptions, ready, ready_timeout)
+        except BaseException:
+            self.machine.close()
+            raise
+
+    def _start(self, path, user: bool, exceptions: bool, ready: int, ready_timeout: float) -> None:
+        m = self.machine
+        m.load(path, user=user)
+        if exceptions:
+            base, blob, limit = traps.tables()
+            m.memory.write(base, blob)
+            s = m.vcpus[0].get_sregs()
+            s.idt = type(s.idt)(base=base, limit=limit)
+            m.vcpus[0].set_sregs(s)
+        r = m.run(timeout=ready_timeout)
+        if r.reason != "exit" or r.status >> 1 != ready:
+            raise HarnessError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready "
+                               f"exit {ready:#x}; its output ended: {self.serial.data[-200:]!r}")
+        m.memory.write(self.coverage, bytes(self.coverage_size))
+        m.checkpoint()
+        self.cases = 0
+
+    def run(self, data: bytes) -> Outcome:
+        """One case from the checkpoint; the machine is reset before this returns."""
+        if len(data) > self.input_size:
+            raise ValueError(f"input of {len(data)} bytes does not fit the guest's {self.input_size}-byte buffer")
+        m = self.machine
+        t0 = time.perf_counter()
+        m.memory.write(self.input, bytes(data))
+        if self.length is not None:
+            m.memory.write(self.length, struct.pack("<Q", len(data)))
+        try:
+            try:
+                outcome = self._outcome(m.run(timeout=self.timeout))
+            except GuestError as e:     # a triple fault (no IDT, or a broken one), a failed entry
+                outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None, "stop": "guest-error"}
+            cov = m.memory.read(self.coverage, self.coverage_size)
+            t = time.perf_counter() - t0
+        finally:
+            m.reset()
+            self.cases += 1
+        return Outcome(coverage=cov, time=t, **outcome)
+
+    def _outcome(self, r) -> dict:
+        if r.reason == "timeout":
+            return {"crashed": True, "kind": "timeout", "exit": None, "stop": "timeout"}
+        if r.reason != "exit":              # a halt, a reset request...: the engine decides
+            return {"crashed": False, "kind": None, "exit": None, "stop": r.reason}
+        value = r.status >> 1             # isa-debug-exit: (v << 1) | 1
+        vector = traps.vector_at(r.regs.rip)
+        if vector is not None:
+            return {"crashed": True, "kind": traps.name(vector), "exit": value, "stop": "exception",
+                    **self._fault(vector, r.regs.rsp)}
+        if value in self.reports:
+            return {"crashed": True, "kind": self.reports[value], "exit": value}
+        return {"crashed": False, "kind": None, "exit": value, "stop": "done" if value == self.done else "exit"}
+
+    def _fault(self, vector: int, rsp: int) -> dict:
+        """The exception frame the CPU pushed (read defensively: the guest owns its stack)."""
+        out = {"vector": vector}
+        try:
+            out["error_code"], out["fault_rip"] = traps.frame(vector, self.machine.memory.read(rsp, 16))
+        except GuestMemoryError:
+            pass
+        if vector == traps.PF:
+            out["fault_address"] = self.machine.vcpus[0].get_sregs().cr2
+        return out
+
+    def close(self) -> None:
+        self.machine.close()
+
+    def __enter__(self) -> "Harness":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
