@@ -32,9 +32,10 @@ RING0_EMULATED_NOTE = (
 
 
 def devices(args) -> dict:
-    """The devices the demo's machine gets beyond the root disk: the hook where the network
-    and vsock join once Machine offers them (the disk's rcS already loads virtio_net and
-    runs udhcpc on every interface, and loads vmw_vsock_virtio_transport for a vsock device)."""
+    """The devices the demo's machine gets beyond the root disk and what its options add
+    (``--net``, ``--vsock`` reach the Machine as for ``kvmpy run``; the disk's rcS loads
+    virtio_net and runs udhcpc on every interface, and loads vmw_vsock_virtio_transport for a
+    vsock device): the rng, always."""
     return {"rng": True}
 
 
