@@ -174,6 +174,26 @@ class QueueRegisters:
         return self.live is not None
 
 
+class OverCore:
+    """What every transport answers from its ``core`` (a VirtioCore) the same way: host-side
+    queue notifications (the disk timer's, the network thread's, vsock's host side: what a
+    guest's notify does), and whether the device is live and why not."""
+
+    core: "VirtioCore"
+
+    def notify_queue(self, index: int) -> None:
+        self.core.notify(index)
+
+    @property
+    def live(self) -> bool:
+        """FEATURES_OK and DRIVER_OK set, DEVICE_NEEDS_RESET and FAILED clear."""
+        return self.core.live
+
+    @property
+    def last_error(self) -> str | None:
+        return self.core.last_error
+
+
 class VirtioCore:
     """The transport-independent half of a virtio transport (see the module docstring).
 

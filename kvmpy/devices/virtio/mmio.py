@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from ...kvm.memory import GuestMemory
 from ..irq import Trigger
-from .core import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,  # noqa: F401 (re-exported)
+from .core import (ACKNOWLEDGE, OverCore, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,  # noqa: F401 (re-exported)
                    QUEUE_STATE_FIELDS, RESTORED_ERROR, STATE_FIELDS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
                    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, QueueRegisters, VirtioCore,
                    VirtioDevice, check_state, check_state_shape)
@@ -99,7 +99,7 @@ VIRTIO_MMIO_VENDOR = 0x706D766B     # "kvmp" little-endian; the spec leaves it t
 _U32 = 0xFFFF_FFFF
 
 
-class VirtioMmioTransport:
+class VirtioMmioTransport(OverCore):
     """virtio-mmio v2 register machine in front of a :class:`VirtioDevice` (the meaning of
     each register is :class:`~kvmpy.devices.virtio.core.VirtioCore`'s)."""
 
@@ -171,26 +171,12 @@ class VirtioMmioTransport:
             core.set_queue_field(name, value, 32 if high else 0, 32)
         # everything else: read-only, reserved or unassigned -> ignored
 
-    def notify_queue(self, index: int) -> None:
-        """A host-side notification of queue ``index``: what a guest's write of QueueNotify does
-        (the disk timer's, the network thread's, vsock's host side; virtio-pci's has the same name)."""
-        self.core.notify(index)
-
     # --- state (core.py's) --------------------------------------------------------
 
     @property
     def irq_level(self) -> bool:
         """The level last driven on the interrupt line."""
         return self.core.irq_level
-
-    @property
-    def live(self) -> bool:
-        """FEATURES_OK and DRIVER_OK set, DEVICE_NEEDS_RESET and FAILED clear."""
-        return self.core.live
-
-    @property
-    def last_error(self) -> str | None:
-        return self.core.last_error
 
     @property
     def status(self) -> int:

@@ -45,7 +45,7 @@ import struct
 from ...kvm.memory import GuestMemory
 from ..pci.config import Bar, PciFunction
 from ..pci.msix import MsiSink, Msix
-from .core import VirtioCore, VirtioDevice
+from .core import OverCore, VirtioCore, VirtioDevice
 
 VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_DEVICE_BASE = 0x1040          # + virtio device ID: a modern-only device
@@ -107,7 +107,7 @@ def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> 
     return struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, BAR_INDEX, 0, offset, length) + extra
 
 
-class VirtioPciFunction:
+class VirtioPciFunction(OverCore):
     """A :class:`VirtioDevice` as a PCI function (see the module docstring). ``intx`` is its
     INTA# line, ``msi`` where its MSI-X messages go."""
 
@@ -282,20 +282,7 @@ class VirtioPciFunction:
             self.msix.fire(vector)
         return True
 
-    def notify_queue(self, index: int) -> None:
-        """A host-side notification of queue ``index``: what a guest's write to its notify slot does
-        (the disk timer's, the network thread's, vsock's host side; virtio-mmio's has the same name)."""
-        self.core.notify(index)
-
     # --- state ----------------------------------------------------------------------------------
-    @property
-    def live(self) -> bool:
-        return self.core.live
-
-    @property
-    def last_error(self) -> str | None:
-        return self.core.last_error
-
     def state(self) -> dict:
         return {**self.core.state(), "config_vector": self.config_vector, "queue_vectors": list(self.queue_vectors),
                 "msix_enabled": self.msix.enabled}
