@@ -178,10 +178,12 @@ FD_HEADROOM = 64
 def _device_fds(machine) -> int:
     """Sockets the devices may open while the guest runs, beyond FD_HEADROOM (which control
     clients and snapshots keep): each vsock host side's connections and half-open handshakes."""
+    hosts = [s for s in machine.platform.vsocks if s.backend is not None] if machine is not None else []
+    if not hosts:                   # (None: confine() of the caller alone) vsock stays unloaded
+        return 0
     from ..devices.virtio.vsock import MAX_CONNECTIONS
     from .vsock import MAX_HANDSHAKES
-    slots = machine.platform.vsocks if machine is not None else ()     # None: confine() of the caller alone
-    return sum(MAX_CONNECTIONS + MAX_HANDSHAKES for s in slots if s.backend is not None)
+    return len(hosts) * (MAX_CONNECTIONS + MAX_HANDSHAKES)
 
 
 def set_limits(control: bool, extra_fds: int = 0) -> dict[str, int]:
