@@ -265,7 +265,10 @@ def _fuzz_parser(sub: _Commands) -> None:
                                    "and print the outcome; started by afl-fuzz "
                                    "(afl-fuzz -i seeds -o out -- kvmpy fuzz run [OPTIONS] @@), be its fork server "
                                    "(docs/fuzz.md)")
-    f.add_argument("action", choices=["run"], help="run: one input, or AFL++'s fork server")
+    actions = f.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = actions.add_parser("run", help="one input, or AFL++'s fork server",
+                           description="Run one input (FILE, or stdin) and print the outcome; under afl-fuzz "
+                                       "be its fork server (docs/fuzz.md)")
     f.add_argument("file", nargs="?", help="the input file (afl-fuzz: @@); default stdin")
     f.add_argument("--image", default="fuzz-target", help="the guest: an ELF path or a bundled guest name (default fuzz-target)")
     f.add_argument("--input", default="fuzz_input", help="symbol or address of the input buffer")
