@@ -8,6 +8,8 @@ segment named by ``$__AFL_SHM_ID``. The protocol of the AFL++ this project match
 1. hello: the target writes one word to 199. With ``FS_OPT_ENABLED`` set it carries
    options; we send ``FS_OPT_MAPSIZE`` and our map size, so afl-fuzz checks it against
    its own (``AFL_MAP_SIZE``, default 65536) and stops with a message when it is smaller.
+   When afl-fuzz offers shared-memory test cases (``$__AFL_SHM_FUZZ_ID``) the hello also
+   says ``FS_OPT_SHDMEM_FUZZ``, and afl-fuzz answers one word on 198 to agree.
 2. per case: afl-fuzz writes a word to 198 (1 if it killed the last child on a timeout),
    the target answers a child pid on 199, then, when the case is over, its wait status.
 
@@ -32,6 +34,8 @@ import time
 CTL_FD, ST_FD = 198, 199
 FS_OPT_ENABLED = 0x80000001
 FS_OPT_MAPSIZE = 0x40000000
+FS_OPT_SHDMEM_FUZZ = 0x01000000
+SHMEM_FUZZ_HDR_SIZE = 4                 # a shared-memory test case: its length (u32), then its bytes
 FS_OPT_MAX_MAPSIZE = (0x00FFFFFE >> 1) + 1
 MAX_INPUT = 1 << 20                     # afl-fuzz's MAX_FILE: a longer file is not one of its cases
 
@@ -65,6 +69,16 @@ def wait_status(outcome, *, kill_signal: int = signal.SIGKILL) -> int:
 
 class AflError(Exception):
     pass
+
+
+def shm_size(shm_id: int) -> int:
+    """The size of SysV segment ``shm_id`` (shmctl IPC_STAT: never trust a size we are told)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    ds = ctypes.create_string_buffer(256)               # struct shmid_ds (112 bytes on x86-64)
+    if libc.shmctl(shm_id, 2, ds) != 0:                 # IPC_STAT
+        raise AflError(f"shmctl({shm_id}, IPC_STAT): {os.strerror(ctypes.get_errno())}")
+    return struct.unpack_from("<Q", ds, 48)[0]          # shm_segsz, after the 48-byte ipc_perm
 
 
 class SharedMap:
@@ -194,17 +208,39 @@ def serve(harness, *, input_path: str | None, log=None) -> int:
     kill_signal = signal.SIGKILL
     if os.environ.get("AFL_KILL_SIGNAL", "").isdigit():
         kill_signal = int(os.environ["AFL_KILL_SIGNAL"]) or signal.SIGKILL
+    map_size = min(map_size, shm_size(shm_id))
+    if map_size < 2:
+        raise AflError(f"the shared map {shm_id} is too small")
     shm = SharedMap(shm_id, map_size)
+    cases_shm = None
+    hello = FS_OPT_ENABLED | FS_OPT_MAPSIZE | fs_opt_set_mapsize(map_size)
+    if os.environ.get("__AFL_SHM_FUZZ_ID", "").isdigit():
+        fuzz_id = int(os.environ["__AFL_SHM_FUZZ_ID"])
+        size = shm_size(fuzz_id)
+        if size > SHMEM_FUZZ_HDR_SIZE:
+            cases_shm = SharedMap(fuzz_id, size)
+            hello |= FS_OPT_SHDMEM_FUZZ
     decoy = Decoy()
     cases = 0
     try:
-        hello = FS_OPT_ENABLED | FS_OPT_MAPSIZE | fs_opt_set_mapsize(map_size)
         os.write(ST_FD, struct.pack("<I", hello))
+        if cases_shm is not None:                       # afl-fuzz agrees, or we read the file
+            reply = _read_exact(CTL_FD, 4)
+            if reply is None:
+                return cases
+            if struct.unpack("<I", reply)[0] & (FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ) != \
+                    FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ:
+                cases_shm.close()
+                cases_shm = None
         while True:
             req = _read_exact(CTL_FD, 4)
             if req is None:                             # afl-fuzz is done (or gone)
                 return cases
-            data = _case(input_path, harness.input_size)
+            if cases_shm is not None:
+                n = struct.unpack("<I", cases_shm.read(0, 4))[0]
+                data = cases_shm.read(SHMEM_FUZZ_HDR_SIZE, min(n, harness.input_size))
+            else:
+                data = _case(input_path, harness.input_size)
             os.write(ST_FD, struct.pack("<i", decoy.ensure()))
             outcome = harness.run(data)
             shm.write(_fold(outcome.coverage, map_size))
@@ -222,6 +258,8 @@ def serve(harness, *, input_path: str | None, log=None) -> int:
     finally:
         decoy.close()
         shm.close()
+        if cases_shm is not None:
+            cases_shm.close()
 
 
 def _case(input_path: str | None, limit: int) -> bytes:

@@ -60,10 +60,15 @@ def _open(fd: int) -> bool:
 class FakeAfl:
     """afl-fuzz's side of the protocol: the pipes on the target's 198/199, the map in shm."""
 
-    def __init__(self, tmp_path, *extra, timeout="1"):
+    def __init__(self, tmp_path, *extra, timeout="1", cases_in_shm=False):
         self.shm_id = libc.shmget(IPC_PRIVATE, MAP, IPC_CREAT | 0o600)
         assert self.shm_id >= 0
         self.map = afl.SharedMap(self.shm_id, MAP)
+        self.fuzz_id = self.cases = None
+        if cases_in_shm:
+            self.fuzz_id = libc.shmget(IPC_PRIVATE, afl.MAX_INPUT + 4, IPC_CREAT | 0o600)
+            assert self.fuzz_id >= 0
+            self.cases = afl.SharedMap(self.fuzz_id, afl.MAX_INPUT + 4)
         self.case = tmp_path / "cur_input"
         ctl_r, self.ctl = os.pipe()
         self.st, st_w = os.pipe()
@@ -74,6 +79,8 @@ class FakeAfl:
         os.dup2(ctl_r, afl.CTL_FD)
         os.dup2(st_w, afl.ST_FD)
         env = dict(os.environ, PYTHONPATH=str(ROOT), __AFL_SHM_ID=str(self.shm_id))
+        if self.fuzz_id is not None:
+            env["__AFL_SHM_FUZZ_ID"] = str(self.fuzz_id)
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "kvmpy", *ARGS, "--timeout", timeout, *extra,
                                           str(self.case)], env=env, pass_fds=(afl.CTL_FD, afl.ST_FD),
@@ -91,7 +98,10 @@ class FakeAfl:
         return struct.unpack("<i", data)[0]
 
     def run(self, data: bytes, timed_out=0):
-        self.case.write_bytes(data)
+        if self.cases is not None:
+            self.cases.write(struct.pack("<I", len(data)) + data)
+        else:
+            self.case.write_bytes(data)
         self.map.write(bytes(MAP))
         os.write(self.ctl, struct.pack("<I", timed_out))
         pid = self.word()
@@ -104,6 +114,9 @@ class FakeAfl:
         os.close(self.st)
         self.map.close()
         libc.shmctl(self.shm_id, IPC_RMID, None)
+        if self.cases is not None:
+            self.cases.close()
+            libc.shmctl(self.fuzz_id, IPC_RMID, None)
         return rc
 
 
@@ -166,6 +179,25 @@ def test_afl_s_smaller_map_gets_the_guest_s_folded_onto_it(tmp_path):
         a.run(BENIGN)
         assert a.word() == 0
         assert any(a.map.read(0, 4096)) and not any(a.map.read(4096, MAP - 4096))
+    finally:
+        assert a.close() == 0
+
+
+def test_test_cases_in_shared_memory(tmp_path):
+    a = FakeAfl(tmp_path, cases_in_shm=True)
+    try:
+        hello = a.word() & 0xFFFFFFFF
+        assert hello & afl.FS_OPT_SHDMEM_FUZZ
+        os.write(a.ctl, struct.pack("<I", afl.FS_OPT_ENABLED | afl.FS_OPT_SHDMEM_FUZZ))
+        a.run(BENIGN)
+        assert a.word() == 0
+        a.run(PAGE_FAULT)
+        status = a.word()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert not a.case.exists()                  # the cases came through the segment
+        a.cases.write(struct.pack("<I", 0xFFFFFFFF))  # a length past the segment: cut, not read beyond
+        os.write(a.ctl, struct.pack("<I", 0))
+        assert a.word() > 0 and a.word() is not None
     finally:
         assert a.close() == 0
 
