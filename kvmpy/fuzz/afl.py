@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import struct
 import sys
@@ -162,10 +163,12 @@ class Decoy:
         return pid == 0
 
     def wait_killed(self) -> None:
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        """Until afl-fuzz kills the decoy, or closes its control pipe (it is gone: nothing
+        will kill the decoy, and it writes nothing on 198 while it waits for a status)."""
+        while self.alive():
+            readable, _, _ = select.select([CTL_FD], [], [], 0.05)
+            if readable:
+                return
 
     def ensure(self) -> int:
         if not self.alive():
@@ -197,20 +200,10 @@ def serve(harness, *, input_path: str | None, log=None) -> int:
         shm_id = int(os.environ["__AFL_SHM_ID"])
     except (KeyError, ValueError):
         raise AflError("__AFL_SHM_ID is missing or not a number")
-    guest_size = harness.coverage_size
-    try:
-        afl_size = int(os.environ.get("AFL_MAP_SIZE", "65536"), 0)
-    except ValueError:
-        raise AflError("AFL_MAP_SIZE is not a number")
-    if not 1 < afl_size <= FS_OPT_MAX_MAPSIZE:
-        raise AflError(f"AFL_MAP_SIZE {afl_size} out of range")
-    map_size = min(guest_size, afl_size)
+    map_size = _map_size(harness.coverage_size, shm_id)
     kill_signal = signal.SIGKILL
     if os.environ.get("AFL_KILL_SIGNAL", "").isdigit():
         kill_signal = int(os.environ["AFL_KILL_SIGNAL"]) or signal.SIGKILL
-    map_size = min(map_size, shm_size(shm_id))
-    if map_size < 2:
-        raise AflError(f"the shared map {shm_id} is too small")
     shm = SharedMap(shm_id, map_size)
     cases_shm = None
     hello = FS_OPT_ENABLED | FS_OPT_MAPSIZE | fs_opt_set_mapsize(map_size)
@@ -224,14 +217,9 @@ def serve(harness, *, input_path: str | None, log=None) -> int:
     cases = 0
     try:
         os.write(ST_FD, struct.pack("<I", hello))
-        if cases_shm is not None:                       # afl-fuzz agrees, or we read the file
-            reply = _read_exact(CTL_FD, 4)
-            if reply is None:
-                return cases
-            if struct.unpack("<I", reply)[0] & (FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ) != \
-                    FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ:
-                cases_shm.close()
-                cases_shm = None
+        if cases_shm is not None and not _agreed():   # afl-fuzz agrees, or we read the file
+            cases_shm.close()
+            cases_shm = None
         while True:
             req = _read_exact(CTL_FD, 4)
             if req is None:                             # afl-fuzz is done (or gone)
@@ -260,6 +248,29 @@ def serve(harness, *, input_path: str | None, log=None) -> int:
         shm.close()
         if cases_shm is not None:
             cases_shm.close()
+
+
+def _map_size(guest_size: int, shm_id: int) -> int:
+    """The map size to announce: the guest's, AFL_MAP_SIZE's, the segment's, the smallest."""
+    try:
+        afl_size = int(os.environ.get("AFL_MAP_SIZE", "65536"), 0)
+    except ValueError:
+        raise AflError("AFL_MAP_SIZE is not a number")
+    if not 1 < afl_size <= FS_OPT_MAX_MAPSIZE:
+        raise AflError(f"AFL_MAP_SIZE {afl_size} out of range")
+    size = min(guest_size, afl_size, shm_size(shm_id))
+    if size < 2:
+        raise AflError(f"the shared map {shm_id} is too small")
+    return size
+
+
+def _agreed() -> bool:
+    """afl-fuzz's answer to FS_OPT_SHDMEM_FUZZ in our hello: does it send cases that way?"""
+    reply = _read_exact(CTL_FD, 4)
+    if reply is None:
+        raise BrokenPipeError("afl-fuzz closed its control pipe")
+    both = FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ
+    return struct.unpack("<I", reply)[0] & both == both
 
 
 def _case(input_path: str | None, limit: int) -> bytes:
