@@ -265,6 +265,8 @@ def _fuzz_parser(sub: _Commands) -> None:
                                    "and print the outcome; started by afl-fuzz "
                                    "(afl-fuzz -i seeds -o out -- kvmpy fuzz run [OPTIONS] @@), be its fork server "
                                    "(docs/fuzz.md)")
+    if isinstance(f, _Unbuilt):         # another command was given: fuzz is only listed
+        return
     actions = f.add_subparsers(dest="action", metavar="ACTION", required=True)
     f = actions.add_parser("run", help="one input, or AFL++'s fork server",
                            description="Run one input (FILE, or stdin) and print the outcome; under afl-fuzz "
