@@ -12,6 +12,7 @@ The package, in the order a command line meets it:
     options.py    the argparse parser (only the command given is built)
     running.py    run, demo, restore, receive: build a Machine, drive it, judge how it ended
     linuxdemo.py  demo linux: Debian's kernel and a root disk (kvmpy.images.rootfs), to a shell
+    fuzzing.py    fuzz run: one input, or AFL++'s fork server (kvmpy.fuzz.afl)
     commands.py   info, demos, ctl, inspect, bench: the commands that run no guest here
     status.py     the exit statuses and their help text; progress lines
 
@@ -37,7 +38,7 @@ __all__ = ["main", "entry", "command", "build_parser", "COMMANDS", "EXIT_OK", "E
 #: Each command and the module whose ``cmd_NAME`` runs it; only that module is imported.
 COMMANDS = {"info": "commands", "demos": "commands", "demo": "running", "run": "running",
             "restore": "running", "receive": "running", "ctl": "commands", "inspect": "commands",
-            "bench": "commands"}
+            "bench": "commands", "fuzz": "fuzzing"}
 
 
 def command(name: str):

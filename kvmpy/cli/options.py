@@ -132,7 +132,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.add_parser("demos", help="list the bundled micro-VM demos")
     # the other commands, one function each, in the order ``kvmpy --help`` lists them
     for add_command in (_demo_parser, _run_parser, _restore_parser, _receive_parser, _ctl_parser,
-                        _inspect_parser, _bench_parser):
+                        _inspect_parser, _bench_parser, _fuzz_parser):
         add_command(sub)
     return p
 
@@ -257,6 +257,35 @@ def _bench_parser(sub: _Commands) -> None:
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+
+
+def _fuzz_parser(sub: _Commands) -> None:
+    f = sub.add_parser("fuzz", help="run fuzz cases in a guest (kvmpy.fuzz): 'kvmpy fuzz run', also as afl-fuzz's target",
+                       description="kvmpy fuzz run [OPTIONS] [FILE]: run one input (FILE, or stdin) in the harness "
+                                   "and print the outcome; started by afl-fuzz "
+                                   "(afl-fuzz -i seeds -o out -- kvmpy fuzz run [OPTIONS] @@), be its fork server "
+                                   "(docs/fuzz.md)")
+    if isinstance(f, _Unbuilt):         # another command was given: fuzz is only listed
+        return
+    actions = f.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = actions.add_parser("run", help="one input, or AFL++'s fork server",
+                           description="Run one input (FILE, or stdin) and print the outcome; under afl-fuzz "
+                                       "be its fork server (docs/fuzz.md)")
+    f.add_argument("file", nargs="?", help="the input file (afl-fuzz: @@); default stdin")
+    f.add_argument("--image", default="fuzz-target", help="the guest: an ELF path or a bundled guest name (default fuzz-target)")
+    f.add_argument("--input", default="fuzz_input", help="symbol or address of the input buffer")
+    f.add_argument("--input-size", type=lambda v: int(v, 0), help="the buffer's size, when --input is an address")
+    f.add_argument("--length", default="fuzz_input_len", help="symbol or address of the input's length ('none': no length)")
+    f.add_argument("--coverage", default="__fuzz_cov_map", help="symbol or address of the coverage map")
+    f.add_argument("--coverage-size", type=lambda v: int(v, 0), help="the map's size, when --coverage is an address")
+    f.add_argument("--ready", type=lambda v: int(v, 0), default=0x52, help="the guest's ready exit value (default 0x52)")
+    f.add_argument("--done", type=lambda v: int(v, 0), default=0x44, help="the exit value of a case without a crash (default 0x44)")
+    f.add_argument("--report", action="append", default=[], metavar="VALUE=NAME",
+                   help="an exit value that is a crash, and its name (repeatable; e.g. 0x43=assert)")
+    f.add_argument("--timeout", type=float, default=1.0,
+                   help="one case's budget in seconds (default 1); under afl-fuzz keep it at or above its -t")
+    f.add_argument("--mem", type=lambda v: int(v, 0), default=16 << 20, help="guest RAM in bytes (default 16 MiB)")
+    f.add_argument("--ring0", action="store_true", help="start the guest at CPL 0 (default CPL 3)")
 
 
 # --- the options of run and demo, by argument group ---------------------------------
