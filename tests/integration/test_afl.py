@@ -17,7 +17,8 @@ import pytest
 
 from kvmpy.fuzz import afl
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import lab
+
 BENIGN = b"FZ\x01S\x02ab"
 PAGE_FAULT = b"FZ\x01K\x04kvm!"
 UD = b"FZ\x01U\x02\xff\xee"
@@ -33,9 +34,9 @@ IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
 
 def kvmpy(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=lab.CHILD_ENV["PYTHONPATH"])
     return subprocess.run([sys.executable, "-m", "kvmpy", *args], capture_output=True, env=env,
-                          timeout=60, **kw)
+                          timeout=60, cwd="/", **kw)
 
 
 def test_one_input_from_a_file_and_from_stdin(tmp_path):
@@ -78,13 +79,13 @@ class FakeAfl:
             assert not _open(fd)
         os.dup2(ctl_r, afl.CTL_FD)
         os.dup2(st_w, afl.ST_FD)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), __AFL_SHM_ID=str(self.shm_id))
+        env = dict(os.environ, PYTHONPATH=lab.CHILD_ENV["PYTHONPATH"], __AFL_SHM_ID=str(self.shm_id))
         if self.fuzz_id is not None:
             env["__AFL_SHM_FUZZ_ID"] = str(self.fuzz_id)
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "kvmpy", *ARGS, "--timeout", timeout, *extra,
                                           str(self.case)], env=env, pass_fds=(afl.CTL_FD, afl.ST_FD),
-                                         stderr=subprocess.PIPE)
+                                         stderr=subprocess.PIPE, cwd="/")
         finally:
             for fd in (afl.CTL_FD, afl.ST_FD, ctl_r, st_w):
                 os.close(fd)
@@ -210,11 +211,11 @@ def test_a_short_afl_fuzz_campaign(tmp_path):
     target = tmp_path / "kvmpy"
     target.write_text(f"#!/bin/sh\nexec {sys.executable} -m kvmpy \"$@\"\n")
     target.chmod(0o755)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AFL_SKIP_CPUFREQ="1", AFL_NO_UI="1",
+    env = dict(os.environ, PYTHONPATH=lab.CHILD_ENV["PYTHONPATH"], AFL_SKIP_CPUFREQ="1", AFL_NO_UI="1",
                AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_SKIP_BIN_CHECK="1", AFL_NO_AFFINITY="1")
     r = subprocess.run(["afl-fuzz", "-V", "10", "-t", "2000", "-i", str(seeds), "-o", str(out), "--",
                         str(target), *ARGS, "--timeout", "1", "@@"],
-                       env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+                       env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL, cwd="/")
     stats = dict(line.split(":", 1) for line in (out / "default" / "fuzzer_stats").read_text().splitlines())
     stats = {k.strip(): v.strip() for k, v in stats.items()}
     assert r.returncode == 0, r.stdout[-2000:]
