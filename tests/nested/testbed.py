@@ -69,9 +69,11 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_smp_stops.py",
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
                  "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
-                 "tests/integration/test_vsock.py", "tests/integration/test_net.py",
-                 "tests/integration/test_linux_pci.py", "tests/integration/test_linux_vsock.py")
+                 "tests/integration/test_vsock.py", "tests/integration/test_net.py")
 #: Left out, run on demand (--steps pytest FILE):
+#: - test_linux_pci.py and test_linux_vsock.py: Debian's kernel with 2 vCPUs; each passed in
+#:   several runs, but one CI run saw the PCI boot stop printing early ("Built 1 zonelists"),
+#:   the same unexplained L2 instability as below;
 #: - test_migration.py: in L1 in the default order it passed twice and failed once (a migrated
 #:   counter guest triple-faulted on the target), and it adds ~90-100 s to the run;
 #: - test_linux_disk.py: 3 of 26 root-disk boots of Debian's kernel (2 vCPUs) ended in an L2
