@@ -16,7 +16,7 @@ import cffi
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Constants copied from <linux/kvm.h> by the compiler.
+# Constants copied from <linux/kvm.h> (and <linux/if_tun.h>: the TAP backend) by the compiler.
 IOCTLS = """
 KVM_GET_API_VERSION KVM_CREATE_VM KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE
 KVM_GET_SUPPORTED_CPUID KVM_GET_MSR_INDEX_LIST KVM_GET_MSR_FEATURE_INDEX_LIST
@@ -59,6 +59,7 @@ KVM_CAP_READONLY_MEM KVM_CAP_IMMEDIATE_EXIT KVM_CAP_GET_MSR_FEATURES KVM_CAP_MP_
 KVM_CAP_SYNC_MMU KVM_CAP_IRQ_INJECT_STATUS KVM_CAP_XSAVE2 KVM_CAP_TSC_CONTROL
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 KVM_CAP_DIRTY_LOG_RING KVM_CAP_MCE KVM_CAP_TSC_DEADLINE_TIMER
 KVM_CAP_SYNC_REGS
+TUNSETIFF IFF_TAP IFF_NO_PI
 """.split()
 
 # Views of anonymous members of struct kvm_run, named so cffi can complete them.
@@ -159,6 +160,7 @@ struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry ent
 
 PREAMBLE = """
 #include <linux/kvm.h>
+#include <linux/if_tun.h>
 #include <sys/ioctl.h>
 #include "kvmpy_native.h"
 """ + "".join(

@@ -24,7 +24,7 @@ import struct
 from .backend import NetBackendError
 from .stream import MAX_FRAME, MIN_FRAME
 
-TUNSETIFF = 0x400454CA          # _IOW('T', 202, int)
+TUNSETIFF = 0x400454CA          # _IOW('T', 202, int); tests/native/test_tun_constants.py checks these against the header
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
