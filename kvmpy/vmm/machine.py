@@ -39,7 +39,7 @@ from .console import Console
 from .native import NativeLoop
 from .pause import PauseGate
 from .platform import Disk, Platform, Vsock
-from .run import RunResult, run_loops
+from .run import RunResult, Watchdog, run_loops
 from .stats import Stats
 from .vcpu_loop import VcpuLoop, current_vcpu
 
@@ -110,6 +110,7 @@ class Machine:
         self.console = Console(serial, bps=serial_bps)
         me = weakref.proxy(self)      # the parts' callbacks must not keep the Machine alive (a cycle)
         self.gate = PauseGate(_kicker(me))
+        self.watchdog = Watchdog(self.gate, self.console)     # its thread starts with the first run
         self.migration_lock = threading.Lock()     # one live migration at a time (lifecycle/migration.py)
         self.vcpus: list = []
         self._own_kvm = not isinstance(kvm, Kvm)
@@ -141,7 +142,7 @@ class Machine:
         # A machine nobody closed is finalized when its last reference goes: what close() releases,
         # held without the Machine (no user device), in close()'s order; never at exit, under a run.
         self._finalizer = weakref.finalize(self, _finalize, f"(mem_size={mem_size:#x}, cpus={cpus})",
-                                           self.platform.backends_to_close(), self.vm,
+                                           [self.watchdog, *self.platform.backends_to_close()], self.vm,
                                            self.kvm if self._own_kvm else None)
         self._finalizer.atexit = False
 
@@ -411,7 +412,7 @@ class Machine:
                 v.single_step(True)
             try:
                 return run_loops(loops, self.gate, self.console, timeout,
-                                 flush=any(loop.native is not None for loop in loops))
+                                 any(loop.native is not None for loop in loops), self.watchdog)
             finally:
                 self.stats.serial_dropped = self.console.dropped + getattr(self.console.uart, "dropped", 0)
                 for v in self.vcpus if stepping else ():
@@ -530,6 +531,7 @@ class Machine:
                 raise RuntimeError("close() called from inside run() (a device callback?)")
             self.request_stop("closed")
             self.gate.run_idle.wait()
+        self.watchdog.close()
         self.console.close()
         if self.platform is not None:
             self.platform.close()

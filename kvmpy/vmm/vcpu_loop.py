@@ -49,12 +49,28 @@ def current_vcpu() -> int | None:
 
 
 def guest_ticks() -> int:
-    """This thread's guest_time (clock ticks) from /proc, or 0 if unavailable."""
+    """This thread's guest_time (clock ticks) from /proc, or 0 if unavailable.
+
+    The file stays open for the thread's life (``_tls``: closed when the thread ends): a
+    run reads it twice, and opening it each time cost a short run ~40 µs here.
+    """
     try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[40])
+        stat = getattr(_tls, "stat", None)
+        if stat is None:
+            stat = _tls.stat = _ThreadStat()
+        return int(os.pread(stat.fd, 4096, 0).rsplit(b")", 1)[1].split()[40])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+class _ThreadStat:
+    """This thread's /proc stat file, open until the thread's locals go."""
+
+    def __init__(self):
+        self.fd = os.open(f"/proc/self/task/{threading.get_native_id()}/stat", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self):
+        os.close(self.fd)
 
 
 class VcpuLoop:

@@ -3,6 +3,7 @@ reference releases its vCPUs, VM, RAM, disks and /dev/kvm at once, without waiti
 the garbage collector, and warns (ResourceWarning) as an unclosed file does."""
 import gc
 import os
+import threading
 import warnings
 import weakref
 
@@ -27,6 +28,10 @@ def no_gc():
         gc.enable()
 
 
+def watchdog_threads() -> int:
+    return sum(t.name == "vcpu-watchdog" for t in threading.enumerate())
+
+
 def machine(disk, native, run):
     m = kvmpy.Machine(mem_size=1 << 20, cpus=2, disks=[disk], native=native)
     if run:
@@ -41,7 +46,7 @@ def test_machines_never_closed_release_their_fds_without_the_gc(tmp_path, no_gc,
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(8192))
     machine(str(disk), native, run).close()          # warm imports and caches
-    base = fds()
+    base, watchdogs = fds(), watchdog_threads()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(10):
@@ -51,6 +56,7 @@ def test_machines_never_closed_release_their_fds_without_the_gc(tmp_path, no_gc,
             del m
             assert alive() is None, "the Machine outlived its last reference (a reference cycle?)"
             assert fds() == base
+            assert watchdog_threads() == watchdogs, "a dropped machine left its watchdog thread running"
     unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert len(unclosed) == 10 and "unclosed kvmpy.Machine" in str(unclosed[0].message)
 
