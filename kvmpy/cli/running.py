@@ -249,14 +249,16 @@ def _wait(machine, slice_s: float = 0.25):
 def _confine(args, machine) -> int | None:
     """Confine this process before the guest runs (kvmpy.vmm.confine), as the sandbox options
     say; an error status if that fails. Creating files later (--control's snapshots, the gdb
-    stub's and the control socket, --stats-svg's chart) and --vsock's sockets widen the filter."""
+    stub's and the control socket, --stats-svg's chart) widen the filter most; --vsock's UNIX
+    sockets alone widen it less (confine.VSOCK)."""
     if not getattr(args, "sandbox", True) and getattr(args, "run_as", None) is None:
         return None
     from ..vmm.confine import ConfineError, confine
     widen = bool(getattr(args, "control", None) or getattr(args, "gdb", None) is not None
-                 or getattr(args, "stats_svg", None) or getattr(args, "vsock", None))
+                 or getattr(args, "stats_svg", None))
     try:
-        confine(machine, control=widen, run_as=args.run_as, seccomp=args.sandbox, limits=args.sandbox)
+        confine(machine, control=widen, vsock=getattr(args, "vsock", None) is not None, run_as=args.run_as,
+                seccomp=args.sandbox, limits=args.sandbox)
     except ConfineError as e:
         print(f"kvmpy: cannot confine the VMM: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR

@@ -82,6 +82,15 @@ CONTROL = (
     "mkdir", "rename", "unlink", "chmod", "fchmod", "ftruncate", "fsync", "getcwd",
 )
 
+#: Added with a vsock device and no control socket (``--vsock``): the host side accepts host
+#: programs on the socket it bound before the filter, and connects to ``PATH_port`` for a
+#: guest; ``socket`` only for UNIX sockets (``VSOCK_RULES``); ``unlink`` removes its socket
+#: file at exit. Nothing that creates files, binds or listens.
+VSOCK = (
+    "socket", "connect", "accept4", "shutdown", "getsockopt", "setsockopt", "getsockname",
+    "getpeername", "recvfrom", "sendto", "unlink",
+)
+
 #: The calls a running guest makes most, first first: the filter tests them before the rest
 #: (libseccomp's default layout is a list ordered by priority: ~15 ms to build, where its
 #: binary tree takes ~23; an exit costs microseconds, a test of the list nanoseconds).
@@ -95,8 +104,8 @@ _TTY_AND_FD = {"TCGETS": 0x5401, "TCSETS": 0x5402, "FIONBIO": 0x5421, "FIONCLEX"
 _CLONE_THREAD = 0x00010000
 _O_WRITE_OR_CREATE = 0o3 | 0o100 | 0o1000       # O_ACCMODE | O_CREAT | O_TRUNC
 
-# scmp_compare: SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
-_EQ, _MASKED_EQ = 4, 7
+# scmp_compare: SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
+_NE, _EQ, _MASKED_EQ = 1, 4, 7
 
 #: Allowed only with some arguments: (allow rules, refuse rules), each rule a list of
 #: (argument, op, mask or value, value); a call that matches neither fails with
@@ -108,6 +117,10 @@ ARG_RULES = {
     "openat": ([[(2, _MASKED_EQ, _O_WRITE_OR_CREATE, 0)]],
                [[(2, _MASKED_EQ, bit, bit)] for bit in (0o1, 0o2, 0o100, 0o1000)]),
 }
+
+_AF_UNIX = 1
+#: ARG_RULES' entries for VSOCK without CONTROL (which allows every socket: live migration).
+VSOCK_RULES = {"socket": ([[(0, _EQ, _AF_UNIX, 0)]], [[(0, _NE, _AF_UNIX, 0)]])}
 
 #: Refused with ENOSYS, not named: glibc's pthread_create tries clone3 first and falls
 #: back to clone, whose flags (unlike clone3's) a filter can read.
@@ -145,14 +158,15 @@ _names: dict[int, str] = {}     # syscall number -> name, filled when the filter
 
 
 # --- the one call ------------------------------------------------------------------------
-def confine(machine=None, *, control: bool = False, run_as: str | None = None,
+def confine(machine=None, *, control: bool = False, vsock: bool = False, run_as: str | None = None,
             seccomp: bool = True, limits: bool = True) -> Confinement:
     """Confine this process from now on, in the order each step needs: resource limits,
     the unprivileged user (``run_as``, needs setuid), no_new_privs, then the seccomp filter.
 
     Call it once the machine is built and loaded, before it runs (the filter cannot be
     lifted, and every later Machine in this process runs under it). ``control`` adds
-    ``CONTROL`` (a control socket or a gdb stub). ``machine`` is only checked to be built.
+    ``CONTROL`` (a control socket or a gdb stub), ``vsock`` adds ``VSOCK`` (a vsock device's
+    host side; CONTROL has all of it). ``machine`` is only checked to be built.
     Raises ``ConfineError`` (the library is missing, an unknown user, not permitted).
     """
     if machine is not None and getattr(machine, "vm", None) is None:
@@ -165,7 +179,7 @@ def confine(machine=None, *, control: bool = False, run_as: str | None = None,
         done.user = drop_privileges(*lookup_user(run_as))
     if lib is not None:
         set_no_new_privs()
-        done.allowed = load_filter(lib, control)
+        done.allowed = load_filter(lib, control, vsock)
         done.seccomp = True
     return done
 
@@ -292,19 +306,22 @@ def syscall_names(lib) -> dict[int, str]:
     return names
 
 
-def _rules(name: str, nr: int, allowed: set[str], control: bool) -> list[tuple[int, list]]:
+def _rules(name: str, nr: int, allowed: set[str], control: bool, vsock: bool) -> list[tuple[int, list]]:
     """The (action, argument comparisons) rules for system call ``name``."""
-    if name in ARG_RULES and not (control and name == "openat"):
-        allow, refuse = ARG_RULES[name]
+    rules = ARG_RULES.get(name)
+    if vsock and not control:
+        rules = VSOCK_RULES.get(name, rules)
+    if rules is not None and not (control and name == "openat"):
+        allow, refuse = rules
         return [(_ACT_ALLOW, r) for r in allow] + [(act_errno(REFUSED + nr), r) for r in refuse]
     if name in allowed:
         return [(_ACT_ALLOW, [])]
     return [(act_errno(errno.ENOSYS if name in FALL_BACK else REFUSED + nr), [])]
 
 
-def load_filter(lib, control: bool) -> list[str]:
+def load_filter(lib, control: bool, vsock: bool = False) -> list[str]:
     """Build the filter, load it into every thread; returns the names it allows."""
-    allowed = set(BASE) | (set(CONTROL) if control else set())
+    allowed = set(BASE) | (set(CONTROL) if control else set()) | (set(VSOCK) if vsock else set())
     names = syscall_names(lib)
     ctx = lib.seccomp_init(act_errno(REFUSED_ARGS))
     if not ctx:
@@ -317,14 +334,15 @@ def load_filter(lib, control: bool) -> list[str]:
             if name in HOT:
                 _check(lib.seccomp_syscall_priority(ctx, nr, 255 - HOT.index(name)), f"priority of {name}")
         for nr, name in names.items():
-            for action, cmps in _rules(name, nr, allowed, control):
+            for action, cmps in _rules(name, nr, allowed, control, vsock):
                 array = (_ArgCmp * max(1, len(cmps)))(*(_ArgCmp(*c) for c in cmps))
                 _check(lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"the rule for {name}")
         _check(lib.seccomp_load(ctx), "seccomp_load")
     finally:
         lib.seccomp_release(ctx)
     _names.update(names)
-    return sorted(n for n in names.values() if n in allowed or n in ARG_RULES)
+    conditional = set(ARG_RULES) | (set(VSOCK_RULES) if vsock and not control else set())
+    return sorted(n for n in names.values() if n in allowed or n in conditional)
 
 
 def _check(rc: int, what: str) -> None:

@@ -334,3 +334,35 @@ def test_a_missing_libseccomp_is_a_clear_error():
     assert r.returncode == EXIT_VMM_ERROR and "needs libseccomp" in err and "--no-sandbox" in err, err
     assert "Traceback" not in err and b"Hello" not in r.stdout        # the guest never ran
     assert python(code, "demo", "hello-long", "--no-sandbox").returncode == 0
+
+
+# --- (5) --vsock widens the filter by UNIX sockets only ---------------------------------------
+def test_the_vsock_filter_allows_unix_sockets_and_nothing_that_writes_files():
+    """confine(vsock=True): a UNIX socket connects; an INET socket, bind and a file opened for
+    writing are refused, each naming its call."""
+    code = textwrap.dedent("""
+        import os, socket
+        from kvmpy.vmm import confine
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("/tmp/kvmpy-vsock-filter-%d" % os.getpid())
+        listener.listen(1)
+        confine.confine(vsock=True)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(listener.getsockname())
+        s, _ = listener.accept()
+        c.sendall(b"ping")
+        print("unix", s.recv(4))
+        for what, call in [("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)),
+                           ("bind", lambda: socket.socket(socket.AF_UNIX).bind("/tmp/kvmpy-vsock-x")),
+                           ("write", lambda: os.open("/tmp/kvmpy-vsock-y", os.O_WRONLY | os.O_CREAT))]:
+            try:
+                call()
+                print(what, "allowed")
+            except OSError as e:
+                print(what, confine.refused_call(e))
+        os.unlink(listener.getsockname())
+        print("unlinked")
+    """)
+    r = python(code)
+    assert r.stdout.decode().splitlines() == ["unix b'ping'", "inet socket", "bind bind", "write openat",
+                                              "unlinked"], r.stderr
