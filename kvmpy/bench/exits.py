@@ -26,8 +26,8 @@ Time-stopped variants run one run(timeout=T) per round and divide the run loop's
 own time (m.stats.kvm_ns + vmm_ns: from its first KVM_RUN to its last exit, the
 span pio_ref times) by the PIO exits it counted. T is calibrated by an untimed
 warm-up run on the same Machine, then by the previous round, so that a round is
-about --exits exits. The rest of the run() call, its fixed cost (starting the
-the machine's watchdog thread on the first round, its hand-offs after), is reported separately
+about --exits exits. The rest of the run() call, its fixed cost (the watchdog's
+hand-offs, the settle, the registers read for the RunResult), is reported separately
 ("split" in the JSON, with the wall time per exit, from the median round so
 that its parts add up). A round whose loop time is more than its wall time, or
 whose parts do not add up, stops the benchmark (BenchError): no ratio is printed
