@@ -347,6 +347,13 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long", user=True,
           expect_output=b"fuzz-target: ready\n", expect_status=_status(0x52), expect_rax=0x52,
           demo=False),
+    Guest("sandbox-demo", "sandbox-demo.elf",
+          "the demo of kvmpy.Sandbox (CPL 3): prints 'sandbox-demo: ready', exits 0x52 (the sandbox "
+          "checkpoints there), then each run calls the exported function the call page names and "
+          "exits 0x44 (add, reverse, upper, a host call, a crash, a spin...); docs/sandboxes.md",
+          format="elf", mode="long", user=True,
+          expect_output=b"sandbox-demo: ready\n", expect_status=_status(0x52), expect_rax=0x52,
+          demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),
