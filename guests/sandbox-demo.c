@@ -30,8 +30,8 @@
 #define SCRATCH_PAGES 256
 #define IDT_BASE 0x5000          /* kvmpy.fuzz.traps' IDT (x86/layout.py FUZZ_TRAPS) */
 
-static u8 scratch[SCRATCH_PAGES * 4096] __attribute__((aligned(4096)));
-static u8 out[SBX_ARGS_SIZE];
+static u8 scratch[SCRATCH_PAGES * 4096] SBX_NOINIT;
+static u8 out[SBX_ARGS_SIZE] SBX_NOINIT;
 static u64 count;
 
 SANDBOX_FUNCTION(add, "ii:i")

@@ -4,7 +4,7 @@
 #include "sandbox.h"
 
 volatile struct sbx_page sandbox_page __attribute__((aligned(4096)));
-u8 sandbox_args[SBX_ARGS_SIZE] __attribute__((aligned(4096)));
+u8 sandbox_args[SBX_ARGS_SIZE] SBX_NOINIT;
 static u8 host_buf[SBX_HOST_BUF] __attribute__((aligned(16)));
 
 /* link64.ld collects every SANDBOX_FUNCTION's entry between these. */
