@@ -78,11 +78,13 @@ class Sandbox:
     """A guest whose exported functions the host calls; see the module docstring and
     docs/sandboxes.md. ``timeout`` is each call's default time budget in seconds, ``mem_size``
     the guest's RAM, ``max_result`` the most bytes a call may return; ``host_functions``
-    maps a name to ``(callable, "ARGS:RET")`` (or use :meth:`register`)."""
+    maps a name to ``(callable, "ARGS:RET")`` (or use :meth:`register`). ``clear_dirty_log``
+    checkpoints with KVM_CLEAR_DIRTY_LOG (``Machine.checkpoint``; docs/sandboxes.md has what
+    was measured)."""
 
     def __init__(self, image="sandbox-demo", *, mem_size: int = 16 << 20, timeout: float = 1.0,
                  max_result: int = DEFAULT_MAX_RESULT, host_functions: dict | None = None,
-                 ready_timeout: float = 10.0, native: bool = False):
+                 ready_timeout: float = 10.0, native: bool = False, clear_dirty_log: bool = False):
         path = image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
@@ -95,6 +97,7 @@ class Sandbox:
             raise SandboxError(f"{path} does not fit in {mem_size:#x} bytes of RAM")
         self.page, self.args_addr, self.args_size = page.value, args.value, args.size
         self.mem_size, self.timeout, self.max_result = mem_size, timeout, max_result
+        self.clear_dirty_log = clear_dirty_log
         self.host_functions: dict[str, HostFunction] = {}
         for name, (fn, sig) in (host_functions or {}).items():
             self.register(name, fn, sig)
@@ -124,7 +127,7 @@ class Sandbox:
             raise SandboxError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready point; "
                                f"its output ended: {self.serial.data[-200:]!r}")
         exports = abi.parse_exports(m.memory.read(self.page, abi.PAGE_SIZE), m.memory.read, self.mem_size)
-        m.checkpoint()
+        m.checkpoint(clear_dirty_log=self.clear_dirty_log)
         return exports
 
     def register(self, name: str, fn: Callable, signature: str) -> None:
