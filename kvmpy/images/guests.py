@@ -23,7 +23,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-__all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
+__all__ = ["Guest", "all", "get", "path", "resolve", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
 
 #: Environment variable naming a directory of built images to use instead
 #: of the package's (e.g. after ``make -C guests O=/tmp/g``).
@@ -411,6 +411,14 @@ def path(name: str) -> pathlib.Path:
     build the images, when the image was never built.
     """
     return built(get(name).file)
+
+
+def resolve(image) -> "pathlib.Path | os.PathLike":
+    """What a harness or sandbox is given as its image: an existing file (or a path-like) as
+    is, else the bundled guest of that name (:func:`path`); KeyError when it is neither."""
+    if not isinstance(image, str) or os.path.exists(image):
+        return image
+    return path(image)
 
 
 #: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.

@@ -78,7 +78,15 @@ class SandboxPool:
         with self._lock:
             self._all.remove(sb)
             self.replaced += 1
-        self._add(Sandbox(self.image, **self.options))
+        try:
+            self._add(Sandbox(self.image, **self.options))
+        except Exception:                   # noqa: BLE001 - the call's own error is the one to raise
+            with self._lock:
+                self.size -= 1
+                empty = not self._all
+            if empty:                       # nobody left to serve the waiting callers
+                self._closed = True
+                self._idle.put(None)
 
     def register(self, name: str, fn, signature: str) -> None:
         """Register a host function in every sandbox of the pool (and the ones it makes later)."""

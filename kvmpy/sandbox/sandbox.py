@@ -55,10 +55,8 @@ class _SerialTail:
 
 def image_path(image) -> str:
     """A path as given, or the path of the bundled guest of that name."""
-    if not isinstance(image, str) or os.path.exists(image):
-        return os.fspath(image)
     try:
-        return str(guests.path(image))
+        return os.fspath(guests.resolve(image))
     except KeyError:
         raise SandboxError(f"{image!r} is neither a file nor a bundled guest") from None
 
@@ -103,6 +101,7 @@ class Sandbox:
             self.register(name, fn, sig)
         self.calls = 0
         self._times: dict | None = None
+        self._owner: int | None = None             # the thread inside call(), if any
         self._lock = threading.Lock()
         self.serial = _SerialTail()
         # the Python run loop: a call makes one or two exits, and the C loop's run starts a
@@ -152,11 +151,13 @@ class Sandbox:
         export = self._export(name)
         vals, blob = abi.encode_args(export.signature, args, self.args_addr, self.args_size, name)
         budget = self.timeout if timeout is None else timeout
+        if self._owner == threading.get_ident():
+            raise SandboxError(f"{name}: a host function called its own sandbox (a call cannot nest)")
         with self._lock:
             m = self.machine
             if m is None:
                 raise SandboxError("the sandbox is closed")
-            self._times = times
+            self._times, self._owner = times, threading.get_ident()
             try:
                 if blob:
                     m.memory.write(self.args_addr, blob)
@@ -165,7 +166,7 @@ class Sandbox:
             except (SandboxProtocolError, GuestMemoryError) as e:
                 raise SandboxProtocolError(f"{name}: {e}") from None
             finally:
-                self.calls += 1
+                self.calls, self._owner = self.calls + 1, None
                 t1 = time.perf_counter_ns()
                 m.reset(times)
                 if times is not None:

@@ -92,6 +92,13 @@ def test_a_host_function_that_raises_aborts_the_call(sb):
     assert sb.call("call_host", "double", 4) == 8
 
 
+def test_a_host_function_cannot_call_its_own_sandbox(sb):
+    sb.register("nested", lambda x: sb.call("add", x, x), "i:i")
+    with pytest.raises(SandboxError, match="called its own sandbox"):
+        sb.call("call_host", "nested", 1)
+    assert sb.call("add", 3, 3) == 6
+
+
 def test_guest_errors(sb):
     with pytest.raises(GuestFunctionError, match="^fail: it went wrong$") as e:
         sb.call("fail", "it went wrong")
