@@ -7,13 +7,20 @@
         sb.call("shout", "hi")                    # "*HI*": the guest called the host
 
 ``Sandbox`` (sandbox.py) owns a machine checkpointed at the guest's ready point; ``abi``
-is the call page's layout and its bounds-checked parsers; ``SandboxPool`` (pool.py)
-keeps warm sandboxes for many threads. The guest side is guests/runtime/sandbox.h.
+is the call page's layout and its bounds-checked parsers (pure: it imports without KVM or
+the compiled extension, so names load on first use); ``SandboxPool`` (pool.py) keeps warm
+sandboxes for many threads. The guest side is guests/runtime/sandbox.h.
 """
-from .abi import (GuestFunctionError, SandboxCrash, SandboxError, SandboxProtocolError, SandboxTimeout,
-                  Signature)
-from .pool import SandboxPool
-from .sandbox import Sandbox
+from importlib import import_module
 
-__all__ = ["Sandbox", "SandboxPool", "SandboxError", "SandboxCrash", "SandboxTimeout", "GuestFunctionError",
-           "SandboxProtocolError", "Signature"]
+_EXPORTS = {"Sandbox": "sandbox", "SandboxPool": "pool", "SandboxError": "abi", "SandboxCrash": "abi",
+            "SandboxTimeout": "abi", "GuestFunctionError": "abi", "SandboxProtocolError": "abi",
+            "Signature": "abi"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'kvmpy.sandbox' has no attribute {name!r}")
