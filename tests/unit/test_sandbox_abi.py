@@ -80,3 +80,25 @@ def test_signature_parser():
     for bad in ("ii", "x:i", "i:ii", "iiiiiiiii:i", ""):
         with pytest.raises(ValueError):
             abi.parse_signature(bad)
+
+
+VALUE = st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=64), st.text(max_size=32))
+
+
+@settings(max_examples=200)
+@given(values=st.lists(VALUE, max_size=abi.MAX_ARGS), base=st.integers(0, 1 << 40), size=st.integers(0, 512))
+def test_arguments_are_placed_inside_the_area(values, base, size):
+    sig = abi.Signature("".join("i" if isinstance(v, int) else "b" if isinstance(v, bytes) else "s"
+                                for v in values), "")
+    try:
+        vals, blob = abi.encode_args(sig, tuple(values), base, size)
+    except ValueError:
+        return
+    assert len(blob) <= size and len(abi.pack_call(3, vals)) == abi.OFFSET["status"] - abi.OFFSET["func"]
+    for v, x in zip(vals, values):
+        if isinstance(x, int):
+            assert v == (abi.INT, x & abi.U64, 0)
+            continue
+        data = x if isinstance(x, bytes) else x.encode()
+        off = v.value - base
+        assert off % 8 == 0 and blob[off:off + v.len] == data and blob[off + v.len] == 0
