@@ -210,3 +210,13 @@ def test_pool_replaces_a_sandbox_after_a_host_failure():
         assert pool.call("add", 2, 2) == 4
         with pytest.raises(ZeroDivisionError):                  # the new sandbox knows boom too
             pool.call("call_host", "boom", 1)
+
+
+def test_the_docs_example_runs(capsys):
+    """docs/sandboxes.md's Python example runs as shown."""
+    import pathlib
+    import re
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "sandboxes.md"
+    code = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)[0]
+    exec(compile(code, str(doc), "exec"), {"__name__": "sandboxes_example"})
+    assert capsys.readouterr().out == "#PF 0x7f0000000000\n"
