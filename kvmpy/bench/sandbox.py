@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
                    help="calls a round from all the threads (default 1000; --quick: 40)")
     p.add_argument("--native", action="store_true",
                    help="run the guest in the C run loop (default: the Python loop, as Sandbox does)")
+    p.add_argument("--irqchip", action="store_true",
+                   help="give the sandboxes the in-kernel irqchip and PIT (default: without, as Sandbox does)")
     p.add_argument("--quick", action="store_true", help="40 calls, 3 creates, one round (a smoke test)")
 
 
@@ -135,7 +137,7 @@ def _concurrently(call, threads: int, total: int) -> float:
 # --- the sandbox -----------------------------------------------------------------------------
 def _sandbox_round(image, args, out: dict) -> None:
     from ..sandbox import Sandbox
-    with Sandbox(image, mem_size=MEM, native=args.native) as sb:
+    with Sandbox(image, mem_size=MEM, native=args.native, irqchip=args.irqchip) as sb:
         sb.call("nop")                               # warm up
         if sb.call("dirty", DIRTY_PAGES) != DIRTY_PAGES:
             raise BenchError(f"{GUEST}: dirty({DIRTY_PAGES}) returned something else")
@@ -150,7 +152,7 @@ def _sandbox_round(image, args, out: dict) -> None:
 
 def _create_call_destroy(image, args) -> None:
     from ..sandbox import Sandbox
-    sb = Sandbox(image, mem_size=MEM, native=args.native)
+    sb = Sandbox(image, mem_size=MEM, native=args.native, irqchip=args.irqchip)
     try:
         sb.call("nop")
     finally:
@@ -159,7 +161,8 @@ def _create_call_destroy(image, args) -> None:
 
 def _pool_round(image, args) -> float:
     from ..sandbox import SandboxPool
-    with SandboxPool(image, size=args.pool_size, mem_size=MEM, native=args.native) as pool:
+    with SandboxPool(image, size=args.pool_size, mem_size=MEM, native=args.native,
+                     irqchip=args.irqchip) as pool:
         pool.call("nop")
         return _concurrently(lambda: pool.call("nop"), args.threads, args.pool_calls)
 
@@ -225,7 +228,8 @@ def _result(args, sbx: dict, ref: dict) -> dict:
               "fork/sandbox create-call-destroy": f["trivial"]["median_us"] / s["create"]["median_us"],
               "sandbox/fork pool calls_per_s": s["pool_calls_per_s"] / f["pool_calls_per_s"]}
     params = {"calls": args.calls, "rounds": args.rounds, "creates": args.creates, "pool_size": args.pool_size,
-              "threads": args.threads, "pool_calls": args.pool_calls, "native": args.native, "quick": args.quick,
+              "threads": args.threads, "pool_calls": args.pool_calls, "native": args.native, "irqchip": args.irqchip,
+              "quick": args.quick,
               "guest": GUEST, "mem": MEM, "cpl": 3, "dirty_pages": DIRTY_PAGES, "target_us_trivial": TARGET_US}
     return {"benchmark": NAME, "host": _common.host_info(), "params": params, "results": results,
             "ratios": {k: round(v, 3) for k, v in ratios.items()}, "sandbox": s, "fork": f}
@@ -235,7 +239,7 @@ def table(result: dict) -> str:
     p, s, f = result["params"], result["sandbox"], result["fork"]
     lines = [f"sandbox calls: {p['guest']} at CPL 3, {p['mem'] >> 20} MiB RAM, {p['rounds']} round(s) of "
              f"{p['calls']} calls; pool of {p['pool_size']} from {p['threads']} threads; "
-             f"{'C' if p['native'] else 'Python'} run loop",
+             f"{'C' if p['native'] else 'Python'} run loop, {'with' if p['irqchip'] else 'no'} irqchip",
              _common.host_line(result["host"])]
     rows = []
     for label, k in (("trivial call", "trivial"), (f"dirty 1 MiB ({p['dirty_pages']} pages)", "dirty"),
