@@ -20,12 +20,13 @@ _EXPORTS = {
     "GuestMemory": "kvm.memory", "MemoryRegion": "kvm.memory",
     "KvmpyError": "errors", "KvmError": "errors", "KvmUnavailable": "errors", "GuestError": "errors",
     "LoaderError": "errors", "GuestMemoryError": "errors", "DeviceError": "errors",
+    "Sandbox": "sandbox.sandbox", "SandboxPool": "sandbox.pool", "SandboxError": "sandbox.abi",
 }
 # Submodules reachable as kvmpy.NAME (``from kvmpy import guests``): the package's folders,
 # and the modules users reach for most, by their short names.
 _SUBMODULES = {
     "devices": "devices", "kvm": "kvm", "loader": "loader", "x86": "x86", "errors": "errors",
-    "vmm": "vmm", "lifecycle": "lifecycle", "debug": "debug", "images": "images",
+    "vmm": "vmm", "lifecycle": "lifecycle", "debug": "debug", "images": "images", "sandbox": "sandbox",
     "abi": "kvm.abi", "exits": "kvm.exits", "memory": "kvm.memory", "machine": "vmm.machine",
     "guests": "images.guests", "linuxkernel": "images.linuxkernel", "initramfs": "images.initramfs",
     "snapshot": "lifecycle.snapshot", "migration": "lifecycle.migration", "control": "lifecycle.control",

@@ -6,6 +6,8 @@ it measures kvmpy against a reference in the same run, prints a table, and with
 [{variant, metric, value, unit}], "ratios": {...}}``. See benchmarks/README.md.
 """
 from . import blk, boot, exits, reset, serial, snapshot
+from . import sandbox
 
 BENCHMARKS = {"exits": exits, "serial": serial, "blk": blk, "boot": boot, "snapshot": snapshot,
               "reset": reset}
+BENCHMARKS["sandbox"] = sandbox

@@ -23,7 +23,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-__all__ = ["Guest", "all", "get", "path", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
+__all__ = ["Guest", "all", "get", "path", "resolve", "names", "GUEST_DIR_ENV", "counter_checksums", "counter_output"]
 
 #: Environment variable naming a directory of built images to use instead
 #: of the package's (e.g. after ``make -C guests O=/tmp/g``).
@@ -347,6 +347,13 @@ _GUESTS: tuple[Guest, ...] = (
           format="elf", mode="long", user=True,
           expect_output=b"fuzz-target: ready\n", expect_status=_status(0x52), expect_rax=0x52,
           demo=False),
+    Guest("sandbox-demo", "sandbox-demo.elf",
+          "the demo of kvmpy.Sandbox (CPL 3): prints 'sandbox-demo: ready', exits 0x52 (the sandbox "
+          "checkpoints there), then each run calls the exported function the call page names and "
+          "exits 0x44 (add, reverse, upper, a host call, a crash, a spin...); docs/sandboxes.md",
+          format="elf", mode="long", user=True,
+          expect_output=b"sandbox-demo: ready\n", expect_status=_status(0x52), expect_rax=0x52,
+          demo=False),
     _real("spin",
           "real mode 'jmp .' forever: for timeout tests",
           demo=False),
@@ -404,6 +411,14 @@ def path(name: str) -> pathlib.Path:
     build the images, when the image was never built.
     """
     return built(get(name).file)
+
+
+def resolve(image) -> "pathlib.Path | os.PathLike":
+    """What a harness or sandbox is given as its image: an existing file (or a path-like) as
+    is, else the bundled guest of that name (:func:`path`); KeyError when it is neither."""
+    if not isinstance(image, str) or os.path.exists(image):
+        return image
+    return path(image)
 
 
 #: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.

@@ -430,3 +430,27 @@ def test_reset_quick_via_cli(tmp_path):
         assert "KVM_SET_XSAVE" in ops and ("KVM_SET_REGS" in ops) == (mode == "ioctls")
     assert b"target median <= 50 us at 16 pages" in r.stderr
     assert json.loads(out.read_text()) == data
+
+
+def test_sandbox_quick_via_cli(tmp_path):
+    """`kvmpy bench sandbox --quick --json`: sandbox and fork latencies (median, p99) for the trivial
+    and the 1 MiB call, create-call-destroy, pool calls per second, the split and the ratios."""
+    out = tmp_path / "sandbox.json"
+    r = run(["-m", "kvmpy", "bench", "sandbox", "--quick", "--calls", "8", "--creates", "2", "--pool-calls", "12",
+             "--json", "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "sandbox", {"sandbox", "fork"},
+                {"fork/sandbox trivial", "fork/sandbox dirty", "fork/sandbox create-call-destroy",
+                 "sandbox/fork pool calls_per_s"})
+    metrics = {(x["variant"], x["metric"]) for x in data["results"]}
+    for variant in ("sandbox", "fork"):
+        assert {(variant, f"{k}_{s}") for k in ("trivial", "dirty") for s in ("median", "p99")} <= metrics
+        assert (variant, "pool_calls_per_s") in metrics
+    assert ("sandbox", "create_median") in metrics
+    s = data["sandbox"]
+    for k in ("trivial", "dirty", "create"):
+        assert s[k]["p99_us"] >= s[k]["median_us"] > 0
+    assert set(s["split_us"]) == {"run", "host", "reset", "pages", "vcpu", "irqchip", "devices", "disks"}
+    assert b"target: trivial call + reset median <= 100 us" in r.stderr
+    assert json.loads(out.read_text()) == data
