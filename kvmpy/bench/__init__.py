@@ -5,7 +5,7 @@ it measures kvmpy against a reference in the same run, prints a table, and with
 ``--json`` prints one JSON object ``{"benchmark", "host", "params", "results":
 [{variant, metric, value, unit}], "ratios": {...}}``. See benchmarks/README.md.
 """
-from . import blk, boot, exits, reset, serial, snapshot
+from . import blk, boot, exits, fuzz, reset, serial, snapshot
 
 BENCHMARKS = {"exits": exits, "serial": serial, "blk": blk, "boot": boot, "snapshot": snapshot,
-              "reset": reset}
+              "reset": reset, "fuzz": fuzz}
