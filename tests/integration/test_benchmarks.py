@@ -449,10 +449,12 @@ def test_fuzz_quick_via_cli(tmp_path):
     p = data["params"]
     assert (p["seconds"], p["cases"], p["quick"], p["guest"]) == (3, 50, True, "fuzz-target")
     assert p["native_cc"] in ("afl-clang-fast", "afl-cc", "afl-gcc-fast", "afl-gcc")
+    if p["native_cc"] != "afl-gcc":                  # afl-gcc has no persistent mode
+        assert "persistent" in data["campaigns"]["native"]["target_mode"]
     for name in ("kvmpy", "native"):
         c = data["campaigns"][name]
         assert c["execs_done"] > 0 and c["corpus_count"] >= 1 and c["queue"] >= 1
-        assert (c["first_crash_s"] is None) == (c["first_crash_signal"] is None)
+        assert (c["first_crash_s"] is None) == (c["first_crash_signal"] is None) == (c["first_crash_execs"] is None)
     split = data["campaigns"]["kvmpy"]["split"]
     assert split["cases"] == 50 and split["case_us"] > 0 and split["reset_us"] > 0
     assert set(split["reset_parts_us"]) == {"pages", "vcpu", "irqchip", "devices", "disks"}
