@@ -102,7 +102,7 @@ def _where(syms: dict, what, size: int | None, role: str) -> tuple[int, int]:
 
 
 class Harness:
-    """A guest ready to run cases; see the module docstring and docs/fuzz.md."""
+    """A guest ready to run cases; see the module docstring and docs/fuzzing.md."""
 
     def __init__(self, image, *, input="fuzz_input", input_size: int | None = None,
                  length="fuzz_input_len", coverage="__fuzz_cov_map", coverage_size: int | None = None,
@@ -121,7 +121,7 @@ class Harness:
                 raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
         self.serial = _Tail()
         # the Python run loop by default: a case makes a few exits, and the C loop's run starts a
-        # serial flusher thread each time, which costs more than it saves here (docs/fuzz.md)
+        # serial flusher thread each time, which costs more than it saves here (docs/fuzzing.md)
         self.machine = Machine(mem_size=mem_size, serial=self.serial, native=native)
         try:
             self._start(path, user, exceptions, ready, ready_timeout)
