@@ -278,11 +278,10 @@ def _fuzz_parser(sub: _Commands) -> None:
     from .fuzzing import REPLAY_EPILOG
     r = actions.add_parser("replay", help="re-run one input from the checkpoint and explain how it ended",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REPLAY_EPILOG,
-                           description="Re-run INPUT (a file afl-fuzz saved, e.g. out/default/crashes/id:000000...) "
-                                       "in the same harness as 'kvmpy fuzz run' (give the same harness options) "
-                                       "and print how it ended: the exception by name, the registers of the code "
-                                       "that faulted, and that code disassembled. Exit status 1 for a crash, 0 "
-                                       "for a case that ended cleanly, 2 for a usage error.")
+                           description="Re-run INPUT (a file afl-fuzz saved, e.g. out/default/crashes/id:000000...)\n"
+                                       "in the same harness as 'kvmpy fuzz run' (give it the same harness options)\n"
+                                       "and print how the case ended: the exception by name, the registers of the\n"
+                                       "code that faulted, and that code disassembled (docs/fuzzing.md).")
     r.add_argument("input_file", metavar="INPUT", help="the input to replay ('-': stdin)")
     _harness_options(r)
     g = r.add_argument_group("looking closer")
@@ -296,7 +295,8 @@ def _fuzz_parser(sub: _Commands) -> None:
     g.add_argument("--gdb", type=gdb_address, default=None, metavar="PATH|tcp:PORT",
                    help="run the case once to learn where it ends, then again from the checkpoint under gdb: "
                         "kvmpy waits for gdb -ex 'target remote PATH' (a 0600 Unix socket; tcp:PORT for "
-                        "127.0.0.1) at most --gdb-wait seconds")
+                        "127.0.0.1) at most --gdb-wait seconds. On kvm_pvm hosts add --ring0: breakpoints "
+                        "and steps do not stop CPL-3 code there")
     g.add_argument("--gdb-wait", type=seconds, default=60.0, metavar="SECONDS",
                    help="how long to wait for gdb to connect (default 60)")
 
@@ -306,17 +306,17 @@ def _harness_options(f) -> None:
     g = f.add_argument_group("the harness (kvmpy.fuzz.Harness; the same for run and replay)")
     g.add_argument("--image", default="fuzz-target", help="the guest: an ELF path or a bundled guest name (default fuzz-target)")
     g.add_argument("--input", default="fuzz_input", help="symbol or address of the input buffer")
-    g.add_argument("--input-size", type=parse_int, help="the buffer's size, when --input is an address")
+    g.add_argument("--input-size", type=parse_int, metavar="BYTES", help="the buffer's size, when --input is an address")
     g.add_argument("--length", default="fuzz_input_len", help="symbol or address of the input's length ('none': no length)")
     g.add_argument("--coverage", default="__fuzz_cov_map", help="symbol or address of the coverage map")
-    g.add_argument("--coverage-size", type=parse_int, help="the map's size, when --coverage is an address")
-    g.add_argument("--ready", type=parse_int, default=0x52, help="the guest's ready exit value (default 0x52)")
-    g.add_argument("--done", type=parse_int, default=0x44, help="the exit value of a case without a crash (default 0x44)")
+    g.add_argument("--coverage-size", type=parse_int, metavar="BYTES", help="the map's size, when --coverage is an address")
+    g.add_argument("--ready", type=parse_int, default=0x52, metavar="VALUE", help="the guest's ready exit value (default 0x52)")
+    g.add_argument("--done", type=parse_int, default=0x44, metavar="VALUE", help="the exit value of a case without a crash (default 0x44)")
     g.add_argument("--report", action="append", default=[], metavar="VALUE=NAME",
                    help="an exit value that is a crash, and its name (repeatable; e.g. 0x43=assert)")
-    g.add_argument("--timeout", type=float, default=1.0,
+    g.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
                    help="one case's budget in seconds (default 1); under afl-fuzz keep it at or above its -t")
-    g.add_argument("--mem", type=parse_int, default=16 << 20, help="guest RAM in bytes (default 16 MiB)")
+    g.add_argument("--mem", type=parse_int, default=16 << 20, metavar="BYTES", help="guest RAM in bytes (default 16 MiB)")
     g.add_argument("--ring0", action="store_true", help="start the guest at CPL 0 (default CPL 3)")
 
 

@@ -33,7 +33,7 @@ def context(harness, outcome):
     try:
         frame = traps.context(outcome.vector, mem.read(regs.rsp, traps.FRAME.size + 8))
         rax = mem.read_u64(traps.SAVED_RAX)
-    except GuestMemoryError:
+    except (GuestMemoryError, ValueError):
         return regs, sregs, "(the exception frame could not be read: the trap stub's registers)"
     regs = replace(regs, rip=frame["rip"], rsp=frame["rsp"], rflags=frame["rflags"], rax=rax)
     sregs = replace(sregs, cs=replace(sregs.cs, selector=frame["cs"] & 0xFFFF, dpl=frame["cs"] & 3),
@@ -80,7 +80,7 @@ def code(harness, outcome, regs, sregs) -> str:
             rip = int(found.rsplit("(at ", 1)[1].rstrip(")"), 16)
     try:
         return inspect.code_at(replace(regs, rip=rip), sregs, mem, CODE_LINES)
-    except ValueError as e:                 # TranslationError: RIP does not map
+    except (ValueError, KvmpyError) as e:   # TranslationError: RIP does not map; not RAM
         return f"(no code at {rip:#x}: {e})"
 
 
