@@ -90,3 +90,13 @@ def test_frame_skips_the_error_code_only_where_the_cpu_pushes_one():
     assert traps.context(14, struct.pack("<Q", 6) + frame) == want           # after the error code
     assert traps.context(6, frame + bytes(8)) == want                        # #UD pushes none
     assert traps.frame(6, stack) == (None, 6)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 31), st.binary(min_size=traps.FRAME.size + 8, max_size=traps.FRAME.size + 8))
+def test_context_reads_any_stack_the_guest_left(vector, stack):
+    """The frame is the guest's (it owns the stack): any 48 bytes give five 64-bit values."""
+    ctx = traps.context(vector, stack)
+    assert set(ctx) == {"rip", "cs", "rflags", "rsp", "ss"} and all(0 <= v < 1 << 64 for v in ctx.values())
+    skip = 8 if vector in traps.WITH_ERROR_CODE else 0
+    assert ctx["rip"] == int.from_bytes(stack[skip:skip + 8], "little")
