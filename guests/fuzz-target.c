@@ -18,16 +18,12 @@
  *   parse(fuzz_input, fuzz_input_len)
  *   out 0xf4, 0x44 ('D')   the case ended without a crash; the host resets
  *
- * The format: "FZ", a version byte (1), then records <type u8><len u8><len bytes>:
- *   'N' note      ignored
- *   'S' sum       payload bytes summed into the result
- *   'A' assert    payload[0] must equal the sum of the others (mod 256), else the
- *                 target reports it:  out 0xf4, 0x43 ('C')  (a sanitizer-style report)
- *   'K' key       payload "kvm!" (compared byte by byte, each a branch) makes a
- *                 write through a wild pointer: a page fault (#PF, vector 14)
- *   'U' undefined len 2, payload 0xff 0xee: ud2 (#UD, vector 6)
- *   'H' hang      payload[0] == 0x77: spins forever (the host's time budget ends it)
- * Anything else stops the parse.
+ * The format and its parser are in fuzz-parser.h (shared with the native build of
+ * `kvmpy bench fuzz`); here the planted bugs do what a guest can:
+ *   'A' assert    a wrong checksum: the report  out 0xf4, 0x43 ('C')  (the shallow bug)
+ *   'K' key       "kvm!": a write through a wild pointer, #PF (vector 14) (the deeper bug)
+ *   'U' undefined ff ee: ud2 (#UD, vector 6)
+ *   'H' hang      0x77: spins forever (the host's time budget ends it)
  *
  * Each case checks that it does not see the previous case's RAM: `canary`, which
  * every case sets, must be zero when a case begins, else exit 0x53 ('S', stale).
@@ -64,68 +60,11 @@ static void report(u8 code)
 	outb(DEBUG_EXIT_PORT, code);
 }
 
-static void check_key(const u8 *p, u64 n)
-{
-	if (n != 4)
-		return;
-	if (p[0] != 'k')
-		return;
-	if (p[1] != 'v')
-		return;
-	if (p[2] != 'm')
-		return;
-	if (p[3] != '!')
-		return;
-	*(volatile u64 *)0x7f0000000000ULL = 0xdead;     /* unmapped: #PF */
-}
-
-static u64 parse(const u8 *in, u64 len)
-{
-	u64 pos = 3, sum = 0;
-
-	if (len < 3 || in[0] != 'F' || in[1] != 'Z' || in[2] != 1)
-		return 0;
-	while (pos + 2 <= len) {
-		u8 type = in[pos], n = in[pos + 1];
-		const u8 *p = in + pos + 2;
-
-		if (pos + 2 + n > len)
-			break;
-		switch (type) {
-		case 'N':
-			break;
-		case 'S':
-			for (u8 i = 0; i < n; i++)
-				sum += p[i];
-			break;
-		case 'A': {
-			u8 s = 0;
-
-			for (u8 i = 1; i < n; i++)
-				s += p[i];
-			if (n == 0 || p[0] != s)
-				report(EXIT_ASSERT);
-			break;
-		}
-		case 'K':
-			check_key(p, n);
-			break;
-		case 'U':
-			if (n == 2 && p[0] == 0xff && p[1] == 0xee)
-				__asm__ volatile("ud2");
-			break;
-		case 'H':
-			if (n >= 1 && p[0] == 0x77)
-				for (;;)
-					__asm__ volatile("pause");
-			break;
-		default:
-			return sum;
-		}
-		pos += 2 + n;
-	}
-	return sum;
-}
+#define FUZZ_REPORT_ASSERT() report(EXIT_ASSERT)     /* a sanitizer-style report: out 0xf4, 0x43 */
+#define FUZZ_WILD_WRITE() (*(volatile u64 *)0x7f0000000000ULL = 0xdead)   /* unmapped: #PF */
+#define FUZZ_UD2() __asm__ volatile("ud2")                 /* #UD, vector 6 */
+#define FUZZ_HANG() for (;;) __asm__ volatile("pause")     /* the host's time budget ends it */
+#include "fuzz-parser.h"
 
 int main(void)
 {
@@ -136,7 +75,7 @@ int main(void)
 			report(EXIT_STALE);
 		canary = 1;
 		u64 len = fuzz_input_len;
-		fuzz_result = parse(fuzz_input, len > FUZZ_INPUT_MAX ? FUZZ_INPUT_MAX : len);
+		fuzz_result = fuzz_parse(fuzz_input, len > FUZZ_INPUT_MAX ? FUZZ_INPUT_MAX : len);
 		report(EXIT_DONE);
 	}
 }

@@ -253,39 +253,71 @@ def _inspect_parser(sub: _Commands) -> None:
 
 def _bench_parser(sub: _Commands) -> None:
     """Listed only: ``main`` hands ``kvmpy bench ...`` to the benchmark before parsing."""
-    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot, reset); 'kvmpy bench NAME --help'",
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot, reset, sandbox, fuzz); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
 
 
 def _fuzz_parser(sub: _Commands) -> None:
-    f = sub.add_parser("fuzz", help="run fuzz cases in a guest (kvmpy.fuzz): 'kvmpy fuzz run', also as afl-fuzz's target",
+    f = sub.add_parser("fuzz", help="run fuzz cases in a guest (kvmpy.fuzz): 'kvmpy fuzz run' (also as afl-fuzz's "
+                                    "target), 'kvmpy fuzz replay' (one crash, explained)",
                        description="kvmpy fuzz run [OPTIONS] [FILE]: run one input (FILE, or stdin) in the harness "
                                    "and print the outcome; started by afl-fuzz "
-                                   "(afl-fuzz -i seeds -o out -- kvmpy fuzz run [OPTIONS] @@), be its fork server "
-                                   "(docs/fuzz.md)")
+                                   "(afl-fuzz -i seeds -o out -- kvmpy fuzz run [OPTIONS] @@), be its fork server. "
+                                   "kvmpy fuzz replay [OPTIONS] INPUT: re-run one input and show the crash: the "
+                                   "exception, the registers, the code (docs/fuzzing.md)")
     if isinstance(f, _Unbuilt):         # another command was given: fuzz is only listed
         return
     actions = f.add_subparsers(dest="action", metavar="ACTION", required=True)
     f = actions.add_parser("run", help="one input, or AFL++'s fork server",
                            description="Run one input (FILE, or stdin) and print the outcome; under afl-fuzz "
-                                       "be its fork server (docs/fuzz.md)")
+                                       "be its fork server (docs/fuzzing.md)")
     f.add_argument("file", nargs="?", help="the input file (afl-fuzz: @@); default stdin")
-    f.add_argument("--image", default="fuzz-target", help="the guest: an ELF path or a bundled guest name (default fuzz-target)")
-    f.add_argument("--input", default="fuzz_input", help="symbol or address of the input buffer")
-    f.add_argument("--input-size", type=lambda v: int(v, 0), help="the buffer's size, when --input is an address")
-    f.add_argument("--length", default="fuzz_input_len", help="symbol or address of the input's length ('none': no length)")
-    f.add_argument("--coverage", default="__fuzz_cov_map", help="symbol or address of the coverage map")
-    f.add_argument("--coverage-size", type=lambda v: int(v, 0), help="the map's size, when --coverage is an address")
-    f.add_argument("--ready", type=lambda v: int(v, 0), default=0x52, help="the guest's ready exit value (default 0x52)")
-    f.add_argument("--done", type=lambda v: int(v, 0), default=0x44, help="the exit value of a case without a crash (default 0x44)")
-    f.add_argument("--report", action="append", default=[], metavar="VALUE=NAME",
+    _harness_options(f)
+    from .fuzzing import REPLAY_EPILOG
+    r = actions.add_parser("replay", help="re-run one input from the checkpoint and explain how it ended",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REPLAY_EPILOG,
+                           description="Re-run INPUT (a file afl-fuzz saved, e.g. out/default/crashes/id:000000...)\n"
+                                       "in the same harness as 'kvmpy fuzz run' (give it the same harness options)\n"
+                                       "and print how the case ended: the exception by name, the registers of the\n"
+                                       "code that faulted, and that code disassembled (docs/fuzzing.md).")
+    r.add_argument("input_file", metavar="INPUT", help="the input to replay ('-': stdin)")
+    _harness_options(r)
+    g = r.add_argument_group("looking closer")
+    g.add_argument("--trace", choices=("exits", "steps"), default=None,
+                   help="print the case's VM exits (exits) or every instruction it runs with the registers "
+                        "each changed (steps: one exit per instruction) on stderr")
+    g.add_argument("--trace-json", metavar="FILE", default=None, help="write the trace as JSON lines to FILE")
+    g.add_argument("--inspect", action="store_true",
+                   help="also print the full vCPU report of the code the case ended in: mode, segments, GDT, IDT, "
+                        "page walks of RIP and RSP, the stack")
+    g.add_argument("--gdb", type=gdb_address, default=None, metavar="PATH|tcp:PORT",
+                   help="run the case once to learn where it ends, then again from the checkpoint under gdb: "
+                        "kvmpy waits for gdb -ex 'target remote PATH' (a 0600 Unix socket; tcp:PORT for "
+                        "127.0.0.1) at most --gdb-wait seconds. On kvm_pvm hosts add --ring0: breakpoints "
+                        "and steps do not stop CPL-3 code there")
+    g.add_argument("--gdb-wait", type=seconds, default=60.0, metavar="SECONDS",
+                   help="how long to wait for gdb to connect (default 60)")
+
+
+def _harness_options(f) -> None:
+    """The harness a case runs in (kvmpy.fuzz.Harness's arguments): fuzz run and fuzz replay."""
+    g = f.add_argument_group("the harness (kvmpy.fuzz.Harness; the same for run and replay)")
+    g.add_argument("--image", default="fuzz-target", help="the guest: an ELF path or a bundled guest name (default fuzz-target)")
+    g.add_argument("--input", default="fuzz_input", help="symbol or address of the input buffer")
+    g.add_argument("--input-size", type=parse_int, metavar="BYTES", help="the buffer's size, when --input is an address")
+    g.add_argument("--length", default="fuzz_input_len", help="symbol or address of the input's length ('none': no length)")
+    g.add_argument("--coverage", default="__fuzz_cov_map", help="symbol or address of the coverage map")
+    g.add_argument("--coverage-size", type=parse_int, metavar="BYTES", help="the map's size, when --coverage is an address")
+    g.add_argument("--ready", type=parse_int, default=0x52, metavar="VALUE", help="the guest's ready exit value (default 0x52)")
+    g.add_argument("--done", type=parse_int, default=0x44, metavar="VALUE", help="the exit value of a case without a crash (default 0x44)")
+    g.add_argument("--report", action="append", default=[], metavar="VALUE=NAME",
                    help="an exit value that is a crash, and its name (repeatable; e.g. 0x43=assert)")
-    f.add_argument("--timeout", type=float, default=1.0,
+    g.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
                    help="one case's budget in seconds (default 1); under afl-fuzz keep it at or above its -t")
-    f.add_argument("--mem", type=lambda v: int(v, 0), default=16 << 20, help="guest RAM in bytes (default 16 MiB)")
-    f.add_argument("--ring0", action="store_true", help="start the guest at CPL 0 (default CPL 3)")
+    g.add_argument("--mem", type=parse_int, default=16 << 20, metavar="BYTES", help="guest RAM in bytes (default 16 MiB)")
+    g.add_argument("--ring0", action="store_true", help="start the guest at CPL 0 (default CPL 3)")
 
 
 # --- the options of run and demo, by argument group ---------------------------------

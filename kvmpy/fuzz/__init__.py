@@ -1,4 +1,4 @@
-"""kvmpy.fuzz: run fuzz cases in a guest, one Python call each (docs/fuzz.md).
+"""kvmpy.fuzz: run fuzz cases in a guest, one Python call each (docs/fuzzing.md).
 
     from kvmpy.fuzz import Harness
     with Harness("fuzz-target") as h:

@@ -1,4 +1,4 @@
-"""AFL++'s fork-server protocol, spoken by a kvmpy harness (``kvmpy fuzz run``, docs/fuzz.md).
+"""AFL++'s fork-server protocol, spoken by a kvmpy harness (``kvmpy fuzz run``, docs/fuzzing.md).
 
 afl-fuzz starts its target with a control pipe on fd 198 (afl-fuzz -> target) and a
 status pipe on fd 199 (target -> afl-fuzz), and the coverage map in a SysV shared-memory

@@ -102,14 +102,14 @@ def _where(syms: dict, what, size: int | None, role: str) -> tuple[int, int]:
 
 
 class Harness:
-    """A guest ready to run cases; see the module docstring and docs/fuzz.md."""
+    """A guest ready to run cases; see the module docstring and docs/fuzzing.md."""
 
     def __init__(self, image, *, input="fuzz_input", input_size: int | None = None,
                  length="fuzz_input_len", coverage="__fuzz_cov_map", coverage_size: int | None = None,
                  ready: int = 0x52, done: int = 0x44, reports: dict[int, str] | None = None,
                  timeout: float = 1.0, mem_size: int = 16 << 20, user: bool = True,
                  exceptions: bool = True, ready_timeout: float = 10.0, native: bool = False):
-        path = _image_path(image)
+        path = self.image_path = _image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
         self.input, self.input_size = _where(syms, input, input_size, "input")
@@ -121,7 +121,7 @@ class Harness:
                 raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
         self.serial = _Tail()
         # the Python run loop by default: a case makes a few exits, and the C loop's run starts a
-        # serial flusher thread each time, which costs more than it saves here (docs/fuzz.md)
+        # serial flusher thread each time, which costs more than it saves here (docs/fuzzing.md)
         self.machine = Machine(mem_size=mem_size, serial=self.serial, native=native)
         try:
             self._start(path, user, exceptions, ready, ready_timeout)
@@ -166,6 +166,30 @@ class Harness:
             m.reset()
             self.cases += 1
         return Outcome(coverage=cov, time=t, **outcome)
+
+    def replay(self, data: bytes, drive=None) -> Outcome:
+        """One case like ``run()``, but the machine is left where the case ended, for a look at
+        its registers and memory (``kvmpy fuzz replay``); call ``reset()`` before the next case.
+        ``drive(machine) -> RunResult`` runs the case instead of ``machine.run(timeout=...)``
+        (a traced run, a gdb session)."""
+        if len(data) > self.input_size:
+            raise ValueError(f"input of {len(data)} bytes does not fit the guest's {self.input_size}-byte buffer")
+        m = self.machine
+        t0 = time.perf_counter()
+        m.memory.write(self.input, bytes(data))
+        if self.length is not None:
+            m.memory.write(self.length, struct.pack("<Q", len(data)))
+        try:
+            outcome = self._outcome(drive(m) if drive else m.run(timeout=self.timeout))
+        except GuestError as e:
+            outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None, "stop": "guest-error"}
+        cov = m.memory.read(self.coverage, self.coverage_size)
+        return Outcome(coverage=cov, time=time.perf_counter() - t0, **outcome)
+
+    def reset(self, times: dict | None = None) -> None:
+        """Back to the checkpoint after ``replay()`` (``times``: Machine.reset's split)."""
+        self.machine.reset(times)
+        self.cases += 1
 
     def _outcome(self, r) -> dict:
         if r.reason == "timeout":

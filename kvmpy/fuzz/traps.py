@@ -5,12 +5,17 @@ KVM_EXIT_SHUTDOWN does not say which exception began it. A harness wants the nam
 ("#PF at 0x10050c"), so before the guest's ready point it installs a 64-bit IDT (SDM
 vol. 3, 6.14.1: 16-byte interrupt gates) whose gate v points at a stub in ring 0:
 
-    mov $v, %al ; out %al, $0xf4 ; jmp .        (b0 v  e6 f4  eb fe, padded to 8 bytes)
+    mov $v, %al ; out %al, $0xf4 ; jmp .
 
 The ``out`` to isa-debug-exit stops the run with RIP just after it, inside the stub
 page: RIP says which vector it was, unlike the exit status, which a guest could also
 write. The CPU has pushed the exception frame on the TSS's RSP0 stack (the guest runs
 at CPL 3): the error code (for the vectors that have one), RIP, CS, RFLAGS, RSP, SS.
+The other registers are the faulting code's, except RAX, which the stub needs for its
+``out``: it first stores RAX at ``SAVED_RAX`` (``movabs %rax, SAVED_RAX``, 10 bytes), so
+``kvmpy fuzz replay`` shows the faulting context whole. A stub is 16 bytes:
+
+    movabs %rax, SAVED_RAX ; mov $v, %al ; out %al, $0xf4 ; jmp .
 
 The IDT and stubs live at ``layout.FUZZ_TRAPS``, a page the boot tables leave free.
 A guest at CPL 3 can write them (its identity map is user-accessible): a guest that
@@ -26,10 +31,12 @@ from ..x86 import layout
 VECTORS = 32
 GATE = struct.Struct("<HHBBHII")          # offset 15:0, selector, IST, type/attr, 31:16, 63:32, 0
 GATE_INTERRUPT_DPL0 = 0x8E               # present, DPL 0, 64-bit interrupt gate
-STUB_SIZE = 8
+STUB_SIZE = 16
 IDT_BASE = layout.FUZZ_TRAPS
 STUBS = layout.FUZZ_TRAPS + VECTORS * GATE.size
-OUT_END = 4                              # RIP after the stub's out: stub + 4
+SAVED_RAX = STUBS + VECTORS * STUB_SIZE  # where a stub stores the faulting code's RAX (8 bytes)
+OUT_END = 14                             # RIP after the stub's out: stub + 14
+FRAME = struct.Struct("<QQQQQ")          # what the CPU pushed after any error code: RIP CS RFLAGS RSP SS
 
 #: the SDM's mnemonics (vol. 3, table 6-1)
 NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
@@ -38,7 +45,7 @@ NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7
 WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
 PF = 14
 
-assert STUBS + VECTORS * STUB_SIZE <= layout.FUZZ_TRAPS + layout.FUZZ_TRAPS_SIZE
+assert SAVED_RAX + 8 <= layout.FUZZ_TRAPS + layout.FUZZ_TRAPS_SIZE
 
 
 def name(vector: int) -> str:
@@ -51,8 +58,8 @@ def tables(port: int = layout.DEBUG_EXIT_PORT) -> tuple[int, bytes, int]:
     for v in range(VECTORS):
         at = STUBS + v * STUB_SIZE
         idt += GATE.pack(at & 0xFFFF, layout.SEL_CODE64, 0, GATE_INTERRUPT_DPL0, (at >> 16) & 0xFFFF, at >> 32, 0)
-        stubs += bytes([0xB0, v, 0xE6, port, 0xEB, 0xFE, 0x90, 0x90])
-    return IDT_BASE, bytes(idt + stubs), len(idt) - 1
+        stubs += b"\x48\xA3" + struct.pack("<Q", SAVED_RAX) + bytes([0xB0, v, 0xE6, port, 0xEB, 0xFE])
+    return IDT_BASE, bytes(idt + stubs + bytes(8)), len(idt) - 1
 
 
 def vector_at(rip: int) -> int | None:
@@ -67,3 +74,10 @@ def frame(vector: int, stack: bytes) -> tuple[int | None, int]:
     """(error code or None, faulting RIP) from the 16 bytes at the handler's RSP."""
     first, second = struct.unpack_from("<QQ", stack)
     return (first, second) if vector in WITH_ERROR_CODE else (None, first)
+
+
+def context(vector: int, stack: bytes) -> dict:
+    """The interrupted code's rip, cs, rflags, rsp and ss from the ``FRAME.size + 8`` bytes
+    at the handler's RSP (the error code first, for the vectors that have one)."""
+    skip = 8 if vector in WITH_ERROR_CODE else 0
+    return dict(zip(("rip", "cs", "rflags", "rsp", "ss"), FRAME.unpack_from(stack, skip)))

@@ -343,7 +343,7 @@ _GUESTS: tuple[Guest, ...] = (
     Guest("fuzz-target", "fuzz-target.elf",
           "a parser for kvmpy.fuzz (CPL 3, edge coverage from -fsanitize-coverage=trace-pc): prints "
           "'fuzz-target: ready', exits 0x52 (the harness checkpoints there), then each run parses "
-          "fuzz_input and exits 0x44, or crashes on a planted bug; docs/fuzz.md",
+          "fuzz_input and exits 0x44, or crashes on a planted bug; docs/fuzzing.md",
           format="elf", mode="long", user=True,
           expect_output=b"fuzz-target: ready\n", expect_status=_status(0x52), expect_rax=0x52,
           demo=False),

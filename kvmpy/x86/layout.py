@@ -25,8 +25,8 @@ TSS_IOMAP_OFFSET = 0x68    # the I/O permission bitmap follows the 104-byte TSS 
 # not survive into user mode, but the bitmap is honoured everywhere.
 BOOT_TSS_SIZE = TSS_IOMAP_OFFSET + 8192 + 1
 RING0_STACK_TOP = 0x7000   # RSP0 in the TSS; 0x6000-0x6FFF is reserved for it
-FUZZ_TRAPS = 0x5000        # kvmpy.fuzz: an IDT of 32 gates (512 bytes), then one 8-byte stub per
-FUZZ_TRAPS_SIZE = 0x300    # vector that reports it (fuzz/traps.py); free page between the TSS and stack
+FUZZ_TRAPS = 0x5000        # kvmpy.fuzz: an IDT of 32 gates (512 bytes), one 16-byte stub per vector
+FUZZ_TRAPS_SIZE = 0x408    # that reports it, the saved RAX (fuzz/traps.py); free page between the TSS and stack
 PML4 = 0x9000              # 4-level paging: PML4 -> PDPT -> PD with 2 MiB pages
 PDPT = 0xA000
 PD_BASE = 0x10000          # one page directory (1 GiB of 2 MiB pages) per GiB mapped

@@ -1,4 +1,4 @@
-"""``kvmpy fuzz run`` (docs/fuzz.md, "AFL++"): one input on its own, and AFL++'s fork-server
+"""``kvmpy fuzz run`` (docs/fuzzing.md, "AFL++"): one input on its own, and AFL++'s fork-server
 protocol, spoken to a fake afl-fuzz here (pipes on fds 198/199, a SysV shm segment) and,
 when afl-fuzz is installed, to the real one for a short campaign.
 """
@@ -23,6 +23,7 @@ BENIGN = b"FZ\x01S\x02ab"
 PAGE_FAULT = b"FZ\x01K\x04kvm!"
 UD = b"FZ\x01U\x02\xff\xee"
 ASSERT = b"FZ\x01A\x03\x05\x02\x02"      # 5 != 2 + 2
+GOOD_CHECKSUM = b"FZ\x01A\x03\x04\x02\x02"  # 4 == 2 + 2: no crash, one byte away from one
 SPIN = b"FZ\x01H\x01\x77"
 MAP = 1 << 16
 ARGS = ["fuzz", "run", "--report", "0x43=assert"]
@@ -204,10 +205,16 @@ def test_test_cases_in_shared_memory(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("afl-fuzz") is None, reason="afl-fuzz is not installed (apt-get install afl++)")
-def test_a_short_afl_fuzz_campaign(tmp_path):
+def test_a_short_afl_fuzz_campaign_finds_the_shallow_bug(tmp_path):
+    """A 10-second campaign (the README's recipe) finds the 'A'-checksum report: a crash in
+    out/default/crashes, SIGABRT (sig:06). The second seed helps without holding the bug: an
+    'A' record whose checksum is right, so one changed payload byte is the bug."""
     seeds, out = tmp_path / "seeds", tmp_path / "out"
     seeds.mkdir()
     (seeds / "benign").write_bytes(BENIGN)
+    (seeds / "checksum").write_bytes(GOOD_CHECKSUM)
+    r = kvmpy(*ARGS, str(seeds / "checksum"))
+    assert r.returncode == 0 and r.stdout.startswith(b"ok: exit 0x44"), r      # the seed is no crash
     target = tmp_path / "kvmpy"
     target.write_text(f"#!/bin/sh\nexec {sys.executable} -m kvmpy \"$@\"\n")
     target.chmod(0o755)
@@ -220,4 +227,6 @@ def test_a_short_afl_fuzz_campaign(tmp_path):
     stats = {k.strip(): v.strip() for k, v in stats.items()}
     assert r.returncode == 0, r.stdout[-2000:]
     assert int(stats["execs_done"]) > 100
-    assert int(stats["corpus_count"]) > 1            # our coverage told it something
+    assert int(stats["corpus_count"]) > 2            # our coverage told it something
+    crashes = [p.name for p in (out / "default" / "crashes").glob("id:*")]
+    assert any(",sig:06," in name for name in crashes), (crashes, stats)     # the report, as SIGABRT

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import pathlib
 import subprocess
 import sys
@@ -454,3 +455,31 @@ def test_sandbox_quick_via_cli(tmp_path):
     assert set(s["split_us"]) == {"run", "host", "reset", "pages", "vcpu", "irqchip", "devices", "disks"}
     assert b"target: trivial call + reset median <= 100 us" in r.stderr
     assert json.loads(out.read_text()) == data
+
+
+@pytest.mark.skipif(shutil.which("afl-fuzz") is None, reason="afl-fuzz is not installed (apt-get install afl++)")
+def test_fuzz_quick_via_cli(tmp_path):
+    """`kvmpy bench fuzz --quick --json`: two short AFL++ campaigns (kvmpy, native) with their
+    execs per second and the ratio, the compiler that built the native target, kvmpy's time
+    split; a first crash where one was found (never a speed)."""
+    out = tmp_path / "fuzz.json"
+    r = run(["-m", "kvmpy", "bench", "fuzz", "--quick", "--seconds", "3", "--cases", "50", "--json",
+             "--out", str(out)], cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    check_shape(data, "fuzz", {"kvmpy", "native"}, {"kvmpy/native execs_per_sec", "native/kvmpy execs_per_sec"})
+    metrics = {(x["variant"], x["metric"]) for x in data["results"]}
+    assert {("kvmpy", "execs_per_sec"), ("native", "execs_per_sec"), ("kvmpy", "per_case")} <= metrics
+    p = data["params"]
+    assert (p["seconds"], p["cases"], p["quick"], p["guest"]) == (3, 50, True, "fuzz-target")
+    assert p["native_cc"] in ("afl-clang-fast", "afl-cc", "afl-gcc-fast", "afl-gcc")
+    if p["native_cc"] != "afl-gcc":                  # afl-gcc has no persistent mode
+        assert "persistent" in data["campaigns"]["native"]["target_mode"]
+    for name in ("kvmpy", "native"):
+        c = data["campaigns"][name]
+        assert c["execs_done"] > 0 and c["corpus_count"] >= 1 and c["queue"] >= 1
+        assert (c["first_crash_s"] is None) == (c["first_crash_signal"] is None) == (c["first_crash_execs"] is None)
+    split = data["campaigns"]["kvmpy"]["split"]
+    assert split["cases"] == 50 and split["case_us"] > 0 and split["reset_us"] > 0
+    assert set(split["reset_parts_us"]) == {"pages", "vcpu", "irqchip", "devices", "disks"}
+    assert b"kvmpy/native" in r.stderr and json.loads(out.read_text()) == data

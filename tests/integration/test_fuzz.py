@@ -1,4 +1,4 @@
-"""kvmpy.fuzz (docs/fuzz.md): a case in, an Outcome out, the guest back at its checkpoint.
+"""kvmpy.fuzz (docs/fuzzing.md): a case in, an Outcome out, the guest back at its checkpoint.
 
 The fuzz-target guest (guests/fuzz-target.c, CPL 3) parses "FZ\\x01" + records and counts
 its edges (gcc -fsanitize-coverage=trace-pc) into __fuzz_cov_map; its planted bugs: a 'K'

@@ -74,7 +74,9 @@ def test_every_gate_points_at_its_stub_and_the_stub_reports_its_vector():
         stub = lo | mid << 16 | hi << 32
         assert (sel, ist, attr) == (traps.layout.SEL_CODE64, 0, 0x8E)
         code = blob[stub - base:stub - base + traps.STUB_SIZE]
-        assert code[:4] == bytes([0xB0, v, 0xE6, 0xF4])              # mov $v, %al; out %al, $0xf4
+        assert code[:2] == b"\x48\xA3"                                # movabs %rax, SAVED_RAX
+        assert struct.unpack_from("<Q", code, 2)[0] == traps.SAVED_RAX
+        assert code[10:14] == bytes([0xB0, v, 0xE6, 0xF4])           # mov $v, %al; out %al, $0xf4
         assert traps.vector_at(stub + traps.OUT_END) == v
         assert traps.vector_at(stub) is None
     assert traps.vector_at(0x100000) is None and traps.name(14) == "#PF" and traps.name(9) == "vector 9"
@@ -83,4 +85,18 @@ def test_every_gate_points_at_its_stub_and_the_stub_reports_its_vector():
 def test_frame_skips_the_error_code_only_where_the_cpu_pushes_one():
     stack = struct.pack("<QQ", 6, 0x1234)
     assert traps.frame(14, stack) == (6, 0x1234)
+    frame = struct.pack("<5Q", 0x401000, 0x2B, 0x202, 0x7FF000, 0x23)
+    want = {"rip": 0x401000, "cs": 0x2B, "rflags": 0x202, "rsp": 0x7FF000, "ss": 0x23}
+    assert traps.context(14, struct.pack("<Q", 6) + frame) == want           # after the error code
+    assert traps.context(6, frame + bytes(8)) == want                        # #UD pushes none
     assert traps.frame(6, stack) == (None, 6)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 31), st.binary(min_size=traps.FRAME.size + 8, max_size=traps.FRAME.size + 8))
+def test_context_reads_any_stack_the_guest_left(vector, stack):
+    """The frame is the guest's (it owns the stack): any 48 bytes give five 64-bit values."""
+    ctx = traps.context(vector, stack)
+    assert set(ctx) == {"rip", "cs", "rflags", "rsp", "ss"} and all(0 <= v < 1 << 64 for v in ctx.values())
+    skip = 8 if vector in traps.WITH_ERROR_CODE else 0
+    assert ctx["rip"] == int.from_bytes(stack[skip:skip + 8], "little")
