@@ -1,5 +1,8 @@
 """Shared test configuration.
 
+kvmpy's pytest plugin (kvmpy.testing) is active: loaded through its entry point where kvmpy
+is installed, by ``pytest_plugins`` below where the checkout runs uninstalled.
+
 Integration tests need a usable /dev/kvm and the compiled extension. Without them
 they are skipped, except when KVMPY_REQUIRE_KVM=1 (as in CI), where a missing KVM
 is a failure: CI must never pass by skipping everything.
@@ -12,10 +15,22 @@ how many examples each test ran.
 import os
 import shutil
 import subprocess
+from importlib.metadata import entry_points
 
 import pytest
 
 REQUIRE_KVM = os.environ.get("KVMPY_REQUIRE_KVM") == "1"
+PLUGIN = "kvmpy.testing.plugin"
+
+
+def plugin_installed() -> bool:
+    """Does pytest load kvmpy's plugin by itself (kvmpy installed with its pytest11 entry point)?"""
+    return any(ep.value == PLUGIN for ep in entry_points(group="pytest11"))
+
+
+# kvmpy's plugin (docs/pytest.md) for the suite's own machine fixtures: installed, pytest loads it
+# through the entry point; run from a checkout without installing, this conftest loads it.
+pytest_plugins = [] if plugin_installed() else [PLUGIN]
 
 
 def kvm_problem() -> str | None:

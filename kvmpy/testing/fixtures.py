@@ -253,7 +253,7 @@ def machine_fixture(image=None, *, ready=None, mem_size: int = 16 << 20, disks=(
                        {"mem_size": mem_size, **machine_options}, tuple(disks), timeout)
 
     def kvmpy_machine(request):
-        require_kvm()
+        require_kvm()                  # the plugin's pytest_fixture_setup has checked already
         pool = request.getfixturevalue(f"kvmpy_pool_{scope}")
         overrides = getattr(request, "param", None) or {}
         key = (spec, getattr(request, "param_index", 0))
@@ -261,5 +261,6 @@ def machine_fixture(image=None, *, ready=None, mem_size: int = 16 << 20, disks=(
         request.node.stash.setdefault(LENT, []).append((request.fixturename, rig))
         return m
 
+    kvmpy_machine.kvmpy_machine = True        # for the plugin's pytest_fixture_setup
     kvmpy_machine.__doc__ = f"A kvmpy Machine ({image or 'no image'}) booted once per {scope}, reset in place per test."
     return pytest.fixture(params=params, ids=ids, name=name)(kvmpy_machine)

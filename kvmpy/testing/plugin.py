@@ -30,6 +30,13 @@ def pytest_runtest_setup(item):
         require_kvm()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A machine fixture skips (or fails) its test before booting where KVM is not usable."""
+    if getattr(fixturedef.func, "kvmpy_machine", False):
+        require_kvm()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
