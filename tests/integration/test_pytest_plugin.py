@@ -5,10 +5,14 @@ its first test dirties RAM (guest and host writes), registers, COM1 (output and 
 RTC's CMOS and a disk sector; the next test finds every one of them as the checkpoint had
 them. A failing test's report carries the guest's serial output and a register report.
 """
+import json
 import os
+import subprocess
 import sys
 
 import pytest
+
+from . import lab
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pluginrun  # noqa: E402
@@ -118,3 +122,16 @@ def test_count():
     assert len({{id(m) for m in built}}) == {4 if scope == "module" else 2}, built
 ''')
     pluginrun.run(pytester, monkeypatch).assert_outcomes(passed=13)
+
+
+def test_the_benchmark_runs(tmp_path):
+    """benchmarks/pytest_plugin.py (docs/pytest.md's figures) at a tiny size: its JSON's shape."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "pytest_plugin.py")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, script, "--tests", "2", "--out", str(out)], capture_output=True, text=True,
+                       env=lab.CHILD_ENV, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    for order in ("grouped", "interleaved"):
+        assert len(res[order]["samples_ms"]["plugin"]) == len(res[order]["samples_ms"]["fresh"]) == 2
+        assert res[order]["ratio_plugin_over_fresh"] > 0
