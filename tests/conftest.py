@@ -12,6 +12,7 @@ every hypothesis test by N, including tests that set their own with ``@settings`
 (which a settings profile cannot override). ``--hypothesis-show-statistics`` reports
 how many examples each test ran.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,9 +29,18 @@ def plugin_installed() -> bool:
     return any(ep.value == PLUGIN for ep in entry_points(group="pytest11"))
 
 
+def plugin_here() -> bool:
+    """Is there a kvmpy with the plugin to load (not an older kvmpy, as where a test copies this
+    conftest into a project of its own)?"""
+    try:
+        return importlib.util.find_spec(PLUGIN) is not None
+    except ImportError:
+        return False
+
+
 # kvmpy's plugin (docs/pytest.md) for the suite's own machine fixtures: installed, pytest loads it
 # through the entry point; run from a checkout without installing, this conftest loads it.
-pytest_plugins = [] if plugin_installed() else [PLUGIN]
+pytest_plugins = [PLUGIN] if not plugin_installed() and plugin_here() else []
 
 
 def kvm_problem() -> str | None:
