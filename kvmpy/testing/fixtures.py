@@ -74,6 +74,7 @@ class MachineSpec:
 
     def reach_ready(self, m) -> None:
         """Run the guest to where tests start (nothing to run without an image and ``ready``)."""
+        __tracebackhide__ = True
         if callable(self.ready):
             self.ready(m)
             return
@@ -90,6 +91,7 @@ class MachineSpec:
 
 def boot(spec: MachineSpec, options: dict, tmpdir):
     """A Machine built from ``spec`` and ``options``, at its ready point, checkpointed."""
+    __tracebackhide__ = True
     from .. import Machine
     m = Machine(kvm=device(), disks=spec.disk_paths(tmpdir), **options)
     try:
@@ -119,6 +121,7 @@ class Rig:
     notes: list = field(default_factory=list)
 
     def boot(self) -> None:
+        __tracebackhide__ = True
         t0 = time.perf_counter()
         self.machine = boot(self.spec, self.options, self.tmpdir)
         self.boot_s, self.boots = time.perf_counter() - t0, self.boots + 1
@@ -126,6 +129,7 @@ class Rig:
 
     def lend(self, nodeid: str):
         """The machine at its checkpoint, for the test ``nodeid``."""
+        __tracebackhide__ = True
         if self.machine is None:
             self.boot()
         elif self.lent_to is not None:
@@ -213,6 +217,7 @@ class Pool:
         self.failed: dict = {}
 
     def lend(self, key, spec: MachineSpec, options: dict, nodeid: str):
+        __tracebackhide__ = True
         if key in self.failed:
             raise BootError(f"the machine did not boot for an earlier test: {self.failed[key]}")
         rig = self.rigs.get(key)
@@ -253,6 +258,7 @@ def machine_fixture(image=None, *, ready=None, mem_size: int = 16 << 20, disks=(
                        {"mem_size": mem_size, **machine_options}, tuple(disks), timeout)
 
     def kvmpy_machine(request):
+        __tracebackhide__ = True       # a failing boot shows its error, not these frames
         require_kvm()                  # the plugin's pytest_fixture_setup has checked already
         pool = request.getfixturevalue(f"kvmpy_pool_{scope}")
         overrides = getattr(request, "param", None) or {}

@@ -3,7 +3,8 @@
 A made-up project's conftest defines ``vm = machine_fixture("reset-case", ready=0x52, ...)``;
 its first test dirties RAM (guest and host writes), registers, COM1 (output and input), the
 RTC's CMOS and a disk sector; the next test finds every one of them as the checkpoint had
-them. A failing test's report carries the guest's serial output and a register report.
+them. A failing test's report carries the guest's serial output and a register report; a guest
+that never gets ready fails its first test with its output, and the next at once.
 """
 import json
 import os
@@ -27,6 +28,7 @@ from kvmpy.testing import machine_fixture
 
 MAILBOX = 0x300000
 vm = machine_fixture("reset-case", ready=0x52, mem_size=16 << 20, disks=[256 << 10])
+wrong = machine_fixture("reset-case", ready=0x99, mem_size=16 << 20)      # its first exit is 0x52
 
 
 def observe(m):
@@ -78,6 +80,12 @@ def test_d_after_a_failure_and_a_closed_machine(vm):
 
 def test_e_gets_a_machine_booted_anew(vm, seen):
     assert observe(vm)["ram"] == seen["start"]["ram"]
+
+def test_f_never_ready(wrong):
+    pass
+
+def test_g_never_ready_again(wrong):
+    pass
 '''
 
 
@@ -85,7 +93,7 @@ def test_each_test_gets_the_checkpoint_and_a_failure_reports_serial_and_register
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_isolation=TESTS)
     result = pluginrun.run(pytester, monkeypatch, "-v")
-    result.assert_outcomes(passed=4, failed=1)
+    result.assert_outcomes(passed=4, failed=1, errors=2)
     result.stdout.fnmatch_lines([
         "*test_a_dirties_everything PASSED*", "*test_b_finds_the_checkpoint PASSED*",
         "*test_c_fails_on_purpose FAILED*", "*test_e_gets_a_machine_booted_anew PASSED*"])
@@ -94,6 +102,10 @@ def test_each_test_gets_the_checkpoint_and_a_failure_reports_serial_and_register
         "machine 'vm': booted in * ms (1x), lent to 3 test(s), reset in place before each",
         "=== vCPU 0 ===", "*long mode (64-bit), CPL 3*", "*rax=0000000000000044*", "== code at 0x*"])
     assert result.stdout.str().count("- kvmpy serial: vm -") == 1      # the passing tests have none
+    result.stdout.fnmatch_lines([          # a guest that never gets ready: its end and output, then at once
+        "*BootError: the guest did not reach its ready point: its run ended with exit status 0xa5, "
+        "expected exit status 0x133 (value 0x99); serial output:", "*reset-case: ready",
+        "*BootError: the machine did not boot for an earlier test: BootError: the guest did not reach*"])
 
 
 @pytest.mark.parametrize("scope", ["module", "session"])
