@@ -1,5 +1,8 @@
 """Shared test configuration.
 
+kvmpy's pytest plugin (kvmpy.testing) is active: loaded through its entry point where kvmpy
+is installed, by ``pytest_plugins`` below where the checkout runs uninstalled.
+
 Integration tests need a usable /dev/kvm and the compiled extension. Without them
 they are skipped, except when KVMPY_REQUIRE_KVM=1 (as in CI), where a missing KVM
 is a failure: CI must never pass by skipping everything.
@@ -9,13 +12,35 @@ every hypothesis test by N, including tests that set their own with ``@settings`
 (which a settings profile cannot override). ``--hypothesis-show-statistics`` reports
 how many examples each test ran.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
+from importlib.metadata import entry_points
 
 import pytest
 
 REQUIRE_KVM = os.environ.get("KVMPY_REQUIRE_KVM") == "1"
+PLUGIN = "kvmpy.testing.plugin"
+
+
+def plugin_installed() -> bool:
+    """Does pytest load kvmpy's plugin by itself (kvmpy installed with its pytest11 entry point)?"""
+    return any(ep.value == PLUGIN for ep in entry_points(group="pytest11"))
+
+
+def plugin_here() -> bool:
+    """Is there a kvmpy with the plugin to load (not an older kvmpy, as where a test copies this
+    conftest into a project of its own)?"""
+    try:
+        return importlib.util.find_spec(PLUGIN) is not None
+    except ImportError:
+        return False
+
+
+# kvmpy's plugin (docs/pytest.md) for the suite's own machine fixtures: installed, pytest loads it
+# through the entry point; run from a checkout without installing, this conftest loads it.
+pytest_plugins = [PLUGIN] if not plugin_installed() and plugin_here() else []
 
 
 def kvm_problem() -> str | None:

@@ -69,19 +69,17 @@ def test_unclaimed_port_reads_all_ones_and_writes_are_counted():
     assert m.stats.unclaimed_writes == 1
 
 
-def test_i8042_reset_ends_the_run_as_reset():
-    """Writing 0xFE to port 0x64 ends the run with reason 'reset'."""
-    with kvmpy.Machine(mem_size=1 << 20) as m:
-        real(m, "b0 fe e6 64 eb fe")    # mov al,0xfe; out 0x64,al; jmp $
-        result = m.run(timeout=10)
-    assert result.reason == "reset"
+def test_i8042_reset_ends_the_run_as_reset(small_machine):
+    """Writing 0xFE to port 0x64 ends the run with reason 'reset' (conftest's small_machine:
+    1 MiB, each loop, reset in place per test)."""
+    real(small_machine, "b0 fe e6 64 eb fe")    # mov al,0xfe; out 0x64,al; jmp $
+    assert small_machine.run(timeout=10).reason == "reset"
 
 
-def test_debug_exit_status_follows_qemu():
+def test_debug_exit_status_follows_qemu(small_machine):
     """A write of v to port 0xf4 ends the run with status (v << 1) | 1."""
-    with kvmpy.Machine(mem_size=1 << 20) as m:
-        real(m, "b0 07 e6 f4 eb fe")
-        assert m.run(timeout=10).status == 15
+    real(small_machine, "b0 07 e6 f4 eb fe")
+    assert small_machine.run(timeout=10).status == 15
 
 
 def test_request_stop_from_another_thread():

@@ -13,7 +13,6 @@ from kvmpy.cli import EXIT_RESET
 from .lab import rewrite_manifest
 from . import lab
 
-NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 # in al,0x92; or al,1; out 0x92,al; jmp $  (the usual fast reset: keep A20, set bit 0)
 FAST_RESET = bytes.fromhex("e492 0c01 e692 ebfe")
 # mov dx,0xcf9; mov al,2; out dx,al; mov al,6; out dx,al; jmp $  (Linux's reboot=pci)
@@ -23,22 +22,20 @@ CF9_RESET = bytes.fromhex("baf90c b002 ee b006 ee ebfe")
 READ_BACK = bytes.fromhex("baf90c b00a ee ec 88c3 e492 88c7 baf80c 66ed e6f4")
 
 
-def run_raw(code: bytes, native: bool, timeout: float = 10):
-    with kvmpy.Machine(mem_size=1 << 20, native=native) as m:
-        m.load(code, format="raw", mode="real")
-        return m.run(timeout=timeout)
+def run_raw(m, code: bytes, timeout: float = 10):
+    """Run real-mode ``code`` on ``small_machine`` (conftest.py: 1 MiB, each loop, reset per test)."""
+    m.load(code, format="raw", mode="real")
+    return m.run(timeout=timeout)
 
 
-@NATIVE
 @pytest.mark.parametrize("code", [FAST_RESET, CF9_RESET], ids=["port92", "cf9"])
-def test_a_reset_through_the_port_ends_the_run_as_reset(kvm_required, native, code):
-    result = run_raw(code, native)
+def test_a_reset_through_the_port_ends_the_run_as_reset(kvm_required, small_machine, code):
+    result = run_raw(small_machine, code)
     assert result.reason == "reset"
 
 
-@NATIVE
-def test_latched_bits_read_back_and_cf8_dword_is_unclaimed(kvm_required, native):
-    result = run_raw(READ_BACK, native)
+def test_latched_bits_read_back_and_cf8_dword_is_unclaimed(kvm_required, small_machine):
+    result = run_raw(small_machine, READ_BACK)
     assert result.reason == "exit"
     assert result.regs.rbx & 0xFFFF == 0x02_0A         # bh: 0x92 = A20 on; bl: 0xcf9 = SYS_RST|FULL_RST
     assert result.regs.rax & 0xFFFF_FFFF == 0xFFFF_FFFF  # in eax,0xcf8: no PCI, floats high

@@ -18,7 +18,7 @@ The floors, bottom first, as the imports show them:
                                            with fuzz.traps (above fuzz: it imports that piece)
   L3 bench      bench/                     drives Machine, migration and the images, and is run
                                            by the CLI: the top of L3, under the front end
-  L4            cli, __main__
+  L4            cli, __main__, testing/        the command line; the pytest plugin and its fixtures
   exempt        kvmpy/__init__.py, the lazy facade; ``from kvmpy import Machine`` counts
                 as an import of kvmpy.vmm.machine (its _EXPORTS/_SUBMODULES tables are read)
 
@@ -53,7 +53,7 @@ LAYOUT = Layout(
         ("L3 fuzz", {"kvmpy.fuzz"}),
         ("L3 sandbox", {"kvmpy.sandbox"}),
         ("L3 bench", {"kvmpy.bench"}),
-        ("L4", {"kvmpy.cli", "kvmpy.__main__"}),
+        ("L4", {"kvmpy.cli", "kvmpy.__main__", "kvmpy.testing"}),
     ],
     sideways={
         "kvmpy.loader": {"kvmpy.x86"},         # loaders place images with x86.layout and write boot params
