@@ -16,9 +16,10 @@ class Stats:
     one vCPU ``kvm_ns + vmm_ns`` is about the wall time of the runs and never more;
     with N vCPUs at most N times that. Time between runs and time parked by
     ``pause()`` is nobody's and is not counted. ``guest_ns`` is the part of kvm_ns the kernel accounted
-    as guest time (``guest_time`` in /proc/<pid>/task/<tid>/stat, clock-tick resolution);
-    it stays 0 on hosts whose KVM does not account guest time (kvm_pvm), and then the
-    guest/kernel split is unknown.
+    as guest time (``guest_time`` in /proc/<pid>/task/<tid>/stat, clock-tick resolution,
+    read at the end of a run of a tick or more: a shorter run's share counts at its
+    thread's next such run, vcpu_loop.GuestClock); it stays 0 on hosts whose KVM does not
+    account guest time (kvm_pvm), and then the guest/kernel split is unknown.
     """
 
     exits: Counter = field(default_factory=Counter)
