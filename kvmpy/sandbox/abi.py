@@ -68,6 +68,9 @@ class SandboxCrash(SandboxError):
         super().__init__(message)
         self.kind, self.vector, self.rip, self.address = kind, vector, rip, address
 
+    def __reduce__(self):           # pickled whole (Ray sends it from the actor that owns the sandbox)
+        return type(self), (str(self), self.kind, self.vector, self.rip, self.address)
+
 
 class SandboxTimeout(SandboxError):
     """A call used up its time budget (host calls included). The sandbox stays usable."""
@@ -79,6 +82,9 @@ class GuestFunctionError(SandboxError):
     def __init__(self, function: str, message: str):
         super().__init__(f"{function}: {message}")
         self.function, self.message = function, message
+
+    def __reduce__(self):
+        return type(self), (self.function, self.message)
 
 
 class Signature(NamedTuple):

@@ -102,3 +102,15 @@ def test_arguments_are_placed_inside_the_area(values, base, size):
         data = x if isinstance(x, bytes) else x.encode()
         off = v.value - base
         assert off % 8 == 0 and blob[off:off + v.len] == data and blob[off + v.len] == 0
+
+
+def test_sandbox_errors_survive_pickling():
+    """A RaySandboxPool's actor sends the call's exception back pickled: every field comes back."""
+    import pickle
+    from kvmpy.sandbox.abi import GuestFunctionError, SandboxCrash, SandboxTimeout
+    crash = pickle.loads(pickle.dumps(SandboxCrash("crash: the guest crashed: #PF", "#PF", 14, 0x1000, 0xdead)))
+    assert (type(crash), str(crash), crash.kind, crash.vector, crash.rip, crash.address) == \
+        (SandboxCrash, "crash: the guest crashed: #PF", "#PF", 14, 0x1000, 0xdead)
+    err = pickle.loads(pickle.dumps(GuestFunctionError("fail", "on purpose")))
+    assert (type(err), str(err), err.function, err.message) == (GuestFunctionError, "fail: on purpose", "fail", "on purpose")
+    assert str(pickle.loads(pickle.dumps(SandboxTimeout("add: 1 s")))) == "add: 1 s"
