@@ -106,8 +106,8 @@ class Sandbox:
         self._owner: int | None = None             # the thread inside call(), if any
         self._lock = threading.Lock()
         self.serial = _SerialTail()
-        # the Python run loop: a call makes one or two exits, and the C loop's run starts a
-        # serial flusher thread each time (kvmpy.fuzz.harness makes the same choice)
+        # the Python run loop: a call makes one or two exits, where C saves nothing
+        # (kvmpy.fuzz.harness makes the same choice)
         # no in-kernel PIC/IOAPIC/LAPIC/PIT by default: a sandbox guest takes no interrupts, and
         # without them a reset has one vCPU ioctl (the LAPIC) and the irqchip's state fewer to
         # put back (~20 us of ~110 on kvm_pvm: docs/sandboxes.md)
