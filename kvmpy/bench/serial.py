@@ -9,7 +9,7 @@ virtualisation an exit from CPL 3 costs about three times one from CPL 0.
 
   native   Machine(native=True): the C loop serves every THR write in the C
            16550, which batches the bytes; Python writes them out when its
-           buffer fills and from a flusher thread every 20 ms.
+           buffer fills and from the machine's watchdog thread every 20 ms.
   python   Machine(native=False): every byte is an exit dispatched in Python and
            a Serial16550 register write, which calls output.write(1 byte).
 

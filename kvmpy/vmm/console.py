@@ -13,8 +13,8 @@ stop and no pause asked for), so a slow reader loses nothing. A stream that stop
 bytes (a pipe nobody reads) stalls only the writer thread and the guest; once a stop or a
 pause is asked for, output that does not fit is dropped and counted in ``dropped``. The C
 UART collects output in its own buffer; ``drain()`` moves what fits into the queue
-(called by the vCPU loop when that buffer is nearly full, and every 20 ms by the run's
-flusher, which never waits). The Python UART writes into ``write()``.
+(called by the vCPU loop when that buffer is nearly full, and every 20 ms by the machine's
+watchdog thread, which never waits). The Python UART writes into ``write()``.
 
 ``bps`` limits the bytes per second the writer hands the stream (a token bucket,
 devices/ratelimit.py, holding one second's worth): the writer waits for tokens and the
