@@ -20,7 +20,6 @@ The guest is hostile: its exit values, its stack and its writes are only read, b
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from ..errors import GuestError, GuestMemoryError, KvmpyError
 from ..images import guests
 from ..loader.elfsym import symbols
+from ..vmm.console import TailSink
 from ..vmm.machine import Machine
 from . import traps
 
@@ -65,26 +65,10 @@ class Outcome:
         return len(self.coverage) - self.coverage.count(0)
 
 
-class _Tail:
-    """A serial sink keeping the last TAIL bytes."""
-
-    def __init__(self):
-        self.data = b""
-
-    def write(self, data: bytes) -> int:
-        self.data = (self.data + bytes(data))[-TAIL:]
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def _image_path(image):
     """A path as given, or the path of the bundled guest of that name."""
-    if not isinstance(image, str) or os.path.exists(image):
-        return image
     try:
-        return guests.path(image)
+        return guests.resolve(image)
     except KeyError:
         raise HarnessError(f"{image!r} is neither a file nor a bundled guest") from None
 
@@ -119,7 +103,7 @@ class Harness:
         for addr, size, role in ((self.input, self.input_size, "input"), (self.coverage, self.coverage_size, "map")):
             if size <= 0 or addr + size > mem_size:
                 raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
-        self.serial = _Tail()
+        self.serial = TailSink(TAIL)
         # the Python run loop by default: a case makes one or two exits, where C saves nothing
         # (measured: the same speed or slower; docs/fuzzing.md)
         self.machine = Machine(mem_size=mem_size, serial=self.serial, native=native)
@@ -148,32 +132,22 @@ class Harness:
 
     def run(self, data: bytes) -> Outcome:
         """One case from the checkpoint; the machine is reset before this returns."""
-        if len(data) > self.input_size:
-            raise ValueError(f"input of {len(data)} bytes does not fit the guest's {self.input_size}-byte buffer")
-        m = self.machine
-        t0 = time.perf_counter()
-        m.memory.write(self.input, bytes(data))
-        if self.length is not None:
-            m.memory.write(self.length, struct.pack("<Q", len(data)))
+        self._check(data)
         try:
-            try:
-                outcome = self._outcome(m.run(timeout=self.timeout))
-            except GuestError as e:     # a triple fault (no IDT, or a broken one), a failed entry
-                outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None, "stop": "guest-error"}
-            cov = m.memory.read(self.coverage, self.coverage_size)
-            t = time.perf_counter() - t0
+            return self._case(data, None)
         finally:
-            m.reset()
-            self.cases += 1
-        return Outcome(coverage=cov, time=t, **outcome)
+            self.reset()
 
     def replay(self, data: bytes, drive=None) -> Outcome:
         """One case like ``run()``, but the machine is left where the case ended, for a look at
         its registers and memory (``kvmpy fuzz replay``); call ``reset()`` before the next case.
         ``drive(machine) -> RunResult`` runs the case instead of ``machine.run(timeout=...)``
         (a traced run, a gdb session)."""
-        if len(data) > self.input_size:
-            raise ValueError(f"input of {len(data)} bytes does not fit the guest's {self.input_size}-byte buffer")
+        return self._case(data, drive)
+
+    def _case(self, data: bytes, drive) -> Outcome:
+        """The input in, the case run (by ``drive``, or to its end or the time budget), the map read."""
+        self._check(data)
         m = self.machine
         t0 = time.perf_counter()
         m.memory.write(self.input, bytes(data))
@@ -181,10 +155,14 @@ class Harness:
             m.memory.write(self.length, struct.pack("<Q", len(data)))
         try:
             outcome = self._outcome(drive(m) if drive else m.run(timeout=self.timeout))
-        except GuestError as e:
+        except GuestError as e:     # a triple fault (no IDT, or a broken one), a failed entry
             outcome = {"crashed": True, "kind": e.reason or "guest-error", "exit": None, "stop": "guest-error"}
         cov = m.memory.read(self.coverage, self.coverage_size)
         return Outcome(coverage=cov, time=time.perf_counter() - t0, **outcome)
+
+    def _check(self, data: bytes) -> None:
+        if len(data) > self.input_size:
+            raise ValueError(f"input of {len(data)} bytes does not fit the guest's {self.input_size}-byte buffer")
 
     def reset(self, times: dict | None = None) -> None:
         """Back to the checkpoint after ``replay()`` (``times``: Machine.reset's split)."""

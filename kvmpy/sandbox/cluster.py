@@ -28,6 +28,7 @@ import sys
 import threading
 
 from .abi import SandboxError
+from .pool import take_idle
 
 RESOURCE = "kvm"                    # the custom resource a node with usable /dev/kvm advertises
 
@@ -117,7 +118,7 @@ class RaySandboxPool:
 
     def call(self, name: str, *args, timeout: float | None = None, wait: float | None = None):
         """``Sandbox.call`` on an idle actor's sandbox; ``wait`` bounds the wait for one (seconds)."""
-        actor = self._take(wait)
+        actor = take_idle(self._idle, wait, self.size, self._closed)
         ray = _ray()
         try:
             return ray.get(actor.call.remote(name, args, timeout))
@@ -149,18 +150,6 @@ class RaySandboxPool:
     def where(self) -> list[dict]:
         """Each actor's node id, host name, process id and calls served."""
         return _ray().get([a.where.remote() for a in list(self.actors)])
-
-    def _take(self, wait: float | None):
-        if self._closed:
-            raise SandboxError("the pool is closed")
-        try:
-            actor = self._idle.get(timeout=wait)
-        except queue.Empty:
-            raise SandboxError(f"no sandbox became idle within {wait:g} s ({self.size} in the pool)") from None
-        if actor is None:                   # close() woke us
-            self._idle.put(None)
-            raise SandboxError("the pool is closed")
-        return actor
 
     def _give_back(self, actor) -> None:
         if not self._closed:

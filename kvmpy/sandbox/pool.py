@@ -21,6 +21,21 @@ _SANDBOX_FINE = (GuestFunctionError, SandboxCrash, SandboxProtocolError, Sandbox
                  ValueError, OverflowError)
 
 
+def take_idle(idle: queue.Queue, wait: float | None, size: int, closed: bool):
+    """The next idle member of a pool's queue, waiting up to ``wait`` seconds (None: for ever);
+    SandboxError when none comes or the pool is closed (``close()`` puts None in the queue)."""
+    if closed:
+        raise SandboxError("the pool is closed")
+    try:
+        member = idle.get(timeout=wait)
+    except queue.Empty:
+        raise SandboxError(f"no sandbox became idle within {wait:g} s ({size} in the pool)") from None
+    if member is None:                      # close() woke us: wake the next waiter too
+        idle.put(None)
+        raise SandboxError("the pool is closed")
+    return member
+
+
 class SandboxPool:
     """``size`` warm ``Sandbox(image, **options)``; safe to call from any number of threads."""
 
@@ -47,15 +62,7 @@ class SandboxPool:
 
     def call(self, name: str, *args, timeout: float | None = None, wait: float | None = None):
         """``Sandbox.call`` on an idle sandbox; ``wait`` bounds the wait for one (seconds)."""
-        if self._closed:
-            raise SandboxError("the pool is closed")
-        try:
-            sb = self._idle.get(timeout=wait)
-        except queue.Empty:
-            raise SandboxError(f"no sandbox became idle within {wait:g} s ({self.size} in the pool)") from None
-        if sb is None:                      # close() woke us
-            self._idle.put(None)
-            raise SandboxError("the pool is closed")
+        sb = take_idle(self._idle, wait, self.size, self._closed)
         keep = True
         try:
             return sb.call(name, *args, timeout=timeout)

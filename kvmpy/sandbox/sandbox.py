@@ -30,6 +30,7 @@ from ..errors import GuestError, GuestMemoryError
 from ..fuzz import traps
 from ..images import guests
 from ..loader.elfsym import symbols
+from ..vmm.console import TailSink
 from ..vmm.machine import Machine
 from . import abi
 from .abi import (GuestFunctionError, SandboxCrash, SandboxError, SandboxProtocolError, SandboxTimeout,
@@ -37,20 +38,6 @@ from .abi import (GuestFunctionError, SandboxCrash, SandboxError, SandboxProtoco
 
 TAIL = 4096                     # bytes of the guest's serial output kept (for errors)
 DEFAULT_MAX_RESULT = 1 << 20
-
-
-class _SerialTail:
-    """A serial sink keeping the last TAIL bytes: a guest printing in every call costs no memory."""
-
-    def __init__(self):
-        self.data = b""
-
-    def write(self, data: bytes) -> int:
-        self.data = (self.data + bytes(data))[-TAIL:]
-        return len(data)
-
-    def flush(self) -> None:
-        pass
 
 
 def image_path(image) -> str:
@@ -105,7 +92,7 @@ class Sandbox:
         self._times: dict | None = None
         self._owner: int | None = None             # the thread inside call(), if any
         self._lock = threading.Lock()
-        self.serial = _SerialTail()
+        self.serial = TailSink(TAIL)
         # the Python run loop: a call makes one or two exits, where C saves nothing
         # (kvmpy.fuzz.harness makes the same choice)
         # no in-kernel PIC/IOAPIC/LAPIC/PIT by default: a sandbox guest takes no interrupts, and

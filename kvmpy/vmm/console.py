@@ -37,6 +37,22 @@ WAIT_SLICE = 0.05            # a throttled vCPU looks at stop and pause requests
 SETTLE_S = 0.5               # at the end of a run, how long to wait for the stream to take the queue
 
 
+class TailSink:
+    """A serial stream that keeps only the last ``limit`` bytes: a guest that prints in every
+    fuzz case or sandbox call costs no memory, and an error can still quote its last words."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self.data = b""
+
+    def write(self, data: bytes) -> int:
+        self.data = (self.data + bytes(data))[-self.limit:]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class Console:
     """The host end of the guest's console UART.
 
