@@ -117,11 +117,7 @@ class Harness:
         m = self.machine
         m.load(path, user=user)
         if exceptions:
-            base, blob, limit = traps.tables()
-            m.memory.write(base, blob)
-            s = m.vcpus[0].get_sregs()
-            s.idt = type(s.idt)(base=base, limit=limit)
-            m.vcpus[0].set_sregs(s)
+            traps.install(m)
         r = m.run(timeout=ready_timeout)
         if r.reason != "exit" or r.status >> 1 != ready:
             raise HarnessError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready "

@@ -62,6 +62,15 @@ def tables(port: int = layout.DEBUG_EXIT_PORT) -> tuple[int, bytes, int]:
     return IDT_BASE, bytes(idt + stubs + bytes(8)), len(idt) - 1
 
 
+def install(machine, port: int = layout.DEBUG_EXIT_PORT) -> None:
+    """Write the IDT and its stubs into ``machine``'s RAM and point vCPU 0's IDTR at them."""
+    base, blob, limit = tables(port)
+    machine.memory.write(base, blob)
+    s = machine.vcpus[0].get_sregs()
+    s.idt = type(s.idt)(base=base, limit=limit)
+    machine.vcpus[0].set_sregs(s)
+
+
 def vector_at(rip: int) -> int | None:
     """The vector whose stub stops at ``rip``, or None when ``rip`` is no stub's."""
     off = rip - STUBS - OUT_END

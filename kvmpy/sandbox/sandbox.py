@@ -108,11 +108,7 @@ class Sandbox:
     def _start(self, path: str, ready_timeout: float) -> dict:
         m = self.machine
         m.load(path, user=True)
-        base, blob, limit = traps.tables()
-        m.memory.write(base, blob)
-        s = m.vcpus[0].get_sregs()
-        s.idt = type(s.idt)(base=base, limit=limit)
-        m.vcpus[0].set_sregs(s)
+        traps.install(m)
         r = m.run(timeout=ready_timeout)
         if r.reason != "exit" or r.status >> 1 != abi.EXIT_READY:
             raise SandboxError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready point; "
