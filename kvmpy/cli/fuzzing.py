@@ -59,7 +59,7 @@ def _harness(args):
     return Harness(args.image, input=_where(args.input), input_size=args.input_size, length=length,
                    coverage=_where(args.coverage), coverage_size=args.coverage_size, ready=args.ready,
                    done=args.done, reports=reports, timeout=args.timeout, mem_size=args.mem,
-                   user=not args.ring0)
+                   user=not args.ring0, end_at=[_where(e) for e in args.end_at])
 
 
 def cmd_fuzz(args) -> int:
@@ -108,6 +108,8 @@ def _run(args, h) -> int:
         where = "".join(f" {k}={v:#x}" for k, v in (("rip", o.fault_rip), ("address", o.fault_address),
                                                     ("error_code", o.error_code)) if v is not None)
         print(f"crash: {o.kind}{where}")
+    elif o.reached is not None:
+        print(f"ok: reached {o.reached:#x}")
     else:
         print(f"ok: exit {o.exit:#x}" if o.exit is not None else f"ok: {o.stop}")
     print(f"edges: {o.edges}  time: {o.time * 1e3:.2f} ms  stop: {o.stop}")

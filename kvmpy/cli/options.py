@@ -318,6 +318,8 @@ def _harness_options(f) -> None:
                    help="one case's budget in seconds (default 1); under afl-fuzz keep it at or above its -t")
     g.add_argument("--mem", type=parse_int, default=16 << 20, metavar="BYTES", help="guest RAM in bytes (default 16 MiB)")
     g.add_argument("--ring0", action="store_true", help="start the guest at CPL 0 (default CPL 3)")
+    g.add_argument("--end-at", action="append", default=[], metavar="SYMBOL|ADDRESS",
+                   help="end a case (not a crash) when the guest reaches this code address; repeatable")
 
 
 # --- the options of run and demo, by argument group ---------------------------------

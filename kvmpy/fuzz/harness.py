@@ -10,7 +10,9 @@ image, installs the exception IDT (:mod:`.traps`) and runs the guest until it wr
 2. runs the guest until it stops: ``done`` written to isa-debug-exit (no crash), an
    exception (an IDT stub's report: crash, named), a triple fault (crash), a report
    code of ``reports`` (crash, named by the harness's caller), the time budget (crash
-   "timeout"), or another exit (no crash; ``Outcome.exit`` says which);
+   "timeout"), an address of ``end_at`` reached (no crash: an ``int3`` written there at
+   the checkpoint leads to the #BP stub), or another exit (no crash; ``Outcome.exit``
+   says which);
 3. reads the coverage map straight from guest RAM (the guest counted its edges there:
    no exit per edge);
 4. resets in place, so the next case starts from the checkpoint and sees nothing of
@@ -52,12 +54,13 @@ class Outcome:
     coverage: bytes
     time: float
     stop: str = "exit"                      # how the run ended: "done", "exit" (another value),
-                                            # "exception", "timeout", "guest-error", or
-                                            # Machine.run's "halt", "reset"...
+                                            # "exception", "timeout", "guest-error", "address"
+                                            # (end_at), or Machine.run's "halt", "reset"...
     vector: int | None = None
     error_code: int | None = None
     fault_rip: int | None = None
     fault_address: int | None = None        # CR2, for a #PF
+    reached: int | None = None              # the end_at address the case reached (stop "address")
 
     @property
     def edges(self) -> int:
@@ -71,6 +74,19 @@ def _image_path(image):
         return guests.resolve(image)
     except KeyError:
         raise HarnessError(f"{image!r} is neither a file nor a bundled guest") from None
+
+
+def _ends(syms: dict, end_at, mem_size: int, exceptions: bool) -> frozenset:
+    """The guest addresses (symbols or numbers) where a case ends, checked to be in RAM."""
+    if isinstance(end_at, (str, int)):
+        end_at = (end_at,)
+    ends = frozenset(_where(syms, e, 1, "end address")[0] for e in end_at)
+    if ends and not exceptions:
+        raise HarnessError("end_at needs exceptions=True: the case ends in the #BP stub of its IDT")
+    for addr in ends:
+        if not 0 <= addr < mem_size:
+            raise HarnessError(f"the end address {addr:#x} is not inside {mem_size:#x} bytes of RAM")
+    return ends
 
 
 def _where(syms: dict, what, size: int | None, role: str) -> tuple[int, int]:
@@ -92,7 +108,7 @@ class Harness:
                  length="fuzz_input_len", coverage="__fuzz_cov_map", coverage_size: int | None = None,
                  ready: int = 0x52, done: int = 0x44, reports: dict[int, str] | None = None,
                  timeout: float = 1.0, mem_size: int = 16 << 20, user: bool = True,
-                 exceptions: bool = True, ready_timeout: float = 10.0, native: bool = False):
+                 exceptions: bool = True, ready_timeout: float = 10.0, native: bool = False, end_at=()):
         path = self.image_path = _image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
@@ -100,6 +116,7 @@ class Harness:
         self.length = None if length is None else _where(syms, length, 8, "input length")[0]
         self.coverage, self.coverage_size = _where(syms, coverage, coverage_size, "coverage map")
         self.done, self.reports, self.timeout = done, dict(reports or {}), timeout
+        self.end_at = _ends(syms, end_at, mem_size, exceptions)
         for addr, size, role in ((self.input, self.input_size, "input"), (self.coverage, self.coverage_size, "map")):
             if size <= 0 or addr + size > mem_size:
                 raise HarnessError(f"the {role} ({addr:#x}, {size:#x} bytes) is not inside {mem_size:#x} bytes of RAM")
@@ -123,6 +140,8 @@ class Harness:
             raise HarnessError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready "
                                f"exit {ready:#x}; its output ended: {self.serial.data[-200:]!r}")
         m.memory.write(self.coverage, bytes(self.coverage_size))
+        for addr in self.end_at:            # an int3 at each: the #BP stub ends the case there
+            m.memory.write(addr, traps.INT3)
         m.checkpoint()
         self.cases = 0
 
@@ -172,6 +191,11 @@ class Harness:
             return {"crashed": False, "kind": None, "exit": None, "stop": r.reason}
         value = r.status >> 1             # isa-debug-exit: (v << 1) | 1
         vector = traps.vector_at(r.regs.rip)
+        if vector == traps.BP and self.end_at:
+            fault = self._fault(vector, r.regs.rsp)
+            if fault.get("fault_rip", 0) - 1 in self.end_at:
+                return {"crashed": False, "kind": None, "exit": value, "stop": "address",
+                        "reached": fault["fault_rip"] - 1}
         if vector is not None:
             return {"crashed": True, "kind": traps.name(vector), "exit": value, "stop": "exception",
                     **self._fault(vector, r.regs.rsp)}

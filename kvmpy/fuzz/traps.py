@@ -17,6 +17,10 @@ The other registers are the faulting code's, except RAX, which the stub needs fo
 
     movabs %rax, SAVED_RAX ; mov $v, %al ; out %al, $0xf4 ; jmp .
 
+Gate 3 (#BP) alone has DPL 3, so an ``int3`` at CPL 3 reaches its stub instead of raising #GP:
+a harness ends a case where the guest reaches an address by writing an ``int3`` there
+(``Harness(end_at=...)``); the stub's frame then holds that address plus one.
+
 The IDT and stubs live at ``layout.FUZZ_TRAPS``, a page the boot tables leave free.
 A guest at CPL 3 can write them (its identity map is user-accessible): a guest that
 does only confuses its own harness, and the reset puts them back for the next case.
@@ -31,6 +35,8 @@ from ..x86 import layout
 VECTORS = 32
 GATE = struct.Struct("<HHBBHII")          # offset 15:0, selector, IST, type/attr, 31:16, 63:32, 0
 GATE_INTERRUPT_DPL0 = 0x8E               # present, DPL 0, 64-bit interrupt gate
+GATE_INTERRUPT_DPL3 = 0xEE               # the same, reachable by int3 from CPL 3
+INT3 = b"\xCC"
 STUB_SIZE = 16
 IDT_BASE = layout.FUZZ_TRAPS
 STUBS = layout.FUZZ_TRAPS + VECTORS * GATE.size
@@ -44,6 +50,7 @@ NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7
          19: "#XM", 20: "#VE", 21: "#CP", 28: "#HV", 29: "#VC", 30: "#SX"}
 WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
 PF = 14
+BP = 3
 
 assert SAVED_RAX + 8 <= layout.FUZZ_TRAPS + layout.FUZZ_TRAPS_SIZE
 
@@ -57,7 +64,8 @@ def tables(port: int = layout.DEBUG_EXIT_PORT) -> tuple[int, bytes, int]:
     idt, stubs = bytearray(), bytearray()
     for v in range(VECTORS):
         at = STUBS + v * STUB_SIZE
-        idt += GATE.pack(at & 0xFFFF, layout.SEL_CODE64, 0, GATE_INTERRUPT_DPL0, (at >> 16) & 0xFFFF, at >> 32, 0)
+        kind = GATE_INTERRUPT_DPL3 if v == BP else GATE_INTERRUPT_DPL0
+        idt += GATE.pack(at & 0xFFFF, layout.SEL_CODE64, 0, kind, (at >> 16) & 0xFFFF, at >> 32, 0)
         stubs += b"\x48\xA3" + struct.pack("<Q", SAVED_RAX) + bytes([0xB0, v, 0xE6, port, 0xEB, 0xFE])
     return IDT_BASE, bytes(idt + stubs + bytes(8)), len(idt) - 1
 

@@ -49,6 +49,8 @@ def test_one_input_from_a_file_and_from_stdin(tmp_path):
     assert r.returncode == 1 and b"crash: #PF" in r.stdout and b"address=0x7f0000000000" in r.stdout, r
     r = kvmpy(*ARGS, input=bytes(1 << 16))
     assert r.returncode == 2 and b"longer than" in r.stderr, r
+    r = kvmpy(*ARGS, "--end-at", "fuzz_check_key", input=PAGE_FAULT)    # ends before the bug
+    assert r.returncode == 0 and r.stdout.startswith(b"ok: reached 0x") and b"stop: address" in r.stdout, r
 
 
 def _open(fd: int) -> bool:

@@ -176,3 +176,23 @@ def test_the_c_run_loop_gives_the_same_outcomes(harness):
     key = lambda o: (o.crashed, o.kind, o.exit, o.stop, o.vector, o.error_code, o.fault_rip, o.coverage)
     with Harness("fuzz-target", reports=REPORTS, timeout=0.5, native=True) as c:
         assert [key(c.run(d)) for d in inputs] == [key(harness.run(d)) for d in inputs]
+
+
+def test_a_case_can_end_where_the_guest_reaches_an_address():
+    """end_at: an int3 at fuzz_check_key (the 'K' record's check) ends the case there, not a crash;
+    cases that never get there end as before, and an int3 the guest runs itself is still a crash."""
+    key = SYMS["fuzz_check_key"].value
+    with Harness("fuzz-target", reports=REPORTS, timeout=0.5, end_at="fuzz_check_key") as h:
+        o = h.run(b"FZ\x01" + record(b"K", b"kvm!"))            # would be the #PF without end_at
+        assert (o.crashed, o.kind, o.stop, o.reached) == (False, None, "address", key)
+        assert o.edges > 0
+        assert h.run(BENIGN).stop == "done"
+        assert h.run(b"FZ\x01" + record(b"U", b"\xff\xee")).kind == "#UD"
+        assert h.run(b"FZ\x01" + record(b"K", b"xyz")).reached == key      # any 'K' record gets there
+        assert h.machine.memory.read(key, 1) == b"\xcc"                      # the int3 stays put after resets
+    with pytest.raises(HarnessError, match="needs exceptions=True"):
+        Harness("fuzz-target", exceptions=False, end_at=key)
+    with pytest.raises(HarnessError, match="not inside"):
+        Harness("fuzz-target", end_at=64 << 20)
+    with pytest.raises(HarnessError, match="no symbol 'nowhere'"):
+        Harness("fuzz-target", end_at=["nowhere"])
