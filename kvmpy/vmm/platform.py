@@ -10,24 +10,23 @@ devices: C returns their accesses to Python.
 
 Adding a device: write its model in ``kvmpy/devices/`` (and, if it has one, its C twin
 behind the same read/write/save_state/load_state interface), then one ``add_*`` call
-in ``Machine.__init__`` (or a new small builder here if it needs wiring).
+in ``Machine.__init__`` (or a new small builder here if it needs wiring; the virtio
+devices' builders are in virtio_slots.py, the slot types and device specs in slots.py).
 """
 from __future__ import annotations
 
-import os
 import threading
-from dataclasses import dataclass, field
 
 from ..devices import (Bus, DebugExit, FwCfg, I8042, NullTrigger, PcTestdev, ResetControl, Rtc, Serial16550,
                        SystemControlA, testdev)
-from ..devices.ratelimit import Limits, parse_amount
-from ..errors import DeviceError
+from ..devices.ratelimit import Limits
 from ..x86 import layout
+from . import virtio_slots
 from .console import Console
-from .native import FastPath, NativeUart, NativeVirtioBlk
+from .native import FastPath, NativeUart
+from .slots import DeviceStateError, Disk, IrqLine, Locked, Slot, Vsock  # noqa: F401 - re-exported
 from .throttle import DiskTimer
 
-_LIMITS = ("iops", "bps", "fps", "iops_burst", "bps_burst")
 # Devices whose state joined version 2 of the saved state later: a state without them
 # (an older snapshot or migration peer) leaves them in their power-on state.
 LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testdev", "virtio_rng", "virtio_net",
@@ -35,169 +34,6 @@ LATER_DEVICES = frozenset({"i8042", "rtc", "port92", "reset_control", "pc_testde
 CLOSED_BACKENDS = ("disks", "virtio_net", "virtio_vsock")   # slots whose ``backend`` close() closes, in order
 VIRTIO_TRANSPORTS = ("mmio", "pci")
 
-
-@dataclass(frozen=True)
-class Disk:
-    """A disk for the guest: a host file (or block device) exposed as virtio-blk.
-
-    ``Disk.parse("PATH[,ro][,iops=N][,bps=N][,fps=N]")`` reads the CLI form. The file is
-    never created, truncated or grown; ``readonly`` opens it O_RDONLY and offers
-    VIRTIO_BLK_F_RO. ``iops``, ``bps`` and ``fps`` limit requests, data bytes and
-    flushes per second (token buckets holding one second's worth, full at the start;
-    ``iops_burst``/``bps_burst`` add one-time extra tokens); amounts may be ints or
-    strings with K, M, G suffixes (binary). docs/virtio.md, "Rate limits".
-    """
-
-    path: str
-    readonly: bool = False
-    iops: int | str | None = None
-    bps: int | str | None = None
-    fps: int | str | None = None
-    iops_burst: int | str = 0
-    bps_burst: int | str = 0
-
-    def __post_init__(self):
-        for name in _LIMITS:
-            v = getattr(self, name)
-            if isinstance(v, str):
-                object.__setattr__(self, name, parse_amount(v))
-        self.limits                     # noqa: B018 - checks the values (ValueError)
-
-    @property
-    def limits(self) -> Limits | None:
-        """The rate limits, or None for an unlimited disk."""
-        limits = Limits(**{n: getattr(self, n) for n in _LIMITS})
-        return limits if limits else None
-
-    @classmethod
-    def parse(cls, spec: str) -> "Disk":
-        path, _, opts = spec.partition(",")
-        flags, values = set(), {}
-        for o in (o.strip() for o in opts.split(",")):
-            key, eq, value = o.partition("=")
-            if eq and key in _LIMITS:
-                values[key] = value
-            elif o:
-                flags.add(o)
-        unknown = flags - {"ro", "rw"}
-        if not path or unknown:
-            raise ValueError(f"bad disk {spec!r}: expected PATH[,ro][,iops=N][,bps=N][,fps=N]"
-                             + (f" (unknown option {', '.join(sorted(unknown))})" if unknown else ""))
-        try:
-            return cls(path, readonly="ro" in flags, **values)
-        except ValueError as e:
-            raise ValueError(f"bad disk {spec!r}: {e}") from None
-
-
-
-@dataclass(frozen=True)
-class Vsock:
-    """A virtio-vsock device: the guest's CID (3..2**32-2, default 3) and the host's UNIX
-    socket ``path`` (None: no host side; guest connections are refused). ``Vsock.parse(
-    "PATH[,cid=N]")`` reads the CLI form. docs/vsock.md."""
-
-    path: str | None
-    cid: int = 3
-
-    def __post_init__(self):
-        from ..devices.virtio.vsock import check_cid
-        check_cid(self.cid)
-
-    @classmethod
-    def parse(cls, spec: str) -> "Vsock":
-        path, _, opts = spec.partition(",")
-        cid = 3
-        for o in filter(None, (o.strip() for o in opts.split(","))):
-            key, eq, value = o.partition("=")
-            if key != "cid" or not eq or not value.isdigit():
-                raise ValueError(f"bad vsock {spec!r}: expected PATH[,cid=N] (unknown option {o!r})")
-            cid = int(value)
-        if not path:
-            raise ValueError(f"bad vsock {spec!r}: expected PATH[,cid=N]")
-        try:
-            return cls(path, cid)
-        except ValueError as e:
-            raise ValueError(f"bad vsock {spec!r}: {e}") from None
-
-
-class DeviceStateError(ValueError):
-    """A saved device state this platform's device refuses (the message names the device)."""
-
-class IrqLine:
-    """A device's interrupt line wired to a GSI of the in-kernel irqchip (KVM_IRQ_LINE)."""
-
-    def __init__(self, vm, gsi: int):
-        self.vm, self.gsi = vm, gsi
-
-    def set_level(self, level: bool) -> None:
-        self.vm.irq_line(self.gsi, 1 if level else 0)
-
-
-class Locked:
-    """A Python device whose accesses are serialised by ``lock`` (with host-side input,
-    or with another vCPU: the C twins carry their own mutex)."""
-
-    def __init__(self, device, lock: threading.Lock):
-        self.device, self.lock = device, lock
-
-    def read(self, offset: int, size: int) -> int:
-        with self.lock:
-            return self.device.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            self.device.write(offset, size, value)
-
-
-class PythonPending:
-    """What the disk timer needs of a Python virtio-blk or virtio-rng (NativeVirtioBlk has the same):
-    when a throttled request may go, and a host-side notification of its queue under the device's
-    lock (``notify_queue(0)``, which a virtio-mmio window and a virtio-pci function both have)."""
-
-    def __init__(self, device: Locked, blk):
-        self.device, self.blk = device, blk
-
-    def throttled_until(self) -> int:
-        return self.blk.limiter.throttled_until if self.blk.limiter is not None else 0
-
-    def serve_pending(self) -> None:
-        with self.device.lock:
-            if self.blk.limiter is not None:
-                self.blk.limiter.clear()    # not live: nothing to serve, and nothing waits
-            self.device.device.notify_queue(0)
-
-
-@dataclass(eq=False)
-class Slot:
-    """One attached device.
-
-    ``model`` keeps the device's state (``save_state()``/``load_state()``), ``saved_as``
-    names it in a saved machine's "devices" (None: stateless), ``fast`` says which of its
-    accesses C serves ("uart", "virtio-mmio"; None: every access returns to Python),
-    ``disk`` is the Disk a virtio-blk slot serves, ``virtio`` the virtio device ID of a
-    virtio-mmio slot (0: not one).
-    """
-
-    name: str
-    bus: str
-    base: int
-    length: int
-    model: object
-    irq: int | None = None
-    saved_as: str | None = None
-    fast: str | None = None
-    disk: Disk | None = None
-    identity: dict = field(default_factory=dict)    # what a restore checks before loading state
-    backend: object = None                          # a disk's VirtioBlk (its file)
-    pending: object = None                          # a disk's throttled_until()/serve_pending()
-    virtio: int = 0                                 # virtio device ID of a virtio-mmio window
-
-    def save_state(self) -> dict:
-        state = self.model.save_state()
-        return {**self.identity, "state": state} if self.identity else state
-
-    def load_state(self, saved: dict) -> None:
-        self.model.load_state(saved["state"] if self.identity else saved)
 
 
 class Platform:
@@ -225,7 +61,7 @@ class Platform:
         self.timer = DiskTimer(gate) if gate is not None else None    # rate-limited disks
         self.pci = self.msi = None
         if virtio == "pci":
-            self._add_pci_host()
+            virtio_slots.add_pci_host(self)
 
     def attach(self, slot: Slot, device=None) -> Slot:
         """Claim the slot's range on its bus for ``device`` (default: the model)."""
@@ -295,190 +131,23 @@ class Platform:
         return self.attach(Slot("fw_cfg", "pio", layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT, fw_cfg,
                                 saved_as="fw_cfg"))
 
-    def _add_pci_host(self) -> None:
-        """The PCI host bridge (devices/pci/): 0xcf8, 0xcfc-0xcff, the ECAM window and the MMIO
-        window of the BARs, all four doors behind one lock; saved as "pci_host"."""
-        from ..devices.pci import PciHost
-        from .msi import MsiRoutes
-        self.pci = host = PciHost(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE)
-        self.pci_lock = lock = threading.Lock()
-        self.msi = MsiRoutes(self.vm) if self.irqchip else None
-        self.attach(Slot("pci-host", "pio", layout.PCI_CONFIG_ADDRESS_PORT, 1, host, saved_as="pci_host"),
-                    Locked(host.cf8, lock))
-        self.attach(Slot("pci-config-data", "pio", layout.PCI_CONFIG_DATA_PORT, layout.PCI_CONFIG_DATA_PORT_COUNT,
-                         host.cfc), Locked(host.cfc, lock))
-        self.attach(Slot("pci-ecam", "mmio", layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, host.ecam),
-                    Locked(host.ecam, lock))
-        self.attach(Slot("pci-mmio", "mmio", layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE, host.window),
-                    Locked(host.window, lock))
-
-    def _add_virtio_pci(self, name: str, model, memory, saved_as: str, **slot) -> tuple[Slot, Locked]:
-        """``model`` (a VirtioDevice) as a virtio-pci function in the next PCI slot, INTA# on its
-        own GSI, MSI-X through KVM's routing; the slot's ``base`` is its PCI device number."""
-        from ..devices.pci.msix import NullMsiSink
-        from ..devices.virtio.pci import VirtioPciFunction
-        n = len(self.pci.devices)                     # device 0 is the host bridge
-        if n > layout.MAX_PCI_DEVICES:
-            raise DeviceError(f"at most {layout.MAX_PCI_DEVICES} virtio devices behind PCI")
-        gsi = layout.PCI_INTX_GSIS[n - 1]
-        sink = self.msi.sink(model.num_queues + 1) if self.msi else NullMsiSink()
-        fn = VirtioPciFunction(model, memory, self.trigger(gsi), sink)
-        dev = self.pci.add(fn)
-        s = Slot(name, "pci", dev, 1, fn, gsi, saved_as, **slot)
-        self.slots.append(s)
-        return s, Locked(fn, self.pci_lock)
-
+    # --- the virtio devices (virtio_slots.py builds them) --------------------------------
     def add_disk(self, disk: Disk, memory) -> Slot:
-        """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py), or
-        over virtio-pci in the next PCI slot (the Python model: no C twin behind PCI yet)."""
-        i = len(self.disks)
-        if self.virtio == "pci":
-            return self._add_pci_disk(i, disk, memory)
-        base, gsi = self._virtio_window()
-        from ..devices.virtio.blk import VIRTIO_ID_BLOCK, VirtioBlk     # loaded for machines with disks only
-        from ..devices.virtio.mmio import VirtioMmioTransport
-        try:
-            if self.native:         # C transport, queue and I/O; thread-safe by its own mutex
-                model = NativeVirtioBlk(disk.path, memory, readonly=disk.readonly, limits=disk.limits,
-                                        vm_fd=self.vm.fd if self.irqchip else -1, gsi=gsi if self.irqchip else -1)
-                device, fast, blk, pending = model, "virtio-mmio", model, model
-            else:
-                blk = VirtioBlk(disk.path, readonly=disk.readonly, limits=disk.limits)
-                model = VirtioMmioTransport(blk, memory, self.trigger(gsi))
-                device, fast = Locked(model, threading.Lock()), None
-                pending = PythonPending(device, blk)
-        except DeviceError as e:
-            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
-        identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
-        if disk.limits and self.timer is not None:
-            self.timer.watch(pending)
-        return self.attach(Slot(f"virtio-blk{i}", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "disks",
-                                fast, disk, identity, blk, pending if self.timer is not None else None,
-                                virtio=VIRTIO_ID_BLOCK), device)
-
-    def _add_pci_disk(self, i: int, disk: Disk, memory) -> Slot:
-        from ..devices.virtio.blk import VIRTIO_ID_BLOCK, VirtioBlk
-        try:
-            blk = VirtioBlk(disk.path, readonly=disk.readonly, limits=disk.limits)
-        except DeviceError as e:
-            raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
-        identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
-        try:
-            s, locked = self._add_virtio_pci(f"virtio-blk{i}", blk, memory, "disks", disk=disk, identity=identity,
-                                             backend=blk, virtio=VIRTIO_ID_BLOCK)
-        except BaseException:
-            blk.close()
-            raise
-        if self.timer is not None:
-            s.pending = PythonPending(locked, blk)
-            if disk.limits:
-                self.timer.watch(s.pending)
-        return s
+        """virtio-blk over virtio-mmio in the next free window, or over virtio-pci."""
+        return virtio_slots.add_disk(self, disk, memory)
 
     def add_rng(self, memory, limits: Limits | bool = True) -> Slot:
-        """virtio-rng (``Machine(rng=...)``) in the next free slot of the virtio window, after
-        the disks: the Python model only (not a hot path), rate-limited by ``limits`` (True:
-        the device's DEFAULT_LIMITS); saved as "virtio_rng"."""
-        from ..devices.virtio.mmio import VirtioMmioTransport
-        from ..devices.virtio.rng import DEFAULT_LIMITS, VirtioRng
-        rng = VirtioRng(DEFAULT_LIMITS if limits is True else limits or None)
-        if self.virtio == "pci":
-            s, locked = self._add_virtio_pci("virtio-rng", rng, memory, "virtio_rng", backend=rng, virtio=rng.device_id)
-            if self.timer is not None:
-                s.pending = PythonPending(locked, rng)
-                if rng.limiter is not None:
-                    self.timer.watch(s.pending)
-            return s
-        base, gsi = self._virtio_window()
-        model = VirtioMmioTransport(rng, memory, self.trigger(gsi))
-        device = Locked(model, threading.Lock())
-        pending = PythonPending(device, rng) if self.timer is not None else None
-        if rng.limiter is not None and pending is not None:
-            self.timer.watch(pending)
-        return self.attach(Slot("virtio-rng", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_rng",
-                                backend=rng, pending=pending, virtio=rng.device_id), device)
+        """virtio-rng after the disks (``Machine(rng=...)``), rate-limited by ``limits``."""
+        return virtio_slots.add_rng(self, memory, limits)
 
     def add_net(self, net, memory) -> Slot:
-        """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, or in the
-        next PCI slot (``net_virtio``), over the backend ``net`` (a kvmpy.net.Net) opens, with its
-        network thread (vmm/netpump.py); with ``native`` the queue work runs in C
-        (vmm/native_net.py), the transport in Python; saved as "virtio_net" (the backend is
-        re-made on restore)."""
-        from ..devices.virtio.mmio import VirtioMmioTransport
-        from ..devices.virtio.net import VirtioNet
-        from .netpump import NetPump
-        pci = self.net_virtio == "pci"
-        base, gsi = (0, 0) if pci else self._virtio_window()
-        backend = net.open()
-        try:
-            dev = VirtioNet(backend, mac=net.mac_bytes)
-            if self.native:         # the queue work in C (csrc/virtio_net.c); the transport stays Python
-                from .native_net import NativeNetQueues
-                dev.engine = NativeNetQueues(dev, memory)
-            if pci:
-                s, device = self._add_virtio_pci("virtio-net", dev, memory, "virtio_net", virtio=dev.device_id)
-            else:
-                model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
-                device = Locked(model, threading.Lock())
-            pump = NetPump(backend, dev, device, self.gate)
-        except BaseException:
-            backend.close()
-            raise
-        if pci:
-            s.backend = pump
-            return s
-        return self.attach(Slot("virtio-net", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_net",
-                                backend=pump, virtio=dev.device_id), device)
+        """virtio-net (``Machine(net=...)``) over the backend ``net`` opens."""
+        return virtio_slots.add_net(self, net, memory)
 
     def add_vsock(self, memory, vsock: Vsock) -> Slot:
-        """virtio-vsock in the next free slot of the virtio window (after the disks, the rng and the
-        network), or in the next PCI slot (``net_virtio``), with its host side on ``vsock.path``
-        (vmm/vsock.py); saved as "virtio_vsock"."""
-        from ..devices.virtio.mmio import VirtioMmioTransport
-        from ..devices.virtio.vsock import VirtioVsock
-        from .vsock import VsockHost, VsockState
-        dev = VirtioVsock(vsock.cid)
-        if self.net_virtio == "pci":
-            s, device = self._add_virtio_pci("virtio-vsock", dev, memory, "virtio_vsock", virtio=dev.device_id)
-            s.model = VsockState(device.device, dev, device.lock)   # the PCI lock: the host thread serves under it
-            s.backend = VsockHost(vsock.path, dev, device.lock, self._running_notify(device)) if vsock.path else None
-            return s
-        base, gsi = self._virtio_window()
-        model = VirtioMmioTransport(dev, memory, self.trigger(gsi))
-        device = Locked(model, threading.Lock())
-        host = VsockHost(vsock.path, dev, device.lock, self._running_notify(device)) if vsock.path else None
-        return self.attach(Slot("virtio-vsock", "mmio", base, layout.VIRTIO_MMIO_SIZE,
-                                VsockState(model, dev, device.lock),
-                                gsi, "virtio_vsock", backend=host, virtio=dev.device_id), device)
+        """virtio-vsock with its host side on ``vsock.path``."""
+        return virtio_slots.add_vsock(self, memory, vsock)
 
-    def _running_notify(self, device: Locked):
-        """A host thread's notification of ``device``'s queue (``notify_queue`` under its lock, on
-        either transport) that happens only while the machine runs (not paused, stopping or
-        between runs: RAM and rings stay as a snapshot, a checkpoint or a migration saw them);
-        False when held back. As NetPump waits for the network."""
-        gate = self.gate
-
-        def notify_now(queue: int) -> None:
-            with device.lock:
-                device.device.notify_queue(queue)
-
-        def notify(queue: int) -> bool:
-            if gate is None:
-                notify_now(queue)
-                return True
-            with gate.cond:
-                if not gate.run_active.is_set() or gate.requested or gate.stop.reason is not None:
-                    return False
-                notify_now(queue)
-                return True
-        return notify
-
-    def _virtio_window(self) -> tuple[int, int]:
-        """(base, GSI) of the next free virtio-mmio window (layout.py)."""
-        i = len(self.virtio_mmio)
-        if i >= layout.MAX_VIRTIO_DEVICES:
-            raise DeviceError(f"at most {layout.MAX_VIRTIO_DEVICES} virtio devices")
-        return layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i]
 
     # --- what others ask of the platform ---------------------------------------------
     @property

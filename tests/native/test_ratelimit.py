@@ -107,7 +107,7 @@ def step(op, clock, py, c):
         clock.now += op[1]
         c.dev.set_clock(clock.now)
         return None, None
-    if op[0] == "pending":              # what the disk timer does (vmm/platform.py PythonPending)
+    if op[0] == "pending":              # what the disk timer does (vmm/slots.py PythonPending)
         py.blk.limiter.clear()
         py.dev.write(R.QueueNotify, 4, 0)
         c.dev.serve_pending()
