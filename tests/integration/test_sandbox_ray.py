@@ -22,11 +22,18 @@ pytestmark = pytest.mark.kvm         # kvmpy's pytest plugin: skip, or fail unde
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"kvm": 2}})
-    c.add_node(num_cpus=1, resources={"kvm": 2})
-    # the workers import the same kvmpy as this process (a checkout's, in a development run)
-    ray.init(address=c.address, log_to_driver=False, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(kvmpy.__file__).resolve().parent.parent)}})
+    # The workers import the same kvmpy as this process: its directory goes first on their path, and
+    # the nodes and the job start in / (Ray puts the driver's directory on the workers' path too:
+    # from a checkout whose extension is not built in place, as in CI, they would import that tree).
+    here = os.getcwd()
+    os.chdir("/")
+    try:
+        c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"kvm": 2}})
+        c.add_node(num_cpus=1, resources={"kvm": 2})
+        ray.init(address=c.address, log_to_driver=False, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(kvmpy.__file__).resolve().parent.parent)}})
+    finally:
+        os.chdir(here)
     try:
         yield c
     finally:

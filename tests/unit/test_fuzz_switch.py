@@ -43,7 +43,8 @@ def examples(tmp_path, fuzz: str | None) -> tuple[int, dict[str, int]]:
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
                         "--hypothesis-show-statistics", str(tmp_path)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    found = re.findall(r"::(\S+):\n.*?(\d+) passing examples", r.stdout, re.S)
+    # "N passing examples" (hypothesis < 6.16x) or "N passing, 0 failing, ..." (newer)
+    found = re.findall(r"::(\S+):\n.*?(\d+) passing\b", r.stdout, re.S)
     return r.returncode, {name: int(n) for name, n in found}
 
 
