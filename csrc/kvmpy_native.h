@@ -157,7 +157,10 @@ int kvmpy_all_zero(const uint8_t *p, uint64_t len);
 
 /* ---- reset.c: back to an in-memory checkpoint (kvmpy/lifecycle/reset.py) ---- */
 /* One RAM slot: ram and saved are pages * 4096 bytes; log is scratch of (pages+63)/64 words
- * for KVM's dirty log; vmm_dirty the region's dirty.c bitmap (NULL: none). */
+ * for KVM's dirty log; vmm_dirty the region's dirty.c bitmap (NULL: none). With manual
+ * protection, hot pages (hot_max > 0): prev, hot and mask are (pages+63)/64 words each (the
+ * last reset's log, the pages left writable, the pages to protect again), hot_count counts
+ * the set bits of hot. */
 struct kvmpy_reset_region {
 	uint32_t slot;
 	uint64_t pages;
@@ -165,6 +168,11 @@ struct kvmpy_reset_region {
 	const uint8_t *saved;
 	uint64_t *vmm_dirty;
 	uint64_t *log;
+	uint64_t *prev;
+	uint64_t *hot;
+	uint64_t *mask;
+	uint64_t hot_count;
+	uint64_t hot_max;
 };
 /* where the time went (added to; NULL: not measured) */
 struct kvmpy_reset_times { uint64_t log_ns, copy_ns, pages; };
@@ -176,9 +184,15 @@ uint64_t kvmpy_reset_copy_pages(uint8_t *ram, const uint8_t *saved, uint64_t pag
 				const uint64_t *log, uint64_t *vmm);
 /* KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): 0 or -errno */
 int kvmpy_reset_enable_manual_protect(int vm_fd);
-/* KVM_GET_DIRTY_LOG (+ KVM_CLEAR_DIRTY_LOG of what it returned if manual) and the copy;
- * pages copied or -errno */
-int64_t kvmpy_reset_region(int vm_fd, const struct kvmpy_reset_region *r, int manual,
+/* Hot pages: a page in log that was also in prev (dirty at two resets in a row), not hot yet,
+ * becomes hot while *hot_count < hot_max (lowest pages first); then mask = log & ~hot and
+ * prev = log. Bits past pages are ignored (zero in mask and hot). Returns the pages made hot. */
+uint64_t kvmpy_reset_hot_mask(const uint64_t *log, uint64_t *prev, uint64_t *hot, uint64_t *mask,
+			      uint64_t pages, uint64_t *hot_count, uint64_t hot_max);
+/* KVM_GET_DIRTY_LOG (+ KVM_CLEAR_DIRTY_LOG of what it returned if manual, but for the hot
+ * pages, which stay writable and dirty: copied back every time) and the copy; pages copied
+ * or -errno */
+int64_t kvmpy_reset_region(int vm_fd, struct kvmpy_reset_region *r, int manual,
 			   struct kvmpy_reset_times *t);
 /* ops[0..n) in order; 0, or -(i+1) for the first op that failed or returned another
  * value than its expect. ns (NULL: not measured): per-op nanoseconds, added to. */

@@ -3,7 +3,10 @@
  *
  * Three jobs, each one call from Python per reset:
  *   pages - KVM's dirty log of a RAM slot (KVM_GET_DIRTY_LOG; with manual protection
- *           also KVM_CLEAR_DIRTY_LOG for just the pages it returned) OR-ed with the
+ *           also KVM_CLEAR_DIRTY_LOG for just the pages it returned, but the hot ones:
+ *           pages dirty at two resets in a row, up to hot_max, are left writable and
+ *           copied back at every reset, since on a shadow-paging host the write fault
+ *           that tracks a page costs far more than copying it) OR-ed with the
  *           VMM's own bitmap of the region (dirty.c, taken word by word with an atomic
  *           exchange), and every page set in either copied back from the checkpoint;
  *   ops   - a prepared list of "set" ioctls (irqchips, PIT, each vCPU's registers,
@@ -92,7 +95,30 @@ static int clear_log(int vm_fd, uint32_t slot, uint64_t *log, uint64_t pages)
 	return 0;
 }
 
-int64_t kvmpy_reset_region(int vm_fd, const struct kvmpy_reset_region *r, int manual,
+uint64_t kvmpy_reset_hot_mask(const uint64_t *log, uint64_t *prev, uint64_t *hot, uint64_t *mask,
+			      uint64_t pages, uint64_t *hot_count, uint64_t hot_max)
+{
+	uint64_t w, words = (pages + 63) / 64, made = 0;
+
+	for (w = 0; w < words; w++) {
+		uint64_t tail = (w == words - 1 && pages % 64) ? (1ull << (pages % 64)) - 1 : ~0ull;
+		uint64_t now = log[w] & tail, again = now & prev[w] & ~hot[w];
+
+		while (again && *hot_count < hot_max) {
+			uint64_t bit = again & -again;		/* the lowest page first */
+
+			hot[w] |= bit;
+			(*hot_count)++;
+			made++;
+			again &= again - 1;
+		}
+		mask[w] = now & ~hot[w];
+		prev[w] = now;
+	}
+	return made;
+}
+
+int64_t kvmpy_reset_region(int vm_fd, struct kvmpy_reset_region *r, int manual,
 			   struct kvmpy_reset_times *t)
 {
 	struct kvm_dirty_log d = { .slot = r->slot, .dirty_bitmap = r->log };
@@ -104,7 +130,13 @@ int64_t kvmpy_reset_region(int vm_fd, const struct kvmpy_reset_region *r, int ma
 	if (ioctl(vm_fd, KVM_GET_DIRTY_LOG, &d) < 0)
 		return -errno;
 	if (manual) {
-		err = clear_log(vm_fd, r->slot, r->log, r->pages);
+		uint64_t *protect = r->log;
+
+		if (r->hot_max && r->prev && r->hot && r->mask) {
+			kvmpy_reset_hot_mask(r->log, r->prev, r->hot, r->mask, r->pages, &r->hot_count, r->hot_max);
+			protect = r->mask;
+		}
+		err = clear_log(vm_fd, r->slot, protect, r->pages);
 		if (err)
 			return err;
 	}

@@ -57,6 +57,25 @@ class ResetError(KvmpyError):
     """A checkpoint cannot be taken, or a reset failed (the machine is then unusable)."""
 
 
+def hot_mask_model(log: bytes, prev: bytearray, hot: bytearray, pages: int, hot_count: int,
+                   hot_max: int) -> tuple[bytes, int, int]:
+    """Python model of ``kvmpy_reset_hot_mask`` (bit p % 8 of byte p // 8 is page p): a page in
+    ``log`` and ``prev`` (dirty at two resets in a row), not in ``hot``, joins ``hot`` while
+    ``hot_count < hot_max``, lowest first; ``prev`` becomes ``log``. Returns (the mask of pages
+    to protect again: ``log`` but the hot ones, the new hot_count, the pages made hot)."""
+    mask, made = bytearray(len(log)), 0
+    for p in range(len(log) * 8):
+        byte, bit = p >> 3, 1 << (p & 7)
+        now = p < pages and log[byte] & bit
+        if now and prev[byte] & bit and not hot[byte] & bit and hot_count < hot_max:
+            hot[byte] |= bit
+            hot_count, made = hot_count + 1, made + 1
+        if now and not hot[byte] & bit:
+            mask[byte] |= bit
+        prev[byte] = prev[byte] | bit if now else prev[byte] & ~bit
+    return bytes(mask), hot_count, made
+
+
 def copy_pages_model(ram, saved, pages: int, log: bytes | None, vmm: bytearray | None) -> int:
     """Python model of ``kvmpy_reset_copy_pages``: copy page p of ``saved`` over page p of
     ``ram`` for every p < ``pages`` set in ``log`` or ``vmm`` (bit p % 8 of byte p // 8);
@@ -90,16 +109,20 @@ def _ptr(buf, ctype: str = "uint8_t *"):
 class _Region:
     """One RAM region's checkpoint copy and the C description of it."""
 
-    def __init__(self, region):
+    def __init__(self, region, hot_pages: int = 0):
         self.region = region
         self.pages = region.size // PAGE_SIZE
         self.saved = _anon(region.size)
         self.saved[:region.size] = region.mm[:region.size]
-        self.log = ffi.new("uint64_t[]", (self.pages + 63) // 64)
+        words = (self.pages + 63) // 64
+        self.log = ffi.new("uint64_t[]", words)
+        # hot pages (manual protection only): the last reset's log, the pages left writable, the mask
+        self.hot = [ffi.new("uint64_t[]", words) for _ in range(3)] if hot_pages else [ffi.NULL] * 3
         self.c = ffi.new("struct kvmpy_reset_region *", {
             "slot": region.slot, "pages": self.pages, "ram": _ptr(region.mm), "saved": _ptr(self.saved),
             "vmm_dirty": ffi.cast("uint64_t *", region.dirty_address) if region.dirty_address else ffi.NULL,
-            "log": self.log})
+            "log": self.log, "prev": self.hot[0], "hot": self.hot[1], "mask": self.hot[2],
+            "hot_max": hot_pages})
 
     def close(self) -> None:
         self.saved.close()
@@ -260,7 +283,7 @@ def _op_array(ops: list[tuple]):
 class Checkpoint:
     """A stopped machine's whole state, kept ready to apply (see the module docstring)."""
 
-    def __init__(self, m, manual_protect: bool = False, sync_regs: bool | None = None):
+    def __init__(self, m, manual_protect: bool = False, sync_regs: bool | None = None, hot_pages: int = 0):
         if m.running:
             raise ResetError("checkpoint() needs a stopped machine: call it after run() returned")
         if lib is None:
@@ -273,12 +296,12 @@ class Checkpoint:
         self.regions, self.overlays, self.manual, self.sync = [], [], False, None
         self._keep: list = []
         try:
-            self._take(m, manual_protect, sync_regs)
+            self._take(m, manual_protect, sync_regs, hot_pages)
         except BaseException:
             self.close()
             raise
 
-    def _take(self, m, manual_protect: bool, sync_regs: bool | None) -> None:
+    def _take(self, m, manual_protect: bool, sync_regs: bool | None, hot_pages: int) -> None:
         m.console.drain()
         vm = m.vm
         # the dirty log: on, then emptied; the VMM's marks so far dropped; then the copy
@@ -291,7 +314,7 @@ class Checkpoint:
         for r in m.memory.regions:
             vm.get_dirty_log(r.slot)
             r.take_dirty()
-            self.regions.append(_Region(r))
+            self.regions.append(_Region(r, hot_pages if manual_protect else 0))
         if self.manual:                 # with manual protection, GET no longer re-protects: CLEAR all
             for reg in self.regions:
                 lib.kvmpy_reset_region(vm.fd, reg.c, 1, ffi.NULL)

@@ -65,13 +65,15 @@ class Sandbox:
     the guest's RAM, ``max_result`` the most bytes a call may return; ``host_functions``
     maps a name to ``(callable, "ARGS:RET")`` (or use :meth:`register`). ``clear_dirty_log``
     checkpoints with KVM_CLEAR_DIRTY_LOG (``Machine.checkpoint``; docs/sandboxes.md has what
-    was measured); ``irqchip`` gives the guest the in-kernel interrupt controllers and PIT
-    (off by default: a reset is cheaper without them)."""
+    was measured); ``hot_pages``: pages every call writes stay writable and are copied back at
+    each reset instead of write-protected again (``Machine.checkpoint``; 0: off); ``irqchip``
+    gives the guest the in-kernel interrupt controllers and PIT (off by default: a reset is
+    cheaper without them)."""
 
     def __init__(self, image="sandbox-demo", *, mem_size: int = 16 << 20, timeout: float = 1.0,
                  max_result: int = DEFAULT_MAX_RESULT, host_functions: dict | None = None,
                  ready_timeout: float = 10.0, native: bool = False, clear_dirty_log: bool = False,
-                 irqchip: bool = False):
+                 irqchip: bool = False, hot_pages: int = 64):
         path = image_path(image)
         with open(path, "rb") as f:
             syms = symbols(f.read())
@@ -84,7 +86,7 @@ class Sandbox:
             raise SandboxError(f"{path} does not fit in {mem_size:#x} bytes of RAM")
         self.page, self.args_addr, self.args_size = page.value, args.value, args.size
         self.mem_size, self.timeout, self.max_result = mem_size, timeout, max_result
-        self.clear_dirty_log = clear_dirty_log
+        self.clear_dirty_log, self.hot_pages = clear_dirty_log, hot_pages
         self.host_functions: dict[str, HostFunction] = {}
         for name, (fn, sig) in (host_functions or {}).items():
             self.register(name, fn, sig)
@@ -114,7 +116,7 @@ class Sandbox:
             raise SandboxError(f"the guest stopped ({r.reason}, rax {r.regs.rax:#x}) before its ready point; "
                                f"its output ended: {self.serial.data[-200:]!r}")
         exports = abi.parse_exports(m.memory.read(self.page, abi.PAGE_SIZE), m.memory.read, self.mem_size)
-        m.checkpoint(clear_dirty_log=self.clear_dirty_log)
+        m.checkpoint(clear_dirty_log=self.clear_dirty_log, hot_pages=self.hot_pages)
         return exports
 
     def register(self, name: str, fn: Callable, signature: str) -> None:

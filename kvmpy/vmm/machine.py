@@ -328,15 +328,21 @@ class Machine:
         return clone(self, 1, **host_options)[0]
 
     # --- reset in place (lifecycle/reset.py, docs/reset.md) ------------------------------
-    def checkpoint(self, clear_dirty_log: bool = False, sync_regs: bool | None = None) -> None:
+    def checkpoint(self, clear_dirty_log: bool = False, sync_regs: bool | None = None,
+                   hot_pages: int = 0) -> None:
         """Keep this stopped machine's whole state in memory (RAM, vCPUs, irqchip, PIT, clock,
         devices, disk contents) for ``reset()``; replaces an earlier checkpoint. Call it after
         ``run()`` returned, typically where the guest is ready for a case. ``clear_dirty_log``
         reads KVM's dirty log with KVM_CLEAR_DIRTY_LOG (manual protection: the VM keeps it);
-        ``sync_regs`` puts regs, sregs and events back through the kvm_run page (None: if KVM can)."""
+        ``sync_regs`` puts regs, sregs and events back through the kvm_run page (None: if KVM can);
+        ``hot_pages``: up to that many pages per RAM region that cases write again and again stay
+        writable and are copied back at every reset (docs/reset.md); it needs KVM_CLEAR_DIRTY_LOG,
+        so it turns ``clear_dirty_log`` on where KVM has it (elsewhere every page stays tracked)."""
         from ..lifecycle.reset import Checkpoint
+        if hot_pages and not clear_dirty_log:
+            clear_dirty_log = bool(self.vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2))
         self.drop_checkpoint()
-        self.reset_point = Checkpoint(self, manual_protect=clear_dirty_log, sync_regs=sync_regs)
+        self.reset_point = Checkpoint(self, manual_protect=clear_dirty_log, sync_regs=sync_regs, hot_pages=hot_pages)
 
     def reset(self, times: dict | None = None) -> int:
         """Put the stopped machine back to its ``checkpoint()``, in place; returns the RAM pages

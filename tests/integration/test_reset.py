@@ -77,19 +77,20 @@ def guest_disk(m) -> bytes:
     return os.pread(fd, DISK + 1, 0)
 
 
-@pytest.fixture(scope="module", params=[(True, False, None), (False, True, False)],
-                ids=["native-get-syncregs", "python-clear-ioctls"])
+@pytest.fixture(scope="module", params=[(True, False, None, 0), (False, True, False, 0), (True, True, None, 24)],
+                ids=["native-get-syncregs", "python-clear-ioctls", "native-clear-hot"])
 def rig(request, tmp_path_factory):
     """The C devices with KVM_GET_DIRTY_LOG and the kvm_run page for regs; the Python devices
-    with KVM_CLEAR_DIRTY_LOG and KVM_SET_REGS/SREGS/VCPU_EVENTS."""
-    native, clear, sync = request.param
+    with KVM_CLEAR_DIRTY_LOG and KVM_SET_REGS/SREGS/VCPU_EVENTS; the C devices with up to 24 hot
+    pages (left writable, copied back at every reset)."""
+    native, clear, sync, hot = request.param
     path = tmp_path_factory.mktemp("reset") / "disk.img"
     path.write_bytes(os.urandom(DISK))
     m = Machine(mem_size=MEM, disks=[str(path)], native=native)
     m.load(guests.path("reset-case"), user=True)
     r = m.run(timeout=10)
     assert (r.reason, r.status) == ("exit", READY), m.serial_output
-    m.checkpoint(clear_dirty_log=clear, sync_regs=sync)
+    m.checkpoint(clear_dirty_log=clear, sync_regs=sync, hot_pages=hot)
     assert (m.reset_point.manual, m.reset_point.sync is not None) == (clear, sync is None)
     rig = {"m": m, "path": path, "file": path.read_bytes(), "seen": observe(m), "disk": guest_disk(m)}
     yield rig
@@ -153,6 +154,32 @@ def test_the_next_case_starts_from_the_checkpoint(rig):
         outs.append(m.serial_output[before:])
         m.reset()
     assert outs[0] == outs[1] == bytes(ord("a") + (9 + i) % 26 for i in range(12))
+
+
+def test_hot_pages_stay_writable_and_still_come_back(rig):
+    """The same case again and again: with hot pages its pages become hot (copied back at every
+    reset, no longer write-protected), and the machine still comes back to the checkpoint."""
+    m, seen = rig["m"], rig["seen"]
+    hot_max = m.reset_point.regions[0].c.hot_max
+    c = {"pages": 6, "first": 40, "stride": 3, "seed": 5, "serial": 0, "sector": NO_SECTOR, "cmos": False,
+         "regs": False, "host": [], "feed": b""}
+    for _ in range(3):
+        run_case(m, c)
+        m.reset()
+    hot = sum(r.c.hot_count for r in m.reset_point.regions)
+    assert (hot >= 6) if hot_max else hot == 0
+    assert hot <= hot_max * len(m.reset_point.regions)
+    now = observe(m)
+    now.pop("time")
+    assert not differences({k: v for k, v in seen.items() if k != "time"}, now)
+
+
+def test_hot_pages_turn_manual_protection_on():
+    with Machine(mem_size=MEM) as m:
+        m.load(guests.path("reset-case"), user=True)
+        assert m.run(timeout=10).status == READY
+        m.checkpoint(hot_pages=8)
+        assert m.reset_point.manual and m.reset_point.regions[0].c.hot_max == 8
 
 
 def test_checkpointed_machines_refuse_snapshots_and_reset_needs_a_checkpoint(tmp_path):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from kvmpy._native import ffi, lib
 from kvmpy.devices.virtio.blk import mark_blocks
 from kvmpy.kvm.memory import PAGE_SIZE
-from kvmpy.lifecycle.reset import copy_pages_model
+from kvmpy.lifecycle.reset import copy_pages_model, hot_mask_model
 
 from .test_virtio_differential import DISK, Side
 
@@ -122,3 +122,35 @@ def test_both_virtio_blk_twins_mark_the_same_blocks_and_spare_the_file(tmp_path_
         if t == 1 and status == b"\0":
             mark_blocks(expect, 512 * sector, 512 * n)
     assert bits == bytes(expect)
+
+
+@st.composite
+def hot_cases(draw):
+    pages = draw(st.integers(1, 200))
+    nbytes = 8 * ((pages + 63) // 64)
+    bitmap = st.binary(min_size=nbytes, max_size=nbytes)
+    hot_max = draw(st.integers(0, 40))
+    return pages, draw(st.lists(bitmap, min_size=1, max_size=6)), hot_max
+
+
+@settings(max_examples=150, deadline=None)
+@given(hot_cases())
+def test_c_hot_pages_match_the_model(case):
+    """kvmpy_reset_hot_mask over a run of resets' logs: the same mask to protect again, the same
+    hot pages and count as hot_mask_model, never more than hot_max, never a page past the end,
+    and a hot page never protected again."""
+    pages, logs, hot_max = case
+    n = len(logs[0])
+    prev, hot, count = bytearray(n), bytearray(n), 0
+    c_prev, c_hot, c_mask = (ffi.new("uint64_t[]", n // 8) for _ in range(3))
+    c_count = ffi.new("uint64_t *")
+    for log in logs:
+        mask, count, made = hot_mask_model(log, prev, hot, pages, count, hot_max)
+        c_log = ffi.new("uint64_t[]", n // 8)
+        ffi.memmove(c_log, log, n)
+        c_made = lib.kvmpy_reset_hot_mask(c_log, c_prev, c_hot, c_mask, pages, c_count, hot_max)
+        assert (c_made, c_count[0]) == (made, count)
+        assert bytes(ffi.buffer(c_mask)) == mask
+        assert bytes(ffi.buffer(c_hot)) == bytes(hot) and bytes(ffi.buffer(c_prev)) == bytes(prev)
+        assert count <= hot_max and not int.from_bytes(hot, "little") >> pages
+        assert not int.from_bytes(mask, "little") & int.from_bytes(hot, "little")
