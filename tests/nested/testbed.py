@@ -80,8 +80,10 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
 #:   triple fault near the kernel's code patching, cause not known yet (docs/linux.md); ~47 s.
 STEPS = ("info", "demos", "pytest")
 #: Steps run only when named in --steps (CI does not): bench (see add_qemu() and bench_block()),
-#: and shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1).
-OPTIONAL_STEPS = ("bench", "shell")
+#: shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1), and stress
+#: (tests/nested/l2_stress.py with --stress-args: Debian's kernel to /init again and again,
+#: kvmpy against QEMU on L1's KVM, counting triple faults and hangs).
+OPTIONAL_STEPS = ("bench", "shell", "stress")
 
 #: Parts of Debian's standard library no test or demo imports (saves ~40 MB of archive).
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
@@ -355,7 +357,7 @@ def save_bench_json(log: Path, out: Path) -> bool:
     return True
 
 
-def step_script(steps, pytest_args: list[str], bench_args: list[str] = ()) -> str:
+def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stress_args: list[str] = ()) -> str:
     """The steps L1 runs, one shell block each, framed by begin/end markers."""
     blocks = []
     if "info" in steps:
@@ -372,6 +374,9 @@ def step_script(steps, pytest_args: list[str], bench_args: list[str] = ()) -> st
         blocks.append(("shell", "while [ ! -e /tmp/go ]; do sleep 1; done"))
     if "bench" in steps:
         blocks.append(("bench", bench_block(list(bench_args))))
+    if "stress" in steps:
+        args = " ".join(shlex.quote(a) for a in stress_args)
+        blocks.append(("stress", f"python3 tests/nested/l2_stress.py {args}"))
     if "pytest" in steps:
         args = " ".join(shlex.quote(a) for a in pytest_args)
         blocks.append(("pytest", f"python3 -m pytest -q -p no:cacheprovider --color=no -rfEs -o faulthandler_timeout=600 {args}"))
@@ -381,7 +386,8 @@ def step_script(steps, pytest_args: list[str], bench_args: list[str] = ()) -> st
     return "".join(out)
 
 
-def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str] = ()) -> tuple[Path, Path]:
+def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str] = (),
+                stress_args: list[str] = ()) -> tuple[Path, Path]:
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
@@ -410,7 +416,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     for d in ("proc", "sys", "sbin", "usr/sbin"):
         tree.entries[d] = CpioEntry(d, stat.S_IFDIR | 0o755)
     elves = add_python(tree)
-    if "bench" in steps:
+    if "bench" in steps or "stress" in steps:
         elves += add_qemu(tree)
     tree.copy_tree(site_copy, "opt/site")
     tree.copy_tree(src, "opt/src")
@@ -441,7 +447,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
     for f in (disk.image, disk.initrd):
         tree.copy(f, f"opt/cache/rootfs/{f.parent.name}/{f.name}")
-    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args).encode())
+    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args, stress_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"
     out.write_bytes(tree.archive())
@@ -491,10 +497,10 @@ class Result:
 
 
 def run_l1(kernel: Path, initrd: Path, log: Path, timeout: float, steps, echo: bool,
-           debug_socket: Path | None = None) -> Result:
+           debug_socket: Path | None = None, cpus: int = L1_CPUS, accel: str = "tcg,thread=multi") -> Result:
     if shutil.which(QEMU) is None:
         raise TestbedError(f"{QEMU} is missing: apt-get install qemu-system-x86")
-    argv = [QEMU, "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", str(L1_CPUS), "-m", L1_MEM,
+    argv = [QEMU, "-accel", accel, "-cpu", "EPYC,+svm", "-smp", str(cpus), "-m", L1_MEM,
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off nokaslr",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none"]
@@ -551,6 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-json", type=Path, default=REPO / "benchmarks" / "results" / "boot-linux-init-l1.json",
                    metavar="PATH", help="step bench: where the host writes its JSON "
                                         "(default benchmarks/results/boot-linux-init-l1.json)")
+    p.add_argument("--stress-args", default="", metavar="ARGS",
+                   help="step stress: options for tests/nested/l2_stress.py in L1 (its --help)")
+    p.add_argument("--l1-cpus", type=int, default=L1_CPUS, metavar="N",
+                   help=f"L1's CPUs (QEMU -smp; default {L1_CPUS})")
+    p.add_argument("--l1-accel", default="tcg,thread=multi", metavar="ACCEL",
+                   help="QEMU's -accel for L1 (default tcg,thread=multi; e.g. tcg,thread=single or "
+                        "tcg,thread=multi,tb-size=N to experiment with TCG itself)")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
     unknown = set(steps) - set(STEPS) - set(OPTIONAL_STEPS)
@@ -563,10 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or cache_dir() / "l1-console.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args))
+        kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args),
+                                     shlex.split(args.stress_args))
         t_built = time.monotonic()
         result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
-                        debug_socket=args.debug_socket)
+                        debug_socket=args.debug_socket, cpus=args.l1_cpus,
+                        accel=args.l1_accel)
     except (TestbedError, linuxkernel.FetchError, subprocess.CalledProcessError) as e:
         print(f"testbed: {e}", file=sys.stderr)
         return 2
