@@ -374,12 +374,12 @@ def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stres
         blocks.append(("shell", "while [ ! -e /tmp/go ]; do sleep 1; done"))
     if "bench" in steps:
         blocks.append(("bench", bench_block(list(bench_args))))
-    if "stress" in steps:
-        args = " ".join(shlex.quote(a) for a in stress_args)
-        blocks.append(("stress", f"python3 tests/nested/l2_stress.py {args}"))
     if "pytest" in steps:
         args = " ".join(shlex.quote(a) for a in pytest_args)
         blocks.append(("pytest", f"python3 -m pytest -q -p no:cacheprovider --color=no -rfEs -o faulthandler_timeout=600 {args}"))
+    if "stress" in steps:               # after the tests: boots in an L1 that has run them
+        args = " ".join(shlex.quote(a) for a in stress_args)
+        blocks.append(("stress", f"python3 tests/nested/l2_stress.py {args}"))
     out = []
     for name, body in blocks:
         out.append(f"mark begin {name}\n( set +e\n{body}\n)\nmark end {name} rc=$?\n")
