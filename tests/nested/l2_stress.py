@@ -252,6 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true", help="KVM tracepoints, shown for failed boots")
     p.add_argument("--budget", type=float, default=0, help="stop starting rounds after this many seconds")
     p.add_argument("--timeline", action="store_true", help="with --trace: every boot's PIC/LVT0 timeline")
+    p.add_argument("--ram-4k", action="store_true",
+                   help="kvmpy's guest RAM as before 2afa2a1: not 2 MiB-aligned, no MADV_HUGEPAGE (so "
+                        "L1 backs it with 4 KiB pages and KVM maps L2's memory with 4 KiB entries)")
     p.add_argument("--show-first", action="store_true", help="print each variant's first console in full")
     p.add_argument("--churn", type=float, default=0, metavar="S",
                    help="compact L1's memory every S seconds and make khugepaged eager (page moves under L2)")
@@ -260,6 +263,9 @@ def main(argv=None) -> int:
         threading.Thread(target=churn, args=(threading.Event(), args.churn), daemon=True).start()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    if args.ram_4k:
+        from kvmpy.kvm import memory
+        memory.HUGE_PAGE = 1 << 62          # no region is "2 MiB or more": plain, unaligned mmap
     from kvmpy.bench.boot_subjects import LINUX_INIT_CMDLINE, _linux_init_initrd
     from kvmpy.images import linuxkernel
     files = linuxkernel.fetch(offline=True)
@@ -268,6 +274,11 @@ def main(argv=None) -> int:
     cmdline = f"{LINUX_INIT_CMDLINE} {args.append}".strip()
     variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",")]
     tracing = args.trace and trace_on()
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        thp = "?"
+    say(f"L1 transparent_hugepage: {thp}; ram_4k={args.ram_4k}")
     say(f"kernel {files.kernel_package}, cmdline {cmdline!r}, variants {args.variants}, rounds {args.rounds}")
     counts = {v: {} for v in variants}
     times = {v: [] for v in variants}
