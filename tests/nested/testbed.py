@@ -77,8 +77,8 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
 #: under QEMU in L1 too (1 of 56 boots; kvmpy 0 of 72 since guest RAM is on 2 MiB pages;
 #: docs/host-notes.md). It can still fail a CI run now and then, in the L2 kernel before user
 #: space; `--steps stress` tells whether QEMU in that L1 fails the same way. With them the
-#: whole testbed took 480 s here (build 11 s; L1 467 s to the end of pytest, which took 431 s:
-#: 317 passed, 15 skipped), against ~345 s without them.
+#: whole testbed took 480 s and 442 s in two runs here (pytest 431 s and 391 s in L1: 317
+#: passed, 15 skipped), against ~345 s without them.
 #: Left out, run on demand (--steps pytest FILE):
 #: - test_migration.py: in L1 in the default order it passed twice and failed once (a migrated
 #:   counter guest triple-faulted on the target), and it adds ~90-100 s to the run.
