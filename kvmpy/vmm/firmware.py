@@ -1,5 +1,6 @@
 """What a Machine leaves a Linux kernel where a PC's firmware would: the ACPI tables
-(``x86.acpi``) and a reset entry at F000:FFF0 (``x86.bios``).
+(``x86.acpi``), a reset entry at F000:FFF0 (``x86.bios``) and an initialised, masked 8259
+pair (``mask_pic``).
 
 kvmpy has no firmware; what a BIOS would leave a kernel, the VMM writes (the MP table in
 ``Machine.__init__``, these at ``Machine.load`` of a Linux kernel). The description is
@@ -43,3 +44,41 @@ def reset_entry(platform) -> tuple[int, bytes]:
     """``(address, code)`` of the BIOS reset entry for ``platform``'s reset lines."""
     port = {s.name: s.base for s in platform.slots if s.bus == "pio"}
     return bios.RESET_ENTRY, bios.reset_entry(port.get("reset-control"), port.get("i8042"))
+
+
+#: Where a PC's firmware leaves the 8259 pair (SeaBIOS's pic_setup, with the vectors moved out
+#: of the exception range): initialised (ICW1-4 done, 8086 mode), every line masked but the
+#: master's cascade input (IRQ 2). Offsets are those of ``struct kvm_pic_state``.
+PIC_MASTER_BASE, PIC_SLAVE_BASE = 0x20, 0x28
+PIC_MASTER_IMR, PIC_SLAVE_IMR = 0xFB, 0xFF
+_PIC_IRR, _PIC_IMR, _PIC_ISR, _PIC_IRQ_BASE, _PIC_INIT_STATE, _PIC_INIT4 = 1, 2, 3, 5, 9, 13
+_IRQCHIP_DATA = 8                   # struct kvm_irqchip: chip_id, pad, then the chip's state
+
+
+def mask_pic(vm) -> None:
+    """Put KVM's in-kernel 8259 pair where firmware leaves it: initialised and masked.
+
+    KVM creates the PICs in their power-on state: never initialised, vector base 0 and
+    nothing masked, while the bootstrap vCPU's LINT0 takes ExtINT (virtual wire). A kernel
+    told by a hardware-reduced FADT that there is no legacy PIC (``acpi_reduced_hw_init``:
+    Linux's null_legacy_pic) never programs or masks it and keeps LINT0 as it found it.
+    KVM's default routing sends GSIs 0-15 to the PIC as well as to the IOAPIC, so the first
+    edge on an ISA line (COM1's IRQ 4, a virtio-mmio device's 5, 6, 7, 9, 10 or 11) would
+    reach vCPU 0 a second time as an external interrupt with vector = IRQ number, an
+    exception vector (#OF, #BR, #UD, ..., #TS for IRQ 10), until Linux masks LINT0 in
+    setup_local_APIC. In the nested testbed that window is ~10 ms with interrupts on, and
+    no traced boot raised a line in it (issue 13's L2 faults are not explained by it), but
+    nothing else closes it. Firmware programs the pair and masks it before any OS runs;
+    kvmpy does the same through KVM_SET_IRQCHIP. A guest that wants the PIC initialises it
+    itself (ICW1 resets the mask).
+    """
+    for chip, base, imr in ((0, PIC_MASTER_BASE, PIC_MASTER_IMR), (1, PIC_SLAVE_BASE, PIC_SLAVE_IMR)):
+        state = bytearray(vm.get_irqchip(chip))
+        pic = _IRQCHIP_DATA
+        state[pic + _PIC_IRR] = 0
+        state[pic + _PIC_ISR] = 0
+        state[pic + _PIC_IMR] = imr
+        state[pic + _PIC_IRQ_BASE] = base
+        state[pic + _PIC_INIT_STATE] = 0
+        state[pic + _PIC_INIT4] = 1
+        vm.set_irqchip(bytes(state))

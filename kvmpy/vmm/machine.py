@@ -384,6 +384,8 @@ class Machine:
                           linux_cmdline_extra="" if tables else self.virtio_mmio_cmdline())
         if img.format in ("bzimage", "pvh"):        # where Linux jumps to reboot "through the BIOS"
             self.memory.write(*firmware.reset_entry(self.platform))
+            if self.irqchip:                        # and the 8259 pair as firmware leaves it
+                firmware.mask_pic(self.vm)
         self.fw_cfg.set_cmdline(img.cmdline)
         vcpu = self.vcpus[0]
         setup = modes.setup(img.mode, img.entry, vcpu.get_sregs(), self.memory.end, user=user,

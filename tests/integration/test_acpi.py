@@ -99,3 +99,40 @@ def test_a_jump_to_the_bios_reset_entry_resets_the_machine(acpi_on):
         v.set_regs(setup.regs)
         result = m.run(timeout=30)
     assert result.reason == "reset" and m.stats.devices["reset-control"] == 1
+
+
+def pic(m, chip: int) -> dict:
+    """One 8259's state from KVM_GET_IRQCHIP (struct kvm_pic_state's leading bytes)."""
+    b = m.vm.get_irqchip(chip)[8:8 + 16]
+    return {"irr": b[1], "imr": b[2], "isr": b[3], "irq_base": b[5], "init_state": b[9], "init4": b[13]}
+
+
+def test_a_linux_kernel_finds_the_8259_pair_initialised_and_masked():
+    """KVM creates the PICs in their power-on state (vector base 0, nothing masked) with the
+    BSP's LINT0 in ExtINT mode, and Linux told by the hardware-reduced FADT that there is no
+    PIC never touches it: an ISA line kvmpy raised (GSIs 0-15 reach the PIC too) before Linux
+    masks LINT0 came to vCPU 0 as vector = IRQ number, an exception vector. A Linux kernel
+    gets the pair as firmware leaves it: initialised, vectors 0x20/0x28, masked but for the
+    cascade, so a raised line stays in the IRR and never reaches a CPU."""
+    with kvmpy.Machine(mem_size=64 << 20, cpus=2) as m:
+        lvt0 = struct.unpack_from("<I", m.vcpus[0].get_lapic(), 0x350)[0]
+        assert lvt0 == 0x700, "the BSP's LINT0 is ExtINT at power-on: the PIC reaches vCPU 0"
+        assert pic(m, 0)["imr"] == 0 and pic(m, 0)["irq_base"] == 0, "KVM's power-on PIC"
+        m.load(vmlinux())
+        assert pic(m, 0) == {"irr": 0, "imr": 0xFB, "isr": 0, "irq_base": 0x20, "init_state": 0, "init4": 1}
+        assert pic(m, 1) == {"irr": 0, "imr": 0xFF, "isr": 0, "irq_base": 0x28, "init_state": 0, "init4": 1}
+        m.vm.irq_line(layout.VIRTIO_MMIO_IRQS[0], 1)          # a virtio-mmio device's line goes up
+        m.vm.irq_line(layout.COM1_IRQ, 1)
+        m.vm.irq_line(layout.COM1_IRQ, 0)
+        master = pic(m, 0)
+        assert master["irr"] & (1 << layout.VIRTIO_MMIO_IRQS[0]) and master["irr"] & (1 << layout.COM1_IRQ)
+        assert master["imr"] & master["irr"] == master["irr"] and master["isr"] == 0
+
+
+def test_other_images_find_the_pic_in_its_power_on_state():
+    """Guests that use the 8259 program it themselves (ICW1 clears the mask); only a Linux
+    kernel gets it pre-programmed."""
+    g = guests.get("hello-long")
+    with kvmpy.Machine() as m:
+        m.load(g.path, g.format, mode=g.mode)
+        assert pic(m, 0)["imr"] == 0 and pic(m, 0)["irq_base"] == 0
