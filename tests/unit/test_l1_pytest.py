@@ -1,0 +1,42 @@
+"""The nested testbed's pytest step (tests/nested/l1_pytest.py): L2 Linux tests that fail are run
+once more, and pass the step only if they pass then; any other failure fails it at once."""
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "nested" / "l1_pytest.py"
+FLAKY = '''
+import os
+def test_boot():
+    first = not os.path.exists("ran-once")
+    open("ran-once", "w").close()
+    assert not first, "L2 died (the emulator)"
+def test_fine():
+    pass
+'''
+BROKEN = "def test_broken():\n    assert False\n"
+
+
+def step(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return subprocess.run([sys.executable, str(SCRIPT), "-p", "no:kvmpy", *files], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_linux_test_that_fails_once_passes_on_the_rerun(tmp_path):
+    r = step(tmp_path, {"tests/integration/test_linux.py": FLAKY})
+    assert r.returncode == 0, r.stdout
+    assert "running them once more" in r.stdout
+    assert "passed on the rerun: tests/integration/test_linux.py::test_boot" in r.stdout
+
+
+def test_other_failures_are_not_run_again(tmp_path):
+    r = step(tmp_path, {"tests/integration/test_linux.py": FLAKY, "tests/integration/test_guests.py": BROKEN})
+    assert r.returncode == 1 and "once more" not in r.stdout
+
+
+def test_a_linux_test_that_fails_twice_fails_the_step(tmp_path):
+    r = step(tmp_path, {"tests/integration/test_linux_disk.py": BROKEN})
+    assert r.returncode == 1 and "once more" in r.stdout and "passed on the rerun" not in r.stdout
