@@ -407,7 +407,7 @@ def path(name: str) -> pathlib.Path:
 
 
 #: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.
-LINUX_PROGRAMS = ("vsock-echo-linux",)
+LINUX_PROGRAMS = ("vsock-echo-linux", "kvmpy-agent")
 
 
 def built(file: str) -> pathlib.Path:

@@ -14,6 +14,7 @@ The floors, bottom first, as the imports show them:
   L3 vmm        vmm/
   L3 lifecycle  lifecycle/                 uses Machine (and vmm.native); vmm may not import it
   L3 fuzz       fuzz/                      a harness over Machine's public API (load, run, checkpoint, reset)
+  L3 linuxbox   linuxbox/                  Linux sandboxes over Machine's public API and the images (rootfs, guests)
   L3 bench      bench/                     drives Machine, migration and the images, and is run
                                            by the CLI: the top of L3, under the front end
   L4            cli, __main__
@@ -49,6 +50,7 @@ LAYOUT = Layout(
         ("L3 vmm", {"kvmpy.vmm"}),
         ("L3 lifecycle", {"kvmpy.lifecycle"}),
         ("L3 fuzz", {"kvmpy.fuzz"}),
+        ("L3 linuxbox", {"kvmpy.linuxbox"}),
         ("L3 bench", {"kvmpy.bench"}),
         ("L4", {"kvmpy.cli", "kvmpy.__main__"}),
     ],
