@@ -20,6 +20,7 @@ _EXPORTS = {
     "GuestMemory": "kvm.memory", "MemoryRegion": "kvm.memory",
     "KvmpyError": "errors", "KvmError": "errors", "KvmUnavailable": "errors", "GuestError": "errors",
     "LoaderError": "errors", "GuestMemoryError": "errors", "DeviceError": "errors",
+    "LinuxSandbox": "linuxbox.sandbox",
 }
 # Submodules reachable as kvmpy.NAME (``from kvmpy import guests``): the package's folders,
 # and the modules users reach for most, by their short names.
@@ -29,7 +30,7 @@ _SUBMODULES = {
     "abi": "kvm.abi", "exits": "kvm.exits", "memory": "kvm.memory", "machine": "vmm.machine",
     "guests": "images.guests", "linuxkernel": "images.linuxkernel", "initramfs": "images.initramfs",
     "snapshot": "lifecycle.snapshot", "migration": "lifecycle.migration", "control": "lifecycle.control",
-    "trace": "debug.trace", "gdbstub": "debug.gdbstub",
+    "trace": "debug.trace", "gdbstub": "debug.gdbstub", "linuxbox": "linuxbox",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
