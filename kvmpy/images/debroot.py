@@ -65,16 +65,15 @@ def fetch(packages=PYTHON_PACKAGES, cache: Path | None = None, offline: bool = F
     """The cache slot of each package (``NAME_VERSION/tree``), downloaded on first use. Offline
     (or without apt) the newest cached slot of each is used; FetchError if one is missing."""
     cache = Path(cache) if cache is not None else linuxkernel.cache_dir()
+    if not offline:
+        return linuxkernel.fetch_packages(packages, wanted, _outputs, cache, tree=True)
     slots = []
     for name in packages:
-        if offline:
-            found = sorted((cache / "debian").glob(f"{name}_*"), key=lambda p: p.stat().st_mtime)
-            if not found:
-                raise linuxkernel.FetchError(f"{name} is not in the cache {cache}/debian; "
-                                             "run 'python -m kvmpy.images.rootfs --python' once online")
-            slots.append(found[-1])
-        else:
-            slots.append(linuxkernel.fetch_package(name, wanted, _outputs, cache, tree=True))
+        found = sorted((cache / "debian").glob(f"{name}_*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise linuxkernel.FetchError(f"{name} is not in the cache {cache}/debian; "
+                                         "run 'python -m kvmpy.images.rootfs --python' once online")
+        slots.append(found[-1])
     return slots
 
 

@@ -9,6 +9,7 @@ files go in and out, nothing one call wrote is there in the next, and a timeout 
 kernel crash leave it usable. The protocol's parser is fuzzed in tests/unit/test_linuxbox_protocol.py.
 """
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -17,7 +18,7 @@ import time
 import pytest
 
 import kvmpy
-from kvmpy.images import guests, linuxkernel, rootfs
+from kvmpy.images import debroot, guests, linuxkernel, rootfs
 from kvmpy.kvm.system import backend_modules
 from kvmpy.linuxbox import AgentError, SandboxCrashed, SandboxError, SandboxTimeout, disk, protocol
 
@@ -80,6 +81,33 @@ def test_the_agent_reports_what_it_cannot_do(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(AgentError, match="cannot write .*/file/below: Not a directory"):
         agent_call(protocol.Request(["true"], files={str(tmp_path / "file" / "below"): (b"", 0o644)}))
+
+
+# --- the root disk ------------------------------------------------------------------------
+def test_the_sandbox_disk_holds_python3_its_libraries_and_the_agent():
+    """Debian's python3 with its loader and libraries (links kept), byte code, the agent and the
+    rc.local that starts it; rcS runs rc.local before it says ready."""
+    debugfs = shutil.which("debugfs") or shutil.which("debugfs", path="/usr/sbin:/sbin")
+    try:
+        d = disk.build()
+    except (linuxkernel.FetchError, rootfs.RootfsError) as e:
+        pytest.skip(f"cannot build the sandbox's root disk: {e}")
+    if debugfs is None:
+        pytest.skip("debugfs not found (apt-get install e2fsprogs)")
+
+    def ask(request: str) -> str:
+        return subprocess.run([debugfs, "-R", request, str(d.image)], capture_output=True, text=True,
+                              timeout=60).stdout
+    assert d.size == rootfs.DEFAULT_PYTHON_SIZE
+    assert 'Fast link dest: "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"' in ask("stat /lib64/ld-linux-x86-64.so.2")
+    assert 'Fast link dest: "python3.11"' in ask("stat /usr/bin/python3")
+    for path in ("/usr/bin/python3.11", "/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libz.so.1",
+                 "/usr/lib/python3.11/os.py", "/usr/sbin/kvmpy-agent"):
+        assert "Type: regular" in ask(f"stat {path}") or "Fast link dest" in ask(f"stat {path}"), path
+    if debroot.bytecode_tag() == "pyc-unchecked":
+        assert "os.cpython-311.pyc" in ask("ls /usr/lib/python3.11/__pycache__")
+    assert ask("cat /etc/rc.local") == disk.RC_LOCAL
+    assert "[ -x /etc/rc.local ] && /etc/rc.local\necho" in ask("cat /etc/init.d/rcS")
 
 
 # --- errors before any boot ---------------------------------------------------------------
