@@ -149,10 +149,12 @@ class LinuxSandbox:
             raise SandboxError(RING0_EMULATED.format(backend=", ".join(backends)))
         if kernel is None or image is None or initrd is None:
             linux = linuxkernel.fetch(offline=offline)
-            disk = sandbox_disk.build(linux, offline=offline, progress=progress) if image is None \
-                else rootfs_builder.build(linux, offline=offline)
-            kernel, image = kernel or linux.vmlinux, image or disk.image
-            initrd = initrd or disk.initrd
+            kernel = kernel or linux.vmlinux
+            if image is None:
+                disk = sandbox_disk.build(linux, offline=offline, progress=progress)
+                image, initrd = disk.image, initrd or disk.initrd
+            elif initrd is None:            # every root disk of this kernel has the same initramfs
+                initrd = rootfs_builder.build(linux, offline=offline, progress=progress).initrd
         self.timeout, self.max_output, self.max_fetch = timeout, max_output, max_fetch
         self.console = _Console(console)
         self.machine = self.listener = None
