@@ -225,10 +225,12 @@ static int send_blob(int fd, const void *p, uint32_t len)
 	return write_full(fd, p, len);
 }
 
-static void send_error(int fd, const char *fmt, const char *what, int err)
+/* An ERROR reply: ``what`` (and ": strerror(err)" if err is not 0). */
+static void send_error(int fd, const char *what, const char *name, int err)
 {
 	char msg[1024];
-	int n = snprintf(msg, sizeof(msg), fmt, what, strerror(err));
+	int n = snprintf(msg, sizeof(msg), "%s%s%s%s%s", what, name ? " " : "", name ? name : "",
+			 err ? ": " : "", err ? strerror(err) : "");
 
 	if (n < 0)
 		n = 0;
@@ -261,13 +263,13 @@ static int write_files(int conn, struct request *rq)
 		int fd;
 
 		if (!path) {
-			send_error(conn, "a file path holds a NUL byte%s%s", "", 0);
+			send_error(conn, "a file path holds a NUL byte", NULL, 0);
 			return -1;
 		}
 		mkdir_parents(path);
 		fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode & 07777);
 		if (fd < 0 || write_full(fd, data, len) || fchmod(fd, mode & 07777) || close(fd)) {
-			send_error(conn, "cannot write %s: %s", path, errno);
+			send_error(conn, "cannot write", path, errno);
 			return -1;
 		}
 		free(path);
@@ -438,7 +440,7 @@ static void run(int conn, struct request *rq)
 	out[0].data = malloc(rq->max_output + 1);
 	out[1].data = malloc(rq->max_output + 1);
 	if (!out[0].data || !out[1].data || spawn(rq, out, &status)) {
-		send_error(conn, "cannot start %s: %s", rq->argv[0], errno);
+		send_error(conn, "cannot start", rq->argv[0], errno);
 		return;
 	}
 	if (send_header(conn, REPLY_OK, out[0].truncated | out[1].truncated << 1, status) ||
@@ -492,7 +494,7 @@ static void serve(int conn)
 	memcpy(&len, h + 16, 4);
 	if (memcmp(h, "KVMQ", 4) || h[4] != VERSION || len > MAX_REQUEST || max_output > MAX_OUTPUT ||
 	    max_fetch > MAX_FETCH || !(body = malloc(len + 1))) {
-		send_error(conn, "bad request header%s%s", "", 0);
+		send_error(conn, "bad request header", NULL, 0);
 		return;
 	}
 	if (read_full(conn, body, len))
@@ -502,7 +504,7 @@ static void serve(int conn)
 	if (h[5] == KIND_READY)
 		ready(conn);
 	else if (h[5] != KIND_RUN || parse_run(body, len, &rq))
-		send_error(conn, "malformed request%s%s", "", 0);
+		send_error(conn, "malformed request", NULL, 0);
 	else
 		run(conn, &rq);
 out:

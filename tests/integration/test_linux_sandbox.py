@@ -83,6 +83,17 @@ def test_the_agent_reports_what_it_cannot_do(tmp_path):
         agent_call(protocol.Request(["true"], files={str(tmp_path / "file" / "below"): (b"", 0o644)}))
 
 
+def test_the_agent_answers_a_request_it_cannot_read_with_an_error():
+    host, guest = socket.socketpair()
+    proc = subprocess.Popen([str(guests.built("kvmpy-agent")), "--serve-stdin"], stdin=guest)
+    guest.close()
+    with host:
+        host.sendall(b"KVMQ" + bytes(16))              # version 0
+        with pytest.raises(AgentError, match="^bad request header$"):
+            protocol.read_reply(host.makefile("rb").read, 0, 0, 0)
+    assert proc.wait(30) == 0
+
+
 # --- the root disk ------------------------------------------------------------------------
 def test_the_sandbox_disk_holds_python3_its_libraries_and_the_agent():
     """Debian's python3 with its loader and libraries (links kept), byte code, the agent and the
