@@ -15,7 +15,8 @@ path here, with no hardware support on the host. This script
    ``kvm_amd``), every bundled demo, and the KVM-facing integration tests with pytest
    (Debian's stock kernel, PVH and bzImage, to a shell command among them, and with its
    root on a virtio disk: the disk is built here by kvmpy.images.rootfs, since L1 has
-   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs);
+   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs; so is the
+   Linux sandbox's disk, with python3 and the agent, when test_linux_sandbox.py runs);
 4. reads the result from markers in L1's console (never from QEMU's exit status) and
    exits non-zero, with the console log shown, when a step failed or L1 died.
 
@@ -70,7 +71,8 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_smp_stops.py",
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
                  "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
-                 "tests/integration/test_vsock.py", "tests/integration/test_net.py")
+                 "tests/integration/test_vsock.py", "tests/integration/test_net.py",
+                 "tests/integration/test_linux_sandbox.py")
 #: Left out, run on demand (--steps pytest FILE):
 #: - test_linux_pci.py and test_linux_vsock.py: Debian's kernel with 2 vCPUs; each passed in
 #:   several runs, but one CI run saw the PCI boot stop printing early ("Built 1 zonelists"),
