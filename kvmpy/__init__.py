@@ -21,6 +21,7 @@ _EXPORTS = {
     "KvmpyError": "errors", "KvmError": "errors", "KvmUnavailable": "errors", "GuestError": "errors",
     "LoaderError": "errors", "GuestMemoryError": "errors", "DeviceError": "errors",
     "Sandbox": "sandbox.sandbox", "SandboxPool": "sandbox.pool", "SandboxError": "sandbox.abi",
+    "LinuxSandbox": "linuxbox.sandbox",
 }
 # Submodules reachable as kvmpy.NAME (``from kvmpy import guests``): the package's folders,
 # and the modules users reach for most, by their short names.
@@ -30,7 +31,7 @@ _SUBMODULES = {
     "abi": "kvm.abi", "exits": "kvm.exits", "memory": "kvm.memory", "machine": "vmm.machine",
     "guests": "images.guests", "linuxkernel": "images.linuxkernel", "initramfs": "images.initramfs",
     "snapshot": "lifecycle.snapshot", "migration": "lifecycle.migration", "control": "lifecycle.control",
-    "trace": "debug.trace", "gdbstub": "debug.gdbstub",
+    "trace": "debug.trace", "gdbstub": "debug.gdbstub", "linuxbox": "linuxbox",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -422,7 +422,7 @@ def resolve(image) -> "pathlib.Path | os.PathLike":
 
 
 #: Built files that are not guests: Linux programs (guests/linux/) tests put in an initramfs.
-LINUX_PROGRAMS = ("vsock-echo-linux",)
+LINUX_PROGRAMS = ("vsock-echo-linux", "kvmpy-agent")
 
 
 def built(file: str) -> pathlib.Path:

@@ -192,8 +192,19 @@ def extract_vmlinux(image) -> bytes:
 
 
 # --- Debian packages -------------------------------------------------------------------
-def deb_members(deb: bytes, wanted) -> dict[str, bytes]:
-    """Regular files of a .deb's data archive whose paths match ``wanted(path)``.
+@dataclass(frozen=True)
+class DebEntry:
+    """A member of a package's file tree (``deb_members(..., tree=True)``): a regular file
+    (``data``, permission bits ``mode``) or a symbolic link (``link``: its target)."""
+
+    mode: int
+    data: bytes = b""
+    link: str | None = None
+
+
+def deb_members(deb: bytes, wanted, tree: bool = False) -> dict:
+    """Regular files of a .deb's data archive whose paths match ``wanted(path)``: {path: bytes};
+    with ``tree``, files and symbolic links as {path: DebEntry}.
 
     A .deb is an ``ar`` archive (magic ``!<arch>\\n``, 60-byte member headers) whose
     ``data.tar.*`` member holds the files; paths come back without the leading "./".
@@ -209,12 +220,12 @@ def deb_members(deb: bytes, wanted) -> dict[str, bytes]:
             raise FetchError(f"bad ar member header at offset {off}") from None
         body = deb[off + 60:off + 60 + size]
         if name.startswith("data.tar"):
-            return _tar_members(name, body, wanted)
+            return _tar_members(name, body, wanted, tree)
         off += 60 + size + (size & 1)
     raise FetchError("no data.tar member in the package")
 
 
-def _tar_members(name: str, body: bytes, wanted) -> dict[str, bytes]:
+def _tar_members(name: str, body: bytes, wanted, tree: bool) -> dict:
     if name.endswith(".zst"):
         body = _zstd(memoryview(body))
         mode = "r:"
@@ -225,7 +236,10 @@ def _tar_members(name: str, body: bytes, wanted) -> dict[str, bytes]:
         for m in tar:
             path = m.name[2:] if m.name.startswith("./") else m.name
             if m.isfile() and wanted(path):
-                found[path] = tar.extractfile(m).read()
+                data = tar.extractfile(m).read()
+                found[path] = DebEntry(m.mode & 0o7777, data) if tree else data
+            elif tree and m.issym() and wanted(path):
+                found[path] = DebEntry(0o777, link=m.linkname)
     return found
 
 
@@ -278,7 +292,7 @@ def _slot(name: str, version: str) -> str:
     return f"{name}_{version.replace(':', '%3a')}"
 
 
-def _download(cache: Path, name: str, version: str, wanted, outputs) -> Path:
+def _download(cache: Path, name: str, version: str, wanted, outputs, tree: bool = False) -> Path:
     """Download ``name=version``, keep the members ``wanted`` selects, let ``outputs`` write
     the slot's files; the slot directory appears atomically."""
     final = cache / "debian" / _slot(name, version)
@@ -292,7 +306,7 @@ def _download(cache: Path, name: str, version: str, wanted, outputs) -> Path:
         debs = [p for p in os.listdir(tmp) if p.endswith(".deb")]
         if len(debs) != 1:
             raise FetchError(f"apt-get download {name} left {debs!r} instead of one .deb")
-        members = deb_members(Path(tmp, debs[0]).read_bytes(), wanted)
+        members = deb_members(Path(tmp, debs[0]).read_bytes(), wanted, tree)
         out = Path(tmp, "slot")
         out.mkdir()
         outputs(members, out)
@@ -371,10 +385,11 @@ def fetch(cache: Path | None = None, *, kernel_package: str = KERNEL_PACKAGE, of
     return LinuxFiles(k / "vmlinuz", k / "vmlinux", b / "busybox", k.name)
 
 
-def fetch_package(name: str, wanted, outputs, cache: Path | None = None) -> Path:
+def fetch_package(name: str, wanted, outputs, cache: Path | None = None, tree: bool = False) -> Path:
     """The cache slot of Debian package ``name`` (its candidate version), made on first use:
     ``wanted(path)`` picks the package's files and ``outputs(members, slot)`` writes what the
-    slot keeps (see :func:`fetch`, which does the same for the kernel). If apt cannot answer,
+    slot keeps (see :func:`fetch`, which does the same for the kernel); with ``tree`` the
+    members are DebEntry values, symbolic links included (:func:`deb_members`). If apt cannot answer,
     the newest slot of ``name`` already cached is used; FetchError if there is none."""
     cache = Path(cache) if cache is not None else cache_dir()
     try:
@@ -384,7 +399,20 @@ def fetch_package(name: str, wanted, outputs, cache: Path | None = None) -> Path
         if found is None:
             raise
         return found
-    return _download(cache, name, version, wanted, outputs)
+    return _download(cache, name, version, wanted, outputs, tree)
+
+
+def fetch_packages(names, wanted, outputs, cache: Path | None = None, tree: bool = False) -> list[Path]:
+    """:func:`fetch_package` for several packages, with one apt-cache call for them all."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    try:
+        info = _apt_show(list(names))
+    except FetchError:
+        found = [_newest(cache, name + "_") for name in names]
+        if None in found:
+            raise
+        return found
+    return [_download(cache, name, info[name]["Version"], wanted, outputs, tree) for name in names]
 
 
 def kernel_modules(files: LinuxFiles, names, cache: Path | None = None) -> dict[str, Path]:

@@ -21,13 +21,16 @@ packages only (fetched and cached by :mod:`kvmpy.images.linuxkernel`):
     :data:`READY_MARKER` and leaves a shell on the console. The modules are also there for
     ``modprobe`` (kvmpy writes their ``modules.dep``: Debian's package has none).
     ``reboot`` unmounts (read-only) and resets the machine: kvmpy exits with status 120.
+    With ``python=True`` it also holds Debian's ``python3`` (kvmpy.images.debroot); with
+    ``files`` any files of yours (an executable ``/etc/rc.local`` runs at the end of rcS:
+    how kvmpy.linuxbox starts its agent).
 
 Both are cached by content under ``$KVMPY_CACHE/rootfs/KEY/`` (the key hashes the
-kernel's modules, busybox, the scripts below and the size), so a second build costs a
-few hashes. The image there is the pristine copy: boot a copy of it (``--output``, or
+kernel's modules, busybox, the scripts below, the python packages' versions, your files
+and the size), so a second build costs a few hashes. The image there is the pristine copy: boot a copy of it (``--output``, or
 :meth:`RootDisk.copy_to`), since the guest writes to its disk. Command line::
 
-    python -m kvmpy.images.rootfs [--output rootfs.img] [--size 64M] [--offline]
+    python -m kvmpy.images.rootfs [--output rootfs.img] [--size 64M] [--python] [--offline]
 
 prints ``vmlinux=``, ``vmlinuz=``, ``initrd=`` and ``rootfs=`` lines (shell syntax) and
 the command line to boot with.
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KvmpyError
-from . import kmod, linuxkernel
+from . import debroot, kmod, linuxkernel
 
 #: The modules the root disk needs, loaded by the initramfs in this order's dependency order.
 ROOT_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk")
@@ -59,6 +62,7 @@ MODULE_FILES = ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_pci.ko"
                 "vsock.ko", "vmw_vsock_virtio_transport_common.ko", "vmw_vsock_virtio_transport.ko",
                 "virtio-rng.ko")
 DEFAULT_SIZE = 64 << 20
+DEFAULT_PYTHON_SIZE = 96 << 20  # with Debian's python3 (~25 MB with its byte code)
 MIN_SIZE = 8 << 20
 MAX_SIZE = 64 << 30
 FAKE_TIME = 1700000000          # every time stamp in the image (2023-11-14)
@@ -138,6 +142,7 @@ for net in /sys/class/net/*; do
   ip link set "$ifname" up
   udhcpc -i "$ifname" -s /etc/udhcpc.script -t 3 -T 2 -b -q -S
 done
+[ -x /etc/rc.local ] && /etc/rc.local
 echo "{READY_MARKER} (Linux $rel, $(nproc) CPU(s), root $(awk '$2 == "/" {{print $1}}' /proc/mounts | tail -1))"
 echo "type 'reboot' to leave (kvmpy exits with status 120)"
 """
@@ -254,8 +259,13 @@ def _stem(filename: str) -> str:
     return filename[:-3] if filename.endswith(".ko") else filename
 
 
-def _key(linux, busybox: bytes, modules: dict[str, Path], size: int) -> str:
+def _key(linux, busybox: bytes, modules: dict[str, Path], size: int, python: list[Path], extra: dict) -> str:
     h = hashlib.sha256(f"kvmpy-rootfs {FORMAT} {size} {linux.kernel_package}\n".encode())
+    if python:                  # Debian's versions name the packages' contents
+        h.update(f"python {debroot.bytecode_tag()} {' '.join(p.name for p in python)}\n".encode())
+    for rel in sorted(extra):
+        data, mode = extra[rel]
+        h.update(f"file {rel} {mode:o} ".encode() + hashlib.sha256(data).digest())
     for text in (INITRAMFS_INIT, INITTAB, RCS, UDHCPC_SCRIPT, repr(sorted(ETC_FILES.items())), repr(DIRS)):
         h.update(hashlib.sha256(text.encode()).digest())
     h.update(hashlib.sha256(busybox).digest())
@@ -264,15 +274,21 @@ def _key(linux, busybox: bytes, modules: dict[str, Path], size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int = DEFAULT_SIZE, cache: Path | None = None,
-          offline: bool = False, progress=None) -> RootDisk:
+def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int | None = None, cache: Path | None = None,
+          offline: bool = False, progress=None, python: bool = False, files: dict | None = None) -> RootDisk:
     """The root disk and initramfs for Debian's cloud kernel, built once per content.
 
     ``linux`` defaults to :func:`linuxkernel.fetch` (``offline``: the cache only);
-    ``progress(text)`` hears what is being fetched or built. Raises FetchError (nothing to
-    fetch from, empty cache), RootfsError (no mke2fs, mke2fs failed) or ModuleError.
+    ``progress(text)`` hears what is being fetched or built. ``python`` adds Debian's
+    python3 (kvmpy.images.debroot); ``files`` maps paths in the image to bytes or
+    ``(bytes, mode)``, added last (an executable ``etc/rc.local`` runs at the end of rcS).
+    ``size`` defaults to DEFAULT_SIZE, DEFAULT_PYTHON_SIZE with python. Raises FetchError
+    (nothing to fetch from, empty cache), RootfsError (no mke2fs, mke2fs failed, a bad
+    ``files`` path) or ModuleError.
     """
     say = progress or (lambda text: None)
+    size = size if size is not None else DEFAULT_PYTHON_SIZE if python else DEFAULT_SIZE
+    extra = _extra_files(files or {})
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise RootfsError(f"root disk size {size} is outside {MIN_SIZE >> 20} MiB .. {MAX_SIZE >> 30} GiB")
     cache = Path(cache) if cache is not None else linuxkernel.cache_dir()
@@ -283,7 +299,10 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int = DEFAULT_SI
     modules = _modules(linux, offline)
     busybox = Path(linux.busybox).read_bytes()
     release = (Path(linux.vmlinuz).parent / "release").read_text().strip()
-    key = _key(linux, busybox, modules, size)
+    if python:
+        say(f"fetching Debian's python3 ({', '.join(debroot.PYTHON_PACKAGES)}; cached)")
+    trees = debroot.fetch(debroot.PYTHON_PACKAGES, cache, offline) if python else []
+    key = _key(linux, busybox, modules, size, trees, extra)
     final = cache / "rootfs" / key
     disk = RootDisk(final / "rootfs.img", final / "initrd.cpio", linux, release, size)
     if disk.image.is_file() and disk.initrd.is_file():
@@ -297,6 +316,14 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int = DEFAULT_SI
         out.mkdir()
         stage = Path(tmp, "tree")
         _stage_tree(stage, linux.busybox, release, modules, infos, files, devices)
+        if trees:
+            debroot.install(trees, stage)
+        for rel, (data, mode) in extra.items():
+            path = stage / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.write_bytes(data)
+            path.chmod(mode)
         for path in sorted(stage.rglob("*"), reverse=True):     # the same inputs, the same image
             os.utime(path, (FAKE_TIME, FAKE_TIME), follow_symlinks=False)
         _mke2fs(mke2fs, stage, out / "rootfs.img", size, key)
@@ -312,6 +339,20 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int = DEFAULT_SI
                 raise
     _prune(final)
     return disk
+
+
+def _extra_files(files: dict) -> dict[str, tuple[bytes, int]]:
+    """``build(files=...)`` checked: relative paths inside the image, bytes, a mode."""
+    out = {}
+    for rel, value in files.items():
+        data, mode = value if isinstance(value, tuple) else (value, 0o644)
+        parts = str(rel).strip("/").split("/")
+        if not parts or "" in parts or ".." in parts or "." in parts:
+            raise RootfsError(f"files: {rel!r} is not a path inside the image")
+        if not isinstance(data, (bytes, bytearray)) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise RootfsError(f"files: {rel!r} needs bytes or (bytes, mode)")
+        out["/".join(parts)] = (bytes(data), mode)
+    return out
 
 
 def _stage_tree(stage: Path, busybox_path, release: str, modules, infos, files, devices) -> None:
@@ -417,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="write a writable copy of the disk here (the cached one stays pristine); "
                         "without it, rootfs= names the cached image: copy it before booting it")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, metavar="SIZE",
-                   help=f"size of the ext4 image (default {DEFAULT_SIZE >> 20}M)")
+    p.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                   help=f"size of the ext4 image (default {DEFAULT_SIZE >> 20}M, "
+                        f"{DEFAULT_PYTHON_SIZE >> 20}M with --python)")
+    p.add_argument("--python", action="store_true",
+                   help="add Debian's python3 (python3.11-minimal and the libraries it needs)")
     p.add_argument("--cache", type=Path, default=None, help="cache directory (default $KVMPY_CACHE or ~/.cache/kvmpy)")
     p.add_argument("--offline", action="store_true", help="use only what the cache holds; never run apt")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -429,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = None if args.quiet else (lambda text: print(f"kvmpy.images.rootfs: {text}", file=sys.stderr,
                                                             flush=True))
     try:
-        disk = build(size=args.size, cache=args.cache, offline=args.offline, progress=progress)
+        disk = build(size=args.size, cache=args.cache, offline=args.offline, progress=progress, python=args.python)
         image = disk.copy_to(args.output) if args.output is not None else disk.image
     except (KvmpyError, OSError) as e:
         print(f"kvmpy.images.rootfs: {e}", file=sys.stderr)

@@ -15,7 +15,8 @@ path here, with no hardware support on the host. This script
    ``kvm_amd``), every bundled demo, and the KVM-facing integration tests with pytest
    (Debian's stock kernel, PVH and bzImage, to a shell command among them, and with its
    root on a virtio disk: the disk is built here by kvmpy.images.rootfs, since L1 has
-   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs);
+   neither apt nor mke2fs, and shipped in L1's copy of the cache with debugfs; so is the
+   Linux sandbox's disk, with python3 and the agent, when test_linux_sandbox.py runs);
 4. reads the result from markers in L1's console (never from QEMU's exit status) and
    exits non-zero, with the console log shown, when a step failed or L1 died.
 
@@ -50,7 +51,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from kvmpy.images import linuxkernel, rootfs  # noqa: E402
+from kvmpy.images import debroot, linuxkernel, rootfs  # noqa: E402
+from kvmpy.linuxbox import disk as sandbox_disk  # noqa: E402
 from kvmpy.images.initramfs import CpioEntry, newc_archive  # noqa: E402
 
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
@@ -71,7 +73,7 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
                  "tests/integration/test_vsock.py", "tests/integration/test_net.py",
                  "tests/integration/test_linux_disk.py", "tests/integration/test_linux_pci.py",
-                 "tests/integration/test_linux_vsock.py")
+                 "tests/integration/test_linux_vsock.py", "tests/integration/test_linux_sandbox.py")
 #: The three Linux files with 2 vCPUs are back (2026-12-07): L2's occasional death (3 of 26
 #: root-disk boots earlier) is QEMU 7.2 TCG's nested SVM, not kvmpy's: the stress step saw it
 #: under QEMU in L1 too (1 of 56 boots; kvmpy 0 of 72 since guest RAM is on 2 MiB pages;
@@ -404,6 +406,16 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     src = work / "src"
     say("staging this checkout and building its C extension and guests with Debian's python3.11")
     stage_source(src, site)
+    shipped = [disk.image, disk.initrd]
+    if "pytest" in steps and any("test_linux_sandbox" in a for a in pytest_args):
+        # the Linux sandbox's disk (python3 and the agent built here, the same bytes as L1's), and
+        # the python packages' cache slots: L1 finds the disk by a key that names them
+        say("building the Linux sandbox's root disk (kvmpy.linuxbox.disk, cached)")
+        sandbox = sandbox_disk.build(linux, agent=(src / "kvmpy/_guests/kvmpy-agent").read_bytes())
+        shipped += [sandbox.image, sandbox.initrd]
+        slots = debroot.fetch(debroot.PYTHON_PACKAGES)
+    else:
+        slots = []
     site_copy = work / "site"
     shutil.copytree(site, site_copy, symlinks=True)
     compile_bytecode(src, site_copy)
@@ -451,8 +463,10 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
-    for f in (disk.image, disk.initrd):
+    for f in shipped:
         tree.copy(f, f"opt/cache/rootfs/{f.parent.name}/{f.name}")
+    for slot in slots:                                # their names only: the disk is built already
+        tree.add(f"opt/cache/debian/{slot.name}/tree/.kvmpy-key-only", b"")
     tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args, stress_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"

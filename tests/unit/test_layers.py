@@ -16,6 +16,7 @@ The floors, bottom first, as the imports show them:
   L3 fuzz       fuzz/                      a harness over Machine's public API (load, run, checkpoint, reset)
   L3 sandbox    sandbox/                   function calls into a guest over the same API; names crashes
                                            with fuzz.traps (above fuzz: it imports that piece)
+  L3 linuxbox   linuxbox/                  Linux sandboxes over Machine's public API and the images (rootfs, guests)
   L3 bench      bench/                     drives Machine, migration and the images, and is run
                                            by the CLI: the top of L3, under the front end
   L4            cli, __main__, testing/        the command line; the pytest plugin and its fixtures
@@ -52,6 +53,7 @@ LAYOUT = Layout(
         ("L3 lifecycle", {"kvmpy.lifecycle"}),
         ("L3 fuzz", {"kvmpy.fuzz"}),
         ("L3 sandbox", {"kvmpy.sandbox"}),
+        ("L3 linuxbox", {"kvmpy.linuxbox"}),
         ("L3 bench", {"kvmpy.bench"}),
         ("L4", {"kvmpy.cli", "kvmpy.__main__", "kvmpy.testing"}),
     ],
