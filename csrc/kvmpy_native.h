@@ -184,6 +184,9 @@ uint64_t kvmpy_reset_copy_pages(uint8_t *ram, const uint8_t *saved, uint64_t pag
 				const uint64_t *log, uint64_t *vmm);
 /* KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): 0 or -errno */
 int kvmpy_reset_enable_manual_protect(int vm_fd);
+/* KVM_CLEAR_DIRTY_LOG of the pages set in log (pages long): what KVM_GET_DIRTY_LOG returned,
+ * protected again (with manual protection GET alone leaves them writable); 0 or -errno */
+int kvmpy_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t *log, uint64_t pages);
 /* Hot pages: a page in log that was also in prev (dirty at two resets in a row), not hot yet,
  * becomes hot while *hot_count < hot_max (lowest pages first); then mask = log & ~hot and
  * prev = log. Bits past pages are ignored (zero in mask and hot). Returns the pages made hot. */

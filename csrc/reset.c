@@ -118,6 +118,13 @@ uint64_t kvmpy_reset_hot_mask(const uint64_t *log, uint64_t *prev, uint64_t *hot
 	return made;
 }
 
+int kvmpy_clear_dirty_log(int vm_fd, uint32_t slot, uint64_t *log, uint64_t pages)
+{
+	if (!log || !pages)
+		return -EINVAL;
+	return clear_log(vm_fd, slot, log, pages);
+}
+
 int64_t kvmpy_reset_region(int vm_fd, struct kvmpy_reset_region *r, int manual,
 			   struct kvmpy_reset_times *t)
 {

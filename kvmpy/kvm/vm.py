@@ -26,6 +26,7 @@ class Vm(Fd):
         self.vcpus: list[Vcpu] = []
         self._next_slot = 0
         self.has_irqchip = False         # KVM_CREATE_IRQCHIP (and the PIT with it) done
+        self.manual_protect = False      # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on (enable_manual_protect)
 
     def close(self) -> None:
         for v in self.vcpus:
@@ -79,13 +80,30 @@ class Vm(Fd):
             self._set_slot(r, enable)
 
     def get_dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call."""
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot, set if written since the last call.
+
+        With manual protection on (``enable_manual_protect``: a reset checkpoint's
+        KVM_CLEAR_DIRTY_LOG), GET alone would leave the pages writable and dirty; the pages
+        it returned are then cleared too, so every caller (live migration) sees the same."""
         region = next(r for r in self.memory.regions if r.slot == slot)
         npages = region.size // PAGE_SIZE
         bitmap = ffi.new("uint64_t[]", (npages + 63) // 64)
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
         ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log)
-        return bytes(ffi.buffer(bitmap))[:(npages + 7) // 8]
+        out = bytes(ffi.buffer(bitmap))[:(npages + 7) // 8]
+        if self.manual_protect:
+            err = lib.kvmpy_clear_dirty_log(self.fd, slot, bitmap, npages)
+            if err < 0:
+                raise KvmError(-err, "KVM_CLEAR_DIRTY_LOG")
+        return out
+
+    def enable_manual_protect(self) -> None:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: reading the dirty log no longer protects the pages
+        again; KVM_CLEAR_DIRTY_LOG does, page by page. Stays on for the VM's life."""
+        err = lib.kvmpy_reset_enable_manual_protect(self.fd)
+        if err < 0:
+            raise KvmError(-err, "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+        self.manual_protect = True
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, lib.KVM_SET_TSS_ADDR, addr)

@@ -42,7 +42,7 @@ import os
 import time
 import weakref
 
-from ..errors import KvmpyError
+from ..errors import KvmError, KvmpyError
 from ..kvm.abi import ffi, lib
 from ..kvm.fd import ioctl
 from ..kvm.memory import PAGE_SIZE
@@ -306,9 +306,10 @@ class Checkpoint:
         vm = m.vm
         # the dirty log: on, then emptied; the VMM's marks so far dropped; then the copy
         if manual_protect:
-            err = lib.kvmpy_reset_enable_manual_protect(vm.fd)
-            if err < 0:
-                raise ResetError(f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {os.strerror(-err)}")
+            try:
+                vm.enable_manual_protect()
+            except KvmError as e:
+                raise ResetError(f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {e}") from None
             self.manual = True
         vm.log_dirty_pages(True)
         for r in m.memory.regions:

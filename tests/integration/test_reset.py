@@ -245,3 +245,24 @@ def test_other_machine_shapes_reset_too(cpus, irqchip):
             diffs = differences(seen, now)
             assert not diffs, "\n".join(diffs)
         assert t_seen["clock"] > 0
+
+
+def test_after_a_manual_protection_checkpoint_the_dirty_log_reads_as_before():
+    """A checkpoint with KVM_CLEAR_DIRTY_LOG leaves the VM in manual protection; once it is
+    dropped, get_dirty_log (live migration's) still returns each write once, not forever."""
+    with Machine(mem_size=MEM) as m:
+        m.load(guests.path("reset-case"), user=True)
+        assert m.run(timeout=10).status == READY
+        m.checkpoint(clear_dirty_log=True)
+        m.drop_checkpoint()
+        assert m.vm.manual_protect
+        m.vm.log_dirty_pages(True)
+        slot = m.memory.regions[0].slot
+        m.vm.get_dirty_log(slot)                             # start clean
+        run_case(m, {"pages": 4, "first": 100, "stride": 1, "seed": 3, "serial": 0, "sector": NO_SECTOR,
+                     "cmos": False, "regs": False, "host": [], "feed": b""})
+        first = int.from_bytes(m.vm.get_dirty_log(slot), "little")
+        array_page = ARRAY // 4096
+        assert all(first >> (array_page + 100 + i) & 1 for i in range(4))
+        again = int.from_bytes(m.vm.get_dirty_log(slot), "little")
+        assert not any(again >> (array_page + 100 + i) & 1 for i in range(4))   # reported once
