@@ -411,6 +411,8 @@ class Machine:
         threads; the first vCPU to stop the machine stops them all. ``trace`` (a
         ``kvmpy.debug.trace.Tracer``) sees every exit; a traced run takes the Python loop.
         """
+        if self.vm is None:
+            raise KvmpyError("this Machine is closed: build a new one (or restore a snapshot) to run again")
         self.gate.begin(len(self.vcpus))
         try:
             loops = self._loops(trace)

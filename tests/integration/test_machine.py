@@ -137,6 +137,15 @@ def test_several_vcpus_need_the_irqchip_and_aps_wait():
     assert (result.reason, result.vcpu, result.status) == ("exit", 0, g.expect_status)
 
 
+def test_a_closed_machine_says_so_when_run():
+    m = kvmpy.Machine(mem_size=1 << 20)
+    m.load(bytes.fromhex("b007e6f4"), format="raw")         # mov al, 7; out 0xf4, al
+    assert m.run(timeout=10).status == 15
+    m.close()
+    with pytest.raises(kvmpy.KvmpyError, match="this Machine is closed"):
+        m.run(timeout=1)
+
+
 def test_loader_errors_are_clear():
     """Images that are garbage, too big, or in the PC's legacy hole (where the MP table goes) give a
     LoaderError naming the problem; one where the boot tables would go loads, and they move."""
