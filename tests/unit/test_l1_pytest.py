@@ -40,3 +40,22 @@ def test_other_failures_are_not_run_again(tmp_path):
 def test_a_linux_test_that_fails_twice_fails_the_step(tmp_path):
     r = step(tmp_path, {"tests/integration/test_linux_disk.py": BROKEN})
     assert r.returncode == 1 and "once more" in r.stdout and "passed on the rerun" not in r.stdout
+
+
+def test_the_testbed_boots_l1_again_only_when_l1_itself_died():
+    """L1's own kernel panic before its steps end is the emulator's: one more boot. A panic
+    printed by an L2 (in a failing test's output) while L1 goes on to the end is not."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import testbed
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    died = testbed.Result()
+    for line in ["@@kvmpy-l1 begin pytest t=30", "  | [  382.1] Kernel panic - not syncing: corrupted stack end"]:
+        died.feed(line)
+    assert died.l1_died and "corrupted stack end" in died.panic
+    l2 = testbed.Result()
+    for line in ["  | E   Kernel panic - not syncing: VFS", "@@kvmpy-l1 end pytest rc=1 t=40", "@@kvmpy-l1 done t=41"]:
+        l2.feed(line)
+    assert not l2.l1_died and "pytest (rc=1)" in l2.failures(["pytest"])
+    assert testbed.L1_ATTEMPTS == 2
