@@ -313,12 +313,9 @@ class Checkpoint:
             self.manual = True
         vm.log_dirty_pages(True)
         for r in m.memory.regions:
-            vm.get_dirty_log(r.slot)
+            vm.get_dirty_log(r.slot)    # emptied (and, with manual protection, cleared: Vm.get_dirty_log)
             r.take_dirty()
             self.regions.append(_Region(r, hot_pages if manual_protect else 0))
-        if self.manual:                 # with manual protection, GET no longer re-protects: CLEAR all
-            for reg in self.regions:
-                lib.kvmpy_reset_region(vm.fd, reg.c, 1, ffi.NULL)
         msrs = sorted(m.supported_msrs() & set(m.kvm.msr_index_list()))
         xsave = bool(vm.check_extension(lib.KVM_CAP_XSAVE))
         chips, clock = _vm_ops(vm)
