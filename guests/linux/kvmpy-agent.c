@@ -78,12 +78,11 @@ struct request {
 	uint32_t nfiles, nfetch;
 };
 
-static int read_full(int fd, void *buf, size_t n)
+/* all n bytes, through EINTR and short transfers; -1 at EOF or an error */
+static int transfer_full(int fd, char *p, size_t n, int writing)
 {
-	char *p = buf;
-
 	while (n) {
-		ssize_t r = read(fd, p, n);
+		ssize_t r = writing ? write(fd, p, n) : read(fd, p, n);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
@@ -94,20 +93,14 @@ static int read_full(int fd, void *buf, size_t n)
 	return 0;
 }
 
+static int read_full(int fd, void *buf, size_t n)
+{
+	return transfer_full(fd, buf, n, 0);
+}
+
 static int write_full(int fd, const void *buf, size_t n)
 {
-	const char *p = buf;
-
-	while (n) {
-		ssize_t r = write(fd, p, n);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return -1;
-		p += r;
-		n -= r;
-	}
-	return 0;
+	return transfer_full(fd, (char *)buf, n, 1);	/* write() does not modify it */
 }
 
 static uint32_t get_u32(struct cursor *c)

@@ -85,41 +85,37 @@ def classify(out: bytes, seen: bool, why: str) -> str:
     return "other"
 
 
-def boot_kvmpy(files, initrd: bytes, cpus: int, cmdline: str, timeout: float) -> tuple[str, str, bytes]:
+def _boot(sink, load, timeout: float, **machine) -> tuple[str, str, bytes]:
+    """A 512 MiB machine with ``machine``'s options, ``load(m)``, one run: (class, why, console)."""
     import kvmpy
     from kvmpy.errors import GuestError
-    sink = Sink()
-    with kvmpy.Machine(mem_size=512 << 20, cpus=cpus, serial=sink) as m:
+    with kvmpy.Machine(mem_size=512 << 20, serial=sink, **machine) as m:
         sink.machine = m
-        m.load(files.vmlinux.read_bytes(), format="pvh", cmdline=cmdline, initrd=initrd)
+        load(m)
         try:
-            r = m.run(timeout=timeout)
-            why = f"run ended: {r.reason}"
+            why = f"run ended: {m.run(timeout=timeout).reason}"
         except GuestError as e:
             why = f"guest error: {e}"
         why = f"[{pic_state(m)}] {why}"
     return classify(bytes(sink.buf), sink.seen.is_set(), why), why, bytes(sink.buf)
+
+
+def boot_kvmpy(files, initrd: bytes, cpus: int, cmdline: str, timeout: float) -> tuple[str, str, bytes]:
+    return _boot(Sink(), lambda m: m.load(files.vmlinux.read_bytes(), format="pvh", cmdline=cmdline,
+                                          initrd=initrd), timeout, cpus=cpus)
 
 
 def boot_disk(cpus: int, append: str, timeout: float, tmp: Path) -> tuple[str, str, bytes]:
-    import kvmpy
-    from kvmpy.errors import GuestError
     from kvmpy.images import rootfs
     disk = rootfs.build()
     image = disk.copy_to(tmp / "rootfs.img")
-    sink = Sink(rootfs.READY_MARKER.encode())
-    with kvmpy.Machine(mem_size=512 << 20, cpus=cpus, serial=sink, disks=[str(image)], rng=True) as m:
-        sink.machine = m
-        m.load(disk.kernel.vmlinux.read_bytes(), cmdline=f"{disk.cmdline} {append}".strip(),
-               initrd=disk.initrd.read_bytes())
-        try:
-            r = m.run(timeout=timeout)
-            why = f"run ended: {r.reason}"
-        except GuestError as e:
-            why = f"guest error: {e}"
-        why = f"[{pic_state(m)}] {why}"
-    image.unlink()
-    return classify(bytes(sink.buf), sink.seen.is_set(), why), why, bytes(sink.buf)
+    try:
+        return _boot(Sink(rootfs.READY_MARKER.encode()),
+                     lambda m: m.load(disk.kernel.vmlinux.read_bytes(), cmdline=f"{disk.cmdline} {append}".strip(),
+                                      initrd=disk.initrd.read_bytes()),
+                     timeout, cpus=cpus, disks=[str(image)], rng=True)
+    finally:
+        image.unlink()
 
 
 def boot_qdisk(cpus: int, append: str, timeout: float, tmp: Path) -> tuple[str, str, bytes]:
