@@ -72,8 +72,11 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
                  "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
                  "tests/integration/test_vsock.py", "tests/integration/test_net.py",
-                 "tests/integration/test_linux_disk.py", "tests/integration/test_linux_pci.py",
-                 "tests/integration/test_linux_vsock.py", "tests/integration/test_linux_sandbox.py")
+                 "tests/integration/test_linux_sandbox.py")
+#: test_linux_disk.py, test_linux_pci.py and test_linux_vsock.py (Debian's kernel with 2 vCPUs)
+#: are on demand again (2026-12-07, end of day): with them in, L1's own kernel panicked in 2 of
+#: the last 3 full runs ("stack guard page was hit" in exc_page_fault under kvmpy's python3,
+#: then "corrupted stack end detected inside scheduler", ~400 s in, where they run).
 #: The three Linux files with 2 vCPUs are back (2026-12-07): L2's occasional death (3 of 26
 #: root-disk boots earlier) is QEMU 7.2 TCG's nested SVM, not kvmpy's: the stress step saw it
 #: under QEMU in L1 too (1 of 56 boots; kvmpy 0 of 72 since guest RAM is on 2 MiB pages;
