@@ -1,4 +1,5 @@
 """Helpers shared by the tests that pause, snapshot, migrate and control the counter guest."""
+import gc
 import json
 import os
 import struct
@@ -14,6 +15,13 @@ DISK_BYTES = 64 * 512            # the counter guest writes sectors 0..63
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     p for p in (PKG_PARENT, os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def open_fds() -> int:
+    """How many file descriptors this process holds, after a garbage collection: a machine
+    dropped earlier may otherwise be finalised (closing its fds) between two counts."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
 
 
 def fresh_disk(path) -> str:

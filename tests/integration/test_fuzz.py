@@ -7,7 +7,6 @@ checksum reports 0x43, 'H' 0x77 spins. Each case exits 0x53 if it sees the previ
 case's RAM (its canary set).
 """
 import hashlib
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -8,6 +8,7 @@ import pytest
 
 import kvmpy
 from kvmpy import guests
+from .lab import open_fds
 
 
 class Scratch:
@@ -159,10 +160,6 @@ def test_loader_errors_are_clear():
         assert m.load(b"\x90" * 16, format="raw", mode="long", load_addr=0x1000).tables.gdt == 0x2000
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def _rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -178,11 +175,11 @@ def test_a_thousand_machines_leak_no_fds_or_memory():
     for _ in range(50):                  # warm caches, imports and allocator pools
         one()
     gc.collect()
-    fds, rss = _fds(), _rss_kib()
+    fds, rss = open_fds(), _rss_kib()
     for _ in range(1000):
         one()
     gc.collect()
-    assert _fds() == fds
+    assert open_fds() == fds
     assert _rss_kib() - rss < 16 * 1024, f"RSS grew by {_rss_kib() - rss} KiB"
 
 

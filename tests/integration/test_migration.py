@@ -24,7 +24,7 @@ from kvmpy import guests, migration
 from kvmpy.lifecycle.migration import MigrationError
 
 from . import lab
-from .lab import fresh_disk, wait_until
+from .lab import fresh_disk, open_fds, wait_until
 from .migwire import Wire
 
 ENV = lab.CHILD_ENV
@@ -288,12 +288,12 @@ def feed_receiver(frames, tail: bytes = b"", source_key: bytes = b"", **kw):
 def test_the_target_discards_a_stream_that_ends_early(tmp_path):
     """HELO and some pages, then the source vanishes: MigrationError, no machine, no leaked fds."""
     disk = fresh_disk(tmp_path / "disk.img")
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     box = feed_receiver([hello(disk), page_frame(0x1000)], tail=struct.pack("<4sIQI", b"PAGE", 12 + 4096, 0x2000, 1) + bytes(80),
                         disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
     assert "ended early" in str(box["error"])
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_fds() == fds
 
 
 def test_the_stream_does_not_choose_the_targets_files(tmp_path):

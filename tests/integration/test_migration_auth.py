@@ -21,7 +21,7 @@ from kvmpy import migration
 from kvmpy.lifecycle import channel
 from kvmpy.lifecycle.migration import MigrationError
 
-from .lab import fresh_disk
+from .lab import fresh_disk, open_fds
 from . import lab
 from .migwire import MAGIC, Wire, greeting
 from .test_migration import counter, drain, feed_receiver, hello, hello_body, page_frame, receiver
@@ -129,11 +129,11 @@ def test_more_ram_than_half_the_host_is_refused_by_default(tmp_path):
 @pytest.mark.parametrize("peer_key", [b"", b"x" * 32], ids=["no-key", "another-key"])
 def test_a_peer_without_the_key_is_refused_before_anything_is_built(tmp_path, peer_key):
     disk = fresh_disk(tmp_path / "disk.img")
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     box = feed_receiver([hello(disk), page_frame(0x1000)], source_key=peer_key, disks=[disk], key=KEY)
     assert isinstance(box.get("error"), MigrationError), box
     assert "different migration keys" in str(box["error"])
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_fds() == fds
 
 
 def test_a_target_with_no_key_refuses_a_keyed_source(tmp_path):
@@ -146,7 +146,7 @@ def test_a_forged_frame_after_a_good_start_closes_the_machine_built_so_far(tmp_p
     """HELO with the right key builds the machine; a later PAGE whose payload was changed
     fails its MAC: refused, the machine closed (no fd left), nothing runs."""
     disk = fresh_disk(tmp_path / "disk.img")
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     box, t = receiver(disks=[disk], key=KEY)
     with connect(box) as c:
         wire = Wire(c, b"S", KEY)
@@ -161,7 +161,7 @@ def test_a_forged_frame_after_a_good_start_closes_the_machine_built_so_far(tmp_p
     t.join(30)
     assert kind == b"FAIL"
     assert isinstance(box.get("error"), MigrationError) and "frame 1 (b'PAGE') fails its MAC" in str(box["error"])
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_fds() == fds
 
 
 def test_a_frame_recorded_on_one_connection_is_refused_on_another(tmp_path):

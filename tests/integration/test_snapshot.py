@@ -15,7 +15,7 @@ from kvmpy import guests
 from kvmpy.lifecycle.snapshot import SnapshotError
 
 from . import lab
-from .lab import DISK_BYTES, fresh_disk, rewrite_manifest, wait_until
+from .lab import DISK_BYTES, fresh_disk, open_fds, rewrite_manifest, wait_until
 
 ENV = lab.CHILD_ENV
 
@@ -193,10 +193,10 @@ def test_inconsistent_snapshots_are_refused_and_nothing_starts(tmp_path, edit, m
         m.request_stop()
         m.wait()
     rewrite_manifest(tmp_path / "snap", edit)
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     with pytest.raises(SnapshotError, match=message):
         kvmpy.Machine.restore(str(tmp_path / "snap"))
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_fds() == fds
 
 
 def rss_private_kib() -> int:
@@ -305,12 +305,12 @@ def test_any_edited_manifest_is_restored_or_refused_cleanly(small_snapshot, tmp_
         target[path[-1]] = value
 
     rewrite_manifest(work, edit)
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     try:
         kvmpy.Machine.restore(str(work)).close()
     except SnapshotError:
         pass
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_fds() == fds
 
 
 def test_a_pending_tsc_deadline_timer_survives_a_restore():

@@ -11,7 +11,6 @@ import pytest
 
 import kvmpy
 from kvmpy.devices.pci import config as C
-from kvmpy.devices.virtio import pci as P
 from kvmpy.vmm import firmware
 from kvmpy.x86 import layout
 
