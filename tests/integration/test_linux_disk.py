@@ -11,6 +11,7 @@ device with ID 4 is there and reads /dev/hwrng; the shell writes a file, syncs a
 (busybox init remounts the root read-only first; kvmpy's run ends as a reset, status 120),
 and the host reads the file back out of the image with debugfs.
 """
+import http.server
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from kvmpy.images import kmod, linuxkernel, rootfs
 from kvmpy.images.initramfs import read_newc
 from kvmpy.kvm.system import backend_modules
 from . import lab
+from .. import netpackets
 
 RING0_EMULATED = "kvm_pvm" in backend_modules()
 needs_ring0 = pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest "
@@ -249,3 +251,61 @@ def test_demos_lists_demo_linux_and_offline_is_only_for_it():
     r = subprocess.run([sys.executable, "-m", "kvmpy", "demo", "hello-long", "--offline"], capture_output=True,
                        text=True, env=lab.CHILD_ENV, cwd="/", timeout=60)
     assert r.returncode == 2 and "--offline is for 'kvmpy demo linux'" in r.stderr
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    """One page (the server's ``page`` bytes) at /page.txt; 404 elsewhere; logs to the server."""
+    def do_GET(self):
+        self.server.paths.append(self.path)
+        found = self.path == "/page.txt"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Length", str(len(self.server.page) if found else 0))
+        self.end_headers()
+        if found:
+            self.wfile.write(self.server.page)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web():
+    """An HTTP server on this machine's loopback only, in a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    server.page, server.paths = f"kvmpy-page-{os.urandom(6).hex()}\n".encode(), []
+    t = threading.Thread(target=server.serve_forever, daemon=True, name="http")
+    t.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@needs_ring0
+def test_stock_kernel_gets_a_lease_from_passt_and_fetches_a_page_from_the_host(disk, tmp_path, web):
+    """`--net passt`: the disk's rcS loads virtio_net and runs udhcpc, passt's DHCP answers, and
+    busybox wget reaches the HTTP server on the host's loopback through the gateway address
+    (passt maps it to the host). In the nested testbed the host is L1, with a dummy uplink."""
+    if shutil.which("passt") is None or not netpackets.has_default_route():
+        _skip_or_fail("passt is not installed (apt-get install passt) or this host has no default route")
+    port = web.server_address[1]
+    shell = Shell(
+        "gw=$(ip route | awk '/^default/ {print $3}')\n"
+        f'echo "kvmpy-net: addr=$(ip -4 addr show eth0 | awk \'/inet / {{print $2}}\') gw=$gw '
+        f'page=$(wget -q -T 20 -O - http://$gw:{port}/page.txt) end"\n'
+        "reboot\n")
+    image = disk.copy_to(tmp_path / "rootfs.img")
+    with kvmpy.Machine(mem_size=MEM, serial=shell, disks=[str(image)], net="passt") as m:
+        m.load(disk.kernel.vmlinux.read_bytes(), cmdline=disk.cmdline, initrd=disk.initrd.read_bytes())
+        shell.type_into(m)
+        try:
+            stop = m.run(timeout=BOOT_TIMEOUT).reason
+        except GuestError as e:
+            stop = f"guest error: {str(e).splitlines()[0]}"
+    text = shell.text
+    line = re.search(r"kvmpy-net: addr=(\S*) gw=(\S*) page=(\S*) end", text)
+    assert line, f"run ended ({stop}) before the guest answered; console:\n{text[-5000:]}"
+    addr, gw, page = line.groups()
+    assert re.search(r"udhcpc: eth0 is \d+\.\d+\.\d+\.\d+/\d+", text), text[-5000:]
+    assert addr and gw, text[-5000:]
+    assert page == web.page.decode().strip() and web.paths == ["/page.txt"], (page, web.paths, text[-3000:])
+    assert stop == "reset", f"expected the reboot to reset the machine, got {stop}:\n{text[-3000:]}"

@@ -58,6 +58,9 @@ from kvmpy.images.initramfs import CpioEntry, newc_archive  # noqa: E402
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 QEMU = "qemu-system-x86_64"
 L1_MODULES = ("irqbypass.ko", "kvm.ko", "kvm-amd.ko")     # in load order
+#: L1's uplink: a dummy interface with a default route, which passt needs to copy addresses
+#: from (L1 has no network; passt maps the gateway to L1's loopback, where the tests serve).
+L1_NET_MODULES = ("dummy.ko",)
 #: Modules the L2 kernels get (from L1's copy of the kernel cache): test_linux.py's initramfs
 #: and the root disk's (kvmpy.images.rootfs, which test_linux_disk.py boots).
 L2_MODULES = tuple(sorted({"virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "virtio_blk.ko", *rootfs.MODULE_FILES}))
@@ -245,7 +248,7 @@ def shared_libraries(binaries) -> set[str]:
 
 
 #: Host programs the tests run in L1, and the Debian package of each.
-TOOLS = (("gdb", "gdb"), ("nm", "binutils"), ("debugfs", "e2fsprogs"))
+TOOLS = (("gdb", "gdb"), ("nm", "binutils"), ("debugfs", "e2fsprogs"), ("passt", "passt"))
 #: Libraries kvmpy opens with ctypes at run time, which ldd cannot see.
 DLOPENED = ("libseccomp.so.2",)
 
@@ -305,6 +308,9 @@ cd /opt/src
 python3 -c 'import time; from kvmpy.kvm import Kvm; vm = Kvm().create_vm(); vm.create_vcpu(0); open("/tmp/holder", "w").close(); time.sleep(1e9)' &
 n=0; while [ ! -e /tmp/holder ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n + 1)); done
 [ -e /tmp/holder ] || { echo "the VM holder did not start"; mark end modules rc=1; mark done; poweroff -f; }
+# passt (kvmpy --net passt) copies the addresses and the gateway of the default route's interface
+insmod /opt/modules/dummy.ko && ip link add uplink type dummy && ip addr add 192.0.2.2/24 dev uplink &&
+  ip link set uplink up && ip route add default via 192.0.2.1 || echo "no uplink: the passt tests will fail"
 mark end modules rc=0
 # A second shell on ttyS1 (the host's --debug-socket) to look around while the steps run.
 [ -c /dev/ttyS1 ] && setsid sh -c 'exec sh </dev/ttyS1 >/dev/ttyS1 2>&1' &
@@ -407,7 +413,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
-    modules = linuxkernel.kernel_modules(linux, L1_MODULES + L2_MODULES)
+    modules = linuxkernel.kernel_modules(linux, L1_MODULES + L1_NET_MODULES + L2_MODULES)
     say("building the L2 root disk (kvmpy.images.rootfs, cached)")
     disk = rootfs.build(linux)          # L1 has no mke2fs and no apt: it finds this in its cache
     site = wheels(python_requirements())
@@ -434,8 +440,9 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     tree.link("bin/sh", "busybox")
     for name, major, minor in (("dev/console", 5, 1), ("dev/null", 1, 3), ("dev/ttyS0", 4, 64)):
         tree.node(name, major, minor)
-    tree.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    tree.add("etc/group", b"root:x:0:\n")
+    # nobody: passt started as root switches to it
+    tree.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+    tree.add("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
     tree.add("etc/hosts", b"127.0.0.1 localhost\n")
     tree.entries["root"] = CpioEntry("root", stat.S_IFDIR | 0o700)
     tree.entries["tmp"] = CpioEntry("tmp", stat.S_IFDIR | 0o1777)
@@ -467,7 +474,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     kslot = Path(linux.vmlinuz).parent
     bslot = Path(linux.busybox).parent
     for name, path in modules.items():
-        tree.copy(path, f"opt/modules/{name}" if name in L1_MODULES else f"opt/cache/debian/{kslot.name}/modules/{name}")
+        tree.copy(path, f"opt/modules/{name}" if name in L1_MODULES + L1_NET_MODULES else f"opt/cache/debian/{kslot.name}/modules/{name}")
     for f in ("vmlinuz", "vmlinux", "release"):
         tree.copy(kslot / f, f"opt/cache/debian/{kslot.name}/{f}")
     tree.copy(busybox, f"opt/cache/debian/{bslot.name}/busybox")
@@ -532,11 +539,22 @@ class Result:
         return bad
 
 
+def l0_qemu(path: str | None) -> list[str]:
+    """The QEMU that runs L1 (argv prefix): PATH, or the one on $PATH. A QEMU unpacked from a
+    .deb (``dpkg -x``: DIR/usr/bin/qemu-system-x86_64) gets its own DIR/usr/share/qemu and
+    the SeaBIOS unpacked beside it."""
+    qemu = path or shutil.which(QEMU)
+    if qemu is None or not os.access(qemu, os.X_OK):
+        raise TestbedError(f"{path or QEMU} is missing: apt-get install qemu-system-x86")
+    share = Path(qemu).resolve().parent.parent / "share"
+    data = [d for d in (share / "qemu", share / "seabios") if path and d.is_dir()]
+    return [qemu, *(a for d in data for a in ("-L", str(d)))]
+
+
 def run_l1(kernel: Path, initrd: Path, log: Path, timeout: float, steps, echo: bool,
-           debug_socket: Path | None = None, cpus: int = L1_CPUS, accel: str = "tcg,thread=multi") -> Result:
-    if shutil.which(QEMU) is None:
-        raise TestbedError(f"{QEMU} is missing: apt-get install qemu-system-x86")
-    argv = [QEMU, "-accel", accel, "-cpu", "EPYC,+svm", "-smp", str(cpus), "-m", L1_MEM,
+           debug_socket: Path | None = None, cpus: int = L1_CPUS, accel: str = "tcg,thread=multi",
+           qemu: str | None = None) -> Result:
+    argv = [*l0_qemu(qemu), "-accel", accel, "-cpu", "EPYC,+svm", "-smp", str(cpus), "-m", L1_MEM,
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off nokaslr",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none"]
@@ -600,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l1-accel", default="tcg,thread=multi", metavar="ACCEL",
                    help="QEMU's -accel for L1 (default tcg,thread=multi; e.g. tcg,thread=single or "
                         "tcg,thread=multi,tb-size=N to experiment with TCG itself)")
+    p.add_argument("--qemu", default=os.environ.get("KVMPY_TESTBED_QEMU"), metavar="PATH",
+                   help="the QEMU that runs L1 (default $KVMPY_TESTBED_QEMU, else qemu-system-x86_64 "
+                        "on PATH); one unpacked with dpkg -x uses its own data directory")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
     unknown = set(steps) - set(STEPS) - set(OPTIONAL_STEPS)
@@ -618,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(1, L1_ATTEMPTS + 1):
             result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
                             debug_socket=args.debug_socket, cpus=args.l1_cpus,
-                            accel=args.l1_accel)
+                            accel=args.l1_accel, qemu=args.qemu)
             if not result.l1_died or attempt == L1_ATTEMPTS:
                 break
             kept = log.with_suffix(f".attempt{attempt}.log")
