@@ -17,11 +17,19 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     p for p in (PKG_PARENT, os.environ.get("PYTHONPATH", "")) if p)}
 
 
-def open_fds() -> int:
-    """How many file descriptors this process holds, after a garbage collection: a machine
-    dropped earlier may otherwise be finalised (closing its fds) between two counts."""
+def open_fds() -> frozenset:
+    """This process's open file descriptors as (number, what it names), after a garbage
+    collection. Compare with ``<=``: what the code under test opened and did not close is
+    in a later set and not in an earlier one; a descriptor that something else (a machine
+    finalised late, another test's thread ending) closed in between is not a leak."""
     gc.collect()
-    return len(os.listdir("/proc/self/fd"))
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except OSError:
+            pass                          # closed since the listing (the listing's own fd)
+    return frozenset(fds)
 
 
 def fresh_disk(path) -> str:

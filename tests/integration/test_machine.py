@@ -179,7 +179,7 @@ def test_a_thousand_machines_leak_no_fds_or_memory():
     for _ in range(1000):
         one()
     gc.collect()
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
     assert _rss_kib() - rss < 16 * 1024, f"RSS grew by {_rss_kib() - rss} KiB"
 
 

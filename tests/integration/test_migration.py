@@ -293,7 +293,7 @@ def test_the_target_discards_a_stream_that_ends_early(tmp_path):
                         disks=[disk])
     assert isinstance(box.get("error"), MigrationError), box
     assert "ended early" in str(box["error"])
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
 
 
 def test_the_stream_does_not_choose_the_targets_files(tmp_path):

@@ -133,7 +133,7 @@ def test_a_peer_without_the_key_is_refused_before_anything_is_built(tmp_path, pe
     box = feed_receiver([hello(disk), page_frame(0x1000)], source_key=peer_key, disks=[disk], key=KEY)
     assert isinstance(box.get("error"), MigrationError), box
     assert "different migration keys" in str(box["error"])
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
 
 
 def test_a_target_with_no_key_refuses_a_keyed_source(tmp_path):
@@ -161,7 +161,7 @@ def test_a_forged_frame_after_a_good_start_closes_the_machine_built_so_far(tmp_p
     t.join(30)
     assert kind == b"FAIL"
     assert isinstance(box.get("error"), MigrationError) and "frame 1 (b'PAGE') fails its MAC" in str(box["error"])
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
 
 
 def test_a_frame_recorded_on_one_connection_is_refused_on_another(tmp_path):

@@ -196,7 +196,7 @@ def test_inconsistent_snapshots_are_refused_and_nothing_starts(tmp_path, edit, m
     fds = open_fds()
     with pytest.raises(SnapshotError, match=message):
         kvmpy.Machine.restore(str(tmp_path / "snap"))
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
 
 
 def rss_private_kib() -> int:
@@ -310,7 +310,7 @@ def test_any_edited_manifest_is_restored_or_refused_cleanly(small_snapshot, tmp_
         kvmpy.Machine.restore(str(work)).close()
     except SnapshotError:
         pass
-    assert open_fds() == fds
+    assert open_fds() <= fds, open_fds() - fds
 
 
 def test_a_pending_tsc_deadline_timer_survives_a_restore():
