@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 from kvmpy.images import debroot, linuxkernel, rootfs  # noqa: E402
 from kvmpy.linuxbox import disk as sandbox_disk  # noqa: E402
 from kvmpy.images.initramfs import CpioEntry, newc_archive  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import l0qemu  # noqa: E402
 
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 QEMU = "qemu-system-x86_64"
@@ -75,19 +77,15 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
                  "tests/integration/test_stops.py", "tests/integration/test_testdev.py",
                  "tests/integration/test_reset.py", "tests/integration/test_virtio_pci.py",
                  "tests/integration/test_vsock.py", "tests/integration/test_net.py",
-                 "tests/integration/test_linux_sandbox.py")
-#: test_linux_disk.py, test_linux_pci.py and test_linux_vsock.py (Debian's kernel with 2 vCPUs)
-#: are on demand again (2026-12-07, end of day): with them in, L1's own kernel panicked in 2 of
-#: the last 3 full runs ("stack guard page was hit" in exc_page_fault under kvmpy's python3,
-#: then "corrupted stack end detected inside scheduler", ~400 s in, where they run).
-#: The three Linux files with 2 vCPUs are back (2026-12-07): L2's occasional death (3 of 26
-#: root-disk boots earlier) is QEMU 7.2 TCG's nested SVM, not kvmpy's: the stress step saw it
-#: under QEMU in L1 too (1 of 56 boots; kvmpy 0 of 72 since guest RAM is on 2 MiB pages;
-#: docs/host-notes.md). It can still fail a CI run now and then, in the L2 kernel before user
-#: space; `--steps stress` tells whether QEMU in that L1 fails the same way. With them the
-#: whole testbed took 480 s and 442 s in two runs here (pytest 431 s and 391 s in L1: 317
-#: passed, 15 skipped), against ~345 s without them. The pytest step runs a failed L2 Linux
-#: test once more (l1_pytest.py) and fails only if it fails again.
+                 "tests/integration/test_linux_sandbox.py", "tests/integration/test_linux_disk.py",
+                 "tests/integration/test_linux_pci.py", "tests/integration/test_linux_vsock.py")
+#: The three Linux files with 2 vCPUs (test_linux_disk/pci/vsock) were on demand for a while
+#: (2026-12-07): under QEMU 7.2 L1's own kernel panicked in 2 of 3 full runs with them ("stack
+#: guard page was hit" in exc_page_fault, then "corrupted stack end detected inside
+#: scheduler"). L1 now runs on bookworm-backports' QEMU 10.0 (l0qemu.py), which has not done
+#: so (docs/host-notes.md). L2's own rare deaths before user space (QEMU under L1's KVM
+#: showed them too) are why the pytest step runs a failed L2 Linux test once more
+#: (l1_pytest.py) and fails only if it fails again.
 #: Left out, run on demand (--steps pytest FILE):
 #: - test_migration.py: in L1 in the default order it passed twice and failed once (a migrated
 #:   counter guest triple-faulted on the target), and it adds ~90-100 s to the run.
@@ -284,6 +282,12 @@ def add_python(tree: Tree) -> list[Path]:
 
 L1_INIT = r"""#!/bin/sh
 # /init of kvmpy's L1 testbed guest: load kvm_amd, run the steps, report through markers.
+# First into a bind mount of the initramfs: pivot_root(2) refuses a process whose root is
+# the rootfs itself, and passt isolates itself with it ("pivot_root: Invalid argument").
+if [ -z "$KVMPY_L1_ROOT" ]; then
+  /bin/busybox mkdir -p /l1root && /bin/busybox mount --bind / /l1root &&
+    KVMPY_L1_ROOT=/l1root exec /bin/busybox chroot /l1root /init
+fi
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -551,6 +555,20 @@ def l0_qemu(path: str | None) -> list[str]:
     return [qemu, *(a for d in data for a in ("-L", str(d)))]
 
 
+def which_qemu(which: str) -> str | None:
+    """--qemu: a path, None for the system's, or bookworm-backports' (fetched, cached)."""
+    if which == "system":
+        return None
+    if which == "backports":
+        say("fetching bookworm-backports' QEMU for L1 (tests/nested/l0qemu.py, cached)")
+        try:
+            return str(l0qemu.fetch(linuxkernel.cache_dir()))
+        except l0qemu.FetchError as e:
+            say(f"{e}; trying the cache")
+            return str(l0qemu.fetch(linuxkernel.cache_dir(), offline=True))
+    return which
+
+
 def run_l1(kernel: Path, initrd: Path, log: Path, timeout: float, steps, echo: bool,
            debug_socket: Path | None = None, cpus: int = L1_CPUS, accel: str = "tcg,thread=multi",
            qemu: str | None = None) -> Result:
@@ -618,9 +636,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l1-accel", default="tcg,thread=multi", metavar="ACCEL",
                    help="QEMU's -accel for L1 (default tcg,thread=multi; e.g. tcg,thread=single or "
                         "tcg,thread=multi,tb-size=N to experiment with TCG itself)")
-    p.add_argument("--qemu", default=os.environ.get("KVMPY_TESTBED_QEMU"), metavar="PATH",
-                   help="the QEMU that runs L1 (default $KVMPY_TESTBED_QEMU, else qemu-system-x86_64 "
-                        "on PATH); one unpacked with dpkg -x uses its own data directory")
+    p.add_argument("--qemu", default=os.environ.get("KVMPY_TESTBED_QEMU", "backports"), metavar="WHICH",
+                   help="the QEMU that runs L1: 'backports' (default; bookworm-backports' QEMU, fetched "
+                        "into the cache by tests/nested/l0qemu.py: QEMU 7.2's nested SVM corrupted L1's "
+                        "kernel now and then), 'system' (qemu-system-x86_64 on PATH) or a PATH "
+                        "(one unpacked with dpkg -x uses its own data directory); $KVMPY_TESTBED_QEMU")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
     unknown = set(steps) - set(STEPS) - set(OPTIONAL_STEPS)
@@ -633,20 +653,21 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or cache_dir() / "l1-console.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
+        qemu = which_qemu(args.qemu)
         kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args),
                                      shlex.split(args.stress_args))
         t_built = time.monotonic()
         for attempt in range(1, L1_ATTEMPTS + 1):
             result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
                             debug_socket=args.debug_socket, cpus=args.l1_cpus,
-                            accel=args.l1_accel, qemu=args.qemu)
+                            accel=args.l1_accel, qemu=qemu)
             if not result.l1_died or attempt == L1_ATTEMPTS:
                 break
             kept = log.with_suffix(f".attempt{attempt}.log")
             shutil.copyfile(log, kept)
             say(f"L1's own kernel died ({result.panic}); its console is in {kept}. That is the "
                 "emulator's (QEMU TCG's nested SVM, docs/host-notes.md), not a test's: booting L1 once more")
-    except (TestbedError, linuxkernel.FetchError, subprocess.CalledProcessError) as e:
+    except (TestbedError, linuxkernel.FetchError, l0qemu.FetchError, subprocess.CalledProcessError) as e:
         print(f"testbed: {e}", file=sys.stderr)
         return 2
     finally:
