@@ -282,11 +282,12 @@ def add_python(tree: Tree) -> list[Path]:
 
 L1_INIT = r"""#!/bin/sh
 # /init of kvmpy's L1 testbed guest: load kvm_amd, run the steps, report through markers.
-# First into a bind mount of the initramfs: pivot_root(2) refuses a process whose root is
-# the rootfs itself, and passt isolates itself with it ("pivot_root: Invalid argument").
+# First onto a bind mount of the initramfs moved over /: passt isolates itself with
+# pivot_root(2), which refuses a process whose root is the rootfs itself ("Invalid
+# argument"), and with a user namespace, which a plain chroot would be refused.
 if [ -z "$KVMPY_L1_ROOT" ]; then
-  /bin/busybox mkdir -p /l1root && /bin/busybox mount --bind / /l1root &&
-    KVMPY_L1_ROOT=/l1root exec /bin/busybox chroot /l1root /init
+  /bin/busybox mkdir -p /l1root && /bin/busybox mount --bind / /l1root && cd /l1root &&
+    /bin/busybox mount --move . / && KVMPY_L1_ROOT=1 exec /bin/busybox chroot . /init
 fi
 /bin/busybox --install -s
 mount -t proc proc /proc
