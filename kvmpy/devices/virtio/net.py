@@ -34,7 +34,11 @@ Hostile-guest rules (each counted in ``counters``, never an exception to the hos
   (``rx_bad_chain``) is returned with ``used.len`` 0; a frame that does not fit the
   next chain is dropped (``rx_too_big``) and the chain kept for the next frame. Frames
   wait in a backlog of RX_BACKLOG frames while the driver offers no buffers; more
-  are dropped (``rx_dropped``), as a NIC with a full ring does.
+  are dropped (``rx_dropped``), as a NIC with a full ring does. The network thread
+  does not get there: it asks :meth:`VirtioNet.has_room` first and, while the backlog
+  is full, leaves frames in the backend (the socket), so a TCP sender in front of
+  passt is slowed by flow control instead of losing segments; ``on_room``, set by
+  that thread while it waits, is called once the guest's buffers made room.
 - each notify serves at most QueueNum chains (a self-feeding ring cannot keep it
   going), and everything the queue checks (queue.py) is checked.
 
@@ -105,6 +109,7 @@ class VirtioNet:
         self.backlog: deque[bytes] = deque()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.engine = None
+        self.on_room = None             # called (once, then cleared) when the backlog has room
 
     # --- VirtioDevice ----------------------------------------------------------------
 
@@ -129,10 +134,17 @@ class VirtioNet:
         work = self.engine if self.engine is not None else self
         if queue_index == RECEIVEQ:
             work.fill_rx(queue)
+            if self.on_room is not None and self.has_room():
+                wake, self.on_room = self.on_room, None
+                wake()
         elif queue_index == TRANSMITQ:
             work.transmit(queue)
 
     # --- host side ----------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Would :meth:`receive` queue one more frame rather than drop it for a full backlog?"""
+        return len(self.backlog) < RX_BACKLOG
 
     def receive(self, frame: bytes) -> bool:
         """Queue a frame from the host for the guest; False if it was dropped (too short,
