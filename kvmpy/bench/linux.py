@@ -94,7 +94,7 @@ class Setup:
         self.iperf3 = _need("iperf3", "the host's side of the network test (apt-get install iperf3)")
         self.passt = _need("passt", "the network backend of both variants (apt-get install passt)")
         progress("building the root disk (python3, iperf3; cached)")
-        self.disk = _build_disk(progress)
+        self.disk = build_disk(progress)
         self.iperf_port, self.vsock_port = _free_port(), 5000
         params = linux_guest.cmdline_parameter(args.disk_mib, args.iperf_seconds, self.iperf_port, self.vsock_port)
         self.cmdline = f"{CMDLINE} {params}"
@@ -118,7 +118,8 @@ def _need(tool: str, why: str) -> str:
     return found
 
 
-def _build_disk(progress):
+def build_disk(progress):
+    """The benchmark's root disk: rootfs with python3, iperf3 and the guest's script (cached)."""
     from kvmpy.images import rootfs
     return rootfs.build(python=True, packages=linux_guest.PACKAGES, files=linux_guest.guest_files(),
                         size=DISK_SIZE, progress=progress)
@@ -230,6 +231,7 @@ class Console:
         self.arrived = threading.Condition()
         self.deadline = time.monotonic() + timeout
         self.start = time.monotonic()
+        self.log = log
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                      pass_fds=pass_fds, env=_child_env())
         self.times: list[float] = []
@@ -262,7 +264,10 @@ class Console:
                 self.arrived.wait(max(0.0, min(1.0, self.deadline - time.monotonic())))
         ended = "timed out" if self.proc.returncode is None else f"exited with status {self.proc.returncode}"
         tail = " | ".join(self.lines[-8:])[-800:]
-        raise BenchError(f"waiting for {text!r}: the VMM {ended}; its last lines: {tail or 'none'}")
+        self.log.seek(0)
+        said = self.log.read().decode(errors="replace").strip()[-800:]
+        raise BenchError(f"waiting for {text!r}: the VMM {ended}; its console's last lines: {tail or 'none'}; "
+                         f"its stderr (and passt's): {said or 'nothing'}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -324,8 +329,11 @@ def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, pr
         if variant == "qemu" and setup.qemu_vsock:
             missing["vsock_rtt"] = setup.qemu_vsock
         else:
-            with vsock_connect(variant, vsock, setup.vsock_port) as s:
-                values["vsock_rtt"] = _median(round_trips(s, setup.args.pings))
+            try:
+                with vsock_connect(variant, vsock, setup.vsock_port) as s:
+                    values["vsock_rtt"] = _median(round_trips(s, setup.args.pings))
+            except (OSError, BenchError) as e:
+                missing["vsock_rtt"] = f"the round trips failed: {e}"
     else:
         missing["vsock_rtt"] = setup.qemu_vsock if variant == "qemu" and setup.qemu_vsock else line.strip()
     console.wait_for(f"{linux_guest.MARK} done")

@@ -38,8 +38,10 @@ b=/root/kvmpy-bench.py
 python3 $b time dd-write $((mib << 20)) dd if=/dev/zero of=/dev/vdb bs=1M count=$mib oflag=direct
 python3 $b time dd-read $((mib << 20)) dd if=/dev/vdb of=/dev/null bs=1M count=$mib iflag=direct
 gw=$(ip route | awk '$1 == "default" {{print $3; exit}}')
-iperf3 -c "$gw" -p $iport -t $secs -f m 2>&1 | sed 's/^/{MARK} iperf-up | /'
-iperf3 -c "$gw" -p $iport -t $secs -f m -R 2>&1 | sed 's/^/{MARK} iperf-down | /'
+# a stalled transfer must not stall the run: iperf3 gets its seconds and half a minute more
+iperf() {{ timeout $((secs + 30)) iperf3 -c "$gw" -p $iport -t $secs -f m "$@" 2>&1 || echo "iperf3: status $?"; }}
+iperf | sed 's/^/{MARK} iperf-up | /'
+iperf -R | sed 's/^/{MARK} iperf-down | /'
 python3 $b vsock-echo $vport
 echo "{MARK} done"
 reboot -f
