@@ -287,8 +287,8 @@ def _child_env() -> dict:
 
 
 # --- one run -----------------------------------------------------------------------------------
-def run_once(setup: Setup, variant: str, tmp: pathlib.Path, progress) -> tuple[dict, dict]:
-    """Boot ``variant`` once and measure; returns ({metric: value}, {metric: why n/a})."""
+def run_once(setup: Setup, variant: str, tmp: pathlib.Path, progress) -> tuple[dict, dict, dict]:
+    """Boot ``variant`` once and measure; returns what _drive() returns."""
     root, data = tmp / "root.img", tmp / "data.img"
     setup.disk.copy_to(root)
     with open(data, "wb") as f:
@@ -318,8 +318,9 @@ def _stop_passt(passt: subprocess.Popen | None, net: socket.socket | None) -> No
         passt.wait()
 
 
-def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, progress) -> tuple[dict, dict]:
-    """Read the console to the end of the guest's script, answering its vsock listener."""
+def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, progress) -> tuple[dict, dict, dict]:
+    """Read the console to the end of the guest's script, answering its vsock listener; returns
+    ({metric: value}, {metric: why n/a}, the guest's TCP counters during each transfer)."""
     values, missing = {}, {}
     boot, _ = console.wait_for(f"{linux_guest.MARK} boot {linux_guest.BOOT_VALUE}")
     values["boot_to_shell"] = boot
@@ -338,7 +339,7 @@ def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, pr
         missing["vsock_rtt"] = setup.qemu_vsock if variant == "qemu" and setup.qemu_vsock else line.strip()
     console.wait_for(f"{linux_guest.MARK} done")
     _parse_results(console.lines, values, missing)
-    return values, missing
+    return values, missing, linux_guest.tcp_deltas(console.lines)
 
 
 def _median(xs: list[float]) -> float:
@@ -375,8 +376,8 @@ def measure(args, progress) -> dict:
             for variant in _common.rotate(VARIANTS, r):
                 progress(f"round {r + 1}/{args.rounds}: {variant}")
                 with tempfile.TemporaryDirectory(prefix="kvmpy-bench-linux-") as tmp:
-                    values, why = run_once(setup, variant, pathlib.Path(tmp), progress)
-                runs.append({"round": r, "variant": variant, "values": values, "n_a": why})
+                    values, why, tcp = run_once(setup, variant, pathlib.Path(tmp), progress)
+                runs.append({"round": r, "variant": variant, "values": values, "n_a": why, "guest_tcp": tcp})
                 for metric, value in values.items():
                     samples[metric][variant].append(value)
                 for metric, reason in why.items():
@@ -406,7 +407,19 @@ def table(result: dict) -> str:
             f"{p['pings']} vsock round trips a run")
     rows = linux_guest.table_rows(result["summary"], tuple(p["variants"]))
     body = _common.format_table(["metric", *p["variants"], "kvmpy/qemu", "target", "met"], rows)
-    return "\n".join([head, _common.host_line(result["host"]), body])
+    return "\n".join([head, _common.host_line(result["host"]), body, *tcp_lines(result.get("runs", []))])
+
+
+def tcp_lines(runs: list[dict]) -> list[str]:
+    """One line per variant and transfer: the guest's TCP counters in each round (informative)."""
+    lines = []
+    for variant in VARIANTS:
+        for way in ("up", "down"):
+            per_run = [run.get("guest_tcp", {}).get(way) for run in runs if run["variant"] == variant]
+            if any(per_run):
+                shown = "; ".join(" ".join(f"{k}={v}" for k, v in c.items()) for c in per_run if c)
+                lines.append(f"guest TCP, {variant} {way}: {shown}")
+    return lines
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None, results: pathlib.Path | None = None) -> int:

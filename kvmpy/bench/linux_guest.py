@@ -10,6 +10,8 @@ result, each starting with :data:`MARK`:
     kvmpy-bench: dd-read bytes=268435456 seconds=0.52 rc=0
     kvmpy-bench: iperf-up | [  5] 0.00-5.00 sec ... receiver   iperf3's own lines, tagged
     kvmpy-bench: iperf-down | ...                          the same with -R (host to guest)
+    kvmpy-bench: tcp-0 | Tcp: RtoAlgorithm ...             /proc/net/snmp and netstat's Tcp lines,
+                                                           before, between and after the transfers
     kvmpy-bench: vsock-listening port=5000                 the host connects now
     kvmpy-bench: done
 
@@ -40,8 +42,13 @@ python3 $b time dd-read $((mib << 20)) dd if=/dev/vdb of=/dev/null bs=1M count=$
 gw=$(ip route | awk '$1 == "default" {{print $3; exit}}')
 # a stalled transfer must not stall the run: iperf3 gets its seconds and half a minute more
 iperf() {{ timeout $((secs + 30)) iperf3 -c "$gw" -p $iport -t $secs -f m "$@" 2>&1 || echo "iperf3: status $?"; }}
+# the guest's TCP counters around each transfer (retransmissions, timeouts, out-of-order arrivals)
+tcp() {{ grep -h -e '^Tcp:' -e '^TcpExt:' /proc/net/snmp /proc/net/netstat | sed "s/^/{MARK} tcp-$1 | /"; }}
+tcp 0
 iperf | sed 's/^/{MARK} iperf-up | /'
+tcp 1
 iperf -R | sed 's/^/{MARK} iperf-down | /'
+tcp 2
 python3 $b vsock-echo $vport
 echo "{MARK} done"
 reboot -f
@@ -135,6 +142,35 @@ def parse_iperf3(lines: list[str]) -> float:
             return float(m.group(1)) * _SCALE[m.group(2)]
     said = "; ".join(line for line in lines if line.strip())[-300:]
     raise ParseError(f"iperf3 printed no receiver summary: {said or 'nothing'}")
+
+
+#: The guest's TCP counters kept for each transfer: segments it retransmitted, retransmission
+#: timeouts, segments that arrived out of order (a hint of frames lost on the way in).
+TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPOFOQueue")
+
+
+def parse_tcp_counters(lines: list[str]) -> dict[str, int]:
+    """``{name: value}`` from /proc/net/snmp- and netstat-style pairs of lines (``Tcp: A B``
+    then ``Tcp: 1 2``); a header without its values line is ignored."""
+    counters, header = {}, {}
+    for line in lines:
+        prefix, _, rest = line.strip().partition(" ")
+        words = rest.split()
+        if words and all(w.lstrip("-").isdigit() for w in words) and prefix in header:
+            counters.update(zip(header.pop(prefix), map(int, words)))
+        elif words:
+            header[prefix] = words
+    return counters
+
+
+def tcp_deltas(lines: list[str]) -> dict[str, dict[str, int]]:
+    """The TCP_COUNTERS' growth during the guest-to-host ("up") and host-to-guest ("down")
+    transfers, from the guest's ``tcp-0``/``tcp-1``/``tcp-2`` lines (missing ones: left out)."""
+    snaps = [parse_tcp_counters(tagged(lines, f"tcp-{i} |")) for i in range(3)]
+    out = {}
+    for name, (a, b) in (("up", (snaps[0], snaps[1])), ("down", (snaps[1], snaps[2]))):
+        out[name] = {k: b[k] - a[k] for k in TCP_COUNTERS if k in a and k in b}
+    return out
 
 
 # --- the result: medians, ratios, targets, table -------------------------------------------

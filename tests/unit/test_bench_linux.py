@@ -199,3 +199,29 @@ def test_refused_where_ring0_is_emulated(tmp_path, monkeypatch, capsys):
     assert "cannot run here: this host's KVM (kvm_pvm) emulates guest ring 0" in err
     assert "testbed.py --steps linuxbench" in err
     assert not (tmp_path / "x.json").exists() and not pathlib.Path(tmp_path / "cache").exists()
+
+
+# --- the guest's TCP counters (informative) ------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[A-Z][A-Za-z]{1,12}", fullmatch=True), st.integers(-1, 1 << 40),
+                       min_size=1, max_size=12),
+       st.dictionaries(st.from_regex(r"[A-Z][A-Za-z]{1,12}", fullmatch=True), st.integers(0, 1 << 40), max_size=12))
+def test_tcp_counters_pair_each_header_with_its_values(tcp, ext):
+    lines = [f"Tcp: {' '.join(tcp)}", f"Tcp: {' '.join(map(str, tcp.values()))}"]
+    if ext:
+        lines += [f"TcpExt: {' '.join(ext)}", f"TcpExt: {' '.join(map(str, ext.values()))}"]
+    assert linux_guest.parse_tcp_counters(lines) == {**tcp, **ext}
+    assert linux_guest.parse_tcp_counters(lines[:1]) == {}      # a header alone gives nothing
+
+
+def test_tcp_deltas_are_per_transfer():
+    def snap(i, retrans, ofo):
+        return [f"kvmpy-bench: tcp-{i} | Tcp: RtoMin RetransSegs", f"kvmpy-bench: tcp-{i} | Tcp: 200 {retrans}",
+                f"kvmpy-bench: tcp-{i} | TcpExt: TCPTimeouts TCPOFOQueue", f"kvmpy-bench: tcp-{i} | TcpExt: 1 {ofo}"]
+    lines = snap(0, 10, 5) + snap(1, 17, 5) + snap(2, 17, 905)
+    assert linux_guest.tcp_deltas(lines) == {"up": {"RetransSegs": 7, "TCPTimeouts": 0, "TCPOFOQueue": 0},
+                                             "down": {"RetransSegs": 0, "TCPTimeouts": 0, "TCPOFOQueue": 900}}
+    assert linux_guest.tcp_deltas(snap(0, 1, 1)) == {"up": {}, "down": {}}
+    runs = [{"variant": "kvmpy", "guest_tcp": linux_guest.tcp_deltas(lines)}, {"variant": "qemu", "guest_tcp": {}}]
+    assert linux.tcp_lines(runs) == ["guest TCP, kvmpy up: RetransSegs=7 TCPTimeouts=0 TCPOFOQueue=0",
+                                     "guest TCP, kvmpy down: RetransSegs=0 TCPTimeouts=0 TCPOFOQueue=900"]
