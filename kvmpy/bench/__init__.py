@@ -5,7 +5,8 @@ it measures kvmpy against a reference in the same run, prints a table, and with
 ``--json`` prints one JSON object ``{"benchmark", "host", "params", "results":
 [{variant, metric, value, unit}], "ratios": {...}}``. See benchmarks/README.md.
 """
-from . import blk, boot, exits, fuzz, reset, sandbox, serial, snapshot
+from . import blk, boot, exits, fuzz, linux, reset, sandbox, serial, snapshot
 
 BENCHMARKS = {"exits": exits, "serial": serial, "blk": blk, "boot": boot, "snapshot": snapshot,
-              "reset": reset, "fuzz": fuzz, "sandbox": sandbox}
+              "reset": reset, "fuzz": fuzz, "sandbox": sandbox,
+              "linux": linux}

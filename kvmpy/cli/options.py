@@ -253,7 +253,7 @@ def _inspect_parser(sub: _Commands) -> None:
 
 def _bench_parser(sub: _Commands) -> None:
     """Listed only: ``main`` hands ``kvmpy bench ...`` to the benchmark before parsing."""
-    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot, reset, sandbox, fuzz); 'kvmpy bench NAME --help'",
+    b = sub.add_parser("bench", help="run a benchmark (exits, serial, blk, boot, snapshot, reset, sandbox, fuzz, linux); 'kvmpy bench NAME --help'",
                        add_help=False)
     b.add_argument("name", nargs="?", help="benchmark name")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")

@@ -108,8 +108,8 @@ def install(slots: list[Path], stage: Path) -> None:
                     dest.unlink(missing_ok=True)
                     shutil.copy2(src, dest)
     python3 = stage / "usr/bin/python3"
-    if not python3.exists() and not python3.is_symlink():
+    if (stage / "usr/bin/python3.11").exists() and not python3.exists() and not python3.is_symlink():
         python3.symlink_to("python3.11")
-    if bytecode_tag() == "pyc-unchecked":
+    if bytecode_tag() == "pyc-unchecked" and (stage / "usr/lib/python3.11").is_dir():
         compileall.compile_dir(stage / "usr/lib/python3.11", quiet=2, stripdir=str(stage), prependdir="/",
                                workers=0, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)

@@ -259,10 +259,13 @@ def _stem(filename: str) -> str:
     return filename[:-3] if filename.endswith(".ko") else filename
 
 
-def _key(linux, busybox: bytes, modules: dict[str, Path], size: int, python: list[Path], extra: dict) -> str:
+def _key(linux, busybox: bytes, modules: dict[str, Path], size: int, python: list[Path], extra: dict,
+         packages: list[Path] = ()) -> str:
     h = hashlib.sha256(f"kvmpy-rootfs {FORMAT} {size} {linux.kernel_package}\n".encode())
     if python:                  # Debian's versions name the packages' contents
         h.update(f"python {debroot.bytecode_tag()} {' '.join(p.name for p in python)}\n".encode())
+    if packages:                # absent for a disk without them: its key is what it always was
+        h.update(f"packages {' '.join(p.name for p in packages)}\n".encode())
     for rel in sorted(extra):
         data, mode = extra[rel]
         h.update(f"file {rel} {mode:o} ".encode() + hashlib.sha256(data).digest())
@@ -275,12 +278,15 @@ def _key(linux, busybox: bytes, modules: dict[str, Path], size: int, python: lis
 
 
 def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int | None = None, cache: Path | None = None,
-          offline: bool = False, progress=None, python: bool = False, files: dict | None = None) -> RootDisk:
+          offline: bool = False, progress=None, python: bool = False, files: dict | None = None,
+          packages: tuple[str, ...] = ()) -> RootDisk:
     """The root disk and initramfs for Debian's cloud kernel, built once per content.
 
     ``linux`` defaults to :func:`linuxkernel.fetch` (``offline``: the cache only);
     ``progress(text)`` hears what is being fetched or built. ``python`` adds Debian's
-    python3 (kvmpy.images.debroot); ``files`` maps paths in the image to bytes or
+    python3 (kvmpy.images.debroot); ``packages`` more Debian packages unpacked the same way
+    (their dependencies are not looked up: name them too, e.g. ``("iperf3", "libiperf0",
+    "libsctp1")`` beside python's libc6 and libssl3); ``files`` maps paths in the image to bytes or
     ``(bytes, mode)``, added last (an executable ``etc/rc.local`` runs at the end of rcS).
     ``size`` defaults to DEFAULT_SIZE, DEFAULT_PYTHON_SIZE with python. Raises FetchError
     (nothing to fetch from, empty cache), RootfsError (no mke2fs, mke2fs failed, a bad
@@ -302,7 +308,10 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int | None = Non
     if python:
         say(f"fetching Debian's python3 ({', '.join(debroot.PYTHON_PACKAGES)}; cached)")
     trees = debroot.fetch(debroot.PYTHON_PACKAGES, cache, offline) if python else []
-    key = _key(linux, busybox, modules, size, trees, extra)
+    if packages:
+        say(f"fetching {', '.join(packages)} (cached)")
+    more = debroot.fetch(packages, cache, offline) if packages else []
+    key = _key(linux, busybox, modules, size, trees, extra, more)
     final = cache / "rootfs" / key
     disk = RootDisk(final / "rootfs.img", final / "initrd.cpio", linux, release, size)
     if disk.image.is_file() and disk.initrd.is_file():
@@ -316,8 +325,8 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int | None = Non
         out.mkdir()
         stage = Path(tmp, "tree")
         _stage_tree(stage, linux.busybox, release, modules, infos, files, devices)
-        if trees:
-            debroot.install(trees, stage)
+        if trees or more:
+            debroot.install(trees + more, stage)
         for rel, (data, mode) in extra.items():
             path = stage / rel
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -273,6 +273,21 @@ def test_boot_linux_init_refuses_where_ring0_is_emulated(tmp_path):
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.skipif(not RING0_EMULATED, reason="this host's KVM does not emulate ring 0 (tests/unit/test_bench_linux.py "
+                                                "fakes it)")
+def test_linux_refuses_where_ring0_is_emulated(tmp_path):
+    """`kvmpy bench linux` on a kvm_pvm host exits 2 at once, saying why and where it runs; it builds
+    no disk (no cache made) and writes no JSON."""
+    env = {**ENV, "KVMPY_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "bench", "linux", "--out", str(tmp_path / "x.json")],
+                       capture_output=True, timeout=120, env=env, cwd="/")
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "kvmpy bench linux: cannot run here: this host's KVM (kvm_pvm) emulates guest ring 0" in err
+    assert "testbed.py --steps linuxbench" in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "cache").exists()
+
+
 def test_boot_linux_init_refusal_in_process(tmp_path, monkeypatch, capsys):
     """The same refusal wherever the tests run, with kvm_pvm faked into the loaded modules."""
     from kvmpy.bench import boot

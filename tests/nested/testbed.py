@@ -25,6 +25,7 @@ Usage (from the repository root; ``--help`` lists every option)::
     python tests/nested/testbed.py                       # everything, as CI runs it
     python tests/nested/testbed.py --steps pytest tests/integration/test_snapshot.py -k clone
     python tests/nested/testbed.py --steps bench         # Linux to /init, kvmpy vs QEMU microvm (not in CI)
+    python tests/nested/testbed.py --steps linuxbench    # root disk: boot, dd, iperf3, vsock vs QEMU (not in CI)
 
 Nothing is installed on the host: Debian packages come with ``apt-get download``,
 wheels with ``pip download``; both are cached under ``$KVMPY_CACHE/nested`` (default
@@ -93,8 +94,8 @@ STEPS = ("info", "demos", "pytest")
 #: Steps run only when named in --steps (CI does not): bench (see add_qemu() and bench_block()),
 #: shell (`--steps shell --debug-socket P`: L1 waits for `touch /tmp/go` on ttyS1), and stress
 #: (tests/nested/l2_stress.py with --stress-args: Debian's kernel to /init again and again,
-#: kvmpy against QEMU on L1's KVM, counting triple faults and hangs).
-OPTIONAL_STEPS = ("bench", "shell", "stress")
+#: kvmpy against QEMU on L1's KVM, counting triple faults and hangs); linuxbench (see linuxbench_block()).
+OPTIONAL_STEPS = ("bench", "shell", "stress", "linuxbench")
 
 #: Parts of Debian's standard library no test or demo imports (saves ~40 MB of archive).
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
@@ -357,33 +358,92 @@ def bench_block(bench_args: list[str]) -> str:
     args = " ".join(shlex.quote(a) for a in ["--subject", "linux-init", "--no-pc", *bench_args])
     return ("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n"
             f"kvmpy bench boot {args} --out /tmp/bench-boot.json; rc=$?\n"
-            "if [ -f /tmp/bench-boot.json ]; then\n"
-            "  echo '" + BENCH_JSON_MARK + "'\n"
-            "  python3 -c 'import base64, gzip, sys; print(base64.b64encode(gzip.compress("
-            "open(sys.argv[1], \"rb\").read())).decode())' /tmp/bench-boot.json\n"
-            "fi\n"
+            f"{ship_json('/tmp/bench-boot.json', BENCH_JSON_MARK)}\n"
             "[ $rc = 0 ]")
 
 
-def save_bench_json(log: Path, out: Path) -> bool:
-    """The bench step's JSON from L1's console log, written to ``out`` with its table shown."""
+def ship_json(path: str, mark: str) -> str:
+    """Shell that prints ``mark`` and, on the next console line, the JSON file ``path`` gzipped
+    and base64-encoded (if the benchmark wrote it)."""
+    return (f"if [ -f {path} ]; then\n"
+            f"  echo '{mark}'\n"
+            "  python3 -c 'import base64, gzip, sys; print(base64.b64encode(gzip.compress("
+            f"open(sys.argv[1], \"rb\").read())).decode())' {path}\n"
+            "fi")
+
+
+def save_console_json(log: Path, mark: str, out: Path, step: str, table) -> bool:
+    """The JSON that ship_json() printed after ``mark`` in L1's console log, written to ``out``
+    with ``table(data)`` shown."""
     import base64
     import gzip
     import json
     lines = log.read_text(errors="replace").splitlines()
-    if BENCH_JSON_MARK not in lines or lines.index(BENCH_JSON_MARK) + 1 >= len(lines):
-        say("bench: no JSON in L1's console")
+    if mark not in lines or lines.index(mark) + 1 >= len(lines):
+        say(f"{step}: no JSON in L1's console")
         return False
-    data = json.loads(gzip.decompress(base64.b64decode(lines[lines.index(BENCH_JSON_MARK) + 1])))
+    data = json.loads(gzip.decompress(base64.b64decode(lines[lines.index(mark) + 1])))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
-    from kvmpy.bench import boot
-    print(boot.table(data), flush=True)
-    say(f"bench: JSON written to {out}")
+    print(table(data), flush=True)
+    say(f"{step}: JSON written to {out}")
     return True
 
 
-def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stress_args: list[str] = ()) -> str:
+def save_bench_json(log: Path, out: Path) -> bool:
+    """The bench step's JSON from L1's console log, written to ``out`` with its table shown."""
+    from kvmpy.bench import boot
+    return save_console_json(log, BENCH_JSON_MARK, out, "bench", boot.table)
+
+
+# --- the linuxbench step: kvmpy bench linux (root disk, dd, iperf3, vsock) against QEMU --------
+LINUXBENCH_JSON_MARK = f"{MARK} linuxbench-json"
+#: L1's host side of QEMU's vhost-vsock-device, in load order (devtmpfs makes /dev/vhost-vsock).
+VHOST_MODULES = ("vsock.ko", "vmw_vsock_virtio_transport_common.ko", "vhost_iotlb.ko", "vhost.ko",
+                 "vhost_vsock.ko")
+
+
+def add_linuxbench(tree: Tree, linux) -> tuple[list[Path], list[Path]]:
+    """What `kvmpy bench linux` needs in L1: Debian's iperf3 (from the packages the guest's disk
+    gets; python's libssl3 is there already), the vhost-vsock modules and the benchmark's disk
+    (built here: L1 has no mke2fs). Returns (files shipped in the cache, package slots whose
+    names make the disk's key)."""
+    from kvmpy.bench import linux as linuxbench, linux_guest
+    disk = linuxbench.build_disk(lambda text: None)
+    slots = debroot.fetch(linux_guest.PACKAGES)
+    for slot in slots:
+        for part in ("usr/bin", "usr/lib"):
+            if (slot / "tree" / part).is_dir():
+                tree.copy_tree(slot / "tree" / part, part)
+    for name, path in linuxkernel.kernel_modules(linux, VHOST_MODULES).items():
+        tree.copy(path, f"opt/modules/{name}")
+    return [disk.image, disk.initrd], [*debroot.fetch(debroot.PYTHON_PACKAGES), *slots]
+
+
+def save_linuxbench_json(log: Path, out: Path) -> bool:
+    """The linuxbench step's JSON from L1's console log, written to ``out`` with its table shown."""
+    from kvmpy.bench import linux as linuxbench
+    return save_console_json(log, LINUXBENCH_JSON_MARK, out, "linuxbench", linuxbench.table)
+
+
+def linuxbench_block(args: list[str]) -> str:
+    """The linuxbench step's shell: the vhost-vsock modules, `kvmpy bench linux`, its JSON.
+    passt's sandbox pivot_roots, which fails where / is the initramfs itself ("pivot_root:
+    Invalid argument"), so the benchmark runs with / a bind mount of it, in a mount namespace of
+    its own."""
+    mods = " ".join(m.removesuffix(".ko") for m in VHOST_MODULES)
+    return (f"for m in {mods}; do insmod /opt/modules/$m.ko || echo \"insmod $m failed\"; done\n"
+            f"echo 'cd /opt/src && exec kvmpy bench linux {' '.join(shlex.quote(a) for a in args)} "
+            "--out /tmp/bench-linux.json' > /tmp/linuxbench.sh\n"
+            "mkdir -p /mnt/l1root\n"
+            "unshare -m sh -c 'mount --rbind / /mnt/l1root && cd /mnt/l1root && mount --move . / && "
+            "exec chroot . sh /tmp/linuxbench.sh'; rc=$?\n"
+            f"{ship_json('/tmp/bench-linux.json', LINUXBENCH_JSON_MARK)}\n"
+            "[ $rc = 0 ]")
+
+
+def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stress_args: list[str] = (),
+                linuxbench_args: list[str] = ()) -> str:
     """The steps L1 runs, one shell block each, framed by begin/end markers."""
     blocks = []
     if "info" in steps:
@@ -400,6 +460,8 @@ def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stres
         blocks.append(("shell", "while [ ! -e /tmp/go ]; do sleep 1; done"))
     if "bench" in steps:
         blocks.append(("bench", bench_block(list(bench_args))))
+    if "linuxbench" in steps:
+        blocks.append(("linuxbench", linuxbench_block(list(linuxbench_args))))
     if "pytest" in steps:
         args = " ".join(shlex.quote(a) for a in pytest_args)
         # pytest, and the L2 Linux tests that failed once more (l1_pytest.py: QEMU TCG's occasional L2 death)
@@ -414,7 +476,7 @@ def step_script(steps, pytest_args: list[str], bench_args: list[str] = (), stres
 
 
 def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str] = (),
-                stress_args: list[str] = ()) -> tuple[Path, Path]:
+                stress_args: list[str] = (), linuxbench_args: list[str] = ()) -> tuple[Path, Path]:
     """Write L1's initramfs into ``work``; return (L1 kernel, initramfs path)."""
     say("fetching Debian's cloud kernel, its kvm modules and busybox (cached)")
     linux = linuxkernel.fetch()
@@ -454,8 +516,12 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
     for d in ("proc", "sys", "sbin", "usr/sbin"):
         tree.entries[d] = CpioEntry(d, stat.S_IFDIR | 0o755)
     elves = add_python(tree)
-    if "bench" in steps or "stress" in steps:
+    if "bench" in steps or "stress" in steps or "linuxbench" in steps:
         elves += add_qemu(tree)
+    if "linuxbench" in steps:
+        say("building kvmpy bench linux's root disk (python3, iperf3; cached) and adding iperf3")
+        more, more_slots = add_linuxbench(tree, linux)
+        shipped, slots = shipped + more, [*slots, *more_slots]
     tree.copy_tree(site_copy, "opt/site")
     tree.copy_tree(src, "opt/src")
     elves += [p for p in site_copy.rglob("*.so*") if p.is_file() and is_elf(p)]
@@ -487,7 +553,7 @@ def build_image(work: Path, steps, pytest_args: list[str], bench_args: list[str]
         tree.copy(f, f"opt/cache/rootfs/{f.parent.name}/{f.name}")
     for slot in slots:                                # their names only: the disk is built already
         tree.add(f"opt/cache/debian/{slot.name}/tree/.kvmpy-key-only", b"")
-    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args, stress_args).encode())
+    tree.add("opt/steps.sh", step_script(steps, pytest_args, bench_args, stress_args, linuxbench_args).encode())
     tree.add("init", L1_INIT.replace("__MODULES__", " ".join(L1_MODULES)).encode(), 0o755)
     out = work / "l1.cpio"
     out.write_bytes(tree.archive())
@@ -630,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-json", type=Path, default=REPO / "benchmarks" / "results" / "boot-linux-init-l1.json",
                    metavar="PATH", help="step bench: where the host writes its JSON "
                                         "(default benchmarks/results/boot-linux-init-l1.json)")
+    p.add_argument("--linuxbench-args", default="--rounds 3", metavar="ARGS",
+                   help="step linuxbench: options for 'kvmpy bench linux' in L1 (default '--rounds 3')")
+    p.add_argument("--linuxbench-json", type=Path, default=REPO / "benchmarks" / "results" / "linux-l1.json",
+                   metavar="PATH", help="step linuxbench: where the host writes its JSON "
+                                        "(default benchmarks/results/linux-l1.json)")
     p.add_argument("--stress-args", default="", metavar="ARGS",
                    help="step stress: options for tests/nested/l2_stress.py in L1 (its --help)")
     p.add_argument("--l1-cpus", type=int, default=L1_CPUS, metavar="N",
@@ -656,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         qemu = which_qemu(args.qemu)
         kernel, initrd = build_image(work, steps, pytest_args, shlex.split(args.bench_args),
-                                     shlex.split(args.stress_args))
+                                     shlex.split(args.stress_args), shlex.split(args.linuxbench_args))
         t_built = time.monotonic()
         for attempt in range(1, L1_ATTEMPTS + 1):
             result = run_l1(kernel, initrd, log, args.timeout, steps, echo=not args.quiet_console,
@@ -677,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = result.failures(steps)
     if "bench" in steps and not save_bench_json(log, args.bench_json):
         bad.append("bench (no JSON)")
+    if "linuxbench" in steps and not save_linuxbench_json(log, args.linuxbench_json):
+        bad.append("linuxbench (no JSON)")
     total = time.monotonic() - t0
     say(f"build {t_built - t0:.0f} s, L1 {time.monotonic() - t_built:.0f} s, total {total:.0f} s")
     for s in ("modules", *steps):
