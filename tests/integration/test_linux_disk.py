@@ -299,6 +299,16 @@ def web():
     server.server_close()
 
 
+def net_report(m) -> str:
+    """The network device's counters, backlog and thread, the transport's interrupt state."""
+    slot = m.platform.slot("virtio-net")
+    dev, pump = slot.model.device if hasattr(slot.model, "device") else slot.model, slot.backend
+    core = getattr(slot.model, "core", slot.model)
+    return (f"net counters {dev.counters}, backlog {len(dev.backlog)}, pump pending {len(pump.pending)} "
+            f"waits {pump.waits} turns {pump.turns} error {pump.error}, "
+            f"interrupt_status {getattr(core, 'interrupt_status', '?')}")
+
+
 @needs_ring0
 def test_stock_kernel_gets_a_lease_from_passt_and_fetches_a_page_from_the_host(disk, tmp_path, web):
     """`--net passt`: the disk's rcS loads virtio_net and runs udhcpc, passt's DHCP answers, and
@@ -319,9 +329,10 @@ def test_stock_kernel_gets_a_lease_from_passt_and_fetches_a_page_from_the_host(d
         m.load(disk.kernel.vmlinux.read_bytes(), cmdline=disk.cmdline, initrd=disk.initrd.read_bytes())
         shell.type_into(m)
         stop = run_watched(m, shell)
+        net = net_report(m)
     text = shell.text
     line = re.search(r"kvmpy-net: addr=(\S*) gw=(\S*) page=(\S*) nc=(\S*) end", text)
-    assert line, f"run ended ({stop}) before the guest answered; console:\n{text[-5000:]}"
+    assert line, f"run ended ({stop}) before the guest answered ({net}; server saw {web.paths}); console:\n{text[-5000:]}"
     addr, gw, page, _ = line.groups()
     assert re.search(r"udhcpc: eth0 is \d+\.\d+\.\d+\.\d+/\d+", text), text[-5000:]
     assert addr and gw, text[-5000:]
