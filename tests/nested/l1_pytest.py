@@ -5,9 +5,7 @@ nested SVM, under kvmpy and under QEMU in L1 alike (docs/host-notes.md, "the nes
 testbed"; about 1 boot in 56). So when every test that failed is one of the L2 Linux
 files (``RETRY_FILES``), those tests run once more, and the step passes if they pass then;
 the log says which tests needed it. Any other failure, or a Linux test that fails twice,
-fails the step as before. One more known first-run failure, not the emulator's as far as
-anyone has shown: the first HTTP fetch through passt in an L1 session gets its page but not
-the server's FIN (docs/host-notes.md); the test says so when it happens.
+fails the step as before.
 
     python3 tests/nested/l1_pytest.py [pytest arguments...]
 """
@@ -47,9 +45,8 @@ def main(argv: list[str]) -> int:
     rc, failed = run(argv)
     if rc != 1 or not retryable(failed):
         return rc
-    print(f"testbed: {len(failed)} L2 Linux test(s) failed; running them once more (an L2 kernel dies "
-          f"now and then under the emulator, and the first HTTP fetch through passt in an L1 session "
-          f"has waited for its FIN: docs/host-notes.md): {' '.join(failed)}", flush=True)
+    print(f"testbed: {len(failed)} L2 Linux test(s) failed; running them once more (QEMU TCG's nested SVM "
+          f"kills an L2 kernel now and then: docs/host-notes.md): {' '.join(failed)}", flush=True)
     rc, again = run(sorted(set(failed)))
     if rc == 0:
         print(f"testbed: passed on the rerun: {' '.join(failed)}", flush=True)
