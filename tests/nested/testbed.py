@@ -83,8 +83,9 @@ DEFAULT_TESTS = ("tests/integration/test_guests.py", "tests/integration/test_boo
 #: The three Linux files with 2 vCPUs (test_linux_disk/pci/vsock) were on demand for a while
 #: (2026-12-07): under QEMU 7.2 L1's own kernel panicked in 2 of 3 full runs with them ("stack
 #: guard page was hit" in exc_page_fault, then "corrupted stack end detected inside
-#: scheduler"). L1 now runs on bookworm-backports' QEMU 10.0 (l0qemu.py), which has not done
-#: so (docs/host-notes.md). L2's own rare deaths before user space (QEMU under L1's KVM
+#: scheduler"). L1 now runs on bookworm-backports' QEMU 10.0 (l0qemu.py), where it came once
+#: in 10 sessions (during test_linux.py): the second L1 boot (L1_ATTEMPTS) takes it, and
+#: docs/host-notes.md counts it. L2's own rare deaths before user space (QEMU under L1's KVM
 #: showed them too) are why the pytest step runs a failed L2 Linux test once more
 #: (l1_pytest.py) and fails only if it fails again.
 #: Left out, run on demand (--steps pytest FILE):
@@ -704,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                         "tcg,thread=multi,tb-size=N to experiment with TCG itself)")
     p.add_argument("--qemu", default=os.environ.get("KVMPY_TESTBED_QEMU", "backports"), metavar="WHICH",
                    help="the QEMU that runs L1: 'backports' (default; bookworm-backports' QEMU, fetched "
-                        "into the cache by tests/nested/l0qemu.py: QEMU 7.2's nested SVM corrupted L1's "
-                        "kernel now and then), 'system' (qemu-system-x86_64 on PATH) or a PATH "
+                        "into the cache by tests/nested/l0qemu.py: under QEMU 7.2's nested SVM L1's kernel "
+                        "died more often), 'system' (qemu-system-x86_64 on PATH) or a PATH "
                         "(one unpacked with dpkg -x uses its own data directory); $KVMPY_TESTBED_QEMU")
     args, pytest_args = p.parse_known_args(argv)
     steps = tuple(s for s in args.steps.split(",") if s)
