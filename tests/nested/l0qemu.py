@@ -3,8 +3,9 @@
 QEMU 7.2 (bookworm's own) emulates AMD SVM well enough for kvm_amd to load in L1, but its
 nested SVM now and then corrupts L1's kernel while an L2 runs (docs/host-notes.md: "stack
 guard page was hit" in exc_page_fault, then "corrupted stack end detected inside
-scheduler"). bookworm-backports carries a newer QEMU built for the same system; on it that
-panic came less often (1 of 10 sessions against 2 of 3 full runs), not never.
+scheduler"). bookworm-backports carries a newer QEMU built for the same system, for
+``testbed.py --qemu backports``; L1 died under it too (docs/host-notes.md), so it is not the
+default.
 
 Nothing is installed: apt-get reads a private source list and package index under the
 cache (``Dir::State::Lists``), ``apt-get download`` fetches the three packages, and
