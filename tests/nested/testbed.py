@@ -108,6 +108,10 @@ MARK = "@@kvmpy-l1"                                      # every line the host r
 #: runs an L2 (docs/host-notes.md: "corrupted stack end detected inside scheduler", seen with
 #: and without kvmpy's own changes): the testbed then boots L1 once more, and says so.
 L1_PANIC = "Kernel panic - not syncing"
+#: L1's own kernel in trouble short of a panic, as seen before it panicked or wedged for good
+#: (docs/host-notes.md: "scheduling while atomic", a stack guard page, khugepaged blocked
+#: while a CPU slept through its interrupts): a kernel line, not an L2's echoed by a test
+L1_TROUBLE = re.compile(r"^\[\s*\d+\.\d+\] (BUG: |INFO: task \S+ blocked for more than |watchdog: BUG: soft lockup)")
 L1_ATTEMPTS = 2
 
 
@@ -566,7 +570,7 @@ class Result:
         self.panic = ""                 # L1's kernel's own panic line, if it printed one
 
     def feed(self, line: str) -> None:
-        if L1_PANIC in line and not self.panic:
+        if (L1_PANIC in line or L1_TROUBLE.match(line)) and not self.panic:
             self.panic = line.strip()
         if not line.startswith(MARK):
             return
@@ -655,6 +659,9 @@ def run_l1(kernel: Path, initrd: Path, log: Path, timeout: float, steps, echo: b
                 logf.write(line + "\n")
                 logf.flush()
                 result.feed(line)
+                if result.l1_died and not proc.poll():
+                    say(f"L1's own kernel is in trouble ({result.panic}): stopping this boot")
+                    proc.kill()         # the loop ends with its output; main() may boot L1 again
                 if line.startswith(MARK):
                     say(f"L1 +{time.monotonic() - start:5.0f}s {line[len(MARK) + 1:]}")
                 elif echo or result.in_step("pytest"):     # pytest -q's own lines are always worth seeing

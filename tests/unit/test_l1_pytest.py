@@ -59,3 +59,11 @@ def test_the_testbed_boots_l1_again_only_when_l1_itself_died():
         l2.feed(line)
     assert not l2.l1_died and "pytest (rc=1)" in l2.failures(["pytest"])
     assert testbed.L1_ATTEMPTS == 2
+    for trouble in ("[  104.212456] BUG: scheduling while atomic: python3/291/0x00110001",
+                    "[  363.767634] INFO: task khugepaged:36 blocked for more than 120 seconds."):
+        wedged = testbed.Result()
+        wedged.feed(trouble)
+        assert wedged.l1_died and wedged.panic == trouble
+    echoed = testbed.Result()                   # an L2's kernel line in a test's failure output
+    echoed.feed("E         [    2.1] BUG: kernel NULL pointer dereference")
+    assert not echoed.l1_died
