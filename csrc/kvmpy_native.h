@@ -126,6 +126,23 @@ void kvmpy_blk_serve_pending(struct kvmpy_blk *b);
 /* tests: the limiter's clock reads now_ns (0: CLOCK_MONOTONIC again) */
 void kvmpy_blk_set_clock(struct kvmpy_blk *b, uint64_t now_ns);
 
+/* virtio-blk's request queue for a transport that lives in Python (virtio-pci): the
+ * disk a request needs. The mmio device above keeps one of its own. */
+struct kvmpy_blk_disk {
+	int fd;				/* -1: closed, every request completes with IOERR */
+	uint32_t readonly;
+	uint64_t capacity;		/* 512-byte sectors */
+	uint64_t *written;		/* a reset overlay's written 4 KiB blocks (dirty.c), or NULL */
+	uint8_t id[20];			/* GET_ID's bytes, NUL-padded */
+};
+struct kvmpy_blk_scratch;
+uint64_t kvmpy_blk_scratch_size(void);	/* bytes of scratch kvmpy_blk_serve needs */
+/* Serve at most budget requests of q (checked first, as a restored state is): the number
+ * served, or -EINVAL and *why on a driver error. No rate limits: those stay in Python. */
+int kvmpy_blk_serve(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		    const struct kvmpy_blk_disk *d, uint32_t budget,
+		    struct kvmpy_blk_scratch *scratch, const char **why);
+
 /* ---- virtio_net.c: virtio-net's queue work (same semantics as devices/virtio/net.py) ---- */
 struct kvmpy_vq_chain;
 uint64_t kvmpy_net_chain_size(void);	/* bytes of the chain scratch space the caller provides */

@@ -1,8 +1,9 @@
 /*
- * virtio_blk.c - virtio-blk over virtio-mmio (version 2) in C: the transport
- * registers and the block requests. The split virtqueue and every guest-memory
- * check are the generic ones of virtqueue.c; this file never turns a guest address
- * into a host pointer except through them.
+ * virtio_blk.c - virtio-blk in C: the block requests, and the virtio-mmio (version 2)
+ * transport registers around them. A transport that lives in Python (virtio-pci) uses
+ * the requests alone through kvmpy_blk_serve (the end of the file). The split virtqueue
+ * and every guest-memory check are the generic ones of virtqueue.c; this file never
+ * turns a guest address into a host pointer except through them.
  *
  * The specification is the Python reference in kvmpy/devices/virtio/ (mmio.py,
  * queue.py, blk.py) and docs/virtio.md; this file follows it check for check, in
@@ -61,21 +62,40 @@
 
 _Static_assert(KVMPY_BLK_QUEUE_NUM_MAX <= KVMPY_VQ_NUM_MAX, "a chain must fit struct kvmpy_vq_chain");
 
+/* What one request needs, whichever transport serves the queue: the disk, guest memory and
+ * the scratch space of one chain. The mmio device below holds one; kvmpy_blk_serve makes
+ * one for a transport in Python (virtio-pci). */
+struct blk_io {
+	const struct kvmpy_blk_disk *d;
+	const struct kvmpy_guest_mem *mem;
+	struct kvmpy_vq_chain *chain;
+	struct iovec *iov;				/* at most one per buffer of the chain */
+};
+
+/* The scratch space of kvmpy_blk_serve, allocated by its caller (kvmpy_blk_scratch_size). */
+struct kvmpy_blk_scratch {
+	struct kvmpy_vq_chain chain;
+	struct iovec iov[KVMPY_VQ_NUM_MAX];
+};
+
 struct kvmpy_blk {
 	pthread_mutex_t io_lock;			/* the data path; taken before lock */
 	pthread_mutex_t lock;				/* s, gen */
 	uint64_t gen;					/* bumped when the queue is replaced */
 	struct kvmpy_blk_state s;
 	struct kvmpy_guest_mem mem;
-	int fd, vm_fd, gsi;
-	uint64_t *written;				/* a reset overlay's written blocks (NULL: none) */
-	uint8_t id[VIRTIO_BLK_ID_BYTES];
+	int vm_fd, gsi;
+	struct kvmpy_blk_disk d;			/* fd and written change under io_lock */
 	uint8_t config[KVMPY_BLK_CONFIG_SIZE];
-	struct kvmpy_vq_chain chain;			/* one request at a time (io_lock) */
-	struct iovec iov[KVMPY_VQ_NUM_MAX];		/* at most one per buffer of the chain (io_lock) */
+	struct kvmpy_blk_scratch scratch;		/* one request at a time (io_lock) */
 	struct kvmpy_limiter rl;			/* rate limits (lock); all sizes 0: none */
 	uint64_t fake_now;				/* tests: the limiter's clock; 0: CLOCK_MONOTONIC */
 };
+
+static struct blk_io io_of(struct kvmpy_blk *b)
+{
+	return (struct blk_io){ &b->d, &b->mem, &b->scratch.chain, b->scratch.iov };
+}
 
 /* --- interrupts and errors (mmio.py: _update_irq, _device_error) ------------------ */
 
@@ -113,32 +133,32 @@ static void device_error(struct kvmpy_blk *b, const char *reason)
 
 /* --- block requests (blk.py: handle, _execute) ----------------------------------- */
 
-static int in_range(const struct kvmpy_blk *b, uint64_t sector, uint64_t nbytes)
+static int in_range(const struct kvmpy_blk_disk *d, uint64_t sector, uint64_t nbytes)
 {
 	if (nbytes % KVMPY_BLK_SECTOR_SIZE)
 		return 0;
-	return sector <= b->s.capacity && nbytes / KVMPY_BLK_SECTOR_SIZE <= b->s.capacity - sector;
+	return sector <= d->capacity && nbytes / KVMPY_BLK_SECTOR_SIZE <= d->capacity - sector;
 }
 
 /* preadv/pwritev all of iov[0..niov) at pos: 1 ok, 0 failed (or end of file) */
-static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
+static int rw_all(const struct blk_io *io, uint32_t niov, off_t pos, int write)
 {
 	uint32_t first = 0;
 
 	while (first < niov) {
-		ssize_t r = write ? pwritev(b->fd, b->iov + first, (int)(niov - first), pos)
-				  : preadv(b->fd, b->iov + first, (int)(niov - first), pos);
+		ssize_t r = write ? pwritev(io->d->fd, io->iov + first, (int)(niov - first), pos)
+				  : preadv(io->d->fd, io->iov + first, (int)(niov - first), pos);
 
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
 			return 0;	/* error, or end of file: the file shrank under us */
 		pos += r;
-		while (first < niov && (size_t)r >= b->iov[first].iov_len)
-			r -= (ssize_t)b->iov[first++].iov_len;
+		while (first < niov && (size_t)r >= io->iov[first].iov_len)
+			r -= (ssize_t)io->iov[first++].iov_len;
 		if (first < niov && r) {
-			b->iov[first].iov_base = (uint8_t *)b->iov[first].iov_base + r;
-			b->iov[first].iov_len -= (size_t)r;
+			io->iov[first].iov_base = (uint8_t *)io->iov[first].iov_base + r;
+			io->iov[first].iov_len -= (size_t)r;
 		}
 	}
 	return 1;
@@ -150,41 +170,41 @@ static int rw_all(struct kvmpy_blk *b, uint32_t niov, off_t pos, int write)
  * past its end would grow the disk back, which we never do. pos + n <= capacity * 512
  * (in_range), so it cannot overflow. lseek's offset is unused: I/O is preadv/pwritev.
  */
-static int inside_file(const struct kvmpy_blk *b, uint64_t pos, uint64_t n)
+static int inside_file(const struct kvmpy_blk_disk *d, uint64_t pos, uint64_t n)
 {
-	off_t end = lseek(b->fd, 0, SEEK_END);
+	off_t end = lseek(d->fd, 0, SEEK_END);
 
 	return end >= 0 && pos + n <= (uint64_t)end;
 }
 
 /* Move bytes [skip, skip+n) of the buffers to/from the disk at sector: 1 ok, 0 failed. */
-static int transfer(struct kvmpy_blk *b, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
+static int transfer(const struct blk_io *io, const struct kvmpy_vq_buf *bufs, uint32_t nbufs,
 		    uint64_t skip, uint64_t n, uint64_t sector, int write)
 {
 	uint32_t niov;
 	int ok;
 
-	if (b->fd < 0 || !inside_file(b, sector * KVMPY_BLK_SECTOR_SIZE, n))
+	if (io->d->fd < 0 || !inside_file(io->d, sector * KVMPY_BLK_SECTOR_SIZE, n))
 		return 0;
-	niov = kvmpy_vq_iov(&b->mem, bufs, nbufs, skip, n, b->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
+	niov = kvmpy_vq_iov(io->mem, bufs, nbufs, skip, n, io->iov);	/* nbufs <= KVMPY_VQ_NUM_MAX */
 	if (n && !niov)
-		return 0;	/* a buffer not in b->mem (kvmpy_vq_iov) */
-	ok = rw_all(b, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
+		return 0;	/* a buffer not in io->mem (kvmpy_vq_iov) */
+	ok = rw_all(io, niov, (off_t)(sector * KVMPY_BLK_SECTOR_SIZE), write);
 	/* a reset overlay: every block the write may have touched (even a failed one) */
-	if (write && b->written && n)
-		kvmpy_dirty_mark(b->written, sector * KVMPY_BLK_SECTOR_SIZE / 4096,
+	if (write && io->d->written && n)
+		kvmpy_dirty_mark(io->d->written, sector * KVMPY_BLK_SECTOR_SIZE / 4096,
 				 (sector * KVMPY_BLK_SECTOR_SIZE + n - 1) / 4096 -
 				 sector * KVMPY_BLK_SECTOR_SIZE / 4096 + 1);
 	/* dirty: a read filled the guest buffers (perhaps partly, if it failed): mark them all */
 	if (!write)
-		kvmpy_vq_mark_dirty(&b->mem, bufs, nbufs, skip, n);
+		kvmpy_vq_mark_dirty(io->mem, bufs, nbufs, skip, n);
 	return ok;
 }
 
 /* hdr: the request header serve_queue copied out of guest RAM (read once) */
-static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr, uint32_t *data_written)
+static uint8_t execute(const struct blk_io *io, uint64_t wlen, const uint8_t *hdr, uint32_t *data_written)
 {
-	const struct kvmpy_vq_chain *c = &b->chain;
+	const struct kvmpy_vq_chain *c = io->chain;
 	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), n;
 	uint32_t type;
 	uint64_t sector;
@@ -193,35 +213,35 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr, u
 	if (rlen < KVMPY_BLK_HEADER_SIZE)
 		return VIRTIO_BLK_S_IOERR;
 	if (!hdr)
-		return VIRTIO_BLK_S_IOERR;	/* serve_queue could not copy it (a buffer not in b->mem) */
+		return VIRTIO_BLK_S_IOERR;	/* serve_queue could not copy it (a buffer not in io->mem) */
 	type = (uint32_t)kvmpy_get_le(hdr, 4);
 	sector = kvmpy_get_le(hdr + 8, 8);
 	switch (type) {
 	case VIRTIO_BLK_T_IN:
 		n = wlen - 1;
-		if (rlen != KVMPY_BLK_HEADER_SIZE || !in_range(b, sector, n))
+		if (rlen != KVMPY_BLK_HEADER_SIZE || !in_range(io->d, sector, n))
 			return VIRTIO_BLK_S_IOERR;
-		if (!transfer(b, c->wr, c->nwr, 0, n, sector, 0))
+		if (!transfer(io, c->wr, c->nwr, 0, n, sector, 0))
 			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
 		return VIRTIO_BLK_S_OK;
 	case VIRTIO_BLK_T_OUT:
 		n = rlen - KVMPY_BLK_HEADER_SIZE;
-		if (wlen != 1 || b->s.readonly || !in_range(b, sector, n))
+		if (wlen != 1 || io->d->readonly || !in_range(io->d, sector, n))
 			return VIRTIO_BLK_S_IOERR;
-		return transfer(b, c->rd, c->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ?
+		return transfer(io, c->rd, c->nrd, KVMPY_BLK_HEADER_SIZE, n, sector, 1) ?
 		       VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 	case VIRTIO_BLK_T_FLUSH:
-		if (b->fd < 0)
+		if (io->d->fd < 0)
 			return VIRTIO_BLK_S_IOERR;
-		if (b->s.readonly)
+		if (io->d->readonly)
 			return VIRTIO_BLK_S_OK;
-		return fdatasync(b->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+		return fdatasync(io->d->fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 	case VIRTIO_BLK_T_GET_ID:
 		if (rlen != KVMPY_BLK_HEADER_SIZE)
 			return VIRTIO_BLK_S_IOERR;
 		n = wlen - 1 < VIRTIO_BLK_ID_BYTES ? wlen - 1 : VIRTIO_BLK_ID_BYTES;
-		if (kvmpy_vq_scatter(&b->mem, c->wr, c->nwr, b->id, n))
+		if (kvmpy_vq_scatter(io->mem, c->wr, c->nwr, io->d->id, n))
 			return VIRTIO_BLK_S_IOERR;
 		*data_written = (uint32_t)n;
 		return VIRTIO_BLK_S_OK;
@@ -230,20 +250,20 @@ static uint8_t execute(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr, u
 }
 
 /* The status byte: the last byte of the last device-writable buffer. */
-static void put_status(struct kvmpy_blk *b, uint8_t status)
+static void put_status(const struct blk_io *io, uint8_t status)
 {
-	const struct kvmpy_vq_buf *last = &b->chain.wr[b->chain.nwr - 1];
+	const struct kvmpy_vq_buf *last = &io->chain->wr[io->chain->nwr - 1];
 	uint64_t gpa = last->gpa + last->len - 1;
 	uint8_t *p;
 
-	/* SAFETY: kvmpy_mem_hva: NULL unless gpa lies inside one region of b->mem (it is the
-	 * last byte of a buffer kvmpy_vq_pop checked, len >= 1; nwr >= 1: serve_queue
+	/* SAFETY: kvmpy_mem_hva: NULL unless gpa lies inside one region of io->mem (it is the
+	 * last byte of a buffer kvmpy_vq_pop checked, len >= 1; nwr >= 1: pop_request
 	 * refused wlen == 0) */
-	p = kvmpy_mem_hva(&b->mem, gpa, 1);
+	p = kvmpy_mem_hva(io->mem, gpa, 1);
 	if (!p)
 		return;
 	*p = status;
-	kvmpy_mem_mark_dirty(&b->mem, gpa, 1);		/* dirty: the status byte */
+	kvmpy_mem_mark_dirty(io->mem, gpa, 1);		/* dirty: the status byte */
 }
 
 /* FEATURES_OK and DRIVER_OK, neither NEEDS_RESET nor FAILED (mmio.py live) */
@@ -268,7 +288,7 @@ static int limited(const struct kvmpy_blk *b)
  */
 static int admit(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr)
 {
-	const struct kvmpy_vq_chain *c = &b->chain;
+	const struct kvmpy_vq_chain *c = &b->scratch.chain;
 	uint64_t rlen = kvmpy_vq_bufs_len(c->rd, c->nrd), nbytes = 0, flushes = 0;
 
 	if (!limited(b))
@@ -285,6 +305,39 @@ static int admit(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr)
 }
 
 /*
+ * The next request of q: its chain into io->chain, its header into hdr, copied out of
+ * guest RAM once (zeroed if a buffer is not in io->mem; left alone if there are fewer
+ * than 16 readable bytes, which execute refuses without reading hdr). 1 = a request,
+ * *wlen its device-writable bytes and *hdr_ok whether hdr may be read; 0 = the ring is
+ * empty; -EINVAL and *why on a driver error (blk.py _check_status_byte, _header).
+ */
+static int pop_request(const struct blk_io *io, struct kvmpy_vq_state *q, uint8_t *hdr,
+		       uint64_t *wlen, int *hdr_ok, const char **why)
+{
+	const struct kvmpy_vq_chain *c = io->chain;
+	int r = kvmpy_vq_pop(q, io->mem, io->chain, why);
+
+	if (r <= 0)
+		return r;
+	*wlen = kvmpy_vq_bufs_len(c->wr, c->nwr);
+	if (*wlen == 0)
+		return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
+	*hdr_ok = kvmpy_vq_bufs_len(c->rd, c->nrd) < KVMPY_BLK_HEADER_SIZE ||
+		  kvmpy_vq_gather(io->mem, c->rd, c->nrd, hdr, KVMPY_BLK_HEADER_SIZE) == 0;
+	if (!*hdr_ok)
+		memset(hdr, 0, KVMPY_BLK_HEADER_SIZE);
+	return 1;
+}
+
+/* The request in io->chain is done: its status byte, then its used element. */
+static void complete(const struct blk_io *io, struct kvmpy_vq_state *q, uint8_t status,
+		     uint32_t written)
+{
+	put_status(io, status);
+	kvmpy_vq_push_used(q, io->mem, io->chain->head, written + 1);
+}
+
+/*
  * blk.py notify(): serve the available requests in ring order, at most QueueNum of
  * them, so one QueueNotify is bounded work even when the device's own writes keep
  * publishing more (a device-writable buffer over the available ring); a driver that
@@ -294,38 +347,31 @@ static int admit(struct kvmpy_blk *b, uint64_t wlen, const uint8_t *hdr)
  */
 static int serve_queue(struct kvmpy_blk *b, uint64_t gen, const char **why)
 {
+	struct blk_io io = io_of(b);
 	uint64_t i, num = b->s.q.num;
 	uint8_t hdr[KVMPY_BLK_HEADER_SIZE] = { 0 };
-	int r, hdr_ok;
+	int r, hdr_ok = 0;
 
 	for (i = 0; i < num; i++) {
-		uint64_t wlen;
+		uint64_t wlen = 0;
 		uint32_t written;
 		uint8_t status;
 
-		r = kvmpy_vq_pop(&b->s.q, &b->mem, &b->chain, why);
+		r = pop_request(&io, &b->s.q, hdr, &wlen, &hdr_ok, why);
 		if (r == 0)
 			b->rl.throttled_until = 0;	/* the ring is empty: nothing waits */
 		if (r <= 0)
 			return r;
-		wlen = kvmpy_vq_bufs_len(b->chain.wr, b->chain.nwr);
-		if (wlen == 0)
-			return *why = "virtio-blk request has no device-writable status byte", -EINVAL;
-		hdr_ok = kvmpy_vq_bufs_len(b->chain.rd, b->chain.nrd) < KVMPY_BLK_HEADER_SIZE ||	/* execute refuses */
-			 kvmpy_vq_gather(&b->mem, b->chain.rd, b->chain.nrd, hdr, KVMPY_BLK_HEADER_SIZE) == 0;	/* read once */
-		if (!hdr_ok)
-			memset(hdr, 0, sizeof(hdr));
 		if (!admit(b, wlen, hdr)) {
 			b->s.q.last_avail_idx--;	/* over budget: back in the ring, untouched */
 			return 0;
 		}
 		pthread_mutex_unlock(&b->lock);
-		status = execute(b, wlen, hdr_ok ? hdr : NULL, &written);	/* file I/O without the register lock */
+		status = execute(&io, wlen, hdr_ok ? hdr : NULL, &written);	/* file I/O without the register lock */
 		pthread_mutex_lock(&b->lock);
 		if (b->gen != gen)
 			return 0;	/* reset or restored meanwhile: this chain's queue is gone */
-		put_status(b, status);
-		kvmpy_vq_push_used(&b->s.q, &b->mem, b->chain.head, written + 1);
+		complete(&io, &b->s.q, status, written);
 		if (!live(b))
 			return 0;	/* the driver set FAILED meanwhile */
 	}
@@ -521,12 +567,12 @@ struct kvmpy_blk *kvmpy_blk_new(int fd, int readonly, uint64_t file_size, const 
 	if (pthread_mutex_init(&b->lock, NULL))
 		goto err_io_lock;
 	b->mem = *mem;
-	b->fd = fd;
 	b->vm_fd = vm_fd;
 	b->gsi = gsi;
-	memcpy(b->id, id, VIRTIO_BLK_ID_BYTES);
-	b->s.readonly = !!readonly;
-	b->s.capacity = file_size / KVMPY_BLK_SECTOR_SIZE;
+	b->d.fd = fd;
+	memcpy(b->d.id, id, VIRTIO_BLK_ID_BYTES);
+	b->d.readonly = b->s.readonly = !!readonly;
+	b->d.capacity = b->s.capacity = file_size / KVMPY_BLK_SECTOR_SIZE;
 	b->s.device_features = (1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_BLK_F_SEG_MAX) |
 			       (1ull << VIRTIO_BLK_F_FLUSH) | (readonly ? 1ull << VIRTIO_BLK_F_RO : 0);
 	kvmpy_put_le(b->config, b->s.capacity, 8);			/* capacity */
@@ -576,7 +622,7 @@ void kvmpy_blk_set_fd(struct kvmpy_blk *b, int fd)
 {
 	pthread_mutex_lock(&b->io_lock);
 	pthread_mutex_lock(&b->lock);
-	b->fd = fd;
+	b->d.fd = fd;
 	pthread_mutex_unlock(&b->lock);
 	pthread_mutex_unlock(&b->io_lock);
 }
@@ -585,8 +631,8 @@ void kvmpy_blk_set_overlay(struct kvmpy_blk *b, int fd, uint64_t *written)
 {
 	pthread_mutex_lock(&b->io_lock);
 	pthread_mutex_lock(&b->lock);
-	b->fd = fd;
-	b->written = written;
+	b->d.fd = fd;
+	b->d.written = written;
 	pthread_mutex_unlock(&b->lock);
 	pthread_mutex_unlock(&b->io_lock);
 }
@@ -728,4 +774,48 @@ void kvmpy_blk_set_clock(struct kvmpy_blk *b, uint64_t now_ns)
 	pthread_mutex_lock(&b->lock);
 	b->fake_now = now_ns;
 	pthread_mutex_unlock(&b->lock);
+}
+
+/* --- the request queue for a transport outside C (virtio-pci, in Python) ---------- */
+
+uint64_t kvmpy_blk_scratch_size(void)
+{
+	return sizeof(struct kvmpy_blk_scratch);
+}
+
+/*
+ * blk.py notify() without rate limits, for a queue whose transport lives in Python: at
+ * most budget requests of q served on d, in ring order. The caller serialises calls for
+ * one queue and owns scratch (kvmpy_blk_scratch_size bytes). q comes from Python, so it
+ * is checked as a restored state is (kvmpy_vq_check) before a chain is walked. Returns
+ * the requests served, or -EINVAL and *why on a driver error (the requests before it
+ * are complete and in the used ring; q says how far it got).
+ */
+int kvmpy_blk_serve(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem,
+		    const struct kvmpy_blk_disk *d, uint32_t budget,
+		    struct kvmpy_blk_scratch *scratch, const char **why)
+{
+	struct blk_io io = { d, mem, &scratch->chain, scratch->iov };
+	uint8_t hdr[KVMPY_BLK_HEADER_SIZE] = { 0 };
+	uint32_t served, written;
+	uint64_t wlen = 0;
+	int r, hdr_ok = 0;
+
+	if (!mem || mem->n > KVMPY_MAX_REGIONS)
+		return *why = "virtio-blk: bad guest memory table", -EINVAL;
+	*why = kvmpy_vq_check(q, mem, KVMPY_BLK_QUEUE_NUM_MAX);
+	if (!q->ready && !*why)
+		*why = "virtio-blk: the queue is not ready";
+	if (*why)
+		return -EINVAL;
+	for (served = 0; served < budget; served++) {
+		uint8_t status;
+
+		r = pop_request(&io, q, hdr, &wlen, &hdr_ok, why);
+		if (r <= 0)
+			return r < 0 ? r : (int)served;
+		status = execute(&io, wlen, hdr_ok ? hdr : NULL, &written);
+		complete(&io, q, status, written);
+	}
+	return (int)served;
 }

@@ -56,7 +56,9 @@ def _add_virtio_pci(p: Platform, name: str, model, memory, saved_as: str, **slot
 
 def add_disk(p: Platform, disk: Disk, memory) -> Slot:
     """virtio-blk over virtio-mmio in the next free slot of the virtio window (layout.py), or
-    over virtio-pci in the next PCI slot (the Python model: no C twin behind PCI yet)."""
+    over virtio-pci in the next PCI slot. With ``native``, C serves the requests either way:
+    the whole device behind virtio-mmio (vmm/native.py), the request queue alone behind the
+    Python virtio-pci transport (vmm/native_blk.py) unless the disk is rate-limited."""
     i = len(p.disks)
     if p.virtio == "pci":
         return _add_pci_disk(p, i, disk, memory)
@@ -89,6 +91,9 @@ def _add_pci_disk(p: Platform, i: int, disk: Disk, memory) -> Slot:
         blk = VirtioBlk(disk.path, readonly=disk.readonly, limits=disk.limits)
     except DeviceError as e:
         raise DeviceError(f"disk {i} ({disk.path}): {e}") from None
+    if p.native and blk.limiter is None:
+        from .native_blk import NativeBlkQueue
+        blk.engine = NativeBlkQueue(blk, memory)
     identity = {"path": os.path.abspath(disk.path), "readonly": disk.readonly, "size": blk.file_size}
     try:
         s, locked = _add_virtio_pci(p, f"virtio-blk{i}", blk, memory, "disks", disk=disk, identity=identity,

@@ -61,6 +61,8 @@ def test_the_guest_finds_the_disk_on_pci_and_gets_intx_and_msix(disk, native):
         assert after[:512] == before[:512] and after[1024:] == before[1024:]
         fn = m.platform.slot("virtio-blk0").model
         assert fn.msix.enabled and fn.live and fn.queue_vectors == [0] and fn.config_vector == 1
+        engine = m.platform.slot("virtio-blk0").backend.engine      # native: C served the requests
+        assert (type(engine).__name__ if engine else None) == ("NativeBlkQueue" if native else None)
         assert fn.config.command & C.COMMAND_MEMORY
         routed = [(gsi, a, d) for gsi, _, a, d in m.platform.msi.routes.values() if a is not None]
         assert routed == [(layout.MSI_GSI_BASE, 0xFEE0_0000, 0x31)]          # the queue's vector only

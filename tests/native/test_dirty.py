@@ -26,7 +26,7 @@ def offer(side: Side, bufs: list[tuple[int, int, bool]]) -> None:
     side.mem.write(AVAIL + 2, struct.pack("<H", side.avail_idx))
 
 
-@pytest.fixture(params=[True, False], ids=["native", "python"])
+@pytest.fixture(params=[True, "engine", False], ids=["native", "engine", "python"])
 def side(request, tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(range(256)) * (DISK // 256))

@@ -93,13 +93,13 @@ def test_disk_copy_back_restores_the_written_blocks(tmp_path_factory, size, writ
 @given(reqs=st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 140), st.integers(1, 16),
                                st.integers(1, 3)), min_size=1, max_size=4))
 def test_both_virtio_blk_twins_mark_the_same_blocks_and_spare_the_file(tmp_path_factory, reqs):
-    """With an overlay (use_overlay), the C virtio-blk and the Python model send writes to the
-    overlay, never to the file, mark the same 4 KiB blocks (reads mark nothing), and read
-    back what was written."""
+    """With an overlay (use_overlay), the C virtio-blk, the C request queue behind the Python
+    transport and the Python model send writes to the overlay, never to the file, mark the
+    same 4 KiB blocks (reads mark nothing), and read back what was written."""
     d = tmp_path_factory.mktemp("twins")
     content = os.urandom(DISK)
     results = []
-    for native in (True, False):
+    for native in (True, "engine", False):
         path = d / f"disk-{native}.img"
         path.write_bytes(content)
         side = Side(path, native)
@@ -107,7 +107,7 @@ def test_both_virtio_blk_twins_mark_the_same_blocks_and_spare_the_file(tmp_path_
         over = os.memfd_create("overlay")
         os.pwrite(over, content, 0)
         written = mmap.mmap(-1, 8 * (-(-DISK // 4096 // 64) or 1))
-        (side.dev if native else side.blk).use_overlay(over, written)
+        (side.dev if native is True else side.blk).use_overlay(over, written)
         try:
             statuses = [side.request(t, sector, 512 * n, t == 0, 1, split, 16) for t, sector, n, split in reqs]
             results.append((statuses, bytes(written), os.pread(over, DISK, 0)))
@@ -115,7 +115,7 @@ def test_both_virtio_blk_twins_mark_the_same_blocks_and_spare_the_file(tmp_path_
         finally:
             side.close()
             os.close(over)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     statuses, bits, data = results[0]
     expect = bytearray(len(bits))
     for (t, sector, n, _), status in zip(reqs, statuses):

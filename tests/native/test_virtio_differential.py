@@ -3,10 +3,14 @@
 Hypothesis drives both with the same register accesses, guest-memory writes (hostile
 descriptor tables and rings included) and notifications, then demands identical
 observables after every step: register values, device state, interrupt level, guest
-RAM, and the backing file's bytes and size.
+RAM, and the backing file's bytes and size. Two C twins face the Python model: the whole
+device in C (``c``: what virtio-mmio uses) and the request queue alone in C behind the
+Python transport (``engine``: what virtio-pci uses, vmm/native_blk.py).
 """
 import os
 import struct
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -64,14 +68,19 @@ OPS = st.lists(st.one_of(
 class Side:
     """One implementation with its own RAM and disk file."""
 
-    def __init__(self, path, native):
+    def __init__(self, path, native, readonly=False):
+        """native: False (the Python model), "c" or True (the C device) or "engine" (the Python
+        transport with the C request queue)."""
         self.mem = GuestMemory.anonymous(RAM)
-        if native:
+        if native is True or native == "c":
             from kvmpy.vmm.native import NativeVirtioBlk
-            self.dev = NativeVirtioBlk(path, self.mem)
+            self.dev = NativeVirtioBlk(path, self.mem, readonly=readonly)
             self.level = lambda: self.dev.irq_level
         else:
-            self.blk = VirtioBlk(path)
+            self.blk = VirtioBlk(path, readonly=readonly)
+            if native == "engine":
+                from kvmpy.vmm.native_blk import NativeBlkQueue
+                self.blk.engine = NativeBlkQueue(self.blk, self.mem)
             self.trig = RecordingTrigger()
             self.dev = R.VirtioMmioTransport(self.blk, self.mem, self.trig)
             self.level = lambda: self.trig.level
@@ -170,13 +179,14 @@ def comparable(state):
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, content=st.binary(min_size=16, max_size=64).map(lambda b: (b * (DISK // len(b) + 1))[:DISK]),
        tail=st.integers(0, 511))
-def test_native_virtio_blk_matches_the_python_reference(tmp_path_factory, ops, content, tail):
+@pytest.mark.parametrize("twin", ["c", "engine"])
+def test_native_virtio_blk_matches_the_python_reference(tmp_path_factory, twin, ops, content, tail):
     """Same accesses, same results: registers, state, IRQ level, guest RAM and the disk file."""
     d = tmp_path_factory.mktemp("d")
     paths = [d / "py.img", d / "c.img"]
     for p in paths:
         p.write_bytes(content + b"\x5a" * tail)        # a partial last sector must never be touched
-    py, c = Side(paths[0], native=False), Side(paths[1], native=True)
+    py, c = Side(paths[0], native=False), Side(paths[1], native=twin)
     try:
         for op in ops:
             assert c.apply(op) == py.apply(op), op
@@ -190,11 +200,12 @@ def test_native_virtio_blk_matches_the_python_reference(tmp_path_factory, ops, c
     assert os.path.getsize(paths[1]) == DISK + tail
 
 
-def test_native_read_write_round_trip(tmp_path):
+@pytest.mark.parametrize("twin", ["c", "engine"])
+def test_native_read_write_round_trip(tmp_path, twin):
     """A guest-style write then read through the C device lands in the file and comes back."""
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(DISK))
-    side = Side(path, native=True)
+    side = Side(path, native=twin)
     side.apply(("init", True))
     data = bytes(range(256)) * 2
     side.mem.write(BUF, struct.pack("<IIQ", 1, 0, 3))           # OUT sector 3
@@ -212,27 +223,15 @@ def test_native_read_write_round_trip(tmp_path):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(REQUESTS, min_size=1, max_size=25), readonly=st.booleans(),
        content=st.binary(min_size=16, max_size=64).map(lambda b: (b * (DISK // len(b) + 1))[:DISK]))
-def test_native_requests_match_the_python_reference(tmp_path_factory, reqs, readonly, content):
+@pytest.mark.parametrize("twin", ["c", "engine"])
+def test_native_requests_match_the_python_reference(tmp_path_factory, twin, reqs, readonly, content):
     """Streams of well- and ill-formed requests on a live queue give identical status bytes, used
     entries, guest RAM and file contents in C and in Python."""
     d = tmp_path_factory.mktemp("r")
     paths = [d / "py.img", d / "c.img"]
     for p in paths:
         p.write_bytes(content)
-    if readonly:
-        from kvmpy.vmm.native import NativeVirtioBlk
-        py = Side.__new__(Side)
-        py.mem, py.avail_idx = GuestMemory.anonymous(RAM), 0
-        py.blk = VirtioBlk(paths[0], readonly=True)
-        py.trig = RecordingTrigger()
-        py.dev = R.VirtioMmioTransport(py.blk, py.mem, py.trig)
-        py.level = lambda: py.trig.level
-        c = Side.__new__(Side)
-        c.mem, c.avail_idx = GuestMemory.anonymous(RAM), 0
-        c.dev = NativeVirtioBlk(paths[1], c.mem, readonly=True)
-        c.level = lambda: c.dev.irq_level
-    else:
-        py, c = Side(paths[0], native=False), Side(paths[1], native=True)
+    py, c = Side(paths[0], native=False, readonly=readonly), Side(paths[1], native=twin, readonly=readonly)
     try:
         for op in [("init", True)] + reqs:
             assert c.apply(op) == py.apply(op), op
@@ -247,7 +246,9 @@ def test_native_requests_match_the_python_reference(tmp_path_factory, reqs, read
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(feed_at=st.integers(0, 510), chain_len=st.integers(0, DISK // 512), notifies=st.integers(1, 4),
        header_type=st.sampled_from([0, 0, 0, 1, 8]), extra=st.binary(max_size=8))
-def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, feed_at, chain_len, notifies, header_type, extra):
+@pytest.mark.parametrize("twin", ["c", "engine"])
+def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, twin, feed_at, chain_len, notifies, header_type,
+                                              extra):
     """A request whose header sector field is avail.idx inside its own IN buffer, on a disk
     where sector s holds s + 1 at that offset for s < chain_len: each served chain publishes
     the next. Both twins serve at most QueueNum (QSIZE) chains per notify, with identical
@@ -261,7 +262,7 @@ def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, feed_at, chain_l
     paths = [d / "py.img", d / "c.img"]
     for p in paths:
         p.write_bytes(bytes(body))
-    sides = [Side(paths[0], native=False), Side(paths[1], native=True)]
+    sides = [Side(paths[0], native=False), Side(paths[1], native=twin)]
     try:
         for side in sides:
             side.apply(("init", True))
@@ -282,3 +283,24 @@ def test_self_feeding_rings_are_bounded_alike(tmp_path_factory, feed_at, chain_l
         for side in sides:
             side.close()
     assert paths[1].read_bytes() == paths[0].read_bytes()
+
+
+@pytest.mark.parametrize("field, value", [("desc_addr", RAM - 8), ("driver_addr", 2**64 - 4),
+                                          ("device_addr", RAM), ("size", 3)])
+def test_the_c_request_queue_refuses_a_queue_it_cannot_check(tmp_path, field, value):
+    """The C request queue trusts nothing the Python side hands it: a queue that would put a
+    ring outside guest RAM (or an odd size) is refused with a driver error, no access made."""
+    from kvmpy.devices.virtio.queue import VirtqueueError
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(DISK))
+    side = Side(path, native="engine")
+    side.apply(("init", True))
+    queue = side.dev.core.queues[0].live
+    setattr(queue, field, value)
+    before = side.mem.read(0, RAM)
+    try:
+        with pytest.raises(VirtqueueError):
+            side.blk.engine.notify(0, queue)
+        assert side.mem.read(0, RAM) == before
+    finally:
+        side.close()

@@ -127,6 +127,7 @@ class VirtioBlk:
             raise
         self.capacity = self.file_size // SECTOR_SIZE
         self.written = None                # a reset overlay's bitmap of written 4 KiB blocks
+        self.engine = None                 # set later: serves notify() instead (vmm/native_blk.py)
         self._file_fd = None               # the file's fd while I/O goes to an overlay
         self.device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
                                 | (1 << VIRTIO_BLK_F_FLUSH)
@@ -154,8 +155,12 @@ class VirtioBlk:
         may overlap the available ring, so serving a request can publish another (a
         self-feeding ring). A driver that follows the spec never has more than
         ``queue.size`` chains available, so one notify still serves all of its work
-        (docs/virtio.md, "Notification and interrupts").
+        (docs/virtio.md, "Notification and interrupts"). An ``engine`` (the C twin, for a
+        disk without rate limits) does the same work when there is one.
         """
+        if self.engine is not None:
+            self.engine.notify(queue_index, queue)
+            return
         for chain in queue.one_notify(self.limiter):
             _check_status_byte(chain)
             header = _header(queue.mem, chain)
