@@ -5,6 +5,7 @@
  * device, feature negotiation, queue 0 and polling are virtio_mmio.c's.
  */
 #include "virtio_blk.h"
+#include "virtio_pci.h"
 
 /* Feature bits (5.2.3). */
 #define VIRTIO_BLK_F_RO      (1ULL << 5)
@@ -190,7 +191,11 @@ int blk_fail(const char *prog, const char *what, u64 sector, int err)
 
 int blk_start(const char *prog)
 {
+	static struct vpci_dev fn;
 	int err = blk_init(VIRTIO_MMIO_BASE);
+
+	if (err == BLK_ENODEV && vio_find_pci(&dev, &fn, VIRTIO_ID_BLOCK) == 0)
+		err = blk_init(VIO_PCI_BASE);   /* behind virtio-pci: the same steps through virtio_pci.c */
 
 	if (err == BLK_ENODEV) {
 		puts("no virtio-blk device\n");

@@ -45,7 +45,8 @@ int blk_init(unsigned long base);
 /* Exit values every disk guest shares. */
 #define BLK_EXIT_IO_ERROR  0x4D
 #define BLK_EXIT_NO_DEVICE 0x4E
-/* blk_init(VIRTIO_MMIO_BASE) for the guest called prog: 0 when the disk is ready,
+/* blk_init(VIRTIO_MMIO_BASE) for the guest called prog, or the first virtio-blk
+ * function on PCI bus 0 when no window holds a disk: 0 when the disk is ready,
  * otherwise prints why ("no virtio-blk device", or an init error) and returns the
  * exit value the guest should end with. */
 int blk_start(const char *prog);

@@ -21,6 +21,10 @@ is its bytes over the time between its two marks. Variants:
            queue notify (preadv/pwritev straight into guest RAM)
   python   Machine(native=False): every exit and the virtio-blk device in Python
 
+``--virtio pci`` puts the disk behind virtio-pci for native and python (the guest finds
+it on PCI bus 0): native then runs the Python transport with C serving the requests
+(vmm/native_blk.py), python the Python model under the same transport.
+
 The disk file (--disk-size, default 32 MiB, in a temporary directory under
 --dir) is written once with non-zero data (no holes) and never dropped from
 the page cache: this measures the cached path, the same for all variants.
@@ -97,6 +101,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dir", type=pathlib.Path, metavar="DIR",
                    help="where to create the scratch disk (default: the system temp dir); "
                         "its file system decides what fdatasync costs")
+    p.add_argument("--virtio", choices=("mmio", "pci"), default="mmio",
+                   help="the disk's transport in the guest variants: virtio-mmio (default) or virtio-pci")
     p.add_argument("--limits", action="store_true",
                    help="instead: rate-limited disks (iops=, bps=), achieved/limit per limit "
                         "(kvmpy/bench/blk_limits.py; the disk size is chosen per limit, at most --disk-size)")
@@ -221,14 +227,15 @@ def check_output(out: bytes, capacity: int) -> None:
         raise BenchError(f"the guest reported phases {got}, expected {want}")
 
 
-def run_guest(image: pathlib.Path, disk: pathlib.Path, capacity: int, native: bool) -> dict:
-    """One fresh Machine runs blk-bench on ``disk``; returns ns and bytes per phase, and exit counts."""
+def run_guest(image: pathlib.Path, disk: pathlib.Path, capacity: int, native: bool, virtio: str = "mmio") -> dict:
+    """One fresh Machine runs blk-bench on ``disk`` behind ``virtio`` (mmio or pci); returns ns
+    and bytes per phase, and exit counts."""
     import kvmpy
     from kvmpy.x86 import layout
     guest = kvmpy.images.guests.get(GUEST)
     variant = "native" if native else "python"
     marks = Marks()
-    with kvmpy.Machine(disks=[str(disk)], native=native) as m:
+    with kvmpy.Machine(disks=[str(disk)], native=native, virtio_transport=virtio) as m:
         m.pio.attach(layout.BENCH_MARK_PORT, 4, marks, "bench-mark")
         m.load(image, user=guest.user)
         t0 = time.perf_counter_ns()
@@ -263,8 +270,8 @@ def measure(args, progress) -> dict:
         host = Host(disk, capacity)
         try:
             run = {"host": host.run,
-                   "native": lambda: run_guest(image, disk, capacity, native=True),
-                   "python": lambda: run_guest(image, disk, capacity, native=False)}
+                   "native": lambda: run_guest(image, disk, capacity, native=True, virtio=args.virtio),
+                   "python": lambda: run_guest(image, disk, capacity, native=False, virtio=args.virtio)}
             for r in range(args.rounds):
                 for v in _common.rotate(VARIANTS, r):
                     progress(f"round {r + 1}/{args.rounds}: {v}")
@@ -314,6 +321,7 @@ def _result(args, image, capacity, samples) -> dict:
         "benchmark": NAME,
         "host": _common.host_info(),
         "params": {"disk_size": args.disk_size, "capacity_sectors": capacity, "rounds": args.rounds,
+                   "virtio": args.virtio,
                    "dir": str(args.dir or tempfile.gettempdir()), "guest": GUEST, "image": str(image),
                    "phase_bytes": {ph.metric: phase_bytes(ph, capacity) for ph in PHASES},
                    "cache": "page cache: the disk is written once and never dropped",
@@ -343,7 +351,8 @@ def table(result: dict) -> str:
         rows.append([f"{ph.number:>2} {ph.kind}", label(ph.size), *(f"{val[v, m]:.0f}" for v in VARIANTS),
                      f"{r[f'native/host {m}']:.3f}", f"{r[f'python/host {m}']:.3f}"])
     prof = result["profile"]
-    lines = [f"virtio-blk I/O, guest {p['guest']}: {p['rounds']} rounds, {p['disk_size']}-byte disk in "
+    lines = [f"virtio-blk (virtio-{p.get('virtio', 'mmio')}) I/O, guest {p['guest']}: {p['rounds']} rounds, "
+             f"{p['disk_size']}-byte disk in "
              f"{p['dir']} (page cache), {p['phase_bytes'][HEADLINE]} bytes per phase",
              _common.host_line(result["host"]),
              _common.format_table(["phase", "size", "host MB/s", "native MB/s", "python MB/s",

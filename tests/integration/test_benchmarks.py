@@ -94,11 +94,13 @@ def test_serial_via_cli(tmp_path):
     assert 0 < calls["python"] < 1 << 20      # the console's writer batches even the Python UART's bytes
 
 
-def test_blk_via_runner(tmp_path):
-    """benchmarks/blk.py on a 2 MiB disk: MB/s for host, native and python in every phase, and the 1 MiB-read ratios."""
+@pytest.mark.parametrize("virtio", ["mmio", "pci"])
+def test_blk_via_runner(tmp_path, virtio):
+    """benchmarks/blk.py on a 2 MiB disk: MB/s for host, native and python in every phase, and the
+    1 MiB-read ratios, with the disk behind virtio-mmio or virtio-pci (the guest finds either)."""
     out = tmp_path / "blk.json"
     r = run([str(ROOT / "benchmarks" / "blk.py"), "--disk-size", "2M", "--rounds", "1", "--dir", str(tmp_path),
-             "--json", "--out", str(out)], cwd=ROOT)
+             "--virtio", virtio, "--json", "--out", str(out)], cwd=ROOT)
     assert r.returncode == 0, r.stderr.decode()
     data = json.loads(r.stdout)
     check_shape(data, "blk", {"host", "native", "python"}, {"native/host", "python/host", "native/python"})
@@ -108,6 +110,7 @@ def test_blk_via_runner(tmp_path):
     for v in ("host", "native", "python"):
         assert {x["metric"] for x in data["results"] if x["variant"] == v} == metrics
     assert data["params"]["phase_bytes"] == dict.fromkeys(metrics, 2 << 20)
+    assert data["params"]["virtio"] == virtio
     assert {f"native/host {m}" for m in metrics} <= set(data["ratios"])
     requests = 3 * 512 + 2 * 128 + 2 * 32 + 2 * 8 + 2 * 2       # one queue notify (MMIO write) each
     assert all(data["guest_runs"][v]["mmio_writes"] >= requests for v in ("native", "python"))
