@@ -63,6 +63,16 @@ class StreamBackend:
         self.flush()
         return True
 
+    def send_records(self, records) -> bool:
+        """Hand over whole frames already in the stream's format (each with its length before
+        it, as csrc/virtio_net.c gathers them) in one piece: True if all were taken; False if
+        none was, and the caller sends them one by one (to count each drop)."""
+        if self.error is not None or self.sock.fileno() < 0 or len(self.out) + len(records) > OUT_LIMIT:
+            return False
+        self.out += records
+        self.flush()
+        return True
+
     def wants_write(self) -> bool:
         return bool(self.out) and self.error is None
 

@@ -18,6 +18,10 @@ Two ways to get one (``Passt.start``/``Passt.connect``):
   kvmpy: ``close()`` closes our end and then waits for it (SIGTERM, then SIGKILL), the
   kernel closes our end if kvmpy dies, and the child also gets SIGKILL through
   PR_SET_PDEATHSIG. When run as root, passt changes to the user ``nobody`` itself.
+  Both ends get the biggest send and receive buffers the host allows (:func:`size_buffers`),
+  as passt gives a connection it accepts on its own socket: passt drops the frames its
+  socket cannot take at once (its TCP then recovers them slowly), and a passt given
+  ``--fd`` would otherwise keep the default buffer of ~200 KB (some 140 frames).
 - **kvmpy connects** to a passt someone else started (``passt -s PATH``, or any peer of
   the same protocol, such as another VMM's ``-netdev stream,server=on``).
 
@@ -45,6 +49,21 @@ START_CHECK_S = 0.25
 STOP_WAIT_S = 2.0
 PR_SET_PDEATHSIG = 1
 MTU = 1500
+
+
+#: What passt asks for on the connections it accepts (INT_MAX / 2): the kernel caps it at
+#: net.core.wmem_max and rmem_max (doubled), the most an unprivileged process may have.
+BUFFER_ASK = (1 << 31) // 2
+
+
+def size_buffers(sock: socket.socket) -> None:
+    """The biggest SO_SNDBUF and SO_RCVBUF the host allows on ``sock`` (as passt sets on the
+    connections it accepts); a refusal leaves the default."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, BUFFER_ASK)
+        except OSError:
+            pass
 
 
 def _die_with_parent() -> None:                      # runs in the child, between fork and exec
@@ -84,6 +103,8 @@ class Passt(StreamBackend):
             raise NetBackendError(f"passt: {passt!r} is not installed or not on PATH (Debian: apt-get "
                                   "install passt), or give --net passt:SOCKET to use a running one")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        size_buffers(ours)
+        size_buffers(theirs)
         log = tempfile.TemporaryFile(prefix="kvmpy-passt-")
         cmd = [exe, "--foreground", "--quiet", "--mtu", str(MTU), "--fd", str(theirs.fileno()), *args]
         try:

@@ -51,26 +51,35 @@ class FrameReader:
         StreamError (``broken`` says why); nothing after it is buffered."""
         if self.broken is not None:
             raise StreamError(self.broken)
-        self.buf += data
-        out = []
-        while len(self.buf) >= _LEN.size:
-            (n,) = _LEN.unpack_from(self.buf)
-            if n > self.max_frame:
-                self.broken = (f"the peer sent a frame length of {n} bytes; at most "
-                               f"{self.max_frame} are allowed (a broken or hostile peer)")
-                self.buf.clear()
-                if not out:
-                    raise StreamError(self.broken)
-                break
-            if len(self.buf) < _LEN.size + n:
-                break
-            frame = bytes(self.buf[_LEN.size:_LEN.size + n])
-            del self.buf[:_LEN.size + n]
-            if n == 0:
-                self.zero_length += 1
-                continue
-            self.frames += 1
-            out.append(frame)
+        if self.buf:
+            self.buf += data
+            src = self.buf
+        else:
+            src = data                  # the common case: parse the read itself, no copy first
+        out, pos, end = [], 0, len(src)
+        with memoryview(src) as view:
+            while end - pos >= _LEN.size:
+                (n,) = _LEN.unpack_from(view, pos)
+                if n > self.max_frame:
+                    self.broken = (f"the peer sent a frame length of {n} bytes; at most "
+                                   f"{self.max_frame} are allowed (a broken or hostile peer)")
+                    pos = end               # nothing after it is kept
+                    break
+                if end - pos - _LEN.size < n:
+                    break
+                if n:
+                    out.append(bytes(view[pos + _LEN.size:pos + _LEN.size + n]))
+                else:
+                    self.zero_length += 1
+                pos += _LEN.size + n
+            rest = bytes(view[pos:]) if src is data else None
+        if src is data:
+            self.buf += rest
+        else:
+            del self.buf[:pos]
+        self.frames += len(out)
+        if self.broken is not None and not out:
+            raise StreamError(self.broken)
         return out
 
     @property

@@ -47,8 +47,9 @@ class NativeNetQueues:
             self._load(queue)
             served = lib.kvmpy_net_tx(self.q, self.mem, left, self.out, TX_BUFFER, self.out_len, self.c,
                                       self.chain_p, self.why)
+            frames = served - self.c.tx_bad_chain - self.c.tx_bad_length if served > 0 else 0
             self._store(queue)
-            self._send(ffi.buffer(self.out, self.out_len[0]))     # the frames before an error go too
+            self._send(ffi.buffer(self.out, self.out_len[0]), frames)     # the frames before an error go too
             if served < 0:
                 raise VirtqueueError(ffi.string(self.why[0]).decode())
             if served == 0 or self.out_len[0] + 4 + 12 + 65550 <= TX_BUFFER:
@@ -89,9 +90,15 @@ class NativeNetQueues:
         for name in _C_COUNTERS:
             counters[name] += getattr(self.c, name)
 
-    def _send(self, records) -> None:
-        """Hand the frames C copied out to the backend, counting as VirtioNet.transmit does."""
-        data, pos, counters, backend = bytes(records), 0, self.net.counters, self.net.backend
+    def _send(self, records, frames: int) -> None:
+        """Hand the ``frames`` frames C copied out to the backend, counting as VirtioNet.transmit
+        does: in one piece to a stream backend that takes them all, else one by one."""
+        counters, backend = self.net.counters, self.net.backend
+        if frames > 0 and hasattr(backend, "send_records") and backend.send_records(records):
+            counters["tx_frames"] += frames
+            counters["tx_bytes"] += len(records) - 4 * frames
+            return
+        data, pos = bytes(records), 0
         while pos < len(data):
             n = int.from_bytes(data[pos:pos + 4], "big")
             frame = data[pos + 4:pos + 4 + n]

@@ -2,21 +2,24 @@
 
 Host-side input never runs on a vCPU thread (a vCPU only transmits, inside the guest's
 QueueNotify, and the backend's ``send`` never blocks). One thread per network device
-waits with poll(2) on the backend's fd and a wake-up pipe, and when frames arrive
-takes them (``backend.receive()``, bounded per turn), hands each to the device
-(``VirtioNet.receive``: a bounded backlog) and makes a host-side QueueNotify of the
-receive queue through the transport (``notify_queue``: virtio-mmio and virtio-pci alike),
-under the device's lock, exactly as the guest's
-own notify would run: the frames go into the chains the driver offered and the
-interrupt is raised by the transport. It also flushes a stream backend's held-back
-bytes when its socket can take them.
+waits with poll(2) on the backend's fd and a wake-up pipe. When frames arrive it reads
+them (``backend.receive()``, bounded per call) into ``pending`` without holding the
+device's lock, then hands them to the device (``VirtioNet.receive_some``: a bounded
+backlog) BATCH at a time, each batch under the device's lock followed by a host-side
+QueueNotify of the receive queue through the transport (``notify_queue``: virtio-mmio and
+virtio-pci alike), exactly as the guest's own notify would run: the frames go into the
+chains the driver offered and the interrupt is raised by the transport. Between batches
+the lock is free, so the guest's own accesses to the device (its interrupt
+acknowledgements, its transmissions) wait for one batch at most. It also flushes a
+stream backend's held-back bytes when its socket can take them.
 
-Flow control: frames the device has no room for (its backlog is full because the guest
-offers no buffers) stay here, and the thread stops reading the backend until the
-device says the guest made room (``VirtioNet.on_room``, through the wake-up pipe). The
-frames then wait in the socket, and the peer (passt, and the TCP sender behind it) is
-slowed down rather than losing frames, which a TCP sender pays for with retransmission
-timeouts (QEMU's network queue stops polling its backend the same way).
+Read-ahead and flow control: while the device is full (the guest offers no buffers) the
+thread keeps reading, up to PENDING_MAX bytes ahead, and only then leaves frames in the
+backend until the device says the guest made room (``VirtioNet.on_room``, through the
+wake-up pipe). Reading ahead matters for passt: it drops the frames its socket cannot
+take at once (a full socket is not back-pressure to it), and its TCP recovers those
+slowly (going back to the first lost segment, or after a timeout of seconds); a guest's
+TCP window is what bounds how much it sends ahead, and that fits in PENDING_MAX.
 
 It moves frames only while a run is on and no pause is asked for, holding the pause
 gate's lock while it does (as the disk timer does, vmm/throttle.py): a snapshot or
@@ -36,6 +39,15 @@ from ..devices.virtio.net import RECEIVEQ
 from ..net import NetBackendError
 
 POLL_MS = 100
+#: Bytes of frames read from the backend ahead of the device at most: past this the thread
+#: stops reading until the device took some (and frames wait in the socket). passt drops
+#: what its socket cannot take, and its TCP recovers slowly (by going back to the lost
+#: segment, or after seconds), so this is several TCP windows: a guest's receive window
+#: is at most 6 MiB under Linux's default tcp_rmem.
+PENDING_MAX = 8 << 20
+#: Frames handed to the device per hold of its lock: the guest's own accesses to the
+#: device (its interrupt status, its notifications) wait for one batch at most.
+BATCH = 64
 
 
 class NetPump:
@@ -47,7 +59,8 @@ class NetPump:
         self.error: str | None = None
         self.turns = 0                  # times frames were handed to the device
         self.pending: deque[bytes] = deque()    # read from the backend, no room in the device yet
-        self.waits = 0                  # times the device was full and the backend left unread
+        self.pending_bytes = 0
+        self.waits = 0                  # times the device was full and frames waited in pending
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closed = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="virtio-net")
@@ -60,19 +73,24 @@ class NetPump:
         while not self._closed:
             if self.gate is not None and not self.gate.run_active.wait(POLL_MS / 1000):
                 continue
-            mask = (0 if self.pending else select.POLLIN) | (select.POLLOUT if self.backend.wants_write() else 0)
-            poller.register(fd, mask)           # 0: only errors, while the device is full
-            events = dict(poller.poll(POLL_MS))
+            reading = self.pending_bytes < PENDING_MAX
+            poller.register(fd, (select.POLLIN if reading else 0)       # 0: only errors, while full
+                            | (select.POLLOUT if self.backend.wants_write() else 0))
+            events = dict(poller.poll(0 if self.pending and self.net.has_room() else POLL_MS))
             if self._closed:
                 return
             if events.get(self._wake_r):
                 self._drain_wake()
-            if events.get(fd) or self.pending:
-                try:
+            try:
+                if events.get(fd) and (reading or events[fd] & (select.POLLHUP | select.POLLERR)):
+                    got = self.backend.receive()            # outside the device's lock
+                    self.pending.extend(got)
+                    self.pending_bytes += sum(map(len, got))
+                if self.pending or events.get(fd):
                     self._serve()
-                except NetBackendError as e:
-                    self.error = str(e)
-                    return
+            except NetBackendError as e:
+                self.error = str(e)
+                return
             if self.backend.error is not None:
                 self.error = self.backend.error
                 return
@@ -89,18 +107,15 @@ class NetPump:
             self._move()
 
     def _move(self) -> None:
-        """Under the device's lock: flush, read the backend if nothing is held back, hand
-        the device what it has room for, and notify the receive queue."""
+        """Under the device's lock: flush, hand the device at most BATCH frames of what it has
+        room for, and notify the receive queue; when it is full, ask to be woken up once the
+        guest made room."""
         with self.locked.lock:
             self.backend.flush()
             pending, net = self.pending, self.net
-            if not pending:
-                pending.extend(self.backend.receive())
-            moved = 0
-            while pending and net.has_room():
-                net.receive(pending.popleft())
-                moved += 1
-            if pending:                         # full: wake up when the guest made room
+            moved, nbytes = net.receive_some(pending, BATCH) if pending else (0, 0)
+            self.pending_bytes -= nbytes
+            if pending and not net.has_room():  # full: wake up when the guest made room
                 self.waits += 1
                 net.on_room = self._wake
             if moved:

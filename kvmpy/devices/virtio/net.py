@@ -158,6 +158,18 @@ class VirtioNet:
         self.backlog.append(frame)
         return True
 
+    def receive_some(self, frames: deque, limit: int) -> tuple[int, int]:
+        """:meth:`receive` for frames taken from the left of ``frames`` while the backlog has
+        room, at most ``limit``; returns how many were taken (dropped ones included) and
+        their bytes."""
+        n = max(0, min(limit, len(frames), RX_BACKLOG - len(self.backlog)))
+        nbytes = 0
+        for _ in range(n):
+            frame = frames.popleft()
+            nbytes += len(frame)
+            self.receive(frame)
+        return n, nbytes
+
     # --- the queues ---------------------------------------------------------------------
 
     def fill_rx(self, queue: VirtQueue) -> None:
