@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -75,6 +76,9 @@ def add_arguments(p) -> None:
                    help="vsock round trips per run (default 500, after 20 untimed)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="seconds one run may take before it is killed (default 600)")
+    p.add_argument("--vmm-stats", action="store_true",
+                   help="run kvmpy with --stats and keep its report (its stderr's end) in each kvmpy run's "
+                        "record as vmm_report")
     p.add_argument("--qemu", default=QEMU, metavar="PATH", help=f"the QEMU to compare with (default {QEMU})")
 
 
@@ -147,7 +151,8 @@ def kvmpy_argv(setup: Setup, root: pathlib.Path, data: pathlib.Path, vsock: path
     a = setup.args
     return [sys.executable, "-m", "kvmpy", "run", str(setup.disk.kernel.vmlinux), "--mem", str(a.mem),
             "--cpus", str(a.cpus), "--initrd", str(setup.disk.initrd), "--cmdline", setup.cmdline,
-            "--disk", str(root), "--disk", str(data), "--net", "passt", "--vsock", str(vsock)]
+            "--disk", str(root), "--disk", str(data), "--net", "passt", "--vsock", str(vsock),
+            *(["--stats"] if a.vmm_stats else [])]
 
 
 def qemu_argv(setup: Setup, root: pathlib.Path, data: pathlib.Path, net: int) -> list[str]:
@@ -171,8 +176,12 @@ def qemu_argv(setup: Setup, root: pathlib.Path, data: pathlib.Path, net: int) ->
 
 def start_passt(passt: str, log) -> tuple[subprocess.Popen, socket.socket]:
     """Debian's passt on one end of a socket pair, as kvmpy starts its own (``--fd``, the same
-    MTU); returns it and the other end, which QEMU gets as its ``-netdev stream`` socket."""
+    MTU, the same socket buffers); returns it and the other end, which QEMU gets as its
+    ``-netdev stream`` socket."""
+    from kvmpy.net.passt import size_buffers
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    size_buffers(ours)
+    size_buffers(theirs)
     try:
         child = subprocess.Popen([passt, "--foreground", "--quiet", "--mtu", "1500", "--fd", str(theirs.fileno())],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=[theirs.fileno()])
@@ -222,6 +231,13 @@ def round_trips(s: socket.socket, count: int, warmup: int = 20, size: int = 64) 
     return times
 
 
+#: A kernel message's start ("[   12.345678] "): one that begins inside a line cut a line the
+#: guest's script was printing in two, and the console rejoins it (the script's markers stay whole).
+_KERNEL_LINE = re.compile(r"\[\s*\d+\.\d{6}\] ")
+#: Console lines that say the guest's kernel crashed (a run that ends early says so).
+_CRASH = re.compile(r"Kernel panic|BUG: |Oops|general protection fault|Call Trace")
+
+
 # --- a VMM process and its console -------------------------------------------------------------
 class Console:
     """A VMM started with its serial console on stdout: every line, with when it arrived."""
@@ -238,9 +254,12 @@ class Console:
         threading.Thread(target=self._read, daemon=True, name="console").start()
 
     def _read(self) -> None:
+        cut = ""                                # a line's start, before a kernel message broke in
         for raw in self.proc.stdout:
             t = time.monotonic() - self.start
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            line = cut + raw.decode("utf-8", "replace").rstrip("\r\n")
+            m = _KERNEL_LINE.search(line, 1)
+            cut, line = (line[:m.start()], line[m.start():]) if m else ("", line)
             with self.arrived:
                 self.lines.append(line)
                 self.times.append(t)
@@ -263,7 +282,10 @@ class Console:
                     break
                 self.arrived.wait(max(0.0, min(1.0, self.deadline - time.monotonic())))
         ended = "timed out" if self.proc.returncode is None else f"exited with status {self.proc.returncode}"
-        tail = " | ".join(self.lines[-8:])[-800:]
+        crash = next((line for line in self.lines if _CRASH.search(line)), None)
+        if crash is not None:
+            ended += f" after the guest's kernel crashed ({crash.strip()[:200]})"
+        tail = " | ".join(self.lines[-12:])[-1200:]
         self.log.seek(0)
         said = self.log.read().decode(errors="replace").strip()[-800:]
         raise BenchError(f"waiting for {text!r}: the VMM {ended}; its console's last lines: {tail or 'none'}; "
@@ -287,13 +309,16 @@ def _child_env() -> dict:
 
 
 # --- one run -----------------------------------------------------------------------------------
-def run_once(setup: Setup, variant: str, tmp: pathlib.Path, progress) -> tuple[dict, dict, dict]:
-    """Boot ``variant`` once and measure; returns what _drive() returns."""
+def run_once(setup: Setup, variant: str, tmp: pathlib.Path, progress) -> dict:
+    """Boot ``variant`` once and measure: the run's record, {"values", "n_a", "guest_tcp"} (see
+    _drive), with "failed" (why) when the run ended early, and kvmpy's "vmm_report" with
+    --vmm-stats. A run that fails keeps what it measured; the rest is n/a with the reason."""
     root, data = tmp / "root.img", tmp / "data.img"
     setup.disk.copy_to(root)
     with open(data, "wb") as f:
         f.truncate(setup.args.disk_mib * MiB)
     passt, net, keep = None, None, ()
+    record = {"values": {}, "n_a": {}, "guest_tcp": {}}
     with open(tmp / f"{variant}.log", "w+b") as log:
         try:
             if variant == "qemu":
@@ -303,11 +328,30 @@ def run_once(setup: Setup, variant: str, tmp: pathlib.Path, progress) -> tuple[d
                 argv = kvmpy_argv(setup, root, data, tmp / "vsock")
             console = Console(argv, log, setup.args.timeout, keep)
             try:
-                return _drive(setup, variant, console, tmp / "vsock", progress)
+                _drive(setup, variant, console, tmp / "vsock", progress, record)
+                if setup.args.vmm_stats:
+                    _wait_quietly(console.proc, 30)     # the guest reboots: kvmpy prints its report
+            except BenchError as e:
+                record["failed"] = str(e)
+                progress(f"{variant}: the run failed: {e}")
+                for metric in linux_guest.METRICS:
+                    if metric not in record["values"]:
+                        record["n_a"].setdefault(metric, f"the run failed: {e}"[:400])
             finally:
                 console.stop()
+            if setup.args.vmm_stats and variant == "kvmpy":
+                log.seek(0)
+                record["vmm_report"] = log.read().decode(errors="replace")[-4000:]
+            return record
         finally:
             _stop_passt(passt, net)
+
+
+def _wait_quietly(proc: subprocess.Popen, seconds: float) -> None:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _stop_passt(passt: subprocess.Popen | None, net: socket.socket | None) -> None:
@@ -318,14 +362,20 @@ def _stop_passt(passt: subprocess.Popen | None, net: socket.socket | None) -> No
         passt.wait()
 
 
-def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, progress) -> tuple[dict, dict, dict]:
-    """Read the console to the end of the guest's script, answering its vsock listener; returns
-    ({metric: value}, {metric: why n/a}, the guest's TCP counters during each transfer)."""
-    values, missing = {}, {}
+def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, progress, record: dict) -> None:
+    """Read the console to the end of the guest's script, answering its vsock listener; fills
+    ``record``: "values" {metric: value}, "n_a" {metric: why}, "guest_tcp" (the guest's TCP
+    counters during each transfer). BenchError when the VMM ends or hangs first (what was
+    measured by then stays in ``record``)."""
+    values, missing = record["values"], record["n_a"]
     boot, _ = console.wait_for(f"{linux_guest.MARK} boot {linux_guest.BOOT_VALUE}")
     values["boot_to_shell"] = boot
     progress(f"{variant}: shell command after {boot:.2f} s")
-    _, line = console.wait_for(f"{linux_guest.MARK} vsock-")
+    try:
+        _, line = console.wait_for(f"{linux_guest.MARK} vsock-")
+    finally:                                    # what came before the vsock phase counts anyway
+        _parse_results(console.lines, values, missing)
+        record["guest_tcp"] = linux_guest.tcp_deltas(console.lines)
     if "vsock-listening" in line:
         if variant == "qemu" and setup.qemu_vsock:
             missing["vsock_rtt"] = setup.qemu_vsock
@@ -338,8 +388,6 @@ def _drive(setup: Setup, variant: str, console: Console, vsock: pathlib.Path, pr
     else:
         missing["vsock_rtt"] = setup.qemu_vsock if variant == "qemu" and setup.qemu_vsock else line.strip()
     console.wait_for(f"{linux_guest.MARK} done")
-    _parse_results(console.lines, values, missing)
-    return values, missing, linux_guest.tcp_deltas(console.lines)
 
 
 def _median(xs: list[float]) -> float:
@@ -376,11 +424,11 @@ def measure(args, progress) -> dict:
             for variant in _common.rotate(VARIANTS, r):
                 progress(f"round {r + 1}/{args.rounds}: {variant}")
                 with tempfile.TemporaryDirectory(prefix="kvmpy-bench-linux-") as tmp:
-                    values, why, tcp = run_once(setup, variant, pathlib.Path(tmp), progress)
-                runs.append({"round": r, "variant": variant, "values": values, "n_a": why, "guest_tcp": tcp})
-                for metric, value in values.items():
+                    record = run_once(setup, variant, pathlib.Path(tmp), progress)
+                runs.append({"round": r, "variant": variant, **record})
+                for metric, value in record["values"].items():
                     samples[metric][variant].append(value)
-                for metric, reason in why.items():
+                for metric, reason in record["n_a"].items():
                     missing[metric][variant] = reason
         return _result(setup, runs, samples, missing)
 

@@ -43,7 +43,7 @@ gw=$(ip route | awk '$1 == "default" {{print $3; exit}}')
 # a stalled transfer must not stall the run: iperf3 gets its seconds and half a minute more
 iperf() {{ timeout $((secs + 30)) iperf3 -c "$gw" -p $iport -t $secs -f m "$@" 2>&1 || echo "iperf3: status $?"; }}
 # the guest's TCP counters around each transfer (retransmissions, timeouts, out-of-order arrivals)
-tcp() {{ grep -h -e '^Tcp:' -e '^TcpExt:' /proc/net/snmp /proc/net/netstat | sed "s/^/{MARK} tcp-$1 | /"; }}
+tcp() {{ grep -h -e '^Tcp:' -e '^TcpExt:' /proc/net/snmp /proc/net/netstat | sed "s/^/{MARK} tcp-$1 | /"; grep eth0: /proc/net/dev | sed "s/^/{MARK} tcp-$1 | /"; }}
 tcp 0
 iperf | sed 's/^/{MARK} iperf-up | /'
 tcp 1
@@ -145,8 +145,10 @@ def parse_iperf3(lines: list[str]) -> float:
 
 
 #: The guest's TCP counters kept for each transfer: segments it retransmitted, retransmission
-#: timeouts, segments that arrived out of order (a hint of frames lost on the way in).
-TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPOFOQueue")
+#: timeouts, segments that arrived out of order (a hint of frames lost on the way in), and
+#: what its eth0 received and sent (/proc/net/dev: frames that arrived more than once, when
+#: a sender went back to a lost segment, show as received bytes well above the throughput).
+TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPOFOQueue", "eth0_rx_bytes", "eth0_rx_frames", "eth0_tx_frames")
 
 
 def parse_tcp_counters(lines: list[str]) -> dict[str, int]:
@@ -154,6 +156,12 @@ def parse_tcp_counters(lines: list[str]) -> dict[str, int]:
     then ``Tcp: 1 2``); a header without its values line is ignored."""
     counters, header = {}, {}
     for line in lines:
+        if line.strip().startswith("eth0:"):          # /proc/net/dev: rx bytes, packets, ..., tx bytes, packets
+            words = line.split(":", 1)[1].split()
+            if len(words) >= 10 and all(w.isdigit() for w in words):
+                counters.update(eth0_rx_bytes=int(words[0]), eth0_rx_frames=int(words[1]),
+                                eth0_tx_frames=int(words[9]))
+            continue
         prefix, _, rest = line.strip().partition(" ")
         words = rest.split()
         if words and all(w.lstrip("-").isdigit() for w in words) and prefix in header:

@@ -225,3 +225,38 @@ def test_tcp_deltas_are_per_transfer():
     runs = [{"variant": "kvmpy", "guest_tcp": linux_guest.tcp_deltas(lines)}, {"variant": "qemu", "guest_tcp": {}}]
     assert linux.tcp_lines(runs) == ["guest TCP, kvmpy up: RetransSegs=7 TCPTimeouts=0 TCPOFOQueue=0",
                                      "guest TCP, kvmpy down: RetransSegs=0 TCPTimeouts=0 TCPOFOQueue=900"]
+
+
+def test_eth0_counters_come_from_proc_net_dev():
+    dev = ["kvmpy-bench: tcp-1 |   eth0: 17602495   12742    0    0    0     0          0         0 12284204    8997"
+           "    0    0    0     0       0          0"]
+    assert linux_guest.parse_tcp_counters([d.split("| ", 1)[1] for d in dev]) == {
+        "eth0_rx_bytes": 17602495, "eth0_rx_frames": 12742, "eth0_tx_frames": 8997}
+    before = ["kvmpy-bench: tcp-0 |   eth0: 100 2 0 0 0 0 0 0 300 4 0 0 0 0 0 0"]
+    assert linux_guest.tcp_deltas(before + dev)["up"] == {"eth0_rx_bytes": 17602395, "eth0_rx_frames": 12740,
+                                                           "eth0_tx_frames": 8993}
+
+
+# --- a run's console, and a run that ends early --------------------------------------------------
+def _console(tmp_path, script: str, timeout: float = 30):
+    log = open(tmp_path / "log", "w+b")
+    return linux.Console([sys.executable, "-c", script], log, timeout)
+
+
+def test_a_marker_cut_by_a_kernel_message_is_put_back_together(tmp_path):
+    console = _console(tmp_path, "print('kvmpy-bench: vso[   51.528779] hrtimer: interrupt took 1 ns')\n"
+                                 "print('ck-listening port=5000')")
+    _, line = console.wait_for("kvmpy-bench: vsock-")
+    assert line == "kvmpy-bench: vsock-listening port=5000"
+    assert "[   51.528779] hrtimer: interrupt took 1 ns" in console.lines
+
+
+def test_a_run_that_ends_early_keeps_what_it_measured_and_says_why(tmp_path):
+    script = ("print('kvmpy-bench: boot 42'); print('kvmpy-bench: dd-write bytes=1000000 seconds=0.5 rc=0')\n"
+              "print('[   80.123456] Kernel panic - not syncing: Fatal exception')")
+    setup = argparse.Namespace(qemu_vsock=None, args=argparse.Namespace(pings=5))
+    record = {"values": {}, "n_a": {}, "guest_tcp": {}}
+    with pytest.raises(_common.BenchError, match="the guest's kernel crashed .*Kernel panic"):
+        linux._drive(setup, "qemu", _console(tmp_path, script), tmp_path / "vsock", lambda text: None, record)
+    assert record["values"]["disk_write"] == pytest.approx(2.0) and "boot_to_shell" in record["values"]
+    assert "no dd-read line" in record["n_a"]["disk_read"]
