@@ -38,8 +38,8 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
     ``cmdline`` goes to Linux and multiboot kernels and is returned as the image's
     ``cmdline``; ``linux_cmdline_extra`` is appended to it for Linux only (the VMM's
     ``virtio_mmio.device=`` entries). ``initrd`` (path or bytes) is Linux's, and so is
-    ``acpi``, the ACPI tables (``x86.acpi.Tables``) a Linux kernel is given (other
-    formats are loaded without them).
+    ``acpi``, the ACPI tables (``x86.acpi.Tables``) a Linux kernel is given, or a function
+    that builds them, called only for a Linux kernel (other formats are loaded without them).
     ``modules`` are multiboot's: each a path, or a ``(path, args)`` pair whose string
     is "PATH ARGS" as QEMU passes it, or a ``(bytes, string)`` pair. ``load_addr``
     and ``entry`` place a raw image. ``mode`` picks a raw image's CPU mode (default
@@ -63,6 +63,9 @@ def load(mem, image, format: str = "auto", *, cmdline: str = "", linux_cmdline_e
             reserved = default_reserved(found, mode)
         if found in ("bzimage", "pvh"):
             cmdline = f"{cmdline} {linux_cmdline_extra}".strip()
+            acpi = acpi() if callable(acpi) else acpi
+        else:
+            acpi = None
         img = _load_as(found, mem, data, cmdline=cmdline, initrd=rd, modules=mods, load_addr=load_addr,
                        entry=entry, mode=mode, reserved=tuple(reserved), name=name, acpi=acpi)
         if img.tables is None:

@@ -13,7 +13,8 @@ do is what the process may do: ``confine()`` narrows that to what a running VM n
 * **no_new_privs** (``prctl(PR_SET_NO_NEW_PRIVS)``): nothing this process runs can gain
   privileges (setuid binaries, file capabilities); seccomp requires it from non-root.
 * **A seccomp filter** built with libseccomp (seccomp(2), seccomp_rule_add(3)), loaded
-  into every thread at once (``SCMP_FLTATR_CTL_TSYNC``): the system calls in ``BASE``
+  into every thread at once (``SECCOMP_FILTER_FLAG_TSYNC``; the compiled program is kept
+  in the cache and reused, seccomp_prog.py): the system calls in ``BASE``
   (plus ``CONTROL`` with a control socket or a gdb stub) are allowed; every other one
   fails with an errno that names it: ``REFUSED + its number`` (glibc takes any value up
   to 4095 as an errno). So the Python code that made the call raises ``OSError`` there,
@@ -37,6 +38,7 @@ import resource
 from dataclasses import dataclass, field
 
 from ..errors import KvmpyError
+from . import seccomp_prog              # here, not when used: after run_as the stdlib may be unreadable
 
 # --- the errnos that name a refused call ---------------------------------------------
 REFUSED = 3072                  # a refused call fails with errno REFUSED + its number
@@ -272,7 +274,6 @@ _SIGNATURES = {
                                               ctypes.c_uint, ctypes.POINTER(_ArgCmp)]),
     "seccomp_syscall_resolve_num_arch": (ctypes.c_void_p, [ctypes.c_uint32, ctypes.c_int]),
     "seccomp_syscall_priority": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint8]),
-    "seccomp_load": (ctypes.c_int, [ctypes.c_void_p]),
 }
 
 
@@ -320,29 +321,53 @@ def _rules(name: str, nr: int, allowed: set[str], control: bool, vsock: bool) ->
 
 
 def load_filter(lib, control: bool, vsock: bool = False) -> list[str]:
-    """Build the filter, load it into every thread; returns the names it allows."""
+    """Build the filter, load it into every thread; returns the names it allows. The program
+    libseccomp compiles is kept and reused while its inputs stay the same (seccomp_prog.py)."""
     allowed = set(BASE) | (set(CONTROL) if control else set()) | (set(VSOCK) if vsock else set())
     names = syscall_names(lib)
-    ctx = lib.seccomp_init(act_errno(REFUSED_ARGS))
-    if not ctx:
-        raise ConfineError("seccomp_init failed")
-    try:
-        for attr, value in ((_ATTR_API_SYSRAWRC, 1), (_ATTR_CTL_TSYNC, 1),
-                            (_ATTR_ACT_BADARCH, act_errno(REFUSED_ARGS))):
-            _check(lib.seccomp_attr_set(ctx, attr, value), f"seccomp_attr_set({attr})")
-        for nr, name in names.items():      # the calls a running guest makes most: tested first
-            if name in HOT:
-                _check(lib.seccomp_syscall_priority(ctx, nr, 255 - HOT.index(name)), f"priority of {name}")
-        for nr, name in names.items():
-            for action, cmps in _rules(name, nr, allowed, control, vsock):
-                array = (_ArgCmp * max(1, len(cmps)))(*(_ArgCmp(*c) for c in cmps))
-                _check(lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"the rule for {name}")
-        _check(lib.seccomp_load(ctx), "seccomp_load")
-    finally:
-        lib.seccomp_release(ctx)
+    plan = {"default": act_errno(REFUSED_ARGS),
+            "attrs": ((_ATTR_API_SYSRAWRC, 1), (_ATTR_CTL_TSYNC, 1), (_ATTR_ACT_BADARCH, act_errno(REFUSED_ARGS))),
+            "hot": tuple((nr, 255 - HOT.index(name)) for nr, name in names.items() if name in HOT),
+            "rules": tuple((nr, name, tuple(_rules(name, nr, allowed, control, vsock))) for nr, name in names.items())}
+    path = seccomp_prog.cache_path(seccomp_prog.key(lib, plan))
+    prog = seccomp_prog.read(path)
+    if prog is not None:
+        try:
+            seccomp_prog.install(prog)
+        except OSError:
+            prog = None                     # not a program this kernel takes: compile it again
+    if prog is None:
+        prog = _compile(lib, plan)
+        seccomp_prog.store(path, prog)      # before the filter, which refuses creating files
+        try:
+            seccomp_prog.install(prog)
+        except OSError as e:
+            raise ConfineError(f"loading the seccomp filter failed: {e.strerror}") from None
     _names.update(names)
     conditional = set(ARG_RULES) | (set(VSOCK_RULES) if vsock and not control else set())
     return sorted(n for n in names.values() if n in allowed or n in conditional)
+
+
+def _compile(lib, plan: dict) -> bytes:
+    """libseccomp's BPF program for ``plan`` (load_filter's rules as plain data)."""
+    ctx = lib.seccomp_init(plan["default"])
+    if not ctx:
+        raise ConfineError("seccomp_init failed")
+    try:
+        for attr, value in plan["attrs"]:
+            _check(lib.seccomp_attr_set(ctx, attr, value), f"seccomp_attr_set({attr})")
+        for nr, priority in plan["hot"]:    # the calls a running guest makes most: tested first
+            _check(lib.seccomp_syscall_priority(ctx, nr, priority), f"priority of {nr}")
+        for nr, name, rules in plan["rules"]:
+            for action, cmps in rules:
+                array = (_ArgCmp * max(1, len(cmps)))(*(_ArgCmp(*c) for c in cmps))
+                _check(lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"the rule for {name}")
+        try:
+            return seccomp_prog.export(lib, ctx)
+        except OSError as e:
+            raise ConfineError(str(e)) from None
+    finally:
+        lib.seccomp_release(ctx)
 
 
 def _check(rc: int, what: str) -> None:

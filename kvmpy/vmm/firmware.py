@@ -11,12 +11,17 @@ with virtio-pci the host bridge (MCFG, PCI0 and its _PRT from ``Platform.virtio_
 """
 from __future__ import annotations
 
-from ..x86 import acpi, bios, layout
+from typing import TYPE_CHECKING
 
+from ..x86 import bios, layout
+
+if TYPE_CHECKING:                               # imported when a Linux kernel is loaded: x86/acpi
+    from ..x86 import acpi                      # is a tenth of a small guest's start-up
 
 
 def describe(platform, cpus: int) -> acpi.Platform:
     """The ``acpi.Platform`` of a machine with ``cpus`` vCPUs and ``platform``'s slots."""
+    from ..x86 import acpi
     port = {s.name: s.base for s in platform.slots if s.bus == "pio"}
     virtio = platform.virtio_mmio               # the disks, then the rng: the one list of them
     return acpi.Platform(
@@ -29,6 +34,7 @@ def describe(platform, cpus: int) -> acpi.Platform:
 
 def _pci(platform) -> acpi.Pci | None:
     """The host bridge and each virtio-pci function's INTA# GSI, if the machine has PCI."""
+    from ..x86 import acpi
     if platform.pci is None:
         return None
     return acpi.Pci(layout.PCI_ECAM_BASE, layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE,
@@ -37,6 +43,7 @@ def _pci(platform) -> acpi.Pci | None:
 
 def acpi_tables(platform, cpus: int) -> acpi.Tables:
     """The tables for ``describe(platform, cpus)``, laid out at ``layout.ACPI_BASE``."""
+    from ..x86 import acpi
     return acpi.build(describe(platform, cpus))
 
 

@@ -378,10 +378,10 @@ class Machine:
         entry per disk, and a BIOS reset entry (``x86.bios``). The command line goes to fw_cfg
         as well. ``user`` starts a long-mode guest in ring 3.
         """
-        tables = firmware.acpi_tables(self.platform, len(self.vcpus)) if self.acpi else None
+        tables = (lambda: firmware.acpi_tables(self.platform, len(self.vcpus))) if self.acpi else None
         img = loader.load(self.memory, image, format, cmdline=cmdline, initrd=initrd, modules=modules,
                           load_addr=load_addr, entry=entry, mode=mode, acpi=tables,
-                          linux_cmdline_extra="" if tables else self.virtio_mmio_cmdline())
+                          linux_cmdline_extra="" if self.acpi else self.virtio_mmio_cmdline())
         if img.format in ("bzimage", "pvh"):        # where Linux jumps to reboot "through the BIOS"
             self.memory.write(*firmware.reset_entry(self.platform))
             if self.irqchip:                        # and the 8259 pair as firmware leaves it

@@ -366,3 +366,20 @@ def test_the_vsock_filter_allows_unix_sockets_and_nothing_that_writes_files():
     r = python(code)
     assert r.stdout.decode().splitlines() == ["unix b'ping'", "inet socket", "bind bind", "write openat",
                                               "unlinked"], r.stderr
+
+
+def test_the_compiled_filter_is_kept_and_a_damaged_copy_is_compiled_again(image, tmp_path):
+    """The first confined run keeps libseccomp's program in the cache; a later run whose copy
+    was damaged still refuses the call (it compiled the filter again) and keeps a good copy."""
+    from kvmpy.vmm import seccomp_prog
+    env = {**ENV, "KVMPY_CACHE": str(tmp_path / "cache")}
+    script = HOSTILE_RUN.replace("CALL", "socket.socket(socket.AF_INET, socket.SOCK_STREAM)")
+    argv = [sys.executable, "-c", script, "run", image, "--format", "raw", "--no-irqchip"]
+    for damage in (None, b"\xff" * 16, b""):
+        kept = list((tmp_path / "cache" / "seccomp").glob("*.bpf")) if damage is not None else []
+        for path in kept:
+            path.write_bytes(path.read_bytes()[:-16] + damage)
+        r = subprocess.run(argv, capture_output=True, timeout=60, env=env, cwd="/")
+        assert r.returncode == EXIT_VMM_ERROR and b"refused the system call socket " in r.stderr, r.stderr
+        kept = list((tmp_path / "cache" / "seccomp").glob("*.bpf"))
+        assert len(kept) == 1 and seccomp_prog.read(kept[0]) is not None
