@@ -163,6 +163,12 @@ int kvmpy_net_tx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, ui
 int kvmpy_net_rx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, const uint8_t *hdr,
 		 const uint8_t *frame, uint32_t len, uint32_t *budget, struct kvmpy_net_counters *c,
 		 struct kvmpy_vq_chain *chain, const char **why);
+/* kvmpy_net_rx for count frames laid end to end in frames (lens[i] bytes each), in order,
+ * while chains and *budget last; *consumed = the frames delivered or dropped as too big for
+ * their chain. Returns 0, or -1 with *why set when the ring broke at frame *consumed. */
+int kvmpy_net_rx_many(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, const uint8_t *hdr,
+		      const uint8_t *frames, const uint32_t *lens, uint32_t count, uint32_t *consumed, uint32_t *budget,
+		      struct kvmpy_net_counters *c, struct kvmpy_vq_chain *chain, const char **why);
 
 /* ---- dirty.c: VMM-side dirty-page bitmaps, page p = bit p%64 of word p/64 ---- */
 /* atomically OR in pages [first_page, first_page + npages); no-op for a NULL bitmap */

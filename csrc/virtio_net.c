@@ -125,3 +125,19 @@ int kvmpy_net_rx(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, co
 	}
 	return 0;
 }
+
+int kvmpy_net_rx_many(struct kvmpy_vq_state *q, const struct kvmpy_guest_mem *mem, const uint8_t *hdr,
+		      const uint8_t *frames, const uint32_t *lens, uint32_t count, uint32_t *consumed, uint32_t *budget,
+		      struct kvmpy_net_counters *c, struct kvmpy_vq_chain *chain, const char **why)
+{
+	int r = 0;
+
+	/* kvmpy_net_rx for each frame in turn, as VirtioNet.fill_rx's loop */
+	for (*consumed = 0; *consumed < count; (*consumed)++) {
+		r = kvmpy_net_rx(q, mem, hdr, frames, lens[*consumed], budget, c, chain, why);
+		if (r <= 0)
+			break;
+		frames += lens[*consumed];
+	}
+	return r < 0 ? -1 : 0;
+}

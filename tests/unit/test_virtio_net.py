@@ -275,3 +275,21 @@ def test_hostile_rings_never_raise_and_never_write_outside_offered_buffers(descs
     assert len(net.backlog) <= N.RX_BACKLOG
     used = struct.unpack("<H", mem.read(RINGS[queue][2] + 2, 2))[0]
     assert used <= QSIZE * 2                                     # two notifies, each at most QueueNum chains
+
+
+def test_receive_some_takes_what_receive_would_one_by_one():
+    from collections import deque
+    frames = [b"a" * 60, b"short", b"b" * (N.MAX_FRAME + 1), b"c" * 1514] * 3
+    bulk, single = N.VirtioNet(), N.VirtioNet()
+    bulk.backlog.extend([b"x" * 60] * (N.RX_BACKLOG - 8))
+    single.backlog.extend([b"x" * 60] * (N.RX_BACKLOG - 8))
+    left = deque(frames)
+    assert bulk.receive_some(left, 5) == (5, sum(map(len, frames[:5])))
+    assert bulk.receive_some(left, 100) == (5, sum(map(len, frames[5:10])))    # 5 places left: 3 taken
+    assert bulk.receive_some(left, 100) == (2, sum(map(len, frames[10:])))
+    assert bulk.receive_some(deque([b"d" * 60] * 3), 100) == (2, 120) and not left    # full after two
+    for f in frames + [b"d" * 60] * 2:
+        single.receive(f)
+    assert list(bulk.backlog) == list(single.backlog) and bulk.counters == single.counters
+    good = N.VirtioNet()
+    assert good.receive_some(deque([b"g" * 100] * 3), 64) == (3, 300) and len(good.backlog) == 3
