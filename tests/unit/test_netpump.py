@@ -128,3 +128,52 @@ def test_the_device_lock_is_held_for_one_batch_of_frames_at_most():
         assert 0 < locked.lock.most <= BATCH
     finally:
         pump.close()
+
+
+class FakeVm:
+    """Records KVM_IOEVENTFD calls; ``kick(queue)`` writes the queue's eventfd as KVM would."""
+
+    def __init__(self):
+        self.assigned = {}
+
+    def ioeventfd(self, fd, addr, length, datamatch=None, pio=False, deassign=False):
+        assert (addr, length, pio) == (0xD0000050, 4, False)
+        if deassign:
+            assert self.assigned.pop(datamatch) == fd
+        else:
+            self.assigned[datamatch] = fd
+
+    def kick(self, queue):
+        os.eventfd_write(self.assigned[queue], 1)
+
+
+class Notified(Locked):
+    def __init__(self, net):
+        super().__init__(net)
+        self.queues, self.threads = [], {}
+
+    def notify_queue(self, index):
+        assert self.lock._is_owned()
+        self.queues.append(index)
+        self.threads.setdefault(index, set()).add(threading.current_thread().name)
+
+
+def test_the_guests_notifications_by_eventfd_are_served_on_the_network_thread():
+    net, vm = VirtioNet(), FakeVm()
+    locked = Notified(net)
+    pump = NetPump(Backend([]), net, locked)
+    try:
+        pump.notify_by_eventfd(vm, 0xD0000050)
+        assert set(vm.assigned) == {RECEIVEQ, 1}
+        wait_for(lambda: sorted(locked.queues) == [RECEIVEQ, 1], "a first pass over both queues")
+        vm.kick(1)
+        vm.kick(1)                                      # two writes before the thread looks: one pass
+        wait_for(lambda: len(locked.queues) >= 3, "the transmit notification")
+        time.sleep(0.05)
+        assert locked.queues[2:] in ([1], [1, 1]) and locked.threads[1] == {"virtio-net-tx"}
+        vm.kick(RECEIVEQ)
+        wait_for(lambda: locked.queues[-1] == RECEIVEQ, "the receive notification")
+        assert locked.threads[RECEIVEQ] == {"virtio-net"}
+    finally:
+        pump.close()
+    assert vm.assigned == {}                            # deassigned on close
