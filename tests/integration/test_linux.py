@@ -151,6 +151,18 @@ def module_files(linux, names, what: str = "the virtio modules") -> dict[str, by
             pytest.fail(f"cannot fetch {what}: {e}")
         pytest.skip(f"cannot fetch {what}: {e}")
     return {f"lib/modules/{n}": p.read_bytes() for n, p in modules.items()}
+
+
+def with_load_order(init: str, files: dict[str, bytes]) -> str:
+    """``init`` with ``__MODULES__`` replaced by the modules of ``files`` in the order insmod
+    must take them, each after what its .modinfo says it depends on: Debian's point releases
+    move dependencies between the virtio modules (6.1.192's virtio needs virtio_ring)."""
+    from kvmpy.images import kmod
+    infos = {}
+    for path, data in files.items():
+        name = path.rsplit("/", 1)[-1].removesuffix(".ko")
+        infos[name] = kmod.read_modinfo(data, name)
+    return init.replace("__MODULES__", " ".join(kmod.load_order(infos, sorted(infos))))
 SHELL_INIT = """#!/bin/sh
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -239,7 +251,7 @@ ACPI_INIT = """#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in virtio virtio_ring virtio_mmio virtio_blk; do insmod /lib/modules/$m.ko || echo "kvmpy-acpi: insmod $m failed"; done
+for m in __MODULES__; do insmod /lib/modules/$m.ko || echo "kvmpy-acpi: insmod $m failed"; done
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
 echo "kvmpy-acpi: nproc=$(nproc) online=$(cat /sys/devices/system/cpu/online)" \
      "virtio=$(ls /sys/bus/virtio/devices | tr '\\n' ' ')vda=$(head -c 16 /dev/vda) end"
@@ -257,7 +269,8 @@ def test_stock_kernel_finds_every_cpu_and_the_disk_through_acpi(linux, entry, tm
     all 4 vCPUs from the MADT and binds virtio_mmio to the DSDT's LNRO0005 device: /dev/vda
     holds what the disk file holds. ``reboot -f`` then resets: with a hardware-reduced FADT,
     Linux jumps to the BIOS reset entry, where kvmpy's stub writes the Reset Control Register."""
-    initrd = linux.initramfs(ACPI_INIT, files=module_files(linux, VIRTIO_MODULES))
+    files = module_files(linux, VIRTIO_MODULES)
+    initrd = linux.initramfs(with_load_order(ACPI_INIT, files), files=files)
     disk = tmp_path / "disk.img"
     disk.write_bytes(DISK_MARK + bytes((1 << 20) - len(DISK_MARK)))
     kernel = (linux.vmlinux if entry == "pvh" else linux.vmlinuz).read_bytes()

@@ -12,14 +12,15 @@ import pytest
 
 import kvmpy
 
-from .test_linux import BZIMAGE_TIMEOUT, MEM, RING0_EMULATED, Console, linux, module_files  # noqa: F401 - a fixture
+from .test_linux import (BZIMAGE_TIMEOUT, MEM, RING0_EMULATED, Console, linux,  # noqa: F401 - a fixture
+                         module_files, with_load_order)
 
 PCI_INIT = """#!/bin/sh
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+for m in __MODULES__; do
     insmod /lib/modules/$m.ko || echo "kvmpy-pci: insmod $m failed"
 done
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done
@@ -39,7 +40,8 @@ DISK_MARK = b"kvmpy-pci-disk!!"
 @pytest.mark.skipif(RING0_EMULATED, reason="Linux stops after its banner where KVM emulates guest ring 0 "
                                            "(kvm_pvm, docs/host-notes.md); the nested testbed runs this")
 def test_stock_kernel_finds_the_disk_behind_virtio_pci(linux, tmp_path):
-    initrd = linux.initramfs(PCI_INIT, files=module_files(linux, PCI_MODULES))
+    files = module_files(linux, PCI_MODULES)
+    initrd = linux.initramfs(with_load_order(PCI_INIT, files), files=files)
     disk = tmp_path / "disk.img"
     disk.write_bytes(DISK_MARK + bytes((1 << 20) - len(DISK_MARK)))
     console = Console([b"Run /init", b"kvmpy-pci: pci="])

@@ -16,7 +16,7 @@ import kvmpy
 from kvmpy import guests
 from kvmpy.kvm.system import backend_modules
 
-from .test_linux import linux, module_files  # noqa: F401 - a fixture
+from .test_linux import linux, module_files, with_load_order  # noqa: F401 - a fixture
 from .test_vsock import connect, host_listener, readline
 
 RING0_EMULATED = "kvm_pvm" in backend_modules()
@@ -29,7 +29,7 @@ INIT = """#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+for m in __MODULES__; do
     insmod /lib/modules/$m.ko || echo "kvmpy-vsock: insmod $m failed"
 done
 chmod 755 /bin/vsock-echo-linux
@@ -99,7 +99,7 @@ def echo_or_report(c, data: bytes, m, console) -> bytes:
 def test_stock_kernel_echoes_over_vsock_and_calls_the_host(linux, tmp_path):
     files = module_files(linux, MODULES, "the vsock modules")
     files["bin/vsock-echo-linux"] = guests.built("vsock-echo-linux").read_bytes()
-    initrd = linux.initramfs(INIT, files=files)
+    initrd = linux.initramfs(with_load_order(INIT, files), files=files)
     path = str(tmp_path / "vm.sock")
     listener = host_listener(path)
     console = Console()
