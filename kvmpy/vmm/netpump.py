@@ -18,8 +18,8 @@ thread keeps reading, up to PENDING_MAX bytes ahead, and only then leaves frames
 backend until the device says the guest made room (``VirtioNet.on_room``, through the
 wake-up pipe). Reading ahead matters for passt: it drops the frames its socket cannot
 take at once (a full socket is not back-pressure to it), and its TCP recovers those
-slowly (going back to the first lost segment, or after a timeout of seconds); a guest's
-TCP window is what bounds how much it sends ahead, and that fits in PENDING_MAX.
+slowly (going back to the first lost segment, or after a timeout of seconds). Reading
+further ahead only adds latency: see PENDING_MAX.
 
 It moves frames only while a run is on and no pause is asked for, holding the pause
 gate's lock while it does (as the disk timer does, vmm/throttle.py): a snapshot or
@@ -42,9 +42,11 @@ POLL_MS = 100
 #: Bytes of frames read from the backend ahead of the device at most: past this the thread
 #: stops reading until the device took some (and frames wait in the socket). passt drops
 #: what its socket cannot take, and its TCP recovers slowly (by going back to the lost
-#: segment, or after seconds), so this is several TCP windows: a guest's receive window
-#: is at most 6 MiB under Linux's default tcp_rmem.
-PENDING_MAX = 8 << 20
+#: segment, or after seconds), so some read-ahead spares it losses; but every byte held
+#: here is latency for the frames behind it (a TCP ACK behind a burst of data), so it is
+#: kept to about what a slow guest takes in a quarter of a second. 8 MiB measured worse:
+#: transfers of 5 s and more collapsed after ~3 s (benchmarks/README.md, "linux").
+PENDING_MAX = 1 << 20
 #: Frames handed to the device per hold of its lock: the guest's own accesses to the
 #: device (its interrupt status, its notifications) wait for one batch at most.
 BATCH = 64
