@@ -136,8 +136,10 @@ def add_net(p: Platform, net, memory) -> Slot:
     """virtio-net (``Machine(net=...)``) in the next free slot of the virtio window, or in the
     next PCI slot (``net_virtio``), over the backend ``net`` (a kvmpy.net.Net) opens, with its
     network thread (vmm/netpump.py); with ``native`` the queue work runs in C
-    (vmm/native_net.py), the transport in Python; saved as "virtio_net" (the backend is
-    re-made on restore)."""
+    (vmm/native_net.py), the transport in Python. Behind virtio-mmio the guest's queue
+    notifications signal eventfds (KVM_IOEVENTFD) the network threads serve, instead of
+    exiting to a vCPU thread (NetPump.notify_by_eventfd). Saved as "virtio_net" (the backend
+    is re-made on restore)."""
     from ..devices.virtio.mmio import VirtioMmioTransport
     from ..devices.virtio.net import VirtioNet
     from .netpump import NetPump
@@ -161,6 +163,12 @@ def add_net(p: Platform, net, memory) -> Slot:
     if pci:
         s.backend = pump
         return s
+    try:                     # the queue notifications go to the network threads (KVM_IOEVENTFD)
+        from ..devices.virtio.mmio import QueueNotify
+        pump.notify_by_eventfd(p.vm, base + QueueNotify)
+    except BaseException:
+        pump.close()
+        raise
     return p.attach(Slot("virtio-net", "mmio", base, layout.VIRTIO_MMIO_SIZE, model, gsi, "virtio_net",
                             backend=pump, virtio=dev.device_id), device)
 
