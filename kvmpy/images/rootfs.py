@@ -315,6 +315,7 @@ def build(linux: linuxkernel.LinuxFiles | None = None, *, size: int | None = Non
     final = cache / "rootfs" / key
     disk = RootDisk(final / "rootfs.img", final / "initrd.cpio", linux, release, size)
     if disk.image.is_file() and disk.initrd.is_file():
+        _touch(final)                   # recently used: the last to be pruned
         return disk
     mke2fs = find_mke2fs()
     infos, files, root, devices = _plan(modules)
@@ -422,8 +423,16 @@ def _mke2fs(mke2fs: str, stage: Path, image: Path, size: int, key: str) -> None:
                           f"{(proc.stderr or proc.stdout).strip()[-1000:]}")
 
 
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass                            # a read-only cache still serves its disks
+
+
 def _prune(keep: Path, keep_newest: int = 3) -> None:
-    """Keep the ``keep_newest`` newest built disks (each is up to --size of holes and ~3 MB)."""
+    """Keep the ``keep_newest`` most recently built or used disks (each is up to --size of holes
+    and ~3 MB): a disk another build or test is using counts as new, so it is not the one to go."""
     built = sorted((p for p in keep.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for old in built[keep_newest:]:

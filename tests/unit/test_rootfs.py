@@ -79,3 +79,17 @@ def test_busybox_mke2fs_is_passed_over(tmp_path, monkeypatch):
                         lambda name, path=None: real(name, path=path) if path == str(tmp_path) else None)
     with pytest.raises(rootfs.RootfsError, match=r"e2fsprogs.*busybox's mke2fs cannot write a directory"):
         rootfs.find_mke2fs()
+
+
+def test_pruning_keeps_the_disks_built_or_used_last(tmp_path):
+    """Only the three most recently built or used disks stay: a disk served from the cache
+    counts as used then, so a build beside a run that uses an older disk leaves it alone."""
+    import os
+    from kvmpy.images import rootfs
+    slots = [tmp_path / f"k{i}" for i in range(5)]
+    for i, d in enumerate(slots):
+        d.mkdir()
+        os.utime(d, (1000 + i, 1000 + i))
+    rootfs._touch(slots[0])                 # the oldest, served from the cache just now
+    rootfs._prune(slots[4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k0", "k3", "k4"]
