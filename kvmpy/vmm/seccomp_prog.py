@@ -44,9 +44,13 @@ class _Version(ctypes.Structure):
 def key(lib, plan) -> str:
     """The hash of everything the program is compiled from: ``plan`` (confine.py's rules,
     priorities and attributes, as plain data), libseccomp's version and the kernel release."""
-    lib.seccomp_version.restype = ctypes.POINTER(_Version)
-    v = lib.seccomp_version().contents
-    text = repr((plan, (v.major, v.minor, v.micro), os.uname().release, MAGIC))
+    try:
+        lib.seccomp_version.restype = ctypes.POINTER(_Version)
+        v = lib.seccomp_version().contents
+        version = (v.major, v.minor, v.micro)
+    except AttributeError:              # libseccomp before 2.3 has no seccomp_version()
+        version = ("unknown", os.path.realpath(lib._name))
+    text = repr((plan, version, os.uname().release, MAGIC))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
