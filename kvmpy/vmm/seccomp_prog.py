@@ -49,7 +49,7 @@ def key(lib, plan) -> str:
         v = lib.seccomp_version().contents
         version = (v.major, v.minor, v.micro)
     except AttributeError:              # libseccomp before 2.3 has no seccomp_version()
-        version = ("unknown", os.path.realpath(lib._name))
+        version = ("before 2.3",)
     text = repr((plan, version, os.uname().release, MAGIC))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
