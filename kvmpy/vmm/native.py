@@ -133,6 +133,19 @@ def guest_mem_table(mem: GuestMemory):
     return table
 
 
+def vq_state_in(q, queue) -> None:
+    """A live Python ``VirtQueue`` into ``struct kvmpy_vq_state`` ``q``, for a C queue function
+    under a Python transport (vmm/native_net.py, vmm/native_blk.py); ``vq_state_out`` after."""
+    q.num, q.ready, q.desc, q.driver, q.device = queue.size, 1, queue.desc_addr, queue.driver_addr, \
+        queue.device_addr
+    q.last_avail_idx, q.used_idx, q.used_count = queue.last_avail_idx, queue.used_idx, queue.used_count
+
+
+def vq_state_out(q, queue) -> None:
+    """The indices C moved, back into the Python ``VirtQueue``."""
+    queue.last_avail_idx, queue.used_idx, queue.used_count = q.last_avail_idx, q.used_idx, q.used_count
+
+
 class NativeVirtioBlk:
     """virtio-blk over virtio-mmio in C, behind the Device protocol (read/write by offset).
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .._native import ffi, lib
 from ..devices.virtio.queue import VirtQueue, VirtqueueError
-from .native import guest_mem_table
+from .native import guest_mem_table, vq_state_in, vq_state_out
 
 
 class NativeBlkQueue:
@@ -39,14 +39,12 @@ class NativeBlkQueue:
         self._bitmap, self._bitmap_c = None, ffi.NULL
 
     def notify(self, queue_index: int, queue: VirtQueue) -> None:
-        d, q = self.d, self.q
+        d = self.d
         d.fd = self.blk.fd
         d.written = self._written(self.blk.written)
-        q.num, q.ready, q.desc, q.driver, q.device = queue.size, 1, queue.desc_addr, \
-            queue.driver_addr, queue.device_addr
-        q.last_avail_idx, q.used_idx, q.used_count = queue.last_avail_idx, queue.used_idx, queue.used_count
-        served = lib.kvmpy_blk_serve(q, self.mem, d, queue.size, self.scratch, self.why)
-        queue.last_avail_idx, queue.used_idx, queue.used_count = q.last_avail_idx, q.used_idx, q.used_count
+        vq_state_in(self.q, queue)
+        served = lib.kvmpy_blk_serve(self.q, self.mem, d, queue.size, self.scratch, self.why)
+        vq_state_out(self.q, queue)
         if served < 0:
             raise VirtqueueError(ffi.string(self.why[0]).decode())
 

@@ -18,7 +18,7 @@ from itertools import islice
 from .._native import ffi, lib
 from ..devices.virtio.net import COUNTERS, RX_HDR
 from ..devices.virtio.queue import VirtQueue, VirtqueueError
-from .native import guest_mem_table
+from .native import guest_mem_table, vq_state_in, vq_state_out
 
 TX_BUFFER = 1 << 20
 RX_BATCH = 256              # frames handed to C per call (a queue holds at most 256 chains)
@@ -85,15 +85,12 @@ class NativeNetQueues:
     # --- between the Python queue and C -----------------------------------------------
 
     def _load(self, queue: VirtQueue) -> None:
-        q = self.q
-        q.num, q.ready, q.desc, q.driver, q.device = queue.size, 1, queue.desc_addr, queue.driver_addr, \
-            queue.device_addr
-        q.last_avail_idx, q.used_idx, q.used_count = queue.last_avail_idx, queue.used_idx, queue.used_count
+        vq_state_in(self.q, queue)
         ffi.memmove(self.c, bytes(ffi.sizeof("struct kvmpy_net_counters")), ffi.sizeof("struct kvmpy_net_counters"))
 
     def _store(self, queue: VirtQueue) -> None:
-        q, counters = self.q, self.net.counters
-        queue.last_avail_idx, queue.used_idx, queue.used_count = q.last_avail_idx, q.used_idx, q.used_count
+        counters = self.net.counters
+        vq_state_out(self.q, queue)
         for name in _C_COUNTERS:
             counters[name] += getattr(self.c, name)
 
